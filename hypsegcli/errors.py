@@ -1,0 +1,20 @@
+"""One small exception family for problems a user can act on.
+
+The command line catches :class:`HypsegError` once, prints its message on one
+line to stderr and exits with :attr:`HypsegError.exit_code`: 2 for bad input or
+usage (:class:`BadInputError`), 1 for a runtime failure (everything else).
+"""
+
+from __future__ import annotations
+
+
+class HypsegError(Exception):
+    """A runtime failure the user should hear about in one line (exit code 1)."""
+
+    exit_code = 1
+
+
+class BadInputError(HypsegError):
+    """Bad input data, files or option values (exit code 2)."""
+
+    exit_code = 2

@@ -1,0 +1,428 @@
+"""Reading and writing 3D volumes (NIfTI and MRC), input discovery, atomic writes.
+
+Axis convention (the whole tool): a volume is a numpy array indexed
+``[x, y, z]``.
+
+* NIfTI (``.nii``, ``.nii.gz``): the array as nibabel returns it, i.e. the voxel
+  axes i, j, k of the file; the affine maps ``(i, j, k, 1)`` to scanner
+  coordinates in mm.
+* MRC (``.mrc``, ``.map``, ``.rec``): mrcfile returns ``(sections, rows,
+  columns)``, normally ``(z, y, x)``; hypseg transposes it to ``(x, y, z)``
+  (honouring the header's ``mapc/mapr/maps``), so that ``spacing`` is the voxel
+  size along x, y, z in Å, as in the header.
+
+Outputs are written in the format of their source with the source's geometry:
+NIfTI keeps the whole header (affine, qform/sform and their codes, units);
+MRC keeps voxel size, origin and the start indices. Every file is written to a
+temporary name in the target folder and renamed into place, so an interrupted
+run never leaves a half-written file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import hashlib
+import logging
+import os
+import secrets
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from .errors import BadInputError
+
+log = logging.getLogger(__name__)
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+MRC_SUFFIXES = (".mrc", ".map", ".rec")
+SUPPORTED_SUFFIXES = NIFTI_SUFFIXES + MRC_SUFFIXES
+Format = Literal["nifti", "mrc"]
+
+
+@dataclass(frozen=True, eq=False)
+class VolumeGeometry:
+    """Where a volume's voxels lie in space, enough to write outputs alike.
+
+    ``spacing`` is the voxel size along the array axes (x, y, z): mm for NIfTI
+    (from the header's pixdim), Å for MRC. ``affine`` maps voxel indices
+    ``(x, y, z, 1)`` to physical coordinates. ``header`` is the source's
+    nibabel header (NIfTI) or a dict of MRC header fields.
+    """
+
+    format: Format
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    affine: np.ndarray
+    header: Any = None
+    suffix: str = ".nii.gz"
+    unit: str = "mm"
+
+    @classmethod
+    def default(
+        cls,
+        shape: Sequence[int],
+        *,
+        format: Format = "nifti",
+        spacing: Sequence[float] = (1.0, 1.0, 1.0),
+    ) -> VolumeGeometry:
+        """A plain geometry (axis-aligned, origin 0) for generated volumes."""
+        spacing = tuple(float(s) for s in spacing)
+        affine = np.diag([*spacing, 1.0])
+        if format == "nifti":
+            return cls("nifti", tuple(int(s) for s in shape), spacing, affine, None, ".nii.gz", "mm")  # type: ignore[arg-type]
+        header = {"voxel_size": spacing, "origin": (0.0, 0.0, 0.0), "start": (0, 0, 0)}
+        return cls("mrc", tuple(int(s) for s in shape), spacing, affine, header, ".mrc", "Å")  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True, eq=False)
+class Volume:
+    """A volume read from disk: float32 data ``[x, y, z]`` plus its geometry."""
+
+    path: Path
+    data: np.ndarray
+    geometry: VolumeGeometry = field(repr=False)
+
+    @property
+    def name(self) -> str:
+        return case_name(self.path)
+
+
+# ----------------------------------------------------------------------------- names
+
+
+def volume_suffix(path: str | os.PathLike[str]) -> str | None:
+    """The supported suffix of ``path`` (``.nii.gz``, ``.mrc``...) or None."""
+    lower = str(path).lower()
+    for suffix in SUPPORTED_SUFFIXES:
+        if lower.endswith(suffix):
+            return suffix
+    return None
+
+
+def case_name(path: str | os.PathLike[str]) -> str:
+    """The file name without its volume suffix: ``a/b/case_001.nii.gz`` -> ``case_001``."""
+    name = Path(path).name
+    suffix = volume_suffix(name)
+    return name[: -len(suffix)] if suffix else name
+
+
+def _format_of(path: Path) -> Format:
+    suffix = volume_suffix(path)
+    if suffix in NIFTI_SUFFIXES:
+        return "nifti"
+    if suffix in MRC_SUFFIXES:
+        return "mrc"
+    raise BadInputError(
+        f"{path}: unsupported file type; supported: {', '.join(SUPPORTED_SUFFIXES)}"
+    )
+
+
+# ----------------------------------------------------------------------------- discovery
+
+
+def collect_inputs(
+    inputs: Iterable[str | os.PathLike[str]],
+    *,
+    recursive: bool = False,
+    warn: Callable[[str], None] | None = None,
+) -> list[Path]:
+    """Expand files, folders and glob patterns into a sorted list of volume files.
+
+    A folder contributes its volumes in sorted order (``recursive`` descends
+    into sub-folders); other files inside it are skipped with a warning. A file
+    named explicitly must be a supported volume. Duplicates are dropped, the
+    first occurrence kept. No volume at all is an error.
+    """
+    warn = warn or log.warning
+    found: list[Path] = []
+    for item in inputs:
+        text = os.fspath(item)
+        path = Path(text)
+        if path.is_dir():
+            pattern = "**/*" if recursive else "*"
+            skipped = []
+            for child in sorted(path.glob(pattern)):
+                if child.name.startswith(".") or child.is_dir():
+                    continue
+                if volume_suffix(child):
+                    found.append(child)
+                else:
+                    skipped.append(child.name)
+            if skipped:
+                warn(f"{path}: skipped {len(skipped)} file(s) that are not volumes ({', '.join(skipped[:3])}{', ...' if len(skipped) > 3 else ''})")
+        elif path.is_file():
+            _format_of(path)  # raises for unsupported types
+            found.append(path)
+        elif glob.has_magic(text):
+            matches = sorted(Path(p) for p in glob.glob(text, recursive=recursive))
+            volumes = [p for p in matches if p.is_file() and volume_suffix(p)]
+            if not volumes:
+                raise BadInputError(f"{text}: pattern matches no volume ({', '.join(SUPPORTED_SUFFIXES)})")
+            found.extend(volumes)
+        else:
+            raise BadInputError(f"{text}: no such file or folder")
+    unique = list(dict.fromkeys(found))
+    if not unique:
+        raise BadInputError(
+            f"no volume found in {', '.join(os.fspath(i) for i in inputs) or 'the inputs'} "
+            f"(looked for {', '.join(SUPPORTED_SUFFIXES)}{'' if recursive else '; use --recursive to descend into sub-folders'})"
+        )
+    return unique
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def read_volume(path: str | os.PathLike[str], *, allow_nonfinite: bool = False) -> Volume:
+    """Read a 3D volume as float32 ``[x, y, z]`` with its geometry.
+
+    4D files whose 4th axis has length 1 are squeezed; true 4D and 2D data are
+    refused, as are unreadable or truncated files and (unless
+    ``allow_nonfinite``) NaN or infinite voxels.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise BadInputError(f"{path}: no such file")
+    fmt = _format_of(path)
+    data, geometry = _read_nifti(path) if fmt == "nifti" else _read_mrc(path)
+    if not allow_nonfinite:
+        bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
+        if bad:
+            raise BadInputError(f"{path}: {bad} voxel(s) are NaN or infinite")
+    return Volume(path, data, geometry)
+
+
+def _check_3d(path: Path, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Axes to keep: a 4th (and higher) axis of length 1 is dropped."""
+    dims = list(shape)
+    while len(dims) > 3 and dims[-1] == 1:
+        dims.pop()
+    if len(dims) != 3 or min(dims) < 1:
+        what = "4D" if len(dims) > 3 else f"{len(dims)}D"
+        raise BadInputError(f"{path}: {what} data of shape {tuple(shape)}; hypseg needs a 3D volume")
+    return tuple(dims)
+
+
+def _read_nifti(path: Path) -> tuple[np.ndarray, VolumeGeometry]:
+    import nibabel as nib
+
+    try:
+        img = nib.load(os.fspath(path))
+        shape3 = _check_3d(path, img.shape)
+        data = np.asarray(img.dataobj, dtype=np.float32)
+    except BadInputError:
+        raise
+    except Exception as exc:  # nibabel raises many types for bad files
+        raise BadInputError(f"{path}: cannot read NIfTI ({_short(exc)})") from exc
+    data = np.ascontiguousarray(data.reshape(shape3))
+    zooms = img.header.get_zooms()[:3]
+    unit = img.header.get_xyzt_units()[0] or "unknown"
+    unit = {"mm": "mm", "micron": "µm", "meter": "m"}.get(unit, unit)
+    geometry = VolumeGeometry(
+        "nifti",
+        shape3,  # type: ignore[arg-type]
+        tuple(float(z) for z in zooms),  # type: ignore[arg-type]
+        np.asarray(img.affine, dtype=np.float64),
+        img.header.copy(),
+        volume_suffix(path) or ".nii.gz",
+        unit,
+    )
+    return data, geometry
+
+
+def _read_mrc(path: Path) -> tuple[np.ndarray, VolumeGeometry]:
+    import mrcfile
+
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with mrcfile.open(os.fspath(path), mode="r", permissive=True) as mrc:
+                if mrc.data is None:
+                    problems = "; ".join(str(w.message) for w in caught) or "no data"
+                    raise BadInputError(f"{path}: cannot read MRC ({problems})")
+                raw = np.asarray(mrc.data)
+                header = mrc.header
+                axes = (int(header.mapc), int(header.mapr), int(header.maps))
+                voxel = mrc.voxel_size
+                spacing = (float(voxel.x), float(voxel.y), float(voxel.z))
+                origin = (float(header.origin.x), float(header.origin.y), float(header.origin.z))
+                start = (int(header.nxstart), int(header.nystart), int(header.nzstart))
+                expected = int(header.nx) * int(header.ny) * int(header.nz)
+                if raw.size < expected:
+                    raise BadInputError(f"{path}: truncated MRC ({raw.size} of {expected} voxels)")
+    except BadInputError:
+        raise
+    except Exception as exc:
+        raise BadInputError(f"{path}: cannot read MRC ({_short(exc)})") from exc
+    if raw.ndim != 3:
+        raise BadInputError(f"{path}: {raw.ndim}D data of shape {raw.shape}; hypseg needs a 3D volume")
+    if sorted(axes) != [1, 2, 3]:
+        axes = (1, 2, 3)
+    # Array axes are (sections, rows, columns) = file axes (maps, mapr, mapc).
+    array_axis_of = {axes[2]: 0, axes[1]: 1, axes[0]: 2}
+    data = np.ascontiguousarray(
+        np.transpose(raw, (array_axis_of[1], array_axis_of[2], array_axis_of[3])), dtype=np.float32
+    )
+    if min(data.shape) < 1:
+        raise BadInputError(f"{path}: empty MRC data of shape {raw.shape}")
+    spacing = tuple(s if s > 0 else 1.0 for s in spacing)
+    affine = np.diag([*spacing, 1.0])
+    affine[:3, 3] = [o + st * s for o, st, s in zip(origin, start, spacing)]
+    geometry = VolumeGeometry(
+        "mrc",
+        tuple(int(s) for s in data.shape),  # type: ignore[arg-type]
+        spacing,  # type: ignore[arg-type]
+        affine,
+        {"voxel_size": spacing, "origin": origin, "start": start},
+        volume_suffix(path) or ".mrc",
+        "Å",
+    )
+    return data, geometry
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:200]
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` (same suffix); rename it into place on success.
+
+    On an exception the temporary file is removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".tmp-{os.getpid()}-{secrets.token_hex(4)}-{path.name}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def label_dtype(labels: np.ndarray, fmt: Format) -> np.dtype:
+    """The smallest integer type for a label volume: uint8 (NIfTI) / int8 (MRC mode 0) when it fits."""
+    top = int(labels.max(initial=0))
+    low = int(labels.min(initial=0))
+    if low < 0:
+        raise BadInputError(f"labels must be >= 0, got {low}")
+    if fmt == "mrc":
+        return np.dtype(np.int8) if top <= 127 else np.dtype(np.int16) if top <= 32767 else np.dtype(np.float32)
+    return np.dtype(np.uint8) if top <= 255 else np.dtype(np.uint16) if top <= 65535 else np.dtype(np.int32)
+
+
+def write_labels(path: str | os.PathLike[str], labels: np.ndarray, geometry: VolumeGeometry) -> Path:
+    """Write an integer label volume ``[x, y, z]`` with ``geometry`` (atomically)."""
+    labels = np.asarray(labels)
+    dtype = label_dtype(labels, geometry.format)
+    return write_volume(path, labels.astype(dtype, copy=False), geometry, intent="labels")
+
+
+def write_volume(
+    path: str | os.PathLike[str],
+    data: np.ndarray,
+    geometry: VolumeGeometry,
+    *,
+    intent: Literal["labels", "image"] = "image",
+) -> Path:
+    """Write ``data`` (``[x, y, z]``, its own dtype) in ``geometry``'s format (atomically)."""
+    path = Path(path)
+    data = np.asarray(data)
+    if data.shape != tuple(geometry.shape):
+        raise BadInputError(f"{path}: data shape {data.shape} differs from geometry shape {geometry.shape}")
+    with atomic_path(path) as tmp:
+        if geometry.format == "nifti":
+            _write_nifti(tmp, data, geometry, intent)
+        else:
+            _write_mrc(tmp, data, geometry, intent)
+    return path
+
+
+def _write_nifti(path: Path, data: np.ndarray, geometry: VolumeGeometry, intent: str) -> None:
+    import nibabel as nib
+
+    src = geometry.header
+    if src is None:
+        img = nib.Nifti1Image(data, geometry.affine)
+        img.header.set_xyzt_units("mm")
+        img.set_qform(geometry.affine, code=1)
+        img.set_sform(geometry.affine, code=1)
+    else:
+        header = src.copy()
+        header.set_data_dtype(data.dtype)
+        image_class = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
+        img = image_class(data, None, header)
+        qform, qcode = src.get_qform(coded=True)
+        sform, scode = src.get_sform(coded=True)
+        img.set_qform(qform if qform is not None else geometry.affine, code=int(qcode))
+        img.set_sform(sform if sform is not None else geometry.affine, code=int(scode))
+    hdr = img.header
+    hdr["scl_slope"] = np.nan
+    hdr["scl_inter"] = np.nan
+    if intent == "labels":
+        hdr["cal_min"] = 0
+        hdr["cal_max"] = float(data.max(initial=0))
+        hdr["intent_code"] = 1002  # NIFTI_INTENT_LABEL
+        hdr["descrip"] = b"hypseg labels"
+    else:
+        hdr["cal_min"] = 0
+        hdr["cal_max"] = 0
+    nib.save(img, os.fspath(path))
+
+
+def _write_mrc(path: Path, data: np.ndarray, geometry: VolumeGeometry, intent: str) -> None:
+    import mrcfile
+
+    header = geometry.header or {}
+    spacing = header.get("voxel_size", geometry.spacing)
+    origin = header.get("origin", (0.0, 0.0, 0.0))
+    start = header.get("start", (0, 0, 0))
+    if data.dtype == np.float64:
+        data = data.astype(np.float32)
+    with mrcfile.new(os.fspath(path), overwrite=True) as mrc:
+        mrc.set_data(np.ascontiguousarray(np.transpose(data, (2, 1, 0))))
+        mrc.voxel_size = tuple(float(s) for s in spacing)
+        mrc.header.origin.x, mrc.header.origin.y, mrc.header.origin.z = (float(o) for o in origin)
+        mrc.header.nxstart, mrc.header.nystart, mrc.header.nzstart = (int(s) for s in start)
+        if intent == "labels":
+            mrc.add_label("hypseg labels")
+
+
+# ----------------------------------------------------------------------------- hashing
+
+
+def file_sha256(path: str | os.PathLike[str], *, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def array_sha256(data: np.ndarray) -> str:
+    """Hex SHA-256 of an array's content (dtype, shape and bytes)."""
+    data = np.ascontiguousarray(data)
+    digest = hashlib.sha256()
+    digest.update(f"{data.dtype.str}{data.shape}".encode())
+    digest.update(memoryview(data).cast("B"))
+    return digest.hexdigest()

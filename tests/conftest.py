@@ -1,0 +1,16 @@
+"""Shared fixtures: tests make their own data in tmp_path."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Keep the tests' torch to the two cores of the CI machine and deterministic.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Never touch the user's real cache directory from a test."""
+    monkeypatch.setenv("HYPSEG_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))

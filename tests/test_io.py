@@ -1,0 +1,219 @@
+"""Volume I/O: real files written to tmp_path and read back, field by field."""
+
+from __future__ import annotations
+
+import gzip
+
+import mrcfile
+import nibabel as nib
+import numpy as np
+import pytest
+
+from hypsegcli import io
+from hypsegcli.errors import BadInputError
+
+AFFINE = np.array(
+    [[0.0, -2.0, 0.0, 10.0], [1.5, 0.0, 0.1, -3.0], [0.0, 0.0, 0.75, 5.0], [0.0, 0.0, 0.0, 1.0]]
+)
+
+
+def _nifti(path, data, *, qcode=1, scode=2, cls=nib.Nifti1Image):
+    img = cls(data, AFFINE)
+    img.set_qform(AFFINE, code=qcode)
+    img.set_sform(AFFINE, code=scode)
+    img.header.set_xyzt_units("mm", "sec")
+    nib.save(img, str(path))
+    return img
+
+
+def _mrc(path, data_xyz, voxel=(1.5, 2.5, 3.5), origin=(7.0, -2.0, 4.0), start=(3, 0, -1)):
+    with mrcfile.new(str(path), overwrite=True) as mrc:
+        mrc.set_data(np.ascontiguousarray(np.transpose(data_xyz, (2, 1, 0))))
+        mrc.voxel_size = voxel
+        mrc.header.origin.x, mrc.header.origin.y, mrc.header.origin.z = origin
+        mrc.header.nxstart, mrc.header.nystart, mrc.header.nzstart = start
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+@pytest.mark.parametrize("cls", [nib.Nifti1Image, nib.Nifti2Image])
+def test_nifti_round_trip_keeps_geometry(tmp_path, suffix, cls):
+    rng = np.random.default_rng(0)
+    data = rng.random((5, 6, 7)).astype(np.float32)
+    src = tmp_path / f"img{suffix}"
+    src_img = _nifti(src, data, cls=cls)
+    src_qform = nib.load(str(src)).header.get_qform()
+    vol = io.read_volume(src)
+    assert vol.data.dtype == np.float32 and vol.data.shape == (5, 6, 7)
+    np.testing.assert_array_equal(vol.data, data)
+    np.testing.assert_allclose(vol.geometry.spacing, src_img.header.get_zooms()[:3], rtol=1e-6)
+    assert vol.geometry.unit == "mm"
+    labels = (data * 3).astype(np.int64)
+    out = tmp_path / f"labels{suffix}"
+    io.write_labels(out, labels, vol.geometry)
+    img = nib.load(str(out))
+    assert isinstance(img, cls)
+    assert img.get_data_dtype() == np.uint8
+    np.testing.assert_array_equal(np.asarray(img.dataobj), labels)
+    np.testing.assert_allclose(img.affine, AFFINE, atol=1e-6)
+    qform, qcode = img.header.get_qform(coded=True)
+    sform, scode = img.header.get_sform(coded=True)
+    assert (int(qcode), int(scode)) == (1, 2)
+    np.testing.assert_allclose(qform, src_qform, atol=1e-6)  # qform cannot hold shear: the source's own
+    np.testing.assert_allclose(sform, AFFINE, atol=1e-6)
+    assert img.header.get_xyzt_units() == ("mm", "sec")
+    np.testing.assert_allclose(img.header.get_zooms(), vol.geometry.spacing, rtol=1e-6)
+
+
+def test_nifti_scaling_applied_and_squeezed_4d(tmp_path):
+    data = np.arange(24, dtype=np.int16).reshape(2, 3, 4, 1)
+    img = nib.Nifti1Image(data, np.eye(4))
+    img.header.set_slope_inter(0.5, 10.0)
+    nib.save(img, str(tmp_path / "s.nii.gz"))
+    vol = io.read_volume(tmp_path / "s.nii.gz")
+    assert vol.data.shape == (2, 3, 4)
+    np.testing.assert_allclose(vol.data, data[..., 0] * 0.5 + 10.0)
+
+
+def test_mrc_axis_convention_and_round_trip(tmp_path):
+    rng = np.random.default_rng(1)
+    data = rng.random((4, 5, 6)).astype(np.float32)  # [x, y, z]
+    src = tmp_path / "tomo.mrc"
+    _mrc(src, data)
+    with mrcfile.open(str(src)) as mrc:
+        assert mrc.data.shape == (6, 5, 4)  # mrcfile: (z, y, x)
+    vol = io.read_volume(src)
+    np.testing.assert_array_equal(vol.data, data)
+    assert vol.geometry.spacing == (1.5, 2.5, 3.5)
+    assert vol.geometry.unit == "Å"
+    np.testing.assert_allclose(vol.geometry.affine[:3, 3], [7.0 + 3 * 1.5, -2.0, 4.0 - 3.5])
+    labels = rng.integers(0, 8, size=data.shape)
+    for suffix in (".mrc", ".map", ".rec"):
+        out = tmp_path / f"labels{suffix}"
+        io.write_labels(out, labels, vol.geometry)
+        with mrcfile.open(str(out)) as mrc:
+            assert mrc.data.dtype == np.int8
+            np.testing.assert_array_equal(np.transpose(mrc.data, (2, 1, 0)), labels)
+            assert tuple(float(v) for v in mrc.voxel_size.tolist()) == (1.5, 2.5, 3.5)
+            assert (float(mrc.header.origin.x), float(mrc.header.origin.y), float(mrc.header.origin.z)) == (7.0, -2.0, 4.0)
+            assert (int(mrc.header.nxstart), int(mrc.header.nystart), int(mrc.header.nzstart)) == (3, 0, -1)
+        back = io.read_volume(out)
+        np.testing.assert_array_equal(back.data, labels)
+        np.testing.assert_allclose(back.geometry.affine, vol.geometry.affine)
+
+
+def test_mrc_nonstandard_axis_order(tmp_path):
+    data = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)  # [x, y, z]
+    path = tmp_path / "swapped.mrc"
+    with mrcfile.new(str(path)) as mrc:
+        # columns = y, rows = x, sections = z: stored array (z, x, y)
+        mrc.set_data(np.ascontiguousarray(np.transpose(data, (2, 0, 1))))
+        mrc.header.mapc, mrc.header.mapr, mrc.header.maps = 2, 1, 3
+    np.testing.assert_array_equal(io.read_volume(path).data, data)
+
+
+def test_label_dtype_widens():
+    assert io.label_dtype(np.array([0, 255]), "nifti") == np.uint8
+    assert io.label_dtype(np.array([0, 256]), "nifti") == np.uint16
+    assert io.label_dtype(np.array([0, 127]), "mrc") == np.int8
+    assert io.label_dtype(np.array([0, 300]), "mrc") == np.int16
+
+
+def test_refuses_2d_and_true_4d(tmp_path):
+    nib.save(nib.Nifti1Image(np.zeros((4, 5), np.float32), np.eye(4)), str(tmp_path / "flat.nii"))
+    nib.save(nib.Nifti1Image(np.zeros((4, 5, 6, 2), np.float32), np.eye(4)), str(tmp_path / "four.nii"))
+    with pytest.raises(BadInputError, match=r"flat\.nii: 2D data of shape \(4, 5\)"):
+        io.read_volume(tmp_path / "flat.nii")
+    with pytest.raises(BadInputError, match=r"four\.nii: 4D data of shape \(4, 5, 6, 2\)"):
+        io.read_volume(tmp_path / "four.nii")
+
+
+def test_truncated_and_garbage_files(tmp_path):
+    _nifti(tmp_path / "ok.nii", np.ones((8, 8, 8), np.float32))
+    raw = (tmp_path / "ok.nii").read_bytes()
+    (tmp_path / "cut.nii").write_bytes(raw[: len(raw) - 500])
+    with gzip.open(tmp_path / "cut.nii.gz", "wb") as fh:
+        fh.write(raw[: len(raw) - 500])
+    (tmp_path / "junk.nii.gz").write_bytes(b"not a volume at all")
+    _mrc(tmp_path / "ok.mrc", np.ones((8, 8, 8), np.float32))
+    raw = (tmp_path / "ok.mrc").read_bytes()
+    (tmp_path / "cut.mrc").write_bytes(raw[: len(raw) - 700])
+    for name in ("cut.nii", "cut.nii.gz", "junk.nii.gz", "cut.mrc"):
+        with pytest.raises(BadInputError, match=name.replace(".", r"\.")) as info:
+            io.read_volume(tmp_path / name)
+        assert "\n" not in str(info.value)
+
+
+def test_non_finite_refused(tmp_path):
+    data = np.ones((4, 4, 4), np.float32)
+    data[1, 2, 3] = np.nan
+    data[0, 0, 0] = np.inf
+    _nifti(tmp_path / "nan.nii.gz", data)
+    with pytest.raises(BadInputError, match=r"nan\.nii\.gz: 2 voxel\(s\) are NaN or infinite"):
+        io.read_volume(tmp_path / "nan.nii.gz")
+    assert np.isnan(io.read_volume(tmp_path / "nan.nii.gz", allow_nonfinite=True).data[1, 2, 3])
+
+
+def test_collect_inputs_files_folders_globs(tmp_path):
+    (tmp_path / "sub").mkdir()
+    for name in ("b.nii.gz", "a.mrc", "sub/c.nii"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "notes.txt").write_text("hi")
+    warnings = []
+    found = io.collect_inputs([tmp_path], warn=warnings.append)
+    assert [p.name for p in found] == ["a.mrc", "b.nii.gz"]
+    assert len(warnings) == 1 and "notes.txt" in warnings[0]
+    found = io.collect_inputs([tmp_path], recursive=True, warn=warnings.append)
+    assert [p.name for p in found] == ["a.mrc", "b.nii.gz", "c.nii"]
+    found = io.collect_inputs([str(tmp_path / "*.nii.gz"), tmp_path / "a.mrc", tmp_path / "a.mrc"])
+    assert [p.name for p in found] == ["b.nii.gz", "a.mrc"]
+    with pytest.raises(BadInputError, match="no such file or folder"):
+        io.collect_inputs([tmp_path / "missing.nii"])
+    with pytest.raises(BadInputError, match="unsupported file type"):
+        io.collect_inputs([tmp_path / "notes.txt"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BadInputError, match="no volume found"):
+        io.collect_inputs([tmp_path / "empty"])
+    with pytest.raises(BadInputError, match="pattern matches no volume"):
+        io.collect_inputs([str(tmp_path / "*.mrcx")])
+
+
+def test_case_name():
+    assert io.case_name("a/b/case_001.nii.gz") == "case_001"
+    assert io.case_name("x.MRC") == "x"
+    assert io.case_name("t.rec") == "t"
+
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "out.nii.gz"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        with io.atomic_path(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("interrupted")
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.nii.gz"]
+
+
+def test_write_shape_mismatch_is_an_error(tmp_path):
+    geometry = io.VolumeGeometry.default((4, 4, 4))
+    with pytest.raises(BadInputError, match="differs from geometry shape"):
+        io.write_labels(tmp_path / "x.nii.gz", np.zeros((4, 4, 5), int), geometry)
+
+
+def test_default_geometry_both_formats(tmp_path):
+    data = np.arange(60, dtype=np.float32).reshape(3, 4, 5)
+    for fmt, suffix in (("nifti", ".nii.gz"), ("mrc", ".mrc")):
+        geometry = io.VolumeGeometry.default(data.shape, format=fmt, spacing=(2.0, 2.0, 2.0))
+        assert geometry.suffix == suffix
+        io.write_volume(tmp_path / f"v{suffix}", data, geometry)
+        back = io.read_volume(tmp_path / f"v{suffix}")
+        np.testing.assert_array_equal(back.data, data)
+        assert back.geometry.spacing == (2.0, 2.0, 2.0)
+
+
+def test_hashes_are_content_based(tmp_path):
+    a = np.arange(10, dtype=np.float32)
+    assert io.array_sha256(a) == io.array_sha256(a.copy())
+    assert io.array_sha256(a) != io.array_sha256(a.reshape(2, 5))
+    (tmp_path / "f").write_bytes(b"abc")
+    assert io.file_sha256(tmp_path / "f") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
