@@ -1,0 +1,513 @@
+"""The ``hypseg`` command line (Typer). Commands are thin: parse, call the pipeline, render.
+
+Only this module imports typer and rich. Heavy modules (torch, nibabel...) are
+imported inside the commands, so ``hypseg --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from collections.abc import Callable
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from . import __version__
+from .errors import HypsegError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+stderr = Console(stderr=True, highlight=False)
+log = logging.getLogger("hypsegcli")
+
+
+class _State:
+    debug = False
+    quiet = False
+
+
+state = _State()
+
+app = typer.Typer(
+    name="hypseg",
+    help=(
+        "Unsupervised segmentation of 3D biomedical volumes (NIfTI MRI, MRC cryo-ET) with "
+        "hyperbolic VAEs. Results go to stdout only with --json; progress and logs go to stderr."
+    ),
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+class VolumeFormat(str, Enum):
+    nifti = "nifti"
+    mrc = "mrc"
+
+
+# ----------------------------------------------------------------------------- plumbing
+
+
+class _StderrHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        prefix = {logging.WARNING: "warning: ", logging.ERROR: "error: "}.get(record.levelno, "")
+        stderr.print(f"{prefix}{record.getMessage()}", markup=False, highlight=False, soft_wrap=True)
+
+
+def _setup_logging() -> None:
+    root = logging.getLogger("hypsegcli")
+    root.handlers[:] = [_StderrHandler()]
+    root.propagate = False
+    root.setLevel(logging.DEBUG if state.debug else logging.WARNING if state.quiet else logging.INFO)
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    stderr.print(f"hypseg: error: {message}", markup=False, highlight=False, soft_wrap=True)
+    return typer.Exit(code=code)
+
+
+def handle_errors(func: F) -> F:
+    """Turn domain errors into one-line messages and exit codes (tracebacks only with --debug)."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        _setup_logging()
+        try:
+            return func(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
+        except HypsegError as exc:
+            if state.debug:
+                raise
+            raise _fail(str(exc), exc.exit_code) from None
+        except KeyboardInterrupt:
+            if state.debug:
+                raise
+            raise _fail("interrupted", 130) from None
+        except Exception as exc:  # noqa: BLE001 - the last line of defence
+            if state.debug:
+                raise
+            raise _fail(
+                f"{type(exc).__name__}: {exc} (run with --debug for a traceback)", 1
+            ) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def emit_json(payload: Any) -> None:
+    """Write a JSON result on stdout (the only thing hypseg ever writes there)."""
+    sys.stdout.write(json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
+    sys.stdout.flush()
+
+
+class RichProgress:
+    """Progress callback for the pipeline: ``progress(stage, done, total, **info)`` on stderr."""
+
+    def __init__(self) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self._progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[info]}"),
+            console=stderr,
+            transient=False,
+            disable=state.quiet,
+        )
+        self._tasks: dict[str, Any] = {}
+
+    def __enter__(self) -> RichProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._tasks:
+            self._progress.stop()
+
+    def __call__(self, stage: str, done: int, total: int, **info: Any) -> None:
+        text = "  ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in info.items()
+        )
+        if not self._tasks:
+            self._progress.start()
+        if stage not in self._tasks:
+            self._tasks[stage] = self._progress.add_task(stage, total=total, info=text)
+        self._progress.update(self._tasks[stage], completed=done, total=total, info=text)
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"hypseg {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version_callback, is_eager=True, help="Print the version and exit."),
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors on stderr, no progress.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+) -> None:
+    state.quiet = quiet
+    state.debug = debug
+
+
+# ----------------------------------------------------------------------------- synth
+
+
+@app.command()
+@handle_errors
+def synth(
+    out: Annotated[Path, typer.Argument(help="Output folder (created if missing).")],
+    n: Annotated[int, typer.Option("--n", min=1, help="Number of volumes.")] = 20,
+    size: Annotated[int, typer.Option("--size", min=16, help="Side of each cubic volume in voxels.")] = 50,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed: the same seed gives the same bytes.")] = 0,
+    irregular: Annotated[bool, typer.Option("--irregular", help="Perturbed, non-convex boundaries (the paper's harder variant).")] = False,
+    fmt: Annotated[VolumeFormat, typer.Option("--format", help="File format of the volumes.")] = VolumeFormat.nifti,
+    split: Annotated[
+        str | None,
+        typer.Option("--split", help="Split into train/val/test folders in these proportions, e.g. 80/20/20."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
+) -> None:
+    """Generate hierarchical synthetic volumes with 3-level ground truth.
+
+    Writes OUT/images/<case>, OUT/labels/<case>_L1, _L2, _L3 and OUT/dataset.json
+    (with --split: OUT/train/..., OUT/val/..., OUT/test/...).
+    """
+    from . import pipeline
+
+    with RichProgress() as progress:
+        summary = pipeline.synth(
+            out, n=n, size=size, seed=seed, irregular=irregular, fmt=fmt.value,
+            split=pipeline.parse_split(split) if split else None, progress=progress,
+        )
+    log.info("wrote %d volume(s) to %s", summary["n"], out)
+    if as_json:
+        emit_json(summary)
+
+
+# ----------------------------------------------------------------------------- train
+
+
+class Geometry(str, Enum):
+    hyperbolic = "hyperbolic"
+    euclidean = "euclidean"
+
+
+class ScaleSampling(str, Enum):
+    uniform = "uniform"
+    log = "log"
+
+
+class Arch(str, Enum):
+    valid = "valid"
+    paper = "paper"
+
+
+ARCHITECTURES = {
+    # name: (kernels, paddings)
+    "valid": ((3, 3, 3, 3), (0, 0, 0, 0)),
+    "paper": ((5, 5, 5, 5), (2, 1, 1, 0)),
+}
+
+DEVICE_HELP = "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps."
+
+
+@app.command()
+@handle_errors
+def train(
+    inputs: Annotated[list[Path], typer.Argument(help="Training volumes: files, folders or glob patterns.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Model file to write (also <stem>.ckpt.pt and <stem>.history.csv beside it).")],
+    steps: Annotated[int | None, typer.Option("--steps", min=1, help="Optimisation steps (default 3000 unless --max-minutes is given).")] = None,
+    max_minutes: Annotated[float | None, typer.Option("--max-minutes", help="Stop after this many minutes of training.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Triplets per step.")] = 64,
+    lr: Annotated[float, typer.Option("--lr", help="Learning rate (Riemannian Adam, amsgrad).")] = 1e-3,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for initialisation, sampling and noise.")] = 0,
+    device: Annotated[str, typer.Option("--device", help=DEVICE_HELP)] = "auto",
+    threads: Annotated[int | None, typer.Option("--threads", min=1, help="CPU threads for torch (default: torch's choice).")] = None,
+    geometry: Annotated[Geometry, typer.Option("--geometry", help="Latent space.")] = Geometry.hyperbolic,
+    gyroconv: Annotated[bool, typer.Option("--gyroconv/--no-gyroconv", help="Gyroplane convolution as the decoder's first layer (hyperbolic only).")] = True,
+    triplet: Annotated[bool, typer.Option("--triplet/--no-triplet", help="Add the hierarchical triplet loss.")] = True,
+    arch: Annotated[Arch, typer.Option("--arch", help="Encoder layout: 'valid' (4 unpadded k3 convs; dense inference is exact) or 'paper' (the authors' padded k5 convs).")] = Arch.valid,
+    patch_size: Annotated[int, typer.Option("--patch-size", min=4, help="Encoder input side m (patches are resampled to m^3).")] = 10,
+    latent_dim: Annotated[int, typer.Option("--latent-dim", min=1, help="Latent dimension d.")] = 2,
+    curvature: Annotated[float, typer.Option("--curvature", help="Ball curvature c (the ball has curvature -c).")] = 1.0,
+    beta: Annotated[float, typer.Option("--beta", help="Weight of the triplet loss.")] = 1e3,
+    margin: Annotated[float, typer.Option("--margin", help="Triplet margin alpha.")] = 0.2,
+    mc_samples: Annotated[int, typer.Option("--mc-samples", min=1, help="Posterior samples K per anchor for the ELBO.")] = 1,
+    scale_sampling: Annotated[ScaleSampling, typer.Option("--scale-sampling", help="Anchor sides drawn uniformly or log-uniformly.")] = ScaleSampling.uniform,
+    r_min: Annotated[float, typer.Option("--r-min", help="Smallest anchor side (voxels).")] = 5.0,
+    r_max: Annotated[float, typer.Option("--r-max", help="Largest anchor side (voxels).")] = 34.0,
+    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", min=1, help="Write a checkpoint every N steps.")] = 100,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from <stem>.ckpt.pt beside --output.")] = False,
+    recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Descend into sub-folders of input folders.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
+) -> None:
+    """Train the hyperbolic VAE on unlabelled volumes.
+
+    Triplets (anchor, child inside it, disjoint negative) are drawn fresh at
+    every step from all volumes. Checkpoints are written atomically every
+    --checkpoint-every steps and at the end; --resume continues an
+    interrupted run.
+    """
+    from . import pipeline
+    from .config import ModelConfig, SamplingConfig, TrainConfig
+
+    kernels, paddings = ARCHITECTURES[arch.value]
+    model_config = ModelConfig(
+        patch_size=patch_size, kernels=kernels, paddings=paddings, latent_dim=latent_dim,
+        curvature=curvature, geometry=geometry.value, gyroconv=gyroconv, triplet=triplet,
+        beta=beta, margin=margin, mc_samples=mc_samples,
+    )
+    sampling_config = SamplingConfig(r_min=r_min, r_max=r_max, scale_sampling=scale_sampling.value)
+    train_config = TrainConfig(
+        steps=steps if steps is not None or max_minutes is not None else 3000,
+        max_minutes=max_minutes, batch_size=batch_size, lr=lr, seed=seed,
+        checkpoint_every=checkpoint_every,
+    )
+    with RichProgress() as progress:
+        summary = pipeline.train(
+            inputs, output, model_config=model_config, sampling_config=sampling_config,
+            train_config=train_config, device=device, threads=threads, resume=resume,
+            recursive=recursive, progress=progress,
+        )
+    log.info(
+        "wrote %s after %d steps (%.0f s, stopped by %s)", summary["model"], summary["step"],
+        summary["elapsed_seconds"], summary["stopped_by"],
+    )
+    if as_json:
+        emit_json(summary)
+
+
+# ----------------------------------------------------------------------------- embed / cluster
+
+CACHE_DIR_HELP = "Embedding cache folder (default: $HYPSEG_CACHE_DIR, else the user cache dir)."
+
+
+@app.command()
+@handle_errors
+def embed(
+    inputs: Annotated[list[Path], typer.Argument(help="Volumes: files, folders or glob patterns.")],
+    model: Annotated[Path, typer.Option("--model", "-m", help="Model file from `hypseg train`.")],
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Also write <case>.npy arrays (X, Y, Z, d float32) to this folder.")] = None,
+    patch_size: Annotated[int, typer.Option("--patch-size", "-p", min=1, help="Side p of the patch embedded around each voxel.")] = 5,
+    stride: Annotated[int, typer.Option("--stride", min=1, help="Embed every s-th voxel and interpolate in between (tangent space at 0).")] = 1,
+    tile: Annotated[int | None, typer.Option("--tile", min=4, help="Output voxels per tile side (bounds memory).")] = None,
+    device: Annotated[str, typer.Option("--device", help=DEVICE_HELP)] = "auto",
+    threads: Annotated[int | None, typer.Option("--threads", min=1, help="CPU threads for torch.")] = None,
+    cache_dir: Annotated[Path | None, typer.Option("--cache-dir", help=CACHE_DIR_HELP)] = None,
+    recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Descend into sub-folders.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
+) -> None:
+    """Compute per-voxel embeddings (posterior means) into the on-disk cache."""
+    from . import pipeline
+
+    with RichProgress() as progress:
+        summary = pipeline.embed(
+            inputs, model, patch_size=patch_size, stride=stride, tile=tile, device=device,
+            threads=threads, cache_dir=cache_dir, output=output, recursive=recursive, progress=progress,
+        )
+    log.info("%d volume(s) embedded, %d from the cache (%s)", summary["computed"], summary["cached"], summary["cache"])
+    if as_json:
+        emit_json(summary)
+
+
+class Features(str, Enum):
+    embedding = "embedding"
+    intensity = "intensity"
+
+
+class FitOn(str, Enum):
+    volume = "volume"
+    pooled = "pooled"
+
+
+@app.command()
+@handle_errors
+def cluster(
+    inputs: Annotated[list[Path], typer.Argument(help="Volumes: files, folders or glob patterns.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for <case>_k<K> label volumes and centroids.json.")],
+    k: Annotated[list[int], typer.Option("--k", "-k", help="Number of clusters; repeat for several levels (--k 2 --k 4 --k 8).")],
+    model: Annotated[Path | None, typer.Option("--model", "-m", help="Model file from `hypseg train` (not needed with --features intensity).")] = None,
+    features: Annotated[Features, typer.Option("--features", help="Cluster the model's embeddings, or raw intensities (the baseline).")] = Features.embedding,
+    fit_on: Annotated[FitOn, typer.Option("--fit-on", help="Fit centroids per volume, or once on all inputs pooled (label numbers agree across volumes).")] = FitOn.volume,
+    centroids: Annotated[Path | None, typer.Option("--centroids", help="Apply pooled centroids from a centroids.json instead of fitting.")] = None,
+    patch_size: Annotated[int, typer.Option("--patch-size", "-p", min=1, help="Side p of the patch embedded around each voxel.")] = 5,
+    stride: Annotated[int, typer.Option("--stride", min=1, help="Embed every s-th voxel and interpolate in between.")] = 1,
+    tile: Annotated[int | None, typer.Option("--tile", min=4, help="Output voxels per tile side (bounds memory).")] = None,
+    n_init: Annotated[int, typer.Option("--n-init", min=1, help="k-means restarts (best inertia wins).")] = 4,
+    fit_samples: Annotated[int, typer.Option("--fit-samples", min=2, help="Fit k-means on at most this many voxels, then assign all.")] = 200_000,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for subsampling and k-means initialisation.")] = 0,
+    device: Annotated[str, typer.Option("--device", help=DEVICE_HELP)] = "auto",
+    threads: Annotated[int | None, typer.Option("--threads", min=1, help="CPU threads for torch.")] = None,
+    cache_dir: Annotated[Path | None, typer.Option("--cache-dir", help=CACHE_DIR_HELP)] = None,
+    preview: Annotated[bool, typer.Option("--preview", help="Also write <case>_k<K>.png: middle slices with the labels overlaid.")] = False,
+    recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Descend into sub-folders.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
+) -> None:
+    """Segment volumes by hyperbolic k-means on per-voxel embeddings, at every --k.
+
+    Embeddings come from the cache when present (see `hypseg embed`). Labels
+    are numbered 0..K-1 by the centroid's distance from the origin of the ball.
+    """
+    from . import pipeline
+
+    with RichProgress() as progress:
+        summary = pipeline.cluster(
+            inputs, output, ks=k, model_path=model, features=features.value, fit_on=fit_on.value,
+            centroids=centroids, patch_size=patch_size, stride=stride, tile=tile, n_init=n_init,
+            fit_samples=fit_samples, seed=seed, device=device, threads=threads, cache_dir=cache_dir,
+            preview=preview, recursive=recursive, progress=progress,
+        )
+    log.info("wrote %d segmentation(s) to %s", sum(len(v["outputs"]) for v in summary["volumes"]), output)
+    if as_json:
+        emit_json(summary)
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+
+@app.command()
+@handle_errors
+def evaluate(
+    pred: Annotated[Path, typer.Argument(help="Predicted label volume, or a folder of them.")],
+    truth: Annotated[Path, typer.Argument(help="Ground-truth label volume, or a folder of them (or a dataset folder with labels/).")],
+    level: Annotated[
+        int | None,
+        typer.Option("--level", min=1, help="Compare with <case>_L<level> ground truth (default: from dataset.json, the level with K classes)."),
+    ] = None,
+    hausdorff: Annotated[bool, typer.Option("--hausdorff/--no-hausdorff", help="Compute Hausdorff distance and HD95 per class.")] = True,
+    csv_path: Annotated[Path | None, typer.Option("--csv", help="Write one row per case and class to this CSV file.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the full results as JSON on stdout.")] = False,
+) -> None:
+    """Score segmentations against ground truth (Hungarian-matched Dice, HD, HD95).
+
+    Pairing: files with the same case name are compared; <case>_k<K> (what
+    `hypseg cluster` writes) is compared with <case>_L<level> (what `hypseg
+    synth` writes), the level being --level or the level of dataset.json with K
+    classes. The paper's score is the mean Dice over matched pairs, background
+    included.
+    """
+    from . import pipeline
+
+    with RichProgress() as progress:
+        report = pipeline.evaluate(pred, truth, level=level, hausdorff=hausdorff, progress=progress)
+    if csv_path is not None:
+        pipeline.write_evaluation_csv(report, csv_path)
+    _render_evaluation(report)
+    if as_json:
+        emit_json(report)
+
+
+def _render_evaluation(report: dict[str, Any]) -> None:
+    if state.quiet:
+        return
+    from rich.table import Table
+
+    table = Table(title="hypseg evaluate", title_justify="left")
+    for column in ("case", "pred", "level", "mean Dice", "per-class Dice", "max HD95"):
+        table.add_column(column)
+    for case in report["cases"]:
+        dices = " ".join(f"{c['dice']:.3f}" for c in case["classes"])
+        hd95 = [c["hd95"] for c in case["classes"] if c["hd95"] is not None]
+        table.add_row(
+            case["case"], Path(case["pred"]).name, str(case["level"] or "-"),
+            f"{case['mean_dice']:.4f}", dices, f"{max(hd95):.2f} {case['unit']}" if hd95 else "-",
+        )
+    stderr.print(table)
+    for group in report["summary"]:
+        stderr.print(
+            f"level {group['level'] or '-'} (k={group['k'] or '-'}): mean Dice {group['mean_dice']:.4f} "
+            f"± {group['std_dice']:.4f} over {group['n']} case(s)",
+            markup=False,
+        )
+
+
+# ----------------------------------------------------------------------------- cache
+
+cache_app = typer.Typer(help="Inspect or clear the embedding cache.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("path")
+@handle_errors
+def cache_path(cache_dir: Annotated[Path | None, typer.Option("--cache-dir", help=CACHE_DIR_HELP)] = None) -> None:
+    """Print the cache folder."""
+    from .cache import EmbeddingCache, resolve_cache_dir
+
+    typer.echo(str(EmbeddingCache(resolve_cache_dir(cache_dir)).root))
+
+
+@cache_app.command("ls")
+@handle_errors
+def cache_ls(
+    cache_dir: Annotated[Path | None, typer.Option("--cache-dir", help=CACHE_DIR_HELP)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the entries as JSON.")] = False,
+) -> None:
+    """List cached embeddings (key, size, shape, source volume)."""
+    from .cache import EmbeddingCache, resolve_cache_dir
+
+    cache = EmbeddingCache(resolve_cache_dir(cache_dir))
+    entries = cache.entries()
+    if as_json:
+        emit_json([
+            {"key": e.key, "path": str(e.path), "bytes": e.size, "shape": list(e.shape), "dtype": str(e.dtype), "meta": e.meta}
+            for e in entries
+        ])
+        return
+    for e in entries:
+        typer.echo(f"{e.key[:16]}  {e.size / 1e6:9.1f} MB  {'x'.join(map(str, e.shape)):>18}  {e.meta.get('volume', '')}")
+    stderr.print(f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, {cache.total_bytes() / 1e6:.1f} MB in {cache.root}", markup=False)
+
+
+@cache_app.command("clear")
+@handle_errors
+def cache_clear(cache_dir: Annotated[Path | None, typer.Option("--cache-dir", help=CACHE_DIR_HELP)] = None) -> None:
+    """Remove every cached embedding."""
+    from .cache import EmbeddingCache, resolve_cache_dir
+
+    cache = EmbeddingCache(resolve_cache_dir(cache_dir))
+    removed = cache.clear()
+    log.info("removed %d entr%s from %s", removed, "y" if removed == 1 else "ies", cache.root)
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: usage errors become one line and exit code 2."""
+    try:
+        code = app(args=argv, prog_name="hypseg", standalone_mode=False)
+    except typer.Exit as exc:  # pragma: no cover - typer returns the code instead
+        code = exc.exit_code
+    except typer.Abort:
+        stderr.print("hypseg: error: aborted", markup=False)
+        code = 1
+    except Exception as exc:
+        message = getattr(exc, "format_message", None)
+        if message is None or not hasattr(exc, "exit_code"):
+            raise
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        stderr.print(f"hypseg: error: {message()}{hint}", markup=False, highlight=False, soft_wrap=True)
+        code = exc.exit_code
+    sys.exit(code if isinstance(code, int) else 0)

@@ -1,0 +1,96 @@
+"""hypseg model files: self-describing, safe to load, written atomically.
+
+A model file is a ``torch.save`` of a dict holding only plain types and
+tensors, read back with ``torch.load(..., weights_only=True)``, so loading a
+file shared by someone else never executes code from it. Fields:
+
+``format`` ("hypseg-model"), ``format_version``, ``kind`` ("model" or
+"checkpoint"), ``versions`` (hypseg, torch, geoopt), ``model_config``,
+``sampling_config``, ``train_config``, ``normalization``, ``training_volumes``
+(name, shape and content SHA-256 of each), ``step``, ``elapsed_seconds``,
+``state_dict``; checkpoints add ``optimizer_state`` and ``rng_state`` so that
+``hypseg train --resume`` continues where they stopped.
+"""
+
+from __future__ import annotations
+
+import io as _stdio
+import os
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import BadInputError
+from .io import atomic_path
+
+FORMAT = "hypseg-model"
+FORMAT_VERSION = 1
+COMPATIBLE_VERSIONS = (1,)
+
+
+def versions() -> dict[str, str]:
+    import torch
+
+    from .geometry import geoopt
+
+    return {"hypseg": __version__, "torch": torch.__version__, "geoopt": geoopt.__version__}
+
+
+def save_model_file(path: str | os.PathLike[str], payload: dict[str, Any]) -> Path:
+    """Write ``payload`` (plus format fields) to ``path`` atomically."""
+    import torch
+
+    document = {"format": FORMAT, "format_version": FORMAT_VERSION, "versions": versions(), **payload}
+    buffer = _stdio.BytesIO()
+    torch.save(document, buffer)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buffer.getvalue())
+    return path
+
+
+def load_model_file(path: str | os.PathLike[str], *, map_location: Any = "cpu") -> dict[str, Any]:
+    """Read and validate a hypseg model file without executing code from it."""
+    import pickle
+
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise BadInputError(f"{path}: no such model file")
+    try:
+        document = torch.load(os.fspath(path), map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, AttributeError) as exc:
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise BadInputError(f"{path}: not a hypseg model file ({first})") from None
+    if not isinstance(document, dict) or document.get("format") != FORMAT:
+        raise BadInputError(f"{path}: not a hypseg model file")
+    version = document.get("format_version")
+    if version not in COMPATIBLE_VERSIONS:
+        made_by = document.get("versions", {}).get("hypseg", "?")
+        raise BadInputError(
+            f"{path}: model file format {version} (written by hypseg {made_by}) is not supported by "
+            f"hypseg {__version__} (supports {', '.join(map(str, COMPATIBLE_VERSIONS))})"
+        )
+    for key in ("model_config", "state_dict", "normalization"):
+        if key not in document:
+            raise BadInputError(f"{path}: hypseg model file lacks '{key}'")
+    return document
+
+
+def build_model(document: dict[str, Any], *, path: str | os.PathLike[str] = "model"):
+    """Instantiate the VAE stored in a loaded model file (weights included)."""
+    from .config import ModelConfig
+    from .model import HypVAE
+
+    try:
+        config = ModelConfig.from_dict(document["model_config"])
+        model = HypVAE(config)
+        model.load_state_dict(document["state_dict"])
+    except BadInputError as exc:
+        raise BadInputError(f"{path}: {exc}") from None
+    except (RuntimeError, KeyError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0][:160]
+        raise BadInputError(f"{path}: model weights do not match its configuration ({first})") from None
+    model.eval()
+    return model

@@ -1,0 +1,296 @@
+"""Training loop: triplets drawn fresh every step, checkpoints, resume, loss history.
+
+The trainer is device-agnostic: volumes, model and sampling live on one
+``torch.device``. Randomness flows from ``TrainConfig.seed`` through explicit
+generators (model initialisation, triplet sampling, reparameterisation noise),
+and their states are stored in every checkpoint, so a resumed run draws the
+triplets an uninterrupted run would have drawn.
+"""
+
+from __future__ import annotations
+
+import csv
+import io as _stdio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import ModelConfig, SamplingConfig, TrainConfig
+from .errors import BadInputError, HypsegError
+from .io import array_sha256, write_text_atomic
+from .modelfile import load_model_file, save_model_file
+
+log = logging.getLogger(__name__)
+
+HISTORY_FIELDS = ("step", "elapsed_s", "total", "recon", "kl", "triplet", "triplets_per_s")
+
+
+@dataclass
+class TrainingVolume:
+    """A normalised training volume and where it came from."""
+
+    name: str
+    data: np.ndarray  # float32 [x, y, z], normalised
+    sha256: str  # of the raw (un-normalised) data
+
+
+@dataclass
+class TrainResult:
+    model_path: Path
+    checkpoint_path: Path
+    history_path: Path
+    step: int
+    elapsed_seconds: float
+    first: dict[str, float]
+    last: dict[str, float]
+    stopped_by: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": str(self.model_path),
+            "checkpoint": str(self.checkpoint_path),
+            "history": str(self.history_path),
+            "step": self.step,
+            "elapsed_seconds": round(self.elapsed_seconds, 3),
+            "first_losses": self.first,
+            "last_losses": self.last,
+            "stopped_by": self.stopped_by,
+        }
+
+
+def companion_paths(model_path: Path) -> tuple[Path, Path]:
+    """``model.pt`` -> (``model.ckpt.pt``, ``model.history.csv``)."""
+    stem = model_path.name[: -len(model_path.suffix)] if model_path.suffix else model_path.name
+    return model_path.with_name(f"{stem}.ckpt.pt"), model_path.with_name(f"{stem}.history.csv")
+
+
+def resolve_device(name: str = "auto"):
+    """``auto`` picks CUDA, then Apple MPS, then the CPU."""
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise BadInputError("--device cuda: no CUDA device is available (try --device auto)")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise BadInputError("--device mps: Apple MPS is not available (try --device auto)")
+    if name not in ("cpu", "cuda", "mps") and not name.startswith("cuda:"):
+        raise BadInputError(f"--device {name!r}: expected auto, cpu, cuda, cuda:N or mps")
+    return torch.device(name)
+
+
+def train(
+    volumes: Sequence[TrainingVolume],
+    model_path: Path,
+    *,
+    model_config: ModelConfig,
+    sampling_config: SamplingConfig,
+    train_config: TrainConfig,
+    device: str = "auto",
+    resume: bool = False,
+    progress: Callable[..., None] | None = None,
+) -> TrainResult:
+    """Train the VAE on ``volumes`` and write the model, checkpoint and history.
+
+    With ``resume`` the checkpoint beside ``model_path`` is loaded (its model
+    and sampling configuration win over the given ones) and training continues
+    from its step until ``train_config.steps`` / ``max_minutes`` (counted for
+    this run).
+    """
+    import torch
+
+    from .geometry import geoopt
+    from .model import HypVAE
+    from .sampling import TripletSampler
+
+    progress = progress or (lambda *a, **k: None)
+    model_path = Path(model_path)
+    ckpt_path, history_path = companion_paths(model_path)
+    dev = resolve_device(device)
+    history: list[dict[str, float]] = []
+    state: dict[str, Any] | None = None
+    if resume:
+        if not ckpt_path.is_file():
+            raise BadInputError(f"{ckpt_path}: no checkpoint to resume from (train without --resume first)")
+        state = load_model_file(ckpt_path)
+        if state.get("kind") != "checkpoint" or "optimizer_state" not in state:
+            raise BadInputError(f"{ckpt_path}: not a training checkpoint")
+        model_config = ModelConfig.from_dict(state["model_config"])
+        sampling_config = SamplingConfig.from_dict(state["sampling_config"])
+        old_hashes = [v["sha256"] for v in state.get("training_volumes", [])]
+        if old_hashes != [v.sha256 for v in volumes]:
+            log.warning("resuming on training volumes that differ from the checkpoint's")
+        history = [row for row in _read_history(history_path) if row["step"] <= state["step"]]
+
+    seed = train_config.seed
+    init_gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=init_gen)))
+        model = HypVAE(model_config)
+    model.to(dev)
+    sample_gen = torch.Generator(device=dev).manual_seed(seed + 1)
+    noise_gen = torch.Generator(device=dev).manual_seed(seed + 2)
+    tensors = [torch.from_numpy(np.ascontiguousarray(v.data)).to(dev) for v in volumes]
+    try:
+        sampler = TripletSampler(tensors, sampling_config, model_config.patch_size, generator=sample_gen)
+    except BadInputError as exc:
+        raise BadInputError(_name_volume(str(exc), volumes)) from None
+    optimizer = geoopt.optim.RiemannianAdam(model.parameters(), lr=train_config.lr, amsgrad=True)
+    step = 0
+    elapsed_before = 0.0
+    if state is not None:
+        model.load_state_dict(state["state_dict"])
+        optimizer.load_state_dict(state["optimizer_state"])
+        sample_gen.set_state(state["rng_state"]["sample"].cpu() if dev.type == "cpu" else state["rng_state"]["sample"])
+        noise_gen.set_state(state["rng_state"]["noise"].cpu() if dev.type == "cpu" else state["rng_state"]["noise"])
+        step = int(state["step"])
+        elapsed_before = float(state.get("elapsed_seconds", 0.0))
+        log.info("resuming from step %d of %s", step, ckpt_path)
+
+    target = train_config.steps
+    deadline = None if train_config.max_minutes is None else time.monotonic() + 60.0 * train_config.max_minutes
+    volume_meta = [
+        {"name": v.name, "sha256": v.sha256, "shape": list(v.data.shape)} for v in volumes
+    ]
+
+    def payload(kind: str) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "kind": kind,
+            "model_config": model_config.to_dict(),
+            "sampling_config": sampling_config.to_dict(),
+            "train_config": train_config.to_dict(),
+            "normalization": {
+                "method": "percentile",
+                "low": sampling_config.norm_low,
+                "high": sampling_config.norm_high,
+            },
+            "training_volumes": volume_meta,
+            "step": step,
+            "elapsed_seconds": elapsed_before + (time.monotonic() - start),
+            "state_dict": _to_cpu(model.state_dict()),
+        }
+        if kind == "checkpoint":
+            doc["optimizer_state"] = _to_cpu(optimizer.state_dict())
+            doc["rng_state"] = {"sample": sample_gen.get_state(), "noise": noise_gen.get_state()}
+        return doc
+
+    def checkpoint() -> None:
+        save_model_file(ckpt_path, payload("checkpoint"))
+        _write_history(history_path, history)
+
+    start = time.monotonic()
+    model.train()
+    stopped_by = "steps"
+    window_start, window_steps = time.monotonic(), 0
+    first_run_losses: dict[str, float] | None = None
+    while True:
+        if target is not None and step >= target:
+            stopped_by = "steps"
+            break
+        if deadline is not None and time.monotonic() >= deadline:
+            stopped_by = "max-minutes"
+            break
+        triplets = sampler.sample(train_config.batch_size)
+        losses = model.loss(triplets.anchor, triplets.positive, triplets.negative, generator=noise_gen)
+        total = losses["total"]
+        if not torch.isfinite(total):
+            checkpoint()
+            raise HypsegError(
+                f"training diverged at step {step + 1} (loss is {float(total)}); "
+                f"the last good state is in {ckpt_path}; try a smaller --lr"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        if train_config.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), train_config.grad_clip)
+        optimizer.step()
+        step += 1
+        window_steps += 1
+        now = time.monotonic()
+        row = {k: float(v.detach()) for k, v in losses.items()}
+        rate = window_steps * train_config.batch_size / max(now - window_start, 1e-9)
+        record = {
+            "step": step,
+            "elapsed_s": round(elapsed_before + now - start, 3),
+            **{k: row[k] for k in ("total", "recon", "kl", "triplet")},
+            "triplets_per_s": round(rate, 2),
+        }
+        history.append(record)
+        if first_run_losses is None:
+            first_run_losses = {k: row[k] for k in ("total", "recon", "kl", "triplet")}
+        progress(
+            "train", step, target or step,
+            loss=row["total"], recon=row["recon"], kl=row["kl"], triplet=row["triplet"], tps=rate,
+        )
+        if now - window_start > 20.0:
+            window_start, window_steps = now, 0
+        if step % train_config.checkpoint_every == 0:
+            checkpoint()
+    checkpoint()
+    save_model_file(model_path, payload("model"))
+    last = {k: history[-1][k] for k in ("total", "recon", "kl", "triplet")} if history else {}
+    return TrainResult(
+        model_path, ckpt_path, history_path, step,
+        elapsed_before + time.monotonic() - start,
+        first_run_losses or last, last, stopped_by,
+    )
+
+
+def _name_volume(message: str, volumes: Sequence[TrainingVolume]) -> str:
+    """Replace 'volume 3' in a sampler message with the file's name."""
+    import re
+
+    def repl(match: re.Match[str]) -> str:
+        index = int(match.group(1))
+        return volumes[index].name if 0 <= index < len(volumes) else match.group(0)
+
+    return re.sub(r"volume (?:index )?(\d+)", repl, message)
+
+
+def _to_cpu(obj: Any) -> Any:
+    """A copy of a (nested) state dict with plain CPU tensors."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        # plain tensors only (geoopt's ManifoldTensor would not load with weights_only=True)
+        return obj.detach().cpu().as_subclass(torch.Tensor)
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_cpu(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_to_cpu(v) for v in obj)
+    return obj
+
+
+def _write_history(path: Path, rows: list[dict[str, float]]) -> None:
+    buffer = _stdio.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=HISTORY_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (f"{row[k]:.6g}" if isinstance(row[k], float) else row[k]) for k in HISTORY_FIELDS})
+    write_text_atomic(path, buffer.getvalue())
+
+
+def _read_history(path: Path) -> list[dict[str, float]]:
+    if not path.is_file():
+        return []
+    rows = []
+    with open(path, newline="") as handle:
+        for raw in csv.DictReader(handle):
+            try:
+                row: dict[str, float] = {k: float(raw[k]) for k in HISTORY_FIELDS}
+            except (KeyError, TypeError, ValueError):
+                continue
+            row["step"] = int(row["step"])
+            rows.append(row)
+    return rows

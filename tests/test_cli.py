@@ -1,0 +1,180 @@
+"""The command line, driven in-process and as a real subprocess."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from hypsegcli import __version__, io
+from hypsegcli.cli import main
+
+
+def run(argv, capsys):
+    """Run ``hypseg argv`` through the console entry point; return (code, stdout, stderr)."""
+    with pytest.raises(SystemExit) as info:
+        main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return info.value.code, out, err
+
+
+def test_help_is_fast_and_does_not_import_torch():
+    code = (
+        "import sys, hypsegcli.cli as c\n"
+        "try:\n    c.main(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
+        "assert 'torch' not in sys.modules, 'torch imported by --help'\n"
+        "assert 'nibabel' not in sys.modules\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    for name in ("synth", "train", "embed", "cluster", "evaluate"):
+        assert name in result.stdout
+
+
+def test_module_entry_point_and_version():
+    result = subprocess.run(
+        [sys.executable, "-m", "hypsegcli", "--version"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"hypseg {__version__}"
+
+
+def test_usage_errors_are_one_line_with_code_2(capsys, tmp_path):
+    code, out, err = run(["synth", tmp_path, "--bogus"], capsys)
+    assert code == 2 and out == ""
+    assert err.startswith("hypseg: error: ") and err.count("\n") == 1
+    code, _, err = run(["synth", tmp_path, "--split", "a/b"], capsys)
+    assert code == 2 and "--split 'a/b'" in err and err.count("\n") == 1
+
+
+def _write_truth(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = np.zeros((12, 10, 8), np.uint8)
+    labels[2:8, 2:8, 2:6] = 1
+    labels[4:10, 5:9, 3:7] = 2
+    labels[rng.random(labels.shape) < 0.02] = 3
+    aff = np.diag([2.0, 1.0, 1.0, 1.0])
+    geometry = io.VolumeGeometry("nifti", labels.shape, (2.0, 1.0, 1.0), aff)
+    io.write_labels(tmp_path / "truth.nii.gz", labels, geometry)
+    return labels, geometry
+
+
+def test_evaluate_identity_relabel_and_shift(capsys, tmp_path):
+    labels, geometry = _write_truth(tmp_path)
+    perm = np.array([2, 0, 3, 1], np.uint8)[labels]
+    io.write_labels(tmp_path / "perm.nii.gz", perm, geometry)
+    for pred in ("truth.nii.gz", "perm.nii.gz"):
+        code, out, err = run(["evaluate", tmp_path / pred, tmp_path / "truth.nii.gz", "--json"], capsys)
+        assert code == 0, err
+        report = json.loads(out)
+        (case,) = report["cases"]
+        assert case["mean_dice"] == pytest.approx(1.0)
+        assert all(c["dice"] == pytest.approx(1.0) for c in case["classes"])
+        assert all(c["hd95"] == pytest.approx(0.0) for c in case["classes"])
+    # a one-voxel shift along the 2 mm axis: HD95 of the cube is 2 mm
+    cube = np.zeros((12, 10, 8), np.uint8)
+    cube[3:8, 3:8, 2:6] = 1
+    io.write_labels(tmp_path / "cube.nii.gz", cube, geometry)
+    io.write_labels(tmp_path / "shift.nii.gz", np.roll(cube, 1, axis=0), geometry)
+    code, out, _ = run(["evaluate", tmp_path / "shift.nii.gz", tmp_path / "cube.nii.gz", "--json"], capsys)
+    assert code == 0
+    (case,) = json.loads(out)["cases"]
+    fg = next(c for c in case["classes"] if c["class_id"] == 1)
+    assert fg["hd95"] == pytest.approx(2.0)
+    assert case["unit"] == "mm"
+
+
+def test_evaluate_errors(capsys, tmp_path):
+    labels, geometry = _write_truth(tmp_path)
+    small = io.VolumeGeometry.default((4, 4, 4))
+    io.write_labels(tmp_path / "small.nii.gz", np.zeros((4, 4, 4), np.uint8), small)
+    code, out, err = run(["evaluate", tmp_path / "small.nii.gz", tmp_path / "truth.nii.gz"], capsys)
+    assert code == 2 and out == ""
+    assert "small.nii.gz" in err and "truth.nii.gz" in err and err.count("\n") == 1
+    code, _, err = run(["evaluate", tmp_path / "nothing.nii.gz", tmp_path / "truth.nii.gz"], capsys)
+    assert code == 2 and "nothing.nii.gz: no such file or folder" in err
+    nib.save(nib.Nifti1Image(np.full((12, 10, 8), 0.5, np.float32), np.eye(4)), str(tmp_path / "float.nii.gz"))
+    code, _, err = run(["evaluate", tmp_path / "float.nii.gz", tmp_path / "truth.nii.gz"], capsys)
+    assert code == 2 and "float.nii.gz: not a label volume" in err
+
+
+def test_bad_volumes_give_one_line_code_2(capsys, tmp_path):
+    nib.save(nib.Nifti1Image(np.zeros((5, 5), np.float32), np.eye(4)), str(tmp_path / "flat.nii.gz"))
+    data = np.ones((6, 6, 6), np.float32)
+    data[0, 0, 0] = np.nan
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(tmp_path / "nan.nii.gz"))
+    (tmp_path / "junk.nii.gz").write_bytes(b"junk")
+    io.write_labels(tmp_path / "ok.nii.gz", np.zeros((6, 6, 6), np.uint8), io.VolumeGeometry.default((6, 6, 6)))
+    for name, fragment in (
+        ("flat.nii.gz", "2D data of shape (5, 5)"),
+        ("nan.nii.gz", "NaN or infinite"),
+        ("junk.nii.gz", "cannot read NIfTI"),
+    ):
+        code, out, err = run(["evaluate", tmp_path / name, tmp_path / "ok.nii.gz"], capsys)
+        assert code == 2, (name, err)
+        assert out == "" and err.count("\n") == 1
+        assert name in err and fragment in err
+        assert "Traceback" not in err
+
+
+def test_synth_is_deterministic_and_evaluates(capsys, tmp_path):
+    for out in ("a", "b"):
+        code, _, err = run(["--quiet", "synth", tmp_path / out, "--n", "4", "--seed", "1", "--size", "24"], capsys)
+        assert code == 0, err
+
+    def digest(root):
+        return {
+            p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()
+        }
+
+    a, b = digest(tmp_path / "a"), digest(tmp_path / "b")
+    assert a == b
+    assert "images/case_000.nii.gz" in a and "labels/case_003_L3.nii.gz" in a and "dataset.json" in a
+    dataset = json.loads((tmp_path / "a" / "dataset.json").read_text())
+    assert {c["level"] for c in dataset["classes"]} == {1, 2, 3}
+    # ground truth against itself: every class Dice 1
+    code, out, err = run(["evaluate", tmp_path / "a" / "labels", tmp_path / "a" / "labels", "--json", "--no-hausdorff"], capsys)
+    assert code == 0, err
+    report = json.loads(out)
+    assert len(report["cases"]) == 12
+    assert all(c["dice"] == pytest.approx(1.0) for case in report["cases"] for c in case["classes"])
+    # nesting: L3 inside L2 inside L1 via the parents in dataset.json
+    parent = {(c["level"], c["id"]): c["parent"] for c in dataset["classes"]}
+    for case in ("case_000", "case_001"):
+        lv = {lvl: io.read_volume(tmp_path / "a" / "labels" / f"{case}_L{lvl}.nii.gz").data.astype(int) for lvl in (1, 2, 3)}
+        for lvl in (2, 3):
+            mapped = np.vectorize(lambda i, lvl=lvl: parent[(lvl, int(i))])(lv[lvl])
+            np.testing.assert_array_equal(mapped, lv[lvl - 1])
+
+
+def test_synth_split_and_k_pairing(capsys, tmp_path):
+    code, out, err = run(["--quiet", "synth", tmp_path / "d", "--n", "5", "--size", "20", "--split", "60/20/20", "--json"], capsys)
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["splits"] == {"train": 3, "val": 1, "test": 1}
+    assert sorted(p.name for p in (tmp_path / "d" / "test" / "images").iterdir()) == ["case_004.nii.gz"]
+    # a prediction named as `hypseg cluster` names it pairs with the level of dataset.json with K classes
+    truth = io.read_volume(tmp_path / "d" / "test" / "labels" / "case_004_L2.nii.gz")
+    seg = tmp_path / "seg"
+    io.write_labels(seg / "case_004_k4.nii.gz", truth.data.astype(int), truth.geometry)
+    code, out, err = run(["evaluate", seg, tmp_path / "d" / "test", "--json", "--csv", tmp_path / "s.csv"], capsys)
+    assert code == 0, err
+    (case,) = json.loads(out)["cases"]
+    assert (case["case"], case["k"], case["level"]) == ("case_004", 4, 2)
+    assert case["mean_dice"] == pytest.approx(1.0)
+    rows = (tmp_path / "s.csv").read_text().splitlines()
+    assert rows[0].startswith("case,pred,truth,k,level,class_id,class_name")
+    assert len(rows) == 1 + 4
+
+
+def test_synth_mrc_format(capsys, tmp_path):
+    code, _, err = run(["--quiet", "synth", tmp_path / "m", "--n", "1", "--size", "20", "--format", "mrc"], capsys)
+    assert code == 0, err
+    vol = io.read_volume(tmp_path / "m" / "images" / "case_000.mrc")
+    assert vol.data.shape == (20, 20, 20) and vol.geometry.format == "mrc"

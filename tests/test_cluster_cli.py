@@ -1,0 +1,146 @@
+"""embed / cluster / cache from the command line: outputs, geometry, caching, centroids."""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+
+import mrcfile
+import nibabel as nib
+import numpy as np
+import pytest
+
+from hypsegcli import embedding, io
+from hypsegcli.cli import main
+
+TINY = ["--patch-size", "6", "--r-min", "6", "--r-max", "10", "--batch-size", "4", "--threads", "2"]
+
+
+def run(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return info.value.code, out, err
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny model trained for a few steps on 3 synthetic volumes (NIfTI) plus an MRC copy."""
+    root = tmp_path_factory.mktemp("pipeline")
+    with pytest.raises(SystemExit):
+        main(["--quiet", "synth", str(root / "data"), "--n", "3", "--size", "20", "--seed", "2"])
+    with pytest.raises(SystemExit):
+        main(["--quiet", "synth", str(root / "mrc"), "--n", "1", "--size", "20", "--format", "mrc"])
+    with pytest.raises(SystemExit) as info:
+        main(["--quiet", "train", str(root / "data" / "images"), "-o", str(root / "model.pt"), "--steps", "4", *TINY])
+    assert info.value.code == 0
+    return root
+
+
+def test_cluster_writes_labels_with_geometry_and_uses_cache(trained, tmp_path, capsys, monkeypatch):
+    images = trained / "data" / "images"
+    seg = tmp_path / "seg"
+    argv = ["--quiet", "cluster", images, "-m", trained / "model.pt", "--k", "2", "--k", "4", "-o", seg, "--json", "--threads", "2"]
+    code, out, err = run(argv, capsys)
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["computed"] == 3
+    for case in ("case_000", "case_001", "case_002"):
+        for k in (2, 4):
+            path = seg / f"{case}_k{k}.nii.gz"
+            img = nib.load(str(path))
+            src = nib.load(str(images / f"{case}.nii.gz"))
+            np.testing.assert_allclose(img.affine, src.affine)
+            labels = np.asarray(img.dataobj)
+            assert img.get_data_dtype() == np.uint8 and labels.shape == src.shape
+            assert set(np.unique(labels)) <= set(range(k))
+    centroids = json.loads((seg / "centroids.json").read_text())
+    assert centroids["format"] == "hypseg-centroids" and len(centroids["sets"]) == 6
+    first = {p.name: p.read_bytes() for p in seg.iterdir()}
+
+    # a second run performs no encoder work and gives the same files
+    def boom(*args, **kwargs):
+        raise AssertionError("encoder ran although the embeddings are cached")
+
+    monkeypatch.setattr(embedding, "embed_volume", boom)
+    code, out, err = run(argv, capsys)
+    assert code == 0, err
+    assert json.loads(out)["computed"] == 0
+    assert {p.name: p.read_bytes() for p in seg.iterdir()} == first
+
+    # evaluate pairs <case>_k<K> with <case>_L<level> through dataset.json
+    code, out, err = run(["evaluate", seg, trained / "data" / "labels", "--json", "--no-hausdorff"], capsys)
+    assert code == 0, err
+    levels = {(c["k"], c["level"]) for c in json.loads(out)["cases"]}
+    assert levels == {(2, 1), (4, 2)}
+
+
+def test_cluster_mrc_keeps_voxel_size(trained, tmp_path, capsys):
+    src = trained / "mrc" / "images" / "case_000.mrc"
+    with mrcfile.open(str(src), mode="r+") as mrc:
+        mrc.voxel_size = (4.2, 4.2, 4.2)
+        mrc.header.origin.x = 12.5
+    code, _, err = run(["--quiet", "cluster", src, "-m", trained / "model.pt", "--k", "2", "-o", tmp_path, "--preview"], capsys)
+    assert code == 0, err
+    with mrcfile.open(str(tmp_path / "case_000_k2.mrc")) as mrc:
+        assert tuple(float(v) for v in mrc.voxel_size.tolist()) == pytest.approx((4.2, 4.2, 4.2))
+        assert float(mrc.header.origin.x) == 12.5
+        assert mrc.data.shape == (20, 20, 20)
+    png = (tmp_path / "case_000_k2.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    width, height = struct.unpack(">II", png[16:24])
+    idat = png[png.index(b"IDAT") + 4 : png.index(b"IEND") - 8]
+    assert len(zlib.decompress(idat)) == height * (1 + 3 * width)
+
+
+def test_pooled_centroids_and_reuse(trained, tmp_path, capsys):
+    images = trained / "data" / "images"
+    code, _, err = run(["--quiet", "cluster", images, "-m", trained / "model.pt", "--k", "3", "-o", tmp_path / "a", "--fit-on", "pooled"], capsys)
+    assert code == 0, err
+    doc = json.loads((tmp_path / "a" / "centroids.json").read_text())
+    assert [(s["case"], s["k"]) for s in doc["sets"]] == [(None, 3)]
+    code, _, err = run(["--quiet", "cluster", images / "case_001.nii.gz", "-m", trained / "model.pt", "--k", "3",
+                        "-o", tmp_path / "b", "--centroids", tmp_path / "a" / "centroids.json"], capsys)
+    assert code == 0, err
+    a = np.asarray(nib.load(str(tmp_path / "a" / "case_001_k3.nii.gz")).dataobj)
+    b = np.asarray(nib.load(str(tmp_path / "b" / "case_001_k3.nii.gz")).dataobj)
+    np.testing.assert_array_equal(a, b)
+    code, _, err = run(["cluster", images, "-m", trained / "model.pt", "--k", "5", "-o", tmp_path / "c",
+                        "--centroids", tmp_path / "a" / "centroids.json"], capsys)
+    assert code == 2 and "no pooled centroids for k=5" in err
+
+
+def test_intensity_baseline_needs_no_model(trained, tmp_path, capsys):
+    code, _, err = run(["--quiet", "cluster", trained / "data" / "images", "--features", "intensity", "--k", "2", "-o", tmp_path], capsys)
+    assert code == 0, err
+    labels = io.read_volume(tmp_path / "case_000_k2.nii.gz").data
+    assert set(np.unique(labels)) == {0, 1}
+    code, _, err = run(["cluster", trained / "data" / "images", "--k", "2", "-o", tmp_path], capsys)
+    assert code == 2 and "--model is required" in err
+
+
+def test_embed_writes_arrays_and_cache_commands(trained, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    code, out, err = run(["--quiet", "embed", trained / "data" / "images" / "case_000.nii.gz", "-m", trained / "model.pt",
+                          "-o", tmp_path / "emb", "--cache-dir", cache, "--json", "--stride", "2"], capsys)
+    assert code == 0, err
+    arr = np.load(tmp_path / "emb" / "case_000.npy")
+    assert arr.shape == (20, 20, 20, 2) and arr.dtype == np.float32
+    assert (np.linalg.norm(arr, axis=-1) < 1).all()
+    code, out, _ = run(["cache", "ls", "--cache-dir", cache, "--json"], capsys)
+    assert code == 0 and len(json.loads(out)) == 1
+    code, out, _ = run(["cache", "path", "--cache-dir", cache], capsys)
+    assert code == 0 and out.strip().startswith(str(cache))
+    code, _, _ = run(["--quiet", "cache", "clear", "--cache-dir", cache], capsys)
+    assert code == 0
+    code, out, _ = run(["cache", "ls", "--cache-dir", cache, "--json"], capsys)
+    assert json.loads(out) == []
+
+
+def test_bad_model_file_and_options(trained, tmp_path, capsys):
+    (tmp_path / "fake.pt").write_bytes(b"nope")
+    code, out, err = run(["cluster", trained / "data" / "images", "-m", tmp_path / "fake.pt", "--k", "2", "-o", tmp_path], capsys)
+    assert code == 2 and "fake.pt: not a hypseg model file" in err and err.count("\n") == 1
+    code, _, err = run(["cluster", trained / "data" / "images", "-m", trained / "model.pt", "--k", "1", "-o", tmp_path], capsys)
+    assert code == 2 and "--k 1" in err

@@ -1,0 +1,172 @@
+"""Training loop: learning happens, checkpoints resume exactly, the CLI drives it."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from hypsegcli import io
+from hypsegcli.cli import main
+from hypsegcli.config import ModelConfig, SamplingConfig, TrainConfig
+from hypsegcli.errors import BadInputError
+from hypsegcli.modelfile import build_model, load_model_file
+from hypsegcli.training import TrainingVolume, companion_paths, train
+
+TINY = ModelConfig(patch_size=6, channels=(4, 8), kernels=(3, 3), paddings=(0, 0), hidden=16)
+SAMPLING = SamplingConfig(r_min=5, r_max=12, l_min=2, r_gap=2, child_max=6)
+
+
+def _volumes(n=3, size=20, seed=0):
+    rng = np.random.default_rng(seed)
+    vols = []
+    for i in range(n):
+        x, y, z = np.meshgrid(*(np.arange(size),) * 3, indexing="ij")
+        centre = rng.uniform(6, size - 6, 3)
+        r = np.sqrt((x - centre[0]) ** 2 + (y - centre[1]) ** 2 + (z - centre[2]) ** 2)
+        data = (r < 5).astype(np.float32) + 0.1 * rng.standard_normal((size,) * 3).astype(np.float32)
+        vols.append(TrainingVolume(f"v{i}", data, io.array_sha256(data)))
+    return vols
+
+
+def _rows(path):
+    with open(path) as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_training_learns_and_writes_files(tmp_path):
+    torch.set_num_threads(2)
+    out = tmp_path / "model.pt"
+    result = train(
+        _volumes(), out, model_config=TINY, sampling_config=SAMPLING,
+        train_config=TrainConfig(steps=150, batch_size=16, lr=3e-3, checkpoint_every=50), device="cpu",
+    )
+    ckpt, hist = companion_paths(out)
+    assert result.step == 150 and out.is_file() and ckpt.is_file() and hist.is_file()
+    rows = _rows(hist)
+    assert [int(r["step"]) for r in rows] == list(range(1, 151))
+    total = np.array([float(r["total"]) for r in rows])
+    triplet = np.array([float(r["triplet"]) for r in rows])
+    assert total[-20:].mean() < total[:20].mean()
+    assert triplet[-20:].mean() < triplet[:5].mean()
+    doc = load_model_file(out)
+    assert doc["kind"] == "model" and doc["step"] == 150
+    assert doc["model_config"] == TINY.to_dict()
+    assert [v["sha256"] for v in doc["training_volumes"]] == [v.sha256 for v in _volumes()]
+    assert {"hypseg", "torch", "geoopt"} <= set(doc["versions"])
+    assert "optimizer_state" not in doc
+    model = build_model(doc)
+    mu, _ = model.encode(torch.zeros(2, 1, 6, 6, 6))
+    assert mu.shape == (2, 2)
+
+
+def test_resume_continues_exactly(tmp_path):
+    vols = _volumes()
+    cfg = dict(batch_size=8, lr=3e-3, checkpoint_every=10, seed=3)
+    straight = tmp_path / "a.pt"
+    train(vols, straight, model_config=TINY, sampling_config=SAMPLING,
+          train_config=TrainConfig(steps=30, **cfg), device="cpu")
+    resumed = tmp_path / "b.pt"
+
+    class Stop(Exception):
+        pass
+
+    def interrupt(stage, done, total, **info):
+        if done == 25:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(vols, resumed, model_config=TINY, sampling_config=SAMPLING,
+              train_config=TrainConfig(steps=30, **cfg), device="cpu", progress=interrupt)
+    ckpt, hist = companion_paths(resumed)
+    assert load_model_file(ckpt)["step"] == 20  # lost at most checkpoint_every steps
+    assert not resumed.exists()
+    result = train(vols, resumed, model_config=TINY, sampling_config=SAMPLING,
+                   train_config=TrainConfig(steps=30, **cfg), device="cpu", resume=True)
+    assert result.step == 30
+    a, b = load_model_file(straight)["state_dict"], load_model_file(resumed)["state_dict"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+    assert [int(r["step"]) for r in _rows(hist)] == list(range(1, 31))
+
+
+def test_resume_without_checkpoint_is_an_error(tmp_path):
+    with pytest.raises(BadInputError, match="no checkpoint to resume from"):
+        train(_volumes(1), tmp_path / "m.pt", model_config=TINY, sampling_config=SAMPLING,
+              train_config=TrainConfig(steps=2), device="cpu", resume=True)
+
+
+def test_loading_foreign_files_is_a_clear_error(tmp_path):
+    (tmp_path / "x.pt").write_bytes(b"garbage")
+    with pytest.raises(BadInputError, match="x.pt: not a hypseg model file"):
+        load_model_file(tmp_path / "x.pt")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(BadInputError, match="other.pt: not a hypseg model file"):
+        load_model_file(tmp_path / "other.pt")
+    torch.save({"format": "hypseg-model", "format_version": 99, "versions": {"hypseg": "9.0"}}, tmp_path / "new.pt")
+    with pytest.raises(BadInputError, match="format 99 .* not supported"):
+        load_model_file(tmp_path / "new.pt")
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("code ran",))
+
+
+def test_loading_never_executes_code(tmp_path, capsys):
+    torch.save({"format": "hypseg-model", "payload": _Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(BadInputError, match="not a hypseg model file"):
+        load_model_file(tmp_path / "evil.pt")
+    assert "code ran" not in capsys.readouterr().out
+
+
+def _cli(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return info.value.code, out, err
+
+
+TINY_CLI = ["--patch-size", "6", "--r-min", "6", "--r-max", "10", "--batch-size", "4", "--threads", "2"]
+
+
+def test_cli_train_all_table2_rows(tmp_path, capsys):
+    data = tmp_path / "data"
+    code, _, err = _cli(["--quiet", "synth", data, "--n", "2", "--size", "20"], capsys)
+    assert code == 0, err
+    rows = [
+        ["--geometry", "euclidean", "--no-triplet"],
+        ["--geometry", "euclidean"],
+        ["--no-gyroconv", "--no-triplet"],
+        ["--no-triplet"],
+        ["--no-gyroconv"],
+        [],
+    ]
+    for i, extra in enumerate(rows):
+        out = tmp_path / f"m{i}.pt"
+        code, stdout, err = _cli(
+            ["--quiet", "train", data / "images", "-o", out, "--steps", "3", "--json", "--arch", "valid", *TINY_CLI, *extra],
+            capsys,
+        )
+        assert code == 0, err
+        summary = json.loads(stdout)
+        assert summary["step"] == 3 and out.is_file()
+        cfg = load_model_file(out)["model_config"]
+        assert cfg["geometry"] == ("euclidean" if "euclidean" in extra else "hyperbolic")
+        assert cfg["triplet"] == ("--no-triplet" not in extra)
+
+
+def test_cli_train_bad_inputs(tmp_path, capsys):
+    nib.save(nib.Nifti1Image(np.ones((20, 20, 20), np.float32), np.eye(4)), str(tmp_path / "const.nii.gz"))
+    code, out, err = _cli(["train", tmp_path / "const.nii.gz", "-o", tmp_path / "m.pt", "--steps", "1"], capsys)
+    assert code == 2 and out == "" and "const.nii.gz" in err and "constant" in err and err.count("\n") == 1
+    rng = np.random.default_rng(0)
+    nib.save(nib.Nifti1Image(rng.random((6, 6, 6)).astype(np.float32), np.eye(4)), str(tmp_path / "tiny.nii.gz"))
+    code, out, err = _cli(["train", tmp_path / "tiny.nii.gz", "-o", tmp_path / "m.pt", "--steps", "1"], capsys)
+    assert code == 2 and "tiny.nii.gz" in err and err.count("\n") == 1
+    code, out, err = _cli(["train", tmp_path / "tiny.nii.gz", "-o", tmp_path / "m.pt", "--lr", "-1"], capsys)
+    assert code == 2 and "lr=-1" in err
