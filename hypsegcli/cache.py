@@ -118,10 +118,14 @@ def _key_json_default(obj: Any) -> Any:
         return obj.tolist()
     if isinstance(obj, np.dtype):
         return str(obj)
-    raise TypeError(f"embedding parameter of type {type(obj).__name__} is not a plain JSON value: {obj!r}")
+    raise TypeError(
+        f"embedding parameter of type {type(obj).__name__} is not a plain JSON value: {obj!r}"
+    )
 
 
-def embedding_key(volume_sha256: str, model_sha256: str, params: dict[str, Any], version: str) -> str:
+def embedding_key(
+    volume_sha256: str, model_sha256: str, params: dict[str, Any], version: str
+) -> str:
     """Hex SHA-256 of the canonical JSON of the volume hash, model hash, parameters and version.
 
     ``params`` holds the embedding parameters (patch size, stride,
@@ -129,27 +133,45 @@ def embedding_key(volume_sha256: str, model_sha256: str, params: dict[str, Any],
     dtypes are converted); anything else raises TypeError, so that an object's
     ``repr`` can never leak into a key.
     """
-    for name, value in (("volume_sha256", volume_sha256), ("model_sha256", model_sha256), ("version", version)):
+    for name, value in (
+        ("volume_sha256", volume_sha256),
+        ("model_sha256", model_sha256),
+        ("version", version),
+    ):
         if not isinstance(value, str):
             raise TypeError(f"{name} should be a str, got {type(value).__name__}")
     if not isinstance(params, dict):
         raise TypeError(f"params should be a dict, got {type(params).__name__}")
-    payload = {"volume_sha256": volume_sha256, "model_sha256": model_sha256, "params": params, "version": version}
+    payload = {
+        "volume_sha256": volume_sha256,
+        "model_sha256": model_sha256,
+        "params": params,
+        "version": version,
+    }
     text = json.dumps(
-        payload, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False, default=_key_json_default
+        payload,
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=True,
+        allow_nan=False,
+        default=_key_json_default,
     )
     return hashlib.sha256(text.encode("ascii")).hexdigest()
 
 
 def _check_key(key: Any) -> str:
     if not isinstance(key, str) or not _KEY_RE.fullmatch(key):
-        raise ValueError(f"cache key should be 1-128 letters, digits, '-' or '_' (as from embedding_key), got {key!r}")
+        raise ValueError(
+            f"cache key should be 1-128 letters, digits, '-' or '_' (as from embedding_key), got {key!r}"
+        )
     return key
 
 
 def _check_verify(verify: str) -> str:
     if verify not in VERIFY_MODES:
-        raise BadInputError(f"verify={verify!r} should be one of {', '.join(map(repr, VERIFY_MODES))}")
+        raise BadInputError(
+            f"verify={verify!r} should be one of {', '.join(map(repr, VERIFY_MODES))}"
+        )
     return verify
 
 
@@ -289,7 +311,9 @@ class EmbeddingCache:
     # -- folder
 
     def _unusable(self, path: Path, why: str) -> HypsegError:
-        return HypsegError(f"{path}: unusable cache folder ({why}); choose another with --cache-dir or {ENV_VAR}")
+        return HypsegError(
+            f"{path}: unusable cache folder ({why}); choose another with --cache-dir or {ENV_VAR}"
+        )
 
     def _ensure_usable(self) -> None:
         """Create the folder and prove it writable with a probe file."""
@@ -297,7 +321,9 @@ class EmbeddingCache:
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except (FileExistsError, NotADirectoryError):
-            blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), folder)
+            blocker = next(
+                (p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), folder
+            )
             raise self._unusable(blocker, "a file is in the way, not a folder") from None
         except OSError as exc:
             raise self._unusable(folder, exc.strerror or str(exc)) from None
@@ -336,7 +362,9 @@ class EmbeddingCache:
             raise TypeError(f"cache entries hold numeric arrays, got dtype {array.dtype}")
         created = time.time()
         meta_doc = dict(meta or {})
-        meta_doc.setdefault("created", datetime.fromtimestamp(created, timezone.utc).isoformat(timespec="seconds"))
+        meta_doc.setdefault(
+            "created", datetime.fromtimestamp(created, timezone.utc).isoformat(timespec="seconds")
+        )
         meta_doc = json.loads(json.dumps(meta_doc, default=_meta_json_default, allow_nan=True))
         fortran = bool(array.flags.f_contiguous and not array.flags.c_contiguous)
         try:
@@ -358,9 +386,15 @@ class EmbeddingCache:
             }
             write_text_atomic(side_path, json.dumps(record, indent=1, sort_keys=True) + "\n")
         except FileNotFoundError as exc:
-            log.warning("cache entry %s not stored: %s vanished (cache cleared meanwhile?)", data_path, exc.filename)
+            log.warning(
+                "cache entry %s not stored: %s vanished (cache cleared meanwhile?)",
+                data_path,
+                exc.filename,
+            )
         except OSError as exc:
-            raise HypsegError(f"{data_path}: cannot write cache entry ({exc.strerror or exc})") from None
+            raise HypsegError(
+                f"{data_path}: cannot write cache entry ({exc.strerror or exc})"
+            ) from None
         return data_path
 
     # -- reading
@@ -392,7 +426,9 @@ class EmbeddingCache:
         except FileNotFoundError:
             return self._orphan(data_path, side_path)
         except OSError as exc:
-            return self._discard(data_path, side_path, f"unreadable sidecar ({exc.strerror or exc})", [])
+            return self._discard(
+                data_path, side_path, f"unreadable sidecar ({exc.strerror or exc})", []
+            )
         try:
             if len(raw) > _MAX_SIDECAR_BYTES:
                 raise _Corrupt(f"sidecar larger than {_MAX_SIDECAR_BYTES} bytes")
@@ -402,9 +438,19 @@ class EmbeddingCache:
         try:
             fh = open(data_path, "rb")  # noqa: SIM115 - closed below
         except FileNotFoundError:
-            return self._discard(data_path, side_path, "sidecar without data file", [(side_path, side_ino), (data_path, None)])
+            return self._discard(
+                data_path,
+                side_path,
+                "sidecar without data file",
+                [(side_path, side_ino), (data_path, None)],
+            )
         except OSError as exc:
-            return self._discard(data_path, side_path, f"unreadable data ({exc.strerror or exc})", [(side_path, side_ino)])
+            return self._discard(
+                data_path,
+                side_path,
+                f"unreadable data ({exc.strerror or exc})",
+                [(side_path, side_ino)],
+            )
         with fh:
             size = os.fstat(fh.fileno()).st_size
             same = [(side_path, side_ino), (data_path, os.fstat(fh.fileno()).st_ino)]
@@ -422,17 +468,23 @@ class EmbeddingCache:
             except _Corrupt as exc:
                 return self._discard(data_path, side_path, str(exc), same)
             except OSError as exc:
-                return self._discard(data_path, side_path, f"unreadable data ({exc.strerror or exc})", same)
+                return self._discard(
+                    data_path, side_path, f"unreadable data ({exc.strerror or exc})", same
+                )
 
     @staticmethod
     def _check(fh: BinaryIO, size: int, record: _Record) -> None:
         """Cheap checks: file size, .npy header, agreement with the sidecar."""
         if size != record.file_size:
-            raise _Corrupt(f"data file has {size} bytes, sidecar says {record.file_size} (truncated?)")
+            raise _Corrupt(
+                f"data file has {size} bytes, sidecar says {record.file_size} (truncated?)"
+            )
         try:
             shape, fortran, dtype, offset = _read_npy_header(fh)
         except Exception as exc:  # numpy raises ValueError mostly, but never trust junk
-            raise _Corrupt(f"bad .npy header ({str(exc).splitlines()[0] if str(exc) else 'unreadable'})") from None
+            raise _Corrupt(
+                f"bad .npy header ({str(exc).splitlines()[0] if str(exc) else 'unreadable'})"
+            ) from None
         if (shape, dtype, fortran) != (record.shape, record.dtype, record.fortran_order):
             raise _Corrupt(
                 f".npy header says shape {shape} dtype {dtype.str} fortran={fortran}, sidecar says "
@@ -449,11 +501,15 @@ class EmbeddingCache:
         nbytes = count * record.dtype.itemsize
         order = "F" if record.fortran_order else "C"
         if record.shape and nbytes > 0 and nbytes >= self.mmap_threshold:
-            return np.memmap(fh, dtype=record.dtype, mode="r", offset=offset, shape=record.shape, order=order)
+            return np.memmap(
+                fh, dtype=record.dtype, mode="r", offset=offset, shape=record.shape, order=order
+            )
         buf = fh.read(nbytes)
         if len(buf) != nbytes:
             raise _Corrupt(f"short read: {len(buf)} of {nbytes} data bytes")
-        return np.frombuffer(buf, dtype=record.dtype, count=count).reshape(record.shape, order=order)
+        return np.frombuffer(buf, dtype=record.dtype, count=count).reshape(
+            record.shape, order=order
+        )
 
     def _orphan(self, data_path: Path, side_path: Path) -> Any:
         """No sidecar: a miss; a data file alone is removed once older than the grace period."""
@@ -463,9 +519,16 @@ class EmbeddingCache:
             return None
         if time.time() - st.st_mtime < ORPHAN_GRACE_S:
             return None  # maybe a put between its two renames
-        return self._discard(data_path, side_path, "data file without sidecar", [(data_path, st.st_ino), (side_path, None)])
+        return self._discard(
+            data_path,
+            side_path,
+            "data file without sidecar",
+            [(data_path, st.st_ino), (side_path, None)],
+        )
 
-    def _discard(self, data_path: Path, side_path: Path, reason: str, same: list[tuple[Path, int | None]]) -> Any:
+    def _discard(
+        self, data_path: Path, side_path: Path, reason: str, same: list[tuple[Path, int | None]]
+    ) -> Any:
         """Remove a broken entry unless a concurrent writer replaced its files meanwhile (then read again).
 
         A mismatch may be a put caught between its two renames (its data with
@@ -482,7 +545,9 @@ class EmbeddingCache:
                 now = None
             if now != ino:
                 return _RACE
-        log.warning("cache entry %s is corrupt (%s); removed it, it will be recomputed", data_path, reason)
+        log.warning(
+            "cache entry %s is corrupt (%s); removed it, it will be recomputed", data_path, reason
+        )
         for path in (side_path, data_path):
             try:
                 path.unlink(missing_ok=True)
@@ -523,7 +588,15 @@ class EmbeddingCache:
             except (OSError, _Corrupt):
                 continue
             found.append(
-                CacheEntry(key, data_path, record.file_size, record.shape, record.dtype, record.created, record.meta)
+                CacheEntry(
+                    key,
+                    data_path,
+                    record.file_size,
+                    record.shape,
+                    record.dtype,
+                    record.created,
+                    record.meta,
+                )
             )
         return sorted(found, key=lambda e: (e.created, e.key))
 
@@ -544,7 +617,12 @@ class EmbeddingCache:
         """
         files = self._files()
         removed: set[str] = set()
-        entry_files = [p for suffix in (".json", ".npy") for p in files if p.suffix == suffix and _KEY_RE.fullmatch(p.stem)]
+        entry_files = [
+            p
+            for suffix in (".json", ".npy")
+            for p in files
+            if p.suffix == suffix and _KEY_RE.fullmatch(p.stem)
+        ]
         strays = [p for p in files if p.name.startswith(_TMP_PREFIX) and p.is_file()]
         for path in entry_files + strays:
             try:
@@ -552,7 +630,9 @@ class EmbeddingCache:
             except FileNotFoundError:
                 continue
             except OSError as exc:
-                raise HypsegError(f"{path}: cannot remove from the cache ({exc.strerror or exc})") from None
+                raise HypsegError(
+                    f"{path}: cannot remove from the cache ({exc.strerror or exc})"
+                ) from None
             if not path.name.startswith(_TMP_PREFIX):  # keys never start with "."
                 removed.add(path.stem)
         return len(removed)

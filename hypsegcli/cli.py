@@ -58,14 +58,18 @@ class VolumeFormat(str, Enum):
 class _StderrHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         prefix = {logging.WARNING: "warning: ", logging.ERROR: "error: "}.get(record.levelno, "")
-        stderr.print(f"{prefix}{record.getMessage()}", markup=False, highlight=False, soft_wrap=True)
+        stderr.print(
+            f"{prefix}{record.getMessage()}", markup=False, highlight=False, soft_wrap=True
+        )
 
 
 def _setup_logging() -> None:
     root = logging.getLogger("hypsegcli")
     root.handlers[:] = [_StderrHandler()]
     root.propagate = False
-    root.setLevel(logging.DEBUG if state.debug else logging.WARNING if state.quiet else logging.INFO)
+    root.setLevel(
+        logging.DEBUG if state.debug else logging.WARNING if state.quiet else logging.INFO
+    )
 
 
 def _fail(message: str, code: int) -> typer.Exit:
@@ -161,9 +165,16 @@ def _version_callback(value: bool) -> None:
 def _main(
     version: Annotated[
         bool,
-        typer.Option("--version", callback=_version_callback, is_eager=True, help="Print the version and exit."),
+        typer.Option(
+            "--version",
+            callback=_version_callback,
+            is_eager=True,
+            help="Print the version and exit.",
+        ),
     ] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors on stderr, no progress.")] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="Only warnings and errors on stderr, no progress.")
+    ] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
 ) -> None:
     state.quiet = quiet
@@ -178,15 +189,30 @@ def _main(
 def synth(
     out: Annotated[Path, typer.Argument(help="Output folder (created if missing).")],
     n: Annotated[int, typer.Option("--n", min=1, help="Number of volumes.")] = 20,
-    size: Annotated[int, typer.Option("--size", min=16, help="Side of each cubic volume in voxels.")] = 50,
-    seed: Annotated[int, typer.Option("--seed", help="Random seed: the same seed gives the same bytes.")] = 0,
-    irregular: Annotated[bool, typer.Option("--irregular", help="Perturbed, non-convex boundaries (the paper's harder variant).")] = False,
-    fmt: Annotated[VolumeFormat, typer.Option("--format", help="File format of the volumes.")] = VolumeFormat.nifti,
+    size: Annotated[
+        int, typer.Option("--size", min=16, help="Side of each cubic volume in voxels.")
+    ] = 50,
+    seed: Annotated[
+        int, typer.Option("--seed", help="Random seed: the same seed gives the same bytes.")
+    ] = 0,
+    irregular: Annotated[
+        bool,
+        typer.Option(
+            "--irregular", help="Perturbed, non-convex boundaries (the paper's harder variant)."
+        ),
+    ] = False,
+    fmt: Annotated[
+        VolumeFormat, typer.Option("--format", help="File format of the volumes.")
+    ] = VolumeFormat.nifti,
     split: Annotated[
         str | None,
-        typer.Option("--split", help="Split into train/val/test folders in these proportions, e.g. 80/20/20."),
+        typer.Option(
+            "--split", help="Split into train/val/test folders in these proportions, e.g. 80/20/20."
+        ),
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print a JSON summary on stdout.")
+    ] = False,
 ) -> None:
     """Generate hierarchical synthetic volumes with 3-level ground truth.
 
@@ -197,8 +223,14 @@ def synth(
 
     with RichProgress() as progress:
         summary = pipeline.synth(
-            out, n=n, size=size, seed=seed, irregular=irregular, fmt=fmt.value,
-            split=pipeline.parse_split(split) if split else None, progress=progress,
+            out,
+            n=n,
+            size=size,
+            seed=seed,
+            irregular=irregular,
+            fmt=fmt.value,
+            split=pipeline.parse_split(split) if split else None,
+            progress=progress,
         )
     log.info("wrote %d volume(s) to %s", summary["n"], out)
     if as_json:
@@ -235,32 +267,95 @@ DEVICE_HELP = "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps."
 @app.command()
 @handle_errors
 def train(
-    inputs: Annotated[list[Path], typer.Argument(help="Training volumes: files, folders or glob patterns.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Model file to write (also <stem>.ckpt.pt and <stem>.history.csv beside it).")],
-    steps: Annotated[int | None, typer.Option("--steps", min=1, help="Optimisation steps (default 3000 unless --max-minutes is given).")] = None,
-    max_minutes: Annotated[float | None, typer.Option("--max-minutes", help="Stop after this many minutes of training.")] = None,
+    inputs: Annotated[
+        list[Path], typer.Argument(help="Training volumes: files, folders or glob patterns.")
+    ],
+    output: Annotated[
+        Path,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Model file to write (also <stem>.ckpt.pt and <stem>.history.csv beside it).",
+        ),
+    ],
+    steps: Annotated[
+        int | None,
+        typer.Option(
+            "--steps",
+            min=1,
+            help="Optimisation steps (default 3000 unless --max-minutes is given).",
+        ),
+    ] = None,
+    max_minutes: Annotated[
+        float | None,
+        typer.Option("--max-minutes", help="Stop after this many minutes of training."),
+    ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Triplets per step.")] = 64,
-    lr: Annotated[float, typer.Option("--lr", help="Learning rate (Riemannian Adam, amsgrad).")] = 1e-3,
-    seed: Annotated[int, typer.Option("--seed", help="Seed for initialisation, sampling and noise.")] = 0,
+    lr: Annotated[
+        float, typer.Option("--lr", help="Learning rate (Riemannian Adam, amsgrad).")
+    ] = 1e-3,
+    seed: Annotated[
+        int, typer.Option("--seed", help="Seed for initialisation, sampling and noise.")
+    ] = 0,
     device: Annotated[str, typer.Option("--device", help=DEVICE_HELP)] = "auto",
-    threads: Annotated[int | None, typer.Option("--threads", min=1, help="CPU threads for torch (default: torch's choice).")] = None,
-    geometry: Annotated[Geometry, typer.Option("--geometry", help="Latent space.")] = Geometry.hyperbolic,
-    gyroconv: Annotated[bool, typer.Option("--gyroconv/--no-gyroconv", help="Gyroplane convolution as the decoder's first layer (hyperbolic only).")] = True,
-    triplet: Annotated[bool, typer.Option("--triplet/--no-triplet", help="Add the hierarchical triplet loss.")] = True,
-    arch: Annotated[Arch, typer.Option("--arch", help="Encoder layout: 'valid' (4 unpadded k3 convs; dense inference is exact) or 'paper' (the authors' padded k5 convs).")] = Arch.valid,
-    patch_size: Annotated[int, typer.Option("--patch-size", min=4, help="Encoder input side m (patches are resampled to m^3).")] = 10,
+    threads: Annotated[
+        int | None,
+        typer.Option("--threads", min=1, help="CPU threads for torch (default: torch's choice)."),
+    ] = None,
+    geometry: Annotated[
+        Geometry, typer.Option("--geometry", help="Latent space.")
+    ] = Geometry.hyperbolic,
+    gyroconv: Annotated[
+        bool,
+        typer.Option(
+            "--gyroconv/--no-gyroconv",
+            help="Gyroplane convolution as the decoder's first layer (hyperbolic only).",
+        ),
+    ] = True,
+    triplet: Annotated[
+        bool, typer.Option("--triplet/--no-triplet", help="Add the hierarchical triplet loss.")
+    ] = True,
+    arch: Annotated[
+        Arch,
+        typer.Option(
+            "--arch",
+            help="Encoder layout: 'valid' (4 unpadded k3 convs; dense inference is exact) or 'paper' (the authors' padded k5 convs).",
+        ),
+    ] = Arch.valid,
+    patch_size: Annotated[
+        int,
+        typer.Option(
+            "--patch-size", min=4, help="Encoder input side m (patches are resampled to m^3)."
+        ),
+    ] = 10,
     latent_dim: Annotated[int, typer.Option("--latent-dim", min=1, help="Latent dimension d.")] = 2,
-    curvature: Annotated[float, typer.Option("--curvature", help="Ball curvature c (the ball has curvature -c).")] = 1.0,
+    curvature: Annotated[
+        float, typer.Option("--curvature", help="Ball curvature c (the ball has curvature -c).")
+    ] = 1.0,
     beta: Annotated[float, typer.Option("--beta", help="Weight of the triplet loss.")] = 1e3,
     margin: Annotated[float, typer.Option("--margin", help="Triplet margin alpha.")] = 0.2,
-    mc_samples: Annotated[int, typer.Option("--mc-samples", min=1, help="Posterior samples K per anchor for the ELBO.")] = 1,
-    scale_sampling: Annotated[ScaleSampling, typer.Option("--scale-sampling", help="Anchor sides drawn uniformly or log-uniformly.")] = ScaleSampling.uniform,
+    mc_samples: Annotated[
+        int,
+        typer.Option("--mc-samples", min=1, help="Posterior samples K per anchor for the ELBO."),
+    ] = 1,
+    scale_sampling: Annotated[
+        ScaleSampling,
+        typer.Option("--scale-sampling", help="Anchor sides drawn uniformly or log-uniformly."),
+    ] = ScaleSampling.uniform,
     r_min: Annotated[float, typer.Option("--r-min", help="Smallest anchor side (voxels).")] = 5.0,
     r_max: Annotated[float, typer.Option("--r-max", help="Largest anchor side (voxels).")] = 34.0,
-    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", min=1, help="Write a checkpoint every N steps.")] = 100,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from <stem>.ckpt.pt beside --output.")] = False,
-    recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Descend into sub-folders of input folders.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
+    checkpoint_every: Annotated[
+        int, typer.Option("--checkpoint-every", min=1, help="Write a checkpoint every N steps.")
+    ] = 100,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from <stem>.ckpt.pt beside --output.")
+    ] = False,
+    recursive: Annotated[
+        bool, typer.Option("--recursive", "-r", help="Descend into sub-folders of input folders.")
+    ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print a JSON summary on stdout.")
+    ] = False,
 ) -> None:
     """Train the hyperbolic VAE on unlabelled volumes.
 
@@ -274,25 +369,46 @@ def train(
 
     kernels, paddings = ARCHITECTURES[arch.value]
     model_config = ModelConfig(
-        patch_size=patch_size, kernels=kernels, paddings=paddings, latent_dim=latent_dim,
-        curvature=curvature, geometry=geometry.value, gyroconv=gyroconv, triplet=triplet,
-        beta=beta, margin=margin, mc_samples=mc_samples,
+        patch_size=patch_size,
+        kernels=kernels,
+        paddings=paddings,
+        latent_dim=latent_dim,
+        curvature=curvature,
+        geometry=geometry.value,
+        gyroconv=gyroconv,
+        triplet=triplet,
+        beta=beta,
+        margin=margin,
+        mc_samples=mc_samples,
     )
     sampling_config = SamplingConfig(r_min=r_min, r_max=r_max, scale_sampling=scale_sampling.value)
     train_config = TrainConfig(
         steps=steps if steps is not None or max_minutes is not None else 3000,
-        max_minutes=max_minutes, batch_size=batch_size, lr=lr, seed=seed,
+        max_minutes=max_minutes,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
         checkpoint_every=checkpoint_every,
     )
     with RichProgress() as progress:
         summary = pipeline.train(
-            inputs, output, model_config=model_config, sampling_config=sampling_config,
-            train_config=train_config, device=device, threads=threads, resume=resume,
-            recursive=recursive, progress=progress,
+            inputs,
+            output,
+            model_config=model_config,
+            sampling_config=sampling_config,
+            train_config=train_config,
+            device=device,
+            threads=threads,
+            resume=resume,
+            recursive=recursive,
+            progress=progress,
         )
     log.info(
-        "wrote %s after %d steps (%.0f s, stopped by %s)", summary["model"], summary["step"],
-        summary["elapsed_seconds"], summary["stopped_by"],
+        "wrote %s after %d steps (%.0f s, stopped by %s)",
+        summary["model"],
+        summary["step"],
+        summary["elapsed_seconds"],
+        summary["stopped_by"],
     )
     if as_json:
         emit_json(summary)
@@ -308,25 +424,67 @@ CACHE_DIR_HELP = "Embedding cache folder (default: $HYPSEG_CACHE_DIR, else the u
 def embed(
     inputs: Annotated[list[Path], typer.Argument(help="Volumes: files, folders or glob patterns.")],
     model: Annotated[Path, typer.Option("--model", "-m", help="Model file from `hypseg train`.")],
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Also write <case>.npy arrays (X, Y, Z, d float32) to this folder.")] = None,
-    patch_size: Annotated[int, typer.Option("--patch-size", "-p", min=1, help="Side p of the patch embedded around each voxel.")] = 5,
-    stride: Annotated[int, typer.Option("--stride", min=1, help="Embed every s-th voxel and interpolate in between (tangent space at 0).")] = 1,
-    tile: Annotated[int | None, typer.Option("--tile", min=4, help="Output voxels per tile side (bounds memory).")] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Also write <case>.npy arrays (X, Y, Z, d float32) to this folder.",
+        ),
+    ] = None,
+    patch_size: Annotated[
+        int,
+        typer.Option(
+            "--patch-size", "-p", min=1, help="Side p of the patch embedded around each voxel."
+        ),
+    ] = 5,
+    stride: Annotated[
+        int,
+        typer.Option(
+            "--stride",
+            min=1,
+            help="Embed every s-th voxel and interpolate in between (tangent space at 0).",
+        ),
+    ] = 1,
+    tile: Annotated[
+        int | None,
+        typer.Option("--tile", min=4, help="Output voxels per tile side (bounds memory)."),
+    ] = None,
     device: Annotated[str, typer.Option("--device", help=DEVICE_HELP)] = "auto",
-    threads: Annotated[int | None, typer.Option("--threads", min=1, help="CPU threads for torch.")] = None,
+    threads: Annotated[
+        int | None, typer.Option("--threads", min=1, help="CPU threads for torch.")
+    ] = None,
     cache_dir: Annotated[Path | None, typer.Option("--cache-dir", help=CACHE_DIR_HELP)] = None,
-    recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Descend into sub-folders.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
+    recursive: Annotated[
+        bool, typer.Option("--recursive", "-r", help="Descend into sub-folders.")
+    ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print a JSON summary on stdout.")
+    ] = False,
 ) -> None:
     """Compute per-voxel embeddings (posterior means) into the on-disk cache."""
     from . import pipeline
 
     with RichProgress() as progress:
         summary = pipeline.embed(
-            inputs, model, patch_size=patch_size, stride=stride, tile=tile, device=device,
-            threads=threads, cache_dir=cache_dir, output=output, recursive=recursive, progress=progress,
+            inputs,
+            model,
+            patch_size=patch_size,
+            stride=stride,
+            tile=tile,
+            device=device,
+            threads=threads,
+            cache_dir=cache_dir,
+            output=output,
+            recursive=recursive,
+            progress=progress,
         )
-    log.info("%d volume(s) embedded, %d from the cache (%s)", summary["computed"], summary["cached"], summary["cache"])
+    log.info(
+        "%d volume(s) embedded, %d from the cache (%s)",
+        summary["computed"],
+        summary["cached"],
+        summary["cache"],
+    )
     if as_json:
         emit_json(summary)
 
@@ -345,24 +503,88 @@ class FitOn(str, Enum):
 @handle_errors
 def cluster(
     inputs: Annotated[list[Path], typer.Argument(help="Volumes: files, folders or glob patterns.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for <case>_k<K> label volumes and centroids.json.")],
-    k: Annotated[list[int], typer.Option("--k", "-k", help="Number of clusters; repeat for several levels (--k 2 --k 4 --k 8).")],
-    model: Annotated[Path | None, typer.Option("--model", "-m", help="Model file from `hypseg train` (not needed with --features intensity).")] = None,
-    features: Annotated[Features, typer.Option("--features", help="Cluster the model's embeddings, or raw intensities (the baseline).")] = Features.embedding,
-    fit_on: Annotated[FitOn, typer.Option("--fit-on", help="Fit centroids per volume, or once on all inputs pooled (label numbers agree across volumes).")] = FitOn.volume,
-    centroids: Annotated[Path | None, typer.Option("--centroids", help="Apply pooled centroids from a centroids.json instead of fitting.")] = None,
-    patch_size: Annotated[int, typer.Option("--patch-size", "-p", min=1, help="Side p of the patch embedded around each voxel.")] = 5,
-    stride: Annotated[int, typer.Option("--stride", min=1, help="Embed every s-th voxel and interpolate in between.")] = 1,
-    tile: Annotated[int | None, typer.Option("--tile", min=4, help="Output voxels per tile side (bounds memory).")] = None,
-    n_init: Annotated[int, typer.Option("--n-init", min=1, help="k-means restarts (best inertia wins).")] = 4,
-    fit_samples: Annotated[int, typer.Option("--fit-samples", min=2, help="Fit k-means on at most this many voxels, then assign all.")] = 200_000,
-    seed: Annotated[int, typer.Option("--seed", help="Seed for subsampling and k-means initialisation.")] = 0,
+    output: Annotated[
+        Path,
+        typer.Option(
+            "--output", "-o", help="Folder for <case>_k<K> label volumes and centroids.json."
+        ),
+    ],
+    k: Annotated[
+        list[int],
+        typer.Option(
+            "--k", "-k", help="Number of clusters; repeat for several levels (--k 2 --k 4 --k 8)."
+        ),
+    ],
+    model: Annotated[
+        Path | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help="Model file from `hypseg train` (not needed with --features intensity).",
+        ),
+    ] = None,
+    features: Annotated[
+        Features,
+        typer.Option(
+            "--features", help="Cluster the model's embeddings, or raw intensities (the baseline)."
+        ),
+    ] = Features.embedding,
+    fit_on: Annotated[
+        FitOn,
+        typer.Option(
+            "--fit-on",
+            help="Fit centroids per volume, or once on all inputs pooled (label numbers agree across volumes).",
+        ),
+    ] = FitOn.volume,
+    centroids: Annotated[
+        Path | None,
+        typer.Option(
+            "--centroids", help="Apply pooled centroids from a centroids.json instead of fitting."
+        ),
+    ] = None,
+    patch_size: Annotated[
+        int,
+        typer.Option(
+            "--patch-size", "-p", min=1, help="Side p of the patch embedded around each voxel."
+        ),
+    ] = 5,
+    stride: Annotated[
+        int,
+        typer.Option("--stride", min=1, help="Embed every s-th voxel and interpolate in between."),
+    ] = 1,
+    tile: Annotated[
+        int | None,
+        typer.Option("--tile", min=4, help="Output voxels per tile side (bounds memory)."),
+    ] = None,
+    n_init: Annotated[
+        int, typer.Option("--n-init", min=1, help="k-means restarts (best inertia wins).")
+    ] = 4,
+    fit_samples: Annotated[
+        int,
+        typer.Option(
+            "--fit-samples", min=2, help="Fit k-means on at most this many voxels, then assign all."
+        ),
+    ] = 200_000,
+    seed: Annotated[
+        int, typer.Option("--seed", help="Seed for subsampling and k-means initialisation.")
+    ] = 0,
     device: Annotated[str, typer.Option("--device", help=DEVICE_HELP)] = "auto",
-    threads: Annotated[int | None, typer.Option("--threads", min=1, help="CPU threads for torch.")] = None,
+    threads: Annotated[
+        int | None, typer.Option("--threads", min=1, help="CPU threads for torch.")
+    ] = None,
     cache_dir: Annotated[Path | None, typer.Option("--cache-dir", help=CACHE_DIR_HELP)] = None,
-    preview: Annotated[bool, typer.Option("--preview", help="Also write <case>_k<K>.png: middle slices with the labels overlaid.")] = False,
-    recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Descend into sub-folders.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
+    preview: Annotated[
+        bool,
+        typer.Option(
+            "--preview", help="Also write <case>_k<K>.png: middle slices with the labels overlaid."
+        ),
+    ] = False,
+    recursive: Annotated[
+        bool, typer.Option("--recursive", "-r", help="Descend into sub-folders.")
+    ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print a JSON summary on stdout.")
+    ] = False,
 ) -> None:
     """Segment volumes by hyperbolic k-means on per-voxel embeddings, at every --k.
 
@@ -373,12 +595,29 @@ def cluster(
 
     with RichProgress() as progress:
         summary = pipeline.cluster(
-            inputs, output, ks=k, model_path=model, features=features.value, fit_on=fit_on.value,
-            centroids=centroids, patch_size=patch_size, stride=stride, tile=tile, n_init=n_init,
-            fit_samples=fit_samples, seed=seed, device=device, threads=threads, cache_dir=cache_dir,
-            preview=preview, recursive=recursive, progress=progress,
+            inputs,
+            output,
+            ks=k,
+            model_path=model,
+            features=features.value,
+            fit_on=fit_on.value,
+            centroids=centroids,
+            patch_size=patch_size,
+            stride=stride,
+            tile=tile,
+            n_init=n_init,
+            fit_samples=fit_samples,
+            seed=seed,
+            device=device,
+            threads=threads,
+            cache_dir=cache_dir,
+            preview=preview,
+            recursive=recursive,
+            progress=progress,
         )
-    log.info("wrote %d segmentation(s) to %s", sum(len(v["outputs"]) for v in summary["volumes"]), output)
+    log.info(
+        "wrote %d segmentation(s) to %s", sum(len(v["outputs"]) for v in summary["volumes"]), output
+    )
     if as_json:
         emit_json(summary)
 
@@ -390,14 +629,33 @@ def cluster(
 @handle_errors
 def evaluate(
     pred: Annotated[Path, typer.Argument(help="Predicted label volume, or a folder of them.")],
-    truth: Annotated[Path, typer.Argument(help="Ground-truth label volume, or a folder of them (or a dataset folder with labels/).")],
+    truth: Annotated[
+        Path,
+        typer.Argument(
+            help="Ground-truth label volume, or a folder of them (or a dataset folder with labels/)."
+        ),
+    ],
     level: Annotated[
         int | None,
-        typer.Option("--level", min=1, help="Compare with <case>_L<level> ground truth (default: from dataset.json, the level with K classes)."),
+        typer.Option(
+            "--level",
+            min=1,
+            help="Compare with <case>_L<level> ground truth (default: from dataset.json, the level with K classes).",
+        ),
     ] = None,
-    hausdorff: Annotated[bool, typer.Option("--hausdorff/--no-hausdorff", help="Compute Hausdorff distance and HD95 per class.")] = True,
-    csv_path: Annotated[Path | None, typer.Option("--csv", help="Write one row per case and class to this CSV file.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the full results as JSON on stdout.")] = False,
+    hausdorff: Annotated[
+        bool,
+        typer.Option(
+            "--hausdorff/--no-hausdorff", help="Compute Hausdorff distance and HD95 per class."
+        ),
+    ] = True,
+    csv_path: Annotated[
+        Path | None,
+        typer.Option("--csv", help="Write one row per case and class to this CSV file."),
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the full results as JSON on stdout.")
+    ] = False,
 ) -> None:
     """Score segmentations against ground truth (Hungarian-matched Dice, HD, HD95).
 
@@ -430,8 +688,12 @@ def _render_evaluation(report: dict[str, Any]) -> None:
         dices = " ".join(f"{c['dice']:.3f}" for c in case["classes"])
         hd95 = [c["hd95"] for c in case["classes"] if c["hd95"] is not None]
         table.add_row(
-            case["case"], Path(case["pred"]).name, str(case["level"] or "-"),
-            f"{case['mean_dice']:.4f}", dices, f"{max(hd95):.2f} {case['unit']}" if hd95 else "-",
+            case["case"],
+            Path(case["pred"]).name,
+            str(case["level"] or "-"),
+            f"{case['mean_dice']:.4f}",
+            dices,
+            f"{max(hd95):.2f} {case['unit']}" if hd95 else "-",
         )
     stderr.print(table)
     for group in report["summary"]:
@@ -450,7 +712,9 @@ app.add_typer(cache_app, name="cache")
 
 @cache_app.command("path")
 @handle_errors
-def cache_path(cache_dir: Annotated[Path | None, typer.Option("--cache-dir", help=CACHE_DIR_HELP)] = None) -> None:
+def cache_path(
+    cache_dir: Annotated[Path | None, typer.Option("--cache-dir", help=CACHE_DIR_HELP)] = None,
+) -> None:
     """Print the cache folder."""
     from .cache import EmbeddingCache, resolve_cache_dir
 
@@ -469,19 +733,35 @@ def cache_ls(
     cache = EmbeddingCache(resolve_cache_dir(cache_dir))
     entries = cache.entries()
     if as_json:
-        emit_json([
-            {"key": e.key, "path": str(e.path), "bytes": e.size, "shape": list(e.shape), "dtype": str(e.dtype), "meta": e.meta}
-            for e in entries
-        ])
+        emit_json(
+            [
+                {
+                    "key": e.key,
+                    "path": str(e.path),
+                    "bytes": e.size,
+                    "shape": list(e.shape),
+                    "dtype": str(e.dtype),
+                    "meta": e.meta,
+                }
+                for e in entries
+            ]
+        )
         return
     for e in entries:
-        typer.echo(f"{e.key[:16]}  {e.size / 1e6:9.1f} MB  {'x'.join(map(str, e.shape)):>18}  {e.meta.get('volume', '')}")
-    stderr.print(f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, {cache.total_bytes() / 1e6:.1f} MB in {cache.root}", markup=False)
+        typer.echo(
+            f"{e.key[:16]}  {e.size / 1e6:9.1f} MB  {'x'.join(map(str, e.shape)):>18}  {e.meta.get('volume', '')}"
+        )
+    stderr.print(
+        f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, {cache.total_bytes() / 1e6:.1f} MB in {cache.root}",
+        markup=False,
+    )
 
 
 @cache_app.command("clear")
 @handle_errors
-def cache_clear(cache_dir: Annotated[Path | None, typer.Option("--cache-dir", help=CACHE_DIR_HELP)] = None) -> None:
+def cache_clear(
+    cache_dir: Annotated[Path | None, typer.Option("--cache-dir", help=CACHE_DIR_HELP)] = None,
+) -> None:
     """Remove every cached embedding."""
     from .cache import EmbeddingCache, resolve_cache_dir
 
@@ -495,6 +775,12 @@ def cache_clear(cache_dir: Annotated[Path | None, typer.Option("--cache-dir", he
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: usage errors become one line and exit code 2."""
+    import os
+
+    # Idle OpenMP threads sleep instead of spinning: many short parallel
+    # regions (k-means, tiled inference) run several times faster on busy
+    # or shared nodes. Must be set before torch is first imported.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         code = app(args=argv, prog_name="hypseg", standalone_mode=False)
     except typer.Exit as exc:  # pragma: no cover - typer returns the code instead
@@ -508,6 +794,8 @@ def main(argv: list[str] | None = None) -> None:
             raise
         ctx = getattr(exc, "ctx", None)
         hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
-        stderr.print(f"hypseg: error: {message()}{hint}", markup=False, highlight=False, soft_wrap=True)
+        stderr.print(
+            f"hypseg: error: {message()}{hint}", markup=False, highlight=False, soft_wrap=True
+        )
         code = exc.exit_code
     sys.exit(code if isinstance(code, int) else 0)

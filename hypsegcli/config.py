@@ -91,12 +91,14 @@ class ModelConfig:
     def trunk_output_size(self) -> int:
         """Side of the encoder trunk's output for an ``patch_size``^3 input."""
         size = self.patch_size
-        for k, p in zip(self.kernels, self.paddings):
+        for k, p in zip(self.kernels, self.paddings, strict=True):
             size = size + 2 * p - k + 1
         return size
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        return {
+            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
@@ -127,7 +129,9 @@ class SamplingConfig:
                 f"scale_sampling={self.scale_sampling!r} should be 'uniform' or 'log'"
             )
         if not 0 < self.r_min <= self.r_max:
-            raise BadInputError(f"r_min={self.r_min} and r_max={self.r_max} should satisfy 0 < r_min <= r_max")
+            raise BadInputError(
+                f"r_min={self.r_min} and r_max={self.r_max} should satisfy 0 < r_min <= r_max"
+            )
         if not 0 < self.l_min <= self.r_min - self.r_gap:
             raise BadInputError(
                 f"l_min={self.l_min} should be > 0 and <= r_min - r_gap = {self.r_min - self.r_gap}"

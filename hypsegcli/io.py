@@ -74,7 +74,9 @@ class VolumeGeometry:
         spacing = tuple(float(s) for s in spacing)
         affine = np.diag([*spacing, 1.0])
         if format == "nifti":
-            return cls("nifti", tuple(int(s) for s in shape), spacing, affine, None, ".nii.gz", "mm")  # type: ignore[arg-type]
+            return cls(
+                "nifti", tuple(int(s) for s in shape), spacing, affine, None, ".nii.gz", "mm"
+            )  # type: ignore[arg-type]
         header = {"voxel_size": spacing, "origin": (0.0, 0.0, 0.0), "start": (0, 0, 0)}
         return cls("mrc", tuple(int(s) for s in shape), spacing, affine, header, ".mrc", "Å")  # type: ignore[arg-type]
 
@@ -154,7 +156,9 @@ def collect_inputs(
                 else:
                     skipped.append(child.name)
             if skipped:
-                warn(f"{path}: skipped {len(skipped)} file(s) that are not volumes ({', '.join(skipped[:3])}{', ...' if len(skipped) > 3 else ''})")
+                warn(
+                    f"{path}: skipped {len(skipped)} file(s) that are not volumes ({', '.join(skipped[:3])}{', ...' if len(skipped) > 3 else ''})"
+                )
         elif path.is_file():
             _format_of(path)  # raises for unsupported types
             found.append(path)
@@ -162,7 +166,9 @@ def collect_inputs(
             matches = sorted(Path(p) for p in glob.glob(text, recursive=recursive))
             volumes = [p for p in matches if p.is_file() and volume_suffix(p)]
             if not volumes:
-                raise BadInputError(f"{text}: pattern matches no volume ({', '.join(SUPPORTED_SUFFIXES)})")
+                raise BadInputError(
+                    f"{text}: pattern matches no volume ({', '.join(SUPPORTED_SUFFIXES)})"
+                )
             found.extend(volumes)
         else:
             raise BadInputError(f"{text}: no such file or folder")
@@ -204,7 +210,9 @@ def _check_3d(path: Path, shape: tuple[int, ...]) -> tuple[int, ...]:
         dims.pop()
     if len(dims) != 3 or min(dims) < 1:
         what = "4D" if len(dims) > 3 else f"{len(dims)}D"
-        raise BadInputError(f"{path}: {what} data of shape {tuple(shape)}; hypseg needs a 3D volume")
+        raise BadInputError(
+            f"{path}: {what} data of shape {tuple(shape)}; hypseg needs a 3D volume"
+        )
     return tuple(dims)
 
 
@@ -260,7 +268,9 @@ def _read_mrc(path: Path) -> tuple[np.ndarray, VolumeGeometry]:
     except Exception as exc:
         raise BadInputError(f"{path}: cannot read MRC ({_short(exc)})") from exc
     if raw.ndim != 3:
-        raise BadInputError(f"{path}: {raw.ndim}D data of shape {raw.shape}; hypseg needs a 3D volume")
+        raise BadInputError(
+            f"{path}: {raw.ndim}D data of shape {raw.shape}; hypseg needs a 3D volume"
+        )
     if sorted(axes) != [1, 2, 3]:
         axes = (1, 2, 3)
     # Array axes are (sections, rows, columns) = file axes (maps, mapr, mapc).
@@ -272,7 +282,7 @@ def _read_mrc(path: Path) -> tuple[np.ndarray, VolumeGeometry]:
         raise BadInputError(f"{path}: empty MRC data of shape {raw.shape}")
     spacing = tuple(s if s > 0 else 1.0 for s in spacing)
     affine = np.diag([*spacing, 1.0])
-    affine[:3, 3] = [o + st * s for o, st, s in zip(origin, start, spacing)]
+    affine[:3, 3] = [o + st * s for o, st, s in zip(origin, start, spacing, strict=True)]
     geometry = VolumeGeometry(
         "mrc",
         tuple(int(s) for s in data.shape),  # type: ignore[arg-type]
@@ -326,11 +336,25 @@ def label_dtype(labels: np.ndarray, fmt: Format) -> np.dtype:
     if low < 0:
         raise BadInputError(f"labels must be >= 0, got {low}")
     if fmt == "mrc":
-        return np.dtype(np.int8) if top <= 127 else np.dtype(np.int16) if top <= 32767 else np.dtype(np.float32)
-    return np.dtype(np.uint8) if top <= 255 else np.dtype(np.uint16) if top <= 65535 else np.dtype(np.int32)
+        return (
+            np.dtype(np.int8)
+            if top <= 127
+            else np.dtype(np.int16)
+            if top <= 32767
+            else np.dtype(np.float32)
+        )
+    return (
+        np.dtype(np.uint8)
+        if top <= 255
+        else np.dtype(np.uint16)
+        if top <= 65535
+        else np.dtype(np.int32)
+    )
 
 
-def write_labels(path: str | os.PathLike[str], labels: np.ndarray, geometry: VolumeGeometry) -> Path:
+def write_labels(
+    path: str | os.PathLike[str], labels: np.ndarray, geometry: VolumeGeometry
+) -> Path:
     """Write an integer label volume ``[x, y, z]`` with ``geometry`` (atomically)."""
     labels = np.asarray(labels)
     dtype = label_dtype(labels, geometry.format)
@@ -348,7 +372,9 @@ def write_volume(
     path = Path(path)
     data = np.asarray(data)
     if data.shape != tuple(geometry.shape):
-        raise BadInputError(f"{path}: data shape {data.shape} differs from geometry shape {geometry.shape}")
+        raise BadInputError(
+            f"{path}: data shape {data.shape} differs from geometry shape {geometry.shape}"
+        )
     with atomic_path(path) as tmp:
         if geometry.format == "nifti":
             _write_nifti(tmp, data, geometry, intent)

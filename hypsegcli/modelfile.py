@@ -33,14 +33,23 @@ def versions() -> dict[str, str]:
 
     from .geometry import geoopt
 
-    return {"hypseg": __version__, "torch": torch.__version__, "geoopt": geoopt.__version__}
+    return {
+        "hypseg": str(__version__),
+        "torch": str(torch.__version__),
+        "geoopt": str(geoopt.__version__),
+    }
 
 
 def save_model_file(path: str | os.PathLike[str], payload: dict[str, Any]) -> Path:
     """Write ``payload`` (plus format fields) to ``path`` atomically."""
     import torch
 
-    document = {"format": FORMAT, "format_version": FORMAT_VERSION, "versions": versions(), **payload}
+    document = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "versions": versions(),
+        **payload,
+    }
     buffer = _stdio.BytesIO()
     torch.save(document, buffer)
     path = Path(path)
@@ -60,7 +69,14 @@ def load_model_file(path: str | os.PathLike[str], *, map_location: Any = "cpu") 
         raise BadInputError(f"{path}: no such model file")
     try:
         document = torch.load(os.fspath(path), map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, AttributeError) as exc:
+    except (
+        pickle.UnpicklingError,
+        RuntimeError,
+        EOFError,
+        ValueError,
+        OSError,
+        AttributeError,
+    ) as exc:
         first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         raise BadInputError(f"{path}: not a hypseg model file ({first})") from None
     if not isinstance(document, dict) or document.get("format") != FORMAT:
@@ -91,6 +107,8 @@ def build_model(document: dict[str, Any], *, path: str | os.PathLike[str] = "mod
         raise BadInputError(f"{path}: {exc}") from None
     except (RuntimeError, KeyError, TypeError) as exc:
         first = str(exc).strip().splitlines()[0][:160]
-        raise BadInputError(f"{path}: model weights do not match its configuration ({first})") from None
+        raise BadInputError(
+            f"{path}: model weights do not match its configuration ({first})"
+        ) from None
     model.eval()
     return model

@@ -50,7 +50,9 @@ def parse_split(text: str) -> tuple[float, ...]:
     try:
         parts = tuple(float(p) for p in text.replace(",", "/").split("/"))
     except ValueError:
-        raise BadInputError(f"--split {text!r}: expected numbers separated by '/', e.g. 80/20/20") from None
+        raise BadInputError(
+            f"--split {text!r}: expected numbers separated by '/', e.g. 80/20/20"
+        ) from None
     if not 1 <= len(parts) <= 3 or any(p < 0 for p in parts) or sum(parts) <= 0:
         raise BadInputError(f"--split {text!r}: expected 1 to 3 non-negative parts, e.g. 80/20/20")
     return parts
@@ -111,8 +113,12 @@ def synth(
     for folder, indices in folders:
         for i in indices:
             name = f"case_{i:03d}"
-            case = generator.generate_case(np.random.default_rng([seed, i]), size, irregular=irregular)
-            write_volume(folder / "images" / f"{name}{suffix}", case.image.astype(np.float32), geometry)
+            case = generator.generate_case(
+                np.random.default_rng([seed, i]), size, irregular=irregular
+            )
+            write_volume(
+                folder / "images" / f"{name}{suffix}", case.image.astype(np.float32), geometry
+            )
             for lvl, labels in sorted(case.labels.items()):
                 write_labels(folder / "labels" / f"{name}_L{lvl}{suffix}", labels, geometry)
             cases.append({"case": name, "split": folder.name if split else None})
@@ -121,7 +127,8 @@ def synth(
         meta = {
             **description,
             "classes": [
-                {"level": c.level, "id": c.id, "name": c.name, "parent": c.parent} for c in generator.CLASSES
+                {"level": c.level, "id": c.id, "name": c.name, "parent": c.parent}
+                for c in generator.CLASSES
             ],
             "generator": f"hypseg {__version__} synth",
             "seed": seed,
@@ -149,7 +156,11 @@ _L_SUFFIX = re.compile(r"^(?P<case>.+)_L(?P<level>\d+)$")
 
 
 def _label_files(path: Path) -> list[Path]:
-    if path.is_dir() and (path / "labels").is_dir() and not any(volume_suffix(p) for p in path.iterdir()):
+    if (
+        path.is_dir()
+        and (path / "labels").is_dir()
+        and not any(volume_suffix(p) for p in path.iterdir())
+    ):
         path = path / "labels"
     return collect_inputs([path], warn=lambda _msg: None)
 
@@ -185,13 +196,15 @@ def pair_files(pred: Path, truth: Path, *, level: int | None = None) -> list[dic
     if pred.is_file() and truth.is_file():
         m = _K_SUFFIX.match(case_name(pred))
         lm = _L_SUFFIX.match(case_name(truth))
-        return [{
-            "case": case_name(pred) if not m else m.group("case"),
-            "pred": pred,
-            "truth": truth,
-            "k": int(m.group("k")) if m else None,
-            "level": int(lm.group("level")) if lm else level,
-        }]
+        return [
+            {
+                "case": case_name(pred) if not m else m.group("case"),
+                "pred": pred,
+                "truth": truth,
+                "k": int(m.group("k")) if m else None,
+                "level": int(lm.group("level")) if lm else level,
+            }
+        ]
     preds = _label_files(pred) if pred.is_dir() else [pred]
     truths = _label_files(truth) if truth.is_dir() else [truth]
     by_name = {case_name(t): t for t in truths}
@@ -215,16 +228,20 @@ def pair_files(pred: Path, truth: Path, *, level: int | None = None) -> list[dic
             unpaired.append(p.name)
             continue
         lm = _L_SUFFIX.match(target)
-        pairs.append({
-            "case": _L_SUFFIX.sub(r"\g<case>", target) if lm else base,
-            "pred": p,
-            "truth": by_name[target],
-            "k": k,
-            "level": int(lm.group("level")) if lm else lvl,
-        })
+        pairs.append(
+            {
+                "case": _L_SUFFIX.sub(r"\g<case>", target) if lm else base,
+                "pred": p,
+                "truth": by_name[target],
+                "k": k,
+                "level": int(lm.group("level")) if lm else lvl,
+            }
+        )
     if unpaired:
         log.warning(
-            "no ground truth for %d prediction(s): %s%s", len(unpaired), ", ".join(unpaired[:5]),
+            "no ground truth for %d prediction(s): %s%s",
+            len(unpaired),
+            ", ".join(unpaired[:5]),
             ", ..." if len(unpaired) > 5 else "",
         )
     if not pairs:
@@ -257,9 +274,7 @@ def evaluate(
     progress = progress or _noop
     pairs = pair_files(pred, truth, level=level)
     dataset = _find_dataset_json(Path(truth))
-    names = {
-        (int(c["level"]), int(c["id"])): c["name"] for c in (dataset or {}).get("classes", [])
-    }
+    names = {(int(c["level"]), int(c["id"])): c["name"] for c in (dataset or {}).get("classes", [])}
     cases = []
     for i, pair in enumerate(pairs):
         p_vol = read_volume(pair["pred"])
@@ -270,23 +285,27 @@ def evaluate(
             )
         try:
             score = metrics.score_case(
-                _as_labels(p_vol.data, pair["pred"]), _as_labels(t_vol.data, pair["truth"]),
-                t_vol.geometry.spacing, surface_distances=hausdorff,
+                _as_labels(p_vol.data, pair["pred"]),
+                _as_labels(t_vol.data, pair["truth"]),
+                t_vol.geometry.spacing,
+                surface_distances=hausdorff,
             )
         except BadInputError as exc:
             raise BadInputError(f"{pair['pred']} vs {pair['truth']}: {exc}") from None
         result = score.to_dict()
         for cls in result["classes"]:
             cls["name"] = names.get((pair["level"], cls["class_id"])) if pair["level"] else None
-        cases.append({
-            "case": pair["case"],
-            "pred": str(pair["pred"]),
-            "truth": str(pair["truth"]),
-            "k": pair["k"],
-            "level": pair["level"],
-            "unit": t_vol.geometry.unit,
-            **result,
-        })
+        cases.append(
+            {
+                "case": pair["case"],
+                "pred": str(pair["pred"]),
+                "truth": str(pair["truth"]),
+                "k": pair["k"],
+                "level": pair["level"],
+                "unit": t_vol.geometry.unit,
+                **result,
+            }
+        )
         progress("evaluate", i + 1, len(pairs))
     groups: dict[tuple[Any, Any], list[float]] = {}
     for case in cases:
@@ -299,7 +318,9 @@ def evaluate(
             "mean_dice": float(np.mean(values)),
             "std_dice": float(statistics.pstdev(values)) if len(values) > 1 else 0.0,
         }
-        for (lvl, k), values in sorted(groups.items(), key=lambda kv: (kv[0][0] or 0, kv[0][1] or 0))
+        for (lvl, k), values in sorted(
+            groups.items(), key=lambda kv: (kv[0][0] or 0, kv[0][1] or 0)
+        )
     ]
     return {"cases": cases, "summary": summary}
 
@@ -318,19 +339,45 @@ def write_evaluation_csv(report: dict[str, Any], path: Path) -> None:
     buffer = _stdio.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(
-        ["case", "pred", "truth", "k", "level", "class_id", "class_name", "label", "dice",
-         "hd", "hd95", "unit", "gt_voxels", "pred_voxels", "case_mean_dice"]
+        [
+            "case",
+            "pred",
+            "truth",
+            "k",
+            "level",
+            "class_id",
+            "class_name",
+            "label",
+            "dice",
+            "hd",
+            "hd95",
+            "unit",
+            "gt_voxels",
+            "pred_voxels",
+            "case_mean_dice",
+        ]
     )
     for case in report["cases"]:
         for cls in case["classes"]:
-            writer.writerow([
-                case["case"], case["pred"], case["truth"], case["k"] or "", case["level"] or "",
-                cls["class_id"], cls.get("name") or "", "" if cls["label"] is None else cls["label"],
-                f"{cls['dice']:.6f}",
-                "" if cls["hd"] is None else f"{cls['hd']:.6f}",
-                "" if cls["hd95"] is None else f"{cls['hd95']:.6f}",
-                case["unit"], cls["gt_voxels"], cls["pred_voxels"], f"{case['mean_dice']:.6f}",
-            ])
+            writer.writerow(
+                [
+                    case["case"],
+                    case["pred"],
+                    case["truth"],
+                    case["k"] or "",
+                    case["level"] or "",
+                    cls["class_id"],
+                    cls.get("name") or "",
+                    "" if cls["label"] is None else cls["label"],
+                    f"{cls['dice']:.6f}",
+                    "" if cls["hd"] is None else f"{cls['hd']:.6f}",
+                    "" if cls["hd95"] is None else f"{cls['hd95']:.6f}",
+                    case["unit"],
+                    cls["gt_voxels"],
+                    cls["pred_voxels"],
+                    f"{case['mean_dice']:.6f}",
+                ]
+            )
     write_text_atomic(path, buffer.getvalue())
 
 
@@ -380,8 +427,14 @@ def train(
     )
     log.info("training on %d volume(s), device %s", len(volumes), training.resolve_device(device))
     result = training.train(
-        volumes, Path(output), model_config=model_config, sampling_config=sampling_config,
-        train_config=train_config, device=device, resume=resume, progress=progress,
+        volumes,
+        Path(output),
+        model_config=model_config,
+        sampling_config=sampling_config,
+        train_config=train_config,
+        device=device,
+        resume=resume,
+        progress=progress,
     )
     return {"volumes": len(volumes), **result.to_dict()}
 
@@ -449,7 +502,10 @@ def embed_one(
     from .embedding import embed_volume
 
     key = embedding_key(
-        array_sha256(volume.data), model.sha256, _embedding_params(model, patch_size, stride), __version__
+        array_sha256(volume.data),
+        model.sha256,
+        _embedding_params(model, patch_size, stride),
+        __version__,
     )
     hit = cache.get(key)
     if hit is not None:
@@ -459,9 +515,21 @@ def embed_one(
     if tile is not None:
         kwargs["tile"] = tile
     emb = embed_volume(
-        model.model, data, progress=lambda _s, d, t, **_k: progress(f"embed {volume.name}", d, t), **kwargs
+        model.model,
+        data,
+        progress=lambda _s, d, t, **_k: progress(f"embed {volume.name}", d, t),
+        **kwargs,
     )
-    cache.put(key, emb, {"volume": str(volume.path), "model": str(model.path), "patch_size": patch_size, "stride": stride})
+    cache.put(
+        key,
+        emb,
+        {
+            "volume": str(volume.path),
+            "model": str(model.path),
+            "patch_size": patch_size,
+            "stride": stride,
+        },
+    )
     return emb, False
 
 
@@ -496,7 +564,9 @@ def embed(
     rows = []
     for i, path in enumerate(paths):
         volume = read_volume(path)
-        emb, cached = embed_one(volume, model, cache, patch_size=patch_size, stride=stride, tile=tile, progress=progress)
+        emb, cached = embed_one(
+            volume, model, cache, patch_size=patch_size, stride=stride, tile=tile, progress=progress
+        )
         row: dict[str, Any] = {"volume": str(path), "shape": list(emb.shape), "cached": cached}
         if output is not None:
             target = Path(output) / f"{volume.name}.npy"
@@ -535,7 +605,9 @@ def _canonical_order_ball(centers: np.ndarray, c: float) -> np.ndarray:
     """Cluster order: by distance of the centroid from the origin, then by angle."""
     norms = np.linalg.norm(centers, axis=1)
     dist0 = 2.0 / np.sqrt(c) * np.arctanh(np.clip(np.sqrt(c) * norms, 0.0, 1.0 - 1e-12))
-    angle = np.arctan2(centers[:, 1], centers[:, 0]) if centers.shape[1] > 1 else np.zeros(len(centers))
+    angle = (
+        np.arctan2(centers[:, 1], centers[:, 0]) if centers.shape[1] > 1 else np.zeros(len(centers))
+    )
     return np.lexsort((angle, np.round(dist0, 9)))
 
 
@@ -546,7 +618,9 @@ def _canonical_order_line(centers: np.ndarray) -> np.ndarray:
 class _Clusterer:
     """Fits k centroids on features and assigns labels, the same way for every feature kind."""
 
-    def __init__(self, kind: str, *, curvature: float, n_init: int, fit_samples: int, seed: int, device: Any) -> None:
+    def __init__(
+        self, kind: str, *, curvature: float, n_init: int, fit_samples: int, seed: int, device: Any
+    ) -> None:
         self.kind = kind
         self.curvature = curvature
         self.n_init = n_init
@@ -564,14 +638,19 @@ class _Clusterer:
             from .kmeans import PoincareKMeans
 
             km = PoincareKMeans(
-                n_clusters=k, n_init=self.n_init, random_state=int(rng.integers(2**31)),
-                c=self.curvature, fit_samples=self.fit_samples,
+                n_clusters=k,
+                n_init=self.n_init,
+                random_state=int(rng.integers(2**31)),
+                c=self.curvature,
+                fit_samples=self.fit_samples,
             ).fit(features)
             centers = np.asarray(km.cluster_centers_, dtype=np.float64)
             return centers[_canonical_order_ball(centers, self.curvature)]
         from sklearn.cluster import KMeans
 
-        km = KMeans(n_clusters=k, n_init=self.n_init, random_state=int(rng.integers(2**31))).fit(features)
+        km = KMeans(n_clusters=k, n_init=self.n_init, random_state=int(rng.integers(2**31))).fit(
+            features
+        )
         centers = np.asarray(km.cluster_centers_, dtype=np.float64)
         return centers[_canonical_order_line(centers)]
 
@@ -604,11 +683,19 @@ def load_centroids(path: Path, ks: list[int], features: str) -> dict[int, np.nda
     if not isinstance(doc, dict) or doc.get("format") != "hypseg-centroids":
         raise BadInputError(f"{path}: not a hypseg centroids file")
     if doc.get("features") != features:
-        raise BadInputError(f"{path}: centroids are for --features {doc.get('features')}, not {features}")
-    pooled = {int(s["k"]): np.asarray(s["centers"], dtype=np.float64) for s in doc.get("sets", []) if s.get("case") is None}
+        raise BadInputError(
+            f"{path}: centroids are for --features {doc.get('features')}, not {features}"
+        )
+    pooled = {
+        int(s["k"]): np.asarray(s["centers"], dtype=np.float64)
+        for s in doc.get("sets", [])
+        if s.get("case") is None
+    }
     missing = [k for k in ks if k not in pooled]
     if missing:
-        raise BadInputError(f"{path}: no pooled centroids for k={', '.join(map(str, missing))} (fit them with --fit-on pooled)")
+        raise BadInputError(
+            f"{path}: no pooled centroids for k={', '.join(map(str, missing))} (fit them with --fit-on pooled)"
+        )
     return pooled
 
 
@@ -664,15 +751,24 @@ def cluster(
     paths = collect_inputs(inputs, recursive=recursive)
     out = Path(out)
     model = LoadedModel(model_path, device) if features == "embedding" else None
-    kind = "ball" if model is not None and model.document["model_config"].get("geometry", "hyperbolic") == "hyperbolic" else "line"
+    kind = (
+        "ball"
+        if model is not None
+        and model.document["model_config"].get("geometry", "hyperbolic") == "hyperbolic"
+        else "line"
+    )
     curvature = float(model.document["model_config"].get("curvature", 1.0)) if model else 1.0
-    clusterer = _Clusterer(kind, curvature=curvature, n_init=n_init, fit_samples=fit_samples, seed=seed, device=device)
+    clusterer = _Clusterer(
+        kind, curvature=curvature, n_init=n_init, fit_samples=fit_samples, seed=seed, device=device
+    )
     cache = EmbeddingCache(resolve_cache_dir(cache_dir)) if model is not None else None
 
     def features_of(volume: Any) -> tuple[np.ndarray, bool]:
         if model is None:
             return _intensity_features(volume.data, str(volume.path)), False
-        return embed_one(volume, model, cache, patch_size=patch_size, stride=stride, tile=tile, progress=progress)
+        return embed_one(
+            volume, model, cache, patch_size=patch_size, stride=stride, tile=tile, progress=progress
+        )
 
     fixed: dict[int, np.ndarray] | None = None
     if centroids is not None:
@@ -710,7 +806,9 @@ def cluster(
                 centers = fixed[k]
             else:
                 if len(flat) < k:
-                    raise BadInputError(f"{path}: n_samples={len(flat)} should be >= n_clusters={k}")
+                    raise BadInputError(
+                        f"{path}: n_samples={len(flat)} should be >= n_clusters={k}"
+                    )
                 centers = clusterer.fit(flat, k)
                 sets.append({"case": volume.name, "k": k, "centers": centers.tolist()})
             labels = clusterer.predict(flat, centers).reshape(volume.data.shape)
@@ -718,7 +816,9 @@ def cluster(
             write_labels(target, labels, volume.geometry)
             written.append(str(target))
             if preview:
-                write_preview(out / f"{volume.name}_k{k}.png", volume.data, labels, volume.geometry.spacing)
+                write_preview(
+                    out / f"{volume.name}_k{k}.png", volume.data, labels, volume.geometry.spacing
+                )
         rows.append({"volume": str(path), "outputs": written, "cached": bool(cached)})
         progress("cluster", i + 1, len(paths))
     centroid_doc = {

@@ -18,9 +18,21 @@ from .io import write_bytes_atomic
 # A qualitative palette (RGB), label i gets PALETTE[i % len]; label 0 is drawn too.
 PALETTE = np.array(
     [
-        [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
-        [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212],
-        [0, 128, 128], [220, 190, 255], [170, 110, 40], [255, 250, 200], [128, 0, 0],
+        [230, 25, 75],
+        [60, 180, 75],
+        [255, 225, 25],
+        [0, 130, 200],
+        [245, 130, 48],
+        [145, 30, 180],
+        [70, 240, 240],
+        [240, 50, 230],
+        [210, 245, 60],
+        [250, 190, 212],
+        [0, 128, 128],
+        [220, 190, 255],
+        [170, 110, 40],
+        [255, 250, 200],
+        [128, 0, 0],
         [170, 255, 195],
     ],
     dtype=np.float32,
@@ -34,10 +46,20 @@ def encode_png(rgb: np.ndarray) -> bytes:
     raw = b"".join(b"\x00" + rgb[row].tobytes() for row in range(height))
 
     def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+        return (
+            struct.pack(">I", len(data))
+            + tag
+            + data
+            + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+        )
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(raw, 6))
+        + chunk(b"IEND", b"")
+    )
 
 
 def _window(image: np.ndarray) -> np.ndarray:
@@ -79,7 +101,9 @@ def overlay_montage(
         panels.append(rgb[ri][:, ci])
     height = max(p.shape[0] for p in panels)
     gap = np.full((height, 4, 3), 255.0)
-    padded = [np.pad(p, ((0, height - p.shape[0]), (0, 0), (0, 0)), constant_values=255.0) for p in panels]
+    padded = [
+        np.pad(p, ((0, height - p.shape[0]), (0, 0), (0, 0)), constant_values=255.0) for p in panels
+    ]
     row = [padded[0]]
     for p in padded[1:]:
         row += [gap, p]

@@ -22,7 +22,7 @@ import numpy as np
 
 from .config import ModelConfig, SamplingConfig, TrainConfig
 from .errors import BadInputError, HypsegError
-from .io import array_sha256, write_text_atomic
+from .io import write_text_atomic
 from .modelfile import load_model_file, save_model_file
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,9 @@ def resolve_device(name: str = "auto"):
         return torch.device("cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise BadInputError("--device cuda: no CUDA device is available (try --device auto)")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+    if name == "mps" and not (
+        getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
+    ):
         raise BadInputError("--device mps: Apple MPS is not available (try --device auto)")
     if name not in ("cpu", "cuda", "mps") and not name.startswith("cuda:"):
         raise BadInputError(f"--device {name!r}: expected auto, cpu, cuda, cuda:N or mps")
@@ -120,7 +122,9 @@ def train(
     state: dict[str, Any] | None = None
     if resume:
         if not ckpt_path.is_file():
-            raise BadInputError(f"{ckpt_path}: no checkpoint to resume from (train without --resume first)")
+            raise BadInputError(
+                f"{ckpt_path}: no checkpoint to resume from (train without --resume first)"
+            )
         state = load_model_file(ckpt_path)
         if state.get("kind") != "checkpoint" or "optimizer_state" not in state:
             raise BadInputError(f"{ckpt_path}: not a training checkpoint")
@@ -141,7 +145,9 @@ def train(
     noise_gen = torch.Generator(device=dev).manual_seed(seed + 2)
     tensors = [torch.from_numpy(np.ascontiguousarray(v.data)).to(dev) for v in volumes]
     try:
-        sampler = TripletSampler(tensors, sampling_config, model_config.patch_size, generator=sample_gen)
+        sampler = TripletSampler(
+            tensors, sampling_config, model_config.patch_size, generator=sample_gen
+        )
     except BadInputError as exc:
         raise BadInputError(_name_volume(str(exc), volumes)) from None
     optimizer = geoopt.optim.RiemannianAdam(model.parameters(), lr=train_config.lr, amsgrad=True)
@@ -150,14 +156,29 @@ def train(
     if state is not None:
         model.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer_state"])
-        sample_gen.set_state(state["rng_state"]["sample"].cpu() if dev.type == "cpu" else state["rng_state"]["sample"])
-        noise_gen.set_state(state["rng_state"]["noise"].cpu() if dev.type == "cpu" else state["rng_state"]["noise"])
+        # torch's loader turns geoopt's integer step counters into float32
+        # tensors, which changes the bias correction in the last bits
+        for param_state in optimizer.state.values():
+            if torch.is_tensor(param_state.get("step")):
+                param_state["step"] = int(param_state["step"].item())
+        sample_gen.set_state(
+            state["rng_state"]["sample"].cpu()
+            if dev.type == "cpu"
+            else state["rng_state"]["sample"]
+        )
+        noise_gen.set_state(
+            state["rng_state"]["noise"].cpu() if dev.type == "cpu" else state["rng_state"]["noise"]
+        )
         step = int(state["step"])
         elapsed_before = float(state.get("elapsed_seconds", 0.0))
         log.info("resuming from step %d of %s", step, ckpt_path)
 
     target = train_config.steps
-    deadline = None if train_config.max_minutes is None else time.monotonic() + 60.0 * train_config.max_minutes
+    deadline = (
+        None
+        if train_config.max_minutes is None
+        else time.monotonic() + 60.0 * train_config.max_minutes
+    )
     volume_meta = [
         {"name": v.name, "sha256": v.sha256, "shape": list(v.data.shape)} for v in volumes
     ]
@@ -200,7 +221,9 @@ def train(
             stopped_by = "max-minutes"
             break
         triplets = sampler.sample(train_config.batch_size)
-        losses = model.loss(triplets.anchor, triplets.positive, triplets.negative, generator=noise_gen)
+        losses = model.loss(
+            triplets.anchor, triplets.positive, triplets.negative, generator=noise_gen
+        )
         total = losses["total"]
         if not torch.isfinite(total):
             checkpoint()
@@ -228,8 +251,14 @@ def train(
         if first_run_losses is None:
             first_run_losses = {k: row[k] for k in ("total", "recon", "kl", "triplet")}
         progress(
-            "train", step, target or step,
-            loss=row["total"], recon=row["recon"], kl=row["kl"], triplet=row["triplet"], tps=rate,
+            "train",
+            step,
+            target or step,
+            loss=row["total"],
+            recon=row["recon"],
+            kl=row["kl"],
+            triplet=row["triplet"],
+            tps=rate,
         )
         if now - window_start > 20.0:
             window_start, window_steps = now, 0
@@ -239,9 +268,14 @@ def train(
     save_model_file(model_path, payload("model"))
     last = {k: history[-1][k] for k in ("total", "recon", "kl", "triplet")} if history else {}
     return TrainResult(
-        model_path, ckpt_path, history_path, step,
+        model_path,
+        ckpt_path,
+        history_path,
+        step,
         elapsed_before + time.monotonic() - start,
-        first_run_losses or last, last, stopped_by,
+        first_run_losses or last,
+        last,
+        stopped_by,
     )
 
 
@@ -277,7 +311,9 @@ def _write_history(path: Path, rows: list[dict[str, float]]) -> None:
     writer = csv.DictWriter(buffer, fieldnames=HISTORY_FIELDS, lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: (f"{row[k]:.6g}" if isinstance(row[k], float) else row[k]) for k in HISTORY_FIELDS})
+        writer.writerow(
+            {k: (f"{row[k]:.6g}" if isinstance(row[k], float) else row[k]) for k in HISTORY_FIELDS}
+        )
     write_text_atomic(path, buffer.getvalue())
 
 

@@ -8,6 +8,7 @@ import pytest
 
 # Keep the tests' torch to the two cores of the CI machine and deterministic.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the CLI does
 
 
 @pytest.fixture(autouse=True)

@@ -112,11 +112,15 @@ def test_key_is_stable_and_ignores_dict_order():
     assert len(k) == 64 and int(k, 16) >= 0
     reordered = dict(reversed(list(PARAMS.items())))
     assert embedding_key(VOL, MODEL, reordered, "0.1.0") == k
-    assert embedding_key(VOL, MODEL, {**PARAMS, "normalize": (1.0, 99.0)}, "0.1.0") == k  # tuple == list
+    assert (
+        embedding_key(VOL, MODEL, {**PARAMS, "normalize": (1.0, 99.0)}, "0.1.0") == k
+    )  # tuple == list
     assert embedding_key(VOL, MODEL, {**PARAMS, "patch_size": np.int64(5)}, "0.1.0") == k
     assert embedding_key(VOL, MODEL, {**PARAMS, "dtype": np.dtype("float32")}, "0.1.0") == k
     nested = {"a": {"x": 1, "y": 2}, "b": 3}
-    assert embedding_key(VOL, MODEL, nested, "1") == embedding_key(VOL, MODEL, {"b": 3, "a": {"y": 2, "x": 1}}, "1")
+    assert embedding_key(VOL, MODEL, nested, "1") == embedding_key(
+        VOL, MODEL, {"b": 3, "a": {"y": 2, "x": 1}}, "1"
+    )
 
 
 def test_key_changes_when_any_part_changes():
@@ -159,7 +163,9 @@ def test_cache_dir_precedence(tmp_path, monkeypatch):
     monkeypatch.setenv("HYPSEG_CACHE_DIR", "")
     assert resolve_cache_dir() == Path(platformdirs.user_cache_dir("hypseg"))
     monkeypatch.delenv("HYPSEG_CACHE_DIR")
-    monkeypatch.setattr(cache_mod.platformdirs, "user_cache_dir", lambda app: str(tmp_path / "user" / app))
+    monkeypatch.setattr(
+        cache_mod.platformdirs, "user_cache_dir", lambda app: str(tmp_path / "user" / app)
+    )
     assert resolve_cache_dir() == tmp_path / "user" / "hypseg"
     assert resolve_cache_dir(tmp_path / "cli") == tmp_path / "cli"
 
@@ -213,7 +219,10 @@ def test_unwritable_folder_is_an_error_even_as_root(tmp_path, monkeypatch):
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(cache_mod.os, "open", denied)
-    with pytest.raises(HypsegError, match=f"{tmp_path / LAYOUT}: unusable cache folder .cannot write: Permission denied"):
+    with pytest.raises(
+        HypsegError,
+        match=f"{tmp_path / LAYOUT}: unusable cache folder .cannot write: Permission denied",
+    ):
         EmbeddingCache(tmp_path)
 
 
@@ -315,7 +324,9 @@ def test_corrupt_entry_is_removed_and_a_miss(tmp_path, key, corrupt, mmap_thresh
     corrupt(data_path, side_path)
     with caplog.at_level(logging.WARNING, logger="hypsegcli.cache"):
         assert cache.get(key) is None
-    assert any(str(data_path) in r.getMessage() and "corrupt" in r.getMessage() for r in caplog.records)
+    assert any(
+        str(data_path) in r.getMessage() and "corrupt" in r.getMessage() for r in caplog.records
+    )
     assert not data_path.exists() and not side_path.exists()
     assert key not in cache and cache.entries() == []
     caplog.clear()
@@ -348,7 +359,11 @@ def test_data_file_without_sidecar(cache, key, caplog):
     os.utime(data_path, (old, old))
     with caplog.at_level(logging.WARNING, logger="hypsegcli.cache"):
         assert cache.get(key) is None
-    assert not data_path.exists() and "without sidecar" in caplog.text and str(data_path) in caplog.text
+    assert (
+        not data_path.exists()
+        and "without sidecar" in caplog.text
+        and str(data_path) in caplog.text
+    )
     cache.put(key, np.ones(5, np.float32))
     np.testing.assert_array_equal(cache.get(key), np.ones(5, np.float32))
 
@@ -413,7 +428,11 @@ def _reader(root, key, stop, same, queue):
             if same:
                 if not np.array_equal(got, expected):
                     raise AssertionError("read an array that differs from the one written")
-            elif got.shape != SHAPE or got.min() != got.max() or float(got.flat[0]) not in (1.0, 2.0, 3.0):
+            elif (
+                got.shape != SHAPE
+                or got.min() != got.max()
+                or float(got.flat[0]) not in (1.0, 2.0, 3.0)
+            ):
                 raise AssertionError("read a torn or foreign array")
         queue.put(("ok", hits, reads))
     except BaseException as exc:  # report anything to the parent
@@ -427,7 +446,9 @@ def test_concurrent_writers_and_reader(tmp_path, same):
     root = tmp_path / "shared"
     key = embedding_key(VOL, MODEL, PARAMS, "concurrency")
     seed_cache = EmbeddingCache(root, mmap_threshold=1 << 16)
-    seed_cache.put(key, _array(SHAPE, np.float32, seed=7) if same else np.full(SHAPE, 1.0, np.float32))
+    seed_cache.put(
+        key, _array(SHAPE, np.float32, seed=7) if same else np.full(SHAPE, 1.0, np.float32)
+    )
     stop, queue = ctx.Event(), ctx.Queue()
     reader = ctx.Process(target=_reader, args=(root, key, stop, same, queue))
     writers = [ctx.Process(target=_writer, args=(root, key, float(v), 80, same)) for v in (1, 2, 3)]

@@ -30,7 +30,9 @@ def test_help_is_fast_and_does_not_import_torch():
         "assert 'torch' not in sys.modules, 'torch imported by --help'\n"
         "assert 'nibabel' not in sys.modules\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr
     for name in ("synth", "train", "embed", "cluster", "evaluate"):
         assert name in result.stdout
@@ -69,7 +71,9 @@ def test_evaluate_identity_relabel_and_shift(capsys, tmp_path):
     perm = np.array([2, 0, 3, 1], np.uint8)[labels]
     io.write_labels(tmp_path / "perm.nii.gz", perm, geometry)
     for pred in ("truth.nii.gz", "perm.nii.gz"):
-        code, out, err = run(["evaluate", tmp_path / pred, tmp_path / "truth.nii.gz", "--json"], capsys)
+        code, out, err = run(
+            ["evaluate", tmp_path / pred, tmp_path / "truth.nii.gz", "--json"], capsys
+        )
         assert code == 0, err
         report = json.loads(out)
         (case,) = report["cases"]
@@ -81,7 +85,9 @@ def test_evaluate_identity_relabel_and_shift(capsys, tmp_path):
     cube[3:8, 3:8, 2:6] = 1
     io.write_labels(tmp_path / "cube.nii.gz", cube, geometry)
     io.write_labels(tmp_path / "shift.nii.gz", np.roll(cube, 1, axis=0), geometry)
-    code, out, _ = run(["evaluate", tmp_path / "shift.nii.gz", tmp_path / "cube.nii.gz", "--json"], capsys)
+    code, out, _ = run(
+        ["evaluate", tmp_path / "shift.nii.gz", tmp_path / "cube.nii.gz", "--json"], capsys
+    )
     assert code == 0
     (case,) = json.loads(out)["cases"]
     fg = next(c for c in case["classes"] if c["class_id"] == 1)
@@ -98,18 +104,25 @@ def test_evaluate_errors(capsys, tmp_path):
     assert "small.nii.gz" in err and "truth.nii.gz" in err and err.count("\n") == 1
     code, _, err = run(["evaluate", tmp_path / "nothing.nii.gz", tmp_path / "truth.nii.gz"], capsys)
     assert code == 2 and "nothing.nii.gz: no such file or folder" in err
-    nib.save(nib.Nifti1Image(np.full((12, 10, 8), 0.5, np.float32), np.eye(4)), str(tmp_path / "float.nii.gz"))
+    nib.save(
+        nib.Nifti1Image(np.full((12, 10, 8), 0.5, np.float32), np.eye(4)),
+        str(tmp_path / "float.nii.gz"),
+    )
     code, _, err = run(["evaluate", tmp_path / "float.nii.gz", tmp_path / "truth.nii.gz"], capsys)
     assert code == 2 and "float.nii.gz: not a label volume" in err
 
 
 def test_bad_volumes_give_one_line_code_2(capsys, tmp_path):
-    nib.save(nib.Nifti1Image(np.zeros((5, 5), np.float32), np.eye(4)), str(tmp_path / "flat.nii.gz"))
+    nib.save(
+        nib.Nifti1Image(np.zeros((5, 5), np.float32), np.eye(4)), str(tmp_path / "flat.nii.gz")
+    )
     data = np.ones((6, 6, 6), np.float32)
     data[0, 0, 0] = np.nan
     nib.save(nib.Nifti1Image(data, np.eye(4)), str(tmp_path / "nan.nii.gz"))
     (tmp_path / "junk.nii.gz").write_bytes(b"junk")
-    io.write_labels(tmp_path / "ok.nii.gz", np.zeros((6, 6, 6), np.uint8), io.VolumeGeometry.default((6, 6, 6)))
+    io.write_labels(
+        tmp_path / "ok.nii.gz", np.zeros((6, 6, 6), np.uint8), io.VolumeGeometry.default((6, 6, 6))
+    )
     for name, fragment in (
         ("flat.nii.gz", "2D data of shape (5, 5)"),
         ("nan.nii.gz", "NaN or infinite"),
@@ -124,22 +137,36 @@ def test_bad_volumes_give_one_line_code_2(capsys, tmp_path):
 
 def test_synth_is_deterministic_and_evaluates(capsys, tmp_path):
     for out in ("a", "b"):
-        code, _, err = run(["--quiet", "synth", tmp_path / out, "--n", "4", "--seed", "1", "--size", "24"], capsys)
+        code, _, err = run(
+            ["--quiet", "synth", tmp_path / out, "--n", "4", "--seed", "1", "--size", "24"], capsys
+        )
         assert code == 0, err
 
     def digest(root):
         return {
             p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()
+            for p in sorted(root.rglob("*"))
+            if p.is_file()
         }
 
     a, b = digest(tmp_path / "a"), digest(tmp_path / "b")
     assert a == b
-    assert "images/case_000.nii.gz" in a and "labels/case_003_L3.nii.gz" in a and "dataset.json" in a
+    assert (
+        "images/case_000.nii.gz" in a and "labels/case_003_L3.nii.gz" in a and "dataset.json" in a
+    )
     dataset = json.loads((tmp_path / "a" / "dataset.json").read_text())
     assert {c["level"] for c in dataset["classes"]} == {1, 2, 3}
     # ground truth against itself: every class Dice 1
-    code, out, err = run(["evaluate", tmp_path / "a" / "labels", tmp_path / "a" / "labels", "--json", "--no-hausdorff"], capsys)
+    code, out, err = run(
+        [
+            "evaluate",
+            tmp_path / "a" / "labels",
+            tmp_path / "a" / "labels",
+            "--json",
+            "--no-hausdorff",
+        ],
+        capsys,
+    )
     assert code == 0, err
     report = json.loads(out)
     assert len(report["cases"]) == 12
@@ -147,23 +174,46 @@ def test_synth_is_deterministic_and_evaluates(capsys, tmp_path):
     # nesting: L3 inside L2 inside L1 via the parents in dataset.json
     parent = {(c["level"], c["id"]): c["parent"] for c in dataset["classes"]}
     for case in ("case_000", "case_001"):
-        lv = {lvl: io.read_volume(tmp_path / "a" / "labels" / f"{case}_L{lvl}.nii.gz").data.astype(int) for lvl in (1, 2, 3)}
+        lv = {
+            lvl: io.read_volume(tmp_path / "a" / "labels" / f"{case}_L{lvl}.nii.gz").data.astype(
+                int
+            )
+            for lvl in (1, 2, 3)
+        }
         for lvl in (2, 3):
             mapped = np.vectorize(lambda i, lvl=lvl: parent[(lvl, int(i))])(lv[lvl])
             np.testing.assert_array_equal(mapped, lv[lvl - 1])
 
 
 def test_synth_split_and_k_pairing(capsys, tmp_path):
-    code, out, err = run(["--quiet", "synth", tmp_path / "d", "--n", "5", "--size", "20", "--split", "60/20/20", "--json"], capsys)
+    code, out, err = run(
+        [
+            "--quiet",
+            "synth",
+            tmp_path / "d",
+            "--n",
+            "5",
+            "--size",
+            "20",
+            "--split",
+            "60/20/20",
+            "--json",
+        ],
+        capsys,
+    )
     assert code == 0, err
     summary = json.loads(out)
     assert summary["splits"] == {"train": 3, "val": 1, "test": 1}
-    assert sorted(p.name for p in (tmp_path / "d" / "test" / "images").iterdir()) == ["case_004.nii.gz"]
+    assert sorted(p.name for p in (tmp_path / "d" / "test" / "images").iterdir()) == [
+        "case_004.nii.gz"
+    ]
     # a prediction named as `hypseg cluster` names it pairs with the level of dataset.json with K classes
     truth = io.read_volume(tmp_path / "d" / "test" / "labels" / "case_004_L2.nii.gz")
     seg = tmp_path / "seg"
     io.write_labels(seg / "case_004_k4.nii.gz", truth.data.astype(int), truth.geometry)
-    code, out, err = run(["evaluate", seg, tmp_path / "d" / "test", "--json", "--csv", tmp_path / "s.csv"], capsys)
+    code, out, err = run(
+        ["evaluate", seg, tmp_path / "d" / "test", "--json", "--csv", tmp_path / "s.csv"], capsys
+    )
     assert code == 0, err
     (case,) = json.loads(out)["cases"]
     assert (case["case"], case["k"], case["level"]) == ("case_004", 4, 2)
@@ -174,7 +224,9 @@ def test_synth_split_and_k_pairing(capsys, tmp_path):
 
 
 def test_synth_mrc_format(capsys, tmp_path):
-    code, _, err = run(["--quiet", "synth", tmp_path / "m", "--n", "1", "--size", "20", "--format", "mrc"], capsys)
+    code, _, err = run(
+        ["--quiet", "synth", tmp_path / "m", "--n", "1", "--size", "20", "--format", "mrc"], capsys
+    )
     assert code == 0, err
     vol = io.read_volume(tmp_path / "m" / "images" / "case_000.mrc")
     assert vol.data.shape == (20, 20, 20) and vol.geometry.format == "mrc"

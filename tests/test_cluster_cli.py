@@ -14,7 +14,7 @@ import pytest
 from hypsegcli import embedding, io
 from hypsegcli.cli import main
 
-TINY = ["--patch-size", "6", "--r-min", "6", "--r-max", "10", "--batch-size", "4", "--threads", "2"]
+TINY = ["--patch-size", "9", "--r-min", "6", "--r-max", "10", "--batch-size", "4", "--threads", "2"]
 
 
 def run(argv, capsys):
@@ -33,7 +33,18 @@ def trained(tmp_path_factory):
     with pytest.raises(SystemExit):
         main(["--quiet", "synth", str(root / "mrc"), "--n", "1", "--size", "20", "--format", "mrc"])
     with pytest.raises(SystemExit) as info:
-        main(["--quiet", "train", str(root / "data" / "images"), "-o", str(root / "model.pt"), "--steps", "4", *TINY])
+        main(
+            [
+                "--quiet",
+                "train",
+                str(root / "data" / "images"),
+                "-o",
+                str(root / "model.pt"),
+                "--steps",
+                "4",
+                *TINY,
+            ]
+        )
     assert info.value.code == 0
     return root
 
@@ -41,7 +52,22 @@ def trained(tmp_path_factory):
 def test_cluster_writes_labels_with_geometry_and_uses_cache(trained, tmp_path, capsys, monkeypatch):
     images = trained / "data" / "images"
     seg = tmp_path / "seg"
-    argv = ["--quiet", "cluster", images, "-m", trained / "model.pt", "--k", "2", "--k", "4", "-o", seg, "--json", "--threads", "2"]
+    argv = [
+        "--quiet",
+        "cluster",
+        images,
+        "-m",
+        trained / "model.pt",
+        "--k",
+        "2",
+        "--k",
+        "4",
+        "-o",
+        seg,
+        "--json",
+        "--threads",
+        "2",
+    ]
     code, out, err = run(argv, capsys)
     assert code == 0, err
     summary = json.loads(out)
@@ -70,7 +96,9 @@ def test_cluster_writes_labels_with_geometry_and_uses_cache(trained, tmp_path, c
     assert {p.name: p.read_bytes() for p in seg.iterdir()} == first
 
     # evaluate pairs <case>_k<K> with <case>_L<level> through dataset.json
-    code, out, err = run(["evaluate", seg, trained / "data" / "labels", "--json", "--no-hausdorff"], capsys)
+    code, out, err = run(
+        ["evaluate", seg, trained / "data" / "labels", "--json", "--no-hausdorff"], capsys
+    )
     assert code == 0, err
     levels = {(c["k"], c["level"]) for c in json.loads(out)["cases"]}
     assert levels == {(2, 1), (4, 2)}
@@ -81,7 +109,21 @@ def test_cluster_mrc_keeps_voxel_size(trained, tmp_path, capsys):
     with mrcfile.open(str(src), mode="r+") as mrc:
         mrc.voxel_size = (4.2, 4.2, 4.2)
         mrc.header.origin.x = 12.5
-    code, _, err = run(["--quiet", "cluster", src, "-m", trained / "model.pt", "--k", "2", "-o", tmp_path, "--preview"], capsys)
+    code, _, err = run(
+        [
+            "--quiet",
+            "cluster",
+            src,
+            "-m",
+            trained / "model.pt",
+            "--k",
+            "2",
+            "-o",
+            tmp_path,
+            "--preview",
+        ],
+        capsys,
+    )
     assert code == 0, err
     with mrcfile.open(str(tmp_path / "case_000_k2.mrc")) as mrc:
         assert tuple(float(v) for v in mrc.voxel_size.tolist()) == pytest.approx((4.2, 4.2, 4.2))
@@ -96,23 +138,78 @@ def test_cluster_mrc_keeps_voxel_size(trained, tmp_path, capsys):
 
 def test_pooled_centroids_and_reuse(trained, tmp_path, capsys):
     images = trained / "data" / "images"
-    code, _, err = run(["--quiet", "cluster", images, "-m", trained / "model.pt", "--k", "3", "-o", tmp_path / "a", "--fit-on", "pooled"], capsys)
+    code, _, err = run(
+        [
+            "--quiet",
+            "cluster",
+            images,
+            "-m",
+            trained / "model.pt",
+            "--k",
+            "3",
+            "-o",
+            tmp_path / "a",
+            "--fit-on",
+            "pooled",
+        ],
+        capsys,
+    )
     assert code == 0, err
     doc = json.loads((tmp_path / "a" / "centroids.json").read_text())
     assert [(s["case"], s["k"]) for s in doc["sets"]] == [(None, 3)]
-    code, _, err = run(["--quiet", "cluster", images / "case_001.nii.gz", "-m", trained / "model.pt", "--k", "3",
-                        "-o", tmp_path / "b", "--centroids", tmp_path / "a" / "centroids.json"], capsys)
+    code, _, err = run(
+        [
+            "--quiet",
+            "cluster",
+            images / "case_001.nii.gz",
+            "-m",
+            trained / "model.pt",
+            "--k",
+            "3",
+            "-o",
+            tmp_path / "b",
+            "--centroids",
+            tmp_path / "a" / "centroids.json",
+        ],
+        capsys,
+    )
     assert code == 0, err
     a = np.asarray(nib.load(str(tmp_path / "a" / "case_001_k3.nii.gz")).dataobj)
     b = np.asarray(nib.load(str(tmp_path / "b" / "case_001_k3.nii.gz")).dataobj)
     np.testing.assert_array_equal(a, b)
-    code, _, err = run(["cluster", images, "-m", trained / "model.pt", "--k", "5", "-o", tmp_path / "c",
-                        "--centroids", tmp_path / "a" / "centroids.json"], capsys)
+    code, _, err = run(
+        [
+            "cluster",
+            images,
+            "-m",
+            trained / "model.pt",
+            "--k",
+            "5",
+            "-o",
+            tmp_path / "c",
+            "--centroids",
+            tmp_path / "a" / "centroids.json",
+        ],
+        capsys,
+    )
     assert code == 2 and "no pooled centroids for k=5" in err
 
 
 def test_intensity_baseline_needs_no_model(trained, tmp_path, capsys):
-    code, _, err = run(["--quiet", "cluster", trained / "data" / "images", "--features", "intensity", "--k", "2", "-o", tmp_path], capsys)
+    code, _, err = run(
+        [
+            "--quiet",
+            "cluster",
+            trained / "data" / "images",
+            "--features",
+            "intensity",
+            "--k",
+            "2",
+            "-o",
+            tmp_path,
+        ],
+        capsys,
+    )
     assert code == 0, err
     labels = io.read_volume(tmp_path / "case_000_k2.nii.gz").data
     assert set(np.unique(labels)) == {0, 1}
@@ -122,8 +219,23 @@ def test_intensity_baseline_needs_no_model(trained, tmp_path, capsys):
 
 def test_embed_writes_arrays_and_cache_commands(trained, tmp_path, capsys):
     cache = tmp_path / "cache"
-    code, out, err = run(["--quiet", "embed", trained / "data" / "images" / "case_000.nii.gz", "-m", trained / "model.pt",
-                          "-o", tmp_path / "emb", "--cache-dir", cache, "--json", "--stride", "2"], capsys)
+    code, out, err = run(
+        [
+            "--quiet",
+            "embed",
+            trained / "data" / "images" / "case_000.nii.gz",
+            "-m",
+            trained / "model.pt",
+            "-o",
+            tmp_path / "emb",
+            "--cache-dir",
+            cache,
+            "--json",
+            "--stride",
+            "2",
+        ],
+        capsys,
+    )
     assert code == 0, err
     arr = np.load(tmp_path / "emb" / "case_000.npy")
     assert arr.shape == (20, 20, 20, 2) and arr.dtype == np.float32
@@ -140,7 +252,31 @@ def test_embed_writes_arrays_and_cache_commands(trained, tmp_path, capsys):
 
 def test_bad_model_file_and_options(trained, tmp_path, capsys):
     (tmp_path / "fake.pt").write_bytes(b"nope")
-    code, out, err = run(["cluster", trained / "data" / "images", "-m", tmp_path / "fake.pt", "--k", "2", "-o", tmp_path], capsys)
+    code, out, err = run(
+        [
+            "cluster",
+            trained / "data" / "images",
+            "-m",
+            tmp_path / "fake.pt",
+            "--k",
+            "2",
+            "-o",
+            tmp_path,
+        ],
+        capsys,
+    )
     assert code == 2 and "fake.pt: not a hypseg model file" in err and err.count("\n") == 1
-    code, _, err = run(["cluster", trained / "data" / "images", "-m", trained / "model.pt", "--k", "1", "-o", tmp_path], capsys)
+    code, _, err = run(
+        [
+            "cluster",
+            trained / "data" / "images",
+            "-m",
+            trained / "model.pt",
+            "--k",
+            "1",
+            "-o",
+            tmp_path,
+        ],
+        capsys,
+    )
     assert code == 2 and "--k 1" in err

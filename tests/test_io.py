@@ -58,7 +58,9 @@ def test_nifti_round_trip_keeps_geometry(tmp_path, suffix, cls):
     qform, qcode = img.header.get_qform(coded=True)
     sform, scode = img.header.get_sform(coded=True)
     assert (int(qcode), int(scode)) == (1, 2)
-    np.testing.assert_allclose(qform, src_qform, atol=1e-6)  # qform cannot hold shear: the source's own
+    np.testing.assert_allclose(
+        qform, src_qform, atol=1e-6
+    )  # qform cannot hold shear: the source's own
     np.testing.assert_allclose(sform, AFFINE, atol=1e-6)
     assert img.header.get_xyzt_units() == ("mm", "sec")
     np.testing.assert_allclose(img.header.get_zooms(), vol.geometry.spacing, rtol=1e-6)
@@ -94,8 +96,16 @@ def test_mrc_axis_convention_and_round_trip(tmp_path):
             assert mrc.data.dtype == np.int8
             np.testing.assert_array_equal(np.transpose(mrc.data, (2, 1, 0)), labels)
             assert tuple(float(v) for v in mrc.voxel_size.tolist()) == (1.5, 2.5, 3.5)
-            assert (float(mrc.header.origin.x), float(mrc.header.origin.y), float(mrc.header.origin.z)) == (7.0, -2.0, 4.0)
-            assert (int(mrc.header.nxstart), int(mrc.header.nystart), int(mrc.header.nzstart)) == (3, 0, -1)
+            assert (
+                float(mrc.header.origin.x),
+                float(mrc.header.origin.y),
+                float(mrc.header.origin.z),
+            ) == (7.0, -2.0, 4.0)
+            assert (int(mrc.header.nxstart), int(mrc.header.nystart), int(mrc.header.nzstart)) == (
+                3,
+                0,
+                -1,
+            )
         back = io.read_volume(out)
         np.testing.assert_array_equal(back.data, labels)
         np.testing.assert_allclose(back.geometry.affine, vol.geometry.affine)
@@ -120,7 +130,9 @@ def test_label_dtype_widens():
 
 def test_refuses_2d_and_true_4d(tmp_path):
     nib.save(nib.Nifti1Image(np.zeros((4, 5), np.float32), np.eye(4)), str(tmp_path / "flat.nii"))
-    nib.save(nib.Nifti1Image(np.zeros((4, 5, 6, 2), np.float32), np.eye(4)), str(tmp_path / "four.nii"))
+    nib.save(
+        nib.Nifti1Image(np.zeros((4, 5, 6, 2), np.float32), np.eye(4)), str(tmp_path / "four.nii")
+    )
     with pytest.raises(BadInputError, match=r"flat\.nii: 2D data of shape \(4, 5\)"):
         io.read_volume(tmp_path / "flat.nii")
     with pytest.raises(BadInputError, match=r"four\.nii: 4D data of shape \(4, 5, 6, 2\)"):
@@ -216,4 +228,7 @@ def test_hashes_are_content_based(tmp_path):
     assert io.array_sha256(a) == io.array_sha256(a.copy())
     assert io.array_sha256(a) != io.array_sha256(a.reshape(2, 5))
     (tmp_path / "f").write_bytes(b"abc")
-    assert io.file_sha256(tmp_path / "f") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    assert (
+        io.file_sha256(tmp_path / "f")
+        == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    )

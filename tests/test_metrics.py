@@ -295,4 +295,6 @@ def test_crop_equals_full_volume(seed):
     a[box] = rng.random((10, 10, 10)) < 0.5
     b[box] = rng.random((10, 10, 10)) < 0.3
     b[tuple(slice(o + 2, o + 8) for o in lo)] = True
-    assert surface_distances(a, b, spacing) == pytest.approx(surface_distances(a, b, spacing, crop=False), rel=1e-12)
+    assert surface_distances(a, b, spacing) == pytest.approx(
+        surface_distances(a, b, spacing, crop=False), rel=1e-12
+    )
