@@ -13,6 +13,7 @@ import json
 import logging
 import re
 import statistics
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -564,10 +565,16 @@ def embed(
     rows = []
     for i, path in enumerate(paths):
         volume = read_volume(path)
+        start = time.perf_counter()
         emb, cached = embed_one(
             volume, model, cache, patch_size=patch_size, stride=stride, tile=tile, progress=progress
         )
-        row: dict[str, Any] = {"volume": str(path), "shape": list(emb.shape), "cached": cached}
+        row: dict[str, Any] = {
+            "volume": str(path),
+            "shape": list(emb.shape),
+            "cached": cached,
+            "seconds": round(time.perf_counter() - start, 3),
+        }
         if output is not None:
             target = Path(output) / f"{volume.name}.npy"
             _save_npy(target, np.asarray(emb, dtype=np.float32))
