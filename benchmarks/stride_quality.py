@@ -46,7 +46,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=50, help="side of the test volumes")
     parser.add_argument("--strides", default="1,2,3,4")
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--workdir", type=Path, help="keep the data here (default: a temporary folder)")
+    parser.add_argument(
+        "--workdir", type=Path, help="keep the data here (default: a temporary folder)"
+    )
     args = parser.parse_args()
     strides = [int(s) for s in args.strides.split(",")]
     if 1 not in strides:
@@ -80,12 +82,23 @@ def main() -> None:
         for s in strides:
             cache = work / f"cache_s{s}"
             report = pipeline.embed(
-                [test / "images"], model, stride=s, cache_dir=cache, threads=args.threads, device="cpu"
+                [test / "images"],
+                model,
+                stride=s,
+                cache_dir=cache,
+                threads=args.threads,
+                device="cpu",
             )
             seconds = sum(v["seconds"] for v in report["volumes"])
             seg = work / f"seg_s{s}"
             pipeline.cluster(
-                [test / "images"], seg, ks=KS, model_path=model, stride=s, cache_dir=cache, seed=0,
+                [test / "images"],
+                seg,
+                ks=KS,
+                model_path=model,
+                stride=s,
+                cache_dir=cache,
+                seed=0,
                 device="cpu",
             )
             rows.append((s, seconds, dice_by_level(seg, test / "labels")))
@@ -93,16 +106,21 @@ def main() -> None:
     voxels = args.n_test * args.size**3
     ref_seconds, ref_dice = rows[0][1], rows[0][2]
     print(f"{args.n_test} test volumes of {args.size}^3, model {model}")
-    print(f"{'stride':>6} {'embed s':>8} {'voxels/s':>10} {'speedup':>8}   "
-          + "   ".join(f"Dice L{lvl} (vs s=1)" for lvl in sorted(ref_dice)))
+    print(
+        f"{'stride':>6} {'embed s':>8} {'voxels/s':>10} {'speedup':>8}   "
+        + "   ".join(f"Dice L{lvl} (vs s=1)" for lvl in sorted(ref_dice))
+    )
     for s, seconds, dice in rows:
         cells = "   ".join(
             f"{dice[lvl]:.3f} ({dice[lvl] - ref_dice[lvl]:+.3f})" for lvl in sorted(ref_dice)
         )
-        print(f"{s:>6} {seconds:>8.2f} {voxels / seconds:>10,.0f} {ref_seconds / seconds:>7.2f}x   {cells}")
-    print("intensity k-means baseline:   " + "   ".join(
-        f"L{lvl} {base[lvl]:.3f}" for lvl in sorted(base)
-    ))
+        print(
+            f"{s:>6} {seconds:>8.2f} {voxels / seconds:>10,.0f} {ref_seconds / seconds:>7.2f}x   {cells}"
+        )
+    print(
+        "intensity k-means baseline:   "
+        + "   ".join(f"L{lvl} {base[lvl]:.3f}" for lvl in sorted(base))
+    )
 
 
 if __name__ == "__main__":

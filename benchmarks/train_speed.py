@@ -18,7 +18,8 @@ twice the forward pass of the layers that need gradients (here all of them),
 so a step costs about 3 x (3 encoder + K decoder) FLOPs per triplet. The
 achieved rate is compared with this machine's float32 matrix-product rate (a
 2048 x 2048 ``torch.matmul``, best of several), measured in the same run
-before and after the timing, since shared machines are noisy.
+before and after the timing, since shared machines are noisy. The other
+``--arch`` layout is timed in the same run as the reference.
 """
 
 from __future__ import annotations
@@ -67,6 +68,9 @@ def main() -> None:
     parser.add_argument("--mc-samples", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--reference-steps", type=int, default=10, help="steps of the other --arch (0: skip)"
+    )
     parser.add_argument("--profile", action="store_true", help="print the top operators")
     args = parser.parse_args()
     if args.threads:
@@ -82,71 +86,101 @@ def main() -> None:
         normalize_volume(synth.generate_case(rng, args.size).image, 1.0, 99.0)
         for _ in range(args.volumes)
     ]
-    layout = {"kernels": (5, 5, 5, 5), "paddings": (2, 1, 1, 0)} if args.arch == "paper" else {}
-    cfg = ModelConfig(mc_samples=args.mc_samples, **layout)  # as `hypseg train --arch`
-    torch.manual_seed(0)
-    model = HypVAE(cfg).to(dev)
     tensors = [torch.from_numpy(v).to(dev) for v in vols]
-    sampler = TripletSampler(
-        tensors, SamplingConfig(), cfg.patch_size, generator=torch.Generator(dev).manual_seed(1)
-    )
-    noise = torch.Generator(dev).manual_seed(2)
-    opt = geoopt.optim.RiemannianAdam(model.parameters(), lr=1e-3, amsgrad=True)
     n = args.batch_size
 
-    def step(phases: dict[str, float] | None = None) -> None:
-        t0 = time.perf_counter()
-        tr = sampler.sample(n)
-        sync()
-        t1 = time.perf_counter()
-        losses = model.loss(tr.anchor, tr.positive, tr.negative, generator=noise)
-        sync()
-        t2 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        losses["total"].backward()
-        sync()
-        t3 = time.perf_counter()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
-        opt.step()
-        sync()
-        t4 = time.perf_counter()
-        if phases is not None:
-            for key, dt in (("sample", t1 - t0), ("forward", t2 - t1), ("backward", t3 - t2), ("optimizer", t4 - t3)):
-                phases[key] += dt
+    def make_step(arch: str):
+        """A training step of `hypseg train --arch ARCH` and its model."""
+        layout = {"kernels": (5, 5, 5, 5), "paddings": (2, 1, 1, 0)} if arch == "paper" else {}
+        cfg = ModelConfig(mc_samples=args.mc_samples, **layout)
+        torch.manual_seed(0)
+        model = HypVAE(cfg).to(dev)
+        sampler = TripletSampler(
+            tensors, SamplingConfig(), cfg.patch_size, generator=torch.Generator(dev).manual_seed(1)
+        )
+        noise = torch.Generator(dev).manual_seed(2)
+        opt = geoopt.optim.RiemannianAdam(model.parameters(), lr=1e-3, amsgrad=True)
 
+        def step(phases: dict[str, float] | None = None) -> None:
+            t0 = time.perf_counter()
+            tr = sampler.sample(n)
+            sync()
+            t1 = time.perf_counter()
+            losses = model.loss(tr.anchor, tr.positive, tr.negative, generator=noise)
+            sync()
+            t2 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            losses["total"].backward()
+            sync()
+            t3 = time.perf_counter()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+            opt.step()
+            sync()
+            t4 = time.perf_counter()
+            if phases is not None:
+                for key, dt in (
+                    ("sample", t1 - t0),
+                    ("forward", t2 - t1),
+                    ("backward", t3 - t2),
+                    ("optimizer", t4 - t3),
+                ):
+                    phases[key] += dt
+
+        return step, model, cfg
+
+    def throughput(step, steps: int) -> float:
+        for _ in range(args.warmup):
+            step()
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync()
+        return steps * n / (time.perf_counter() - t0)
+
+    step, model, cfg = make_step(args.arch)
     rate_before = matmul_rate()
-    for _ in range(args.warmup):
-        step()
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    sync()
-    wall = time.perf_counter() - t0
+    tps = throughput(step, args.steps)
     phases = dict.fromkeys(("sample", "forward", "backward", "optimizer"), 0.0)
     for _ in range(max(args.steps // 2, 5)):
         step(phases)
+    other = "paper" if args.arch == "valid" else "valid"
+    ref_tps = (
+        throughput(make_step(other)[0], args.reference_steps) if args.reference_steps else None
+    )
     rate_after = matmul_rate()
 
-    tps = args.steps * n / wall
     enc = model.flops_per_patch("encoder")
     dec = model.flops_per_patch("decoder")
     per_triplet = 3 * (3 * enc + cfg.mc_samples * dec)
     achieved = per_triplet * tps
     matmul = max(rate_before, rate_after)
-    print(f"device {dev}, threads {torch.get_num_threads()}, arch {args.arch}, batch {n}, K {cfg.mc_samples}")
-    print(f"model: {model.num_parameters():,} parameters, m = {cfg.patch_size}, "
-          f"encoder {enc / 1e6:.1f} MFLOP/patch, decoder {dec / 1e6:.1f} MFLOP/patch")
-    print(f"matmul float32: {rate_before / 1e9:.0f} GFLOP/s before, {rate_after / 1e9:.0f} GFLOP/s after")
-    print(f"training: {tps:.1f} triplets/s ({args.steps} steps of {n} in {wall:.2f} s)")
-    print(f"FLOPs: {per_triplet / 1e6:.1f} MFLOP per triplet (fwd + bwd), {achieved / 1e9:.1f} GFLOP/s "
-          f"= {achieved / matmul:.1%} of the matmul rate")
+    print(
+        f"device {dev}, threads {torch.get_num_threads()}, arch {args.arch}, batch {n}, K {cfg.mc_samples}"
+    )
+    print(
+        f"model: {model.num_parameters():,} parameters, m = {cfg.patch_size}, "
+        f"encoder {enc / 1e6:.1f} MFLOP/patch, decoder {dec / 1e6:.1f} MFLOP/patch"
+    )
+    print(
+        f"matmul float32: {rate_before / 1e9:.0f} GFLOP/s before, {rate_after / 1e9:.0f} GFLOP/s after"
+    )
+    print(f"training: {tps:.1f} triplets/s ({args.steps} steps of {n})")
+    print(
+        f"FLOPs: {per_triplet / 1e6:.1f} MFLOP per triplet (fwd + bwd), {achieved / 1e9:.1f} GFLOP/s "
+        f"= {achieved / matmul:.1%} of the matmul rate"
+    )
     total = sum(phases.values())
-    print("time per step by phase: " + ", ".join(
-        f"{k} {v / total:.0%}" for k, v in phases.items()
-    ) + f" (of {total / max(args.steps // 2, 5) * 1e3:.0f} ms)")
-    print(f"reference: the authors' layout at about 150 triplets/s on 2 cores (METHOD.md); "
-          f"ratio {tps / 150:.2f}x")
+    print(
+        "time per step by phase: "
+        + ", ".join(f"{k} {v / total:.0%}" for k, v in phases.items())
+        + f" (of {total / max(args.steps // 2, 5) * 1e3:.0f} ms)"
+    )
+    if ref_tps is not None:
+        print(
+            f"reference, --arch {other} in the same run: {ref_tps:.1f} triplets/s; "
+            f"ratio {args.arch}/{other} = {tps / ref_tps:.2f}x"
+        )
 
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
