@@ -30,9 +30,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from _common import matmul_rate  # noqa: E402
 
 from hypsegcli.config import ModelConfig  # noqa: E402
 from hypsegcli.embedding import (  # noqa: E402
@@ -44,20 +46,6 @@ from hypsegcli.embedding import (  # noqa: E402
 from hypsegcli.model import HypVAE  # noqa: E402
 
 BRAIN_SHAPE = (197, 233, 189)
-
-
-def matmul_rate(n: int = 2048, repeat: int = 5) -> float:
-    """Best float32 FLOP/s of an n x n matrix product (2 n^3 FLOPs)."""
-    gen = torch.Generator().manual_seed(0)
-    a = torch.randn(n, n, generator=gen)
-    b = torch.randn(n, n, generator=gen)
-    torch.matmul(a, b)
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        torch.matmul(a, b)
-        best = min(best, time.perf_counter() - t0)
-    return 2.0 * n**3 / best
 
 
 def make_model(seed: int) -> HypVAE:

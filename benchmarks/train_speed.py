@@ -32,29 +32,17 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the CLI does
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from _common import matmul_rate  # noqa: E402
 
 from hypsegcli import synth  # noqa: E402
 from hypsegcli.config import ModelConfig, SamplingConfig  # noqa: E402
 from hypsegcli.geometry import geoopt  # noqa: E402
 from hypsegcli.model import HypVAE  # noqa: E402
 from hypsegcli.sampling import TripletSampler, normalize_volume  # noqa: E402
-
-
-def matmul_rate(n: int = 2048, repeat: int = 5) -> float:
-    """Best float32 FLOP/s of an n x n matrix product (2 n^3 FLOPs)."""
-    gen = torch.Generator().manual_seed(0)
-    a = torch.randn(n, n, generator=gen)
-    b = torch.randn(n, n, generator=gen)
-    torch.matmul(a, b)
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        torch.matmul(a, b)
-        best = min(best, time.perf_counter() - t0)
-    return 2.0 * n**3 / best
 
 
 def main() -> None:

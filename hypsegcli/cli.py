@@ -114,7 +114,16 @@ def emit_json(payload: Any) -> None:
 class RichProgress:
     """Progress callback for the pipeline: ``progress(stage, done, total, **info)`` on stderr."""
 
+    #: without a terminal (batch jobs, log files), a plain line per stage at most this often
+    LOG_INTERVAL_S = 30.0
+
     def __init__(self) -> None:
+        import time
+
+        self._clock = time.monotonic
+        self._plain = not stderr.is_terminal
+        self._last_line: dict[str, float] = {}
+        self._started: dict[str, float] = {}
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -144,15 +153,37 @@ class RichProgress:
         if self._tasks:
             self._progress.stop()
 
+    def _plain_line(self, stage: str, done: int, total: int, text: str) -> None:
+        """One log line per stage at start, every LOG_INTERVAL_S seconds and at the end."""
+        if state.quiet:
+            return
+        now = self._clock()
+        first = stage not in self._started
+        if first:
+            self._started[stage] = now
+        finished = total > 0 and done >= total
+        if not (first or finished or now - self._last_line.get(stage, now) >= self.LOG_INTERVAL_S):
+            return
+        self._last_line[stage] = now
+        elapsed = int(now - self._started[stage])
+        share = f" ({100.0 * done / total:.0f}%)" if total > 0 else ""
+        count = f"{done}/{total}" if total > 0 else f"{done}"
+        line = f"{stage}: {count}{share}, {elapsed // 60}:{elapsed % 60:02d} elapsed"
+        stderr.print(f"{line}  {text}".rstrip(), markup=False, highlight=False, soft_wrap=True)
+
     def __call__(self, stage: str, done: int, total: int, **info: Any) -> None:
         text = "  ".join(
             f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in info.items()
         )
+        if self._plain:
+            self._plain_line(stage, done, total, text)
+            return
         if not self._tasks:
             self._progress.start()
+        bar_total = total if total > 0 else None  # unknown total: an indeterminate bar
         if stage not in self._tasks:
-            self._tasks[stage] = self._progress.add_task(stage, total=total, info=text)
-        self._progress.update(self._tasks[stage], completed=done, total=total, info=text)
+            self._tasks[stage] = self._progress.add_task(stage, total=bar_total, info=text)
+        self._progress.update(self._tasks[stage], completed=done, total=bar_total, info=text)
 
 
 def _version_callback(value: bool) -> None:

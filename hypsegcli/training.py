@@ -253,7 +253,7 @@ def train(
         progress(
             "train",
             step,
-            target or step,
+            target or 0,  # 0: no step target (--max-minutes only)
             loss=row["total"],
             recon=row["recon"],
             kl=row["kl"],

@@ -249,3 +249,26 @@ def test_cli_train_bad_inputs(tmp_path, capsys):
         ["train", tmp_path / "tiny.nii.gz", "-o", tmp_path / "m.pt", "--lr", "-1"], capsys
     )
     assert code == 2 and "lr=-1" in err
+
+
+def test_cli_progress_without_terminal_is_plain_lines(tmp_path, capsys):
+    data = tmp_path / "data"
+    code, _, err = _cli(["--quiet", "synth", data, "--n", "1", "--size", "20"], capsys)
+    assert code == 0, err
+    out = tmp_path / "m.pt"
+    code, stdout, err = _cli(
+        ["train", data / "images", "-o", out, "--steps", "3", *TINY_CLI], capsys
+    )
+    assert code == 0 and stdout == "", err
+    lines = err.splitlines()
+    assert lines[1].startswith("train: 1/3 (33%), 0:00 elapsed  loss=")
+    assert lines[2].startswith("train: 3/3 (100%), ")  # the end, nothing in between
+    assert lines[-1].startswith("wrote ") and len(lines) == 4
+    assert "━" not in err and "\x1b" not in err
+    code, _, err = _cli(
+        ["train", data / "images", "-o", out, "--max-minutes", "0.01", *TINY_CLI], capsys
+    )
+    assert code == 0, err
+    assert [line.split(",")[0] for line in err.splitlines() if line.startswith("train:")] == [
+        "train: 1"
+    ]
