@@ -30,6 +30,8 @@ log = logging.getLogger("hypsegcli")
 class _State:
     debug = False
     quiet = False
+    #: the command line as given to main() (recorded in run manifests)
+    argv: list[str] | None = None
 
 
 state = _State()
@@ -109,6 +111,83 @@ def emit_json(payload: Any) -> None:
     """Write a JSON result on stdout (the only thing hypseg ever writes there)."""
     sys.stdout.write(json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
     sys.stdout.flush()
+
+
+def _finish_batch(summary: dict[str, Any], as_json: bool, *, total: int, what: str) -> None:
+    """Print the --json summary, then fail with a one-line summary if any item failed.
+
+    Exit code 2 when every failure was bad input, else 1.
+    """
+    from .batch import exit_code_of, failure_summary
+
+    if as_json:
+        emit_json(summary)
+    failures = summary.get("failures") or []
+    if failures:
+        raise _fail(failure_summary(failures, total, what), exit_code_of(failures))
+
+
+NUM_PARTS_HELP = (
+    "Process only one part of the inputs: the sorted inputs are dealt round-robin into N parts "
+    "(input i goes to part i mod N). Default: from a Slurm job array (SLURM_ARRAY_TASK_COUNT) "
+    "when SLURM_ARRAY_TASK_ID is set; --num-parts 1 processes all inputs."
+)
+EVAL_NUM_PARTS_HELP = (
+    "Score only one part of the prediction/truth pairs: the pairs, sorted by prediction path, "
+    "are dealt round-robin into N parts (pair i goes to part i mod N). Default: from a Slurm "
+    "job array (SLURM_ARRAY_TASK_COUNT) when SLURM_ARRAY_TASK_ID is set; --num-parts 1 scores "
+    "all pairs."
+)
+PART_ID_HELP = (
+    "Which part to process, 0-based (0 to N-1). Default: SLURM_ARRAY_TASK_ID minus "
+    "SLURM_ARRAY_TASK_MIN (divided by SLURM_ARRAY_TASK_STEP)."
+)
+DRY_RUN_HELP = (
+    "Print the plan (volumes, shapes, voxels, which are done or cached, estimated time and "
+    "peak memory) and stop; nothing is computed or written."
+)
+
+
+def _render_plan(plan: dict[str, Any]) -> None:
+    """The --dry-run plan as a table on stderr."""
+    if state.quiet:
+        return
+    from rich.table import Table
+
+    def size(value: float | None) -> str:
+        return "-" if value is None else f"{value / 1e9:.2f} GB"
+
+    def duration(value: float | None) -> str:
+        if value is None:
+            return "-"
+        return f"{value:.1f} s" if value < 120 else f"{value / 60:.1f} min"
+
+    table = Table(title=f"hypseg {plan['command']} --dry-run", title_justify="left")
+    for column in ("volume", "shape", "voxels", "state", "est. time", "est. peak memory"):
+        table.add_column(column)
+    for row in plan["volumes"]:
+        table.add_row(
+            Path(row["volume"]).name,
+            "x".join(map(str, row["shape"])) if row.get("shape") else "-",
+            f"{row['voxels']:,}" if row.get("voxels") else "-",
+            row["state"] if row["state"] != "error" else f"error: {row['error']}",
+            duration(row.get("seconds")),
+            size(row.get("peak_bytes")),
+        )
+    stderr.print(table)
+    part = plan["part"]
+    share = f"part {part['part_id']} of {part['num_parts']}: " if part["num_parts"] > 1 else ""
+    counts = ", ".join(f"{n} {state}" for state, n in plan["counts"].items() if n)
+    stderr.print(
+        f"{share}{len(plan['volumes'])} of {plan['inputs']} volume(s) ({counts or 'none'}); "
+        f"estimated {duration(plan['estimated_seconds'])} and at most "
+        f"{size(plan['estimated_peak_bytes'])} on {plan['device']} "
+        f"(measured matmul rate {plan['flop_rate'] / 1e9:.0f} GFLOP/s, {plan['threads']} thread(s))",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
+    stderr.print(f"note: {plan['notes']}", markup=False, highlight=False, soft_wrap=True)
 
 
 class RichProgress:
@@ -441,7 +520,9 @@ def train(
         summary["elapsed_seconds"],
         summary["stopped_by"],
     )
-    if as_json:
+    from .distributed import is_main_process
+
+    if as_json and is_main_process():  # under torchrun, one summary: rank 0's
         emit_json(summary)
 
 
@@ -489,11 +570,33 @@ def embed(
     recursive: Annotated[
         bool, typer.Option("--recursive", "-r", help="Descend into sub-folders.")
     ] = False,
+    skip_existing: Annotated[
+        bool | None,
+        typer.Option(
+            "--skip-existing/--overwrite",
+            help=(
+                "--skip-existing: skip volumes whose output exists (with -o the <case>.npy file, "
+                "without reading the volume; else the cache entry). --overwrite: recompute every "
+                "embedding, replacing cache entries and .npy files. Default: neither; cached "
+                "embeddings are reused and .npy files (re)written."
+            ),
+        ),
+    ] = None,
+    num_parts: Annotated[
+        int | None, typer.Option("--num-parts", min=1, help=NUM_PARTS_HELP)
+    ] = None,
+    part_id: Annotated[int | None, typer.Option("--part-id", min=0, help=PART_ID_HELP)] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help=DRY_RUN_HELP)] = False,
     as_json: Annotated[
-        bool, typer.Option("--json", help="Print a JSON summary on stdout.")
+        bool, typer.Option("--json", help="Print a JSON summary (or the --dry-run plan) on stdout.")
     ] = False,
 ) -> None:
-    """Compute per-voxel embeddings (posterior means) into the on-disk cache."""
+    """Compute per-voxel embeddings (posterior means) into the on-disk cache.
+
+    A volume that fails is reported on stderr and the others are processed;
+    the exit code is then 2 if every failure was bad input, else 1. With -o a
+    run record is appended to OUT/hypseg-runs.jsonl.
+    """
     from . import pipeline
 
     with RichProgress() as progress:
@@ -508,16 +611,27 @@ def embed(
             cache_dir=cache_dir,
             output=output,
             recursive=recursive,
+            skip_existing=skip_existing,
+            num_parts=num_parts,
+            part_id=part_id,
+            dry_run=dry_run,
+            argv=state.argv,
             progress=progress,
         )
+    if dry_run:
+        _render_plan(summary)
+        if as_json:
+            emit_json(summary)
+        return
     log.info(
-        "%d volume(s) embedded, %d from the cache (%s)",
+        "%d volume(s) embedded, %d from the cache, %d skipped, %d failed (%s)",
         summary["computed"],
         summary["cached"],
+        summary["skipped"],
+        summary["failed"],
         summary["cache"],
     )
-    if as_json:
-        emit_json(summary)
+    _finish_batch(summary, as_json, total=len(summary["volumes"]), what="volume")
 
 
 class Features(str, Enum):
@@ -613,14 +727,34 @@ def cluster(
     recursive: Annotated[
         bool, typer.Option("--recursive", "-r", help="Descend into sub-folders.")
     ] = False,
+    skip_existing: Annotated[
+        bool,
+        typer.Option(
+            "--skip-existing/--overwrite",
+            help=(
+                "Skip volumes whose label volumes for every --k (and --preview images) exist and "
+                "whose <case>.centroids.json, written last, shows the same model, options and "
+                "fitting; or redo them. Cached embeddings are used either way."
+            ),
+        ),
+    ] = True,
+    num_parts: Annotated[
+        int | None, typer.Option("--num-parts", min=1, help=NUM_PARTS_HELP)
+    ] = None,
+    part_id: Annotated[int | None, typer.Option("--part-id", min=0, help=PART_ID_HELP)] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help=DRY_RUN_HELP)] = False,
     as_json: Annotated[
-        bool, typer.Option("--json", help="Print a JSON summary on stdout.")
+        bool, typer.Option("--json", help="Print a JSON summary (or the --dry-run plan) on stdout.")
     ] = False,
 ) -> None:
     """Segment volumes by hyperbolic k-means on per-voxel embeddings, at every --k.
 
     Embeddings come from the cache when present (see `hypseg embed`). Labels
     are numbered 0..K-1 by the centroid's distance from the origin of the ball.
+    Each case's centroids go to OUT/<case>.centroids.json and are merged into
+    OUT/centroids.json; a run record is appended to OUT/hypseg-runs.jsonl. A
+    volume that fails is reported and the others are processed (exit code 2 if
+    every failure was bad input, else 1).
     """
     from . import pipeline
 
@@ -644,13 +778,27 @@ def cluster(
             cache_dir=cache_dir,
             preview=preview,
             recursive=recursive,
+            skip_existing=skip_existing,
+            num_parts=num_parts,
+            part_id=part_id,
+            dry_run=dry_run,
+            argv=state.argv,
             progress=progress,
         )
+    if dry_run:
+        _render_plan(summary)
+        if as_json:
+            emit_json(summary)
+        return
     log.info(
-        "wrote %d segmentation(s) to %s", sum(len(v["outputs"]) for v in summary["volumes"]), output
+        "wrote %d segmentation(s) to %s (%d volume(s) done, %d skipped as complete, %d failed)",
+        sum(len(v["outputs"]) for v in summary["volumes"] if v["status"] == "done"),
+        output,
+        summary["done"],
+        summary["skipped"],
+        summary["failed"],
     )
-    if as_json:
-        emit_json(summary)
+    _finish_batch(summary, as_json, total=len(summary["volumes"]), what="volume")
 
 
 # ----------------------------------------------------------------------------- evaluate
@@ -684,6 +832,15 @@ def evaluate(
         Path | None,
         typer.Option("--csv", help="Write one row per case and class to this CSV file."),
     ] = None,
+    num_parts: Annotated[
+        int | None,
+        typer.Option(
+            "--num-parts",
+            min=1,
+            help=EVAL_NUM_PARTS_HELP,
+        ),
+    ] = None,
+    part_id: Annotated[int | None, typer.Option("--part-id", min=0, help=PART_ID_HELP)] = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the full results as JSON on stdout.")
     ] = False,
@@ -694,21 +851,30 @@ def evaluate(
     `hypseg cluster` writes) is compared with <case>_L<level> (what `hypseg
     synth` writes), the level being --level or the level of dataset.json with K
     classes. The paper's score is the mean Dice over matched pairs, background
-    included.
+    included. A pair that cannot be scored is reported and the others are
+    scored (exit code 2 if every failure was bad input, else 1). With --csv a
+    run record is appended to hypseg-runs.jsonl beside the CSV file.
     """
     from . import pipeline
 
     with RichProgress() as progress:
-        report = pipeline.evaluate(pred, truth, level=level, hausdorff=hausdorff, progress=progress)
-    if csv_path is not None:
-        pipeline.write_evaluation_csv(report, csv_path)
+        report = pipeline.evaluate(
+            pred,
+            truth,
+            level=level,
+            hausdorff=hausdorff,
+            csv_path=csv_path,
+            num_parts=num_parts,
+            part_id=part_id,
+            argv=state.argv,
+            progress=progress,
+        )
     _render_evaluation(report)
-    if as_json:
-        emit_json(report)
+    _finish_batch(report, as_json, total=report["pairs"], what="pair")
 
 
 def _render_evaluation(report: dict[str, Any]) -> None:
-    if state.quiet:
+    if state.quiet or not report["cases"]:
         return
     from rich.table import Table
 
@@ -812,6 +978,7 @@ def main(argv: list[str] | None = None) -> None:
     # regions (k-means, tiled inference) run several times faster on busy
     # or shared nodes. Must be set before torch is first imported.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    state.argv = ["hypseg", *(sys.argv[1:] if argv is None else argv)]
     try:
         code = app(args=argv, prog_name="hypseg", standalone_mode=False)
     except typer.Exit as exc:  # pragma: no cover - typer returns the code instead

@@ -13,7 +13,6 @@ import json
 import logging
 import re
 import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,8 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .errors import BadInputError
+from .batch import Failures, Part, RunRecorder, Stopwatch, resolve_part, select_part
+from .errors import BadInputError, HypsegError
 from .io import (
     VolumeGeometry,
     array_sha256,
@@ -41,6 +41,25 @@ Progress = Callable[..., None]
 
 def _noop(*_args: Any, **_kwargs: Any) -> None:
     return None
+
+
+def _select_part(
+    items: list[Any], part: Part, *, key: Callable[[Any], str] = str, what: str = "volume"
+) -> list[Any]:
+    """This part's share of ``items`` (all of them without parts), logged."""
+    selected = select_part(items, part, key=key)
+    if part.split:
+        log.info("%s: %d of %d %s(s)", part.describe(), len(selected), len(items), what)
+        if not selected:
+            log.warning(
+                "part %d of %d has no %ss (%d in all): nothing to do; if every task names its "
+                "own inputs, pass --num-parts 1",
+                part.index,
+                part.count,
+                what,
+                len(items),
+            )
+    return selected
 
 
 # ----------------------------------------------------------------------------- synth
@@ -259,6 +278,11 @@ def evaluate(
     *,
     level: int | None = None,
     hausdorff: bool = True,
+    csv_path: Path | None = None,
+    num_parts: int | None = None,
+    part_id: int | None = None,
+    argv: list[str] | None = None,
+    environ: dict[str, str] | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Score predicted label volumes against ground truth.
@@ -269,49 +293,116 @@ def evaluate(
     level of ``dataset.json`` (beside or above the ground truth) with K classes,
     or else with ``<case>``. A dataset folder holding ``labels/`` may be given
     as ``truth``.
+
+    Batch behaviour: with parts (:func:`hypsegcli.batch.resolve_part`) only
+    this part's share of the pairs, sorted by prediction path, is scored. A
+    pair that cannot be scored is reported in ``failures`` (and logged) and
+    the others are scored. With ``csv_path`` the CSV is written and a run
+    record is appended to the manifest in its folder.
     """
     from . import metrics
 
     progress = progress or _noop
     pairs = pair_files(pred, truth, level=level)
+    part = resolve_part(num_parts, part_id, environ)
+    selected = _select_part(pairs, part, key=lambda pair: str(pair["pred"]), what="pair")
     dataset = _find_dataset_json(Path(truth))
     names = {(int(c["level"]), int(c["id"])): c["name"] for c in (dataset or {}).get("classes", [])}
+    config = {
+        "pred": str(pred),
+        "truth": str(truth),
+        "level": level,
+        "hausdorff": hausdorff,
+        "csv": str(csv_path) if csv_path is not None else None,
+        "num_parts": num_parts,
+        "part_id": part_id,
+    }
+    folder = Path(csv_path).parent if csv_path is not None else None
+    failures = Failures(len(selected))
     cases = []
-    for i, pair in enumerate(pairs):
-        p_vol = read_volume(pair["pred"])
-        t_vol = read_volume(pair["truth"])
-        if p_vol.data.shape != t_vol.data.shape:
-            raise BadInputError(
-                f"{pair['pred']} has shape {p_vol.data.shape} but {pair['truth']} has shape {t_vol.data.shape}"
+    with RunRecorder(folder, "evaluate", config, part, argv, environ) as run:
+        run.set(device=None, seed=None)
+        for i, pair in enumerate(selected):
+            watch = Stopwatch()
+            hashes: dict[str, str] = {}
+            try:
+                p_vol = read_volume(pair["pred"])
+                t_vol = read_volume(pair["truth"])
+                hashes = {
+                    "pred_sha256": array_sha256(p_vol.data),
+                    "truth_sha256": array_sha256(t_vol.data),
+                }
+                watch.lap("read")
+                if p_vol.data.shape != t_vol.data.shape:
+                    raise BadInputError(
+                        f"{pair['pred']} has shape {p_vol.data.shape} but {pair['truth']} has shape {t_vol.data.shape}"
+                    )
+                try:
+                    score = metrics.score_case(
+                        _as_labels(p_vol.data, pair["pred"]),
+                        _as_labels(t_vol.data, pair["truth"]),
+                        t_vol.geometry.spacing,
+                        surface_distances=hausdorff,
+                    )
+                except BadInputError as exc:
+                    raise BadInputError(f"{pair['pred']} vs {pair['truth']}: {exc}") from None
+                watch.lap("score")
+            except Exception as exc:  # noqa: BLE001 - one bad pair does not stop the batch
+                failure = failures.record(pair["pred"], exc)
+                run.add(
+                    pair["pred"],
+                    status="failed",
+                    truth=str(pair["truth"]),
+                    seconds=watch.seconds,
+                    error=failure.message,
+                    **hashes,
+                )
+                if failures.total > 1:  # a single failure is just the error line
+                    progress("evaluate", i + 1, len(selected))
+                continue
+            result = score.to_dict()
+            for cls in result["classes"]:
+                cls["name"] = names.get((pair["level"], cls["class_id"])) if pair["level"] else None
+            cases.append(
+                {
+                    "case": pair["case"],
+                    "pred": str(pair["pred"]),
+                    "truth": str(pair["truth"]),
+                    "k": pair["k"],
+                    "level": pair["level"],
+                    "unit": t_vol.geometry.unit,
+                    **result,
+                }
             )
-        try:
-            score = metrics.score_case(
-                _as_labels(p_vol.data, pair["pred"]),
-                _as_labels(t_vol.data, pair["truth"]),
-                t_vol.geometry.spacing,
-                surface_distances=hausdorff,
+            run.add(
+                pair["pred"],
+                status="done",
+                truth=str(pair["truth"]),
+                seconds=watch.seconds,
+                mean_dice=result["mean_dice"],
+                **hashes,
             )
-        except BadInputError as exc:
-            raise BadInputError(f"{pair['pred']} vs {pair['truth']}: {exc}") from None
-        result = score.to_dict()
-        for cls in result["classes"]:
-            cls["name"] = names.get((pair["level"], cls["class_id"])) if pair["level"] else None
-        cases.append(
-            {
-                "case": pair["case"],
-                "pred": str(pair["pred"]),
-                "truth": str(pair["truth"]),
-                "k": pair["k"],
-                "level": pair["level"],
-                "unit": t_vol.geometry.unit,
-                **result,
-            }
-        )
-        progress("evaluate", i + 1, len(pairs))
+            progress("evaluate", i + 1, len(selected))
+        report = {
+            "cases": cases,
+            "summary": _dice_summary(cases),
+            "pairs": len(selected),
+            "part": part.to_dict(),
+            "failures": failures.to_json(),
+            "manifest": str(run.path) if run.path else None,
+        }
+        if csv_path is not None:
+            write_evaluation_csv(report, Path(csv_path))
+        run.failures = failures.to_json()
+        run.exit_status = failures.exit_code
+    return report
+
+
+def _dice_summary(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
     groups: dict[tuple[Any, Any], list[float]] = {}
     for case in cases:
         groups.setdefault((case["level"], case["k"]), []).append(case["mean_dice"])
-    summary = [
+    return [
         {
             "level": lvl,
             "k": k,
@@ -323,7 +414,6 @@ def evaluate(
             groups.items(), key=lambda kv: (kv[0][0] or 0, kv[0][1] or 0)
         )
     ]
-    return {"cases": cases, "summary": summary}
 
 
 def _as_labels(data: np.ndarray, path: Path) -> np.ndarray:
@@ -420,8 +510,9 @@ def train(
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Train on the volumes in ``inputs``; write ``output`` and its checkpoint and history."""
-    from . import training
+    from . import distributed, training
 
+    distributed.quiet_other_ranks()  # under torchrun, ranks > 0 log warnings only
     set_threads(threads)
     volumes = load_training_volumes(
         inputs, recursive=recursive, low=sampling_config.norm_low, high=sampling_config.norm_high
@@ -497,18 +588,17 @@ def embed_one(
     stride: int,
     tile: int | None,
     progress: Progress,
+    volume_sha256: str | None = None,
+    reuse: bool = True,
 ) -> tuple[np.ndarray, bool]:
-    """Embeddings of one volume, from the cache or computed (then cached). Returns (array, cached)."""
-    from .cache import embedding_key
+    """Embeddings of one volume, from the cache or computed (then cached). Returns (array, cached).
+
+    ``reuse=False`` recomputes even when the cache holds the entry (and replaces it).
+    """
     from .embedding import embed_volume
 
-    key = embedding_key(
-        array_sha256(volume.data),
-        model.sha256,
-        _embedding_params(model, patch_size, stride),
-        __version__,
-    )
-    hit = cache.get(key)
+    key = _cache_key(volume_sha256 or array_sha256(volume.data), model, patch_size, stride)
+    hit = cache.get(key) if reuse else None
     if hit is not None:
         return hit, True
     data = model.normalize(volume.data, str(volume.path))
@@ -534,6 +624,26 @@ def embed_one(
     return emb, False
 
 
+def _cache_key(volume_sha256: str, model: LoadedModel, patch_size: int, stride: int) -> str:
+    from .cache import embedding_key
+
+    return embedding_key(
+        volume_sha256, model.sha256, _embedding_params(model, patch_size, stride), __version__
+    )
+
+
+def _existing_cache(root: Path) -> Any:
+    """The cache at ``root`` if its folder exists (a dry run creates nothing), else None."""
+    from .cache import LAYOUT, EmbeddingCache
+
+    if not (Path(root) / LAYOUT).is_dir():
+        return None
+    try:
+        return EmbeddingCache(root)
+    except Exception:  # noqa: BLE001 - an unusable cache holds nothing usable
+        return None
+
+
 def embed(
     inputs: list[Path],
     model_path: Path,
@@ -546,6 +656,12 @@ def embed(
     cache_dir: Path | None = None,
     output: Path | None = None,
     recursive: bool = False,
+    skip_existing: bool | None = None,
+    num_parts: int | None = None,
+    part_id: int | None = None,
+    dry_run: bool = False,
+    argv: list[str] | None = None,
+    environ: dict[str, str] | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Fill the embedding cache for ``inputs``; with ``output`` also write ``<case>.npy`` arrays.
@@ -553,40 +669,273 @@ def embed(
     Each array is float32 of shape (X, Y, Z, d), indexed like the volume
     (``[x, y, z]``), holding the encoder's posterior mean for the patch centred
     on each voxel (points of the Poincaré ball for hyperbolic models).
+
+    ``skip_existing``: None (default) reuses cached embeddings and (re)writes
+    the ``.npy`` files; True skips a volume whose output exists (the ``.npy``
+    file with ``output``, not even reading the volume; else its cache entry);
+    False recomputes every embedding, replacing cache entries and files.
+    With parts only this part's share of the sorted inputs is processed. A
+    volume that fails is reported in ``failures`` and the others go on. With
+    ``output`` a run record is appended to ``output/hypseg-runs.jsonl``.
+    ``dry_run`` returns the plan (:func:`plan`) and computes nothing.
     """
     from .cache import EmbeddingCache, resolve_cache_dir
+    from .embedding import DEFAULT_TILE
 
     progress = progress or _noop
     _check_embedding_options(patch_size, stride)
     set_threads(threads)
     paths = collect_inputs(inputs, recursive=recursive)
+    part = resolve_part(num_parts, part_id, environ)
+    selected = _select_part(paths, part)
     model = LoadedModel(model_path, device)
-    cache = EmbeddingCache(resolve_cache_dir(cache_dir))
-    rows = []
-    for i, path in enumerate(paths):
-        volume = read_volume(path)
-        start = time.perf_counter()
-        emb, cached = embed_one(
-            volume, model, cache, patch_size=patch_size, stride=stride, tile=tile, progress=progress
-        )
-        row: dict[str, Any] = {
-            "volume": str(path),
-            "shape": list(emb.shape),
-            "cached": cached,
-            "seconds": round(time.perf_counter() - start, 3),
+    out = Path(output) if output is not None else None
+    cache_root = resolve_cache_dir(cache_dir)
+    config = {
+        "inputs": [str(i) for i in inputs],
+        "model": str(model_path),
+        "output": str(out) if out is not None else None,
+        "patch_size": patch_size,
+        "stride": stride,
+        "tile": tile if tile is not None else DEFAULT_TILE,
+        "device": device,
+        "threads": threads,
+        "torch_threads": _torch_threads(),
+        "cache_dir": str(cache_root),
+        "recursive": recursive,
+        "skip_existing": skip_existing,
+        "num_parts": num_parts,
+        "part_id": part_id,
+    }
+
+    def npy_of(path: Path) -> Path | None:
+        return out / f"{case_name(path)}.npy" if out is not None else None
+
+    if dry_run:
+        cache = _existing_cache(cache_root)
+        done = {
+            path: bool(skip_existing and out is not None and npy_of(path).is_file())  # type: ignore[union-attr]
+            for path in selected
         }
-        if output is not None:
-            target = Path(output) / f"{volume.name}.npy"
-            _save_npy(target, np.asarray(emb, dtype=np.float32))
-            row["output"] = str(target)
-        rows.append(row)
-        progress("volumes", i + 1, len(paths))
+        return plan(
+            "embed",
+            selected,
+            part,
+            model=model,
+            done=done,
+            cache=cache,
+            reuse_cache=skip_existing is not False,
+            patch_size=patch_size,
+            stride=stride,
+            tile=tile,
+            total_inputs=len(paths),
+            config=config,
+        )
+    cache = EmbeddingCache(cache_root)
+    failures = Failures(len(selected))
+    rows: list[dict[str, Any]] = []
+    with RunRecorder(out, "embed", config, part, argv, environ) as run:
+        run.set(
+            device=str(model.device), seed=None, model=str(model_path), model_sha256=model.sha256
+        )
+        for i, path in enumerate(selected):
+            watch = Stopwatch()
+            sha: str | None = None
+            target = npy_of(path)
+            row: dict[str, Any] = {"volume": str(path)}
+            try:
+                if skip_existing and target is not None and target.is_file():
+                    row.update(status="skipped", shape=None, cached=False, output=str(target))
+                else:
+                    volume = read_volume(path)
+                    sha = array_sha256(volume.data)
+                    watch.lap("read")
+                    if (
+                        skip_existing
+                        and target is None
+                        and _cache_key(sha, model, patch_size, stride) in cache
+                    ):
+                        row.update(status="skipped", shape=None, cached=True)
+                    else:
+                        emb, cached = embed_one(
+                            volume,
+                            model,
+                            cache,
+                            patch_size=patch_size,
+                            stride=stride,
+                            tile=tile,
+                            progress=progress,
+                            volume_sha256=sha,
+                            reuse=skip_existing is not False,
+                        )
+                        watch.lap("embed")
+                        row.update(
+                            status="cached" if cached else "computed",
+                            shape=list(emb.shape),
+                            cached=cached,
+                        )
+                        if target is not None:
+                            _save_npy(target, np.asarray(emb, dtype=np.float32))
+                            watch.lap("write")
+                            row["output"] = str(target)
+            except Exception as exc:  # noqa: BLE001 - one bad volume does not stop the batch
+                failure = failures.record(path, exc)
+                row.update(status="failed", shape=None, cached=False, error=failure.message)
+            row["seconds"] = watch.total
+            row["stages"] = dict(watch.seconds)
+            rows.append(row)
+            run.add(
+                path,
+                status=row["status"],
+                sha256=sha,
+                seconds=watch.seconds,
+                output=row.get("output"),
+                error=row.get("error"),
+            )
+            if row["status"] != "failed" or failures.total > 1:
+                progress("volumes", i + 1, len(selected))
+        run.failures = failures.to_json()
+        run.exit_status = failures.exit_code
     return {
         "model": str(model_path),
         "cache": str(cache.root),
-        "computed": sum(not r["cached"] for r in rows),
-        "cached": sum(r["cached"] for r in rows),
+        "computed": sum(r["status"] == "computed" for r in rows),
+        "cached": sum(r["status"] == "cached" for r in rows),
+        "skipped": sum(r["status"] == "skipped" for r in rows),
+        "failed": len(failures),
+        "part": part.to_dict(),
         "volumes": rows,
+        "failures": failures.to_json(),
+        "manifest": str(run.path) if run.path else None,
+    }
+
+
+def _torch_threads() -> int | None:
+    import sys
+
+    torch = sys.modules.get("torch")
+    return int(torch.get_num_threads()) if torch is not None else None
+
+
+def plan(
+    command: str,
+    selected: list[Path],
+    part: Part,
+    *,
+    model: LoadedModel | None,
+    done: dict[Path, bool],
+    cache: Any,
+    reuse_cache: bool,
+    patch_size: int,
+    stride: int,
+    tile: int | None,
+    total_inputs: int,
+    config: dict[str, Any],
+    ks: list[int] | None = None,
+    n_init: int = 4,
+    fit_samples: int = 200_000,
+    pooled_fit: bool = False,
+) -> dict[str, Any]:
+    """What ``embed``/``cluster`` would do (``--dry-run``): per volume its shape, state and estimates.
+
+    States: ``done`` (outputs exist; skipped), ``cached`` (embeddings in the
+    cache), ``compute`` (to be embedded), ``cluster`` (intensity features; no
+    embedding) or ``error`` (unreadable). Volumes not done are read and hashed
+    to look them up in the cache; nothing is written, no model is run.
+    Estimates are described in :data:`hypsegcli.batch.PLAN_NOTES`.
+    """
+    import torch
+
+    from .batch import (
+        PLAN_NOTES,
+        current_rss_bytes,
+        estimate_embedding,
+        estimate_kmeans_seconds,
+        measure_flop_rate,
+        peek_shape,
+    )
+    from .embedding import DEFAULT_TILE, flops_per_voxel
+
+    tile = tile if tile is not None else DEFAULT_TILE
+    dev = model.device if model is not None else torch.device("cpu")
+    rate = measure_flop_rate(dev)
+    workers = torch.get_num_threads() if dev.type == "cpu" else 1
+    baseline = current_rss_bytes()
+    d = int(model.model.cfg.latent_dim) if model is not None else 1
+    rows = []
+    for path in selected:
+        row: dict[str, Any] = {"volume": str(path)}
+        try:
+            shape = peek_shape(path)
+            voxels = int(np.prod(shape))
+            row.update(shape=list(shape), voxels=voxels)
+            if done[path]:
+                row.update(state="done", seconds=0.0, peak_bytes=None)
+                rows.append(row)
+                continue
+            state = "cluster"
+            if model is not None:
+                volume = read_volume(path)
+                key = _cache_key(array_sha256(volume.data), model, patch_size, stride)
+                cached = reuse_cache and cache is not None and key in cache
+                state = "cached" if cached else "compute"
+            seconds, peak = 0.0, baseline + 4.0 * voxels * 2
+            if state == "compute":
+                est = estimate_embedding(
+                    model.model,
+                    shape,
+                    patch_size=patch_size,
+                    stride=stride,
+                    tile=tile,
+                    workers=workers,
+                    flop_rate=rate,
+                )
+                seconds += est["seconds"]
+                peak = baseline + est["array_bytes"] + est["activation_bytes"]
+            if ks:
+                seconds += estimate_kmeans_seconds(
+                    voxels,
+                    ks,
+                    n_init=1 if pooled_fit else n_init,
+                    fit_samples=0 if pooled_fit else fit_samples,
+                    flop_rate=rate,
+                )
+                # features (d float32), a float32 copy for assignment, int64 labels
+                peak = max(peak, baseline + 4.0 * voxels * (2 + 2 * d) + 8.0 * voxels)
+            row.update(state=state, seconds=round(seconds, 3), peak_bytes=int(peak))
+        except Exception as exc:  # noqa: BLE001 - shown in the plan
+            from .batch import one_line
+
+            row.update(state="error", error=one_line(exc), seconds=None, peak_bytes=None)
+        rows.append(row)
+    extra = 0.0
+    if pooled_fit and ks:
+        extra = estimate_kmeans_seconds(
+            fit_samples, ks, n_init=n_init, fit_samples=fit_samples, flop_rate=rate
+        )
+    peaks = [r["peak_bytes"] for r in rows if r.get("peak_bytes")]
+    counts = {
+        state: sum(r.get("state") == state for r in rows)
+        for state in ("done", "cached", "compute", "cluster", "error")
+    }
+    return {
+        "dry_run": True,
+        "command": command,
+        "part": part.to_dict(),
+        "inputs": total_inputs,
+        "volumes": rows,
+        "counts": counts,
+        "device": str(dev),
+        "threads": workers,
+        "flop_rate": rate,
+        "flops_per_voxel": flops_per_voxel(model.model, patch_size, stride=stride)
+        if model is not None
+        else None,
+        "estimated_seconds": round(sum(r["seconds"] or 0.0 for r in rows) + extra, 3),
+        "estimated_peak_bytes": int(max(peaks)) if peaks else None,
+        "baseline_bytes": int(baseline),
+        "config": config,
+        "notes": PLAN_NOTES,
     }
 
 
@@ -706,6 +1055,171 @@ def load_centroids(path: Path, ks: list[int], features: str) -> dict[int, np.nda
     return pooled
 
 
+#: Per-case centroid records beside the label volumes: ``OUT/<case>.centroids.json``.
+CASE_CENTROIDS_SUFFIX = ".centroids.json"
+CASE_CENTROIDS_FORMAT = "hypseg-case-centroids"
+#: Header fields that must agree for centroid records to be merged or outputs reused.
+_IDENTITY = ("features", "geometry", "curvature", "model_sha256", "patch_size", "stride")
+
+
+def _case_centroids_path(out: Path, name: str) -> Path:
+    return out / f"{name}{CASE_CENTROIDS_SUFFIX}"
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _same_identity(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return all(a.get(key) == b.get(key) for key in _IDENTITY)
+
+
+def _case_record_matches(
+    doc: Any, header: dict[str, Any], fit: str, params: dict[str, Any]
+) -> bool:
+    """``doc`` is a per-case record made the same way (model, options, fitting mode)."""
+    return (
+        isinstance(doc, dict)
+        and doc.get("format") == CASE_CENTROIDS_FORMAT
+        and isinstance(doc.get("header"), dict)
+        and _same_identity(doc["header"], header)
+        and doc.get("fit") == fit
+        and (fit == "centroids" or doc.get("params") == params)
+        and isinstance(doc.get("sets"), list)
+    )
+
+
+def _case_outputs(out: Path, path: Path, ks: list[int], preview: bool) -> list[Path]:
+    """The files ``cluster`` writes for one input (its centroid record last)."""
+    name, suffix = case_name(path), volume_suffix(path) or ".nii.gz"
+    files = [out / f"{name}_k{k}{suffix}" for k in ks]
+    if preview:
+        files += [out / f"{name}_k{k}.png" for k in ks]
+    return [*files, _case_centroids_path(out, name)]
+
+
+def _case_done(
+    out: Path,
+    path: Path,
+    ks: list[int],
+    *,
+    preview: bool,
+    header: dict[str, Any],
+    fit: str,
+    params: dict[str, Any],
+    fixed: dict[int, np.ndarray] | None,
+) -> bool:
+    """All outputs of ``path`` exist and its centroid record (written last) covers ``ks``, same model and options."""
+    if not all(f.is_file() for f in _case_outputs(out, path, ks, preview)):
+        return False
+    doc = _read_json(_case_centroids_path(out, case_name(path)))
+    if not _case_record_matches(doc, header, fit, params):
+        return False
+    sets = {int(s["k"]): s.get("centers") for s in doc["sets"] if isinstance(s, dict) and "k" in s}
+    if not all(k in sets for k in ks):
+        return False
+    if fit == "centroids" and fixed is not None:
+        return all(np.array_equal(np.asarray(sets[k], dtype=np.float64), fixed[k]) for k in ks)
+    return True
+
+
+def _write_case_centroids(
+    out: Path,
+    volume: Any,
+    *,
+    header: dict[str, Any],
+    fit: str,
+    params: dict[str, Any],
+    sets: list[dict[str, Any]],
+) -> Path:
+    """Write ``OUT/<case>.centroids.json`` (atomically), keeping its sets for other k made the same way."""
+    target = _case_centroids_path(out, volume.name)
+    new_ks = {int(s["k"]) for s in sets}
+    kept = []
+    old = _read_json(target) if target.exists() else None
+    if _case_record_matches(old, header, fit, params):
+        kept = [s for s in old["sets"] if isinstance(s, dict) and int(s.get("k", 0)) not in new_ks]
+    doc = {
+        "format": CASE_CENTROIDS_FORMAT,
+        "case": volume.name,
+        "volume": str(volume.path),
+        "fit": fit,
+        "params": params,
+        "header": header,
+        "sets": sorted([*kept, *sets], key=lambda s: int(s["k"])),
+    }
+    write_text_atomic(target, json.dumps(doc, indent=2) + "\n")
+    return target
+
+
+def _merge_centroids(out: Path, header: dict[str, Any]) -> Path:
+    """Rebuild ``OUT/centroids.json`` from every ``OUT/<case>.centroids.json`` (safe for concurrent parts).
+
+    Per-volume fits become sets with their case name; pooled or applied
+    centroids (the same for many cases) become one set per k with case null.
+    Records made with another model or options are left out with a warning.
+    """
+    from .batch import rebuild_merged
+
+    target = out / "centroids.json"
+    left_out: list[str] = []
+
+    def parts() -> list[Path]:
+        try:
+            return [
+                p
+                for p in out.iterdir()
+                if p.name.endswith(CASE_CENTROIDS_SUFFIX) and not p.name.startswith(".")
+            ]
+        except FileNotFoundError:
+            return []
+
+    def build(files: list[Path]) -> str:
+        left_out.clear()
+        pooled: dict[tuple[int, str], dict[str, Any]] = {}
+        per_case: list[dict[str, Any]] = []
+        for f in files:
+            doc = _read_json(f)
+            if not (
+                isinstance(doc, dict)
+                and doc.get("format") == CASE_CENTROIDS_FORMAT
+                and isinstance(doc.get("header"), dict)
+                and _same_identity(doc["header"], header)
+            ):
+                if doc is not None:
+                    left_out.append(f.name)
+                continue
+            for entry in doc.get("sets", []):
+                k, centers = int(entry["k"]), entry["centers"]
+                if doc.get("fit") == "volume":
+                    per_case.append({"case": doc.get("case"), "k": k, "centers": centers})
+                else:
+                    pooled.setdefault(
+                        (k, json.dumps(centers)), {"case": None, "k": k, "centers": centers}
+                    )
+        sets = sorted(pooled.values(), key=lambda s: s["k"]) + sorted(
+            per_case, key=lambda s: (str(s["case"]), s["k"])
+        )
+        return json.dumps({"format": "hypseg-centroids", **header, "sets": sets}, indent=2) + "\n"
+
+    try:
+        rebuild_merged(target, parts, build)
+    except OSError as exc:
+        raise HypsegError(f"{target}: cannot write ({exc.strerror or exc})") from None
+    if left_out:
+        log.warning(
+            "%s: left out %d centroid record(s) made with another model or options (%s%s)",
+            target,
+            len(left_out),
+            ", ".join(left_out[:3]),
+            ", ..." if len(left_out) > 3 else "",
+        )
+    return target
+
+
 def cluster(
     inputs: list[Path],
     out: Path,
@@ -726,6 +1240,12 @@ def cluster(
     cache_dir: Path | None = None,
     preview: bool = False,
     recursive: bool = False,
+    skip_existing: bool = True,
+    num_parts: int | None = None,
+    part_id: int | None = None,
+    dry_run: bool = False,
+    argv: list[str] | None = None,
+    environ: dict[str, str] | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Segment each volume into k clusters for every k; write ``OUT/<case>_k<K>`` and centroids.
@@ -736,8 +1256,22 @@ def cluster(
     structure gets the same number across runs. ``fit_on="pooled"`` fits one
     set of centroids on all inputs together so numbers agree across volumes;
     ``centroids`` applies saved pooled centroids instead of fitting.
+
+    Centroids: each case's sets go to ``OUT/<case>.centroids.json``, written
+    after its label volumes; ``OUT/centroids.json`` is then rebuilt from all
+    of them (:func:`_merge_centroids`), so parts writing into one folder never
+    lose each other's sets.
+
+    Batch behaviour: with parts only this part's share of the sorted inputs is
+    processed (``fit_on="pooled"`` needs all inputs: refused with parts unless
+    ``centroids`` is given). ``skip_existing`` skips a volume whose label
+    volumes (and previews) for every k exist and whose centroid record covers
+    every k with the same model, options and fitting mode. A volume that
+    fails is reported in ``failures`` and the others go on. A run record is
+    appended to ``OUT/hypseg-runs.jsonl``. ``dry_run`` returns the plan.
     """
     from .cache import EmbeddingCache, resolve_cache_dir
+    from .embedding import DEFAULT_TILE
     from .preview import write_preview
 
     progress = progress or _noop
@@ -756,6 +1290,14 @@ def cluster(
     _check_embedding_options(patch_size, stride)
     set_threads(threads)
     paths = collect_inputs(inputs, recursive=recursive)
+    part = resolve_part(num_parts, part_id, environ)
+    if fit_on == "pooled" and centroids is None and part.split:
+        raise BadInputError(
+            f"--fit-on pooled needs all inputs in one run, but this is {part.describe()}: "
+            "fit the centroids first in one job (hypseg cluster ... --fit-on pooled --num-parts 1 -o FIT), "
+            "then run the parts with --centroids FIT/centroids.json"
+        )
+    selected = _select_part(paths, part)
     out = Path(out)
     model = LoadedModel(model_path, device) if features == "embedding" else None
     kind = (
@@ -768,83 +1310,205 @@ def cluster(
     clusterer = _Clusterer(
         kind, curvature=curvature, n_init=n_init, fit_samples=fit_samples, seed=seed, device=device
     )
-    cache = EmbeddingCache(resolve_cache_dir(cache_dir)) if model is not None else None
-
-    def features_of(volume: Any) -> tuple[np.ndarray, bool]:
-        if model is None:
-            return _intensity_features(volume.data, str(volume.path)), False
-        return embed_one(
-            volume, model, cache, patch_size=patch_size, stride=stride, tile=tile, progress=progress
-        )
-
-    fixed: dict[int, np.ndarray] | None = None
-    if centroids is not None:
-        fixed = load_centroids(centroids, ks, features)
-    elif fit_on == "pooled":
-        per_volume = max(1, fit_samples // len(paths))
-        rng = np.random.default_rng(seed)
-        samples = []
-        for i, path in enumerate(paths):
-            feats, _ = features_of(read_volume(path))
-            flat = np.asarray(feats).reshape(-1, feats.shape[-1])
-            take = rng.choice(len(flat), min(per_volume, len(flat)), replace=False)
-            samples.append(np.asarray(flat[np.sort(take)], dtype=np.float64))
-            progress("pooled features", i + 1, len(paths))
-        pooled = np.concatenate(samples)
-        fixed = {}
-        for k in ks:
-            if len(pooled) < k:
-                raise BadInputError(f"n_samples={len(pooled)} should be >= n_clusters={k}")
-            fixed[k] = clusterer.fit(pooled, k)
-
-    sets: list[dict[str, Any]] = []
-    if fixed is not None:
-        sets = [{"case": None, "k": k, "centers": fixed[k].tolist()} for k in ks]
-    rows = []
-    computed = 0
-    for i, path in enumerate(paths):
-        volume = read_volume(path)
-        feats, cached = features_of(volume)
-        computed += int(model is not None and not cached)
-        flat = np.asarray(feats).reshape(-1, feats.shape[-1])
-        written = []
-        for k in ks:
-            if fixed is not None:
-                centers = fixed[k]
-            else:
-                if len(flat) < k:
-                    raise BadInputError(
-                        f"{path}: n_samples={len(flat)} should be >= n_clusters={k}"
-                    )
-                centers = clusterer.fit(flat, k)
-                sets.append({"case": volume.name, "k": k, "centers": centers.tolist()})
-            labels = clusterer.predict(flat, centers).reshape(volume.data.shape)
-            target = out / f"{volume.name}_k{k}{volume.geometry.suffix}"
-            write_labels(target, labels, volume.geometry)
-            written.append(str(target))
-            if preview:
-                write_preview(
-                    out / f"{volume.name}_k{k}.png", volume.data, labels, volume.geometry.spacing
-                )
-        rows.append({"volume": str(path), "outputs": written, "cached": bool(cached)})
-        progress("cluster", i + 1, len(paths))
-    centroid_doc = {
-        "format": "hypseg-centroids",
+    header = {
         "features": features,
         "geometry": "poincare" if kind == "ball" else "euclidean",
         "curvature": curvature if kind == "ball" else None,
         "model": str(model_path) if model_path else None,
         "model_sha256": model.sha256 if model else None,
         "patch_size": patch_size if model else None,
+        "stride": stride if model else None,
         "order": "by distance from the origin, then angle" if kind == "ball" else "by coordinates",
-        "sets": sets,
     }
-    write_text_atomic(out / "centroids.json", json.dumps(centroid_doc, indent=2) + "\n")
+    fit = "centroids" if centroids is not None else fit_on
+    params = {"seed": seed, "n_init": n_init, "fit_samples": fit_samples}
+    fixed: dict[int, np.ndarray] | None = None
+    if centroids is not None:
+        fixed = load_centroids(centroids, ks, features)
+    cache_root = resolve_cache_dir(cache_dir) if model is not None else None
+    config = {
+        "inputs": [str(i) for i in inputs],
+        "output": str(out),
+        "ks": ks,
+        "model": str(model_path) if model_path else None,
+        "features": features,
+        "fit_on": fit_on,
+        "centroids": str(centroids) if centroids is not None else None,
+        "patch_size": patch_size,
+        "stride": stride,
+        "tile": tile if tile is not None else DEFAULT_TILE,
+        "n_init": n_init,
+        "fit_samples": fit_samples,
+        "seed": seed,
+        "device": device,
+        "threads": threads,
+        "torch_threads": _torch_threads(),
+        "cache_dir": str(cache_root) if cache_root else None,
+        "preview": preview,
+        "recursive": recursive,
+        "skip_existing": skip_existing,
+        "num_parts": num_parts,
+        "part_id": part_id,
+    }
+    done = {
+        path: skip_existing
+        and _case_done(
+            out, path, ks, preview=preview, header=header, fit=fit, params=params, fixed=fixed
+        )
+        for path in selected
+    }
+    if dry_run:
+        return plan(
+            "cluster",
+            selected,
+            part,
+            model=model,
+            done=done,
+            cache=_existing_cache(cache_root) if cache_root else None,
+            reuse_cache=True,
+            patch_size=patch_size,
+            stride=stride,
+            tile=tile,
+            ks=ks,
+            n_init=n_init,
+            fit_samples=fit_samples,
+            pooled_fit=fit == "pooled" and not all(done.values()),
+            total_inputs=len(paths),
+            config=config,
+        )
+    cache = EmbeddingCache(cache_root) if cache_root is not None else None
+
+    def features_of(volume: Any, sha: str) -> tuple[np.ndarray, bool]:
+        if model is None:
+            return _intensity_features(volume.data, str(volume.path)), False
+        return embed_one(
+            volume,
+            model,
+            cache,
+            patch_size=patch_size,
+            stride=stride,
+            tile=tile,
+            progress=progress,
+            volume_sha256=sha,
+        )
+
+    failures = Failures(len(selected))
+    failed: dict[Path, str] = {}
+    rows: list[dict[str, Any]] = []
+    computed = 0
+    with RunRecorder(out, "cluster", config, part, argv, environ) as run:
+        run.set(
+            device=str(model.device) if model else "cpu",
+            seed=seed,
+            model=str(model_path) if model_path else None,
+            model_sha256=model.sha256 if model else None,
+        )
+        todo = [p for p in selected if not done[p]]
+        if fit == "pooled" and todo:
+            # All inputs (this is the only part), also those already done: the
+            # same inputs give the same centroids, so earlier outputs stay valid.
+            per_volume = max(1, fit_samples // len(selected))
+            rng = np.random.default_rng(seed)
+            samples = []
+            for i, path in enumerate(selected):
+                try:
+                    volume = read_volume(path)
+                    feats, cached = features_of(volume, array_sha256(volume.data))
+                    computed += int(model is not None and not cached)
+                    flat = np.asarray(feats).reshape(-1, feats.shape[-1])
+                    take = rng.choice(len(flat), min(per_volume, len(flat)), replace=False)
+                    samples.append(np.asarray(flat[np.sort(take)], dtype=np.float64))
+                except Exception as exc:  # noqa: BLE001 - reported, the others go on
+                    failed[path] = failures.record(path, exc).message
+                progress("pooled features", i + 1, len(selected))
+            if samples:
+                pooled = np.concatenate(samples)
+                fixed = {}
+                for k in ks:
+                    if len(pooled) < k:
+                        raise BadInputError(f"n_samples={len(pooled)} should be >= n_clusters={k}")
+                    fixed[k] = clusterer.fit(pooled, k)
+        for i, path in enumerate(selected):
+            watch = Stopwatch()
+            sha: str | None = None
+            row: dict[str, Any] = {"volume": str(path), "outputs": [], "cached": False}
+            if done[path]:
+                row.update(
+                    status="skipped",
+                    outputs=[str(f) for f in _case_outputs(out, path, ks, False)[:-1]],
+                )
+            elif path in failed:
+                row.update(status="failed", error=failed[path])
+            else:
+                try:
+                    volume = read_volume(path)
+                    sha = array_sha256(volume.data)
+                    watch.lap("read")
+                    feats, cached = features_of(volume, sha)
+                    computed += int(model is not None and not cached)
+                    row["cached"] = bool(cached)
+                    watch.lap("embed")
+                    flat = np.asarray(feats).reshape(-1, feats.shape[-1])
+                    sets = []
+                    for k in ks:
+                        if fixed is not None:
+                            centers = fixed[k]
+                        else:
+                            if len(flat) < k:
+                                raise BadInputError(
+                                    f"{path}: n_samples={len(flat)} should be >= n_clusters={k}"
+                                )
+                            centers = clusterer.fit(flat, k)
+                        sets.append({"k": k, "centers": centers.tolist()})
+                        labels = clusterer.predict(flat, centers).reshape(volume.data.shape)
+                        watch.lap("cluster")
+                        target = out / f"{volume.name}_k{k}{volume.geometry.suffix}"
+                        write_labels(target, labels, volume.geometry)
+                        row["outputs"].append(str(target))
+                        if preview:
+                            write_preview(
+                                out / f"{volume.name}_k{k}.png",
+                                volume.data,
+                                labels,
+                                volume.geometry.spacing,
+                            )
+                        watch.lap("write")
+                    _write_case_centroids(
+                        out, volume, header=header, fit=fit, params=params, sets=sets
+                    )
+                    watch.lap("write")
+                    row["status"] = "done"
+                except Exception as exc:  # noqa: BLE001 - reported, the others go on
+                    row.update(status="failed", error=failures.record(path, exc).message)
+            row["seconds"] = watch.total
+            row["stages"] = dict(watch.seconds)
+            rows.append(row)
+            run.add(
+                path,
+                status=row["status"],
+                sha256=sha,
+                seconds=watch.seconds,
+                cached=row["cached"],
+                outputs=row["outputs"],
+                error=row.get("error"),
+            )
+            if row["status"] != "failed" or failures.total > 1:
+                progress("cluster", i + 1, len(selected))
+        merged = _merge_centroids(out, header)
+        run.failures = failures.to_json()
+        run.exit_status = failures.exit_code
     return {
         "out": str(out),
         "ks": ks,
         "features": features,
-        "fit_on": "centroids" if centroids is not None else fit_on,
+        "fit_on": fit,
         "computed": computed,
+        "done": sum(r["status"] == "done" for r in rows),
+        "skipped": sum(r["status"] == "skipped" for r in rows),
+        "failed": len(failures),
+        "part": part.to_dict(),
+        "centroids": str(merged),
         "volumes": rows,
+        "failures": failures.to_json(),
+        "manifest": str(run.path),
     }

@@ -5,6 +5,13 @@ The trainer is device-agnostic: volumes, model and sampling live on one
 generators (model initialisation, triplet sampling, reparameterisation noise),
 and their states are stored in every checkpoint, so a resumed run draws the
 triplets an uninterrupted run would have drawn.
+
+Under ``torchrun`` (``WORLD_SIZE > 1``) the same loop runs on every rank with
+DistributedDataParallel (see :mod:`hypsegcli.distributed`): ``batch_size`` is
+per rank (each step sees ``batch_size * world_size`` triplets), rank r seeds its
+triplet and noise generators with ``seed + 1 + 2r`` and ``seed + 2 + 2r`` (rank
+0, like a single process, with ``seed + 1`` and ``seed + 2``), the reported
+losses are means over the ranks, and rank 0 alone writes the files.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from . import distributed
 from .config import ModelConfig, SamplingConfig, TrainConfig
 from .errors import BadInputError, HypsegError
 from .io import write_text_atomic
@@ -49,6 +57,7 @@ class TrainResult:
     first: dict[str, float]
     last: dict[str, float]
     stopped_by: str
+    world_size: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -60,6 +69,7 @@ class TrainResult:
             "first_losses": self.first,
             "last_losses": self.last,
             "stopped_by": self.stopped_by,
+            "world_size": self.world_size,
         }
 
 
@@ -70,7 +80,14 @@ def companion_paths(model_path: Path) -> tuple[Path, Path]:
 
 
 def resolve_device(name: str = "auto"):
-    """``auto`` picks CUDA, then Apple MPS, then the CPU."""
+    """``auto`` picks CUDA, then Apple MPS, then the CPU.
+
+    Under torchrun (``WORLD_SIZE > 1``) ``auto`` and ``cuda`` mean ``cuda:LOCAL_RANK``.
+    """
+    return distributed.per_rank_device(_resolve_device(name))
+
+
+def _resolve_device(name: str):
     import torch
 
     if name == "auto":
@@ -107,7 +124,37 @@ def train(
     and sampling configuration win over the given ones) and training continues
     from its step until ``train_config.steps`` / ``max_minutes`` (counted for
     this run).
+
+    Under torchrun every rank calls this with the same arguments; see the module
+    docstring for what differs between ranks.
     """
+    dev = resolve_device(device)
+    with distributed.session(dev) as dist:
+        return _train(
+            volumes,
+            Path(model_path),
+            model_config=model_config,
+            sampling_config=sampling_config,
+            train_config=train_config,
+            dev=dev,
+            dist=dist,
+            resume=resume,
+            progress=progress if dist.is_main else None,
+        )
+
+
+def _train(
+    volumes: Sequence[TrainingVolume],
+    model_path: Path,
+    *,
+    model_config: ModelConfig,
+    sampling_config: SamplingConfig,
+    train_config: TrainConfig,
+    dev: Any,
+    dist: distributed.Distributed,
+    resume: bool,
+    progress: Callable[..., None] | None,
+) -> TrainResult:
     import torch
 
     from .geometry import geoopt
@@ -115,9 +162,7 @@ def train(
     from .sampling import TripletSampler
 
     progress = progress or (lambda *a, **k: None)
-    model_path = Path(model_path)
     ckpt_path, history_path = companion_paths(model_path)
-    dev = resolve_device(device)
     history: list[dict[str, float]] = []
     state: dict[str, Any] | None = None
     if resume:
@@ -131,7 +176,7 @@ def train(
         model_config = ModelConfig.from_dict(state["model_config"])
         sampling_config = SamplingConfig.from_dict(state["sampling_config"])
         old_hashes = [v["sha256"] for v in state.get("training_volumes", [])]
-        if old_hashes != [v.sha256 for v in volumes]:
+        if dist.is_main and old_hashes != [v.sha256 for v in volumes]:
             log.warning("resuming on training volumes that differ from the checkpoint's")
         history = [row for row in _read_history(history_path) if row["step"] <= state["step"]]
 
@@ -141,8 +186,8 @@ def train(
         torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=init_gen)))
         model = HypVAE(model_config)
     model.to(dev)
-    sample_gen = torch.Generator(device=dev).manual_seed(seed + 1)
-    noise_gen = torch.Generator(device=dev).manual_seed(seed + 2)
+    sample_gen = torch.Generator(device=dev).manual_seed(seed + 1 + 2 * dist.rank)
+    noise_gen = torch.Generator(device=dev).manual_seed(seed + 2 + 2 * dist.rank)
     tensors = [torch.from_numpy(np.ascontiguousarray(v.data)).to(dev) for v in volumes]
     try:
         sampler = TripletSampler(
@@ -161,17 +206,12 @@ def train(
         for param_state in optimizer.state.values():
             if torch.is_tensor(param_state.get("step")):
                 param_state["step"] = int(param_state["step"].item())
-        sample_gen.set_state(
-            state["rng_state"]["sample"].cpu()
-            if dev.type == "cpu"
-            else state["rng_state"]["sample"]
-        )
-        noise_gen.set_state(
-            state["rng_state"]["noise"].cpu() if dev.type == "cpu" else state["rng_state"]["noise"]
-        )
         step = int(state["step"])
+        _restore_generators(state, dist, seed, step, sample=sample_gen, noise=noise_gen)
+        _warm_up_torchscript(model, train_config, dev)
         elapsed_before = float(state.get("elapsed_seconds", 0.0))
         log.info("resuming from step %d of %s", step, ckpt_path)
+    loss_fn = dist.wrap(model)
 
     target = train_config.steps
     deadline = (
@@ -197,16 +237,25 @@ def train(
             "training_volumes": volume_meta,
             "step": step,
             "elapsed_seconds": elapsed_before + (time.monotonic() - start),
+            "world_size": dist.world_size,
             "state_dict": _to_cpu(model.state_dict()),
         }
         if kind == "checkpoint":
             doc["optimizer_state"] = _to_cpu(optimizer.state_dict())
-            doc["rng_state"] = {"sample": sample_gen.get_state(), "noise": noise_gen.get_state()}
+            doc["rng_state"] = dict(rng_states[0])  # rank 0's, as a single process resumes
+            if dist.enabled:
+                doc["rng_state"]["ranks"] = rng_states
         return doc
 
     def checkpoint() -> None:
-        save_model_file(ckpt_path, payload("checkpoint"))
-        _write_history(history_path, history)
+        nonlocal rng_states
+        rng = {"sample": sample_gen.get_state(), "noise": noise_gen.get_state()}
+        rng_states = dist.gather(rng)  # every rank's, for an exact distributed resume
+        if dist.is_main:
+            save_model_file(ckpt_path, payload("checkpoint"))
+            _write_history(history_path, history)
+
+    rng_states: list[dict[str, Any]] = []
 
     start = time.monotonic()
     model.train()
@@ -217,18 +266,17 @@ def train(
         if target is not None and step >= target:
             stopped_by = "steps"
             break
-        if deadline is not None and time.monotonic() >= deadline:
+        if deadline is not None and dist.main_decides(time.monotonic() >= deadline):
             stopped_by = "max-minutes"
             break
         triplets = sampler.sample(train_config.batch_size)
-        losses = model.loss(
-            triplets.anchor, triplets.positive, triplets.negative, generator=noise_gen
-        )
+        losses = loss_fn(triplets.anchor, triplets.positive, triplets.negative, generator=noise_gen)
         total = losses["total"]
-        if not torch.isfinite(total):
+        report = dist.average({k: v.detach() for k, v in losses.items()})  # over the ranks
+        if not torch.isfinite(report["total"]):
             checkpoint()
             raise HypsegError(
-                f"training diverged at step {step + 1} (loss is {float(total)}); "
+                f"training diverged at step {step + 1} (loss is {float(report['total'])}); "
                 f"the last good state is in {ckpt_path}; try a smaller --lr"
             )
         optimizer.zero_grad(set_to_none=True)
@@ -239,8 +287,10 @@ def train(
         step += 1
         window_steps += 1
         now = time.monotonic()
-        row = {k: float(v.detach()) for k, v in losses.items()}
-        rate = window_steps * train_config.batch_size / max(now - window_start, 1e-9)
+        row = {k: float(v) for k, v in report.items()}
+        rate = (
+            window_steps * train_config.batch_size * dist.world_size / max(now - window_start, 1e-9)
+        )
         record = {
             "step": step,
             "elapsed_s": round(elapsed_before + now - start, 3),
@@ -265,7 +315,12 @@ def train(
         if step % train_config.checkpoint_every == 0:
             checkpoint()
     checkpoint()
-    save_model_file(model_path, payload("model"))
+    if dist.is_main:
+        save_model_file(model_path, payload("model"))
+    distributed.debug_dump(
+        dist, step=step, model=model, generators={"sample": sample_gen, "noise": noise_gen}
+    )
+    dist.barrier()  # no rank reports success before the model file exists
     last = {k: history[-1][k] for k in ("total", "recon", "kl", "triplet")} if history else {}
     return TrainResult(
         model_path,
@@ -276,7 +331,74 @@ def train(
         first_run_losses or last,
         last,
         stopped_by,
+        dist.world_size,
     )
+
+
+def _warm_up_torchscript(model: Any, train_config: TrainConfig, dev: Any) -> None:
+    """One throwaway training step on copies of the model and optimizer (resumed runs).
+
+    geoopt's ball maths is TorchScript, whose profiling executor runs a
+    function's first call as written and later calls as an optimised graph
+    with its own symbolic gradients, which round differently in the last bits.
+    An uninterrupted run takes its first step on the first path and all later
+    steps on the second; a resumed process takes this step first, so that its
+    steps too run on the optimised path and continue the run bit for bit. The
+    model, optimizer and generators of the run are untouched.
+    """
+    import copy
+
+    import torch
+
+    from .geometry import geoopt
+
+    scratch = copy.deepcopy(model)
+    optimizer = geoopt.optim.RiemannianAdam(scratch.parameters(), lr=train_config.lr, amsgrad=True)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    m = scratch.cfg.patch_size
+    patches = torch.rand((3, train_config.batch_size, 1, m, m, m), generator=gen, device=dev)
+    scratch.loss(*patches, generator=gen)["total"].backward()
+    if train_config.grad_clip:
+        torch.nn.utils.clip_grad_norm_(scratch.parameters(), train_config.grad_clip)
+    optimizer.step()
+
+
+def _restore_generators(
+    state: dict[str, Any],
+    dist: distributed.Distributed,
+    seed: int,
+    step: int,
+    **generators: Any,
+) -> None:
+    """Set this rank's generators from a checkpoint's ``rng_state``.
+
+    A checkpoint holds rank 0's states (``rng_state["sample"]``, ``["noise"]``)
+    and, when written by a distributed run, every rank's (``["ranks"]``). Resumed
+    on as many processes as wrote it, every rank continues its own streams
+    exactly; otherwise rank 0 continues rank 0's streams and ranks > 0 re-seed
+    from (seed, rank, step).
+    """
+    saved = state["rng_state"]
+    ranks = saved.get("ranks") or [saved]
+    if len(ranks) == dist.world_size:
+        mine = ranks[dist.rank]
+    elif dist.is_main:
+        mine = saved
+    else:
+        mine = None
+    if dist.is_main and len(ranks) != dist.world_size:
+        log.warning(
+            "the checkpoint was written by %d process(es), resuming on %d: rank 0 continues "
+            "its generators, other ranks re-seed, so triplets differ from an uninterrupted run",
+            len(ranks),
+            dist.world_size,
+        )
+    for stream, (name, gen) in enumerate(generators.items(), start=1):
+        if mine is not None:
+            gen.set_state(mine[name].cpu())
+        else:
+            entropy = np.random.SeedSequence([seed, dist.rank, step, stream])
+            gen.manual_seed(int(entropy.generate_state(1, dtype=np.uint64)[0] >> 1))
 
 
 def _name_volume(message: str, volumes: Sequence[TrainingVolume]) -> str:

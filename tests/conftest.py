@@ -15,3 +15,19 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the CLI does
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Never touch the user's real cache directory from a test."""
     monkeypatch.setenv("HYPSEG_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture(autouse=True)
+def _outside_job_arrays(monkeypatch):
+    """Run as if not in a Slurm job array or torchrun job, even when the suite itself is."""
+    for name in (
+        "SLURM_ARRAY_TASK_ID",
+        "SLURM_ARRAY_TASK_COUNT",
+        "SLURM_ARRAY_TASK_MIN",
+        "SLURM_ARRAY_TASK_MAX",
+        "SLURM_ARRAY_TASK_STEP",
+        "WORLD_SIZE",
+        "RANK",
+        "LOCAL_RANK",
+    ):
+        monkeypatch.delenv(name, raising=False)

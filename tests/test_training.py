@@ -272,3 +272,27 @@ def test_cli_progress_without_terminal_is_plain_lines(tmp_path, capsys):
     assert [line.split(",")[0] for line in err.splitlines() if line.startswith("train:")] == [
         "train: 1"
     ]
+
+
+def test_resume_in_a_new_process_continues_exactly(tmp_path, capsys):
+    """TorchScript (geoopt) rounds a process's first step differently; resume must not."""
+    import subprocess
+    import sys
+
+    data = tmp_path / "data"
+    code, _, err = _cli(["--quiet", "synth", data, "--n", "2", "--size", "20"], capsys)
+    assert code == 0, err
+
+    def train_cli(out, steps, *extra):
+        cmd = [sys.executable, "-m", "hypsegcli", "--quiet", "train", str(data / "images")]
+        cmd += ["-o", str(out), "--steps", str(steps), "--checkpoint-every", "3", *TINY_CLI, *extra]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+
+    train_cli(tmp_path / "straight.pt", 9)
+    train_cli(tmp_path / "resumed.pt", 6)
+    train_cli(tmp_path / "resumed.pt", 9, "--resume")
+    a = load_model_file(tmp_path / "straight.pt")["state_dict"]
+    b = load_model_file(tmp_path / "resumed.pt")["state_dict"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)

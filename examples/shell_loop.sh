@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Segment many volumes on one machine without a scheduler: N hypseg processes
+# in parallel, each clustering its own part of the inputs (--num-parts N
+# --part-id i; the sorted inputs are dealt round-robin, input j to part j mod N).
+#
+#   bash examples/shell_loop.sh            # 4 parts, cores shared between them
+#
+# Run it again after an interruption: complete volumes are skipped. The parts
+# write into one output folder; centroids.json and the run manifest
+# OUT/hypseg-runs.jsonl are safe to share. Each part logs to $LOGS/part-<i>.log.
+# (A plain sequential loop works too: for f in data/images/*.nii.gz; do
+#  hypseg cluster "$f" -m model.pt --k 4 -o seg; done — but then every file
+#  loads the model and starts Python anew.)
+set -uo pipefail
+
+HYPSEG=${HYPSEG:-hypseg}                          # the command, e.g. "python -m hypsegcli"
+DATA=${HYPSEG_EXAMPLE_DATA:-data/images}
+MODEL=${HYPSEG_EXAMPLE_MODEL:-model.pt}
+OUT=${HYPSEG_EXAMPLE_OUT:-seg}
+KS=${HYPSEG_EXAMPLE_KS:-"2 4 8"}
+PATCH=${HYPSEG_EXAMPLE_PATCH_SIZE:-5}             # side of the patch embedded around each voxel
+PARTS=${HYPSEG_EXAMPLE_PARTS:-4}
+LOGS=${HYPSEG_EXAMPLE_LOGS:-logs}
+CORES=$(nproc 2>/dev/null || echo 4)
+THREADS=${HYPSEG_EXAMPLE_THREADS:-$(( CORES / PARTS > 0 ? CORES / PARTS : 1 ))}
+
+k_args=()
+for k in $KS; do k_args+=(--k "$k"); done
+mkdir -p "$LOGS"
+
+pids=()
+for (( i = 0; i < PARTS; i++ )); do
+    $HYPSEG cluster "$DATA" -m "$MODEL" "${k_args[@]}" -o "$OUT" --threads "$THREADS" \
+        --patch-size "$PATCH" --num-parts "$PARTS" --part-id "$i" 2> "$LOGS/part-$i.log" &
+    pids+=($!)
+done
+
+status=0
+for (( i = 0; i < PARTS; i++ )); do
+    wait "${pids[$i]}"
+    code=$?
+    if (( code != 0 )); then
+        echo "part $i failed (exit $code): $(tail -n 1 "$LOGS/part-$i.log")" >&2
+        if (( status != 1 )); then status=$code; fi
+    fi
+done
+echo "segmentations in $OUT, run records in $OUT/hypseg-runs.jsonl" >&2
+exit "$status"

@@ -1,0 +1,698 @@
+"""Batch jobs: splitting the inputs into parts, collecting per-volume failures, run manifests.
+
+Parts
+-----
+``embed``, ``cluster`` and ``evaluate`` can process a share of their inputs
+(:func:`resolve_part`, :func:`select_part`). Part ids are 0-based. The inputs
+(for ``evaluate``: the prediction/truth pairs) are sorted by path and dealt
+round-robin: the ``i``-th of the sorted list goes to part ``i mod N``, so part
+sizes differ by at most one and neighbouring (often similar-sized) files are
+spread over the parts. Within a part the usual order is kept. Every task of an
+array must be given the same inputs.
+
+Without ``--num-parts``/``--part-id`` the Slurm job-array variables are read
+when ``SLURM_ARRAY_TASK_ID`` is set: ``N = SLURM_ARRAY_TASK_COUNT`` and
+``id = (SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN) / SLURM_ARRAY_TASK_STEP``
+(MIN 0 and STEP 1 when unset), so ``--array=1-10`` and ``--array=0-9`` both
+give parts 0..9.
+
+Failures
+--------
+:class:`Failures` turns the exception of one volume into a record (file,
+one-line message, exit code 2 for bad input or 1 for a runtime failure) and
+logs it as one ``error:`` line; the batch goes on. The command's exit code is
+2 when every failure was bad input, else 1 (:attr:`Failures.exit_code`).
+
+Manifest
+--------
+:class:`RunRecorder` appends one JSON object per run, on one line, to
+``<folder>/hypseg-runs.jsonl`` (:data:`MANIFEST_NAME`): versions, host,
+device, seed, the full configuration, model and input hashes, per-volume stage
+timings, the part, start/end time and exit status. The file is only ever
+appended to: it is opened with ``O_APPEND`` and each record is written with a
+single ``write`` call while holding an exclusive ``fcntl.lockf`` lock on it
+(waited for at most :data:`LOCK_WAIT_S`; file systems without locks are
+written to without one). Appends of concurrent array tasks therefore never
+overwrite each other on a local disk or on file systems with working POSIX
+locks (NFS with lockd/NFSv4, Lustre mounted with ``flock``, GPFS). Readers
+(:func:`read_manifest`) skip a line that is not valid JSON (a record cut by a
+full disk).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import math
+import os
+import platform
+import random
+import socket
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, TypeVar
+
+from . import __version__
+from .errors import BadInputError, HypsegError
+from .io import write_text_atomic
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: File name of the run manifest in an output folder (JSON lines, append-only).
+MANIFEST_NAME = "hypseg-runs.jsonl"
+#: ``format`` field of every manifest record.
+MANIFEST_FORMAT = "hypseg-run/1"
+#: Longest wait for the manifest lock before appending without it (seconds).
+LOCK_WAIT_S = 10.0
+#: Slurm variables copied into the manifest when set.
+SLURM_VARIABLES = (
+    "SLURM_JOB_ID",
+    "SLURM_ARRAY_JOB_ID",
+    "SLURM_ARRAY_TASK_ID",
+    "SLURM_ARRAY_TASK_COUNT",
+    "SLURM_ARRAY_TASK_MIN",
+    "SLURM_ARRAY_TASK_MAX",
+    "SLURM_ARRAY_TASK_STEP",
+    "SLURM_JOB_NODELIST",
+)
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+# ----------------------------------------------------------------------------- parts
+
+
+@dataclass(frozen=True)
+class Part:
+    """Which share of the inputs a run processes: ``index`` (0-based) of ``count``."""
+
+    index: int = 0
+    count: int = 1
+    #: where it came from: "options", "slurm" or None (the whole input)
+    source: str | None = None
+    #: how it was derived, for messages: e.g. "SLURM_ARRAY_TASK_ID=3, SLURM_ARRAY_TASK_MIN=1"
+    detail: str = ""
+
+    @property
+    def split(self) -> bool:
+        return self.count > 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "part_id": self.index,
+            "num_parts": self.count,
+            "source": self.source,
+            "split": "round-robin over the sorted inputs" if self.split else None,
+        }
+
+    def describe(self) -> str:
+        text = f"part {self.index} of {self.count} (0-based, round-robin over the sorted inputs)"
+        return f"{text}, from {self.detail}" if self.detail else text
+
+
+def _env_int(environ: Mapping[str, str], name: str) -> int:
+    text = environ[name].strip()
+    try:
+        return int(text)
+    except ValueError:
+        raise BadInputError(
+            f"{name}={text!r}: expected an integer (or pass --num-parts and --part-id)"
+        ) from None
+
+
+def resolve_part(
+    num_parts: int | None,
+    part_id: int | None,
+    environ: Mapping[str, str] | None = None,
+) -> Part:
+    """The part to process, from ``--num-parts``/``--part-id`` or else the Slurm array variables.
+
+    ``--num-parts 1`` alone means the whole input (and ignores Slurm); otherwise
+    both options go together. Without them, ``SLURM_ARRAY_TASK_ID`` (when set)
+    with ``SLURM_ARRAY_TASK_COUNT`` and, when set, ``SLURM_ARRAY_TASK_MIN`` and
+    ``SLURM_ARRAY_TASK_STEP`` give a 0-based part id. Inconsistent values raise
+    :class:`BadInputError`.
+    """
+    environ = os.environ if environ is None else environ
+    if num_parts is not None or part_id is not None:
+        if num_parts is None:
+            raise BadInputError(f"--part-id {part_id}: needs --num-parts")
+        if num_parts < 1:
+            raise BadInputError(f"--num-parts {num_parts}: should be >= 1")
+        if part_id is None:
+            if num_parts == 1:
+                return Part(0, 1, "options", "--num-parts 1")
+            raise BadInputError(
+                f"--num-parts {num_parts}: needs --part-id (0 to {num_parts - 1}; part ids are 0-based)"
+            )
+        if not 0 <= part_id < num_parts:
+            raise BadInputError(
+                f"--part-id {part_id}: should be between 0 and {num_parts - 1} for --num-parts {num_parts} (part ids are 0-based)"
+            )
+        return Part(part_id, num_parts, "options", f"--num-parts {num_parts} --part-id {part_id}")
+    if not environ.get("SLURM_ARRAY_TASK_ID", "").strip():
+        return Part()
+    task = _env_int(environ, "SLURM_ARRAY_TASK_ID")
+    if not environ.get("SLURM_ARRAY_TASK_COUNT", "").strip():
+        raise BadInputError(
+            "SLURM_ARRAY_TASK_ID is set but SLURM_ARRAY_TASK_COUNT is not: pass --num-parts and --part-id"
+        )
+    count = _env_int(environ, "SLURM_ARRAY_TASK_COUNT")
+    low = _env_int(environ, "SLURM_ARRAY_TASK_MIN") if environ.get("SLURM_ARRAY_TASK_MIN") else 0
+    step = _env_int(environ, "SLURM_ARRAY_TASK_STEP") if environ.get("SLURM_ARRAY_TASK_STEP") else 1
+    detail = (
+        f"SLURM_ARRAY_TASK_ID={task}, SLURM_ARRAY_TASK_MIN={low}, SLURM_ARRAY_TASK_COUNT={count}"
+    )
+    if step != 1:
+        detail += f", SLURM_ARRAY_TASK_STEP={step}"
+    if count < 1 or step < 1 or (task - low) % step or not 0 <= (task - low) // step < count:
+        raise BadInputError(
+            f"{detail}: not a task of an evenly spaced array (part ids 0..{max(count, 1) - 1} expected); "
+            "pass --num-parts and --part-id"
+        )
+    return Part((task - low) // step, count, "slurm", detail)
+
+
+def select_part(items: Sequence[T], part: Part, *, key: Callable[[T], str] = str) -> list[T]:
+    """The items of ``part``: sorted by ``key``, dealt round-robin; returned in their given order."""
+    if not part.split:
+        return list(items)
+    order = sorted(range(len(items)), key=lambda i: (key(items[i]), i))
+    mine = set(order[part.index :: part.count])
+    return [item for i, item in enumerate(items) if i in mine]
+
+
+# ----------------------------------------------------------------------------- failures
+
+
+@dataclass(frozen=True)
+class Failure:
+    item: str
+    message: str
+    exit_code: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"volume": self.item, "error": self.message, "exit_code": self.exit_code}
+
+
+def one_line(exc: BaseException, limit: int = 400) -> str:
+    """A one-line description of ``exc`` (its message; the type too for unexpected errors)."""
+    text = str(exc).strip()
+    first = text.splitlines()[0].strip() if text else ""
+    if not isinstance(exc, HypsegError):
+        first = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    return first if len(first) <= limit else first[: limit - 3] + "..."
+
+
+class Failures:
+    """Per-item failures of a batch: recorded, logged as one line each, summarised at the end.
+
+    With ``total == 1`` nothing is logged while running: the single failure
+    becomes the command's final error line instead.
+    """
+
+    def __init__(self, total: int, *, what: str = "volume") -> None:
+        self.total = total
+        self.what = what
+        self.items: list[Failure] = []
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def record(self, item: str | os.PathLike[str], exc: BaseException) -> Failure:
+        item = os.fspath(item)
+        message = one_line(exc)
+        if item not in message and Path(item).name not in message:
+            message = f"{item}: {message}"
+        code = exc.exit_code if isinstance(exc, HypsegError) else 1
+        failure = Failure(item, message, code)
+        self.items.append(failure)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s", "".join(traceback.format_exception(exc)).rstrip())
+        if self.total > 1:
+            log.error("%s", message)
+        return failure
+
+    @property
+    def exit_code(self) -> int:
+        """0 without failures, 2 when all were bad input, else 1."""
+        if not self.items:
+            return 0
+        return 2 if all(f.exit_code == 2 for f in self.items) else 1
+
+    def to_json(self) -> list[dict[str, Any]]:
+        return [f.to_dict() for f in self.items]
+
+
+def failure_summary(failures: Sequence[Mapping[str, Any]], total: int, what: str = "volume") -> str:
+    """The final one-line error of a batch with failures (the failure itself when total is 1)."""
+    if total <= 1 and len(failures) == 1:
+        return str(failures[0]["error"])
+    bad = sum(1 for f in failures if f.get("exit_code") == 2)
+    kinds = []
+    if bad:
+        kinds.append(f"{bad} bad input")
+    if len(failures) - bad:
+        kinds.append(f"{len(failures) - bad} runtime")
+    names = [Path(str(f["volume"])).name for f in failures]
+    listed = ", ".join(names[:5]) + (f", ... ({len(names) - 5} more)" if len(names) > 5 else "")
+    return (
+        f"{len(failures)} of {total} {what}(s) failed ({', '.join(kinds)}): {listed}; "
+        "the others were processed"
+    )
+
+
+def exit_code_of(failures: Sequence[Mapping[str, Any]]) -> int:
+    if not failures:
+        return 0
+    return 2 if all(f.get("exit_code") == 2 for f in failures) else 1
+
+
+# ----------------------------------------------------------------------------- manifest
+
+
+def package_versions() -> dict[str, str | None]:
+    """hypseg, torch and geoopt versions, read from the installed metadata (no import of torch)."""
+    from importlib import metadata
+
+    found: dict[str, str | None] = {"hypseg": __version__}
+    for name in ("torch", "geoopt", "numpy"):
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            module = sys.modules.get(name)
+            found[name] = getattr(module, "__version__", None) if module else None
+    found["python"] = platform.python_version()
+    return found
+
+
+class Stopwatch:
+    """Per-stage wall times of one volume: ``lap("embed")`` adds the time since the last lap."""
+
+    def __init__(self) -> None:
+        self.start = self.last = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    def lap(self, stage: str) -> float:
+        now = time.perf_counter()
+        spent = now - self.last
+        self.seconds[stage] = round(self.seconds.get(stage, 0.0) + spent, 4)
+        self.last = now
+        return spent
+
+    @property
+    def total(self) -> float:
+        return round(time.perf_counter() - self.start, 4)
+
+
+@dataclass
+class RunRecorder:
+    """Builds one manifest record and appends it to ``folder/hypseg-runs.jsonl`` when closed.
+
+    Use as a context manager: on an exception the record is written with the
+    exception's exit code (``HypsegError.exit_code``, 130 for an interrupt,
+    else 1) and re-raised; otherwise with :attr:`exit_status` (set it from
+    :attr:`Failures.exit_code`). ``folder=None`` records nothing.
+    """
+
+    folder: Path | None
+    command: str
+    config: dict[str, Any]
+    part: Part = field(default_factory=Part)
+    argv: Sequence[str] | None = None
+    environ: Mapping[str, str] | None = None
+    started: str = field(default_factory=now_iso)
+    exit_status: int = 0
+    fields: dict[str, Any] = field(default_factory=dict)
+    inputs: list[dict[str, Any]] = field(default_factory=list)
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    _t0: float = field(default_factory=time.perf_counter)
+
+    @property
+    def path(self) -> Path | None:
+        return None if self.folder is None else Path(self.folder) / MANIFEST_NAME
+
+    def set(self, **fields: Any) -> None:
+        self.fields.update(fields)
+
+    def add(
+        self,
+        volume: str | os.PathLike[str],
+        *,
+        status: str,
+        sha256: str | None = None,
+        seconds: Mapping[str, float] | None = None,
+        **extra: Any,
+    ) -> None:
+        row: dict[str, Any] = {"volume": os.fspath(volume), "status": status, "sha256": sha256}
+        row.update(extra)
+        row["seconds"] = dict(seconds or {})
+        self.inputs.append(row)
+
+    def record(self, *, error: str | None = None) -> dict[str, Any]:
+        environ = os.environ if self.environ is None else self.environ
+        return {
+            "format": MANIFEST_FORMAT,
+            "command": self.command,
+            "argv": list(self.argv) if self.argv is not None else None,
+            "versions": package_versions(),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": self.started,
+            "finished": now_iso(),
+            "seconds": round(time.perf_counter() - self._t0, 3),
+            "exit_status": self.exit_status,
+            "error": error,
+            "part": self.part.to_dict(),
+            "slurm": {k: environ[k] for k in SLURM_VARIABLES if environ.get(k)} or None,
+            **self.fields,
+            "config": self.config,
+            "inputs": self.inputs,
+            "failures": self.failures,
+        }
+
+    def close(self, *, error: str | None = None) -> Path | None:
+        if self.folder is None:
+            return None
+        return append_manifest(self.folder, self.record(error=error))
+
+    def __enter__(self) -> RunRecorder:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        if exc is None:
+            self.close()
+            return
+        if isinstance(exc, KeyboardInterrupt):
+            self.exit_status = 130
+        elif isinstance(exc, HypsegError):
+            self.exit_status = exc.exit_code
+        else:
+            self.exit_status = 1
+        try:
+            self.close(
+                error=one_line(exc) if not isinstance(exc, KeyboardInterrupt) else "interrupted"
+            )
+        except Exception as inner:  # noqa: BLE001 - never hide the original error
+            log.warning("could not append to the run manifest: %s", one_line(inner))
+
+
+def _lock(fd: int) -> bool:
+    """Exclusive POSIX lock on ``fd``, waited for up to LOCK_WAIT_S; False where locks do not work."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        return False
+    deadline = time.monotonic() + LOCK_WAIT_S
+    while True:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                return False  # ENOLCK, EOPNOTSUPP, ENOSYS...: no locking here
+            if time.monotonic() > deadline:
+                log.warning("manifest still locked after %.0f s; appending anyway", LOCK_WAIT_S)
+                return False
+            time.sleep(0.01 + 0.04 * random.random())
+
+
+def append_manifest(folder: str | os.PathLike[str], record: Mapping[str, Any]) -> Path:
+    """Append ``record`` as one JSON line to ``folder/hypseg-runs.jsonl`` (one write, O_APPEND, locked)."""
+    path = Path(folder) / MANIFEST_NAME
+    data = (json.dumps(record, separators=(",", ":"), default=str) + "\n").encode("utf-8")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise HypsegError(f"{path}: cannot open the run manifest ({exc.strerror or exc})") from None
+    try:
+        locked = _lock(fd)
+        try:
+            view = memoryview(data)
+            while view:  # one write in practice; a short write continues where it stopped
+                written = os.write(fd, view)
+                view = view[written:]
+        finally:
+            if locked:
+                import fcntl
+
+                with contextlib.suppress(OSError):
+                    fcntl.lockf(fd, fcntl.LOCK_UN)
+    except OSError as exc:
+        raise HypsegError(
+            f"{path}: cannot append to the run manifest ({exc.strerror or exc})"
+        ) from None
+    finally:
+        os.close(fd)
+    return path
+
+
+def read_manifest(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The records of a manifest file, oldest first; lines that are not JSON objects are skipped."""
+    records = []
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            with contextlib.suppress(ValueError):
+                doc = json.loads(line)
+                if isinstance(doc, dict):
+                    records.append(doc)
+    return records
+
+
+# ----------------------------------------------------------------------------- merged views
+
+
+def _snapshot(paths: Iterable[Path]) -> list[tuple[str, int, int, int]]:
+    found = []
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            st = path.stat()
+            found.append((path.name, st.st_ino, st.st_mtime_ns, st.st_size))
+    return sorted(found)
+
+
+def rebuild_merged(
+    target: Path,
+    list_parts: Callable[[], list[Path]],
+    build: Callable[[list[Path]], str],
+    *,
+    attempts: int = 50,
+) -> None:
+    """Write ``target`` = ``build(part files)`` atomically, again until the part files stopped changing.
+
+    Lock-free and safe for concurrent writers that each (1) write their own
+    part files atomically, then (2) call this: a writer re-lists the part files
+    after renaming ``target`` into place and rebuilds if any appeared, changed
+    or vanished meanwhile. So the last rename is done by a writer that saw
+    every part file written before it, whatever the interleaving, on any file
+    system with atomic rename.
+    """
+    for attempt in range(attempts):
+        before = _snapshot(list_parts())
+        text = build(sorted(list_parts()))
+        write_text_atomic(target, text)
+        if _snapshot(list_parts()) == before:
+            return
+        time.sleep(0.005 * (attempt + 1) * random.random())
+    log.warning("%s: part files kept changing; it will be completed by the last writer", target)
+
+
+# ----------------------------------------------------------------------------- plans (--dry-run)
+
+#: The dense encoder reaches about this fraction of the matmul rate (README: 84% for the
+#: default model on 2 CPU cores; thin layers and GPUs do worse). Used for time estimates.
+ENCODER_EFFICIENCY = 0.5
+#: Hyperbolic k-means seconds per (restart x fitted point x cluster) and per (point x cluster)
+#: assigned, at a matmul rate of REFERENCE_RATE (benchmarks/kmeans_speed.py: 0.4 s for 10^6
+#: points, k = 8, 4 restarts fitted on 200 000). Data-dependent: iterations vary.
+#: Fixed cost per tile (resampling, small ops, thread hand-off), measured ~9 ms on the
+#: project's 2-core machine; it dominates for tiny volumes and for patch sides with many
+#: phases (e.g. m = 9, p = 5).
+TILE_OVERHEAD_S = 0.009
+KMEANS_FIT_S = 4.7e-8
+KMEANS_ASSIGN_S = 1.25e-8
+REFERENCE_RATE = 330e9
+
+
+def measure_flop_rate(device: Any = "cpu", n: int = 512, repeat: int = 5) -> float:
+    """Best float32 FLOP/s of an n x n matmul on ``device`` (a few ms; a quick, noisy estimate)."""
+    import torch
+
+    device = torch.device(device)
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=gen).to(device)
+    b = torch.randn(n, n, generator=gen).to(device)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elif device.type == "mps":  # pragma: no cover - Apple only
+            torch.mps.synchronize()
+
+    torch.matmul(a, b)
+    sync()
+    best = math.inf
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        torch.matmul(a, b)
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n**3 / max(best, 1e-9)
+
+
+def peek_shape(path: str | os.PathLike[str]) -> tuple[int, int, int]:
+    """The ``(x, y, z)`` shape of a volume from its header only (data not read)."""
+    from .io import MRC_SUFFIXES, volume_suffix
+
+    path = Path(path)
+    try:
+        if volume_suffix(path) in MRC_SUFFIXES:
+            import mrcfile
+
+            with mrcfile.open(os.fspath(path), mode="r", permissive=True, header_only=True) as mrc:
+                h = mrc.header
+                dims = {int(h.mapc): int(h.nx), int(h.mapr): int(h.ny), int(h.maps): int(h.nz)}
+                if sorted(dims) != [1, 2, 3]:
+                    return (int(h.nx), int(h.ny), int(h.nz))
+                return (dims[1], dims[2], dims[3])
+        import nibabel as nib
+
+        shape = tuple(int(s) for s in nib.load(os.fspath(path)).shape)
+    except Exception as exc:  # noqa: BLE001 - reported in the plan
+        raise BadInputError(f"{path}: cannot read the header ({one_line(exc)})") from None
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) != 3:
+        raise BadInputError(
+            f"{path}: {len(shape)}D data of shape {shape}; hypseg needs a 3D volume"
+        )
+    return shape  # type: ignore[return-value]
+
+
+def _tile_activation_bytes(model: Any, patch_size: float, stride: int, tile: int) -> float:
+    """Bytes of float32 activations alive while one tile (or batch of patches) runs."""
+    from fractions import Fraction
+
+    cfg = model.cfg
+    m = int(cfg.patch_size)
+    channels = [1, *cfg.channels]
+    kernels = list(cfg.kernels)
+    if not model.dense_exact:  # per-patch path: batches of 4096 patches
+        sides = [m]
+        for k, p in zip(kernels, cfg.paddings, strict=True):
+            sides.append(sides[-1] + 2 * p - k + 1)
+        per_patch = max(
+            channels[i] * sides[i] ** 3 + channels[i + 1] * sides[i + 1] ** 3
+            for i in range(len(kernels))
+        )
+        return 4.0 * 4096 * (per_patch + cfg.hidden)
+    ratio = Fraction(m) / Fraction(patch_size).limit_denominator(1000)
+    a, b = ratio.numerator, ratio.denominator
+    per = max(1, tile // (b * stride))  # voxels per tile side and phase
+    step = a * stride
+    grid = step * (per - 1) + m if step <= m else per * m
+    sides = [grid]
+    for k in kernels:
+        sides.append(max(sides[-1] - k + 1, 1))
+    layers = max(
+        channels[i] * sides[i] ** 3 + channels[i + 1] * sides[i + 1] ** 3
+        for i in range(len(kernels))
+    )
+    # + the resampled grid (3 separable passes) + the head's hidden units per output voxel
+    return 4.0 * (layers + 3 * grid**3 + cfg.hidden * per**3)
+
+
+def _tile_count(model: Any, shape: Sequence[int], patch_size: float, stride: int, tile: int) -> int:
+    """Tiles (or batches of patches) :func:`~hypsegcli.embedding.embed_volume` will run."""
+    import numpy as np
+
+    from . import embedding
+
+    lattice = [np.asarray(embedding._lattice(int(n), stride), dtype=np.int64) for n in shape]
+    phases = embedding._phases(float(patch_size), int(model.cfg.patch_size))
+    if not model.dense_exact or phases is None:
+        return -(-math.prod(len(ax) for ax in lattice) // embedding.DEFAULT_BATCH)
+    a, b = phases
+    return math.prod(len(embedding._axis_chunks(ax, a, b, tile)) for ax in lattice)
+
+
+def estimate_embedding(
+    model: Any,
+    shape: Sequence[int],
+    *,
+    patch_size: float,
+    stride: int,
+    tile: int,
+    workers: int,
+    flop_rate: float,
+) -> dict[str, float]:
+    """Estimated seconds and bytes of embedding one volume (see :func:`estimate_peak_bytes`)."""
+    from .embedding import flops_per_voxel, padding_margin
+
+    voxels = math.prod(shape)
+    flops = flops_per_voxel(model, patch_size, stride=stride) * voxels
+    tiles = _tile_count(model, shape, patch_size, stride, tile)
+    d = int(model.cfg.latent_dim)
+    margin = padding_margin(patch_size)
+    padded = math.prod(s + 2 * margin for s in shape)
+    arrays = 4.0 * voxels * 2 + 4.0 * padded + 4.0 * voxels * d
+    if stride > 1:  # tangent-space interpolation in float64 (a few copies)
+        arrays += 3 * 8.0 * voxels * d
+    activations = workers * _tile_activation_bytes(model, patch_size, stride, tile)
+    return {
+        "flops": flops,
+        "tiles": tiles,
+        "seconds": flops / (flop_rate * ENCODER_EFFICIENCY)
+        + tiles * TILE_OVERHEAD_S / max(workers, 1),
+        "array_bytes": arrays,
+        "activation_bytes": activations,
+    }
+
+
+def estimate_kmeans_seconds(
+    voxels: int, ks: Sequence[int], *, n_init: int, fit_samples: int, flop_rate: float
+) -> float:
+    fitted = min(voxels, fit_samples)
+    per_k = KMEANS_FIT_S * n_init * fitted + KMEANS_ASSIGN_S * voxels
+    return sum(per_k * k for k in ks) * REFERENCE_RATE / flop_rate
+
+
+def current_rss_bytes() -> float:
+    """This process's resident memory now (Linux), else its peak so far."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        return float(pages * os.sysconf("SC_PAGE_SIZE"))
+    try:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return float(peak if sys.platform == "darwin" else peak * 1024)
+    except Exception:  # noqa: BLE001 - best effort
+        return 0.0
+
+
+PLAN_NOTES = (
+    "Estimates, not measurements. Time: FLOPs per voxel (embedding.flops_per_voxel) x voxels / "
+    f"({ENCODER_EFFICIENCY:g} x a float32 matmul rate measured just now on the device) + "
+    f"{TILE_OVERHEAD_S * 1000:g} ms per tile and worker thread, plus "
+    "k-means scaled from the project's benchmark (iterations depend on the data); reading and "
+    "writing files is not counted. Peak memory: this process now (libraries and model) + the "
+    "volume, its normalised and padded copies and its embeddings (+ float64 copies with "
+    "--stride > 1 and for clustering) + one tile's float32 activations per worker thread; "
+    "allocator overheads are not counted. Expect the truth within a factor of about 2."
+)

@@ -1,0 +1,579 @@
+"""Batch jobs: parts, Slurm arrays, skip/overwrite, per-volume failures, manifests, dry runs, examples."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hypsegcli import batch, embedding, io, pipeline
+from hypsegcli.batch import MANIFEST_NAME, Part, read_manifest, resolve_part, select_part
+from hypsegcli.cli import main
+from hypsegcli.errors import BadInputError, HypsegError
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--patch-size", "9", "--r-min", "6", "--r-max", "10", "--batch-size", "4", "--threads", "2"]
+CASES = ("case_000", "case_001", "case_002")
+SLURM = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN")
+
+
+@pytest.fixture(autouse=True)
+def _no_slurm(monkeypatch):
+    """The tests set the Slurm variables themselves (they may run inside a Slurm job)."""
+    for name in batch.SLURM_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+
+
+def run(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return info.value.code, out, err
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny model trained for a few steps on 3 synthetic volumes."""
+    root = tmp_path_factory.mktemp("batch")
+    with pytest.raises(SystemExit):
+        main(["--quiet", "synth", str(root / "data"), "--n", "3", "--size", "20", "--seed", "2"])
+    with pytest.raises(SystemExit) as info:
+        main(
+            [
+                "--quiet",
+                "train",
+                str(root / "data" / "images"),
+                "-o",
+                str(root / "model.pt"),
+                "--steps",
+                "3",
+                *TINY,
+            ]
+        )
+    assert info.value.code == 0
+    return root
+
+
+def cluster_argv(trained, out, *extra):
+    return [
+        "cluster",
+        trained / "data" / "images",
+        "-m",
+        trained / "model.pt",
+        "--k",
+        "2",
+        "--k",
+        "3",
+        "-o",
+        out,
+        "--threads",
+        "2",
+        "--patch-size",
+        "9",  # m/p = 1: one phase grid, the fastest embedding of the tiny model
+        "--n-init",
+        "1",
+        "--json",
+        *extra,
+    ]
+
+
+# ----------------------------------------------------------------------------- parts
+
+
+def test_resolve_part_from_options_and_slurm():
+    assert resolve_part(None, None, {}) == Part()
+    assert resolve_part(4, 3, {"SLURM_ARRAY_TASK_ID": "9"}).index == 3  # options win
+    assert resolve_part(1, None, {"SLURM_ARRAY_TASK_ID": "9"}).count == 1
+    env = {"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "3", "SLURM_ARRAY_TASK_MIN": "1"}
+    part = resolve_part(None, None, env)
+    assert (part.index, part.count, part.source) == (0, 3, "slurm")
+    env = {"SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_COUNT": "3"}
+    assert resolve_part(None, None, env).index == 2  # MIN unset: 0
+    env = {"SLURM_ARRAY_TASK_ID": "8", "SLURM_ARRAY_TASK_COUNT": "3", "SLURM_ARRAY_TASK_STEP": "4"}
+    assert resolve_part(None, None, env).index == 2  # --array=0-8:4
+    for bad_options, fragment in (
+        ((4, None), "--num-parts 4: needs --part-id"),
+        ((None, 1), "--part-id 1: needs --num-parts"),
+        ((3, 3), "--part-id 3: should be between 0 and 2"),
+    ):
+        with pytest.raises(BadInputError, match=fragment):
+            resolve_part(*bad_options, {})
+    for env, fragment in (
+        ({"SLURM_ARRAY_TASK_ID": "3"}, "SLURM_ARRAY_TASK_COUNT is not"),
+        ({"SLURM_ARRAY_TASK_ID": "x", "SLURM_ARRAY_TASK_COUNT": "2"}, "SLURM_ARRAY_TASK_ID='x'"),
+        ({"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_COUNT": "2"}, "pass --num-parts"),
+    ):
+        with pytest.raises(BadInputError, match=fragment):
+            resolve_part(None, None, env)
+
+
+def test_select_part_is_a_round_robin_partition_of_the_sorted_inputs():
+    items = [f"v{i:02d}" for i in range(11)]
+    shuffled = [items[i] for i in np.random.default_rng(0).permutation(11)]
+    parts = [select_part(shuffled, Part(i, 3)) for i in range(3)]
+    assert sorted(sum(parts, [])) == items  # disjoint, complete
+    assert [len(p) for p in parts] == [4, 4, 3]
+    assert sorted(parts[1]) == items[1::3]  # round-robin over the sorted list
+    assert parts[1] == [x for x in shuffled if x in items[1::3]]  # given order kept
+    assert select_part(items, Part()) == items
+
+
+# ----------------------------------------------------------------------------- concurrency
+
+
+def _spawn(code: str, n: int) -> None:
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(code), str(i)], cwd=REPO, stderr=subprocess.PIPE
+        )
+        for i in range(n)
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err.decode()
+
+
+def test_concurrent_manifest_appends_lose_nothing(tmp_path):
+    code = f"""
+        import sys
+        from hypsegcli.batch import append_manifest
+        me = int(sys.argv[1])
+        for j in range(100):
+            append_manifest({str(tmp_path)!r}, {{"writer": me, "j": j, "pad": "x" * 50000}})
+    """
+    _spawn(code, 4)
+    records = read_manifest(tmp_path / MANIFEST_NAME)
+    assert sorted((r["writer"], r["j"]) for r in records) == [
+        (w, j) for w in range(4) for j in range(100)
+    ]
+    assert all(len(r["pad"]) == 50000 for r in records)
+
+
+def test_merged_view_converges_with_concurrent_writers(tmp_path):
+    """A slow writer renaming a stale view after a fast one rebuilds it (no lock needed)."""
+    import threading
+    import time
+
+    from hypsegcli.io import write_text_atomic
+
+    def parts():
+        return list(tmp_path.glob("[!.]*.part"))
+
+    def writer(name: str, delay: float, build_time: float, attempts: int) -> None:
+        time.sleep(delay)
+        for j in range(5):
+            write_text_atomic(tmp_path / f"{name}{j}.part", f"{name}{j}")
+
+        def build(files):
+            text = "\n".join(sorted(p.read_text() for p in files))
+            time.sleep(build_time)
+            return text
+
+        batch.rebuild_merged(tmp_path / "merged.txt", parts, build, attempts=attempts)
+
+    # (with attempts=1, i.e. without the re-check, "a" leaves a view without "b"'s parts)
+    threads = [
+        threading.Thread(target=writer, args=("a", 0.0, 0.4, 50)),
+        threading.Thread(target=writer, args=("b", 0.15, 0.0, 50)),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    merged = set((tmp_path / "merged.txt").read_text().split("\n"))
+    assert merged == {f"{w}{j}" for w in "ab" for j in range(5)}
+
+
+def test_failures_summary_and_exit_codes():
+    failures = batch.Failures(3)
+    assert failures.exit_code == 0
+    failures.record("a/x.nii.gz", BadInputError("a/x.nii.gz: cannot read NIfTI (junk)"))
+    assert failures.exit_code == 2
+    failures.record("a/y.nii.gz", RuntimeError("out of memory\nsecond line"))
+    assert failures.exit_code == 1
+    rows = failures.to_json()
+    assert rows[1]["error"] == "a/y.nii.gz: RuntimeError: out of memory"
+    line = batch.failure_summary(rows, 3)
+    assert line.startswith("2 of 3 volume(s) failed (1 bad input, 1 runtime): x.nii.gz, y.nii.gz")
+    assert batch.failure_summary(rows[:1], 1) == rows[0]["error"]
+
+
+# ----------------------------------------------------------------------------- cluster
+
+
+def _labels(path):
+    return io.read_volume(path).data
+
+
+def test_cluster_parts_share_a_folder_and_resume(trained, tmp_path, capsys, monkeypatch):
+    seg = tmp_path / "seg"
+    code, out, err = run(cluster_argv(trained, seg, "--num-parts", "2", "--part-id", "1"), capsys)
+    assert code == 0, err
+    first = json.loads(out)
+    assert [Path(v["volume"]).name for v in first["volumes"]] == ["case_001.nii.gz"]
+    # part 0 from a Slurm array starting at 1 (task 1 of 2)
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "1")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "777")
+    code, out, err = run(cluster_argv(trained, seg), capsys)
+    assert code == 0, err
+    second = json.loads(out)
+    assert second["part"]["part_id"] == 0 and second["part"]["source"] == "slurm"
+    assert [Path(v["volume"]).name for v in second["volumes"]] == [
+        "case_000.nii.gz",
+        "case_002.nii.gz",
+    ]
+    for case in CASES:
+        for k in (2, 3):
+            assert (seg / f"{case}_k{k}.nii.gz").is_file()
+    merged = json.loads((seg / "centroids.json").read_text())
+    assert sorted((s["case"], s["k"]) for s in merged["sets"]) == [
+        (c, k) for c in CASES for k in (2, 3)
+    ]
+    records = read_manifest(seg / MANIFEST_NAME)
+    assert [r["part"]["part_id"] for r in records] == [1, 0]
+    assert records[1]["slurm"]["SLURM_ARRAY_JOB_ID"] == "777"
+    rec = records[1]
+    assert rec["exit_status"] == 0 and rec["command"] == "cluster" and rec["seed"] == 0
+    assert set(rec["versions"]) >= {"hypseg", "torch", "geoopt"} and rec["host"]
+    assert rec["model_sha256"] == io.file_sha256(trained / "model.pt")
+    assert rec["config"]["ks"] == [2, 3] and rec["config"]["skip_existing"] is True
+    assert rec["started"] <= rec["finished"]
+    row = rec["inputs"][0]
+    volume = io.read_volume(trained / "data" / "images" / "case_000.nii.gz")
+    assert row["sha256"] == io.array_sha256(volume.data)
+    assert set(row["seconds"]) == {"read", "embed", "cluster", "write"}
+
+    # resubmitting skips complete volumes without reading them or running the encoder
+    before = _labels(seg / "case_000_k2.nii.gz")
+    mtime = (seg / "case_000_k2.nii.gz").stat().st_mtime_ns
+    (seg / "case_002_k3.nii.gz").unlink()  # a task killed half-way through case_002
+
+    def boom(*args, **kwargs):
+        raise AssertionError("encoder ran although the embeddings are cached")
+
+    monkeypatch.setattr(embedding, "embed_volume", boom)
+    code, out, err = run(cluster_argv(trained, seg), capsys)
+    assert code == 0, err
+    again = json.loads(out)
+    assert [v["status"] for v in again["volumes"]] == ["skipped", "done"]
+    assert (seg / "case_000_k2.nii.gz").stat().st_mtime_ns == mtime
+    assert (seg / "case_002_k3.nii.gz").is_file()
+    # --overwrite redoes it (from the cache), with the same result
+    code, out, err = run(cluster_argv(trained, seg, "--overwrite"), capsys)
+    assert code == 0, err
+    assert [v["status"] for v in json.loads(out)["volumes"]] == ["done", "done"]
+    np.testing.assert_array_equal(_labels(seg / "case_000_k2.nii.gz"), before)
+    assert len(read_manifest(seg / MANIFEST_NAME)) == 4
+    # another k redoes the volumes; the sets of the earlier k are kept
+    monkeypatch.delenv("SLURM_ARRAY_TASK_ID")
+    images, model = trained / "data" / "images", trained / "model.pt"
+    code, out, err = run(
+        ["cluster", images, "-m", model, "--k", "4", "-o", seg, "--threads", "2", "-p", "9"]
+        + ["--n-init", "1"]
+        + ["--num-parts", "3", "--part-id", "0"],
+        capsys,
+    )
+    assert code == 0, err
+    doc = json.loads((seg / "case_000.centroids.json").read_text())
+    assert [s["k"] for s in doc["sets"]] == [2, 3, 4]
+
+
+def test_failing_volumes_are_reported_and_the_others_processed(
+    trained, tmp_path, capsys, monkeypatch
+):
+    data = tmp_path / "in"
+    data.mkdir()
+    for case in CASES:
+        (data / f"{case}.nii.gz").write_bytes(
+            (trained / "data" / "images" / f"{case}.nii.gz").read_bytes()
+        )
+    (data / "case_bad.nii.gz").write_bytes(b"junk")
+    argv = [
+        "cluster",
+        data,
+        "-m",
+        trained / "model.pt",
+        "--k",
+        "2",
+        "-o",
+        tmp_path / "seg",
+        "--threads",
+        "2",
+        "-p",
+        "9",
+        "--n-init",
+        "1",
+        "--json",
+    ]
+    code, out, err = run(argv, capsys)
+    assert code == 2 and "Traceback" not in err
+    lines = [line for line in err.splitlines() if "error" in line]
+    assert lines[0].startswith(f"error: {data / 'case_bad.nii.gz'}: cannot read NIfTI")
+    assert lines[-1].startswith("hypseg: error: 1 of 4 volume(s) failed (1 bad input): case_bad")
+    summary = json.loads(out)
+    assert [Path(f["volume"]).name for f in summary["failures"]] == ["case_bad.nii.gz"]
+    assert summary["failures"][0]["exit_code"] == 2
+    assert all((tmp_path / "seg" / f"{c}_k2.nii.gz").is_file() for c in CASES)
+    (record,) = read_manifest(tmp_path / "seg" / MANIFEST_NAME)
+    assert record["exit_status"] == 2 and len(record["failures"]) == 1
+
+    # a runtime failure (not bad input) gives exit code 1
+    real = pipeline.read_volume
+
+    def flaky(path, **kwargs):
+        if Path(path).name == "case_001.nii.gz":
+            raise RuntimeError("disk on fire")
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(pipeline, "read_volume", flaky)
+    code, out, err = run([*argv, "--overwrite"], capsys)
+    assert code == 1
+    assert "case_001.nii.gz: RuntimeError: disk on fire" in err
+    assert "2 of 4 volume(s) failed (1 bad input, 1 runtime)" in err
+    assert read_manifest(tmp_path / "seg" / MANIFEST_NAME)[-1]["exit_status"] == 1
+
+
+def test_pooled_fitting_needs_one_part(trained, tmp_path, capsys):
+    code, _, err = run(
+        [*cluster_argv(trained, tmp_path / "a", "--fit-on", "pooled"), "--num-parts", "2"]
+        + ["--part-id", "0"],
+        capsys,
+    )
+    assert code == 2 and err.count("\n") == 1
+    assert "--fit-on pooled needs all inputs" in err and "--centroids" in err
+    assert not (tmp_path / "a").exists()
+    code, _, err = run(cluster_argv(trained, tmp_path / "fit", "--fit-on", "pooled"), capsys)
+    assert code == 0, err
+    for i in (0, 1):
+        code, _, err = run(
+            cluster_argv(
+                trained,
+                tmp_path / "b",
+                "--centroids",
+                tmp_path / "fit" / "centroids.json",
+                "--num-parts",
+                "2",
+                "--part-id",
+                str(i),
+            ),
+            capsys,
+        )
+        assert code == 0, err
+    for case in CASES:
+        np.testing.assert_array_equal(
+            _labels(tmp_path / "fit" / f"{case}_k3.nii.gz"),
+            _labels(tmp_path / "b" / f"{case}_k3.nii.gz"),
+        )
+    doc = json.loads((tmp_path / "b" / "centroids.json").read_text())
+    assert [(s["case"], s["k"]) for s in doc["sets"]] == [(None, 2), (None, 3)]
+
+
+def test_dry_run_plans_without_writing(trained, tmp_path, capsys, monkeypatch):
+    cache = tmp_path / "cache"
+    argv = cluster_argv(trained, tmp_path / "seg", "--cache-dir", cache, "--dry-run")
+    code, out, err = run(argv, capsys)
+    assert code == 0, err
+    plan = json.loads(out)
+    assert plan["dry_run"] and plan["counts"]["compute"] == 3
+    row = plan["volumes"][0]
+    assert row["shape"] == [20, 20, 20] and row["voxels"] == 8000
+    assert row["seconds"] > 0 and row["peak_bytes"] > 8000 * 4
+    assert plan["flop_rate"] > 0 and plan["flops_per_voxel"] > 0
+    assert plan["estimated_peak_bytes"] >= row["peak_bytes"] and "estimate" in plan["notes"].lower()
+    assert not (tmp_path / "seg").exists() and not cache.exists()
+    # after a run of part 0: case_000 and case_002 done; case_001 not (its cache entry neither)
+    code, _, err = run(
+        cluster_argv(trained, tmp_path / "seg", "--cache-dir", cache, "--num-parts", "2")
+        + ["--part-id", "0"],
+        capsys,
+    )
+    assert code == 0, err
+    code, out, _ = run(argv, capsys)
+    assert [v["state"] for v in json.loads(out)["volumes"]] == ["done", "compute", "done"]
+    code, out, _ = run([*argv, "--overwrite"], capsys)
+    assert [v["state"] for v in json.loads(out)["volumes"]] == ["cached", "compute", "cached"]
+    # embed's plan; the human-readable plan goes to stderr
+    code, out, err = run(
+        ["embed", trained / "data" / "images", "-m", trained / "model.pt", "--patch-size", "9"]
+        + ["--cache-dir", cache, "--dry-run", "--stride", "2"],
+        capsys,
+    )
+    assert code == 0 and out == ""
+    assert "est. peak memory" in err and "case_001.nii.gz" in err
+
+
+def test_embed_parts_skip_existing_and_overwrite(trained, tmp_path, capsys, monkeypatch):
+    emb = tmp_path / "emb"
+    base = ["embed", trained / "data" / "images", "-m", trained / "model.pt", "-o", emb, "--json"]
+    base += ["--patch-size", "9", "--threads", "2"]
+    for i in (0, 1):
+        code, out, err = run([*base, "--num-parts", "2", "--part-id", str(i)], capsys)
+        assert code == 0, err
+    assert sorted(p.name for p in emb.glob("*.npy")) == [f"{c}.npy" for c in CASES]
+    records = read_manifest(emb / MANIFEST_NAME)
+    assert [len(r["inputs"]) for r in records] == [2, 1]
+    assert records[0]["inputs"][0]["sha256"] and "embed" in records[0]["inputs"][0]["seconds"]
+
+    def no_read(*args, **kwargs):
+        raise AssertionError("volume read although its output exists")
+
+    real_read = pipeline.read_volume
+    monkeypatch.setattr(pipeline, "read_volume", no_read)
+    code, out, err = run([*base, "--skip-existing"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["skipped"] == 3
+    monkeypatch.setattr(pipeline, "read_volume", real_read)
+    calls = []
+    real = embedding.embed_volume
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(embedding, "embed_volume", counting)
+    code, out, err = run([*base, "--overwrite"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["computed"] == 3 and len(calls) == 3
+
+
+def test_evaluate_parts_failures_and_manifest(trained, tmp_path, capsys):
+    seg = tmp_path / "seg"
+    code, _, err = run(cluster_argv(trained, seg), capsys)
+    assert code == 0, err
+    # a prediction that cannot be scored: wrong shape
+    geometry = io.VolumeGeometry.default((5, 5, 5))
+    io.write_labels(seg / "case_000_k4.nii.gz", np.zeros((5, 5, 5), np.uint8), geometry)
+    truth = trained / "data" / "labels"
+    reports = []
+    for i in (0, 1):
+        code, out, err = run(
+            ["evaluate", seg, truth, "--json", "--no-hausdorff", "--csv", tmp_path / f"s{i}.csv"]
+            + ["--num-parts", "2", "--part-id", str(i), "--level", "2"],
+            capsys,
+        )
+        reports.append((code, json.loads(out), err))
+    pairs = sorted(c["pred"] for _, r, _ in reports for c in r["cases"]) + [
+        f["volume"] for _, r, _ in reports for f in r["failures"]
+    ]
+    assert len(pairs) == 7 and len(set(pairs)) == 7  # 3 cases x 2 k + the bad one, split
+    bad = [(code, r, err) for code, r, err in reports if r["failures"]]
+    (code, report, err) = bad[0]
+    assert code == 2 and "case_000_k4.nii.gz has shape (5, 5, 5)" in err
+    assert read_manifest(tmp_path / MANIFEST_NAME)[-1]["command"] == "evaluate"
+    assert len(read_manifest(tmp_path / MANIFEST_NAME)) == 2
+
+
+def test_manifest_records_a_fatal_error(tmp_path):
+    with pytest.raises(HypsegError), batch.RunRecorder(tmp_path, "embed", {"x": 1}):
+        raise HypsegError("model vanished")
+    (record,) = read_manifest(tmp_path / MANIFEST_NAME)
+    assert record["exit_status"] == 1 and record["error"] == "model vanished"
+
+
+# ----------------------------------------------------------------------------- examples
+
+
+def _bash(script: str, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    full = {
+        **os.environ,
+        "HYPSEG": f"{sys.executable} -m hypsegcli",
+        "OMP_WAIT_POLICY": "PASSIVE",
+        **env,
+    }
+    return subprocess.run(
+        ["bash", str(REPO / "examples" / script), *args],
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_example_slurm_array_and_shell_loop(trained, tmp_path):
+    common = {
+        "HYPSEG_EXAMPLE_DATA": str(trained / "data" / "images"),
+        "HYPSEG_EXAMPLE_MODEL": str(trained / "model.pt"),
+        "HYPSEG_EXAMPLE_KS": "2 3",
+        "HYPSEG_EXAMPLE_PATCH_SIZE": "9",
+        "HYPSEG_CACHE_DIR": str(tmp_path / "cache"),
+    }
+    # two array tasks (--array=1-2) at once, as Slurm would start them
+    slurm = {
+        **common,
+        "HYPSEG_EXAMPLE_OUT": str(tmp_path / "slurm"),
+        "SLURM_ARRAY_TASK_MIN": "1",
+        "SLURM_ARRAY_TASK_COUNT": "2",
+        "SLURM_ARRAY_JOB_ID": "42",
+        "SLURM_CPUS_PER_TASK": "1",
+    }
+    procs = [
+        subprocess.Popen(
+            ["bash", str(REPO / "examples" / "slurm_cluster.sh")],
+            env={
+                **os.environ,
+                "HYPSEG": f"{sys.executable} -m hypsegcli",
+                **slurm,
+                "SLURM_ARRAY_TASK_ID": str(task),
+            },
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for task in (1, 2)
+    ]
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+    out_dir = tmp_path / "slurm"
+    assert sorted(p.name for p in out_dir.glob("*_k*.nii.gz")) == [
+        f"{c}_k{k}.nii.gz" for c in CASES for k in (2, 3)
+    ]
+    assert len(json.loads((out_dir / "centroids.json").read_text())["sets"]) == 6
+    records = read_manifest(out_dir / MANIFEST_NAME)
+    assert sorted(r["part"]["part_id"] for r in records) == [0, 1]
+    assert {r["slurm"]["SLURM_ARRAY_JOB_ID"] for r in records} == {"42"}
+
+    # the shell loop: two parts in parallel into another folder, then again (all skipped)
+    loop = {**common, "HYPSEG_EXAMPLE_OUT": str(tmp_path / "loop")}
+    loop |= {"HYPSEG_EXAMPLE_PARTS": "2", "HYPSEG_EXAMPLE_LOGS": str(tmp_path / "logs")}
+    result = _bash("shell_loop.sh", loop)
+    assert result.returncode == 0, result.stderr
+    assert len(list((tmp_path / "loop").glob("*_k*.nii.gz"))) == 6
+    records = read_manifest(tmp_path / "loop" / MANIFEST_NAME)
+    assert sorted(r["part"]["part_id"] for r in records) == [0, 1]
+    assert all(r["inputs"][0]["status"] == "done" for r in records)
+
+
+def test_example_walkthrough(tmp_path):
+    env = {
+        "HYPSEG_EXAMPLE_N": "3",
+        "HYPSEG_EXAMPLE_SIZE": "20",
+        "HYPSEG_EXAMPLE_SPLIT": "2/0/1",
+        "HYPSEG_EXAMPLE_STEPS": "3",
+        "HYPSEG_EXAMPLE_TRAIN_OPTS": " ".join(TINY[:-2]),
+        "HYPSEG_EXAMPLE_KS": "2 4",
+        "HYPSEG_EXAMPLE_PATCH_SIZE": "9",
+        "HYPSEG_EXAMPLE_THREADS": "2",
+        "HYPSEG_CACHE_DIR": str(tmp_path / "cache"),
+    }
+    result = _bash("walkthrough.sh", env, str(tmp_path / "w"))
+    assert result.returncode == 0, result.stderr
+    work = tmp_path / "w"
+    assert (work / "model.pt").is_file()
+    assert {p.name for p in (work / "seg").glob("*_k*.nii.gz")} == {
+        "case_002_k2.nii.gz",
+        "case_002_k4.nii.gz",
+    }
+    rows = (work / "scores.csv").read_text().splitlines()
+    assert rows[0].startswith("case,pred,truth") and len(rows) > 2
+    assert "mean Dice" in result.stderr and "est. peak memory" in result.stderr
+    (record,) = read_manifest(work / "seg" / MANIFEST_NAME)
+    assert record["exit_status"] == 0

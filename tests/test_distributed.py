@@ -1,0 +1,300 @@
+"""Distributed training: two CPU ranks (gloo) under torchrun agree, resume and fail cleanly."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from hypsegcli import distributed
+from hypsegcli.cli import main
+from hypsegcli.errors import BadInputError
+from hypsegcli.modelfile import load_model_file
+from hypsegcli.training import companion_paths
+
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available(), reason="torch.distributed is not available"
+)
+
+TINY = [
+    "--patch-size",
+    "9",
+    "--r-min",
+    "6",
+    "--r-max",
+    "10",
+    "--batch-size",
+    "4",
+    "--checkpoint-every",
+    "3",
+]
+TORCHRUN_ENV = (
+    "WORLD_SIZE",
+    "RANK",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _torchrun(args, *, cwd, dump=None, timeout=100):
+    """``torchrun --nproc-per-node 2 -m hypsegcli ARGS`` on the CPU; (returncode, stdout, stderr)."""
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    if dump is not None:
+        env[distributed.DEBUG_DUMP_ENV] = str(dump)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(_free_port()),
+        "-m",
+        "hypsegcli",
+        *map(str, args),
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # so that a hung run is killed with all its workers
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"torchrun hung for {timeout} s:\n{err[-3000:]}")
+    return proc.returncode, out, err
+
+
+def _dumps(folder):
+    return [json.loads((folder / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def _history_steps(model_path):
+    with open(companion_paths(model_path)[1]) as handle:
+        return [int(row["step"]) for row in csv.DictReader(handle)]
+
+
+def _copy_run(src_model, dst_dir):
+    dst_dir.mkdir()
+    for path in (src_model, *companion_paths(src_model)):
+        shutil.copy2(path, dst_dir / path.name)
+    return dst_dir / src_model.name
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    with pytest.raises(SystemExit) as info:
+        main(["--quiet", "synth", str(root), "--n", "2", "--size", "20"])
+    assert info.value.code == 0
+    return root / "images"
+
+
+@pytest.fixture(scope="module")
+def six_steps(images, tmp_path_factory):
+    """A 2-rank run of 6 steps: (model path, dump folder, returncode, stdout, stderr)."""
+    work = tmp_path_factory.mktemp("dist")
+    dump = work / "dump"
+    code, out, err = _torchrun(
+        ["train", images, "-o", "run/m.pt", "--steps", "6", "--json", "--threads", "1", *TINY],
+        cwd=work,
+        dump=dump,
+    )
+    return work / "run" / "m.pt", dump, code, out, err
+
+
+def test_two_ranks_train_identical_weights_on_different_triplets(six_steps):
+    model, dump, code, out, err = six_steps
+    assert code == 0, err[-3000:]
+    summary = json.loads(out)  # one JSON document: rank 0's
+    assert summary["step"] == 6 and summary["world_size"] == 2
+    assert err.count("wrote ") == 1 and err.count("train: 6/6") == 1  # rank 1 is quiet
+    ranks = _dumps(dump)
+    assert [r["rank"] for r in ranks] == [0, 1] and {r["step"] for r in ranks} == {6}
+    assert ranks[0]["state_dict_sha256"] == ranks[1]["state_dict_sha256"]
+    assert ranks[0]["sample_rng_sha256"] != ranks[1]["sample_rng_sha256"]
+    assert ranks[0]["noise_rng_sha256"] != ranks[1]["noise_rng_sha256"]
+    ckpt = load_model_file(companion_paths(model)[0])
+    assert ckpt["kind"] == "checkpoint" and ckpt["step"] == 6 and ckpt["world_size"] == 2
+    assert len(ckpt["rng_state"]["ranks"]) == 2
+    assert distributed.state_sha256(ckpt["state_dict"]) == ranks[0]["state_dict_sha256"]
+    assert (
+        distributed.state_sha256(load_model_file(model)["state_dict"])
+        == (ranks[0]["state_dict_sha256"])
+    )
+    assert _history_steps(model) == list(range(1, 7))
+    assert sorted(p.name for p in model.parent.iterdir()) == [
+        "m.ckpt.pt",
+        "m.history.csv",
+        "m.pt",
+    ]
+
+
+def test_distributed_resume_continues_exactly(six_steps, images, tmp_path):
+    model, *_ = six_steps
+    resumed = _copy_run(model, tmp_path / "resumed")
+    code, _, err = _torchrun(
+        ["train", images, "-o", resumed, "--steps", "9", "--resume", "--threads", "1", *TINY],
+        cwd=tmp_path,
+        dump=tmp_path / "dump",
+    )
+    assert code == 0, err[-3000:]
+    assert "resuming from step 6" in err and "re-seed" not in err
+    ranks = _dumps(tmp_path / "dump")
+    assert ranks[0]["state_dict_sha256"] == ranks[1]["state_dict_sha256"]
+    assert {r["step"] for r in ranks} == {9}
+    assert _history_steps(resumed) == list(range(1, 10))
+    straight = tmp_path / "straight" / "m.pt"
+    code, _, err = _torchrun(
+        ["train", images, "-o", straight, "--steps", "9", "--threads", "1", *TINY], cwd=tmp_path
+    )
+    assert code == 0, err[-3000:]
+    a, b = load_model_file(straight)["state_dict"], load_model_file(resumed)["state_dict"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def test_single_process_resumes_a_distributed_checkpoint(six_steps, images, tmp_path, capsys):
+    model, *_ = six_steps
+    copy = _copy_run(model, tmp_path / "single")
+    with pytest.raises(SystemExit) as info:
+        main(
+            [
+                "train",
+                str(images),
+                "-o",
+                str(copy),
+                "--steps",
+                "8",
+                "--resume",
+                "--threads",
+                "2",
+                *TINY,
+            ]
+        )
+    err = capsys.readouterr().err
+    assert info.value.code == 0, err
+    assert "written by 2 process(es), resuming on 1" in err
+    doc = load_model_file(copy)
+    assert doc["step"] == 8 and doc["world_size"] == 1
+    assert _history_steps(copy) == list(range(1, 9))
+
+
+def test_a_failing_rank_stops_the_job_without_hanging(images, tmp_path):
+    dump = tmp_path / "dump"
+    (dump / "rank1.json").mkdir(parents=True)  # rank 1 fails at its very end, rank 0 does not
+    started = time.monotonic()
+    code, _, err = _torchrun(
+        ["train", images, "-o", "m.pt", "--steps", "1", "--threads", "1", *TINY],
+        cwd=tmp_path,
+        dump=dump,
+        timeout=90,
+    )
+    assert code != 0 and time.monotonic() - started < 60
+    errors = [line for line in err.splitlines() if line.startswith("hypseg: error:")]
+    assert any("IsADirectoryError" in line and "rank1.json" in line for line in errors), err
+    assert "hypsegcli/training.py" not in err  # one-line errors, no worker tracebacks
+
+
+def test_bad_input_fails_every_rank(images, tmp_path):
+    code, _, err = _torchrun(
+        ["train", images, "-o", "m.pt", "--resume", "--threads", "1", *TINY], cwd=tmp_path
+    )
+    errors = [line for line in err.splitlines() if line.startswith("hypseg: error:")]
+    assert code != 0 and 1 <= len(errors) <= 2, err  # torchrun may stop rank 1 first
+    assert all("no checkpoint to resume from" in line for line in errors)
+
+
+# ----------------------------------------------------------------------------- in process
+
+
+def test_environment_detection(monkeypatch):
+    for name in TORCHRUN_ENV:
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.world_size() == 1 and not distributed.is_distributed()
+    assert distributed.rank() == 0 and distributed.is_main_process()
+    monkeypatch.setenv("RANK", "3")  # ignored without WORLD_SIZE > 1
+    assert distributed.is_main_process()
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert distributed.is_distributed() and distributed.rank() == 3
+    assert distributed.local_rank() == 1 and not distributed.is_main_process()
+    assert distributed.per_rank_device(torch.device("cpu")) == torch.device("cpu")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(BadInputError, match="share one GPU"):
+        distributed.per_rank_device(torch.device("cuda", 0))
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(BadInputError, match="WORLD_SIZE='two': expected an integer"):
+        distributed.world_size()
+    monkeypatch.setenv(distributed.TIMEOUT_ENV, "-5")
+    with pytest.raises(BadInputError, match="HYPSEG_DIST_TIMEOUT='-5'"):
+        distributed.timeout_seconds()
+
+
+def test_other_ranks_log_warnings_only(monkeypatch):
+    logger = logging.getLogger("hypsegcli")
+    before = logger.level
+    try:
+        logger.setLevel(logging.INFO)
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("RANK", "0")
+        distributed.quiet_other_ranks()
+        assert logger.level == logging.INFO
+        monkeypatch.setenv("RANK", "1")
+        distributed.quiet_other_ranks()
+        assert logger.level == logging.WARNING
+    finally:
+        logger.setLevel(before)
+
+
+def test_single_process_session_is_the_identity(monkeypatch):
+    for name in TORCHRUN_ENV:
+        monkeypatch.delenv(name, raising=False)
+    with distributed.session(torch.device("cpu")) as job:
+        assert job == distributed.Distributed() and job.is_main and not job.enabled
+        values = {"total": torch.tensor(1.5)}
+        assert job.average(values) is values
+        assert job.gather("x") == ["x"]
+        assert job.main_decides(True) is True and job.main_decides(False) is False
+        job.barrier()
+        model = torch.nn.Linear(2, 2)
+        model.loss = lambda *a, **k: {}  # type: ignore[attr-defined]
+        assert job.wrap(model) is model.loss
+    assert not torch.distributed.is_initialized()
+
+
+def test_first_line_of_collective_errors():
+    exc = RuntimeError(
+        "[/w/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+        "[127.0.0.1]:55434. This is typically caused by a remote worker crashing.\nmore"
+    )
+    assert distributed._is_collective_error(exc)
+    assert distributed._first_line(exc) == "Connection closed by peer [127.0.0.1]:55434"
+    assert not distributed._is_collective_error(RuntimeError("CUDA out of memory"))
