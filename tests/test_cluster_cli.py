@@ -281,3 +281,32 @@ def test_bad_model_file_and_options(trained, tmp_path, capsys):
         capsys,
     )
     assert code == 2 and "--k 1" in err
+
+
+def test_smoke_pipeline_beats_random_labels_at_level_1(trained, tmp_path, capsys):
+    """synth -> train -> cluster -> evaluate, tiny: a broken pipeline (axes, labels, pairing) scores like chance."""
+    images, labels = trained / "data" / "images", trained / "data" / "labels"
+    seg = tmp_path / "seg"
+    code, _, err = run(
+        ["--quiet", "cluster", images, "-m", trained / "model.pt", "--k", "2", "-o", seg], capsys
+    )
+    assert code == 0, err
+    rng = np.random.default_rng(0)
+    chance = tmp_path / "chance"
+    chance.mkdir()
+    for path in sorted(images.glob("*.nii.gz")):
+        src = nib.load(str(path))
+        noise = rng.integers(0, 2, src.shape).astype(np.uint8)
+        nib.save(
+            nib.Nifti1Image(noise, src.affine),
+            str(chance / path.name.replace(".nii.gz", "_k2.nii.gz")),
+        )
+    scores = {}
+    for name, folder in (("model", seg), ("chance", chance)):
+        code, out, err = run(["evaluate", folder, labels, "--json", "--no-hausdorff"], capsys)
+        assert code == 0, err
+        (summary,) = json.loads(out)["summary"]
+        assert summary["level"] == 1 and summary["n"] == 3
+        scores[name] = summary["mean_dice"]
+    assert scores["chance"] < 0.55
+    assert scores["model"] > scores["chance"] + 0.2, scores
