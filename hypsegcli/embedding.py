@@ -116,6 +116,10 @@ DEFAULT_TILE = 24
 #: Patches per encoder call in :func:`embed_reference`.
 DEFAULT_BATCH = 4096
 
+#: Output voxels per slab of the stride interpolation (float64 intermediates of
+#: ~16 bytes per voxel and coordinate each, so a few tens of MB at a time).
+UPSAMPLE_BLOCK = 1 << 20
+
 #: Largest phase count b = p / gcd(m, p) per axis the fast path handles; beyond
 #: it (a patch side that is no simple fraction of m) the reference path is used.
 MAX_PHASES = 16
@@ -633,25 +637,49 @@ def _interp_weights(idx: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _upsample(
-    model: nn.Module, coarse: np.ndarray, axes: Sequence[np.ndarray], shape: Sequence[int]
+    model: nn.Module,
+    coarse: np.ndarray,
+    axes: Sequence[np.ndarray],
+    shape: Sequence[int],
+    *,
+    block: int = UPSAMPLE_BLOCK,
 ) -> np.ndarray:
-    """Trilinear interpolation of lattice embeddings to every voxel (tangent space at 0 on the ball)."""
-    t = torch.from_numpy(coarse).double()
+    """Trilinear interpolation of lattice embeddings to every voxel (tangent space at 0 on the ball).
+
+    Computed in slabs of output x-planes (about ``block`` voxels each) from the
+    lattice planes each slab needs, in float64, written into the float32
+    result: every voxel's value is the same per-voxel formula as for the whole
+    volume at once, but the float64 intermediates stay at slab size (at once
+    they would take 5 GB for a 512x512x300 volume).
+    """
     hyperbolic = model.cfg.hyperbolic
     c = model.cfg.curvature
-    if hyperbolic:
-        t = geometry.logmap0(t, c=c)
-    for axis, (idx, n) in enumerate(zip(axes, shape, strict=True)):
+    interp = []
+    for idx, n in zip(axes, shape, strict=True):
         left, w = _interp_weights(idx, n)
-        i0 = torch.from_numpy(left)
-        i1 = torch.from_numpy(np.minimum(left + 1, len(idx) - 1))
-        view = [1] * 4
-        view[axis] = n
-        wt = torch.from_numpy(w).view(view)
-        t = torch.lerp(t.index_select(axis, i0), t.index_select(axis, i1), wt)
-    if hyperbolic:
-        t = geometry.project(geometry.expmap0(t, c=c), c=c)
-    out = t.float().numpy()
+        interp.append((left, np.minimum(left + 1, len(idx) - 1), w))
+    out = np.empty((*shape, coarse.shape[-1]), dtype=np.float32)
+    rows = max(1, int(block) // max(1, int(shape[1]) * int(shape[2])))
+    for x0 in range(0, int(shape[0]), rows):
+        x1 = min(x0 + rows, int(shape[0]))
+        left0, right0, w0 = (a[x0:x1] for a in interp[0])
+        lo = int(left0.min())
+        hi = int(right0.max()) + 1
+        t = torch.from_numpy(np.ascontiguousarray(coarse[lo:hi])).double()
+        if hyperbolic:
+            t = geometry.logmap0(t, c=c)
+        for axis, (i0, i1, w) in enumerate(((left0 - lo, right0 - lo, w0), *interp[1:])):
+            view = [1] * 4
+            view[axis] = len(w)
+            wt = torch.from_numpy(w).view(view)
+            t = torch.lerp(
+                t.index_select(axis, torch.from_numpy(i0)),
+                t.index_select(axis, torch.from_numpy(i1)),
+                wt,
+            )
+        if hyperbolic:
+            t = geometry.project(geometry.expmap0(t, c=c), c=c)
+        out[x0:x1] = t.float().numpy()
     out[np.ix_(*axes)] = coarse  # lattice voxels keep their computed values exactly
     return out
 

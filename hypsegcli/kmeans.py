@@ -99,6 +99,7 @@ from hypsegcli.errors import BadInputError, HypsegError
 
 __all__ = [
     "PoincareKMeans",
+    "assign_chunk_rows",
     "NotFittedError",
     "ConvergenceWarning",
     "frechet_mean",
@@ -112,8 +113,12 @@ _G_SERIES_BELOW = 1e-4
 _MIN_GAP = 1e-300
 _BALL_MAX = 1.0 - 4.0 * float(np.finfo(np.float64).eps)
 
-# Rows per chunk of the assignment step: chunk * k scores at a time (8 MiB in float64).
+# Rows per chunk of the assignment step: chunk * k scores at a time (8 MiB in float64),
+# but at least _MIN_ASSIGN_ROWS rows.
 _ASSIGN_BLOCK = 1 << 20
+_MIN_ASSIGN_ROWS = 1024
+# Coordinates per chunk of the input check (finite, inside the ball): 8 MiB in float64.
+_CHECK_BLOCK = 1 << 20
 # The n_init restarts (k-means++ and Lloyd) run on a seeded subset of at most this
 # many points of the fit sample; the best run is then refined on the whole fit sample.
 _RESTART_SAMPLES = 50_000
@@ -201,17 +206,28 @@ def _check_ball_points(x: torch.Tensor, name: str, c: float) -> None:
         raise BadInputError(
             f"{name} should have at least one sample and one feature, got shape {tuple(x.shape)}"
         )
-    n_bad = int((~torch.isfinite(x)).sum())
+    # In row chunks: a float64 copy of all points would cost 8 bytes per coordinate.
+    rows = max(1, _CHECK_BLOCK // x.shape[1])
+    n_bad = n_out = 0
+    max_cn2 = -math.inf
+    for i in range(0, x.shape[0], rows):
+        chunk = x[i : i + rows]
+        n_bad += int((~torch.isfinite(chunk)).sum())
+        if n_bad:
+            continue
+        cn2 = c * (chunk.to(torch.float64) ** 2).sum(-1)
+        out = int((cn2 >= 1.0).sum())
+        if out:
+            n_out += out
+            max_cn2 = max(max_cn2, float(cn2.max()))
     if n_bad:
         raise BadInputError(
             f"{name} contains {n_bad} non-finite values (NaN or inf); expected finite ball coordinates"
         )
-    cn2 = c * (x.to(torch.float64) ** 2).sum(-1)
-    n_out = int((cn2 >= 1.0).sum())
     if n_out:
         raise BadInputError(
             f"{name} has {n_out} of {x.shape[0]} points outside the Poincaré ball of curvature -{c:g} "
-            f"(expected c*||x||^2 < 1, max c*||x||^2 = {float(cn2.max()):.6g})"
+            f"(expected c*||x||^2 < 1, max c*||x||^2 = {max_cn2:.6g})"
         )
 
 
@@ -272,6 +288,15 @@ def _col_t(xT: torch.Tensor, yT: torch.Tensor, c: float) -> torch.Tensor:
 def _max_shift(old: torch.Tensor, new: torch.Tensor, c: float) -> float:
     """Largest Poincaré distance between matching rows of two (k, d) centroid arrays."""
     return float(_t_to_d2(_col_t(old.T, new.T, c), c).max().sqrt())
+
+
+def assign_chunk_rows(n_clusters: int) -> int:
+    """Points per chunk of the assignment step (``labels_``, ``predict``) for ``k`` clusters.
+
+    A caller that splits a large input itself into pieces of a multiple of
+    this size gets exactly the chunks (and so the labels) of one call.
+    """
+    return max(_MIN_ASSIGN_ROWS, _ASSIGN_BLOCK // max(1, int(n_clusters)))
 
 
 def _argmin0(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -674,7 +699,7 @@ class PoincareKMeans:
         inv_gap_y = 1.0 / _gap(y2, c)
         labels = torch.empty(n, dtype=torch.int64, device=xT.device)
         best = torch.empty(n, dtype=xT.dtype, device=xT.device)
-        cols = max(1024, _ASSIGN_BLOCK // k)
+        cols = assign_chunk_rows(k)
         for i in range(0, n, cols):
             sl = slice(i, i + cols)
             best[sl], labels[sl] = _argmin0(_scores(xT[:, sl], centers, y2, inv_gap_y, xx[sl]))
@@ -697,7 +722,7 @@ class PoincareKMeans:
         centersT64 = centers64.T
         labels = torch.empty(n, dtype=torch.int64, device=x.device)
         inertia = 0.0
-        rows = max(1024, _ASSIGN_BLOCK // k)
+        rows = assign_chunk_rows(k)
         for i in range(0, n, rows):
             xT = x[i : i + rows].T.to(dtype).contiguous()
             idx = _argmin0(_scores(xT, centers, y2, inv_gap_y, _sqnorm_cols(xT)))[1]

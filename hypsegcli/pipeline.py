@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[..., None]
 
+#: Voxels per chunk when ``cluster`` assigns labels (a few tens of MB at a time).
+PREDICT_BLOCK = 1 << 22
+
 
 def _noop(*_args: Any, **_kwargs: Any) -> None:
     return None
@@ -1010,16 +1013,32 @@ class _Clusterer:
         centers = np.asarray(km.cluster_centers_, dtype=np.float64)
         return centers[_canonical_order_line(centers)]
 
-    def predict(self, features: np.ndarray, centers: np.ndarray) -> np.ndarray:
-        if self.kind == "ball":
-            from .kmeans import PoincareKMeans
+    def predict(
+        self, features: np.ndarray, centers: np.ndarray, *, block: int | None = None
+    ) -> np.ndarray:
+        """Label (the nearest centre) of every row of ``features`` (n, d), in the smallest unsigned dtype.
 
-            km = PoincareKMeans(n_clusters=len(centers), c=self.curvature)
+        In chunks of about ``block`` (default ``PREDICT_BLOCK``) rows, so a
+        memory-mapped cache entry is read piece by piece and nothing of size
+        (n, k) or a float64 copy of all rows is ever made; the labels equal
+        those of one call on all rows.
+        """
+        block = PREDICT_BLOCK if block is None else block
+        k = len(centers)
+        out = np.empty(len(features), dtype=np.min_scalar_type(max(k - 1, 0)))
+        if self.kind == "ball":
+            from .kmeans import PoincareKMeans, assign_chunk_rows
+
+            km = PoincareKMeans(n_clusters=k, c=self.curvature)
             km.cluster_centers_ = centers
-            return np.asarray(km.predict(features))
-        out = np.empty(len(features), dtype=np.int64)
-        for start in range(0, len(features), 1 << 20):
-            chunk = np.asarray(features[start : start + (1 << 20)], dtype=np.float64)
+            step = assign_chunk_rows(k)
+            step *= max(1, int(block) // step)  # whole assignment chunks: same labels
+            for start in range(0, len(features), step):
+                out[start : start + step] = km.predict(features[start : start + step])
+            return out
+        step = min(int(block), 1 << 20)
+        for start in range(0, len(features), step):
+            chunk = np.asarray(features[start : start + step], dtype=np.float64)
             d2 = ((chunk[:, None, :] - centers[None, :, :]) ** 2).sum(-1)
             out[start : start + len(chunk)] = d2.argmin(1)
         return out
