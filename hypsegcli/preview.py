@@ -62,9 +62,13 @@ def encode_png(rgb: np.ndarray) -> bytes:
     )
 
 
-def _window(image: np.ndarray) -> np.ndarray:
+def _window_levels(image: np.ndarray) -> tuple[float, float]:
+    """Grey levels: the 1st and 99th percentiles of the whole volume."""
     lo, hi = np.percentile(image, [1.0, 99.0])
-    scale = hi - lo if hi > lo else 1.0
+    return lo, (hi - lo if hi > lo else 1.0)
+
+
+def _window(image: np.ndarray, lo: float, scale: float) -> np.ndarray:
     return np.clip((image - lo) / scale, 0.0, 1.0)
 
 
@@ -81,11 +85,13 @@ def overlay_montage(
     Slices are shown with the first in-plane array axis running downwards;
     anisotropic spacing is honoured by nearest-neighbour scaling.
     """
-    grey = _window(image.astype(np.float32))
+    # levels from the whole volume, windowing only the three slices (bounded memory)
+    source = image if image.dtype == np.float32 else image.astype(np.float32)
+    lo, scale = _window_levels(source)
     panels = []
     for axis in range(3):
         index = image.shape[axis] // 2
-        g = np.take(grey, index, axis=axis)
+        g = _window(np.take(source, index, axis=axis), lo, scale)
         lab = np.take(labels, index, axis=axis).astype(np.int64)
         sp = [s for i, s in enumerate(spacing) if i != axis]
         rgb = (1.0 - alpha) * g[..., None] * 255.0 + alpha * PALETTE[lab % len(PALETTE)]

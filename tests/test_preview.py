@@ -1,0 +1,38 @@
+"""Preview PNGs: grey levels from the whole volume, labels overlaid, valid PNG bytes."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import numpy as np
+
+from hypsegcli import preview
+
+
+def test_montage_windows_slices_by_whole_volume_percentiles():
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(9, 10, 11)).astype(np.float32)
+    labels = rng.integers(0, 3, image.shape)
+    montage = preview.overlay_montage(image, labels, alpha=0.0, min_side=1)
+    lo, hi = np.percentile(image.astype(np.float64), [1.0, 99.0])
+    expected = np.clip((image[4] - lo) / (hi - lo), 0.0, 1.0) * 255.0  # the x panel, first
+    np.testing.assert_allclose(montage[: image.shape[1], : image.shape[2], 0], expected, atol=1.0)
+    # the same picture whatever the input's float type
+    again = preview.overlay_montage(image.astype(np.float64), labels, alpha=0.0, min_side=1)
+    np.testing.assert_array_equal(montage, again)
+
+
+def test_png_round_trip(tmp_path):
+    rng = np.random.default_rng(1)
+    image = rng.normal(size=(6, 7, 8)).astype(np.float32)
+    labels = rng.integers(0, 4, image.shape)
+    path = tmp_path / "p.png"
+    preview.write_preview(path, image, labels, spacing=(1.0, 2.0, 1.0))
+    png = path.read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    width, height = struct.unpack(">II", png[16:24])
+    rows = zlib.decompress(png[png.index(b"IDAT") + 4 : png.index(b"IEND") - 8])
+    pixels = np.frombuffer(rows, np.uint8).reshape(height, 1 + 3 * width)[:, 1:]
+    expected = preview.overlay_montage(image, labels, (1.0, 2.0, 1.0))
+    np.testing.assert_array_equal(pixels.reshape(expected.shape), expected)
