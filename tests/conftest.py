@@ -20,14 +20,7 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 @pytest.fixture(autouse=True)
 def _outside_job_arrays(monkeypatch):
     """Run as if not in a Slurm job array or torchrun job, even when the suite itself is."""
-    for name in (
-        "SLURM_ARRAY_TASK_ID",
-        "SLURM_ARRAY_TASK_COUNT",
-        "SLURM_ARRAY_TASK_MIN",
-        "SLURM_ARRAY_TASK_MAX",
-        "SLURM_ARRAY_TASK_STEP",
-        "WORLD_SIZE",
-        "RANK",
-        "LOCAL_RANK",
-    ):
+    from hypsegcli.batch import SLURM_VARIABLES
+
+    for name in (*SLURM_VARIABLES, "WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)

@@ -11,53 +11,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from clitools import TINY_TRAIN, run, tiny_pipeline
 
 from hypsegcli import batch, embedding, io, pipeline
 from hypsegcli.batch import MANIFEST_NAME, Part, read_manifest, resolve_part, select_part
-from hypsegcli.cli import main
 from hypsegcli.errors import BadInputError, HypsegError
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--patch-size", "9", "--r-min", "6", "--r-max", "10", "--batch-size", "4", "--threads", "2"]
 CASES = ("case_000", "case_001", "case_002")
 SLURM = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN")
-
-
-@pytest.fixture(autouse=True)
-def _no_slurm(monkeypatch):
-    """The tests set the Slurm variables themselves (they may run inside a Slurm job)."""
-    for name in batch.SLURM_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
-
-
-def run(argv, capsys):
-    with pytest.raises(SystemExit) as info:
-        main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return info.value.code, out, err
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny model trained for a few steps on 3 synthetic volumes."""
-    root = tmp_path_factory.mktemp("batch")
-    with pytest.raises(SystemExit):
-        main(["--quiet", "synth", str(root / "data"), "--n", "3", "--size", "20", "--seed", "2"])
-    with pytest.raises(SystemExit) as info:
-        main(
-            [
-                "--quiet",
-                "train",
-                str(root / "data" / "images"),
-                "-o",
-                str(root / "model.pt"),
-                "--steps",
-                "3",
-                *TINY,
-            ]
-        )
-    assert info.value.code == 0
-    return root
+    return tiny_pipeline(tmp_path_factory.mktemp("batch"), steps=3)
 
 
 def cluster_argv(trained, out, *extra):
@@ -558,7 +526,7 @@ def test_example_walkthrough(tmp_path):
         "HYPSEG_EXAMPLE_SIZE": "20",
         "HYPSEG_EXAMPLE_SPLIT": "2/0/1",
         "HYPSEG_EXAMPLE_STEPS": "3",
-        "HYPSEG_EXAMPLE_TRAIN_OPTS": " ".join(TINY[:-2]),
+        "HYPSEG_EXAMPLE_TRAIN_OPTS": " ".join(TINY_TRAIN[:-2]),
         "HYPSEG_EXAMPLE_KS": "2 4",
         "HYPSEG_EXAMPLE_PATCH_SIZE": "9",
         "HYPSEG_EXAMPLE_THREADS": "2",

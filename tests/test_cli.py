@@ -10,17 +10,9 @@ import sys
 import nibabel as nib
 import numpy as np
 import pytest
+from clitools import run
 
 from hypsegcli import __version__, io
-from hypsegcli.cli import main
-
-
-def run(argv, capsys):
-    """Run ``hypseg argv`` through the console entry point; return (code, stdout, stderr)."""
-    with pytest.raises(SystemExit) as info:
-        main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return info.value.code, out, err
 
 
 def test_help_is_fast_and_does_not_import_torch():

@@ -10,43 +10,15 @@ import mrcfile
 import nibabel as nib
 import numpy as np
 import pytest
+from clitools import run, tiny_pipeline
 
 from hypsegcli import embedding, io
-from hypsegcli.cli import main
-
-TINY = ["--patch-size", "9", "--r-min", "6", "--r-max", "10", "--batch-size", "4", "--threads", "2"]
-
-
-def run(argv, capsys):
-    with pytest.raises(SystemExit) as info:
-        main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return info.value.code, out, err
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny model trained for a few steps on 3 synthetic volumes (NIfTI) plus an MRC copy."""
-    root = tmp_path_factory.mktemp("pipeline")
-    with pytest.raises(SystemExit):
-        main(["--quiet", "synth", str(root / "data"), "--n", "3", "--size", "20", "--seed", "2"])
-    with pytest.raises(SystemExit):
-        main(["--quiet", "synth", str(root / "mrc"), "--n", "1", "--size", "20", "--format", "mrc"])
-    with pytest.raises(SystemExit) as info:
-        main(
-            [
-                "--quiet",
-                "train",
-                str(root / "data" / "images"),
-                "-o",
-                str(root / "model.pt"),
-                "--steps",
-                "4",
-                *TINY,
-            ]
-        )
-    assert info.value.code == 0
-    return root
+    return tiny_pipeline(tmp_path_factory.mktemp("pipeline"), steps=4, mrc=True)
 
 
 def test_cluster_writes_labels_with_geometry_and_uses_cache(trained, tmp_path, capsys, monkeypatch):

@@ -9,9 +9,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from clitools import TINY_TRAIN, run
 
 from hypsegcli import io
-from hypsegcli.cli import main
 from hypsegcli.config import ModelConfig, SamplingConfig, TrainConfig
 from hypsegcli.errors import BadInputError
 from hypsegcli.modelfile import build_model, load_model_file
@@ -160,30 +160,9 @@ def test_loading_never_executes_code(tmp_path, capsys):
     assert "code ran" not in capsys.readouterr().out
 
 
-def _cli(argv, capsys):
-    with pytest.raises(SystemExit) as info:
-        main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return info.value.code, out, err
-
-
-TINY_CLI = [
-    "--patch-size",
-    "9",
-    "--r-min",
-    "6",
-    "--r-max",
-    "10",
-    "--batch-size",
-    "4",
-    "--threads",
-    "2",
-]
-
-
 def test_cli_train_all_table2_rows(tmp_path, capsys):
     data = tmp_path / "data"
-    code, _, err = _cli(["--quiet", "synth", data, "--n", "2", "--size", "20"], capsys)
+    code, _, err = run(["--quiet", "synth", data, "--n", "2", "--size", "20"], capsys)
     assert code == 0, err
     rows = [
         ["--geometry", "euclidean", "--no-triplet"],
@@ -195,7 +174,7 @@ def test_cli_train_all_table2_rows(tmp_path, capsys):
     ]
     for i, extra in enumerate(rows):
         out = tmp_path / f"m{i}.pt"
-        code, stdout, err = _cli(
+        code, stdout, err = run(
             [
                 "--quiet",
                 "train",
@@ -207,7 +186,7 @@ def test_cli_train_all_table2_rows(tmp_path, capsys):
                 "--json",
                 "--arch",
                 "valid",
-                *TINY_CLI,
+                *TINY_TRAIN,
                 *extra,
             ],
             capsys,
@@ -225,7 +204,7 @@ def test_cli_train_bad_inputs(tmp_path, capsys):
         nib.Nifti1Image(np.ones((20, 20, 20), np.float32), np.eye(4)),
         str(tmp_path / "const.nii.gz"),
     )
-    code, out, err = _cli(
+    code, out, err = run(
         ["train", tmp_path / "const.nii.gz", "-o", tmp_path / "m.pt", "--steps", "1"], capsys
     )
     assert (
@@ -240,12 +219,12 @@ def test_cli_train_bad_inputs(tmp_path, capsys):
         nib.Nifti1Image(rng.random((6, 6, 6)).astype(np.float32), np.eye(4)),
         str(tmp_path / "tiny.nii.gz"),
     )
-    code, out, err = _cli(
+    code, out, err = run(
         ["train", tmp_path / "tiny.nii.gz", "-o", tmp_path / "m.pt", "--steps", "1"], capsys
     )
     errors = [line for line in err.splitlines() if line.startswith("hypseg: error:")]
     assert code == 2 and len(errors) == 1 and "tiny.nii.gz" in errors[0] and "Traceback" not in err
-    code, out, err = _cli(
+    code, out, err = run(
         ["train", tmp_path / "tiny.nii.gz", "-o", tmp_path / "m.pt", "--lr", "-1"], capsys
     )
     assert code == 2 and "lr=-1" in err
@@ -253,11 +232,11 @@ def test_cli_train_bad_inputs(tmp_path, capsys):
 
 def test_cli_progress_without_terminal_is_plain_lines(tmp_path, capsys):
     data = tmp_path / "data"
-    code, _, err = _cli(["--quiet", "synth", data, "--n", "1", "--size", "20"], capsys)
+    code, _, err = run(["--quiet", "synth", data, "--n", "1", "--size", "20"], capsys)
     assert code == 0, err
     out = tmp_path / "m.pt"
-    code, stdout, err = _cli(
-        ["train", data / "images", "-o", out, "--steps", "3", *TINY_CLI], capsys
+    code, stdout, err = run(
+        ["train", data / "images", "-o", out, "--steps", "3", *TINY_TRAIN], capsys
     )
     assert code == 0 and stdout == "", err
     lines = err.splitlines()
@@ -265,8 +244,8 @@ def test_cli_progress_without_terminal_is_plain_lines(tmp_path, capsys):
     assert lines[2].startswith("train: 3/3 (100%), ")  # the end, nothing in between
     assert lines[-1].startswith("wrote ") and len(lines) == 4
     assert "━" not in err and "\x1b" not in err
-    code, _, err = _cli(
-        ["train", data / "images", "-o", out, "--max-minutes", "0.01", *TINY_CLI], capsys
+    code, _, err = run(
+        ["train", data / "images", "-o", out, "--max-minutes", "0.01", *TINY_TRAIN], capsys
     )
     assert code == 0, err
     assert [line.split(",")[0] for line in err.splitlines() if line.startswith("train:")] == [
@@ -280,12 +259,21 @@ def test_resume_in_a_new_process_continues_exactly(tmp_path, capsys):
     import sys
 
     data = tmp_path / "data"
-    code, _, err = _cli(["--quiet", "synth", data, "--n", "2", "--size", "20"], capsys)
+    code, _, err = run(["--quiet", "synth", data, "--n", "2", "--size", "20"], capsys)
     assert code == 0, err
 
     def train_cli(out, steps, *extra):
         cmd = [sys.executable, "-m", "hypsegcli", "--quiet", "train", str(data / "images")]
-        cmd += ["-o", str(out), "--steps", str(steps), "--checkpoint-every", "3", *TINY_CLI, *extra]
+        cmd += [
+            "-o",
+            str(out),
+            "--steps",
+            str(steps),
+            "--checkpoint-every",
+            "3",
+            *TINY_TRAIN,
+            *extra,
+        ]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
 

@@ -1,0 +1,70 @@
+"""Shared by the command-line tests: run ``hypseg`` in-process and build a tiny trained pipeline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hypsegcli.cli import main
+
+#: `hypseg train` options for a model of the default layout that trains in a second
+TINY_TRAIN = [
+    "--patch-size",
+    "9",
+    "--r-min",
+    "6",
+    "--r-max",
+    "10",
+    "--batch-size",
+    "4",
+    "--threads",
+    "2",
+]
+
+
+def run(argv, capsys):
+    """Run ``hypseg argv`` through the console entry point; return (code, stdout, stderr)."""
+    with pytest.raises(SystemExit) as info:
+        main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return info.value.code, out, err
+
+
+def tiny_pipeline(root: Path, *, steps: int, mrc: bool = False) -> Path:
+    """``root/data``: 3 synthetic 20^3 volumes (seed 2), ``root/model.pt`` trained on them for
+    ``steps`` steps, and with ``mrc`` one MRC volume in ``root/mrc``. Returns ``root``."""
+    with pytest.raises(SystemExit) as info:
+        main(["--quiet", "synth", str(root / "data"), "--n", "3", "--size", "20", "--seed", "2"])
+    assert info.value.code == 0
+    if mrc:
+        with pytest.raises(SystemExit) as info:
+            main(
+                [
+                    "--quiet",
+                    "synth",
+                    str(root / "mrc"),
+                    "--n",
+                    "1",
+                    "--size",
+                    "20",
+                    "--format",
+                    "mrc",
+                ]
+            )
+        assert info.value.code == 0
+    with pytest.raises(SystemExit) as info:
+        main(
+            [
+                "--quiet",
+                "train",
+                str(root / "data" / "images"),
+                "-o",
+                str(root / "model.pt"),
+                "--steps",
+                str(steps),
+                *TINY_TRAIN,
+            ]
+        )
+    assert info.value.code == 0
+    return root
