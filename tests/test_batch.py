@@ -19,7 +19,6 @@ from hypsegcli.errors import BadInputError, HypsegError
 
 REPO = Path(__file__).resolve().parents[1]
 CASES = ("case_000", "case_001", "case_002")
-SLURM = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN")
 
 
 @pytest.fixture(scope="module")
