@@ -58,6 +58,7 @@ class TrainResult:
     last: dict[str, float]
     stopped_by: str
     world_size: int = 1
+    device: str = "cpu"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -70,6 +71,7 @@ class TrainResult:
             "last_losses": self.last,
             "stopped_by": self.stopped_by,
             "world_size": self.world_size,
+            "device": self.device,
         }
 
 
@@ -332,6 +334,7 @@ def _train(
         last,
         stopped_by,
         dist.world_size,
+        str(dev),
     )
 
 

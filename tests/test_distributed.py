@@ -57,7 +57,9 @@ def _free_port() -> int:
 def _torchrun(args, *, cwd, dump=None, timeout=100):
     """``torchrun --nproc-per-node 2 -m hypsegcli ARGS`` on the CPU; (returncode, stdout, stderr)."""
     env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV}
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    # CPU ranks (gloo) even on a machine with GPUs: there --device auto means one
+    # GPU per rank, refused where the node has fewer GPUs than ranks.
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
     if dump is not None:
         env[distributed.DEBUG_DUMP_ENV] = str(dump)
     cmd = [

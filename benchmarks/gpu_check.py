@@ -1,0 +1,260 @@
+"""Check the CUDA paths of hypseg on a machine with a GPU, and time them against its CPU.
+
+Run from the repository root on a CUDA machine::
+
+    python benchmarks/gpu_check.py [--workdir DIR]
+
+It prints one line per check (numbers, and FAIL where a check does not hold) and
+exits 1 if any check failed:
+
+1. ``hypseg synth`` a few volumes, ``hypseg train --device cuda`` and
+   ``--device auto`` (must pick the GPU), ``hypseg embed`` / ``cluster`` /
+   ``evaluate`` with ``--device cuda``;
+2. the dense embedding of one volume on the GPU against the CPU path with the
+   same model (max |difference| relative to the largest |mu|; TF32 convolutions
+   are switched off for the comparison, so they agree to float32 rounding);
+3. one training step's loss and gradients on the GPU against the CPU in float64;
+4. ``torchrun --nproc-per-node 1`` training on cuda (NCCL process group);
+5. speed: triplets/s of training and voxels/s of dense embedding on the GPU,
+   with the CPU of the same machine in the same run as the reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+FAILED: list[str] = []
+
+
+def check(ok: bool, what: str) -> None:
+    print(("ok   " if ok else "FAIL ") + what, flush=True)
+    if not ok:
+        FAILED.append(what)
+
+
+def hypseg(*args: str, env: dict[str, str] | None = None) -> dict:
+    cmd = [sys.executable, "-m", "hypsegcli", "-q", *args]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        check(
+            False, f"hypseg {' '.join(args)} exited {proc.returncode}: {proc.stderr.strip()[-800:]}"
+        )
+        return {"_wall": wall}
+    out = json.loads(proc.stdout) if "--json" in args and proc.stdout.strip() else {}
+    if isinstance(out, dict):
+        out["_wall"] = wall
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--steps", type=int, default=300)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("gpu_check: no CUDA device is visible")
+    print(
+        f"torch {torch.__version__}, {torch.cuda.get_device_name(0)}, {os.cpu_count()} CPU cores",
+        flush=True,
+    )
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="hypseg-gpu-"))
+    work.mkdir(parents=True, exist_ok=True)
+    data = work / "d"
+
+    # 1. the CLI on cuda
+    hypseg("synth", str(data), "--n", "6", "--seed", "1")
+    s_cuda = hypseg(
+        "train",
+        str(data / "images"),
+        "-o",
+        str(work / "m.pt"),
+        "--steps",
+        str(args.steps),
+        "--device",
+        "cuda",
+        "--json",
+    )
+    s_auto = hypseg(
+        "train",
+        str(data / "images"),
+        "-o",
+        str(work / "ma.pt"),
+        "--steps",
+        "20",
+        "--device",
+        "auto",
+        "--json",
+    )
+    check(
+        "cuda" in str(s_auto.get("device", "")), f"--device auto trained on {s_auto.get('device')}"
+    )
+    if "step" in s_cuda:
+        print(
+            f"     train --device cuda: {s_cuda['step']} steps in {s_cuda['elapsed_seconds']:.1f} s",
+            flush=True,
+        )
+    hypseg(
+        "embed",
+        str(data / "images"),
+        "-m",
+        str(work / "m.pt"),
+        "--device",
+        "cuda",
+        "--cache-dir",
+        str(work / "cache"),
+    )
+    hypseg(
+        "cluster",
+        str(data / "images"),
+        "-m",
+        str(work / "m.pt"),
+        "--k",
+        "2",
+        "--k",
+        "4",
+        "--k",
+        "8",
+        "-o",
+        str(work / "seg"),
+        "--device",
+        "cuda",
+        "--cache-dir",
+        str(work / "cache"),
+    )
+    ev = hypseg("evaluate", str(work / "seg"), str(data / "labels"), "--json", "--no-hausdorff")
+    if "summary" in ev or ev:
+        print(
+            f"     evaluate after {args.steps} GPU steps: {json.dumps(ev.get('summary', ev))[:400]}",
+            flush=True,
+        )
+
+    # 2. dense embedding, GPU vs CPU, same model
+    from hypsegcli import io
+    from hypsegcli.embedding import embed_volume
+    from hypsegcli.modelfile import build_model, load_model_file
+    from hypsegcli.sampling import normalize_volume
+
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = build_model(load_model_file(work / "m.pt")).eval()
+    img = next(iter(sorted((data / "images").glob("*.nii.gz"))))
+    x = normalize_volume(io.read_volume(img).data, 1, 99)
+    e_cpu = embed_volume(model, x, patch_size=5)
+    e_gpu = embed_volume(model.to("cuda"), x, patch_size=5)
+    rel = float(np.abs(e_gpu - e_cpu).max() / np.abs(e_cpu).max())
+    check(rel < 1e-4, f"dense embedding GPU vs CPU: max |diff| / max |mu| = {rel:.2e}")
+
+    # 3. the triplet loss and its gradients in float64, GPU vs CPU (no sampling noise in it)
+    from hypsegcli.config import ModelConfig
+    from hypsegcli.model import HypVAE
+
+    torch.manual_seed(0)
+    m64 = HypVAE(ModelConfig()).double()
+    batch = [torch.rand(8, 1, 10, 10, 10, dtype=torch.float64) for _ in range(3)]
+    res = {}
+    for dev in ("cpu", "cuda"):
+        mdev = m64.to(dev)
+        mdev.zero_grad()
+        mu = [mdev.encode(b.to(dev))[0] for b in batch]
+        loss = mdev.triplet_loss(*mu) + sum(m.square().sum() for m in mu)
+        loss.backward()
+        grads = torch.cat([p.grad.flatten().cpu() for p in mdev.parameters() if p.grad is not None])
+        res[dev] = (loss.item(), grads)
+    dl = abs(res["cpu"][0] - res["cuda"][0])
+    dg = float((res["cpu"][1] - res["cuda"][1]).abs().max() / res["cpu"][1].abs().max())
+    check(
+        dl < 1e-10 and dg < 1e-9,
+        f"encoder loss + gradients float64 GPU vs CPU: |dloss| {dl:.1e}, max |dgrad| / max |grad| {dg:.1e}",
+    )
+
+    # 4. torchrun with NCCL
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "1",
+            "-m",
+            "hypsegcli",
+            "-q",
+            "train",
+            str(data / "images"),
+            "-o",
+            str(work / "ddp.pt"),
+            "--steps",
+            "30",
+            "--device",
+            "cuda",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    ok = proc.returncode == 0 and (work / "ddp.pt").exists()
+    check(
+        ok,
+        f"torchrun --nproc-per-node 1 --device cuda (NCCL): rc {proc.returncode}, {time.perf_counter() - t0:.1f} s"
+        + ("" if ok else f": {proc.stderr.strip()[-600:]}"),
+    )
+
+    # 5. speed, GPU vs this machine's CPU
+    for extra in ([], ["--batch-size", "512"]):
+        for dev in ("cpu", "cuda"):
+            if dev == "cpu" and extra:
+                continue
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    "benchmarks/train_speed.py",
+                    "--device",
+                    dev,
+                    "--steps",
+                    "20",
+                    *extra,
+                ],
+                capture_output=True,
+                text=True,
+            )
+            lines = [ln for ln in proc.stdout.splitlines() if "triplets/s" in ln]
+            print(
+                f"     train_speed {dev} {' '.join(extra)}: {lines[:2] if lines else proc.stderr[-300:]}",
+                flush=True,
+            )
+    big = np.random.default_rng(0).random((160, 160, 160), dtype=np.float32)
+    for dev in ("cpu", "cuda"):
+        mdl = model.to(dev)
+        embed_volume(mdl, big[:40, :40, :40], patch_size=5)
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        embed_volume(mdl, big, patch_size=5)
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        print(
+            f"     dense embedding 160^3 on {dev}: {dt:.2f} s = {big.size / dt:,.0f} voxels/s",
+            flush=True,
+        )
+    print(f"{len(FAILED)} check(s) failed" if FAILED else "all checks passed", flush=True)
+    sys.exit(1 if FAILED else 0)
+
+
+if __name__ == "__main__":
+    main()
