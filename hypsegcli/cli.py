@@ -360,6 +360,11 @@ class ScaleSampling(str, Enum):
     log = "log"
 
 
+class Likelihood(str, Enum):
+    unit = "unit"
+    learned = "learned"
+
+
 class Arch(str, Enum):
     valid = "valid"
     paper = "paper"
@@ -442,18 +447,42 @@ def train(
     curvature: Annotated[
         float, typer.Option("--curvature", help="Ball curvature c (the ball has curvature -c).")
     ] = 1.0,
-    beta: Annotated[float, typer.Option("--beta", help="Weight of the triplet loss.")] = 1e3,
+    beta: Annotated[
+        float,
+        typer.Option(
+            "--beta",
+            help="Weight of the triplet loss against the per-patch ELBO (8: the authors' beta = 1000 on an ELBO summed over batches of 128).",
+        ),
+    ] = 8.0,
     margin: Annotated[float, typer.Option("--margin", help="Triplet margin alpha.")] = 0.2,
     mc_samples: Annotated[
         int,
         typer.Option("--mc-samples", min=1, help="Posterior samples K per anchor for the ELBO."),
     ] = 1,
+    likelihood: Annotated[
+        Likelihood,
+        typer.Option(
+            "--likelihood",
+            help="Voxel likelihood of the VAE: 'unit' (Normal(x_hat, 1), the paper's) or 'learned' (a per-voxel scale decoded from z, which rewards encoding texture energy).",
+        ),
+    ] = Likelihood.unit,
     scale_sampling: Annotated[
         ScaleSampling,
-        typer.Option("--scale-sampling", help="Anchor sides drawn uniformly or log-uniformly."),
-    ] = ScaleSampling.uniform,
+        typer.Option(
+            "--scale-sampling",
+            help="Anchor sides drawn log-uniformly (default) or uniformly (the paper's choice for small volumes).",
+        ),
+    ] = ScaleSampling.log,
     r_min: Annotated[float, typer.Option("--r-min", help="Smallest anchor side (voxels).")] = 5.0,
     r_max: Annotated[float, typer.Option("--r-max", help="Largest anchor side (voxels).")] = 34.0,
+    negative_gap: Annotated[
+        float | None,
+        typer.Option(
+            "--negative-gap",
+            min=0,
+            help="Draw each negative within this many voxels of its anchor's box (neighbouring tissue, harder negatives); default: anywhere in the volume, as the paper.",
+        ),
+    ] = None,
     checkpoint_every: Annotated[
         int, typer.Option("--checkpoint-every", min=1, help="Write a checkpoint every N steps.")
     ] = 100,
@@ -490,8 +519,11 @@ def train(
         beta=beta,
         margin=margin,
         mc_samples=mc_samples,
+        likelihood=likelihood.value,
     )
-    sampling_config = SamplingConfig(r_min=r_min, r_max=r_max, scale_sampling=scale_sampling.value)
+    sampling_config = SamplingConfig(
+        r_min=r_min, r_max=r_max, scale_sampling=scale_sampling.value, negative_gap=negative_gap
+    )
     train_config = TrainConfig(
         steps=steps if steps is not None or max_minutes is not None else 3000,
         max_minutes=max_minutes,

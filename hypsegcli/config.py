@@ -50,10 +50,11 @@ class ModelConfig:
     geometry: Literal["hyperbolic", "euclidean"] = "hyperbolic"
     gyroconv: bool = True
     triplet: bool = True
-    beta: float = 1e3
+    beta: float = 8.0
     margin: float = 0.2
     mc_samples: int = 1
     triplet_distance: Literal["plain", "squared"] = "plain"
+    likelihood: Literal["unit", "learned"] = "unit"
 
     def __post_init__(self) -> None:
         if not (len(self.channels) == len(self.kernels) == len(self.paddings)) or not self.channels:
@@ -67,6 +68,8 @@ class ModelConfig:
             raise BadInputError(
                 f"triplet_distance={self.triplet_distance!r} should be 'plain' or 'squared'"
             )
+        if self.likelihood not in ("unit", "learned"):
+            raise BadInputError(f"likelihood={self.likelihood!r} should be 'unit' or 'learned'")
         if self.latent_dim < 1:
             raise BadInputError(f"latent_dim={self.latent_dim} should be >= 1")
         if self.curvature <= 0:
@@ -111,17 +114,20 @@ class SamplingConfig:
 
     Anchor side r in [r_min, r_max] (uniform or log-uniform, clipped to the
     volume), positive child of side in [l_min, min(child_max, r - r_gap)] inside
-    the anchor, negative of the child's side that does not overlap the anchor.
+    the anchor, negative of the child's side that does not overlap the anchor
+    (anywhere in the volume, or within ``negative_gap`` voxels of the anchor's
+    box per axis).
     """
 
     r_min: float = 5.0
     r_max: float = 34.0
-    scale_sampling: Literal["uniform", "log"] = "uniform"
+    scale_sampling: Literal["uniform", "log"] = "log"
     l_min: float = 3.0
     r_gap: float = 2.0
     child_max: float = 14.0
     norm_low: float = 1.0
     norm_high: float = 99.0
+    negative_gap: float | None = None
 
     def __post_init__(self) -> None:
         if self.scale_sampling not in ("uniform", "log"):
@@ -138,6 +144,8 @@ class SamplingConfig:
             )
         if self.child_max < self.l_min:
             raise BadInputError(f"child_max={self.child_max} should be >= l_min={self.l_min}")
+        if self.negative_gap is not None and not self.negative_gap >= 0:
+            raise BadInputError(f"negative_gap={self.negative_gap} should be >= 0 (or None)")
         if not 0 <= self.norm_low < self.norm_high <= 100:
             raise BadInputError(
                 f"norm_low={self.norm_low} and norm_high={self.norm_high} should satisfy "

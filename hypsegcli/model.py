@@ -62,6 +62,10 @@ from .layers import GyroplaneConv3d
 
 #: Added to softplus so that the posterior scale never reaches 0.
 SCALE_FLOOR = 1e-5
+#: Added to softplus so that a learned voxel scale never reaches 0.
+SIGMA_FLOOR = 1e-3
+#: Initial learned voxel scale (the bias of the decoder's scale channel).
+SIGMA_INIT = 0.1
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
@@ -130,9 +134,12 @@ class HypVAE(nn.Module):
         layers: list[nn.Module] = [nn.ReLU()]
         n = len(cfg.channels)
         size = S
+        # The last layer outputs the voxel means, and with a learned likelihood a
+        # second channel for the per-voxel scales.
+        c_out = (2 if cfg.likelihood == "learned" else 1, *c_in[1:])
         for i in reversed(range(n)):
             k, p = cfg.kernels[i], cfg.paddings[i]
-            layers.append(nn.ConvTranspose3d(cfg.channels[i], c_in[i], k, padding=p))
+            layers.append(nn.ConvTranspose3d(cfg.channels[i], c_out[i], k, padding=p))
             size = size + k - 1 - 2 * p
             if size < 1:
                 raise BadInputError(
@@ -147,6 +154,15 @@ class HypVAE(nn.Module):
                 f"patch_size={m}, the decoder gives {size}"
             )
         self.decoder = nn.Sequential(*layers)
+        if cfg.likelihood == "learned":
+            # Start the voxel scales near the noise of 1-99 percentile scaled data
+            # (~0.1) rather than softplus(0) = 0.69: Adam moves a bias by about lr
+            # per step, so from 0.69 the scales would need thousands of steps to
+            # reach the data and could not depend on z meanwhile.
+            last = layers[-1]
+            assert isinstance(last, nn.ConvTranspose3d) and last.bias is not None
+            with torch.no_grad():
+                last.bias[1] = math.log(math.expm1(SIGMA_INIT - SIGMA_FLOOR))
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -203,6 +219,14 @@ class HypVAE(nn.Module):
     # ------------------------------------------------------------------ decoder
     def decode(self, z: Tensor) -> Tensor:
         """Decode latents ``z`` (..., d) to voxel means x_hat (..., 1, m, m, m)."""
+        return self.decode_params(z)[0]
+
+    def decode_params(self, z: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Decode ``z`` (..., d) to the likelihood's means and scales, each (..., 1, m, m, m).
+
+        The scales are ``softplus(raw) + 1e-3`` with ``cfg.likelihood == "learned"``
+        and None with the unit-variance likelihood.
+        """
         cfg = self.cfg
         d, S, m = cfg.latent_dim, self.trunk_size, cfg.patch_size
         if z.shape[-1] != d:
@@ -218,7 +242,11 @@ class HypVAE(nn.Module):
                 zf = geometry.logmap0(zf, c=cfg.curvature)
             h = self.dec_first(zf).view(-1, cfg.channels[-1], S, S, S)
         out = self.decoder(h)
-        return out.reshape(*lead, 1, m, m, m)
+        if cfg.likelihood == "learned":
+            mean, raw = out.split(1, dim=1)
+            sigma = F.softplus(raw) + SIGMA_FLOOR
+            return mean.reshape(*lead, 1, m, m, m), sigma.reshape(*lead, 1, m, m, m)
+        return out.reshape(*lead, 1, m, m, m), None
 
     # ------------------------------------------------------------ distributions
     def _sample_posterior(
@@ -274,7 +302,8 @@ class HypVAE(nn.Module):
 
         Returns scalar tensors (all means over the batch, i.e. per triplet):
 
-        - ``recon``: -log p(x|z) = Σ_voxels [½(x - x_hat)² + ½ log 2π] for the anchor,
+        - ``recon``: -log p(x|z) = Σ_voxels [½(x - x_hat)² + ½ log 2π] for the anchor
+          (with a learned likelihood Σ_voxels [½((x - x_hat)/σ)² + log σ + ½ log 2π]),
           averaged over K = ``cfg.mc_samples`` posterior samples and the batch.
         - ``kl``: Monte Carlo KL over the same K samples, mean of
           log q(z|x) - log p(z) (for both geometries, so that rows are comparable).
@@ -313,10 +342,15 @@ class HypVAE(nn.Module):
             mu_p, mu_n = mu_pn.split(n)
 
         z, log_q = self._sample_posterior(mu_a, scale_a, cfg.mc_samples, generator)
-        x_hat = self.decode(z)  # (K, N, 1, m, m, m)
-        sq = (x_hat - anchor.unsqueeze(0)).square().flatten(2).sum(-1)  # (K, N)
+        x_hat, sigma = self.decode_params(z)  # (K, N, 1, m, m, m)
         n_vox = anchor[0].numel()
-        recon = 0.5 * sq.mean() + 0.5 * n_vox * _LOG_2PI
+        if sigma is None:
+            sq = (x_hat - anchor.unsqueeze(0)).square().flatten(2).sum(-1)  # (K, N)
+            recon = 0.5 * sq.mean() + 0.5 * n_vox * _LOG_2PI
+        else:
+            r = (x_hat - anchor.unsqueeze(0)) / sigma
+            nll = (0.5 * r.square() + sigma.log()).flatten(2).sum(-1)  # (K, N)
+            recon = nll.mean() + 0.5 * n_vox * _LOG_2PI
         kl = (log_q - self.prior_log_prob(z)).mean()
 
         if cfg.triplet:
@@ -351,8 +385,9 @@ class HypVAE(nn.Module):
             enc += sizes[i + 1] ** 3 * co * ci * k**3
         enc += cfg.hidden * c_last * S**3 + 2 * d * cfg.hidden
         dec = 0
+        c_out = (2 if cfg.likelihood == "learned" else 1, *c_in[1:])
         for i in range(len(cfg.channels)):
-            ci, co, k = cfg.channels[i], c_in[i], cfg.kernels[i]
+            ci, co, k = cfg.channels[i], c_out[i], cfg.kernels[i]
             dec += sizes[i + 1] ** 3 * k**3 * ci * co
         first = 0
         if cfg.uses_gyroconv:

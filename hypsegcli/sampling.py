@@ -488,9 +488,15 @@ class TripletSampler:
         # Positive: inside the anchor.
         p_lo = _uniform(a_lo, a_lo + (r - rc)[:, None], gen)
 
-        # Negative: inside the volume, interiors disjoint from the anchor's.
+        # Negative: inside the volume, interiors disjoint from the anchor's; with
+        # a negative gap g, also within g voxels of the anchor's box per axis.
         n_high = size - 0.5 - rc[:, None]
-        n_lo = _sample_outside(low, n_high, a_lo - rc[:, None], a_lo + r[:, None], gen)
+        n_low = low
+        if cfg.negative_gap is not None:
+            g = float(cfg.negative_gap)
+            n_low = torch.maximum(low, a_lo - rc[:, None] - g)
+            n_high = torch.minimum(n_high, a_lo + r[:, None] + g)
+        n_lo = _sample_outside(n_low, n_high, a_lo - rc[:, None], a_lo + r[:, None], gen)
 
         return {
             "anchor_center": a_lo + r[:, None] / 2,

@@ -239,6 +239,32 @@ def test_loss_terms_match_recomputation(row: str) -> None:
     )
 
 
+@pytest.mark.parametrize("row", ["hyperbolic+gyroconv+triplet", "euclidean"])
+def test_learned_likelihood_is_the_gaussian_nll(row: str) -> None:
+    """--likelihood learned: recon is -log Normal(x_hat, sigma) with decoded sigma > 0."""
+    model = _model(dtype=torch.float64, **TINY, **TABLE2[row], likelihood="learned", mc_samples=2)
+    a, p, n = (_patches(4, 6, s, torch.float64) for s in (1, 2, 3))
+    out = model.loss(a, p, n, generator=torch.Generator().manual_seed(5))
+    mu, scale = model.encode(a)
+    g = torch.Generator().manual_seed(5)
+    if model.cfg.hyperbolic:
+        z = geometry.WrappedNormal(mu, scale, c=1.0).rsample((2,), generator=g)
+    else:
+        z = mu + scale * torch.randn((2, 4, 2), generator=g, dtype=torch.float64)
+    x_hat, sigma = model.decode_params(z)
+    assert sigma.shape == x_hat.shape == (2, 4, 1, 6, 6, 6) and bool((sigma > 0).all())
+    assert float(sigma.detach().std()) > 0  # per voxel, not one constant
+    torch.testing.assert_close(model.decode(z), x_hat)
+    nll = -torch.distributions.Normal(x_hat, sigma).log_prob(a.expand_as(x_hat)).flatten(2).sum(-1)
+    torch.testing.assert_close(out["recon"], nll.mean())
+    out["total"].backward()  # finite gradients through sigma
+    assert all(torch.isfinite(q.grad).all() for q in model.parameters() if q.grad is not None)
+    unit = _model(dtype=torch.float64, **TINY, **TABLE2[row])
+    assert unit.decode_params(z)[1] is None
+    with pytest.raises(BadInputError, match="likelihood"):
+        ModelConfig(likelihood="laplace")
+
+
 def test_euclidean_mc_kl_approaches_analytic() -> None:
     model = _model(dtype=torch.float64, **TINY, geometry="euclidean", mc_samples=4000)
     a, p, n = (_patches(2, 6, s, torch.float64) for s in (1, 2, 3))

@@ -341,6 +341,30 @@ def test_triplet_constraints_mixed_volumes(scale):
             torch.testing.assert_close(img[rows], sample_patches(vols[v], c[rows], s[rows], 6))
 
 
+@pytest.mark.parametrize("gap", [0.0, 2.5])
+def test_negative_gap_keeps_negatives_beside_the_anchor(gap):
+    shapes = [(50, 50, 50), (12, 40, 9), (30, 6, 25)]
+    cfg = SamplingConfig(negative_gap=gap)
+    vols = [torch.rand(s, generator=torch.Generator().manual_seed(i)) for i, s in enumerate(shapes)]
+    sampler = TripletSampler(vols, cfg, 6, generator=torch.Generator().manual_seed(3))
+    t = sampler.sample(2000)
+    _check_geometry(t, shapes, cfg)  # inside the volume, disjoint from the anchor, ...
+    r, rc = t.anchor_side[:, None], t.neg_side[:, None]
+    a_lo, n_lo = t.anchor_center - r / 2, t.neg_center - rc / 2
+    # ... and within `gap` voxels of the anchor's box on every axis
+    outside = torch.maximum(a_lo - (n_lo + rc), n_lo - (a_lo + r)).clamp_min(0)
+    assert (outside <= gap + 1e-9).all()
+    if gap > 0:  # the gap is used, not just its border
+        assert float(outside.amax(dim=1).mean()) > gap / 4
+    # without a gap, negatives lie far away on average
+    far = TripletSampler(vols, SamplingConfig(), 6, generator=torch.Generator().manual_seed(3))
+    t = far.sample(2000)
+    a_lo = t.anchor_center - t.anchor_side[:, None] / 2
+    n_lo = t.neg_center - t.neg_side[:, None] / 2
+    away = torch.maximum(a_lo - (n_lo + t.neg_side[:, None]), n_lo - (a_lo + t.anchor_side[:, None]))
+    assert float(away.amax(dim=1).mean()) > 3.0
+
+
 def test_triplet_tight_volume_exact_fit():
     """r_min == r_max and a volume that fits anchor + negative exactly along one axis."""
     cfg = SamplingConfig(r_min=5, r_max=5, l_min=3, r_gap=2, child_max=3)
