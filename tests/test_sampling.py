@@ -361,7 +361,9 @@ def test_negative_gap_keeps_negatives_beside_the_anchor(gap):
     t = far.sample(2000)
     a_lo = t.anchor_center - t.anchor_side[:, None] / 2
     n_lo = t.neg_center - t.neg_side[:, None] / 2
-    away = torch.maximum(a_lo - (n_lo + t.neg_side[:, None]), n_lo - (a_lo + t.anchor_side[:, None]))
+    away = torch.maximum(
+        a_lo - (n_lo + t.neg_side[:, None]), n_lo - (a_lo + t.anchor_side[:, None])
+    )
     assert float(away.amax(dim=1).mean()) > 3.0
 
 
