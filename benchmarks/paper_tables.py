@@ -1,6 +1,6 @@
 """Reproduce the paper's synthetic experiments (Tables 1 and 2) from the command line.
 
-Usage (from the repository root, in the venv; about 80 minutes on 2 cores)::
+Usage (from the repository root, in the venv; about 70 minutes on 2 cores)::
 
     python benchmarks/paper_tables.py                      # everything, resumable
     python benchmarks/paper_tables.py --quick              # a few minutes: tiny budget, 8 test volumes
@@ -230,7 +230,7 @@ def main() -> None:
         "--output", default=str(ROOT / "benchmarks" / "results" / "paper_tables.md")
     )
     parser.add_argument("--n", type=int, default=120, help="volumes per variant (split 80/20/20)")
-    parser.add_argument("--minutes", type=float, default=7.0, help="training budget per model")
+    parser.add_argument("--minutes", type=float, default=5.0, help="training budget per model")
     parser.add_argument(
         "--steps", type=int, default=None, help="train a fixed number of steps instead"
     )
