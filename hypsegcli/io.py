@@ -251,7 +251,14 @@ def _read_mrc(path: Path) -> tuple[np.ndarray, VolumeGeometry]:
             warnings.simplefilter("always")
             with mrcfile.open(os.fspath(path), mode="r", permissive=True) as mrc:
                 if mrc.data is None:
-                    problems = "; ".join(str(w.message) for w in caught) or "no data"
+                    problems = (
+                        "; ".join(
+                            " ".join(str(w.message).split())  # one line
+                            for w in caught
+                            if not issubclass(w.category, DeprecationWarning)
+                        )
+                        or "no data"
+                    )
                     raise BadInputError(f"{path}: cannot read MRC ({problems})")
                 raw = np.asarray(mrc.data)
                 header = mrc.header
