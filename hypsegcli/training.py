@@ -398,10 +398,20 @@ def _restore_generators(
         )
     for stream, (name, gen) in enumerate(generators.items(), start=1):
         if mine is not None:
-            gen.set_state(mine[name].cpu())
-        else:
-            entropy = np.random.SeedSequence([seed, dist.rank, step, stream])
-            gen.manual_seed(int(entropy.generate_state(1, dtype=np.uint64)[0] >> 1))
+            try:
+                gen.set_state(mine[name].cpu())
+                continue
+            except (RuntimeError, ValueError):
+                # A CPU generator's state does not fit a CUDA generator (nor the
+                # reverse): a checkpoint written on another kind of device.
+                if stream == 1:
+                    log.warning(
+                        "the checkpoint's random generators come from another kind of device "
+                        "than %s: re-seeding them, so triplets differ from an uninterrupted run",
+                        gen.device,
+                    )
+        entropy = np.random.SeedSequence([seed, dist.rank, step, stream])
+        gen.manual_seed(int(entropy.generate_state(1, dtype=np.uint64)[0] >> 1))
 
 
 def _name_volume(message: str, volumes: Sequence[TrainingVolume]) -> str:

@@ -284,3 +284,28 @@ def test_resume_in_a_new_process_continues_exactly(tmp_path, capsys):
     b = load_model_file(tmp_path / "resumed.pt")["state_dict"]
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def test_generators_from_another_device_kind_are_reseeded(caplog):
+    """A CUDA generator's state (16 bytes) cannot seed a CPU generator, nor the reverse:
+    resuming a checkpoint on the other kind of device re-seeds, deterministically."""
+    from hypsegcli import distributed
+    from hypsegcli.training import _restore_generators
+
+    cuda_like = torch.zeros(16, dtype=torch.uint8)
+    state = {"rng_state": {"sample": cuda_like, "noise": cuda_like}}
+    draws = []
+    for _ in range(2):
+        gens = {"sample": torch.Generator(), "noise": torch.Generator()}
+        with caplog.at_level("WARNING", logger="hypsegcli.training"):
+            _restore_generators(state, distributed.Distributed(), 3, 40, **gens)
+        draws.append([torch.rand(4, generator=g) for g in gens.values()])
+    assert "another kind of device" in caplog.text
+    torch.testing.assert_close(draws[0], draws[1])
+    assert not torch.equal(draws[0][0], draws[0][1])  # the two streams differ
+    # a state of the right kind is restored exactly
+    g = torch.Generator().manual_seed(5)
+    saved = {"sample": g.get_state(), "noise": g.get_state()}
+    gens = {"sample": torch.Generator(), "noise": torch.Generator()}
+    _restore_generators({"rng_state": saved}, distributed.Distributed(), 3, 40, **gens)
+    torch.testing.assert_close(torch.rand(3, generator=gens["sample"]), torch.rand(3, generator=g))
