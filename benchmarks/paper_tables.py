@@ -288,8 +288,19 @@ def main() -> None:
 def write_report(args, results, seed_means, bench, total, variants) -> list[str]:
     split = args.split
     budget = f"{args.steps} steps" if args.steps else f"{args.minutes:g} minutes"
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
     lines = [
         "# hypseg on the paper's synthetic benchmark",
+        "",
+        f"Code: commit {commit}.",
         "",
         f"Written by `benchmarks/paper_tables.py` on {time.strftime('%Y-%m-%d %H:%M')}: "
         f"{args.n} volumes of 50^3 per variant (80/20/20 split), scores on the **{split}** split, "
@@ -315,10 +326,10 @@ def write_report(args, results, seed_means, bench, total, variants) -> list[str]
                 + " | ".join(mean_std(r.get(lvl, [])) for lvl in (1, 2, 3))
                 + f" | {' / '.join(f'{v:.3f}' for v in paper) if paper else '-'} |"
             )
-        if variant in seed_means and args.seeds > 1:
+        if variant in seed_means and len(seed_means[variant].get(1, [])) > 1:
             s = seed_means[variant]
             lines.append(
-                f"| hypseg full model, {args.seeds} seeds (mean ± std of seed means) | "
+                f"| hypseg full model, {len(s.get(1, []))} seeds (mean ± std of seed means) | "
                 + " | ".join(mean_std(s.get(lvl, [])) for lvl in (1, 2, 3))
                 + " | |"
             )
