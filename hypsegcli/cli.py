@@ -146,6 +146,13 @@ DRY_RUN_HELP = (
     "Print the plan (volumes, shapes, voxels, which are done or cached, estimated time and "
     "peak memory) and stop; nothing is computed or written."
 )
+# Options shared by the batch commands (embed, cluster; evaluate takes PartIdOption).
+NumPartsOption = Annotated[int | None, typer.Option("--num-parts", min=1, help=NUM_PARTS_HELP)]
+PartIdOption = Annotated[int | None, typer.Option("--part-id", min=0, help=PART_ID_HELP)]
+DryRunOption = Annotated[bool, typer.Option("--dry-run", help=DRY_RUN_HELP)]
+PlanJsonOption = Annotated[
+    bool, typer.Option("--json", help="Print a JSON summary (or the --dry-run plan) on stdout.")
+]
 
 
 def _render_plan(plan: dict[str, Any]) -> None:
@@ -614,14 +621,10 @@ def embed(
             ),
         ),
     ] = None,
-    num_parts: Annotated[
-        int | None, typer.Option("--num-parts", min=1, help=NUM_PARTS_HELP)
-    ] = None,
-    part_id: Annotated[int | None, typer.Option("--part-id", min=0, help=PART_ID_HELP)] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help=DRY_RUN_HELP)] = False,
-    as_json: Annotated[
-        bool, typer.Option("--json", help="Print a JSON summary (or the --dry-run plan) on stdout.")
-    ] = False,
+    num_parts: NumPartsOption = None,
+    part_id: PartIdOption = None,
+    dry_run: DryRunOption = False,
+    as_json: PlanJsonOption = False,
 ) -> None:
     """Compute per-voxel embeddings (posterior means) into the on-disk cache.
 
@@ -770,14 +773,10 @@ def cluster(
             ),
         ),
     ] = True,
-    num_parts: Annotated[
-        int | None, typer.Option("--num-parts", min=1, help=NUM_PARTS_HELP)
-    ] = None,
-    part_id: Annotated[int | None, typer.Option("--part-id", min=0, help=PART_ID_HELP)] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help=DRY_RUN_HELP)] = False,
-    as_json: Annotated[
-        bool, typer.Option("--json", help="Print a JSON summary (or the --dry-run plan) on stdout.")
-    ] = False,
+    num_parts: NumPartsOption = None,
+    part_id: PartIdOption = None,
+    dry_run: DryRunOption = False,
+    as_json: PlanJsonOption = False,
 ) -> None:
     """Segment volumes by hyperbolic k-means on per-voxel embeddings, at every --k.
 
@@ -872,7 +871,7 @@ def evaluate(
             help=EVAL_NUM_PARTS_HELP,
         ),
     ] = None,
-    part_id: Annotated[int | None, typer.Option("--part-id", min=0, help=PART_ID_HELP)] = None,
+    part_id: PartIdOption = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the full results as JSON on stdout.")
     ] = False,
