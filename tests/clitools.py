@@ -8,19 +8,10 @@ import pytest
 
 from hypsegcli.cli import main
 
-#: `hypseg train` options for a model of the default layout that trains in a second
-TINY_TRAIN = [
-    "--patch-size",
-    "9",
-    "--r-min",
-    "6",
-    "--r-max",
-    "10",
-    "--batch-size",
-    "4",
-    "--threads",
-    "2",
-]
+#: `hypseg train` options for a small model of the default layout and tiny batches
+TINY_MODEL = ["--patch-size", "9", "--r-min", "6", "--r-max", "10", "--batch-size", "4"]
+#: the same on 2 threads: a model that trains in a second
+TINY_TRAIN = [*TINY_MODEL, "--threads", "2"]
 
 
 def run(argv, capsys):

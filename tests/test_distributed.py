@@ -15,6 +15,7 @@ import time
 
 import pytest
 import torch
+from clitools import TINY_MODEL
 
 from hypsegcli import distributed
 from hypsegcli.cli import main
@@ -26,18 +27,7 @@ pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available(), reason="torch.distributed is not available"
 )
 
-TINY = [
-    "--patch-size",
-    "9",
-    "--r-min",
-    "6",
-    "--r-max",
-    "10",
-    "--batch-size",
-    "4",
-    "--checkpoint-every",
-    "3",
-]
+TINY = [*TINY_MODEL, "--checkpoint-every", "3"]  # thread counts are set per test
 TORCHRUN_ENV = (
     "WORLD_SIZE",
     "RANK",
