@@ -42,20 +42,17 @@ def check(ok: bool, what: str) -> None:
         FAILED.append(what)
 
 
-def hypseg(*args: str, env: dict[str, str] | None = None) -> dict:
-    cmd = [sys.executable, "-m", "hypsegcli", "-q", *args]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    wall = time.perf_counter() - t0
+def hypseg(*args: str) -> dict:
+    """Run ``hypseg -q ARGS``; its --json document, {} without --json or on failure."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "hypsegcli", "-q", *args], capture_output=True, text=True
+    )
     if proc.returncode != 0:
         check(
             False, f"hypseg {' '.join(args)} exited {proc.returncode}: {proc.stderr.strip()[-800:]}"
         )
-        return {"_wall": wall}
-    out = json.loads(proc.stdout) if "--json" in args and proc.stdout.strip() else {}
-    if isinstance(out, dict):
-        out["_wall"] = wall
-    return out
+        return {}
+    return json.loads(proc.stdout) if "--json" in args and proc.stdout.strip() else {}
 
 
 def main() -> None:
@@ -136,7 +133,7 @@ def main() -> None:
         str(work / "cache"),
     )
     ev = hypseg("evaluate", str(work / "seg"), str(data / "labels"), "--json", "--no-hausdorff")
-    if "summary" in ev or ev:
+    if ev:
         print(
             f"     evaluate after {args.steps} GPU steps: {json.dumps(ev.get('summary', ev))[:400]}",
             flush=True,

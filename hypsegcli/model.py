@@ -70,6 +70,13 @@ SIGMA_INIT = 0.1
 _LOG_2PI = math.log(2.0 * math.pi)
 
 
+def _decoder_out_channels(cfg: ModelConfig) -> tuple[int, ...]:
+    """Output channels of the decoder's transposed convolutions, indexed like the trunk's
+    layers: the trunk's input channels, except that the last transposed convolution
+    (index 0) also outputs the voxel scales with a learned likelihood."""
+    return (2 if cfg.likelihood == "learned" else 1, *cfg.channels[:-1])
+
+
 def _trunk_sizes(cfg: ModelConfig) -> list[int]:
     """Spatial side after each trunk convolution for an m^3 input, m first."""
     sizes = [cfg.patch_size]
@@ -134,9 +141,7 @@ class HypVAE(nn.Module):
         layers: list[nn.Module] = [nn.ReLU()]
         n = len(cfg.channels)
         size = S
-        # The last layer outputs the voxel means, and with a learned likelihood a
-        # second channel for the per-voxel scales.
-        c_out = (2 if cfg.likelihood == "learned" else 1, *c_in[1:])
+        c_out = _decoder_out_channels(cfg)
         for i in reversed(range(n)):
             k, p = cfg.kernels[i], cfg.paddings[i]
             layers.append(nn.ConvTranspose3d(cfg.channels[i], c_out[i], k, padding=p))
@@ -397,7 +402,7 @@ class HypVAE(nn.Module):
             enc += sizes[i + 1] ** 3 * co * ci * k**3
         enc += cfg.hidden * c_last * S**3 + 2 * d * cfg.hidden
         dec = 0
-        c_out = (2 if cfg.likelihood == "learned" else 1, *c_in[1:])
+        c_out = _decoder_out_channels(cfg)
         for i in range(len(cfg.channels)):
             ci, co, k = cfg.channels[i], c_out[i], cfg.kernels[i]
             dec += sizes[i + 1] ** 3 * k**3 * ci * co
