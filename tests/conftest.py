@@ -24,3 +24,14 @@ def _outside_job_arrays(monkeypatch):
 
     for name in (*SLURM_VARIABLES, "WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(autouse=True)
+def _seeded_global_rng():
+    """Each test starts from the same global torch and numpy RNG state, whatever ran
+    before it (time-budgeted training draws a varying number of numbers)."""
+    import numpy as np
+    import torch
+
+    torch.manual_seed(0)
+    np.random.seed(0)
