@@ -473,6 +473,14 @@ def train(
             help="Voxel likelihood of the VAE: 'unit' (Normal(x_hat, 1), the paper's) or 'learned' (a per-voxel scale decoded from z, which rewards encoding texture energy).",
         ),
     ] = Likelihood.unit,
+    texture_weight: Annotated[
+        float,
+        typer.Option(
+            "--texture-weight",
+            min=0,
+            help="Weight w of a texture term: a small head predicts each anchor's log standard deviation from z, scored 0.5 w (error)^2, so that the latent must encode local texture energy; 0 turns it off (the paper).",
+        ),
+    ] = 0.0,
     scale_sampling: Annotated[
         ScaleSampling,
         typer.Option(
@@ -527,6 +535,7 @@ def train(
         margin=margin,
         mc_samples=mc_samples,
         likelihood=likelihood.value,
+        texture_weight=texture_weight,
     )
     sampling_config = SamplingConfig(
         r_min=r_min, r_max=r_max, scale_sampling=scale_sampling.value, negative_gap=negative_gap

@@ -55,6 +55,7 @@ class ModelConfig:
     mc_samples: int = 1
     triplet_distance: Literal["plain", "squared"] = "plain"
     likelihood: Literal["unit", "learned"] = "unit"
+    texture_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if not (len(self.channels) == len(self.kernels) == len(self.paddings)) or not self.channels:
@@ -72,6 +73,8 @@ class ModelConfig:
             raise BadInputError(f"likelihood={self.likelihood!r} should be 'unit' or 'learned'")
         if self.latent_dim < 1:
             raise BadInputError(f"latent_dim={self.latent_dim} should be >= 1")
+        if not self.texture_weight >= 0:
+            raise BadInputError(f"texture_weight={self.texture_weight} should be >= 0")
         if self.curvature <= 0:
             raise BadInputError(f"curvature={self.curvature} should be > 0")
         if self.mc_samples < 1:

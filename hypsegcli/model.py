@@ -67,7 +67,17 @@ SIGMA_FLOOR = 1e-3
 #: Initial learned voxel scale (the bias of the decoder's scale channel).
 SIGMA_INIT = 0.1
 
+#: Hidden units of the texture head (``cfg.texture_weight > 0``).
+TEXTURE_HIDDEN = 32
+#: Added to a patch's standard deviation before the log (texture statistic).
+TEXTURE_EPS = 1e-3
+
 _LOG_2PI = math.log(2.0 * math.pi)
+
+
+def patch_texture(x: Tensor) -> Tensor:
+    """Texture statistic of patches ``x`` (N, 1, m, m, m): log(std over the voxels + 1e-3), (N,)."""
+    return torch.log(x.flatten(1).std(dim=1) + TEXTURE_EPS)
 
 
 def _decoder_out_channels(cfg: ModelConfig) -> tuple[int, ...]:
@@ -159,6 +169,14 @@ class HypVAE(nn.Module):
                 f"patch_size={m}, the decoder gives {size}"
             )
         self.decoder = nn.Sequential(*layers)
+        if cfg.texture_weight > 0:
+            self.dec_texture = nn.Sequential(
+                nn.Linear(d, TEXTURE_HIDDEN), nn.ReLU(), nn.Linear(TEXTURE_HIDDEN, 1)
+            )
+            # start near the texture of 1-99 percentile scaled data (std ~0.1): from
+            # 0, the first steps' errors of ~2.3 (x w) threw the means to the edge
+            with torch.no_grad():
+                self.dec_texture[-1].bias.fill_(math.log(SIGMA_INIT))
         if cfg.likelihood == "learned":
             # Start the voxel scales near the noise of 1-99 percentile scaled data
             # (~0.1) rather than softplus(0) = 0.69: Adam moves a bias by about lr
@@ -253,6 +271,18 @@ class HypVAE(nn.Module):
             return mean.reshape(*lead, 1, m, m, m), sigma.reshape(*lead, 1, m, m, m)
         return out.reshape(*lead, 1, m, m, m), None
 
+    def decode_texture(self, z: Tensor) -> Tensor:
+        """Predicted texture statistic (:func:`patch_texture`) of latents ``z`` (..., d): (...).
+
+        A small MLP on the tangent vector at the origin (hyperbolic) or on ``z``
+        (Euclidean); only with ``cfg.texture_weight > 0``.
+        """
+        if self.cfg.texture_weight <= 0:
+            raise BadInputError("this model has no texture head (texture_weight = 0)")
+        if self.cfg.hyperbolic:
+            z = geometry.logmap0(z, c=self.cfg.curvature)
+        return self.dec_texture(z).squeeze(-1)
+
     # ------------------------------------------------------------ distributions
     def _sample_posterior(
         self, mu: Tensor, scale: Tensor, k: int, generator: torch.Generator | None
@@ -327,8 +357,11 @@ class HypVAE(nn.Module):
         - ``triplet``: Eq. 8 on the encoder MEANS mu of anchor, positive and
           negative (:meth:`triplet_loss`), averaged over the batch. Reported even
           when ``cfg.triplet`` is False, then detached (monitoring only).
+        - ``texture``: ½ (head(z) - :func:`patch_texture`(anchor))² averaged over
+          the samples and the batch (0 when ``cfg.texture_weight`` is 0).
         - ``total``: recon + kl + beta * triplet (the triplet term only when
-          ``cfg.triplet``), i.e. the negative ELBO (Eq. 9) plus Eq. 10's term.
+          ``cfg.triplet``), i.e. the negative ELBO (Eq. 9) plus Eq. 10's term,
+          plus ``texture_weight * texture``.
 
         The ELBO terms use only the anchor (the authors' choice): positives and
         negatives serve the triplet term only. The three inputs are encoded in one
@@ -362,6 +395,13 @@ class HypVAE(nn.Module):
         kl = (log_q - self.prior_log_prob(z)).mean().to(anchor.dtype)
         x_hat, sigma = self.decode_params(z.to(anchor.dtype))  # (K, N, 1, m, m, m)
         n_vox = anchor[0].numel()
+        if cfg.texture_weight > 0:
+            texture = (
+                0.5 * (self.decode_texture(z.to(anchor.dtype)) - patch_texture(anchor)).square()
+            )
+            texture = texture.mean()
+        else:
+            texture = torch.zeros((), dtype=anchor.dtype, device=anchor.device)
         if sigma is None:
             sq = (x_hat - anchor.unsqueeze(0)).square().flatten(2).sum(-1)  # (K, N)
             recon = 0.5 * sq.mean() + 0.5 * n_vox * _LOG_2PI
@@ -376,7 +416,9 @@ class HypVAE(nn.Module):
         else:
             triplet = self.triplet_loss(mu_a.detach(), mu_p, mu_n)
             total = recon + kl
-        return {"total": total, "recon": recon, "kl": kl, "triplet": triplet}
+        if cfg.texture_weight > 0:
+            total = total + cfg.texture_weight * texture
+        return {"total": total, "recon": recon, "kl": kl, "triplet": triplet, "texture": texture}
 
     # --------------------------------------------------------------------- cost
     def flops_per_patch(self, part: str = "encoder") -> int:

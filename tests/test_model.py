@@ -14,7 +14,7 @@ from hypsegcli import geometry
 from hypsegcli.config import ModelConfig
 from hypsegcli.errors import BadInputError
 from hypsegcli.geometry import geoopt
-from hypsegcli.model import HypVAE
+from hypsegcli.model import HypVAE, patch_texture
 
 AUTHORS = {"kernels": (5, 5, 5, 5), "paddings": (2, 1, 1, 0)}
 # A small model that mirrors: 6 -> 4 -> 2 -> (S = 2) -> 4 -> 6.
@@ -82,7 +82,7 @@ def test_table2_rows_forward_backward(row: str) -> None:
     model = _model(**TABLE2[row])
     x = [_patches(4, 10, s) for s in (1, 2, 3)]
     out = model.loss(*x, generator=torch.Generator().manual_seed(0))
-    assert set(out) == {"total", "recon", "kl", "triplet"}
+    assert set(out) == {"total", "recon", "kl", "triplet", "texture"}
     for key, value in out.items():
         assert value.shape == () and torch.isfinite(value), key
     out["total"].backward()
@@ -263,6 +263,45 @@ def test_learned_likelihood_is_the_gaussian_nll(row: str) -> None:
     assert unit.decode_params(z)[1] is None
     with pytest.raises(BadInputError, match="likelihood"):
         ModelConfig(likelihood="laplace")
+
+
+@pytest.mark.parametrize("row", ["hyperbolic+gyroconv+triplet", "euclidean"])
+def test_texture_term_matches_recomputation(row: str) -> None:
+    """--texture-weight w: texture = mean 0.5 (head(z) - log(std(anchor) + 1e-3))^2 over the
+    same posterior samples, the head reading log0(z) (hyperbolic) or z; total gains w x it."""
+    w = 50.0
+    model = _model(dtype=torch.float64, **TINY, **TABLE2[row], texture_weight=w, mc_samples=2)
+    a, p, n = (_patches(4, 6, s, torch.float64) for s in (1, 2, 3))
+    a = a * torch.linspace(0.2, 2.0, 4, dtype=torch.float64).view(4, 1, 1, 1, 1)
+    out = model.loss(a, p, n, generator=torch.Generator().manual_seed(5))
+    # reference statistic in numpy float64 (sample std, ddof 1)
+    want_t = np.log(a.numpy().reshape(4, -1).std(axis=1, ddof=1) + 1e-3)
+    np.testing.assert_allclose(patch_texture(a).numpy(), want_t, rtol=1e-12)
+    g = torch.Generator().manual_seed(5)
+    enc = model.encode(torch.cat([a, p, n])) if model.cfg.triplet else model.encode(a)
+    mu, scale = enc[0][:4], enc[1][:4]
+    if model.cfg.hyperbolic:
+        z = geometry.WrappedNormal(mu, scale, c=1.0).rsample((2,), generator=g)
+        h = geometry.logmap0(z, c=1.0)
+    else:
+        z = mu + scale * torch.randn((2, 4, 2), generator=g, dtype=torch.float64)
+        h = z
+    head = model.dec_texture
+    pred = head[2](torch.relu(head[0](h))).squeeze(-1)
+    texture = (0.5 * (pred - torch.from_numpy(want_t)).square()).mean()
+    torch.testing.assert_close(out["texture"], texture)
+    rest = out["recon"] + out["kl"] + (model.cfg.beta * out["triplet"] if model.cfg.triplet else 0)
+    torch.testing.assert_close(out["total"], rest + w * texture)
+    out["total"].backward()
+    assert head[0].weight.grad is not None and float(head[0].weight.grad.abs().sum()) > 0
+    # off (the default): no head, a zero term, the total unchanged
+    off = _model(dtype=torch.float64, **TINY, **TABLE2[row])
+    assert not hasattr(off, "dec_texture") and float(off.loss(a, p, n)["texture"]) == 0.0
+    with pytest.raises(BadInputError, match="texture head"):
+        off.decode_texture(z)
+    with pytest.raises(BadInputError, match="texture_weight"):
+        ModelConfig(texture_weight=-1.0)
+    assert ModelConfig.from_dict(ModelConfig(texture_weight=w).to_dict()).texture_weight == w
 
 
 def test_hyperbolic_kl_of_a_float32_model_matches_float64_near_the_edge() -> None:

@@ -309,3 +309,18 @@ def test_generators_from_another_device_kind_are_reseeded(caplog):
     gens = {"sample": torch.Generator(), "noise": torch.Generator()}
     _restore_generators({"rng_state": saved}, distributed.Distributed(), 3, 40, **gens)
     torch.testing.assert_close(torch.rand(3, generator=gens["sample"]), torch.rand(3, generator=g))
+
+
+def test_cli_texture_weight_is_stored_and_trained(tmp_path, capsys):
+    data = tmp_path / "data"
+    code, _, err = run(["--quiet", "synth", data, "--n", "1", "--size", "20"], capsys)
+    assert code == 0, err
+    out = tmp_path / "m.pt"
+    args = ["train", data / "images", "-o", out, "--steps", "3", *TINY_TRAIN]
+    code, _, err = run([*args, "--texture-weight", "20"], capsys)
+    assert code == 0, err
+    model = build_model(load_model_file(out))
+    assert model.cfg.texture_weight == 20.0
+    assert hasattr(model, "dec_texture")
+    code, _, err = run([*args, "--texture-weight", "-1"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
