@@ -470,7 +470,7 @@ def train(
         Likelihood,
         typer.Option(
             "--likelihood",
-            help="Voxel likelihood of the VAE: 'unit' (Normal(x_hat, 1), the paper's) or 'learned' (a per-voxel scale decoded from z, which rewards encoding texture energy).",
+            help="Voxel likelihood of the VAE: 'unit' (Normal(x_hat, 1), the paper's) or 'learned' (a per-voxel scale decoded from z).",
         ),
     ] = Likelihood.unit,
     texture_weight: Annotated[
