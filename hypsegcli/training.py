@@ -310,6 +310,7 @@ def _train(
             recon=row["recon"],
             kl=row["kl"],
             triplet=row["triplet"],
+            **({"texture": row["texture"]} if model.cfg.texture_weight > 0 else {}),
             tps=rate,
         )
         if now - window_start > 20.0:
