@@ -393,15 +393,9 @@ class HypVAE(nn.Module):
 
         z, log_q = self._sample_posterior(mu_a, scale_a, cfg.mc_samples, generator)
         kl = (log_q - self.prior_log_prob(z)).mean().to(anchor.dtype)
-        x_hat, sigma = self.decode_params(z.to(anchor.dtype))  # (K, N, 1, m, m, m)
+        z = z.to(anchor.dtype)
+        x_hat, sigma = self.decode_params(z)  # (K, N, 1, m, m, m)
         n_vox = anchor[0].numel()
-        if cfg.texture_weight > 0:
-            texture = (
-                0.5 * (self.decode_texture(z.to(anchor.dtype)) - patch_texture(anchor)).square()
-            )
-            texture = texture.mean()
-        else:
-            texture = torch.zeros((), dtype=anchor.dtype, device=anchor.device)
         if sigma is None:
             sq = (x_hat - anchor.unsqueeze(0)).square().flatten(2).sum(-1)  # (K, N)
             recon = 0.5 * sq.mean() + 0.5 * n_vox * _LOG_2PI
@@ -416,7 +410,9 @@ class HypVAE(nn.Module):
         else:
             triplet = self.triplet_loss(mu_a.detach(), mu_p, mu_n)
             total = recon + kl
+        texture = torch.zeros((), dtype=anchor.dtype, device=anchor.device)
         if cfg.texture_weight > 0:
+            texture = 0.5 * (self.decode_texture(z) - patch_texture(anchor)).square().mean()
             total = total + cfg.texture_weight * texture
         return {"total": total, "recon": recon, "kl": kl, "triplet": triplet, "texture": texture}
 
