@@ -480,7 +480,7 @@ def train(
             min=0,
             help="Weight w of a texture term: a small head predicts each anchor's log standard deviation from z, scored 0.5 w (error)^2, so that the latent must encode local texture energy; 0 turns it off (the paper).",
         ),
-    ] = 0.0,
+    ] = 700.0,
     scale_sampling: Annotated[
         ScaleSampling,
         typer.Option(
@@ -489,7 +489,7 @@ def train(
         ),
     ] = ScaleSampling.log,
     r_min: Annotated[float, typer.Option("--r-min", help="Smallest anchor side (voxels).")] = 5.0,
-    r_max: Annotated[float, typer.Option("--r-max", help="Largest anchor side (voxels).")] = 34.0,
+    r_max: Annotated[float, typer.Option("--r-max", help="Largest anchor side (voxels).")] = 16.0,
     negative_gap: Annotated[
         float | None,
         typer.Option(
