@@ -384,6 +384,8 @@ ARCHITECTURES = {
 }
 
 DEVICE_HELP = "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps."
+#: Default ``cluster --smooth`` (Potts beta), chosen on the validation split (CHANGELOG).
+SMOOTH_DEFAULT = 0.8
 
 
 @app.command()
@@ -754,6 +756,14 @@ def cluster(
             "--fit-samples", min=2, help="Fit k-means on at most this many voxels, then assign all."
         ),
     ] = 200_000,
+    smooth: Annotated[
+        float,
+        typer.Option(
+            "--smooth",
+            min=0,
+            help="Potts smoothing of the labels (a spatial prior, like Atropos' MRF): weight beta of agreeing with the 26 neighbours, 10 mean-field updates; 0 gives the plain k-means labels.",
+        ),
+    ] = SMOOTH_DEFAULT,
     seed: Annotated[
         int, typer.Option("--seed", help="Seed for subsampling and k-means initialisation.")
     ] = 0,
@@ -789,8 +799,10 @@ def cluster(
 ) -> None:
     """Segment volumes by hyperbolic k-means on per-voxel embeddings, at every --k.
 
-    Embeddings come from the cache when present (see `hypseg embed`). Labels
-    are numbered 0..K-1 by the centroid's distance from the origin of the ball.
+    Embeddings come from the cache when present (see `hypseg embed`). Each
+    voxel goes to its nearest centroid, then a Potts prior (--smooth) lets
+    neighbouring voxels agree. Labels are numbered 0..K-1 by the centroid's
+    distance from the origin of the ball.
     Each case's centroids go to OUT/<case>.centroids.json and are merged into
     OUT/centroids.json; a run record is appended to OUT/hypseg-runs.jsonl. A
     volume that fails is reported and the others are processed (exit code 2 if
@@ -812,6 +824,7 @@ def cluster(
             tile=tile,
             n_init=n_init,
             fit_samples=fit_samples,
+            smooth=smooth,
             seed=seed,
             device=device,
             threads=threads,

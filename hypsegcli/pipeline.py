@@ -1013,6 +1013,24 @@ class _Clusterer:
         centers = np.asarray(km.cluster_centers_, dtype=np.float64)
         return centers[_canonical_order_line(centers)]
 
+    def sq_dist(self, rows: np.ndarray, centers: np.ndarray) -> np.ndarray:
+        """Squared distances (n, k), float64, of ``rows`` (n, d) to ``centers`` (k, d): Poincaré or Euclidean."""
+        rows = np.asarray(rows, dtype=np.float64)
+        if self.kind == "ball":
+            from .kmeans import poincare_pdist2
+
+            return poincare_pdist2(rows, centers, c=self.curvature)
+        return ((rows[:, None, :] - centers[None, :, :]) ** 2).sum(-1)
+
+    def labels(self, features: np.ndarray, centers: np.ndarray, smooth: float) -> np.ndarray:
+        """Labels (X, Y, Z) of ``features`` (X, Y, Z, d): nearest centre, Potts-smoothed when ``smooth`` > 0."""
+        if smooth > 0:
+            from .smoothing import smooth_labels
+
+            return smooth_labels(features, centers, self.sq_dist, beta=smooth, device=self.device)
+        flat = features.reshape(-1, features.shape[-1])
+        return self.predict(flat, centers).reshape(features.shape[:-1])
+
     def predict(
         self, features: np.ndarray, centers: np.ndarray, *, block: int | None = None
     ) -> np.ndarray:
@@ -1078,7 +1096,7 @@ def load_centroids(path: Path, ks: list[int], features: str) -> dict[int, np.nda
 CASE_CENTROIDS_SUFFIX = ".centroids.json"
 CASE_CENTROIDS_FORMAT = "hypseg-case-centroids"
 #: Header fields that must agree for centroid records to be merged or outputs reused.
-_IDENTITY = ("features", "geometry", "curvature", "model_sha256", "patch_size", "stride")
+_IDENTITY = ("features", "geometry", "curvature", "model_sha256", "patch_size", "stride", "smooth")
 
 
 def _case_centroids_path(out: Path, name: str) -> Path:
@@ -1253,6 +1271,7 @@ def cluster(
     tile: int | None = None,
     n_init: int = 4,
     fit_samples: int = 200_000,
+    smooth: float = 0.0,
     seed: int = 0,
     device: str = "auto",
     threads: int | None = None,
@@ -1300,6 +1319,8 @@ def cluster(
     if bad:
         raise BadInputError(f"--k {bad[0]}: should be >= 2")
     ks = sorted(dict.fromkeys(ks))
+    if not (isinstance(smooth, (int, float)) and smooth >= 0 and np.isfinite(smooth)):
+        raise BadInputError(f"--smooth {smooth}: should be a finite number >= 0")
     if features not in ("embedding", "intensity"):
         raise BadInputError(f"--features {features!r}: expected embedding or intensity")
     if fit_on not in ("volume", "pooled"):
@@ -1327,7 +1348,12 @@ def cluster(
     )
     curvature = float(model.document["model_config"].get("curvature", 1.0)) if model else 1.0
     clusterer = _Clusterer(
-        kind, curvature=curvature, n_init=n_init, fit_samples=fit_samples, seed=seed, device=device
+        kind,
+        curvature=curvature,
+        n_init=n_init,
+        fit_samples=fit_samples,
+        seed=seed,
+        device=model.device if model is not None else "cpu",
     )
     header = {
         "features": features,
@@ -1338,6 +1364,7 @@ def cluster(
         "patch_size": patch_size if model else None,
         "stride": stride if model else None,
         "order": "by distance from the origin, then angle" if kind == "ball" else "by coordinates",
+        "smooth": float(smooth),
     }
     fit = "centroids" if centroids is not None else fit_on
     params = {"seed": seed, "n_init": n_init, "fit_samples": fit_samples}
@@ -1358,6 +1385,7 @@ def cluster(
         "tile": tile if tile is not None else DEFAULT_TILE,
         "n_init": n_init,
         "fit_samples": fit_samples,
+        "smooth": smooth,
         "seed": seed,
         "device": device,
         "threads": threads,
@@ -1479,7 +1507,9 @@ def cluster(
                                 )
                             centers = clusterer.fit(flat, k)
                         sets.append({"k": k, "centers": centers.tolist()})
-                        labels = clusterer.predict(flat, centers).reshape(volume.data.shape)
+                        labels = clusterer.labels(
+                            np.asarray(feats).reshape(*volume.data.shape, -1), centers, smooth
+                        )
                         watch.lap("cluster")
                         target = out / f"{volume.name}_k{k}{volume.geometry.suffix}"
                         write_labels(target, labels, volume.geometry)

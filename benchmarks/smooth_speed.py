@@ -1,0 +1,84 @@
+"""Cost of Potts smoothing (``hypseg cluster --smooth``) against the plain assignment it replaces.
+
+Data: a volume of side --side (default 128, 2.1 million voxels) whose voxels
+carry 2-D Poincaré-ball features, as the default model's embeddings do: 8
+blocky regions (random boxes painted in turn) with noise, the centres being
+the regions' means. Per k, times in the same process and on the same
+features:
+
+- ``assign``: the nearest-centre labels ``hypseg cluster`` writes with
+  ``--smooth 0`` (chunked Poincaré assignment);
+- ``smooth``: the Potts-smoothed labels of ``--smooth BETA`` (a temperature
+  pass, then 10 mean-field updates in slabs);
+- the ratio smooth / assign, and the k-means fit on 200 000 voxels (the other
+  part of clustering) for scale;
+- how many labels smoothing changed.
+
+Run: python benchmarks/smooth_speed.py [--side 128] [--beta 0.4] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from hypsegcli.pipeline import _Clusterer
+from hypsegcli.smoothing import SLAB_ELEMENTS, SMOOTH_ITERS
+
+
+def make_features(side: int, seed: int) -> np.ndarray:
+    """(side, side, side, 2) float32 points on the unit ball: 8 noisy box-shaped regions."""
+    rng = np.random.default_rng(seed)
+    region = np.zeros((side,) * 3, dtype=np.int64)
+    for j in range(1, 8):
+        for _ in range(6):
+            lo = rng.integers(0, side, 3)
+            hi = lo + rng.integers(side // 8, side // 3, 3)
+            region[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = j
+    angle = 2 * np.pi * np.arange(8) / 8
+    mean = 0.6 * np.stack([np.cos(angle), np.sin(angle)], 1)
+    x = mean[region] + rng.normal(0, 0.25, (*region.shape, 2))
+    norm = np.linalg.norm(x, axis=-1, keepdims=True)
+    return (x * np.minimum(1, 0.95 / np.maximum(norm, 1e-12))).astype(np.float32)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--side", type=int, default=128)
+    ap.add_argument("--beta", type=float, default=0.4)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    feats = make_features(args.side, args.seed)
+    flat = feats.reshape(-1, 2)
+    print(
+        f"volume {args.side}^3 = {flat.shape[0]:,} voxels, 2-D ball features, beta {args.beta}, "
+        f"{SMOOTH_ITERS} updates, slabs of {SLAB_ELEMENTS:,} voxels x clusters, "
+        f"{torch.get_num_threads()} threads"
+    )
+    cl = _Clusterer("ball", curvature=1.0, n_init=4, fit_samples=200_000, seed=0, device="cpu")
+    for k in (2, 4, 8):
+        t0 = time.perf_counter()
+        centers = cl.fit(flat, k)
+        fit = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        plain = cl.labels(feats, centers, 0.0)
+        assign = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        smooth = cl.labels(feats, centers, args.beta)
+        smoothed = time.perf_counter() - t0
+        changed = float((plain != smooth).mean())
+        print(
+            f"k={k}: fit {fit:.2f} s, assign {assign:.2f} s, smooth {smoothed:.2f} s "
+            f"({smoothed / assign:.1f}x assign, {smoothed / (fit + assign):.2f}x fit + assign), "
+            f"{flat.shape[0] / smoothed / 1e6:.2f} M voxels/s, {changed:.1%} labels changed"
+        )
+
+
+if __name__ == "__main__":
+    main()

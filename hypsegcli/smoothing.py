@@ -1,0 +1,124 @@
+"""Potts (Markov random field) smoothing of a cluster assignment.
+
+k-means labels every voxel on its own. On noisy volumes a voxel's
+neighbours are evidence too: a Potts prior rewards a label that agrees with
+the labels around it, as Atropos' MRF term does. hypseg uses mean-field
+inference, synchronous over the whole volume:
+
+.. math::
+
+    q_{ik} \\propto \\exp\\Big(-\\frac{d^2(x_i, \\mu_k)}{T}
+        + \\beta \\sum_{j \\in N(i)} q_{jk}\\Big)
+
+with :math:`d^2` the squared distance of voxel i's features to centre k
+(Poincaré or Euclidean, the one k-means used), :math:`N(i)` its 26
+neighbours (none outside the volume), the temperature T the mean squared
+distance of the voxels to their nearest centre (so that beta does not depend
+on the scale of the features), q initialised from the unary term alone and
+updated ``iters`` times; the label is the argmax of q. beta = 0 gives the
+k-means labels.
+
+The volume is processed in slabs along its first axis with a halo of
+``iters`` planes on each inner side: after t synchronous updates a plane's
+values depend only on planes within t of it, so the slabs' labels equal
+those of the whole volume at once, in bounded memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import BadInputError
+
+#: Mean-field updates of :func:`smooth_labels`.
+SMOOTH_ITERS = 10
+#: Voxels x clusters of one slab (float32: 4 bytes each, a few copies at once).
+SLAB_ELEMENTS = 1 << 25
+
+SqDist = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+def _neighbour_kernel(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    w = torch.ones(1, 1, 3, 3, 3, dtype=dtype, device=device)
+    w[0, 0, 1, 1, 1] = 0
+    return w
+
+
+def meanfield(unary: torch.Tensor, beta: float, iters: int = SMOOTH_ITERS) -> torch.Tensor:
+    """Mean-field Potts marginals q (k, X, Y, Z) from scaled unary energies ``unary`` (k, X, Y, Z).
+
+    ``q = softmax(-unary + beta * (sum of q over the 26 neighbours))``,
+    updated ``iters`` times from ``q = softmax(-unary)``, over the class axis.
+    """
+    if unary.ndim != 4:
+        raise BadInputError(f"unary energies should be (k, X, Y, Z), got {tuple(unary.shape)}")
+    q = torch.softmax(-unary, dim=0)
+    if beta == 0 or iters == 0:
+        return q
+    w = _neighbour_kernel(unary.dtype, unary.device)
+    for _ in range(iters):
+        nb = F.conv3d(q[:, None], w, padding=1)[:, 0]
+        q = torch.softmax(beta * nb - unary, dim=0)
+    return q
+
+
+def temperature(features: np.ndarray, centers: np.ndarray, sq_dist: SqDist, block: int) -> float:
+    """Mean over the rows of ``features`` (n, d) of the squared distance to the nearest centre.
+
+    In chunks of ``block`` rows; 1.0 when every row sits on a centre.
+    """
+    total, n = 0.0, len(features)
+    for start in range(0, n, block):
+        chunk = np.asarray(features[start : start + block], dtype=np.float64)
+        total += float(sq_dist(chunk, centers).min(axis=1).sum())
+    t = total / max(n, 1)
+    return t if t > 0 and np.isfinite(t) else 1.0
+
+
+def smooth_labels(
+    features: np.ndarray,
+    centers: np.ndarray,
+    sq_dist: SqDist,
+    *,
+    beta: float,
+    iters: int = SMOOTH_ITERS,
+    temp: float | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    slab_elements: int = SLAB_ELEMENTS,
+) -> np.ndarray:
+    """Potts-smoothed labels (X, Y, Z) of per-voxel ``features`` (X, Y, Z, d) and ``centers`` (k, d).
+
+    ``sq_dist(rows, centers)`` gives squared distances (n, k) in float64;
+    ``temp`` defaults to :func:`temperature` over the whole volume. The
+    volume is processed in slabs of about ``slab_elements`` voxels x
+    clusters with halos of ``iters`` planes (same labels as one slab).
+    Labels are in the smallest unsigned dtype that holds k - 1.
+    """
+    if features.ndim != 4:
+        raise BadInputError(f"features should be (X, Y, Z, d), got {tuple(features.shape)}")
+    if not beta >= 0:
+        raise BadInputError(f"smoothing beta={beta} should be >= 0")
+    centers = np.asarray(centers, dtype=np.float64)
+    X, Y, Z, d = features.shape
+    k = len(centers)
+    flat = features.reshape(-1, d)
+    plane = Y * Z
+    if temp is None:
+        temp = temperature(flat, centers, sq_dist, max(plane, 1 << 16))
+    out = np.empty((X, Y, Z), dtype=np.min_scalar_type(max(k - 1, 0)))
+    # Cores of at least 4 * iters planes, so halos at most double the work.
+    step = max(4 * iters, 1, slab_elements // max(plane * k, 1) - 2 * iters)
+    for a in range(0, X, step):
+        b = min(X, a + step)
+        lo, hi = max(0, a - iters), min(X, b + iters)
+        rows = np.asarray(flat[lo * plane : hi * plane], dtype=np.float64)
+        d2 = sq_dist(rows, centers) / temp  # (rows, k)
+        unary = torch.from_numpy(d2.T.reshape(k, hi - lo, Y, Z)).to(device=device, dtype=dtype)
+        q = meanfield(unary, beta, iters)
+        out[a:b] = q[:, a - lo : b - lo].argmax(0).cpu().numpy()
+    return out

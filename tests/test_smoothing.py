@@ -1,0 +1,145 @@
+"""Potts smoothing of cluster labels: against brute force, slabs against one piece, and the CLI."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+from clitools import run, tiny_pipeline
+
+from hypsegcli import smoothing
+from hypsegcli.kmeans import poincare_pdist2
+from hypsegcli.pipeline import _Clusterer
+
+
+def _softmax(e: np.ndarray) -> np.ndarray:
+    e = e - e.max(axis=0, keepdims=True)
+    p = np.exp(e)
+    return p / p.sum(axis=0, keepdims=True)
+
+
+def _meanfield_loops(unary: np.ndarray, beta: float, iters: int) -> np.ndarray:
+    """The mean-field update written voxel by voxel over explicit neighbours, float64."""
+    k, X, Y, Z = unary.shape
+    q = _softmax(-unary)
+    offsets = [o for o in itertools.product((-1, 0, 1), repeat=3) if o != (0, 0, 0)]
+    for _ in range(iters):
+        nb = np.zeros_like(q)
+        for x, y, z in itertools.product(range(X), range(Y), range(Z)):
+            for dx, dy, dz in offsets:
+                u, v, w = x + dx, y + dy, z + dz
+                if 0 <= u < X and 0 <= v < Y and 0 <= w < Z:
+                    nb[:, x, y, z] += q[:, u, v, w]
+        q = _softmax(beta * nb - unary)
+    return q
+
+
+@pytest.mark.parametrize("beta,iters", [(0.0, 3), (0.7, 1), (0.7, 3), (2.5, 4)])
+def test_meanfield_matches_voxel_loops(beta, iters):
+    rng = np.random.default_rng(int(beta * 10) + iters)
+    unary = rng.exponential(1.0, size=(3, 5, 4, 6))
+    got = smoothing.meanfield(torch.from_numpy(unary), beta, iters).numpy()
+    np.testing.assert_allclose(got, _meanfield_loops(unary, beta, iters), rtol=1e-12, atol=1e-14)
+
+
+def _ball_points(rng, shape, d=2):
+    x = rng.normal(size=(*shape, d))
+    r = np.linalg.norm(x, axis=-1, keepdims=True)
+    return x / (1 + r) * rng.uniform(0.2, 0.95, size=(*shape, 1))
+
+
+def _ball_sq_dist(rows, centers):
+    return poincare_pdist2(np.asarray(rows, dtype=np.float64), centers)
+
+
+def test_temperature_is_mean_squared_distance_to_nearest_centre():
+    rng = np.random.default_rng(0)
+    rows = _ball_points(rng, (500,))
+    centers = _ball_points(rng, (4,))
+    brute = np.mean([min(_ball_sq_dist(r[None], centers)[0]) for r in rows])
+    assert smoothing.temperature(rows, centers, _ball_sq_dist, block=37) == pytest.approx(
+        brute, rel=1e-12
+    )
+    # every row on a centre: a neutral temperature instead of a division by zero
+    assert smoothing.temperature(centers, centers, _ball_sq_dist, block=3) == 1.0
+
+
+def test_slabs_give_the_labels_of_the_whole_volume():
+    rng = np.random.default_rng(1)
+    feats = _ball_points(rng, (37, 6, 5))
+    centers = _ball_points(rng, (3,))
+    kw = dict(beta=0.9, iters=2, dtype=torch.float64)
+    whole = smoothing.smooth_labels(feats, centers, _ball_sq_dist, **kw, slab_elements=1 << 30)
+    for elements in (1, 6 * 5 * 3 * 12, 6 * 5 * 3 * 20):  # 5, 3 and 2 slabs of 8+ planes
+        sl = smoothing.smooth_labels(feats, centers, _ball_sq_dist, **kw, slab_elements=elements)
+        np.testing.assert_array_equal(sl, whole)
+    assert whole.dtype == np.uint8 and whole.shape == (37, 6, 5)
+    # the halo matters: without it the slab borders differ somewhere
+    temp = smoothing.temperature(feats.reshape(-1, 2), centers, _ball_sq_dist, 1000)
+    pieces = [
+        smoothing.smooth_labels(feats[a : a + 8], centers, _ball_sq_dist, **kw, temp=temp)
+        for a in range(0, 37, 8)
+    ]
+    assert not np.array_equal(np.concatenate(pieces), whole)
+
+
+def test_beta_zero_is_nearest_centre_and_clusterer_labels_agree():
+    rng = np.random.default_rng(2)
+    feats = _ball_points(rng, (9, 8, 7))
+    centers = _ball_points(rng, (4,))
+    nearest = _ball_sq_dist(feats.reshape(-1, 2), centers).argmin(1).reshape(9, 8, 7)
+    got = smoothing.smooth_labels(feats, centers, _ball_sq_dist, beta=0.0)
+    np.testing.assert_array_equal(got, nearest)
+    cl = _Clusterer("ball", curvature=1.0, n_init=1, fit_samples=100, seed=0, device="cpu")
+    np.testing.assert_array_equal(cl.labels(feats, centers, 0.0), nearest)
+    # relabelling the centres relabels the smoothed labels the same way
+    perm = np.array([2, 0, 3, 1])
+    a = cl.labels(feats, centers, 0.8)
+    b = cl.labels(feats, centers[perm], 0.8)
+    np.testing.assert_array_equal(perm[b], a)
+
+
+def test_smoothing_removes_label_noise():
+    """Two half-volumes with noisy 1-D features: the prior recovers the halves better."""
+    rng = np.random.default_rng(3)
+    truth = np.zeros((24, 24, 24), dtype=np.int64)
+    truth[12:] = 1
+    feats = (truth + rng.normal(0, 0.45, truth.shape))[..., None]
+    centers = np.array([[0.0], [1.0]])
+    cl = _Clusterer("line", curvature=1.0, n_init=1, fit_samples=100, seed=0, device="cpu")
+    plain = (cl.labels(feats, centers, 0.0) == truth).mean()
+    smooth = (cl.labels(feats, centers, 0.4) == truth).mean()
+    assert plain < 0.9 and smooth > 0.98
+
+
+def test_bad_beta_is_refused():
+    with pytest.raises(Exception, match="beta"):
+        smoothing.smooth_labels(np.zeros((2, 2, 2, 1)), np.zeros((2, 1)), _ball_sq_dist, beta=-1)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    return tiny_pipeline(tmp_path_factory.mktemp("smooth"), steps=4)
+
+
+def test_cli_smooth_is_recorded_and_changes_labels(trained, tmp_path, capsys):
+    images = trained / "data" / "images"
+    base = ["--quiet", "cluster", images, "-m", trained / "model.pt", "--k", "3", "--json"]
+    seg = tmp_path / "seg"
+    code, _, err = run([*base, "-o", seg, "--smooth", "0"], capsys)
+    assert code == 0, err
+    plain = {p.name: p.read_bytes() for p in seg.glob("*_k3.nii.gz")}
+    header = json.loads((seg / "centroids.json").read_text())
+    assert header["smooth"] == 0.0
+    # another beta is another result: not skipped as done, labels recomputed
+    code, out, err = run([*base, "-o", seg, "--smooth", "3"], capsys)
+    assert code == 0, err
+    assert all(r["status"] == "done" for r in json.loads(out)["volumes"])
+    assert json.loads((seg / "centroids.json").read_text())["smooth"] == 3.0
+    smoothed = {p.name: p.read_bytes() for p in seg.glob("*_k3.nii.gz")}
+    assert smoothed.keys() == plain.keys() and smoothed != plain
+    code, _, err = run([*base, "-o", tmp_path / "bad", "--smooth", "-1"], capsys)
+    assert code == 2 and "--smooth" in err and "Traceback" not in err
