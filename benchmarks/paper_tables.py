@@ -74,6 +74,10 @@ PAPER_TABLE1 = [
     ("Hsu, Gu et al. 2021 (paper, ours)", (0.952, 0.541, 0.216)),
 ]
 KS = ["--k", "2", "--k", "4", "--k", "8"]
+SMOOTH_OFF = ("--smooth", "0")
+# Atropos' MRF weight: 0.2 (the usual setting, the issue's example) and 1.0, the best of
+# 0.2 / 0.5 / 1.0 / 1.5 / 2.0 / 3.0 on the validation split (mean Dice over the 3 levels).
+ATROPOS_MRF = ("0.2", "1.0")
 
 
 class Bench:
@@ -155,16 +159,18 @@ class Bench:
     def labels(self, variant: str) -> Path:
         return self.work / f"data_{variant}" / self.args.split / "labels"
 
-    def cluster(self, variant: str, name: str, model: Path | None) -> Path:
+    def cluster(
+        self, variant: str, name: str, model: Path | None, extra: tuple[str, ...] = ()
+    ) -> Path:
         seg = self.work / "seg" / self.args.split / variant / name
         source = ["-m", str(model)] if model is not None else ["--features", "intensity"]
         self.run(
-            ["cluster", str(self.images(variant)), *source, *KS, "-o", str(seg)],
+            ["cluster", str(self.images(variant)), *source, *KS, "-o", str(seg), *extra],
             stage="cluster" if model is not None else "peer: intensity",
         )
         return seg
 
-    def atropos(self, variant: str) -> Path | None:
+    def atropos(self, variant: str, mrf: str) -> Path | None:
         try:
             import ants  # noqa: F401
         except ImportError:
@@ -172,10 +178,10 @@ class Bench:
         import nibabel as nib
         import numpy as np
 
-        seg = self.work / "seg" / self.args.split / variant / "atropos"
+        seg = self.work / "seg" / self.args.split / variant / f"atropos_m{mrf}"
         seg.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        cmd = 'ants.atropos(a, x=ones, m="[0.2,1x1x1]", c="[5,0]", i="kmeans[k]")'
+        cmd = f'ants.atropos(a, x=ones, m="[{mrf},1x1x1]", c="[5,0]", i="kmeans[k]")'
         if cmd not in self.commands:
             self.commands.append(
                 f"python: {cmd}  # per volume and k, on 1-99 percentile scaled data"
@@ -191,8 +197,14 @@ class Bench:
                 out = seg / f"{case}_k{k}.nii.gz"
                 if out.is_file():
                     continue
-                res = ants.atropos(a=a, x=ones, m="[0.2,1x1x1]", c="[5,0]", i=f"kmeans[{k}]")
-                labels = res["segmentation"].numpy().astype(np.uint8) - 1
+                try:
+                    res = ants.atropos(a=a, x=ones, m=f"[{mrf},1x1x1]", c="[5,0]", i=f"kmeans[{k}]")
+                    labels = res["segmentation"].numpy().astype(np.uint8) - 1
+                except Exception as exc:  # noqa: BLE001 - Atropos fails when a class empties
+                    # Scored as what a user would be left with: no segmentation (one label).
+                    print(f"[peer: atropos] {case} k={k} MRF {mrf}: {exc}", file=sys.stderr)
+                    (seg / f"{case}_k{k}.failed").write_text(f"{exc}\n")
+                    labels = np.zeros(data.shape, dtype=np.uint8)
                 tmp = seg / f".{case}_k{k}.tmp.nii.gz"
                 nib.save(nib.Nifti1Image(labels, src.affine, src.header), str(tmp))
                 tmp.replace(out)
@@ -200,6 +212,12 @@ class Bench:
             self.timings.get("peer: atropos", 0.0) + time.perf_counter() - t0
         )
         return seg
+
+    def failed(self, variant: str, mrf: str) -> str:
+        """`` (N of M runs failed ...)`` for an Atropos setting with failed runs, else ``""``."""
+        seg = self.work / "seg" / self.args.split / variant / f"atropos_m{mrf}"
+        n, total = len(list(seg.glob("*.failed"))), len(list(seg.glob("*_k*.nii.gz")))
+        return f" ({n} of {total} runs failed, scored as one label)" if n else ""
 
     def evaluate(self, seg: Path, variant: str) -> dict[int, list[float]]:
         """Per level, the mean matched Dice of every volume."""
@@ -215,6 +233,75 @@ class Bench:
         for case in report["cases"]:
             per_level.setdefault(int(case["level"]), []).append(float(case["mean_dice"]))
         return per_level
+
+
+def targets(results, seed_means) -> list[str]:
+    """The issue's targets on the regular data: differences per level, each marked met or not."""
+    levels = (1, 2, 3)
+
+    def mean(key: str) -> list[float] | None:
+        r = results.get(("regular", key))
+        return [statistics.fmean(r[lvl]) for lvl in levels] if r else None
+
+    full = [statistics.fmean(seed_means[lvl]) for lvl in levels] if seed_means else None
+    spread = (
+        [statistics.stdev(seed_means[lvl]) for lvl in levels]
+        if seed_means and len(seed_means.get(1, [])) > 1
+        else [0.0, 0.0, 0.0]
+    )
+    if full is None:
+        return []
+    rows: list[tuple[str, list[float], list[float]]] = [
+        ("full model >= the paper's full model", full, list(PAPER_TABLE1[-1][1]))
+    ]
+    intensity, plain = mean("intensity"), mean("intensity_smooth0")
+    for name, ref in (
+        ("the same Potts prior", intensity),
+        ("`--smooth 0`", plain),
+    ):
+        if ref is not None:
+            rows.append((f"full model - intensity k-means ({name}): >= 0 / 0.05 / 0.05", full, ref))
+    for m in ATROPOS_MRF:
+        ref = mean(f"atropos_m{m}")
+        if ref is not None:
+            rows.append((f"full model > Atropos (MRF {m})", full, ref))
+    ablation = (
+        ("hyperbolic base > Euclidean base", "hyp_base", "euclid_base"),
+        ("hyperbolic + triplet > Euclidean + triplet", "hyp_triplet", "euclid_triplet"),
+        ("hyperbolic + gyroconv > hyperbolic base", "hyp_gyro", "hyp_base"),
+        ("hyperbolic + triplet > hyperbolic base", "hyp_triplet", "hyp_base"),
+    )
+    lines = [
+        "## Targets (regular data)",
+        "",
+        "Differences per level (L1 / L2 / L3); the full model is the mean of its seeds' means. "
+        "Ablation rows (seed 0 each) must exceed the full model's seed-to-seed standard "
+        f"deviation ({' / '.join(f'{v:.3f}' for v in spread)}).",
+        "",
+        "| target | L1 | L2 | L3 | met |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+
+    def row(name: str, a: list[float], b: list[float], need: list[float]) -> str:
+        diff = [x - y for x, y in zip(a, b, strict=True)]
+        ok = all(d >= n if n == 0 else d > n for d, n in zip(diff, need, strict=True))
+        return (
+            f"| {name} | " + " | ".join(f"{d:+.3f}" for d in diff) + f" | {'yes' if ok else 'no'} |"
+        )
+
+    for name, a, b in rows:
+        if "intensity" in name:
+            need = [0.0, 0.05, 0.05]
+        elif "Atropos" in name:
+            need = [1e-12] * 3  # strictly above
+        else:
+            need = [0.0, 0.0, 0.0]
+        lines.append(row(name, a, b, need))
+    for name, a_key, b_key in ablation:
+        a, b = mean(a_key), mean(b_key)
+        if a is not None and b is not None:
+            lines.append(row(f"{name} (by more than the seed spread)", a, b, spread))
+    return [*lines, ""]
 
 
 def mean_std(values: list[float]) -> str:
@@ -263,6 +350,9 @@ def main() -> None:
                 scores = bench.evaluate(seg, variant)
                 if seed == 0:
                     results[(variant, key)] = scores
+                if seed == 0 and key == "hyp_full":  # the spatial prior's worth
+                    plain = bench.cluster(variant, "hyp_full_seed0_smooth0", model, SMOOTH_OFF)
+                    results[(variant, "hyp_full_smooth0")] = bench.evaluate(plain, variant)
                 if key == "hyp_full":
                     per_seed = seed_means.setdefault(variant, {})
                     for lvl, vals in scores.items():
@@ -270,10 +360,14 @@ def main() -> None:
         results[(variant, "intensity")] = bench.evaluate(
             bench.cluster(variant, "intensity", None), variant
         )
+        results[(variant, "intensity_smooth0")] = bench.evaluate(
+            bench.cluster(variant, "intensity_smooth0", None, SMOOTH_OFF), variant
+        )
         if not args.no_atropos:
-            seg = bench.atropos(variant)
-            if seg is not None:
-                results[(variant, "atropos")] = bench.evaluate(seg, variant)
+            for mrf in ATROPOS_MRF:
+                seg = bench.atropos(variant, mrf)
+                if seg is not None:
+                    results[(variant, f"atropos_m{mrf}")] = bench.evaluate(seg, variant)
     total = time.perf_counter() - start
 
     lines = write_report(args, results, seed_means, bench, total, variants)
@@ -295,6 +389,13 @@ def write_report(args, results, seed_means, bench, total, variants) -> list[str]
             text=True,
             check=True,
         ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        commit += " with uncommitted changes" if dirty else ""
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
     lines = [
@@ -334,8 +435,16 @@ def write_report(args, results, seed_means, bench, total, variants) -> list[str]
                 + " | |"
             )
         for key, name in (
-            ("intensity", "k-means on intensities (`--features intensity`)"),
-            ("atropos", "ANTs Atropos (k-means init + MRF)"),
+            ("hyp_full_smooth0", "hypseg full model, seed 0, no spatial prior (`--smooth 0`)"),
+            ("intensity", "k-means on intensities + the same Potts prior (`--features intensity`)"),
+            ("intensity_smooth0", "k-means on intensities (`--features intensity --smooth 0`)"),
+            *(
+                (
+                    f"atropos_m{m}",
+                    f"ANTs Atropos (k-means init + MRF {m}){bench.failed(variant, m)}",
+                )
+                for m in ATROPOS_MRF
+            ),
         ):
             if (variant, key) in results:
                 r = results[(variant, key)]
@@ -345,6 +454,8 @@ def write_report(args, results, seed_means, bench, total, variants) -> list[str]
                     + " | |"
                 )
         lines.append("")
+    if "regular" in variants:
+        lines += targets(results, seed_means.get("regular", {}))
     lines += [
         "## The paper's Table 1 (for reference)",
         "",
