@@ -1,6 +1,6 @@
 """Reproduce the paper's synthetic experiments (Tables 1 and 2) from the command line.
 
-Usage (from the repository root, in the venv; about 70 minutes on 2 cores)::
+Usage (from the repository root, in the venv; about 80 minutes on 2 cores)::
 
     python benchmarks/paper_tables.py                      # everything, resumable
     python benchmarks/paper_tables.py --quick              # a few minutes: tiny budget, 8 test volumes

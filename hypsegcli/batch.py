@@ -527,6 +527,11 @@ TILE_OVERHEAD_S = 0.009
 KMEANS_FIT_S = 4.7e-8
 KMEANS_ASSIGN_S = 1.25e-8
 REFERENCE_RATE = 330e9
+#: Potts smoothing (``cluster --smooth``): seconds per (voxel x cluster) at REFERENCE_RATE,
+#: and bytes per (voxel x cluster) of a slab at its peak: 2.4e-7 s and 21 bytes measured
+#: for k = 8 on a 512x512x300 volume, 2 cores at 314 GFLOP/s (0.75 M voxels/s at 128^3).
+SMOOTH_S = 2.3e-7
+SMOOTH_BYTES = 24.0
 
 
 def measure_flop_rate(device: Any = "cpu", n: int = 512, repeat: int = 5) -> float:
@@ -664,6 +669,25 @@ def estimate_embedding(
     }
 
 
+def estimate_smooth(
+    shape: Sequence[int], ks: Sequence[int], *, flop_rate: float
+) -> tuple[float, float]:
+    """Seconds and peak bytes of ``cluster --smooth`` for a volume of ``shape`` at every k.
+
+    Time: SMOOTH_S per voxel and cluster. Memory: the largest slab
+    (:mod:`hypsegcli.smoothing`), about SMOOTH_BYTES per voxel and cluster in it.
+    """
+    from .smoothing import SLAB_ELEMENTS, SMOOTH_ITERS
+
+    voxels = math.prod(int(n) for n in shape)
+    plane = math.prod(int(n) for n in shape[1:])
+    seconds = sum(SMOOTH_S * voxels * k for k in ks) * REFERENCE_RATE / flop_rate
+    k = max(ks)
+    planes = max(4 * SMOOTH_ITERS, 1, SLAB_ELEMENTS // max(plane * k, 1) - 2 * SMOOTH_ITERS)
+    slab = min(int(shape[0]), planes + 2 * SMOOTH_ITERS) * plane
+    return seconds, float(SMOOTH_BYTES * slab * k)
+
+
 def estimate_kmeans_seconds(
     voxels: int, ks: Sequence[int], *, n_init: int, fit_samples: int, flop_rate: float
 ) -> float:
@@ -694,5 +718,6 @@ PLAN_NOTES = (
     "writing files is not counted. Peak memory: this process now (libraries and model) + the "
     "volume, its normalised and padded copies and its embeddings (+ float64 copies with "
     "--stride > 1 and for clustering) + one tile's float32 activations per worker thread; "
-    "allocator overheads are not counted. Expect the truth within a factor of about 2."
+    "allocator overheads are not counted; with --smooth, the Potts prior's time per voxel and "
+    "cluster and its largest slab. Expect the truth within a factor of about 2."
 )

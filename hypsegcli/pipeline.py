@@ -838,6 +838,7 @@ def plan(
     n_init: int = 4,
     fit_samples: int = 200_000,
     pooled_fit: bool = False,
+    smooth: float = 0.0,
 ) -> dict[str, Any]:
     """What ``embed``/``cluster`` would do (``--dry-run``): per volume its shape, state and estimates.
 
@@ -854,6 +855,7 @@ def plan(
         current_rss_bytes,
         estimate_embedding,
         estimate_kmeans_seconds,
+        estimate_smooth,
         measure_flop_rate,
         peek_shape,
     )
@@ -905,6 +907,10 @@ def plan(
                 )
                 # features (d float32), a float32 copy for assignment, int64 labels
                 peak = max(peak, baseline + 4.0 * voxels * (2 + 2 * d) + 8.0 * voxels)
+                if smooth > 0:
+                    extra_s, slab_bytes = estimate_smooth(shape, ks, flop_rate=rate)
+                    seconds += extra_s
+                    peak = max(peak, baseline + 4.0 * voxels * d + voxels + slab_bytes)
             row.update(state=state, seconds=round(seconds, 3), peak_bytes=int(peak))
         except Exception as exc:  # noqa: BLE001 - shown in the plan
             from .batch import one_line
@@ -1420,6 +1426,7 @@ def cluster(
             n_init=n_init,
             fit_samples=fit_samples,
             pooled_fit=fit == "pooled" and not all(done.values()),
+            smooth=smooth,
             total_inputs=len(paths),
             config=config,
         )

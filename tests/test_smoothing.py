@@ -143,3 +143,15 @@ def test_cli_smooth_is_recorded_and_changes_labels(trained, tmp_path, capsys):
     assert smoothed.keys() == plain.keys() and smoothed != plain
     code, _, err = run([*base, "-o", tmp_path / "bad", "--smooth", "-1"], capsys)
     assert code == 2 and "--smooth" in err and "Traceback" not in err
+
+
+def test_plan_estimates_for_smoothing():
+    from hypsegcli.batch import REFERENCE_RATE, SMOOTH_BYTES, estimate_smooth
+
+    small, _ = estimate_smooth((50, 50, 50), [2, 4, 8], flop_rate=REFERENCE_RATE)
+    big, big_bytes = estimate_smooth((512, 512, 300), [2, 4, 8], flop_rate=REFERENCE_RATE)
+    assert small > 0 and big == pytest.approx(small * 512 * 512 * 300 / 50**3)
+    assert estimate_smooth((50, 50, 50), [2], flop_rate=2 * REFERENCE_RATE)[0] < small / 6
+    # memory: one slab of the largest k, not the volume x k
+    whole = SMOOTH_BYTES * 512 * 512 * 300 * 8
+    assert 0.05 * whole < big_bytes < 0.25 * whole
