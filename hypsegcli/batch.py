@@ -677,14 +677,13 @@ def estimate_smooth(
     Time: SMOOTH_S per voxel and cluster. Memory: the largest slab
     (:mod:`hypsegcli.smoothing`), about SMOOTH_BYTES per voxel and cluster in it.
     """
-    from .smoothing import SLAB_ELEMENTS, SMOOTH_ITERS
+    from .smoothing import SMOOTH_ITERS, slab_planes
 
     voxels = math.prod(int(n) for n in shape)
     plane = math.prod(int(n) for n in shape[1:])
     seconds = sum(SMOOTH_S * voxels * k for k in ks) * REFERENCE_RATE / flop_rate
     k = max(ks)
-    planes = max(4 * SMOOTH_ITERS, 1, SLAB_ELEMENTS // max(plane * k, 1) - 2 * SMOOTH_ITERS)
-    slab = min(int(shape[0]), planes + 2 * SMOOTH_ITERS) * plane
+    slab = min(int(shape[0]), slab_planes(plane, k, SMOOTH_ITERS) + 2 * SMOOTH_ITERS) * plane
     return seconds, float(SMOOTH_BYTES * slab * k)
 
 

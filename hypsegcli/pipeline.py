@@ -1062,9 +1062,8 @@ class _Clusterer:
             return out
         step = min(int(block), 1 << 20)
         for start in range(0, len(features), step):
-            chunk = np.asarray(features[start : start + step], dtype=np.float64)
-            d2 = ((chunk[:, None, :] - centers[None, :, :]) ** 2).sum(-1)
-            out[start : start + len(chunk)] = d2.argmin(1)
+            d2 = self.sq_dist(features[start : start + step], centers)
+            out[start : start + len(d2)] = d2.argmin(1)
         return out
 
 

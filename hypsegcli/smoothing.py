@@ -88,6 +88,15 @@ def temperature(features: np.ndarray, centers: np.ndarray, sq_dist: SqDist, bloc
     return t if t > 0 and np.isfinite(t) else 1.0
 
 
+def slab_planes(plane: int, k: int, iters: int, slab_elements: int = SLAB_ELEMENTS) -> int:
+    """Planes in the core of each slab of :func:`smooth_labels` (halos of ``iters`` each side).
+
+    About ``slab_elements`` voxels x clusters per slab, but cores of at least
+    4 * iters planes, so the halos add at most half the work.
+    """
+    return max(4 * iters, 1, slab_elements // max(plane * k, 1) - 2 * iters)
+
+
 def smooth_labels(
     features: np.ndarray,
     centers: np.ndarray,
@@ -120,8 +129,7 @@ def smooth_labels(
     if temp is None:
         temp = temperature(flat, centers, sq_dist, max(plane, 1 << 16))
     out = np.empty((X, Y, Z), dtype=np.min_scalar_type(max(k - 1, 0)))
-    # Cores of at least 4 * iters planes, so the halos add at most half the work.
-    step = max(4 * iters, 1, slab_elements // max(plane * k, 1) - 2 * iters)
+    step = slab_planes(plane, k, iters, slab_elements)
     for a in range(0, X, step):
         b = min(X, a + step)
         lo, hi = max(0, a - iters), min(X, b + iters)
