@@ -35,7 +35,9 @@ from .modelfile import load_model_file, save_model_file
 
 log = logging.getLogger(__name__)
 
-HISTORY_FIELDS = ("step", "elapsed_s", "total", "recon", "kl", "triplet", "triplets_per_s")
+#: Loss terms of :meth:`HypVAE.loss` kept per step (texture is 0 when the term is off).
+LOSS_FIELDS = ("total", "recon", "kl", "triplet", "texture")
+HISTORY_FIELDS = ("step", "elapsed_s", *LOSS_FIELDS, "triplets_per_s")
 
 
 @dataclass
@@ -296,12 +298,12 @@ def _train(
         record = {
             "step": step,
             "elapsed_s": round(elapsed_before + now - start, 3),
-            **{k: row[k] for k in ("total", "recon", "kl", "triplet")},
+            **{k: row[k] for k in LOSS_FIELDS},
             "triplets_per_s": round(rate, 2),
         }
         history.append(record)
         if first_run_losses is None:
-            first_run_losses = {k: row[k] for k in ("total", "recon", "kl", "triplet")}
+            first_run_losses = {k: row[k] for k in LOSS_FIELDS}
         progress(
             "train",
             step,
@@ -324,7 +326,7 @@ def _train(
         dist, step=step, model=model, generators={"sample": sample_gen, "noise": noise_gen}
     )
     dist.barrier()  # no rank reports success before the model file exists
-    last = {k: history[-1][k] for k in ("total", "recon", "kl", "triplet")} if history else {}
+    last = {k: history[-1][k] for k in LOSS_FIELDS} if history else {}
     return TrainResult(
         model_path,
         ckpt_path,
@@ -459,6 +461,8 @@ def _read_history(path: Path) -> list[dict[str, float]]:
     rows = []
     with open(path, newline="") as handle:
         for raw in csv.DictReader(handle):
+            if raw.get("texture") is None:  # written before the column existed: not recorded
+                raw["texture"] = "nan"
             try:
                 row: dict[str, float] = {k: float(raw[k]) for k in HISTORY_FIELDS}
             except (KeyError, TypeError, ValueError):

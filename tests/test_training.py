@@ -104,6 +104,13 @@ def test_resume_continues_exactly(tmp_path):
     ckpt, hist = companion_paths(resumed)
     assert load_model_file(ckpt)["step"] == 20  # lost at most checkpoint_every steps
     assert not resumed.exists()
+    # a history written before the texture column existed still resumes: its rows say nan
+    rows = _rows(hist)
+    assert len(rows) == 20 and all(float(r["texture"]) == 0.0 for r in rows)  # term off
+    with open(hist, "w", newline="") as fh:
+        old = csv.DictWriter(fh, [k for k in rows[0] if k != "texture"], extrasaction="ignore")
+        old.writeheader()
+        old.writerows(rows)
     result = train(
         vols,
         resumed,
@@ -117,7 +124,10 @@ def test_resume_continues_exactly(tmp_path):
     a, b = load_model_file(straight)["state_dict"], load_model_file(resumed)["state_dict"]
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
-    assert [int(r["step"]) for r in _rows(hist)] == list(range(1, 31))
+    rows = _rows(hist)
+    assert [int(r["step"]) for r in rows] == list(range(1, 31))
+    assert [r["texture"] for r in rows[:20]] == ["nan"] * 20
+    assert all(float(r["texture"]) == 0.0 for r in rows[20:])
 
 
 def test_resume_without_checkpoint_is_an_error(tmp_path):
@@ -319,6 +329,9 @@ def test_cli_texture_weight_is_stored_and_trained(tmp_path, capsys):
     args = ["train", data / "images", "-o", out, "--steps", "3", *TINY_TRAIN]
     code, _, err = run([*args, "--texture-weight", "20"], capsys)
     assert code == 0 and "  texture=" in err, err
+    rows = _rows(companion_paths(out)[1])  # the term is a column of the history
+    texture = [float(r["texture"]) for r in rows]
+    assert len(texture) == 3 and all(t > 0 for t in texture), texture
     model = build_model(load_model_file(out))
     assert model.cfg.texture_weight == 20.0
     assert hasattr(model, "dec_texture")
