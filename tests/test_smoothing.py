@@ -72,7 +72,14 @@ def test_slabs_give_the_labels_of_the_whole_volume():
     feats = _ball_points(rng, (37, 6, 5))
     centers = _ball_points(rng, (3,))
     kw = dict(beta=0.9, iters=2, dtype=torch.float64)
-    whole = smoothing.smooth_labels(feats, centers, _ball_sq_dist, **kw, slab_elements=1 << 30)
+    calls = []
+
+    def counted(rows, cs):
+        calls.append(len(rows))
+        return _ball_sq_dist(rows, cs)
+
+    whole = smoothing.smooth_labels(feats, centers, counted, **kw, slab_elements=1 << 30)
+    assert calls == [37 * 6 * 5]  # one slab: one distance pass serves the temperature too
     for elements in (1, 6 * 5 * 3 * 12, 6 * 5 * 3 * 20):  # 5, 3 and 2 slabs of 8+ planes
         sl = smoothing.smooth_labels(feats, centers, _ball_sq_dist, **kw, slab_elements=elements)
         np.testing.assert_array_equal(sl, whole)
