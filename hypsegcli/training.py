@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import io as _stdio
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -69,12 +70,17 @@ class TrainResult:
             "history": str(self.history_path),
             "step": self.step,
             "elapsed_seconds": round(self.elapsed_seconds, 3),
-            "first_losses": self.first,
-            "last_losses": self.last,
+            "first_losses": _json_losses(self.first),
+            "last_losses": _json_losses(self.last),
             "stopped_by": self.stopped_by,
             "world_size": self.world_size,
             "device": self.device,
         }
+
+
+def _json_losses(losses: dict[str, float]) -> dict[str, float | None]:
+    """Losses for JSON: a term an older history did not record (nan) becomes null."""
+    return {k: (v if math.isfinite(v) else None) for k, v in losses.items()}
 
 
 def companion_paths(model_path: Path) -> tuple[Path, Path]:

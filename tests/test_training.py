@@ -15,7 +15,7 @@ from hypsegcli import io
 from hypsegcli.config import ModelConfig, SamplingConfig, TrainConfig
 from hypsegcli.errors import BadInputError
 from hypsegcli.modelfile import build_model, load_model_file
-from hypsegcli.training import TrainingVolume, companion_paths, train
+from hypsegcli.training import TrainingVolume, TrainResult, companion_paths, train
 
 TINY = ModelConfig(patch_size=6, channels=(4, 8), kernels=(3, 3), paddings=(0, 0), hidden=16)
 SAMPLING = SamplingConfig(r_min=5, r_max=12, l_min=2, r_gap=2, child_max=6)
@@ -337,3 +337,15 @@ def test_cli_texture_weight_is_stored_and_trained(tmp_path, capsys):
     assert hasattr(model, "dec_texture")
     code, _, err = run([*args, "--texture-weight", "-1"], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1, err
+
+
+def test_json_summary_has_no_nan(tmp_path):
+    """A loss an older history did not record (nan) is null in train --json, which stays strict JSON."""
+    import json
+
+    losses = {"total": 1.5, "recon": 1.0, "kl": 0.25, "triplet": 0.25, "texture": float("nan")}
+    result = TrainResult(
+        tmp_path / "m.pt", tmp_path / "c.pt", tmp_path / "h.csv", 3, 1.0, losses, losses, "steps"
+    )
+    doc = json.loads(json.dumps(result.to_dict(), allow_nan=False))
+    assert doc["last_losses"] == {**losses, "texture": None} == doc["first_losses"]
