@@ -386,6 +386,8 @@ ARCHITECTURES = {
 DEVICE_HELP = "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps."
 #: Default ``cluster --smooth`` (Potts beta), chosen on the validation split (CHANGELOG).
 SMOOTH_DEFAULT = 0.8
+#: Default ``cluster --snap`` (Gaussian sigma in voxels), chosen on the validation split (CHANGELOG).
+SNAP_DEFAULT = 2.0
 
 
 @app.command()
@@ -761,9 +763,17 @@ def cluster(
         typer.Option(
             "--smooth",
             min=0,
-            help="Potts smoothing of the labels (a spatial prior, like Atropos' MRF): weight beta of agreeing with the 26 neighbours, 10 mean-field updates; 0 gives the plain k-means labels.",
+            help="Potts smoothing of the labels (a spatial prior, like Atropos' MRF): weight beta of agreeing with the 26 neighbours, 10 mean-field updates; 0 turns it off (with --snap 0: the plain k-means labels).",
         ),
     ] = SMOOTH_DEFAULT,
+    snap: Annotated[
+        float,
+        typer.Option(
+            "--snap",
+            min=0,
+            help="Snap label boundaries to intensity edges: a voxel within 2 of a boundary joins the neighbouring label whose local mean intensity (image smoothed with a Gaussian of this many voxels) it matches, where the two labels differ in mean intensity by more than the noise; 0 turns it off.",
+        ),
+    ] = SNAP_DEFAULT,
     seed: Annotated[
         int, typer.Option("--seed", help="Seed for subsampling and k-means initialisation.")
     ] = 0,
@@ -801,7 +811,8 @@ def cluster(
 
     Embeddings come from the cache when present (see `hypseg embed`). Each
     voxel goes to its nearest centroid, then a Potts prior (--smooth) lets
-    neighbouring voxels agree. Labels are numbered 0..K-1 by the centroid's
+    neighbouring voxels agree and --snap moves boundaries onto the image's
+    intensity edges. Labels are numbered 0..K-1 by the centroid's
     distance from the origin of the ball.
     Each case's centroids go to OUT/<case>.centroids.json and are merged into
     OUT/centroids.json; a run record is appended to OUT/hypseg-runs.jsonl. A
@@ -825,6 +836,7 @@ def cluster(
             n_init=n_init,
             fit_samples=fit_samples,
             smooth=smooth,
+            snap=snap,
             seed=seed,
             device=device,
             threads=threads,

@@ -1101,7 +1101,16 @@ def load_centroids(path: Path, ks: list[int], features: str) -> dict[int, np.nda
 CASE_CENTROIDS_SUFFIX = ".centroids.json"
 CASE_CENTROIDS_FORMAT = "hypseg-case-centroids"
 #: Header fields that must agree for centroid records to be merged or outputs reused.
-_IDENTITY = ("features", "geometry", "curvature", "model_sha256", "patch_size", "stride", "smooth")
+_IDENTITY = (
+    "features",
+    "geometry",
+    "curvature",
+    "model_sha256",
+    "patch_size",
+    "stride",
+    "smooth",
+    "snap",
+)
 
 
 def _case_centroids_path(out: Path, name: str) -> Path:
@@ -1277,6 +1286,7 @@ def cluster(
     n_init: int = 4,
     fit_samples: int = 200_000,
     smooth: float = 0.0,
+    snap: float = 0.0,
     seed: int = 0,
     device: str = "auto",
     threads: int | None = None,
@@ -1300,6 +1310,11 @@ def cluster(
     set of centroids on all inputs together so numbers agree across volumes;
     ``centroids`` applies saved pooled centroids instead of fitting.
 
+    ``smooth`` > 0 Potts-smooths each label map (:mod:`hypsegcli.smoothing`);
+    ``snap`` > 0 then moves voxels near label boundaries to the side whose
+    local intensity they match (:func:`hypsegcli.edges.snap_labels`, Gaussian
+    of ``snap`` voxels).
+
     Centroids: each case's sets go to ``OUT/<case>.centroids.json``, written
     after its label volumes; ``OUT/centroids.json`` is then rebuilt from all
     of them (:func:`_merge_centroids`), so parts writing into one folder never
@@ -1314,8 +1329,10 @@ def cluster(
     appended to ``OUT/hypseg-runs.jsonl``. ``dry_run`` returns the plan.
     """
     from .cache import EmbeddingCache, resolve_cache_dir
+    from .edges import snap_labels
     from .embedding import DEFAULT_TILE
     from .preview import write_preview
+    from .sampling import normalize_volume
 
     progress = progress or _noop
     if not ks:
@@ -1326,6 +1343,8 @@ def cluster(
     ks = sorted(dict.fromkeys(ks))
     if not (isinstance(smooth, (int, float)) and smooth >= 0 and np.isfinite(smooth)):
         raise BadInputError(f"--smooth {smooth}: should be a finite number >= 0")
+    if not (isinstance(snap, (int, float)) and snap >= 0 and np.isfinite(snap)):
+        raise BadInputError(f"--snap {snap}: should be a finite number >= 0")
     if features not in ("embedding", "intensity"):
         raise BadInputError(f"--features {features!r}: expected embedding or intensity")
     if fit_on not in ("volume", "pooled"):
@@ -1370,6 +1389,7 @@ def cluster(
         "stride": stride if model else None,
         "order": "by distance from the origin, then angle" if kind == "ball" else "by coordinates",
         "smooth": float(smooth),
+        "snap": float(snap),
     }
     fit = "centroids" if centroids is not None else fit_on
     params = {"seed": seed, "n_init": n_init, "fit_samples": fit_samples}
@@ -1391,6 +1411,7 @@ def cluster(
         "n_init": n_init,
         "fit_samples": fit_samples,
         "smooth": smooth,
+        "snap": snap,
         "seed": seed,
         "device": device,
         "threads": threads,
@@ -1502,6 +1523,7 @@ def cluster(
                     row["cached"] = bool(cached)
                     watch.lap("embed")
                     flat = np.asarray(feats).reshape(-1, feats.shape[-1])
+                    scaled = None
                     sets = []
                     for k in ks:
                         if fixed is not None:
@@ -1516,6 +1538,10 @@ def cluster(
                         labels = clusterer.labels(
                             np.asarray(feats).reshape(*volume.data.shape, -1), centers, smooth
                         )
+                        if snap > 0:
+                            if scaled is None:
+                                scaled = normalize_volume(volume.data, name=str(path))
+                            labels = snap_labels(labels, scaled, sigma=snap)
                         watch.lap("cluster")
                         target = out / f"{volume.name}_k{k}{volume.geometry.suffix}"
                         write_labels(target, labels, volume.geometry)

@@ -1,0 +1,148 @@
+"""Edge snapping of label boundaries (``cluster --snap``): against voxel loops, and the CLI."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import numpy as np
+import pytest
+from clitools import run, tiny_pipeline
+from scipy import ndimage as ndi
+
+from hypsegcli import edges
+
+
+def _snap_loops(labels: np.ndarray, image: np.ndarray, sigma: float, band: int, z: float):
+    """The rule of hypsegcli.edges written voxel by voxel over explicit windows, float64."""
+    x = image.astype(np.float64)
+    g = ndi.gaussian_filter(x, sigma, mode="nearest")
+    X, Y, Z = labels.shape
+
+    def window(v, h):
+        return tuple(slice(max(0, c - h), c + h + 1) for c in v)
+
+    in_band = np.zeros(labels.shape, dtype=bool)
+    for v in itertools.product(range(X), range(Y), range(Z)):
+        in_band[v] = len(np.unique(labels[window(v, band)])) > 1
+    # noise: box mean with 'nearest' borders, as in the module
+    padded = np.pad(x, 1, mode="edge")
+    box = np.zeros_like(x)
+    for v in itertools.product(range(X), range(Y), range(Z)):
+        box[v] = padded[v[0] : v[0] + 3, v[1] : v[1] + 3, v[2] : v[2] + 3].mean()
+    resid = (x - box).ravel()
+    step = max(1, resid.size // edges.NOISE_SAMPLES)
+    noise = 1.4826 * np.median(np.abs(resid[::step]))
+    overall = {int(v): x[labels == v].mean() for v in np.unique(labels)}
+    r = math.ceil(2 * sigma) + band
+    out = labels.copy()
+    for v in zip(*np.nonzero(in_band), strict=True):
+        w = window(v, r)
+        lab_w, g_w, core_w = labels[w], g[w], ~in_band[w]
+        local = {}
+        for value in overall:
+            sel = (lab_w == value) & core_w
+            if sel.any():
+                local[value] = g_w[sel].mean()
+        a = int(labels[v])
+        if a not in local:
+            continue
+        b = min(sorted(local), key=lambda val: abs(local[val] - g[v]))
+        if b != a and abs(overall[a] - overall[b]) > z * noise:
+            out[v] = b
+    return out
+
+
+@pytest.mark.parametrize("sigma,band,z", [(1.0, 1, 1.0), (1.5, 2, 0.5), (0.7, 1, 0.0)])
+def test_snap_matches_voxel_loops(sigma, band, z):
+    rng = np.random.default_rng(int(10 * sigma) + band)
+    shape = (18, 16, 15)
+    # a bright block and a dim one on a dark background, labels off by a voxel or so
+    truth = np.zeros(shape, dtype=np.uint8)
+    truth[2:12, 1:12, 2:13] = 1
+    truth[10:17, 5:15, 1:8] = 2
+    image = (np.array([0.0, 1.0, 0.5])[truth] + rng.normal(0, 0.2, shape)).astype(np.float32)
+    labels = ndi.grey_dilation(truth, size=(2, 1, 2)) if band == 1 else truth.copy()
+    labels[rng.random(shape) < 0.01] = 0
+    fast = edges.snap_labels(labels, image, sigma=sigma, band=band, min_contrast=z)
+    slow = _snap_loops(labels, image, sigma, band, z)
+    assert fast.dtype == labels.dtype
+    # the slow path ties on the smallest label in sorted order, as argmin does
+    assert np.array_equal(fast, slow)
+    assert (fast != labels).any()
+
+
+def _blurred_ball(shift: int, side: int = 40, radius: float = 11.0):
+    grid = np.indices((side,) * 3).astype(np.float64) - (side - 1) / 2
+    dist = np.sqrt((grid**2).sum(0))
+    truth = (dist <= radius).astype(np.uint8)
+    rng = np.random.default_rng(3)
+    image = ndi.gaussian_filter(truth * 0.4, 0.8) + rng.normal(0, 0.1, truth.shape)
+    labels = (dist <= radius + shift).astype(np.uint8)
+    return truth, image.astype(np.float32), labels
+
+
+@pytest.mark.parametrize("sigma", [1.0, 2.0])
+@pytest.mark.parametrize("shift", [2, 1, -1, -2])
+def test_snap_moves_a_displaced_boundary_onto_the_edge(shift, sigma):
+    # a ball (radius 11, PSF 0.8, noise 0.1) labelled one or two voxels too wide or narrow;
+    # a wide Gaussian erodes convex shapes a little, hence the looser bound at sigma 2
+    truth, image, labels = _blurred_ball(shift)
+    before_image, before_labels = image.copy(), labels.copy()
+    snapped = edges.snap_labels(labels, image, sigma=sigma)
+    errors_before = int((labels != truth).sum())
+    errors_after = int((snapped != truth).sum())
+    assert errors_after < (0.2 if sigma == 1.0 else 0.6) * errors_before
+    # inputs untouched
+    assert np.array_equal(image, before_image) and np.array_equal(labels, before_labels)
+
+
+def test_snap_leaves_thin_and_texture_only_structures_alone():
+    rng = np.random.default_rng(0)
+    # a one-voxel bright sheet: no core of its own, so it is not dissolved
+    truth = np.zeros((30, 30, 30), dtype=np.uint8)
+    truth[14] = 1
+    image = (truth * 1.0 + rng.normal(0, 0.2, truth.shape)).astype(np.float32)
+    assert np.array_equal(edges.snap_labels(truth, image, sigma=2.0), truth)
+    # two halves of equal mean intensity (texture only): the boundary stays
+    halves = np.zeros((30, 30, 30), dtype=np.uint8)
+    halves[:, :, 13:] = 1
+    flat = rng.normal(0, 0.2, halves.shape).astype(np.float32)
+    shifted = np.zeros_like(halves)
+    shifted[:, :, 15:] = 1
+    assert np.array_equal(edges.snap_labels(shifted, flat, sigma=2.0), shifted)
+
+
+def test_snap_single_label_and_bad_arguments():
+    labels = np.zeros((6, 6, 6), dtype=np.uint8)
+    image = np.random.default_rng(0).random((6, 6, 6)).astype(np.float32)
+    assert np.array_equal(edges.snap_labels(labels, image, sigma=1.0), labels)
+    with pytest.raises(Exception, match="same shape"):
+        edges.snap_labels(labels, image[:5], sigma=1.0)
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(Exception, match="sigma"):
+            edges.snap_labels(labels, image, sigma=bad)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    return tiny_pipeline(tmp_path_factory.mktemp("snap"), steps=4)
+
+
+def test_cli_snap_is_recorded_and_redone_when_changed(trained, tmp_path, capsys):
+    images = trained / "data" / "images"
+    base = ["--quiet", "cluster", images, "-m", trained / "model.pt", "--k", "3", "--json"]
+    seg = tmp_path / "seg"
+    code, _, err = run([*base, "-o", seg, "--snap", "0"], capsys)
+    assert code == 0, err
+    assert json.loads((seg / "centroids.json").read_text())["snap"] == 0.0
+    code, out, err = run([*base, "-o", seg], capsys)  # the default snaps
+    assert code == 0, err
+    assert all(r["status"] == "done" for r in json.loads(out)["volumes"])
+    assert json.loads((seg / "centroids.json").read_text())["snap"] == 2.0
+    code, out, err = run([*base, "-o", seg], capsys)  # same options: skipped
+    assert code == 0, err
+    assert all(r["status"] == "skipped" for r in json.loads(out)["volumes"])
+    code, _, err = run([*base, "-o", tmp_path / "bad", "--snap", "-1"], capsys)
+    assert code == 2 and "--snap" in err and "Traceback" not in err
