@@ -532,6 +532,13 @@ REFERENCE_RATE = 330e9
 #: for k = 8 on a 512x512x300 volume, 2 cores at 314 GFLOP/s (0.75 M voxels/s at 128^3).
 SMOOTH_S = 2.3e-7
 SMOOTH_BYTES = 24.0
+#: Edge snapping (``cluster --snap``, scipy on the CPU whatever the device): seconds per voxel,
+#: plus per voxel and label; peak bytes likewise (a 128^3 and 256^3 field of k bands, about
+#: half the voxels near a boundary, sigma 2, on this project's 2-core machine).
+SNAP_S = 1.0e-7
+SNAP_S_PER_LABEL = 8.0e-8
+SNAP_BYTES = 25.0
+SNAP_BYTES_PER_LABEL = 3.5
 
 
 def measure_flop_rate(device: Any = "cpu", n: int = 512, repeat: int = 5) -> float:
@@ -687,6 +694,13 @@ def estimate_smooth(
     return seconds, float(SMOOTH_BYTES * slab * k)
 
 
+def estimate_snap(shape: Sequence[int], ks: Sequence[int]) -> tuple[float, float]:
+    """Seconds (all k) and peak bytes (the largest k) of ``cluster --snap`` for a volume of ``shape``."""
+    voxels = math.prod(int(n) for n in shape)
+    seconds = sum((SNAP_S + SNAP_S_PER_LABEL * k) * voxels for k in ks)
+    return seconds, float((SNAP_BYTES + SNAP_BYTES_PER_LABEL * max(ks)) * voxels)
+
+
 def estimate_kmeans_seconds(
     voxels: int, ks: Sequence[int], *, n_init: int, fit_samples: int, flop_rate: float
 ) -> float:
@@ -718,5 +732,6 @@ PLAN_NOTES = (
     "volume, its normalised and padded copies and its embeddings (+ float64 copies with "
     "--stride > 1 and for clustering) + one tile's float32 activations per worker thread; "
     "allocator overheads are not counted; with --smooth, the Potts prior's time per voxel and "
-    "cluster and its largest slab. Expect the truth within a factor of about 2."
+    "cluster and its largest slab; with --snap, the edge snap's time and memory per voxel and "
+    "label, measured on a 2-core CPU. Expect the truth within a factor of about 2."
 )

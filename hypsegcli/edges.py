@@ -78,33 +78,44 @@ def snap_labels(
     in_band = ndi.maximum_filter(lab, size=size, mode="nearest") != ndi.minimum_filter(
         lab, size=size, mode="nearest"
     )
-    idx = np.nonzero(in_band)
+    # band voxels as flat indices; everything per band voxel is a 1-D array of that length,
+    # and the labels are visited one at a time (peak memory: a few volume-sized arrays,
+    # never labels x voxels)
+    flat = np.flatnonzero(in_band)
     out = lab.copy()
-    if len(idx[0]) == 0:
+    if len(flat) == 0:
         return out
     present = np.unique(lab)
     g = ndi.gaussian_filter(x, sigma, mode="nearest")
     window = 2 * (math.ceil(2 * sigma) + int(band)) + 1
     core = ~in_band
-    # local means of g over each label's core, only at the band voxels: (len(present), n)
-    local = np.full((len(present), len(idx[0])), np.inf, dtype=np.float32)
+    del in_band
+    gv = g.ravel()[flat]
+    index_type = np.min_scalar_type(len(present))
+    current = np.searchsorted(present, lab.ravel()[flat]).astype(index_type)
+    best = current.copy()
+    best_dist = np.full(len(flat), np.inf, dtype=np.float32)
+    current_supported = np.zeros(len(flat), dtype=bool)
     overall = np.empty(len(present))
     for i, value in enumerate(present):
         mask = lab == value
         overall[i] = float(x[mask].mean())
         mask &= core
-        count = ndi.uniform_filter(mask.astype(np.float32), window, mode="constant")[idx]
-        total = ndi.uniform_filter(np.where(mask, g, 0.0), window, mode="constant")[idx]
-        has = count > 0.5 / window**3  # at least one core voxel (float sums carry rounding)
-        local[i, has] = total[has] / count[has]
-    gv = g[idx]
-    best = np.abs(local - gv[None, :]).argmin(axis=0)
-    current = np.searchsorted(present, lab[idx])
-    cols = np.arange(len(best))
-    # both sides need core voxels nearby: a structure thinner than the band has
-    # none and is left as it is rather than dissolved into its surroundings
-    supported = np.isfinite(local[best, cols]) & np.isfinite(local[current, cols])
+        count = ndi.uniform_filter(mask.astype(np.float32), window, mode="constant").ravel()[flat]
+        total = ndi.uniform_filter(np.where(mask, g, np.float32(0)), window, mode="constant")
+        total = total.ravel()[flat]
+        del mask
+        # local mean of g over the label's core; none without a core voxel in the window
+        has = count > 0.5 / window**3  # at least one (float sums carry rounding)
+        dist = np.full(len(flat), np.inf, dtype=np.float32)
+        dist[has] = np.abs(total[has] / count[has] - gv[has])
+        closer = dist < best_dist  # strict: ties go to the lower label, as argmin does
+        best[closer] = i
+        best_dist[closer] = dist[closer]
+        current_supported |= has & (current == i)
+    # both sides need core voxels nearby (best only ever takes a label that has one): a
+    # structure thinner than the band has none and is left as it is, not dissolved
     contrast = np.abs(overall[current] - overall[best])
-    move = supported & (best != current) & (contrast > min_contrast * noise_std(x))
-    out[idx] = np.where(move, present[best], lab[idx]).astype(lab.dtype)
+    move = current_supported & (best != current) & (contrast > min_contrast * noise_std(x))
+    out.ravel()[flat] = np.where(move, present[best], present[current]).astype(lab.dtype)
     return out

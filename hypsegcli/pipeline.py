@@ -839,6 +839,7 @@ def plan(
     fit_samples: int = 200_000,
     pooled_fit: bool = False,
     smooth: float = 0.0,
+    snap: float = 0.0,
 ) -> dict[str, Any]:
     """What ``embed``/``cluster`` would do (``--dry-run``): per volume its shape, state and estimates.
 
@@ -856,6 +857,7 @@ def plan(
         estimate_embedding,
         estimate_kmeans_seconds,
         estimate_smooth,
+        estimate_snap,
         measure_flop_rate,
         peek_shape,
     )
@@ -911,6 +913,10 @@ def plan(
                     extra_s, slab_bytes = estimate_smooth(shape, ks, flop_rate=rate)
                     seconds += extra_s
                     peak = max(peak, baseline + 4.0 * voxels * d + voxels + slab_bytes)
+                if snap > 0:
+                    extra_s, snap_bytes = estimate_snap(shape, ks)
+                    seconds += extra_s
+                    peak = max(peak, baseline + 4.0 * voxels * d + voxels + snap_bytes)
             row.update(state=state, seconds=round(seconds, 3), peak_bytes=int(peak))
         except Exception as exc:  # noqa: BLE001 - shown in the plan
             from .batch import one_line
@@ -1447,6 +1453,7 @@ def cluster(
             fit_samples=fit_samples,
             pooled_fit=fit == "pooled" and not all(done.values()),
             smooth=smooth,
+            snap=snap,
             total_inputs=len(paths),
             config=config,
         )

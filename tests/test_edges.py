@@ -146,3 +146,23 @@ def test_cli_snap_is_recorded_and_redone_when_changed(trained, tmp_path, capsys)
     assert all(r["status"] == "skipped" for r in json.loads(out)["volumes"])
     code, _, err = run([*base, "-o", tmp_path / "bad", "--snap", "-1"], capsys)
     assert code == 2 and "--snap" in err and "Traceback" not in err
+
+
+def test_plan_counts_the_snap(trained, tmp_path, capsys, monkeypatch):
+    from hypsegcli import batch
+    from hypsegcli.batch import SNAP_BYTES, SNAP_BYTES_PER_LABEL, estimate_snap
+
+    monkeypatch.setattr(batch, "measure_flop_rate", lambda *a, **k: batch.REFERENCE_RATE)
+    seconds, peak = estimate_snap((50, 50, 50), [2, 4, 8])
+    big_s, big_peak = estimate_snap((100, 50, 50), [2, 4, 8])
+    assert seconds > 0 and big_s == pytest.approx(2 * seconds)
+    assert peak == pytest.approx((SNAP_BYTES + 8 * SNAP_BYTES_PER_LABEL) * 50**3)
+    argv = ["--quiet", "cluster", trained / "data" / "images", "-m", trained / "model.pt"]
+    argv += ["--k", "3", "-o", tmp_path / "seg", "--dry-run", "--json"]
+    plans = {}
+    for snap in ("0", "2"):
+        code, out, err = run([*argv, "--snap", snap], capsys)
+        assert code == 0, err
+        plans[snap] = json.loads(out)["volumes"][0]
+    snap_s, _ = estimate_snap(plans["0"]["shape"], [3])
+    assert plans["2"]["seconds"] - plans["0"]["seconds"] == pytest.approx(snap_s, abs=2e-3)
