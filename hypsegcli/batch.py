@@ -533,10 +533,12 @@ REFERENCE_RATE = 330e9
 SMOOTH_S = 2.3e-7
 SMOOTH_BYTES = 24.0
 #: Edge snapping (``cluster --snap``, scipy on the CPU whatever the device): seconds per voxel,
-#: plus per voxel and label; peak bytes likewise (a 128^3 and 256^3 field of k bands, about
-#: half the voxels near a boundary, sigma 2, on this project's 2-core machine).
-SNAP_S = 1.0e-7
-SNAP_S_PER_LABEL = 8.0e-8
+#: plus per voxel and label; peak bytes likewise. Measured at sigma 2 on a 256^3 field of k
+#: bands (43 / 78 / 92 % of the voxels near a boundary at k = 2 / 4 / 8: 294 / 450 / 631 ns
+#: per voxel) and, for memory, a 128^3 one (31 / 53 bytes per voxel at k = 2 / 8), on this
+#: project's 2-core machine.
+SNAP_S = 1.8e-7
+SNAP_S_PER_LABEL = 5.6e-8
 SNAP_BYTES = 25.0
 SNAP_BYTES_PER_LABEL = 3.5
 
