@@ -7,12 +7,14 @@ the regions' means. Per k, times in the same process and on the same
 features:
 
 - ``assign``: the nearest-centre labels ``hypseg cluster`` writes with
-  ``--smooth 0`` (chunked Poincaré assignment);
+  ``--smooth 0 --snap 0`` (chunked Poincaré assignment);
 - ``smooth``: the Potts-smoothed labels of ``--smooth BETA`` (a temperature
   pass, then 10 mean-field updates in slabs);
 - the ratio smooth / assign, and the k-means fit on 200 000 voxels (the other
   part of clustering) for scale;
-- how many labels smoothing changed.
+- how many labels smoothing changed;
+- the edge snap after it (``cluster --snap``, on an image of the same regions)
+  and how many labels it changed.
 
 Then what the prior costs thin structures: 48^3 volumes of unit Gaussian noise
 with four sheets of thickness 1, 2, 3, 5 or 8 voxels every 10 voxels, CNR
@@ -21,7 +23,7 @@ with k = 2 at the true centres; per beta the fraction of sheet voxels labelled
 sheet (recall) and of background voxels labelled sheet (false positives), and
 the same after beta 0.8 and the edge snap (``cluster --snap 2``).
 
-Run: python benchmarks/smooth_speed.py [--side 128] [--beta 0.8] [--threads N]
+Run: python benchmarks/smooth_speed.py [--side 128] [--beta 0.8] [--snap 2] [--threads N]
 """
 
 from __future__ import annotations
@@ -32,12 +34,14 @@ import time
 import numpy as np
 import torch
 
+from hypsegcli.edges import snap_labels
 from hypsegcli.pipeline import _Clusterer
 from hypsegcli.smoothing import SLAB_ELEMENTS, SMOOTH_ITERS
 
 
-def make_features(side: int, seed: int) -> np.ndarray:
-    """(side, side, side, 2) float32 points on the unit ball: 8 noisy box-shaped regions."""
+def make_features(side: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(side, side, side, 2) float32 points on the unit ball: 8 noisy box-shaped regions;
+    and an image of the same regions (region j at intensity 0.1 j, noise 0.2), float32."""
     rng = np.random.default_rng(seed)
     region = np.zeros((side,) * 3, dtype=np.int64)
     for j in range(1, 8):
@@ -49,7 +53,8 @@ def make_features(side: int, seed: int) -> np.ndarray:
     mean = 0.6 * np.stack([np.cos(angle), np.sin(angle)], 1)
     x = mean[region] + rng.normal(0, 0.25, (*region.shape, 2))
     norm = np.linalg.norm(x, axis=-1, keepdims=True)
-    return (x * np.minimum(1, 0.95 / np.maximum(norm, 1e-12))).astype(np.float32)
+    image = (0.1 * region + rng.normal(0, 0.2, region.shape)).astype(np.float32)
+    return (x * np.minimum(1, 0.95 / np.maximum(norm, 1e-12))).astype(np.float32), image
 
 
 def main() -> None:
@@ -58,10 +63,11 @@ def main() -> None:
     ap.add_argument("--beta", type=float, default=0.8)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--snap", type=float, default=2.0, help="sigma of cluster --snap")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    feats = make_features(args.side, args.seed)
+    feats, image = make_features(args.side, args.seed)
     flat = feats.reshape(-1, 2)
     print(
         f"volume {args.side}^3 = {flat.shape[0]:,} voxels, 2-D ball features, beta {args.beta}, "
@@ -80,10 +86,15 @@ def main() -> None:
         smooth = cl.labels(feats, centers, args.beta)
         smoothed = time.perf_counter() - t0
         changed = float((plain != smooth).mean())
+        t0 = time.perf_counter()
+        snapped = snap_labels(smooth, image, sigma=args.snap)
+        snap_s = time.perf_counter() - t0
         print(
             f"k={k}: fit {fit:.2f} s, assign {assign:.2f} s, smooth {smoothed:.2f} s "
             f"({smoothed / assign:.1f}x assign, {smoothed / (fit + assign):.2f}x fit + assign), "
-            f"{flat.shape[0] / smoothed / 1e6:.2f} M voxels/s, {changed:.1%} labels changed"
+            f"{flat.shape[0] / smoothed / 1e6:.2f} M voxels/s, {changed:.1%} labels changed; "
+            f"snap {snap_s:.2f} s ({snap_s / (fit + assign):.2f}x fit + assign), "
+            f"{float((snapped != smooth).mean()):.1%} labels changed"
         )
     thin_sheets(args.seed)
 
@@ -92,8 +103,6 @@ def thin_sheets(seed: int, betas=(0.0, 0.4, 0.8, 1.2, 1.6, 2.4), snap: float = 2
     """Recall of one- to eight-voxel sheets after smoothing, per beta, and after
     beta 0.8 plus ``cluster --snap`` (sheets every 10 voxels: a 5-voxel sheet has
     5-voxel gaps)."""
-    from hypsegcli.edges import snap_labels
-
     rng = np.random.default_rng(seed)
     cl = _Clusterer("line", curvature=1.0, n_init=1, fit_samples=100, seed=0, device="cpu")
     print("thin sheets, k = 2: recall / false-positive rate per beta")

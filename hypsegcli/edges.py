@@ -2,9 +2,9 @@
 
 A voxel's embedding describes the patch around it, so where a patch straddles
 two structures the label boundary can sit a voxel or two off the edge that
-the image itself shows: on the paper's synthetic data most level-1 errors of
-the full model lie in the first shell of voxels outside or inside the true
-cell (benchmarks/results/paper_tables.md). This step moves voxels near a
+the image itself shows: on the paper's synthetic data nearly all level-1
+errors of the full model lie in the first shell of voxels outside or inside
+the true cell (CHANGELOG, ``cluster --snap``). This step moves voxels near a
 label boundary to the side whose local intensity they match, and leaves
 boundaries between structures of similar mean intensity (texture-only
 boundaries) alone:
