@@ -1530,7 +1530,8 @@ def cluster(
                     row["cached"] = bool(cached)
                     watch.lap("embed")
                     flat = np.asarray(feats).reshape(-1, feats.shape[-1])
-                    scaled = None
+                    # the scaled image for --snap: intensity features are exactly that
+                    scaled = None if model is not None else np.asarray(feats)[..., 0]
                     sets = []
                     for k in ks:
                         if fixed is not None:
