@@ -78,7 +78,7 @@ PAPER_TABLE1 = [
     ("Hsu, Gu et al. 2021 (paper, ours)", (0.952, 0.541, 0.216)),
 ]
 KS = ["--k", "2", "--k", "4", "--k", "8"]
-SMOOTH_OFF = ("--smooth", "0", "--snap", "0")
+NO_SPATIAL = ("--smooth", "0", "--snap", "0")
 SNAP_OFF = ("--snap", "0")
 # Atropos' MRF weight: 0.2 (the usual setting, the issue's example) and 1.0, the best on the
 # validation split (mean Dice over the 3 levels) of 0.2 / 0.5 / 1.0; 1.5, 2.0 and 3.0 make
@@ -397,7 +397,7 @@ def main() -> None:
                 if seed == 0:
                     results[(variant, key)] = scores
                 if seed == 0 and key == "hyp_full":  # the spatial steps' worth
-                    plain = bench.cluster(variant, "hyp_full_seed0_smooth0", model, SMOOTH_OFF)
+                    plain = bench.cluster(variant, "hyp_full_seed0_smooth0", model, NO_SPATIAL)
                     results[(variant, "hyp_full_smooth0")] = bench.evaluate(plain, variant)
                     potts = bench.cluster(variant, "hyp_full_seed0_nosnap", model, SNAP_OFF)
                     results[(variant, "hyp_full_nosnap")] = bench.evaluate(potts, variant)
@@ -412,7 +412,7 @@ def main() -> None:
             bench.cluster(variant, "intensity_nosnap", None, SNAP_OFF), variant
         )
         results[(variant, "intensity_smooth0")] = bench.evaluate(
-            bench.cluster(variant, "intensity_smooth0", None, SMOOTH_OFF), variant
+            bench.cluster(variant, "intensity_smooth0", None, NO_SPATIAL), variant
         )
         if not args.no_atropos:
             for mrf in ATROPOS_MRF:

@@ -11,6 +11,14 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the CLI does
 
 
+@pytest.fixture(scope="session")
+def tiny_trained(tmp_path_factory):
+    """One tiny trained pipeline (clitools.tiny_pipeline, 4 steps) for modules that only read it."""
+    from clitools import tiny_pipeline
+
+    return tiny_pipeline(tmp_path_factory.mktemp("tiny"), steps=4)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Never touch the user's real cache directory from a test."""

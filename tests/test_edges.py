@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 import pytest
-from clitools import run, tiny_pipeline
+from clitools import run
 from scipy import ndimage as ndi
 
 from hypsegcli import edges
@@ -125,14 +125,9 @@ def test_snap_single_label_and_bad_arguments():
             edges.snap_labels(labels, image, sigma=bad)
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    return tiny_pipeline(tmp_path_factory.mktemp("snap"), steps=4)
-
-
-def test_cli_snap_is_recorded_and_redone_when_changed(trained, tmp_path, capsys):
-    images = trained / "data" / "images"
-    base = ["--quiet", "cluster", images, "-m", trained / "model.pt", "--k", "3", "--json"]
+def test_cli_snap_is_recorded_and_redone_when_changed(tiny_trained, tmp_path, capsys):
+    images = tiny_trained / "data" / "images"
+    base = ["--quiet", "cluster", images, "-m", tiny_trained / "model.pt", "--k", "3", "--json"]
     seg = tmp_path / "seg"
     code, _, err = run([*base, "-o", seg, "--snap", "0"], capsys)
     assert code == 0, err
@@ -148,7 +143,7 @@ def test_cli_snap_is_recorded_and_redone_when_changed(trained, tmp_path, capsys)
     assert code == 2 and "--snap" in err and "Traceback" not in err
 
 
-def test_plan_counts_the_snap(trained, tmp_path, capsys, monkeypatch):
+def test_plan_counts_the_snap(tiny_trained, tmp_path, capsys, monkeypatch):
     from hypsegcli import batch
     from hypsegcli.batch import SNAP_BYTES, SNAP_BYTES_PER_LABEL, estimate_snap
 
@@ -157,7 +152,7 @@ def test_plan_counts_the_snap(trained, tmp_path, capsys, monkeypatch):
     big_s, big_peak = estimate_snap((100, 50, 50), [2, 4, 8])
     assert seconds > 0 and big_s == pytest.approx(2 * seconds)
     assert peak == pytest.approx((SNAP_BYTES + 8 * SNAP_BYTES_PER_LABEL) * 50**3)
-    argv = ["--quiet", "cluster", trained / "data" / "images", "-m", trained / "model.pt"]
+    argv = ["--quiet", "cluster", tiny_trained / "data" / "images", "-m", tiny_trained / "model.pt"]
     argv += ["--k", "3", "-o", tmp_path / "seg", "--dry-run", "--json"]
     plans = {}
     for snap in ("0", "2"):

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from clitools import run, tiny_pipeline
+from clitools import run
 
 from hypsegcli import smoothing
 from hypsegcli.kmeans import poincare_pdist2
@@ -127,14 +127,9 @@ def test_bad_beta_is_refused():
         smoothing.smooth_labels(np.zeros((2, 2, 2, 1)), np.zeros((2, 1)), _ball_sq_dist, beta=-1)
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    return tiny_pipeline(tmp_path_factory.mktemp("smooth"), steps=4)
-
-
-def test_cli_smooth_is_recorded_and_changes_labels(trained, tmp_path, capsys):
-    images = trained / "data" / "images"
-    base = ["--quiet", "cluster", images, "-m", trained / "model.pt", "--k", "3", "--json"]
+def test_cli_smooth_is_recorded_and_changes_labels(tiny_trained, tmp_path, capsys):
+    images = tiny_trained / "data" / "images"
+    base = ["--quiet", "cluster", images, "-m", tiny_trained / "model.pt", "--k", "3", "--json"]
     seg = tmp_path / "seg"
     code, _, err = run([*base, "-o", seg, "--smooth", "0"], capsys)
     assert code == 0, err
