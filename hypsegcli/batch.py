@@ -541,6 +541,15 @@ SNAP_S = 1.8e-7
 SNAP_S_PER_LABEL = 5.6e-8
 SNAP_BYTES = 25.0
 SNAP_BYTES_PER_LABEL = 3.5
+#: Intensity MRF (``cluster --mrf``): its masks, filters and label statistics (scipy, CPU)
+#: cost MRF_S per voxel and MRF_BYTES plus MRF_BYTES_PER_LABEL per voxel (whole-volume masks);
+#: its mean-field updates are counted as the Potts prior's (SMOOTH_S, SMOOTH_BYTES per slab).
+#: Measured at beta 0.5 after the snap on the 256^3 field of benchmarks/smooth_speed.py, on
+#: this project's 2-core machine: 0.89 / 1.61 us per voxel at k = 4 / 8 in all (the part
+#: before the mean-field updates 0.4-0.5 us at 128^3), peak 60 / 62 bytes per voxel.
+MRF_S = 4.0e-7
+MRF_BYTES = 14.0
+MRF_BYTES_PER_LABEL = 2.0
 
 
 def measure_flop_rate(device: Any = "cpu", n: int = 512, repeat: int = 5) -> float:
@@ -703,6 +712,20 @@ def estimate_snap(shape: Sequence[int], ks: Sequence[int]) -> tuple[float, float
     return seconds, float((SNAP_BYTES + SNAP_BYTES_PER_LABEL * max(ks)) * voxels)
 
 
+def estimate_mrf(
+    shape: Sequence[int], ks: Sequence[int], *, flop_rate: float
+) -> tuple[float, float]:
+    """Seconds (all k) and peak bytes (the largest k) of ``cluster --mrf`` for a volume of ``shape``.
+
+    The masks and filters (MRF_S; MRF_BYTES, MRF_BYTES_PER_LABEL) plus the
+    mean-field updates, which cost what :func:`estimate_smooth` counts.
+    """
+    voxels = math.prod(int(n) for n in shape)
+    seconds, slab_bytes = estimate_smooth(shape, ks, flop_rate=flop_rate)
+    seconds += MRF_S * voxels * len(ks)
+    return seconds, float((MRF_BYTES + MRF_BYTES_PER_LABEL * max(ks)) * voxels + slab_bytes)
+
+
 def estimate_kmeans_seconds(
     voxels: int, ks: Sequence[int], *, n_init: int, fit_samples: int, flop_rate: float
 ) -> float:
@@ -735,5 +758,6 @@ PLAN_NOTES = (
     "--stride > 1 and for clustering) + one tile's float32 activations per worker thread; "
     "allocator overheads are not counted; with --smooth, the Potts prior's time per voxel and "
     "cluster and its largest slab; with --snap, the edge snap's time and memory per voxel and "
-    "label, measured on a 2-core CPU. Expect the truth within a factor of about 2."
+    "label; with --mrf, the intensity MRF's (masks per voxel and label plus a Potts prior's "
+    "slab), measured on a 2-core CPU. Expect the truth within a factor of about 2."
 )

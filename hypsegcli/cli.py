@@ -388,6 +388,8 @@ DEVICE_HELP = "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps."
 SMOOTH_DEFAULT = 0.8
 #: Default ``cluster --snap`` (Gaussian sigma in voxels), chosen on the validation split (CHANGELOG).
 SNAP_DEFAULT = 2.0
+#: Default ``cluster --mrf`` (Potts weight of the intensity MRF), chosen on the validation split (CHANGELOG).
+MRF_DEFAULT = 0.5
 
 
 @app.command()
@@ -774,6 +776,14 @@ def cluster(
             help="Snap label boundaries to intensity edges: a voxel within 2 of a boundary joins the neighbouring label whose local mean intensity (image smoothed with a Gaussian of this many voxels) it matches, where the two labels differ in mean intensity by more than the noise; 0 turns it off.",
         ),
     ] = SNAP_DEFAULT,
+    mrf: Annotated[
+        float,
+        typer.Option(
+            "--mrf",
+            min=0,
+            help="Intensity MRF at label boundaries, after --snap: voxels within 2 of a boundary between labels of distinct intensity are re-decided by a Gaussian intensity model per label plus a Potts prior of this weight over the 26 neighbours (10 mean-field updates); structures under 3 voxels thick are left alone; 0 turns it off.",
+        ),
+    ] = MRF_DEFAULT,
     seed: Annotated[
         int, typer.Option("--seed", help="Seed for subsampling and k-means initialisation.")
     ] = 0,
@@ -811,9 +821,10 @@ def cluster(
 
     Embeddings come from the cache when present (see `hypseg embed`). Each
     voxel goes to its nearest centroid, then a Potts prior (--smooth) lets
-    neighbouring voxels agree and --snap moves boundaries onto the image's
-    intensity edges. Labels are numbered 0..K-1 by the centroid's
-    distance from the origin of the ball.
+    neighbouring voxels agree, --snap moves boundaries onto the image's
+    intensity edges and --mrf settles the voxels along them by intensity.
+    Labels are numbered 0..K-1 by the centroid's distance from the origin of
+    the ball.
     Each case's centroids go to OUT/<case>.centroids.json and are merged into
     OUT/centroids.json; a run record is appended to OUT/hypseg-runs.jsonl. A
     volume that fails is reported and the others are processed (exit code 2 if
@@ -837,6 +848,7 @@ def cluster(
             fit_samples=fit_samples,
             smooth=smooth,
             snap=snap,
+            mrf=mrf,
             seed=seed,
             device=device,
             threads=threads,

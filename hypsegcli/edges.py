@@ -31,11 +31,15 @@ in voxels (anisotropic spacing is not taken into account).
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import ndimage as ndi
 
 from .errors import BadInputError
+
+if TYPE_CHECKING:
+    import torch
 
 #: Half-width of the boundary band (voxels).
 SNAP_BAND = 2
@@ -118,4 +122,156 @@ def snap_labels(
     contrast = np.abs(overall[current] - overall[best])
     move = current_supported & (best != current) & (contrast > min_contrast * noise_std(x))
     out.ravel()[flat] = np.where(move, present[best], present[current]).astype(lab.dtype)
+    return out
+
+
+#: Mean-field updates of :func:`refine_labels` (as the Potts prior of ``--smooth``).
+MRF_ITERS = 10
+#: Two labels trade voxels only where their intensities are separated by this many
+#: pooled within-label standard deviations (besides ``SNAP_MIN_CONTRAST`` noise stds).
+MRF_SEPARATION = 1.5
+#: A label is a candidate at a voxel only if one of its core voxels (3^3 neighbourhood
+#: of one label) lies within this many voxels beyond the 3^3 core test, Chebyshev.
+MRF_SUPPORT = 2
+#: A label's intensity model comes from its core voxels when it has more than this many.
+MRF_MIN_CORE = 10
+
+
+def _label_stats(
+    x: np.ndarray, idx: np.ndarray, core: np.ndarray, k: int, noise: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and variance (float64, (k,)) of ``x`` per label, over its core voxels.
+
+    A label with at most ``MRF_MIN_CORE`` core voxels uses all its voxels; variances are
+    floored at (noise / 10)^2 so a flat label does not get an infinite likelihood.
+    """
+    mu = np.empty(k)
+    var = np.empty(k)
+    floor = max((noise / 10.0) ** 2, 1e-12)
+    for i in range(k):
+        mask = idx == i
+        inner = mask & core
+        values = x[inner] if np.count_nonzero(inner) > MRF_MIN_CORE else x[mask]
+        mu[i] = float(values.mean(dtype=np.float64))
+        var[i] = max(float(values.var(dtype=np.float64)), floor)
+    return mu, var
+
+
+def refine_labels(
+    labels: np.ndarray,
+    image: np.ndarray,
+    *,
+    beta: float,
+    iters: int = MRF_ITERS,
+    band: int = SNAP_BAND,
+    min_contrast: float = SNAP_MIN_CONTRAST,
+    separation: float = MRF_SEPARATION,
+    support: int = MRF_SUPPORT,
+    device: torch.device | str = "cpu",
+    slab_elements: int | None = None,
+) -> np.ndarray:
+    """Labels re-decided near their boundaries by an intensity MRF (``cluster --mrf``).
+
+    ``labels``: integer array (X, Y, Z); ``image``: the scaled intensities
+    (X, Y, Z); ``beta`` >= 0 the Potts weight (0 returns a copy). Each label
+    l gets a Gaussian intensity model (mean and variance over its voxels at
+    least ``band`` + 1 voxels from another label). A voxel is *free* when
+    its (2 ``band`` + 1)^3 neighbourhood holds another label and its own
+    label has a core voxel (one whose 3^3 neighbourhood is all that label)
+    within ``support`` + 1 voxels; its candidates are its own label and every
+    label in its 3^3 neighbourhood that also has such a core voxel nearby and
+    whose intensity model is separated from its own (means further apart than
+    ``min_contrast`` noise stds and ``separation`` pooled stds). Free voxels
+    then take the argmax of mean-field marginals
+
+        q_l(v) ∝ exp(-(x(v) - mu_l)^2 / (2 var_l) - log(var_l) / 2
+                     + beta * sum of q_l over the 26 neighbours of v)
+
+    over their candidates (``iters`` synchronous updates from the
+    likelihood alone, :func:`hypsegcli.smoothing.meanfield`); every other
+    voxel keeps its label and counts for its neighbours as that label.
+    Structures without a core (thinner than 3 voxels) never move, nor do
+    boundaries between labels of similar intensity (texture boundaries).
+    Processed in slabs with halos of ``iters`` planes (same labels as one
+    slab). The input arrays are not modified.
+    """
+    import torch
+
+    from .smoothing import SLAB_ELEMENTS, meanfield, slab_planes
+
+    if labels.shape != image.shape or labels.ndim != 3:
+        raise BadInputError(
+            f"labels {labels.shape} and image {image.shape} should be the same 3-D shape"
+        )
+    if not (beta >= 0 and math.isfinite(beta)):
+        raise BadInputError(f"mrf beta={beta} should be a finite number >= 0")
+    if iters < 1 or band < 1 or support < 0:
+        raise BadInputError(f"mrf iters={iters}, band={band}, support={support} out of range")
+    lab = np.asarray(labels)
+    out = lab.copy()
+    if beta == 0:
+        return out
+    x = np.asarray(image, dtype=np.float32)
+    present = np.unique(lab)
+    k = len(present)
+    if k < 2:
+        return out
+    idx = np.searchsorted(present, lab).astype(np.min_scalar_type(k))
+    size = 2 * int(band) + 1
+    in_band = ndi.maximum_filter(idx, size=size, mode="nearest") != ndi.minimum_filter(
+        idx, size=size, mode="nearest"
+    )
+    if not in_band.any():
+        return out
+    noise = noise_std(x)
+    mu, var = _label_stats(x, idx, ~in_band, k, noise)
+    gap = np.abs(mu[:, None] - mu[None, :])
+    allowed = (gap > min_contrast * noise) & (
+        gap > separation * np.sqrt((var[:, None] + var[None, :]) / 2)
+    )
+    np.fill_diagonal(allowed, False)
+    if not allowed.any():
+        return out
+    core = ndi.maximum_filter(idx, size=3, mode="nearest") == ndi.minimum_filter(
+        idx, size=3, mode="nearest"
+    )
+    window = 2 * (1 + int(support)) + 1
+    supported = []  # per label: it has a core voxel within the window
+    for i in range(k):
+        near_core = ndi.maximum_filter(core & (idx == i), size=window, mode="constant")
+        supported.append(near_core)
+    free = in_band.copy()
+    for i in range(k):
+        free[(idx == i) & ~supported[i]] = False
+    del in_band, core
+    # candidate masks: a label nearby (3^3), supported, separated from the voxel's own label
+    candidate = []
+    for i in range(k):
+        near = ndi.maximum_filter(idx == i, size=3, mode="nearest")
+        candidate.append(free & near & supported[i] & allowed[idx, i])
+    del supported
+    if not any(c.any() for c in candidate):
+        return out
+    X, Y, Z = lab.shape
+    plane = Y * Z
+    step = slab_planes(plane, k, iters, SLAB_ELEMENTS if slab_elements is None else slab_elements)
+    half_log = 0.5 * np.log(var)
+    inv2var = 1.0 / (2.0 * var)
+    for a in range(0, X, step):
+        b = min(X, a + step)
+        lo, hi = max(0, a - iters), min(X, b + iters)
+        if not free[a:b].any():
+            continue
+        xs, own, fr = x[lo:hi], idx[lo:hi], free[lo:hi]
+        unary = np.full((k, hi - lo, Y, Z), np.inf, dtype=np.float32)
+        for i in range(k):
+            nll = (xs - np.float32(mu[i])) ** 2 * np.float32(inv2var[i]) + np.float32(half_log[i])
+            mine = own == i
+            unary[i][candidate[i][lo:hi] | (mine & fr)] = nll[candidate[i][lo:hi] | (mine & fr)]
+            unary[i][mine & ~fr] = 0.0
+        q = meanfield(torch.from_numpy(unary).to(device), float(beta), iters)
+        del unary
+        decided = q[:, a - lo : b - lo].argmax(0).cpu().numpy()
+        sl = out[a:b]
+        sl[free[a:b]] = present[decided[free[a:b]]].astype(lab.dtype)
     return out

@@ -840,6 +840,7 @@ def plan(
     pooled_fit: bool = False,
     smooth: float = 0.0,
     snap: float = 0.0,
+    mrf: float = 0.0,
 ) -> dict[str, Any]:
     """What ``embed``/``cluster`` would do (``--dry-run``): per volume its shape, state and estimates.
 
@@ -856,6 +857,7 @@ def plan(
         current_rss_bytes,
         estimate_embedding,
         estimate_kmeans_seconds,
+        estimate_mrf,
         estimate_smooth,
         estimate_snap,
         measure_flop_rate,
@@ -917,6 +919,10 @@ def plan(
                     extra_s, snap_bytes = estimate_snap(shape, ks)
                     seconds += extra_s
                     peak = max(peak, baseline + 4.0 * voxels * d + voxels + snap_bytes)
+                if mrf > 0:
+                    extra_s, mrf_bytes = estimate_mrf(shape, ks, flop_rate=rate)
+                    seconds += extra_s
+                    peak = max(peak, baseline + 4.0 * voxels * d + voxels + mrf_bytes)
             row.update(state=state, seconds=round(seconds, 3), peak_bytes=int(peak))
         except Exception as exc:  # noqa: BLE001 - shown in the plan
             from .batch import one_line
@@ -1116,6 +1122,7 @@ _IDENTITY = (
     "stride",
     "smooth",
     "snap",
+    "mrf",
 )
 
 
@@ -1293,6 +1300,7 @@ def cluster(
     fit_samples: int = 200_000,
     smooth: float = 0.0,
     snap: float = 0.0,
+    mrf: float = 0.0,
     seed: int = 0,
     device: str = "auto",
     threads: int | None = None,
@@ -1319,7 +1327,9 @@ def cluster(
     ``smooth`` > 0 Potts-smooths each label map (:mod:`hypsegcli.smoothing`);
     ``snap`` > 0 then moves voxels near label boundaries to the side whose
     local intensity they match (:func:`hypsegcli.edges.snap_labels`, Gaussian
-    of ``snap`` voxels).
+    of ``snap`` voxels); ``mrf`` > 0 then re-decides the voxels near
+    boundaries between labels of distinct intensity with an intensity MRF of
+    Potts weight ``mrf`` (:func:`hypsegcli.edges.refine_labels`).
 
     Centroids: each case's sets go to ``OUT/<case>.centroids.json``, written
     after its label volumes; ``OUT/centroids.json`` is then rebuilt from all
@@ -1335,7 +1345,7 @@ def cluster(
     appended to ``OUT/hypseg-runs.jsonl``. ``dry_run`` returns the plan.
     """
     from .cache import EmbeddingCache, resolve_cache_dir
-    from .edges import snap_labels
+    from .edges import refine_labels, snap_labels
     from .embedding import DEFAULT_TILE
     from .preview import write_preview
     from .sampling import normalize_volume
@@ -1351,6 +1361,8 @@ def cluster(
         raise BadInputError(f"--smooth {smooth}: should be a finite number >= 0")
     if not (isinstance(snap, (int, float)) and snap >= 0 and np.isfinite(snap)):
         raise BadInputError(f"--snap {snap}: should be a finite number >= 0")
+    if not (isinstance(mrf, (int, float)) and mrf >= 0 and np.isfinite(mrf)):
+        raise BadInputError(f"--mrf {mrf}: should be a finite number >= 0")
     if features not in ("embedding", "intensity"):
         raise BadInputError(f"--features {features!r}: expected embedding or intensity")
     if fit_on not in ("volume", "pooled"):
@@ -1396,6 +1408,7 @@ def cluster(
         "order": "by distance from the origin, then angle" if kind == "ball" else "by coordinates",
         "smooth": float(smooth),
         "snap": float(snap),
+        "mrf": float(mrf),
     }
     fit = "centroids" if centroids is not None else fit_on
     params = {"seed": seed, "n_init": n_init, "fit_samples": fit_samples}
@@ -1418,6 +1431,7 @@ def cluster(
         "fit_samples": fit_samples,
         "smooth": smooth,
         "snap": snap,
+        "mrf": mrf,
         "seed": seed,
         "device": device,
         "threads": threads,
@@ -1454,6 +1468,7 @@ def cluster(
             pooled_fit=fit == "pooled" and not all(done.values()),
             smooth=smooth,
             snap=snap,
+            mrf=mrf,
             total_inputs=len(paths),
             config=config,
         )
@@ -1530,7 +1545,7 @@ def cluster(
                     row["cached"] = bool(cached)
                     watch.lap("embed")
                     flat = np.asarray(feats).reshape(-1, feats.shape[-1])
-                    # the scaled image for --snap: intensity features are exactly that
+                    # the scaled image for --snap and --mrf: intensity features are exactly that
                     scaled = None if model is not None else np.asarray(feats)[..., 0]
                     sets = []
                     for k in ks:
@@ -1546,10 +1561,14 @@ def cluster(
                         labels = clusterer.labels(
                             np.asarray(feats).reshape(*volume.data.shape, -1), centers, smooth
                         )
+                        if (snap > 0 or mrf > 0) and scaled is None:
+                            scaled = normalize_volume(volume.data, name=str(path))
                         if snap > 0:
-                            if scaled is None:
-                                scaled = normalize_volume(volume.data, name=str(path))
                             labels = snap_labels(labels, scaled, sigma=snap)
+                        if mrf > 0:
+                            labels = refine_labels(
+                                labels, scaled, beta=mrf, device=clusterer.device
+                            )
                         watch.lap("cluster")
                         target = out / f"{volume.name}_k{k}{volume.geometry.suffix}"
                         write_labels(target, labels, volume.geometry)
