@@ -47,6 +47,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -192,13 +193,36 @@ class Bench:
             import ants  # noqa: F401
         except ImportError:
             return None
-        import nibabel as nib
-        import numpy as np
 
         seg = self.seg(variant, f"atropos_m{mrf}")
         seg.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         cmd = f'ants.atropos(a, x=ones, m="[{mrf},1x1x1]", c="[5,0]", i="kmeans[k]")'
+        # ants.atropos leaves its probability images in the temporary folder: give it one
+        # of its own inside the work folder and delete it afterwards
+        scratch = Path(tempfile.mkdtemp(prefix=".atropos-", dir=self.work))
+        saved_tempdir, tempfile.tempdir = tempfile.tempdir, str(scratch)
+        try:
+            computed = self._atropos_volumes(variant, mrf, seg)
+        finally:
+            tempfile.tempdir = saved_tempdir
+            shutil.rmtree(scratch, ignore_errors=True)
+        self.timings["peer: atropos"] = (
+            self.timings.get("peer: atropos", 0.0) + time.perf_counter() - t0
+        )
+        note = "per volume and k, on 1-99 percentile scaled data"
+        if not computed:
+            note += "; reused: outputs exist"
+            self.reused.add("peer: atropos")
+        self.commands.append(f"python: {cmd}  # {note}")
+        return seg
+
+    def _atropos_volumes(self, variant: str, mrf: str, seg: Path) -> bool:
+        """Atropos on every volume of ``variant`` at k = 2, 4, 8 into ``seg``; whether any ran."""
+        import ants
+        import nibabel as nib
+        import numpy as np
+
         computed = False
         for path in sorted(self.images(variant).glob("*.nii.gz")):
             case = path.name[: -len(".nii.gz")]
@@ -223,15 +247,7 @@ class Bench:
                 tmp = seg / f".{case}_k{k}.tmp.nii.gz"
                 nib.save(nib.Nifti1Image(labels, src.affine, src.header), str(tmp))
                 tmp.replace(out)
-        self.timings["peer: atropos"] = (
-            self.timings.get("peer: atropos", 0.0) + time.perf_counter() - t0
-        )
-        note = "per volume and k, on 1-99 percentile scaled data"
-        if not computed:
-            note += "; reused: outputs exist"
-            self.reused.add("peer: atropos")
-        self.commands.append(f"python: {cmd}  # {note}")
-        return seg
+        return computed
 
     def failed(self, variant: str, mrf: str) -> str:
         """`` (N of M runs failed ...)`` for an Atropos setting with failed runs, else ``""``."""
