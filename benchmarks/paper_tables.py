@@ -6,6 +6,7 @@ Usage (from the repository root, in the venv; about 80 minutes on 2 cores)::
     python benchmarks/paper_tables.py --quick              # a few minutes: tiny budget, 8 test volumes
     python benchmarks/paper_tables.py --split val          # score the validation split (for tuning)
     python benchmarks/paper_tables.py --no-atropos         # without the ANTs peer
+    python benchmarks/paper_tables.py --raw-ablation       # + Table 2 without spatial steps
 
 Every stage drives the ``hypseg`` command line only (``synth``, ``train``,
 ``cluster``, ``evaluate``), as a user would, and is skipped when its outputs
@@ -35,6 +36,11 @@ over). Stages:
 6. ``benchmarks/results/paper_tables.md``: the tables beside the paper's
    numbers, the issue's targets met or not, wall time per stage, and the exact
    commands.
+
+``--raw-ablation`` also clusters every Table 2 row (and every seed of the full
+model) with ``--smooth 0 --snap 0 --mrf 0``, as the paper scored its
+ablation, and checks the ablation order on those scores too (about 5 more
+minutes; off by default to keep the whole run under 90 minutes).
 """
 
 from __future__ import annotations
@@ -272,7 +278,7 @@ class Bench:
         return per_level
 
 
-def targets(results, seed_means) -> list[str]:
+def targets(results, seed_means, raw_seed_means=None) -> list[str]:
     """The issue's targets on the regular data: differences per level, each marked met or not."""
     levels = (1, 2, 3)
 
@@ -280,12 +286,14 @@ def targets(results, seed_means) -> list[str]:
         r = results.get(("regular", key))
         return [statistics.fmean(r[lvl]) for lvl in levels] if r else None
 
+    def seed_spread(means: dict[int, list[float]] | None) -> list[float]:
+        if means and len(means.get(1, [])) > 1:
+            return [statistics.stdev(means[lvl]) for lvl in levels]
+        return [0.0, 0.0, 0.0]
+
     full = [statistics.fmean(seed_means[lvl]) for lvl in levels] if seed_means else None
-    spread = (
-        [statistics.stdev(seed_means[lvl]) for lvl in levels]
-        if seed_means and len(seed_means.get(1, [])) > 1
-        else [0.0, 0.0, 0.0]
-    )
+    spread = seed_spread(seed_means)
+    raw_spread = seed_spread(raw_seed_means)
     if full is None:
         return []
     # (target, ours, reference, the margin each level must reach: >= 0 for 0, else >;
@@ -355,11 +363,24 @@ def targets(results, seed_means) -> list[str]:
 
     for name, a, b, need, strict in rows:
         lines.append(row(name, a, b, need, strict))
-    for name, a_key, b_key in ablation:
-        a, b = mean(a_key), mean(b_key)
-        if a is not None and b is not None:
-            need = [max(s, 2 * e) for s, e in zip(spread, paired_se(a_key, b_key), strict=True)]
-            lines.append(row(f"{name} (beyond seed spread and volume noise)", a, b, need))
+    for suffix, label, sp in (
+        ("", "", spread),
+        ("_raw", ", without spatial steps", raw_spread),
+    ):
+        for name, a_key, b_key in ablation:
+            a, b = mean(a_key + suffix), mean(b_key + suffix)
+            if a is not None and b is not None:
+                se = paired_se(a_key + suffix, b_key + suffix)
+                need = [max(s, 2 * e) for s, e in zip(sp, se, strict=True)]
+                lines.append(
+                    row(f"{name}{label} (beyond seed spread and volume noise)", a, b, need)
+                )
+    if raw_seed_means:
+        lines += [
+            "",
+            "Rows without spatial steps use the seed spread of the full model without them "
+            f"({' / '.join(f'{v:.3f}' for v in raw_spread)}).",
+        ]
     return [*lines, ""]
 
 
@@ -390,6 +411,11 @@ def main() -> None:
     parser.add_argument("--split", choices=("test", "val"), default="test")
     parser.add_argument("--variants", default="regular,irregular")
     parser.add_argument("--no-atropos", action="store_true")
+    parser.add_argument(
+        "--raw-ablation",
+        action="store_true",
+        help="also score every Table 2 row without spatial steps (about 5 more minutes)",
+    )
     parser.add_argument("--quick", action="store_true", help="n=40, 1 minute per model, 1 seed")
     parser.add_argument("--fresh", action="store_true", help="delete the work folder first")
     args = parser.parse_args()
@@ -404,6 +430,7 @@ def main() -> None:
 
     results: dict[tuple[str, str], dict[int, list[float]]] = {}
     seed_means: dict[str, dict[int, list[float]]] = {}
+    raw_seed_means: dict[int, list[float]] = {}
     for variant in variants:
         bench.synth(variant)
         rows = ROWS if variant == "regular" else [r for r in ROWS if r[0] == "hyp_full"]
@@ -426,6 +453,19 @@ def main() -> None:
                     per_seed = seed_means.setdefault(variant, {})
                     for lvl, vals in scores.items():
                         per_seed.setdefault(lvl, []).append(statistics.fmean(vals))
+                if args.raw_ablation and variant == "regular":
+                    # the same model without any spatial step (the paper's protocol); the
+                    # full model's seed 0 folder is the one of the spatial steps' rows
+                    name = "hyp_full_seed0_smooth0" if (key, seed) == ("hyp_full", 0) else None
+                    raw = bench.evaluate(
+                        bench.cluster(variant, name or f"{key}_seed{seed}_raw", model, NO_SPATIAL),
+                        variant,
+                    )
+                    if seed == 0:
+                        results[(variant, f"{key}_raw")] = raw
+                    if key == "hyp_full":
+                        for lvl, vals in raw.items():
+                            raw_seed_means.setdefault(lvl, []).append(statistics.fmean(vals))
         results[(variant, "intensity")] = bench.evaluate(
             bench.cluster(variant, "intensity", None), variant
         )
@@ -445,7 +485,7 @@ def main() -> None:
                     results[(variant, f"atropos_m{mrf}")] = bench.evaluate(seg, variant)
     total = time.perf_counter() - start
 
-    lines = write_report(args, results, seed_means, bench, total, variants)
+    lines = write_report(args, results, seed_means, bench, total, variants, raw_seed_means)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
@@ -454,7 +494,7 @@ def main() -> None:
     print("\n".join(lines))
 
 
-def write_report(args, results, seed_means, bench, total, variants) -> list[str]:
+def write_report(args, results, seed_means, bench, total, variants, raw_seed_means) -> list[str]:
     split = args.split
     budget = f"{args.steps} steps" if args.steps else f"{args.minutes:g} minutes"
 
@@ -551,8 +591,34 @@ def write_report(args, results, seed_means, bench, total, variants) -> list[str]
                     + " | |"
                 )
         lines.append("")
+        if variant == "regular" and raw_seed_means:
+            lines += [
+                "### Table 2 without spatial steps (`--smooth 0 --snap 0 --mrf 0`)",
+                "",
+                "The paper's protocol: k-means labels of the embeddings as they are, seed 0 "
+                "per row.",
+                "",
+                "| method | Dice L1 | Dice L2 | Dice L3 | paper L1 / L2 / L3 |",
+                "| --- | --- | --- | --- | --- |",
+            ]
+            for key, space, config, _ in ROWS:
+                r = results.get((variant, f"{key}_raw"))
+                if r is not None:
+                    lines.append(
+                        f"| hypseg {space.lower()} {config} | "
+                        + " | ".join(mean_std(r.get(lvl, [])) for lvl in (1, 2, 3))
+                        + f" | {' / '.join(f'{v:.3f}' for v in PAPER_TABLE2[key])} |"
+                    )
+            if len(raw_seed_means.get(1, [])) > 1:
+                lines.append(
+                    f"| hypseg full model, {len(raw_seed_means[1])} seeds (mean ± std of seed "
+                    "means) | "
+                    + " | ".join(mean_std(raw_seed_means.get(lvl, [])) for lvl in (1, 2, 3))
+                    + " | |"
+                )
+            lines.append("")
     if "regular" in variants:
-        lines += targets(results, seed_means.get("regular", {}))
+        lines += targets(results, seed_means.get("regular", {}), raw_seed_means)
     lines += [
         "## The paper's Table 1 (for reference)",
         "",

@@ -1,4 +1,4 @@
-"""Snap label boundaries to the intensity edges of the image (``cluster --snap``).
+"""Snap label boundaries to the intensity edges of the image (``cluster --snap``, ``--mrf``).
 
 A voxel's embedding describes the patch around it, so where a patch straddles
 two structures the label boundary can sit a voxel or two off the edge that
@@ -26,6 +26,11 @@ boundaries) alone:
 
 One pass, no iteration; labels of core voxels never change. All sizes are
 in voxels (anisotropic spacing is not taken into account).
+
+:func:`refine_labels` (``cluster --mrf``) then settles the voxels along
+boundaries between labels of distinct intensity with an intensity MRF, a
+Gaussian model per label and a Potts prior, as Atropos does on the whole
+volume; see its docstring.
 """
 
 from __future__ import annotations
@@ -267,8 +272,9 @@ def refine_labels(
         for i in range(k):
             nll = (xs - np.float32(mu[i])) ** 2 * np.float32(inv2var[i]) + np.float32(half_log[i])
             mine = own == i
-            unary[i][candidate[i][lo:hi] | (mine & fr)] = nll[candidate[i][lo:hi] | (mine & fr)]
-            unary[i][mine & ~fr] = 0.0
+            open_ = candidate[i][lo:hi] | (mine & fr)
+            unary[i][open_] = nll[open_]
+            unary[i][mine & ~fr] = 0.0  # a fixed voxel keeps its label with certainty
         q = meanfield(torch.from_numpy(unary).to(device), float(beta), iters)
         del unary
         decided = q[:, a - lo : b - lo].argmax(0).cpu().numpy()
