@@ -302,10 +302,10 @@ def targets(results, seed_means, raw_seed_means=None) -> list[str]:
         ("full model >= the paper's full model", full, list(PAPER_TABLE1[-1][1]), [0.0] * 3, False)
     ]
     for name, ref in (
-        ("the same spatial steps", mean("intensity")),
-        ("Potts prior and edge snap, `--mrf 0`", mean("intensity_nomrf")),
-        ("Potts prior only, `--snap 0 --mrf 0`", mean("intensity_nosnap")),
-        ("`--smooth 0 --snap 0 --mrf 0`", mean("intensity_smooth0")),
+        ("with the same spatial steps", mean("intensity")),
+        ("with the Potts prior and edge snap only, `--mrf 0`", mean("intensity_nomrf")),
+        ("with the Potts prior only, `--snap 0 --mrf 0`", mean("intensity_nosnap")),
+        ("without spatial steps, `--smooth 0 --snap 0 --mrf 0`", mean("intensity_smooth0")),
     ):
         if ref is not None:
             rows.append(
@@ -455,12 +455,12 @@ def main() -> None:
                         per_seed.setdefault(lvl, []).append(statistics.fmean(vals))
                 if args.raw_ablation and variant == "regular":
                     # the same model without any spatial step (the paper's protocol); the
-                    # full model's seed 0 folder is the one of the spatial steps' rows
-                    name = "hyp_full_seed0_smooth0" if (key, seed) == ("hyp_full", 0) else None
-                    raw = bench.evaluate(
-                        bench.cluster(variant, name or f"{key}_seed{seed}_raw", model, NO_SPATIAL),
-                        variant,
-                    )
+                    # full model's seed 0 has that row already
+                    if (key, seed) == ("hyp_full", 0):
+                        raw = results[(variant, "hyp_full_smooth0")]
+                    else:
+                        seg_raw = bench.cluster(variant, f"{key}_seed{seed}_raw", model, NO_SPATIAL)
+                        raw = bench.evaluate(seg_raw, variant)
                     if seed == 0:
                         results[(variant, f"{key}_raw")] = raw
                     if key == "hyp_full":
@@ -565,11 +565,13 @@ def write_report(args, results, seed_means, bench, total, variants, raw_seed_mea
             ),
             (
                 "intensity_nomrf",
-                "k-means on intensities + the same Potts prior and edge snap (`--mrf 0`)",
+                "k-means on intensities + the same Potts prior and edge snap "
+                "(`--features intensity --mrf 0`)",
             ),
             (
                 "intensity_nosnap",
-                "k-means on intensities + the same Potts prior (`--snap 0 --mrf 0`)",
+                "k-means on intensities + the same Potts prior "
+                "(`--features intensity --snap 0 --mrf 0`)",
             ),
             (
                 "intensity_smooth0",

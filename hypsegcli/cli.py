@@ -781,7 +781,7 @@ def cluster(
         typer.Option(
             "--mrf",
             min=0,
-            help="Intensity MRF at label boundaries, after --snap: voxels within 2 of a boundary between labels of distinct intensity are re-decided by a Gaussian intensity model per label plus a Potts prior of this weight over the 26 neighbours (10 mean-field updates); structures under 3 voxels thick are left alone; 0 turns it off.",
+            help="Intensity MRF at label boundaries, after --snap: voxels touching a label of distinct intensity are re-decided by a Gaussian intensity model per label plus a Potts prior of this weight over the 26 neighbours (10 mean-field updates); labels with no voxel 3^3-deep within 3 voxels (structures under 3 voxels thick) are left alone; 0 turns it off.",
         ),
     ] = MRF_DEFAULT,
     seed: Annotated[

@@ -147,12 +147,14 @@ def _label_stats(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Mean and variance (float64, (k,)) of ``x`` per label, over its core voxels.
 
-    A label with at most ``MRF_MIN_CORE`` core voxels uses all its voxels; variances are
-    floored at (noise / 10)^2 so a flat label does not get an infinite likelihood.
+    A label with at most ``MRF_MIN_CORE`` core voxels uses all its voxels. Variances
+    are floored at (noise / 10)^2 and at 10^-4 times the variance of the whole
+    image, so a flat label (a zero-padded or masked background, where the noise
+    estimate is 0) does not get an unbounded likelihood.
     """
     mu = np.empty(k)
     var = np.empty(k)
-    floor = max((noise / 10.0) ** 2, 1e-12)
+    floor = max((noise / 10.0) ** 2, 1e-4 * float(x.var(dtype=np.float64)), 1e-12)
     for i in range(k):
         mask = idx == i
         inner = mask & core
@@ -180,11 +182,12 @@ def refine_labels(
     ``labels``: integer array (X, Y, Z); ``image``: the scaled intensities
     (X, Y, Z); ``beta`` >= 0 the Potts weight (0 returns a copy). Each label
     l gets a Gaussian intensity model (mean and variance over its voxels at
-    least ``band`` + 1 voxels from another label). A voxel is *free* when
-    its (2 ``band`` + 1)^3 neighbourhood holds another label and its own
-    label has a core voxel (one whose 3^3 neighbourhood is all that label)
-    within ``support`` + 1 voxels; its candidates are its own label and every
-    label in its 3^3 neighbourhood that also has such a core voxel nearby and
+    least ``band`` + 1 voxels from another label; see :func:`_label_stats`).
+    A voxel is *free* when its (2 ``band`` + 1)^3 neighbourhood holds another
+    label and its own label has a core voxel (one whose 3^3 neighbourhood is
+    all that label) within ``support`` + 1 voxels; its candidates are its own
+    label and every label in its 3^3 neighbourhood (so only voxels touching
+    another label can change) that also has such a core voxel nearby and
     whose intensity model is separated from its own (means further apart than
     ``min_contrast`` noise stds and ``separation`` pooled stds). Free voxels
     then take the argmax of mean-field marginals
@@ -195,8 +198,10 @@ def refine_labels(
     over their candidates (``iters`` synchronous updates from the
     likelihood alone, :func:`hypsegcli.smoothing.meanfield`); every other
     voxel keeps its label and counts for its neighbours as that label.
-    Structures without a core (thinner than 3 voxels) never move, nor do
-    boundaries between labels of similar intensity (texture boundaries).
+    Labels without a core voxel nearby (structures thinner than 3 voxels,
+    unless a thicker part of the same label lies within ``support`` + 1)
+    neither gain nor lose voxels there, and boundaries between labels of
+    similar intensity (texture boundaries) do not move.
     Processed in slabs with halos of ``iters`` planes (same labels as one
     slab). The input arrays are not modified.
     """

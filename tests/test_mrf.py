@@ -46,7 +46,7 @@ def _mrf_loops(labels, image, *, beta, iters, band, min_contrast, separation, su
         inner = (labels == val) & ~in_band
         pick = x[inner] if inner.sum() > edges.MRF_MIN_CORE else x[labels == val]
         mu[val] = pick.mean()
-        var[val] = max(pick.var(), (noise / 10) ** 2, 1e-12)
+        var[val] = max(pick.var(), (noise / 10) ** 2, 1e-4 * x.var(), 1e-12)
 
     def separated(a, b):
         gap = abs(mu[a] - mu[b])
@@ -110,21 +110,33 @@ def _two_blocks(seed: int, shape=(11, 10, 9)):
 
 
 @pytest.mark.parametrize(
-    "beta,iters,band,separation,support",
-    [(0.5, 10, 2, 1.0, 2), (1.0, 3, 1, 1.0, 1), (0.3, 5, 2, 0.0, 1)],
+    "seed,beta,iters,band,separation,support",
+    [
+        (7, 0.5, 10, 2, 1.0, 2),
+        (11, 1.0, 3, 1, 1.0, 1),
+        (5, 0.3, 5, 2, 0.0, 1),
+        # only labels 0 and 2 are 2 pooled stds apart here (0-1: 1.95, 1-2: 0.66)
+        (8, 0.5, 4, 2, 2.0, 2),
+    ],
 )
-def test_mrf_matches_voxel_loops(beta, iters, band, separation, support):
-    truth, image, labels = _two_blocks(int(10 * beta) + band)
+def test_mrf_matches_voxel_loops(seed, beta, iters, band, separation, support, monkeypatch):
+    truth, image, labels = _two_blocks(seed)
     kw = dict(iters=iters, band=band, min_contrast=1.0, separation=separation, support=support)
     fast = edges.refine_labels(labels, image, beta=beta, **kw)
     slow = _mrf_loops(labels, image, beta=beta, **kw)
     assert fast.dtype == labels.dtype
     assert np.array_equal(fast, slow)
     assert (fast != labels).any()
-    # in slabs of a few planes (halos of iters planes): the same labels
+    # label values that are not 0..k-1, signed
+    odd = labels.astype(np.int16) * 3 - 5
     assert np.array_equal(
-        edges.refine_labels(labels, image, beta=beta, slab_elements=1, **kw), fast
+        edges.refine_labels(odd, image, beta=beta, **kw), fast.astype(np.int16) * 3 - 5
     )
+    # in slabs of 2 planes with halos of iters planes: the same labels
+    from hypsegcli import smoothing
+
+    monkeypatch.setattr(smoothing, "slab_planes", lambda *args, **kwargs: 2)
+    assert np.array_equal(edges.refine_labels(labels, image, beta=beta, **kw), fast)
 
 
 def _blurred_ball(shift: int, side: int = 40, radius: float = 11.0):
