@@ -231,3 +231,18 @@ def test_plan_counts_the_mrf(tiny_trained, tmp_path, capsys, monkeypatch):
         plans[mrf] = json.loads(out)["volumes"][0]
     mrf_s, _ = estimate_mrf(plans["0"]["shape"], [3], flop_rate=rate)
     assert plans["0.5"]["seconds"] - plans["0"]["seconds"] == pytest.approx(mrf_s, abs=2e-3)
+
+
+@pytest.mark.parametrize("shift", [1, -1])
+def test_mrf_with_a_flat_masked_background(shift):
+    # background exactly 0 (a masked volume): the noise estimate is 0 and the background's
+    # variance too; the floors keep the likelihood finite and the boundary is found
+    grid = np.indices((30, 30, 30)) - 14.5
+    dist = np.sqrt((grid**2).sum(0))
+    truth = (dist <= 9).astype(np.uint8)
+    rng = np.random.default_rng(0)
+    image = np.where(truth == 1, 1 + rng.normal(0, 0.3, truth.shape), 0).astype(np.float32)
+    assert edges.noise_std(image) == 0.0
+    labels = (dist <= 9 + shift).astype(np.uint8)
+    refined = edges.refine_labels(labels, image, beta=0.5)
+    assert int((refined != truth).sum()) < 0.05 * int((labels != truth).sum())
