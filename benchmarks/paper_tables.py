@@ -506,7 +506,8 @@ def write_report(args, results, seed_means, bench, total, variants, raw_seed_mea
 
     try:
         commit = git("rev-parse", "--short", "HEAD")
-        if git("status", "--porcelain", "--untracked-files=no"):
+        # the reports under benchmarks/results/ (this one's previous version) do not count
+        if git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results"):
             commit += " with uncommitted changes"
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
