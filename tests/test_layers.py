@@ -89,8 +89,8 @@ def test_gyroplane_layer_matches_geometry(dtype, c, seed):
     # float32 error grows with the conditioning near the ball's edge: the lifted
     # dot product cancels terms of size λ_z·λ_p·s (measured over 4000 random
     # layers: at most 1.4 float32 epsilons times that size)
-    lam_z = 2 / (1 - c * z64.pow(2).sum(-1, keepdim=True))
-    lam_p = 2 / (1 - c * p64.pow(2).sum(-1))
+    lam_z = g.lambda_x(z64, c=c, keepdim=True)
+    lam_p = g.lambda_x(p64, c=c)
     size = lam_z * lam_p * (lam_p * a64.norm(dim=-1) / math.sqrt(c))
     err = (out.double() - expected).abs()
     assert (err <= 8 * torch.finfo(torch.float32).eps * size).all(), (err / size).max()
@@ -198,8 +198,8 @@ def test_float32_matches_float64():
     # test); summed over the kernel, with the padding at the origin (lambda = 2).
     # Measured over 200 random layers and inputs: at most 0.73 float32 epsilons
     # times that size (a fixed 1e-4 tolerance failed on an AVX2 machine: 4.1e-4).
-    lam_x = 2 / (1 - x32.double().pow(2).sum(-1))
-    lam_p = 2 / (1 - p64.pow(2).sum(-1))
+    lam_x = g.lambda_x(x32.double(), c=1.0)
+    lam_p = g.lambda_x(p64, c=1.0)
     size = F.conv3d(F.pad(lam_x, (1,) * 6, value=2.0), lam_p * lam_p * a64.norm(dim=-1))
     err = (out32.detach().double() - expected).abs()
     assert (err <= 2 * torch.finfo(torch.float32).eps * size).all(), (err / size).max()
