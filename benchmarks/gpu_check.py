@@ -9,7 +9,9 @@ exits 1 if any check failed:
 
 1. ``hypseg synth`` a few volumes, ``hypseg train --device cuda`` and
    ``--device auto`` (must pick the GPU), ``hypseg embed`` / ``cluster`` /
-   ``evaluate`` with ``--device cuda``;
+   ``evaluate`` with ``--device cuda``; the same cached embeddings clustered
+   with ``--device cpu`` (k-means, Potts prior, edge snap, intensity MRF) must
+   give the same labels (at least 99.9% of voxels in every label volume);
 2. the dense embedding of one volume on the GPU against the CPU path with the
    same model (max |difference| relative to the largest |mu|; TF32 convolutions
    are switched off for the comparison, so they agree to float32 rounding);
@@ -131,6 +133,41 @@ def main() -> None:
         "cuda",
         "--cache-dir",
         str(work / "cache"),
+    )
+    # the same cached (GPU) embeddings clustered on the CPU: k-means, Potts prior, snap and MRF
+    # must give the same labels on both devices (float64 k-means, seeded on the host)
+    hypseg(
+        "cluster",
+        str(data / "images"),
+        "-m",
+        str(work / "m.pt"),
+        "--k",
+        "2",
+        "--k",
+        "4",
+        "--k",
+        "8",
+        "-o",
+        str(work / "seg_cpu"),
+        "--device",
+        "cpu",
+        "--cache-dir",
+        str(work / "cache"),
+    )
+    import nibabel as nib
+
+    agree, n_cmp = 1.0, 0
+    for f in sorted((work / "seg").glob("*_k*.nii.gz")):
+        g = work / "seg_cpu" / f.name
+        if g.is_file():
+            a = np.asarray(nib.load(f).dataobj)
+            b = np.asarray(nib.load(g).dataobj)
+            agree = min(agree, float((a == b).mean()))
+            n_cmp += 1
+    check(
+        n_cmp > 0 and agree >= 0.999,
+        f"cluster --device cuda vs cpu on the same embeddings: {n_cmp} label volumes, "
+        f"lowest voxel agreement {agree:.5f}",
     )
     ev = hypseg("evaluate", str(work / "seg"), str(data / "labels"), "--json", "--no-hausdorff")
     if ev:
