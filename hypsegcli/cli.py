@@ -819,8 +819,10 @@ def cluster(
 ) -> None:
     """Segment volumes by hyperbolic k-means on per-voxel embeddings, at every --k.
 
-    Embeddings come from the cache when present (see `hypseg embed`). Each
-    voxel goes to its nearest centroid, then a Potts prior (--smooth) lets
+    Embeddings come from the cache when present (see `hypseg embed`), and so
+    does each volume's k-means fit made with the same embeddings, k, --seed,
+    --n-init and --fit-samples (so changing only --smooth, --snap or --mrf
+    refits nothing). Each voxel goes to its nearest centroid, then a Potts prior (--smooth) lets
     neighbouring voxels agree, --snap moves boundaries onto the image's
     intensity edges and --mrf settles the voxels along them by intensity.
     Labels are numbered 0..K-1 by the centroid's distance from the origin of
@@ -980,7 +982,9 @@ def _render_evaluation(report: dict[str, Any]) -> None:
 
 # ----------------------------------------------------------------------------- cache
 
-cache_app = typer.Typer(help="Inspect or clear the embedding cache.", no_args_is_help=True)
+cache_app = typer.Typer(
+    help="Inspect or clear the cache of embeddings and k-means fits.", no_args_is_help=True
+)
 app.add_typer(cache_app, name="cache")
 
 
@@ -1001,7 +1005,7 @@ def cache_ls(
     cache_dir: Annotated[Path | None, typer.Option("--cache-dir", help=CACHE_DIR_HELP)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the entries as JSON.")] = False,
 ) -> None:
-    """List cached embeddings (key, size, shape, source volume)."""
+    """List cached embeddings and k-means fits (key, size, shape, source volume)."""
     from .cache import EmbeddingCache, resolve_cache_dir
 
     cache = EmbeddingCache(resolve_cache_dir(cache_dir))
@@ -1022,8 +1026,13 @@ def cache_ls(
         )
         return
     for e in entries:
+        what = (
+            f"  (k-means centroids, k={e.meta.get('k')})"
+            if e.meta.get("kind") == "centroids"
+            else ""
+        )
         typer.echo(
-            f"{e.key[:16]}  {e.size / 1e6:9.1f} MB  {'x'.join(map(str, e.shape)):>18}  {e.meta.get('volume', '')}"
+            f"{e.key[:16]}  {e.size / 1e6:9.1f} MB  {'x'.join(map(str, e.shape)):>18}  {e.meta.get('volume', '')}{what}"
         )
     stderr.print(
         f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, {cache.total_bytes() / 1e6:.1f} MB in {cache.root}",
@@ -1036,7 +1045,7 @@ def cache_ls(
 def cache_clear(
     cache_dir: Annotated[Path | None, typer.Option("--cache-dir", help=CACHE_DIR_HELP)] = None,
 ) -> None:
-    """Remove every cached embedding."""
+    """Remove every cached embedding and k-means fit."""
     from .cache import EmbeddingCache, resolve_cache_dir
 
     cache = EmbeddingCache(resolve_cache_dir(cache_dir))

@@ -635,6 +635,39 @@ def _cache_key(volume_sha256: str, model: LoadedModel, patch_size: int, stride: 
     )
 
 
+#: Part of every cached k-means fit's key: bump it whenever the per-volume fit
+#: (``_Clusterer.fit``, :class:`hypsegcli.kmeans.PoincareKMeans`, scikit-learn's
+#: use) would give other centroids for the same embeddings, so old fits are redone.
+KMEANS_CACHE_VERSION = 1
+
+
+def _centroids_key(
+    volume_sha256: str, model: LoadedModel, patch_size: int, stride: int, k: int, clusterer: Any
+) -> str:
+    """Cache key of the per-volume k-means fit on this volume's embeddings (and nothing else).
+
+    It covers what the embeddings depend on (as :func:`_cache_key`) and what
+    the fit depends on: geometry, curvature, k, seed, restarts, fit sample.
+    The spatial steps (--smooth, --snap, --mrf) come after the fit and are not
+    in it, so changing them reuses the fit.
+    """
+    from .cache import embedding_key
+
+    params = {
+        "centroids": {
+            "embedding": _embedding_params(model, patch_size, stride),
+            "kind": clusterer.kind,
+            "curvature": clusterer.curvature,
+            "k": int(k),
+            "seed": int(clusterer.seed),
+            "n_init": int(clusterer.n_init),
+            "fit_samples": int(clusterer.fit_samples),
+            "version": KMEANS_CACHE_VERSION,
+        }
+    }
+    return embedding_key(volume_sha256, model.sha256, params, __version__)
+
+
 def _existing_cache(root: Path) -> Any:
     """The cache at ``root`` if its folder exists (a dry run creates nothing), else None."""
     from .cache import LAYOUT, EmbeddingCache
@@ -841,13 +874,16 @@ def plan(
     smooth: float = 0.0,
     snap: float = 0.0,
     mrf: float = 0.0,
+    clusterer: Any = None,
 ) -> dict[str, Any]:
     """What ``embed``/``cluster`` would do (``--dry-run``): per volume its shape, state and estimates.
 
     States: ``done`` (outputs exist; skipped), ``cached`` (embeddings in the
     cache), ``compute`` (to be embedded), ``cluster`` (intensity features; no
     embedding) or ``error`` (unreadable). Volumes not done are read and hashed
-    to look them up in the cache; nothing is written, no model is run.
+    to look them up in the cache; nothing is written, no model is run. For
+    ``cluster`` with a model, ``cached_fits`` lists the k whose per-volume
+    k-means fit is in the cache (only the assignment is then estimated).
     Estimates are described in :data:`hypsegcli.batch.PLAN_NOTES`.
     """
     import torch
@@ -883,11 +919,20 @@ def plan(
                 rows.append(row)
                 continue
             state = "cluster"
+            cached_fits: list[int] = []
             if model is not None:
                 volume = read_volume(path)
-                key = _cache_key(array_sha256(volume.data), model, patch_size, stride)
+                sha = array_sha256(volume.data)
+                key = _cache_key(sha, model, patch_size, stride)
                 cached = reuse_cache and cache is not None and key in cache
                 state = "cached" if cached else "compute"
+                if ks and clusterer is not None and cache is not None and not pooled_fit:
+                    cached_fits = [
+                        k
+                        for k in ks
+                        if _centroids_key(sha, model, patch_size, stride, k, clusterer) in cache
+                    ]
+                    row["cached_fits"] = cached_fits
             seconds, peak = 0.0, baseline + 4.0 * voxels * 2
             if state == "compute":
                 est = estimate_embedding(
@@ -904,10 +949,14 @@ def plan(
             if ks:
                 seconds += estimate_kmeans_seconds(
                     voxels,
-                    ks,
+                    [k for k in ks if k not in cached_fits],
                     n_init=1 if pooled_fit else n_init,
                     fit_samples=0 if pooled_fit else fit_samples,
                     flop_rate=rate,
+                )
+                # a cached fit: the assignment only
+                seconds += estimate_kmeans_seconds(
+                    voxels, cached_fits, n_init=0, fit_samples=fit_samples, flop_rate=rate
                 )
                 # features (d float32), a float32 copy for assignment, int64 labels
                 peak = max(peak, baseline + 4.0 * voxels * (2 + 2 * d) + 8.0 * voxels)
@@ -1471,6 +1520,7 @@ def cluster(
             mrf=mrf,
             total_inputs=len(paths),
             config=config,
+            clusterer=clusterer if fit == "volume" else None,
         )
     cache = EmbeddingCache(cache_root) if cache_root is not None else None
 
@@ -1487,6 +1537,30 @@ def cluster(
             progress=progress,
             volume_sha256=sha,
         )
+
+    def fitted(flat: np.ndarray, k: int, volume: Any, sha: str) -> np.ndarray:
+        """This volume's k-means centroids: from the cache (embedding features) or fitted."""
+        if cache is None or model is None:
+            return clusterer.fit(flat, k)
+        key = _centroids_key(sha, model, patch_size, stride, k, clusterer)
+        hit = cache.get(key)
+        if hit is not None and hit.shape == (k, flat.shape[1]) and hit.dtype == np.float64:
+            return np.array(hit)
+        centers = clusterer.fit(flat, k)
+        cache.put(
+            key,
+            centers,
+            {
+                "kind": "centroids",
+                "k": k,
+                "volume": str(volume.path),
+                "model": str(model.path),
+                "seed": seed,
+                "n_init": n_init,
+                "fit_samples": fit_samples,
+            },
+        )
+        return centers
 
     failures = Failures(len(selected))
     failed: dict[Path, str] = {}
@@ -1556,7 +1630,7 @@ def cluster(
                                 raise BadInputError(
                                     f"{path}: n_samples={len(flat)} should be >= n_clusters={k}"
                                 )
-                            centers = clusterer.fit(flat, k)
+                            centers = fitted(flat, k, volume, sha)
                         sets.append({"k": k, "centers": centers.tolist()})
                         labels = clusterer.labels(
                             np.asarray(feats).reshape(*volume.data.shape, -1), centers, smooth

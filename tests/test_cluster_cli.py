@@ -282,3 +282,85 @@ def test_smoke_pipeline_beats_random_labels_at_level_1(trained, tmp_path, capsys
         scores[name] = summary["mean_dice"]
     assert scores["chance"] < 0.55
     assert scores["model"] > scores["chance"] + 0.2, scores
+
+
+def test_kmeans_fits_are_cached_and_reused_only_when_they_apply(
+    trained, tmp_path, capsys, monkeypatch
+):
+    """Clustering again with other spatial steps reuses each volume's cached k-means fit (same
+    centroids as a fresh fit); another seed, --n-init or --fit-samples fits again."""
+    from hypsegcli import pipeline
+
+    images = trained / "data" / "images"
+    cache = tmp_path / "cache"
+    fits: list[int] = []
+    real_fit = pipeline._Clusterer.fit
+
+    def counting_fit(self, features, k):
+        fits.append(k)
+        return real_fit(self, features, k)
+
+    monkeypatch.setattr(pipeline._Clusterer, "fit", counting_fit)
+
+    def cluster(out, *extra):
+        code, stdout, err = run(
+            [
+                "--quiet",
+                "cluster",
+                images,
+                "-m",
+                trained / "model.pt",
+                "--k",
+                "2",
+                "--k",
+                "3",
+                "-o",
+                tmp_path / out,
+                "--cache-dir",
+                cache,
+                "--json",
+                *extra,
+            ],
+            capsys,
+        )
+        assert code == 0, err
+        return json.loads(stdout)
+
+    def centers(out):
+        return {
+            (s["case"], s["k"]): s["centers"]
+            for s in json.loads((tmp_path / out / "centroids.json").read_text())["sets"]
+        }
+
+    def labels(out):
+        return {p.name: p.read_bytes() for p in (tmp_path / out).glob("*_k*.nii.gz")}
+
+    cluster("a")
+    assert sorted(fits) == [2, 2, 2, 3, 3, 3]
+    # the plan sees the cached fits
+    plan = cluster("plan", "--dry-run")
+    assert [v["cached_fits"] for v in plan["volumes"]] == [[2, 3]] * 3
+    # another output folder, the same options: no fit, the same centroids and labels
+    fits.clear()
+    cluster("b")
+    assert fits == []
+    assert centers("b") == centers("a") and labels("b") == labels("a")
+    # other spatial steps: no fit, the same centroids
+    cluster("c", "--smooth", "0", "--snap", "0", "--mrf", "0")
+    assert fits == [] and centers("c") == centers("a")
+    # what the fit depends on: fitted again
+    for option, value in (("--seed", "1"), ("--n-init", "2"), ("--fit-samples", "5000")):
+        fits.clear()
+        cluster(f"d{option}", option, value)
+        assert sorted(fits) == [2, 2, 2, 3, 3, 3], option
+    # cache ls names them; a corrupt cached fit is refitted, with the same result
+    code, out, _ = run(["cache", "ls", "--cache-dir", cache, "--json"], capsys)
+    kinds = [e["meta"].get("kind") for e in json.loads(out)]
+    assert kinds.count("centroids") == 4 * 6 and kinds.count(None) == 3
+    entry = next(e for e in json.loads(out) if e["meta"].get("kind") == "centroids")
+    with open(entry["path"], "r+b") as fh:
+        fh.seek(-8, 2)
+        fh.write(b"\x00" * 8)
+    fits.clear()
+    cluster("e")
+    assert len(fits) == 1 and centers("e") == centers("a")
