@@ -37,6 +37,13 @@ over). Stages:
    numbers, the issue's targets met or not, wall time per stage, and the exact
    commands.
 
+``--jobs N`` (default 2 on a 2-core machine) runs each ``hypseg cluster`` as N
+batch parts at once (``--num-parts N --part-id i --threads cores/N``, into
+the same folder, as on a cluster) and Atropos in N processes with cores/N ITK
+threads each: k-means and Atropos use one core well and two poorly, so this
+keeps both cores busy; ``hypseg``'s labels are the same either way (Atropos's
+change slightly with its thread count). Training always runs alone, on every core.
+
 ``--raw-ablation`` also clusters every Table 2 row (and every seed of the full
 model) with ``--smooth 0 --snap 0 --mrf 0``, as the paper scored its
 ablation, and checks the ablation order on those scores too (about 5 more
@@ -95,6 +102,42 @@ MRF_OFF = ("--mrf", "0")
 ATROPOS_MRF = ("0.2", "1.0")
 
 
+def _atropos_worker(threads: int, tempdir: str) -> None:
+    """A fresh Atropos process: ITK's thread count (read when ITK starts) and the scratch folder."""
+    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(threads)
+    tempfile.tempdir = tempdir
+
+
+def _atropos_case(path: str, seg: str, mrf: str) -> None:
+    """ANTs Atropos on one volume at k = 2, 4, 8 into ``seg`` (outputs that exist are kept)."""
+    import ants
+    import nibabel as nib
+    import numpy as np
+
+    seg_dir = Path(seg)
+    case = Path(path).name[: -len(".nii.gz")]
+    src = nib.load(path)
+    data = np.asarray(src.dataobj, dtype=np.float32)
+    lo, hi = np.percentile(data, [1, 99])
+    a = ants.from_numpy((data - lo) / (hi - lo))
+    ones = ants.from_numpy(np.ones_like(data))
+    for k in (2, 4, 8):
+        out = seg_dir / f"{case}_k{k}.nii.gz"
+        if out.is_file():
+            continue
+        try:
+            res = ants.atropos(a=a, x=ones, m=f"[{mrf},1x1x1]", c="[5,0]", i=f"kmeans[{k}]")
+            labels = res["segmentation"].numpy().astype(np.uint8) - 1
+        except Exception as exc:  # noqa: BLE001 - Atropos fails when a class empties
+            # Scored as what a user would be left with: no segmentation (one label).
+            print(f"[peer: atropos] {case} k={k} MRF {mrf}: {exc}", file=sys.stderr)
+            (seg_dir / f"{case}_k{k}.failed").write_text(f"{exc}\n")
+            labels = np.zeros(data.shape, dtype=np.uint8)
+        tmp = seg_dir / f".{case}_k{k}.tmp.nii.gz"
+        nib.save(nib.Nifti1Image(labels, src.affine, src.header), str(tmp))
+        tmp.replace(out)
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -110,20 +153,41 @@ class Bench:
 
     def run(self, argv: list[str], *, stage: str, stdout: Path | None = None) -> None:
         """Run one hypseg command (logged, timed); its --json output goes to ``stdout``."""
-        shown = "hypseg " + shlex.join(argv)
-        self.commands.append(shown)
-        print(f"[{stage}] {shown}", file=sys.stderr, flush=True)
+        self.run_parallel([argv], stage=stage, stdout=stdout)
+
+    def run_parallel(
+        self, argvs: list[list[str]], *, stage: str, stdout: Path | None = None
+    ) -> None:
+        """Run hypseg commands at the same time (logged, timed together); the first's
+        --json output goes to ``stdout``."""
+        shown = ["hypseg " + shlex.join(argv) for argv in argvs]
+        self.commands.extend(
+            line + ("  # at the same time as the next" if i < len(shown) - 1 else "")
+            for i, line in enumerate(shown)
+        )
+        for line in shown:
+            print(f"[{stage}] {line}", file=sys.stderr, flush=True)
         env = {**os.environ, "HYPSEG_CACHE_DIR": str(self.work / "cache")}
         t0 = time.perf_counter()
-        done = subprocess.run(
-            [*HYPSEG, "--quiet", *argv], capture_output=True, text=True, env=env, cwd=self.work
-        )
+        procs = [
+            subprocess.Popen(
+                [*HYPSEG, "--quiet", *argv],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
+                cwd=self.work,
+            )
+            for argv in argvs
+        ]
+        outputs = [proc.communicate() for proc in procs]
         self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - t0
-        if done.returncode != 0:
-            sys.exit(f"{shown} failed ({done.returncode}): {done.stderr.strip()}")
+        for line, proc, (_, err) in zip(shown, procs, outputs, strict=True):
+            if proc.returncode != 0:
+                sys.exit(f"{line} failed ({proc.returncode}): {err.strip()}")
         if stdout is not None:
             tmp = stdout.with_suffix(stdout.suffix + ".tmp")
-            tmp.write_text(done.stdout)
+            tmp.write_text(outputs[0][0])
             tmp.replace(stdout)
 
     # ------------------------------------------------------------------ stages
@@ -188,10 +252,22 @@ class Bench:
     ) -> Path:
         seg = self.seg(variant, name)
         source = ["-m", str(model)] if model is not None else ["--features", "intensity"]
-        self.run(
-            ["cluster", str(self.images(variant)), *source, *KS, "-o", str(seg), *extra],
-            stage="cluster" if model is not None else "peer: intensity",
-        )
+        argv = ["cluster", str(self.images(variant)), *source, *KS, "-o", str(seg), *extra]
+        stage = "cluster" if model is not None else "peer: intensity"
+        jobs = self.args.jobs
+        if jobs <= 1:
+            self.run(argv, stage=stage)
+        else:
+            # the CLI's batch parts (as on a cluster): each takes its share of the sorted
+            # volumes into the same folder, with an equal share of the cores
+            threads = str(max(1, (os.cpu_count() or 1) // jobs))
+            self.run_parallel(
+                [
+                    [*argv, "--num-parts", str(jobs), "--part-id", str(i), "--threads", threads]
+                    for i in range(jobs)
+                ],
+                stage=stage,
+            )
         return seg
 
     def atropos(self, variant: str, mrf: str) -> Path | None:
@@ -224,36 +300,40 @@ class Bench:
         return seg
 
     def _atropos_volumes(self, variant: str, mrf: str, seg: Path) -> bool:
-        """Atropos on every volume of ``variant`` at k = 2, 4, 8 into ``seg``; whether any ran."""
-        import ants
-        import nibabel as nib
-        import numpy as np
+        """Atropos on every volume of ``variant`` at k = 2, 4, 8 into ``seg``; whether any ran.
 
-        computed = False
-        for path in sorted(self.images(variant).glob("*.nii.gz")):
-            case = path.name[: -len(".nii.gz")]
-            src = nib.load(str(path))
-            data = np.asarray(src.dataobj, dtype=np.float32)
-            lo, hi = np.percentile(data, [1, 99])
-            a = ants.from_numpy((data - lo) / (hi - lo))
-            ones = ants.from_numpy(np.ones_like(data))
-            for k in (2, 4, 8):
-                out = seg / f"{case}_k{k}.nii.gz"
-                if out.is_file():
-                    continue
-                computed = True
-                try:
-                    res = ants.atropos(a=a, x=ones, m=f"[{mrf},1x1x1]", c="[5,0]", i=f"kmeans[{k}]")
-                    labels = res["segmentation"].numpy().astype(np.uint8) - 1
-                except Exception as exc:  # noqa: BLE001 - Atropos fails when a class empties
-                    # Scored as what a user would be left with: no segmentation (one label).
-                    print(f"[peer: atropos] {case} k={k} MRF {mrf}: {exc}", file=sys.stderr)
-                    (seg / f"{case}_k{k}.failed").write_text(f"{exc}\n")
-                    labels = np.zeros(data.shape, dtype=np.uint8)
-                tmp = seg / f".{case}_k{k}.tmp.nii.gz"
-                nib.save(nib.Nifti1Image(labels, src.affine, src.header), str(tmp))
-                tmp.replace(out)
-        return computed
+        With ``--jobs`` > 1 the volumes are shared among that many processes, each with an
+        equal share of the cores (ITK's threads), as the ``cluster`` parts are.
+        """
+        paths = [
+            p
+            for p in sorted(self.images(variant).glob("*.nii.gz"))
+            if not all(
+                (seg / f"{p.name[: -len('.nii.gz')]}_k{k}.nii.gz").is_file() for k in (2, 4, 8)
+            )
+        ]
+        if not paths:
+            return False
+        jobs = max(1, self.args.jobs)
+        if jobs == 1:
+            for path in paths:
+                _atropos_case(str(path), str(seg), mrf)
+            return True
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        with ProcessPoolExecutor(
+            jobs,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_atropos_worker,
+            initargs=(threads, tempfile.gettempdir()),
+        ) as pool:
+            for _ in pool.map(
+                _atropos_case, [str(p) for p in paths], [str(seg)] * len(paths), [mrf] * len(paths)
+            ):
+                pass
+        return True
 
     def failed(self, variant: str, mrf: str) -> str:
         """`` (N of M runs failed ...)`` for an Atropos setting with failed runs, else ``""``."""
@@ -415,6 +495,14 @@ def main() -> None:
         "--raw-ablation",
         action="store_true",
         help="also score every Table 2 row without spatial steps (about 5 more minutes)",
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=min(2, os.cpu_count() or 1),
+        help="run each hypseg cluster as this many parts at once (--num-parts), and Atropos in "
+        "this many processes, each with an equal share of the cores (default: 2 where there are "
+        "2 cores; training always uses every core)",
     )
     parser.add_argument("--quick", action="store_true", help="n=40, 1 minute per model, 1 seed")
     parser.add_argument("--fresh", action="store_true", help="delete the work folder first")
