@@ -390,6 +390,8 @@ SMOOTH_DEFAULT = 0.8
 SNAP_DEFAULT = 2.0
 #: Default ``cluster --mrf`` (Potts weight of the intensity MRF), chosen on the validation split (CHANGELOG).
 MRF_DEFAULT = 0.5
+#: Default ``cluster --n-init`` (k-means restarts), chosen on the validation split (CHANGELOG).
+N_INIT_DEFAULT = 2
 
 
 @app.command()
@@ -752,8 +754,14 @@ def cluster(
         typer.Option("--tile", min=4, help="Output voxels per tile side (bounds memory)."),
     ] = None,
     n_init: Annotated[
-        int, typer.Option("--n-init", min=1, help="k-means restarts (best inertia wins).")
-    ] = 4,
+        int,
+        typer.Option(
+            "--n-init",
+            min=1,
+            help="k-means restarts (best inertia wins); each on at most 50 000 of the fit voxels, "
+            "the best then refined on all of them.",
+        ),
+    ] = N_INIT_DEFAULT,
     fit_samples: Annotated[
         int,
         typer.Option(
