@@ -116,44 +116,27 @@ def main() -> None:
         "--cache-dir",
         str(work / "cache"),
     )
-    hypseg(
-        "cluster",
-        str(data / "images"),
-        "-m",
-        str(work / "m.pt"),
-        "--k",
-        "2",
-        "--k",
-        "4",
-        "--k",
-        "8",
-        "-o",
-        str(work / "seg"),
-        "--device",
-        "cuda",
-        "--cache-dir",
-        str(work / "cache"),
-    )
-    # the same cached (GPU) embeddings clustered on the CPU: k-means, Potts prior, snap and MRF
-    # must give the same labels on both devices (float64 k-means, seeded on the host)
-    hypseg(
-        "cluster",
-        str(data / "images"),
-        "-m",
-        str(work / "m.pt"),
-        "--k",
-        "2",
-        "--k",
-        "4",
-        "--k",
-        "8",
-        "-o",
-        str(work / "seg_cpu"),
-        "--device",
-        "cpu",
-        "--cache-dir",
-        str(work / "cache"),
-    )
+    # cuda, then the same cached (GPU) embeddings clustered on the CPU: k-means, Potts prior,
+    # snap and MRF must give the same labels on both devices (float64 k-means, seeded on the host)
+    for device, out in (("cuda", "seg"), ("cpu", "seg_cpu")):
+        hypseg(
+            "cluster",
+            str(data / "images"),
+            "-m",
+            str(work / "m.pt"),
+            "--k",
+            "2",
+            "--k",
+            "4",
+            "--k",
+            "8",
+            "-o",
+            str(work / out),
+            "--device",
+            device,
+            "--cache-dir",
+            str(work / "cache"),
+        )
     import nibabel as nib
 
     agree, n_cmp = 1.0, 0

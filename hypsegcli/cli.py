@@ -830,8 +830,8 @@ def cluster(
     Embeddings come from the cache when present (see `hypseg embed`), and so
     does each volume's k-means fit made with the same embeddings, k, --seed,
     --n-init and --fit-samples (so changing only --smooth, --snap or --mrf
-    refits nothing). Each voxel goes to its nearest centroid, then a Potts prior (--smooth) lets
-    neighbouring voxels agree, --snap moves boundaries onto the image's
+    refits nothing). Each voxel goes to its nearest centroid, then a Potts
+    prior (--smooth) lets neighbouring voxels agree, --snap moves boundaries onto the image's
     intensity edges and --mrf settles the voxels along them by intensity.
     Labels are numbered 0..K-1 by the centroid's distance from the origin of
     the ball.
