@@ -871,6 +871,7 @@ def plan(
     n_init: int = 2,
     fit_samples: int = 200_000,
     pooled_fit: bool = False,
+    fixed_centroids: bool = False,
     smooth: float = 0.0,
     snap: float = 0.0,
     mrf: float = 0.0,
@@ -883,7 +884,10 @@ def plan(
     embedding) or ``error`` (unreadable). Volumes not done are read and hashed
     to look them up in the cache; nothing is written, no model is run. For
     ``cluster`` with a model, ``cached_fits`` lists the k whose per-volume
-    k-means fit is in the cache (only the assignment is then estimated).
+    k-means fit is in the cache; for ``cluster``, ``fits`` lists the k this
+    volume's own k-means fit would be computed for (none with a pooled fit,
+    ``pooled_fit``, or given centroids, ``fixed_centroids``: the volume is then
+    only assigned). Only the assignment is estimated for the other k.
     Estimates are described in :data:`hypsegcli.batch.PLAN_NOTES`.
     """
     import torch
@@ -932,6 +936,7 @@ def plan(
                         for k in ks
                         if _centroids_key(sha, model, patch_size, stride, k, clusterer) in cache
                     ]
+                if ks:
                     row["cached_fits"] = cached_fits
             seconds, peak = 0.0, baseline + 4.0 * voxels * 2
             if state == "compute":
@@ -947,16 +952,20 @@ def plan(
                 seconds += est["seconds"]
                 peak = baseline + est["array_bytes"] + est["activation_bytes"]
             if ks:
+                fits = (
+                    [] if pooled_fit or fixed_centroids else [k for k in ks if k not in cached_fits]
+                )
+                row["fits"] = fits
+                seconds += estimate_kmeans_seconds(
+                    voxels, fits, n_init=n_init, fit_samples=fit_samples, flop_rate=rate
+                )
+                # pooled, given or cached centroids: the assignment only
                 seconds += estimate_kmeans_seconds(
                     voxels,
-                    [k for k in ks if k not in cached_fits],
-                    n_init=1 if pooled_fit else n_init,
-                    fit_samples=0 if pooled_fit else fit_samples,
+                    [k for k in ks if k not in fits],
+                    n_init=0,
+                    fit_samples=fit_samples,
                     flop_rate=rate,
-                )
-                # a cached fit: the assignment only
-                seconds += estimate_kmeans_seconds(
-                    voxels, cached_fits, n_init=0, fit_samples=fit_samples, flop_rate=rate
                 )
                 # features (d float32), a float32 copy for assignment, int64 labels
                 peak = max(peak, baseline + 4.0 * voxels * (2 + 2 * d) + 8.0 * voxels)
@@ -1515,6 +1524,7 @@ def cluster(
             n_init=n_init,
             fit_samples=fit_samples,
             pooled_fit=fit == "pooled" and not all(done.values()),
+            fixed_centroids=fit == "centroids",
             smooth=smooth,
             snap=snap,
             mrf=mrf,

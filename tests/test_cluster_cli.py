@@ -289,7 +289,7 @@ def test_kmeans_fits_are_cached_and_reused_only_when_they_apply(
 ):
     """Clustering again with other spatial steps reuses each volume's cached k-means fit (same
     centroids as a fresh fit); another seed, --n-init or --fit-samples fits again."""
-    from hypsegcli import pipeline
+    from hypsegcli import batch, pipeline
 
     images = trained / "data" / "images"
     cache = tmp_path / "cache"
@@ -335,11 +335,16 @@ def test_kmeans_fits_are_cached_and_reused_only_when_they_apply(
     def labels(out):
         return {p.name: p.read_bytes() for p in (tmp_path / out).glob("*_k*.nii.gz")}
 
+    # (a fixed matmul rate, so that two plans' estimates compare)
+    monkeypatch.setattr(batch, "measure_flop_rate", lambda device: 1e11)
+    plan = cluster("plan", "--dry-run")
+    assert [(v["cached_fits"], v["fits"]) for v in plan["volumes"]] == [([], [2, 3])] * 3
     cluster("a")
     assert sorted(fits) == [2, 2, 2, 3, 3, 3]
     # the plan sees the cached fits
-    plan = cluster("plan", "--dry-run")
-    assert [v["cached_fits"] for v in plan["volumes"]] == [[2, 3]] * 3
+    plan2 = cluster("plan", "--dry-run")
+    assert [(v["cached_fits"], v["fits"]) for v in plan2["volumes"]] == [([2, 3], [])] * 3
+    assert plan2["estimated_seconds"] < plan["estimated_seconds"]
     # another output folder, the same options: no fit, the same centroids and labels
     fits.clear()
     cluster("b")
@@ -364,3 +369,8 @@ def test_kmeans_fits_are_cached_and_reused_only_when_they_apply(
     fits.clear()
     cluster("e")
     assert len(fits) == 1 and centers("e") == centers("a")
+    # pooled or given centroids: no volume is fitted on its own, in the plan either
+    cluster("pooled", "--fit-on", "pooled")
+    for extra in (("--fit-on", "pooled"), ("--centroids", tmp_path / "pooled" / "centroids.json")):
+        plan = cluster("plan", "--dry-run", "--overwrite", *extra)
+        assert [v["fits"] for v in plan["volumes"]] == [[]] * 3, extra
