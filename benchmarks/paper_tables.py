@@ -46,7 +46,7 @@ change slightly with its thread count). Training always runs alone, on every cor
 
 Every Table 2 row (and every seed of the full model) is also clustered with
 ``--smooth 0 --snap 0 --mrf 0``, as the paper scored its ablation, and the
-ablation order is checked on those scores too (about 4 minutes: the k-means
+ablation order is checked on those scores too (about 1 minute: the k-means
 fits are reused from the cache; ``--no-raw-ablation`` skips it). For level 1
 the report also gives each row's predicted cell volume over the true one
 (from ``hypseg evaluate``'s per-class voxel counts), with and without the
@@ -508,7 +508,7 @@ def main() -> None:
         "--raw-ablation",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="also score every Table 2 row without spatial steps (about 4 more minutes)",
+        help="also score every Table 2 row without spatial steps (about 1 more minute)",
     )
     parser.add_argument(
         "--jobs",
