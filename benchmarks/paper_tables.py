@@ -531,9 +531,17 @@ def main() -> None:
     start = time.perf_counter()
 
     results: dict[tuple[str, str], dict[int, list[float]]] = {}
+    ratios: dict[tuple[str, str], float] = {}  # level 1: predicted / true cell voxels per row
     seed_means: dict[str, dict[int, list[float]]] = {}
     raw_seed_means: dict[int, list[float]] = {}
-    segs: dict[tuple[str, str], Path] = {}  # the segmentation folder of each scored row
+
+    def score(variant: str, row: str, seg: Path) -> dict[int, list[float]]:
+        """Evaluate ``seg`` as the row ``row`` of the report (scores and cell-volume ratio)."""
+        results[(variant, row)] = bench.evaluate(seg, variant)
+        if seg in bench.cell_ratio:
+            ratios[(variant, row)] = bench.cell_ratio[seg]
+        return results[(variant, row)]
+
     for variant in variants:
         bench.synth(variant)
         rows = ROWS if variant == "regular" else [r for r in ROWS if r[0] == "hyp_full"]
@@ -542,18 +550,14 @@ def main() -> None:
             for seed in seeds:
                 model = bench.train(variant, key, flags, seed)
                 seg = bench.cluster(variant, f"{key}_seed{seed}", model)
-                scores = bench.evaluate(seg, variant)
-                if seed == 0:
-                    results[(variant, key)] = scores
-                    segs[(variant, key)] = seg
+                scores = score(variant, key, seg) if seed == 0 else bench.evaluate(seg, variant)
                 if seed == 0 and key == "hyp_full":  # the spatial steps' worth
-                    plain = bench.cluster(variant, "hyp_full_seed0_smooth0", model, NO_SPATIAL)
-                    results[(variant, "hyp_full_smooth0")] = bench.evaluate(plain, variant)
-                    segs[(variant, "hyp_full_smooth0")] = plain
-                    potts = bench.cluster(variant, "hyp_full_seed0_nosnap", model, POTTS_ONLY)
-                    results[(variant, "hyp_full_nosnap")] = bench.evaluate(potts, variant)
-                    snapped = bench.cluster(variant, "hyp_full_seed0_nomrf", model, MRF_OFF)
-                    results[(variant, "hyp_full_nomrf")] = bench.evaluate(snapped, variant)
+                    for row, folder, extra in (
+                        ("hyp_full_smooth0", "hyp_full_seed0_smooth0", NO_SPATIAL),
+                        ("hyp_full_nosnap", "hyp_full_seed0_nosnap", POTTS_ONLY),
+                        ("hyp_full_nomrf", "hyp_full_seed0_nomrf", MRF_OFF),
+                    ):
+                        score(variant, row, bench.cluster(variant, folder, model, extra))
                 if key == "hyp_full":
                     per_seed = seed_means.setdefault(variant, {})
                     for lvl, vals in scores.items():
@@ -562,40 +566,30 @@ def main() -> None:
                     # the same model without any spatial step (the paper's protocol); the
                     # full model's seed 0 has that row already
                     if (key, seed) == ("hyp_full", 0):
-                        seg_raw = segs[(variant, "hyp_full_smooth0")]
-                        raw = results[(variant, "hyp_full_smooth0")]
+                        seg_raw = bench.seg(variant, "hyp_full_seed0_smooth0")
                     else:
                         seg_raw = bench.cluster(variant, f"{key}_seed{seed}_raw", model, NO_SPATIAL)
-                        raw = bench.evaluate(seg_raw, variant)
                     if seed == 0:
-                        results[(variant, f"{key}_raw")] = raw
-                        segs[(variant, f"{key}_raw")] = seg_raw
+                        raw = score(variant, f"{key}_raw", seg_raw)
+                    else:
+                        raw = bench.evaluate(seg_raw, variant)
                     if key == "hyp_full":
                         for lvl, vals in raw.items():
                             raw_seed_means.setdefault(lvl, []).append(statistics.fmean(vals))
-        segs[(variant, "intensity")] = bench.cluster(variant, "intensity", None)
-        results[(variant, "intensity")] = bench.evaluate(segs[(variant, "intensity")], variant)
-        results[(variant, "intensity_nomrf")] = bench.evaluate(
-            bench.cluster(variant, "intensity_nomrf", None, MRF_OFF), variant
-        )
-        results[(variant, "intensity_nosnap")] = bench.evaluate(
-            bench.cluster(variant, "intensity_nosnap", None, POTTS_ONLY), variant
-        )
-        segs[(variant, "intensity_smooth0")] = bench.cluster(
-            variant, "intensity_smooth0", None, NO_SPATIAL
-        )
-        results[(variant, "intensity_smooth0")] = bench.evaluate(
-            segs[(variant, "intensity_smooth0")], variant
-        )
+        for row, extra in (
+            ("intensity", ()),
+            ("intensity_nomrf", MRF_OFF),
+            ("intensity_nosnap", POTTS_ONLY),
+            ("intensity_smooth0", NO_SPATIAL),
+        ):
+            score(variant, row, bench.cluster(variant, row, None, extra))
         if not args.no_atropos:
             for mrf in ATROPOS_MRF:
                 seg = bench.atropos(variant, mrf)
                 if seg is not None:
-                    results[(variant, f"atropos_m{mrf}")] = bench.evaluate(seg, variant)
-                    segs[(variant, f"atropos_m{mrf}")] = seg
+                    score(variant, f"atropos_m{mrf}", seg)
     total = time.perf_counter() - start
 
-    ratios = {row: bench.cell_ratio[seg] for row, seg in segs.items() if seg in bench.cell_ratio}
     lines = write_report(args, results, seed_means, bench, total, variants, raw_seed_means, ratios)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)

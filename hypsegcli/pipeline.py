@@ -871,7 +871,6 @@ def plan(
     n_init: int = 2,
     fit_samples: int = 200_000,
     pooled_fit: bool = False,
-    fixed_centroids: bool = False,
     smooth: float = 0.0,
     snap: float = 0.0,
     mrf: float = 0.0,
@@ -885,9 +884,10 @@ def plan(
     to look them up in the cache; nothing is written, no model is run. For
     ``cluster`` with a model, ``cached_fits`` lists the k whose per-volume
     k-means fit is in the cache; for ``cluster``, ``fits`` lists the k this
-    volume's own k-means fit would be computed for (none with a pooled fit,
-    ``pooled_fit``, or given centroids, ``fixed_centroids``: the volume is then
-    only assigned). Only the assignment is estimated for the other k.
+    volume's own k-means fit would be computed for. ``clusterer`` is the
+    per-volume k-means, None when the volumes are not fitted one by one (a
+    pooled fit, ``pooled_fit``, or given centroids): then ``fits`` is empty.
+    Only the assignment is estimated for the k not in ``fits``.
     Estimates are described in :data:`hypsegcli.batch.PLAN_NOTES`.
     """
     import torch
@@ -930,7 +930,7 @@ def plan(
                 key = _cache_key(sha, model, patch_size, stride)
                 cached = reuse_cache and cache is not None and key in cache
                 state = "cached" if cached else "compute"
-                if ks and clusterer is not None and cache is not None and not pooled_fit:
+                if ks and clusterer is not None and cache is not None:
                     cached_fits = [
                         k
                         for k in ks
@@ -952,9 +952,7 @@ def plan(
                 seconds += est["seconds"]
                 peak = baseline + est["array_bytes"] + est["activation_bytes"]
             if ks:
-                fits = (
-                    [] if pooled_fit or fixed_centroids else [k for k in ks if k not in cached_fits]
-                )
+                fits = [] if clusterer is None else [k for k in ks if k not in cached_fits]
                 row["fits"] = fits
                 seconds += estimate_kmeans_seconds(
                     voxels, fits, n_init=n_init, fit_samples=fit_samples, flop_rate=rate
@@ -1524,7 +1522,6 @@ def cluster(
             n_init=n_init,
             fit_samples=fit_samples,
             pooled_fit=fit == "pooled" and not all(done.values()),
-            fixed_centroids=fit == "centroids",
             smooth=smooth,
             snap=snap,
             mrf=mrf,
