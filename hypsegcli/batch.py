@@ -551,6 +551,15 @@ MRF_S = 4.0e-7
 MRF_BYTES = 14.0
 MRF_BYTES_PER_LABEL = 2.0
 
+#: ``cluster --nest``: seconds per voxel for the band (once per volume) and for the fill (once
+#: per larger k); peak bytes per voxel (scipy's Euclidean distance transform with its feature
+#: transform). Measured at width 4 on 128^3 coarse maps of 2 / 4 labels (0.56 / 0.75 us per
+#: voxel for the band, 0.35 / 0.17 for a fill; 51 bytes per voxel), on this project's 2-core
+#: machine.
+NEST_S = 6.0e-7
+NEST_S_PER_K = 3.5e-7
+NEST_BYTES = 51.0
+
 
 def measure_flop_rate(device: Any = "cpu", n: int = 512, repeat: int = 5) -> float:
     """Best float32 FLOP/s of an n x n matmul on ``device`` (a few ms; a quick, noisy estimate)."""
@@ -726,6 +735,14 @@ def estimate_mrf(
     return seconds, float((MRF_BYTES + MRF_BYTES_PER_LABEL * max(ks)) * voxels + slab_bytes)
 
 
+def estimate_nest(shape: Sequence[int], ks: Sequence[int]) -> tuple[float, float]:
+    """Seconds and peak bytes of ``cluster --nest`` for a volume of ``shape`` (nothing with one k)."""
+    voxels = math.prod(int(n) for n in shape)
+    if len(ks) < 2:
+        return 0.0, 0.0
+    return (NEST_S + NEST_S_PER_K * (len(ks) - 1)) * voxels, NEST_BYTES * voxels
+
+
 def estimate_kmeans_seconds(
     voxels: int, ks: Sequence[int], *, n_init: int, fit_samples: int, flop_rate: float
 ) -> float:
@@ -759,5 +776,6 @@ PLAN_NOTES = (
     "allocator overheads are not counted; with --smooth, the Potts prior's time per voxel and "
     "cluster and its largest slab; with --snap, the edge snap's time and memory per voxel and "
     "label; with --mrf, the intensity MRF's (masks per voxel and label plus a Potts prior's "
-    "slab), measured on a 2-core CPU. Expect the truth within a factor of about 2."
+    "slab); with --nest, the band's distance transforms; measured on a 2-core CPU. Expect the "
+    "truth within a factor of about 2."
 )

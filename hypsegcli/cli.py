@@ -390,6 +390,8 @@ SMOOTH_DEFAULT = 0.8
 SNAP_DEFAULT = 2.0
 #: Default ``cluster --mrf`` (Potts weight of the intensity MRF), chosen on the validation split (CHANGELOG).
 MRF_DEFAULT = 0.5
+#: Default ``cluster --nest`` (band width in voxels), chosen on the validation split (CHANGELOG).
+NEST_DEFAULT = 4.0
 #: Default ``cluster --n-init`` (k-means restarts), chosen on the validation split (CHANGELOG).
 N_INIT_DEFAULT = 2
 
@@ -792,6 +794,14 @@ def cluster(
             help="Intensity MRF at label boundaries, after --snap: voxels touching a label of distinct intensity are re-decided by a Gaussian intensity model per label plus a Potts prior of this weight over the 26 neighbours (10 mean-field updates); labels with no voxel 3^3-deep within 3 voxels (structures under 3 voxels thick) are left alone; 0 turns it off.",
         ),
     ] = MRF_DEFAULT,
+    nest: Annotated[
+        float,
+        typer.Option(
+            "--nest",
+            min=0,
+            help="With several --k, nest the larger k in the smallest k's labels: each larger k's own k-means fit leaves out the voxels within this many voxels of a boundary of those labels (patches there straddle two regions and embed between them), and those voxels take the label of the nearest voxel of their own region outside that band, before --snap and --mrf. A pooled fit or --centroids use every voxel, the band's labels are taken all the same; 0 turns it off.",
+        ),
+    ] = NEST_DEFAULT,
     seed: Annotated[
         int, typer.Option("--seed", help="Seed for subsampling and k-means initialisation.")
     ] = 0,
@@ -830,9 +840,11 @@ def cluster(
     Embeddings come from the cache when present (see `hypseg embed`), and so
     does each volume's k-means fit made with the same embeddings, k, --seed,
     --n-init and --fit-samples (so changing only --smooth, --snap or --mrf
-    refits nothing). Each voxel goes to its nearest centroid, then a Potts
-    prior (--smooth) lets neighbouring voxels agree, --snap moves boundaries onto the image's
-    intensity edges and --mrf settles the voxels along them by intensity.
+    refits nothing but the fits nested by --nest). Each voxel goes to its
+    nearest centroid, then a Potts prior (--smooth) lets neighbouring voxels
+    agree, --nest makes the larger k follow the smallest k's regions near
+    their boundaries, --snap moves boundaries onto the image's intensity edges
+    and --mrf settles the voxels along them by intensity.
     Labels are numbered 0..K-1 by the centroid's distance from the origin of
     the ball.
     Each case's centroids go to OUT/<case>.centroids.json and are merged into
@@ -859,6 +871,7 @@ def cluster(
             smooth=smooth,
             snap=snap,
             mrf=mrf,
+            nest=nest,
             seed=seed,
             device=device,
             threads=threads,

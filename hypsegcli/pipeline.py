@@ -642,14 +642,22 @@ KMEANS_CACHE_VERSION = 1
 
 
 def _centroids_key(
-    volume_sha256: str, model: LoadedModel, patch_size: int, stride: int, k: int, clusterer: Any
+    volume_sha256: str,
+    model: LoadedModel,
+    patch_size: int,
+    stride: int,
+    k: int,
+    clusterer: Any,
+    nest: dict[str, Any] | None = None,
 ) -> str:
     """Cache key of the per-volume k-means fit on this volume's embeddings (and nothing else).
 
     It covers what the embeddings depend on (as :func:`_cache_key`) and what
     the fit depends on: geometry, curvature, k, seed, restarts, fit sample.
     The spatial steps (--smooth, --snap, --mrf) come after the fit and are not
-    in it, so changing them reuses the fit.
+    in it, so changing them reuses the fit, except for a fit nested in the
+    coarsest level (``nest``, from :func:`_nest_spec`): it leaves out the band
+    around that level's labels, which the spatial steps shape.
     """
     from .cache import embedding_key
 
@@ -665,7 +673,30 @@ def _centroids_key(
             "version": KMEANS_CACHE_VERSION,
         }
     }
+    if nest is not None:
+        params["centroids"]["nest"] = nest
     return embedding_key(volume_sha256, model.sha256, params, __version__)
+
+
+def _nest_spec(
+    k: int, ks: list[int], nest: float, smooth: float, snap: float, mrf: float
+) -> dict[str, Any] | None:
+    """What a per-volume fit of ``k`` nested in the smallest k (``cluster --nest``) depends on.
+
+    None when ``k`` is not nested (nesting off, a single k, or ``k`` is the
+    smallest): then the fit is the plain one. Otherwise the band width and
+    everything that shapes the coarse labels beyond the plain fit of the
+    smallest k: its k and the spatial steps.
+    """
+    if nest <= 0 or len(ks) < 2 or k == min(ks):
+        return None
+    return {
+        "width": float(nest),
+        "coarse_k": int(min(ks)),
+        "smooth": float(smooth),
+        "snap": float(snap),
+        "mrf": float(mrf),
+    }
 
 
 def _existing_cache(root: Path) -> Any:
@@ -874,6 +905,7 @@ def plan(
     smooth: float = 0.0,
     snap: float = 0.0,
     mrf: float = 0.0,
+    nest: float = 0.0,
     clusterer: Any = None,
 ) -> dict[str, Any]:
     """What ``embed``/``cluster`` would do (``--dry-run``): per volume its shape, state and estimates.
@@ -898,6 +930,7 @@ def plan(
         estimate_embedding,
         estimate_kmeans_seconds,
         estimate_mrf,
+        estimate_nest,
         estimate_smooth,
         estimate_snap,
         measure_flop_rate,
@@ -934,7 +967,16 @@ def plan(
                     cached_fits = [
                         k
                         for k in ks
-                        if _centroids_key(sha, model, patch_size, stride, k, clusterer) in cache
+                        if _centroids_key(
+                            sha,
+                            model,
+                            patch_size,
+                            stride,
+                            k,
+                            clusterer,
+                            _nest_spec(k, ks, nest, smooth, snap, mrf),
+                        )
+                        in cache
                     ]
                 if ks:
                     row["cached_fits"] = cached_fits
@@ -979,6 +1021,10 @@ def plan(
                     extra_s, mrf_bytes = estimate_mrf(shape, ks, flop_rate=rate)
                     seconds += extra_s
                     peak = max(peak, baseline + 4.0 * voxels * d + voxels + mrf_bytes)
+                if nest > 0 and len(ks) > 1:
+                    extra_s, nest_bytes = estimate_nest(shape, ks)
+                    seconds += extra_s
+                    peak = max(peak, baseline + 4.0 * voxels * d + voxels + nest_bytes)
             row.update(state=state, seconds=round(seconds, 3), peak_bytes=int(peak))
         except Exception as exc:  # noqa: BLE001 - shown in the plan
             from .batch import one_line
@@ -1061,11 +1107,19 @@ class _Clusterer:
         self.seed = seed
         self.device = device
 
-    def fit(self, features: np.ndarray, k: int) -> np.ndarray:
-        """Canonically ordered centroids (k, d) fitted on at most fit_samples points."""
+    def fit(self, features: np.ndarray, k: int, rows: np.ndarray | None = None) -> np.ndarray:
+        """Canonically ordered centroids (k, d) fitted on at most fit_samples points.
+
+        ``rows`` (sorted row indices) limits the fit to those rows of
+        ``features`` (``cluster --nest``); the sample is drawn from them.
+        """
         rng = np.random.default_rng([self.seed, k])
-        if len(features) > self.fit_samples:
-            features = features[np.sort(rng.choice(len(features), self.fit_samples, replace=False))]
+        n = len(features) if rows is None else len(rows)
+        if n > self.fit_samples:
+            pick = np.sort(rng.choice(n, self.fit_samples, replace=False))
+            features = features[pick if rows is None else rows[pick]]
+        elif rows is not None:
+            features = features[rows]
         features = np.asarray(features, dtype=np.float64)
         if self.kind == "ball":
             from .kmeans import PoincareKMeans
@@ -1179,6 +1233,7 @@ _IDENTITY = (
     "smooth",
     "snap",
     "mrf",
+    "nest",
 )
 
 
@@ -1357,6 +1412,7 @@ def cluster(
     smooth: float = 0.0,
     snap: float = 0.0,
     mrf: float = 0.0,
+    nest: float = 0.0,
     seed: int = 0,
     device: str = "auto",
     threads: int | None = None,
@@ -1387,6 +1443,13 @@ def cluster(
     boundaries between labels of distinct intensity with an intensity MRF of
     Potts weight ``mrf`` (:func:`hypsegcli.edges.refine_labels`).
 
+    ``nest`` > 0 (with several k) nests every larger k in the smallest k's
+    labels (:mod:`hypsegcli.nesting`): the per-volume fit leaves out the
+    voxels within ``nest`` voxels of a boundary of those labels, and those
+    voxels take the label of the nearest voxel of their own coarse region
+    outside that band, before ``snap`` and ``mrf``. A pooled fit or given
+    centroids use every voxel; the band's labels are taken all the same.
+
     Centroids: each case's sets go to ``OUT/<case>.centroids.json``, written
     after its label volumes; ``OUT/centroids.json`` is then rebuilt from all
     of them (:func:`_merge_centroids`), so parts writing into one folder never
@@ -1403,6 +1466,7 @@ def cluster(
     from .cache import EmbeddingCache, resolve_cache_dir
     from .edges import refine_labels, snap_labels
     from .embedding import DEFAULT_TILE
+    from .nesting import band_mask, fill_band
     from .preview import write_preview
     from .sampling import normalize_volume
 
@@ -1419,6 +1483,8 @@ def cluster(
         raise BadInputError(f"--snap {snap}: should be a finite number >= 0")
     if not (isinstance(mrf, (int, float)) and mrf >= 0 and np.isfinite(mrf)):
         raise BadInputError(f"--mrf {mrf}: should be a finite number >= 0")
+    if not (isinstance(nest, (int, float)) and nest >= 0 and np.isfinite(nest)):
+        raise BadInputError(f"--nest {nest}: should be a finite number >= 0")
     if features not in ("embedding", "intensity"):
         raise BadInputError(f"--features {features!r}: expected embedding or intensity")
     if fit_on not in ("volume", "pooled"):
@@ -1465,6 +1531,8 @@ def cluster(
         "smooth": float(smooth),
         "snap": float(snap),
         "mrf": float(mrf),
+        # the finer levels' labels depend on the band width and on which k is the coarse level
+        "nest": {"width": float(nest), "coarse_k": ks[0]} if nest > 0 and len(ks) > 1 else None,
     }
     fit = "centroids" if centroids is not None else fit_on
     params = {"seed": seed, "n_init": n_init, "fit_samples": fit_samples}
@@ -1488,6 +1556,7 @@ def cluster(
         "smooth": smooth,
         "snap": snap,
         "mrf": mrf,
+        "nest": nest,
         "seed": seed,
         "device": device,
         "threads": threads,
@@ -1525,6 +1594,7 @@ def cluster(
             smooth=smooth,
             snap=snap,
             mrf=mrf,
+            nest=nest,
             total_inputs=len(paths),
             config=config,
             clusterer=clusterer if fit == "volume" else None,
@@ -1545,15 +1615,25 @@ def cluster(
             volume_sha256=sha,
         )
 
-    def fitted(flat: np.ndarray, k: int, volume: Any, sha: str) -> np.ndarray:
-        """This volume's k-means centroids: from the cache (embedding features) or fitted."""
+    def fitted(
+        flat: np.ndarray,
+        k: int,
+        volume: Any,
+        sha: str,
+        rows: np.ndarray | None = None,
+        nest_spec: dict[str, Any] | None = None,
+    ) -> np.ndarray:
+        """This volume's k-means centroids: from the cache (embedding features) or fitted.
+
+        ``rows``: fit on these rows only (a nested fit, described by ``nest_spec``).
+        """
         if cache is None or model is None:
-            return clusterer.fit(flat, k)
-        key = _centroids_key(sha, model, patch_size, stride, k, clusterer)
+            return clusterer.fit(flat, k, rows)
+        key = _centroids_key(sha, model, patch_size, stride, k, clusterer, nest_spec)
         hit = cache.get(key)
         if hit is not None and hit.shape == (k, flat.shape[1]) and hit.dtype == np.float64:
             return np.array(hit)
-        centers = clusterer.fit(flat, k)
+        centers = clusterer.fit(flat, k, rows)
         cache.put(
             key,
             centers,
@@ -1629,7 +1709,15 @@ def cluster(
                     # the scaled image for --snap and --mrf: intensity features are exactly that
                     scaled = None if model is not None else np.asarray(feats)[..., 0]
                     sets = []
+                    # --nest: the smallest k's final labels and the band around their boundaries
+                    coarse: np.ndarray | None = None
+                    band: np.ndarray | None = None
                     for k in ks:
+                        spec = _nest_spec(k, ks, nest, smooth, snap, mrf)
+                        if spec is not None and band is None:
+                            assert coarse is not None  # the smallest k comes first
+                            band = band_mask(coarse, nest)
+                            watch.lap("cluster")
                         if fixed is not None:
                             centers = fixed[k]
                         else:
@@ -1637,11 +1725,19 @@ def cluster(
                                 raise BadInputError(
                                     f"{path}: n_samples={len(flat)} should be >= n_clusters={k}"
                                 )
-                            centers = fitted(flat, k, volume, sha)
+                            fit_rows = None
+                            if band is not None:
+                                fit_rows = np.flatnonzero(~band.reshape(-1))
+                                if len(fit_rows) < k:  # (nearly) all band: fit on every voxel
+                                    fit_rows, spec = None, None
+                            centers = fitted(flat, k, volume, sha, fit_rows, spec)
                         sets.append({"k": k, "centers": centers.tolist()})
                         labels = clusterer.labels(
                             np.asarray(feats).reshape(*volume.data.shape, -1), centers, smooth
                         )
+                        if band is not None:
+                            assert coarse is not None
+                            labels = fill_band(labels, coarse, band)
                         if (snap > 0 or mrf > 0) and scaled is None:
                             scaled = normalize_volume(volume.data, name=str(path))
                         if snap > 0:
@@ -1650,6 +1746,8 @@ def cluster(
                             labels = refine_labels(
                                 labels, scaled, beta=mrf, device=clusterer.device
                             )
+                        if coarse is None and nest > 0 and len(ks) > 1:
+                            coarse = labels
                         watch.lap("cluster")
                         target = out / f"{volume.name}_k{k}{volume.geometry.suffix}"
                         write_labels(target, labels, volume.geometry)

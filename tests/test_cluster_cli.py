@@ -288,7 +288,8 @@ def test_kmeans_fits_are_cached_and_reused_only_when_they_apply(
     trained, tmp_path, capsys, monkeypatch
 ):
     """Clustering again with other spatial steps reuses each volume's cached k-means fit (same
-    centroids as a fresh fit); another seed, --n-init or --fit-samples fits again."""
+    centroids as a fresh fit), except a fit nested by --nest in the smallest k's labels, which
+    those steps shape; another seed, --n-init or --fit-samples fits again."""
     from hypsegcli import batch, pipeline
 
     images = trained / "data" / "images"
@@ -296,9 +297,9 @@ def test_kmeans_fits_are_cached_and_reused_only_when_they_apply(
     fits: list[int] = []
     real_fit = pipeline._Clusterer.fit
 
-    def counting_fit(self, features, k):
+    def counting_fit(self, features, k, rows=None):
         fits.append(k)
-        return real_fit(self, features, k)
+        return real_fit(self, features, k, rows)
 
     monkeypatch.setattr(pipeline._Clusterer, "fit", counting_fit)
 
@@ -347,9 +348,23 @@ def test_kmeans_fits_are_cached_and_reused_only_when_they_apply(
     cluster("b")
     assert fits == []
     assert centers("b") == centers("a") and labels("b") == labels("a")
-    # other spatial steps: no fit, the same centroids
+    # other spatial steps: the same k = 2 centroids; k = 3 is nested in k = 2's labels
+    # (--nest, on by default), which the steps shape: fitted again
     cluster("c", "--smooth", "0", "--snap", "0", "--mrf", "0")
-    assert fits == [] and centers("c") == centers("a")
+    assert sorted(fits) == [3, 3, 3]
+    assert {key: c for key, c in centers("c").items() if key[1] == 2} == {
+        key: c for key, c in centers("a").items() if key[1] == 2
+    }
+    assert {key: c for key, c in centers("c").items() if key[1] == 3} != {
+        key: c for key, c in centers("a").items() if key[1] == 3
+    }
+    # without nesting k = 3 is a plain fit, which other spatial steps reuse
+    fits.clear()
+    cluster("c2", "--nest", "0")
+    assert sorted(fits) == [3, 3, 3]
+    fits.clear()
+    cluster("c3", "--nest", "0", "--smooth", "0", "--snap", "0", "--mrf", "0")
+    assert fits == [] and centers("c3") == centers("c2")
     # what the fit depends on: fitted again
     for option, value in (("--seed", "1"), ("--n-init", "3"), ("--fit-samples", "5000")):
         fits.clear()
@@ -358,7 +373,7 @@ def test_kmeans_fits_are_cached_and_reused_only_when_they_apply(
     # cache ls names them; a corrupt cached fit is refitted, with the same result
     code, out, _ = run(["cache", "ls", "--cache-dir", cache, "--json"], capsys)
     kinds = [e["meta"].get("kind") for e in json.loads(out)]
-    assert kinds.count("centroids") == 4 * 6 and kinds.count(None) == 3
+    assert kinds.count("centroids") == 5 * 6 and kinds.count(None) == 3
     entry = next(e for e in json.loads(out) if e["meta"].get("kind") == "centroids")
     with open(entry["path"], "r+b") as fh:
         fh.seek(-8, 2)

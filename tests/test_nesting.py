@@ -1,0 +1,150 @@
+"""cluster --nest: the band around the coarse labels' boundaries and its fill, against brute force."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+from clitools import run
+
+from hypsegcli.nesting import band_mask, fill_band
+
+
+def _random_regions(rng, shape, n_labels):
+    """A few smooth-ish regions: labels of the nearest of a few random seeds (Voronoi cells)."""
+    seeds = rng.uniform(0, 1, (n_labels * 2, 3)) * np.array(shape)
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1)
+    nearest = ((grid[..., None, :] - seeds) ** 2).sum(-1).argmin(-1)
+    return (nearest % n_labels).astype(np.int16)
+
+
+def _brute_distance_to_other(coarse):
+    """Distance of every voxel to the nearest voxel centre of another label (float64, loops)."""
+    pts = np.argwhere(np.ones(coarse.shape, bool)).astype(np.float64)
+    flat = coarse.reshape(-1)
+    out = np.full(len(flat), np.inf)
+    for i, p in enumerate(pts):
+        other = flat != flat[i]
+        if other.any():
+            out[i] = np.sqrt(((pts[other] - p) ** 2).sum(1)).min()
+    return out.reshape(coarse.shape)
+
+
+@pytest.mark.parametrize("n_labels", [2, 3])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_band_and_fill_match_brute_force(n_labels, seed):
+    rng = np.random.default_rng(seed)
+    shape = (9, 8, 7)
+    coarse = _random_regions(rng, shape, n_labels)
+    dist = _brute_distance_to_other(coarse)
+    labels = rng.integers(0, 5, shape).astype(np.uint8)
+    pts = np.argwhere(np.ones(shape, bool)).astype(np.float64)
+    for width in (0.5, 1.0, 1.5, 2.3, 4.0):
+        band = band_mask(coarse, width)
+        np.testing.assert_array_equal(band, dist <= width, err_msg=f"width {width}")
+        out = fill_band(labels, coarse, band)
+        assert out.dtype == labels.dtype
+        np.testing.assert_array_equal(out[~band], labels[~band])
+        for v in np.argwhere(band):
+            region = (coarse == coarse[tuple(v)]).reshape(-1)
+            source = region & ~band.reshape(-1)
+            if not source.any():  # no voxel to take a label from: kept
+                assert out[tuple(v)] == labels[tuple(v)]
+                continue
+            d = np.sqrt(((pts[source] - v) ** 2).sum(1))
+            # the label of one of the nearest source voxels of the same region (ties allowed)
+            nearest = labels.reshape(-1)[source][np.isclose(d, d.min())]
+            assert out[tuple(v)] in nearest, (width, v)
+
+
+def test_band_edge_cases():
+    one = np.zeros((4, 4, 4), np.uint8)
+    assert not band_mask(one, 3.0).any()
+    two = one.copy()
+    two[2:] = 1
+    assert not band_mask(two, 0.0).any() and not band_mask(two, 0.9).any()
+    np.testing.assert_array_equal(band_mask(two, 1.0)[:, 0, 0], [False, True, True, False])
+    # a region wholly inside the band keeps its own labels
+    labels = np.arange(64, dtype=np.int32).reshape(4, 4, 4)
+    band = band_mask(two, 5.0)
+    assert band.all()
+    np.testing.assert_array_equal(fill_band(labels, two, band), labels)
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError):
+            band_mask(two, bad)
+    with pytest.raises(ValueError):
+        fill_band(labels, two[:3], band[:3])
+
+
+def _cell_with_shell(path):
+    """Background 0, a ball ('cell', 10) with a 2-voxel outer shell of mixed value 5 and a small
+    ball ('organelle', 7) inside; the shell outnumbers the organelle about 6 to 1."""
+    n = 40
+    g = np.stack(np.meshgrid(*[np.arange(n)] * 3, indexing="ij"), -1).astype(float)
+    r = np.sqrt(((g - 19.5) ** 2).sum(-1))
+    r_org = np.sqrt(((g - np.array([19.5, 19.5, 24.0])) ** 2).sum(-1))
+    img = np.zeros((n, n, n), np.float32)
+    img[r < 14] = 5.0
+    img[r < 12] = 10.0
+    img[r_org < 4] = 7.0
+    truth = np.zeros(img.shape, np.uint8)
+    truth[r < 14] = 1
+    truth[r_org < 4] = 2
+    nib.save(nib.Nifti1Image(img, np.diag([1.5, 1.5, 2.0, 1.0])), path)
+    return truth
+
+
+def test_nesting_gives_the_small_structure_its_own_cluster(tmp_path, capsys):
+    """Intensity k-means at k = 3 spends a cluster on the shell around the ball (merging the
+    organelle with it or with the cell) unless k = 3 is nested in k = 2's labels."""
+    images = tmp_path / "images"
+    images.mkdir()
+    truth = _cell_with_shell(images / "cell.nii.gz")
+    organelle = truth == 2
+
+    def organelle_labels(out, *extra):
+        code, _, err = run(
+            [
+                "cluster",
+                images,
+                "--features",
+                "intensity",
+                "--k",
+                "2",
+                "--k",
+                "3",
+                "-o",
+                tmp_path / out,
+                "--smooth",
+                "0",
+                "--snap",
+                "0",
+                "--mrf",
+                "0",
+                *extra,
+            ],
+            capsys,
+        )
+        assert code == 0, err
+        labels = np.asarray(nib.load(tmp_path / out / "cell_k3.nii.gz").dataobj)
+        own = np.unique(labels[organelle])
+        return labels, own
+
+    labels, own = organelle_labels("nested", "--nest", "4")
+    assert len(own) == 1
+    # the organelle's label is its own: no other voxel carries it
+    np.testing.assert_array_equal(labels == own[0], organelle)
+    record = json.loads((tmp_path / "nested" / "centroids.json").read_text())
+    assert record["nest"] == {"width": 4.0, "coarse_k": 2}
+    labels, own = organelle_labels("plain", "--nest", "0")
+    assert len(own) == 1 and (labels == own[0]).sum() > 2 * organelle.sum()
+    record = json.loads((tmp_path / "plain" / "centroids.json").read_text())
+    assert record["nest"] is None
+    # a bad width is a usage error
+    code, _, err = run(
+        ["cluster", images, "--features", "intensity", "--k", "2", "-o", tmp_path / "x", "--nest", "-1"],
+        capsys,
+    )
+    assert code == 2 and "--nest" in err
