@@ -1276,6 +1276,11 @@ def _case_outputs(out: Path, path: Path, ks: list[int], preview: bool) -> list[P
     return [*files, _case_centroids_path(out, name)]
 
 
+def _nested_in(k: int, ks: list[int], nest: float) -> int | None:
+    """The k whose labels ``k``'s are nested in (``cluster --nest``), or None."""
+    return min(ks) if nest > 0 and len(ks) > 1 and k != min(ks) else None
+
+
 def _case_done(
     out: Path,
     path: Path,
@@ -1286,18 +1291,27 @@ def _case_done(
     fit: str,
     params: dict[str, Any],
     fixed: dict[int, np.ndarray] | None,
+    nest: float = 0.0,
 ) -> bool:
-    """All outputs of ``path`` exist and its centroid record (written last) covers ``ks``, same model and options."""
+    """All outputs of ``path`` exist and its centroid record (written last) covers ``ks``, same model and options.
+
+    Each k's set must also be nested in the same k as this run would nest it
+    (``nest``; a set for k = 4 made with ``--k 2 --k 4`` is not one made with
+    ``--k 4`` alone).
+    """
     if not all(f.is_file() for f in _case_outputs(out, path, ks, preview)):
         return False
     doc = _read_json(_case_centroids_path(out, case_name(path)))
     if not _case_record_matches(doc, header, fit, params):
         return False
-    sets = {int(s["k"]): s.get("centers") for s in doc["sets"] if isinstance(s, dict) and "k" in s}
-    if not all(k in sets for k in ks):
+    sets = {int(s["k"]): s for s in doc["sets"] if isinstance(s, dict) and "k" in s}
+    if not all(k in sets and sets[k].get("nested_in") == _nested_in(k, ks, nest) for k in ks):
         return False
     if fit == "centroids" and fixed is not None:
-        return all(np.array_equal(np.asarray(sets[k], dtype=np.float64), fixed[k]) for k in ks)
+        return all(
+            np.array_equal(np.asarray(sets[k].get("centers"), dtype=np.float64), fixed[k])
+            for k in ks
+        )
     return True
 
 
@@ -1370,7 +1384,14 @@ def _merge_centroids(out: Path, header: dict[str, Any]) -> Path:
             for entry in doc.get("sets", []):
                 k, centers = int(entry["k"]), entry["centers"]
                 if doc.get("fit") == "volume":
-                    per_case.append({"case": doc.get("case"), "k": k, "centers": centers})
+                    per_case.append(
+                        {
+                            "case": doc.get("case"),
+                            "k": k,
+                            "nested_in": entry.get("nested_in"),
+                            "centers": centers,
+                        }
+                    )
                 else:
                     pooled.setdefault(
                         (k, json.dumps(centers)), {"case": None, "k": k, "centers": centers}
@@ -1531,8 +1552,8 @@ def cluster(
         "smooth": float(smooth),
         "snap": float(snap),
         "mrf": float(mrf),
-        # the finer levels' labels depend on the band width and on which k is the coarse level
-        "nest": {"width": float(nest), "coarse_k": ks[0]} if nest > 0 and len(ks) > 1 else None,
+        # the band width; each set records the k it was nested in (``nested_in``)
+        "nest": float(nest),
     }
     fit = "centroids" if centroids is not None else fit_on
     params = {"seed": seed, "n_init": n_init, "fit_samples": fit_samples}
@@ -1571,7 +1592,15 @@ def cluster(
     done = {
         path: skip_existing
         and _case_done(
-            out, path, ks, preview=preview, header=header, fit=fit, params=params, fixed=fixed
+            out,
+            path,
+            ks,
+            preview=preview,
+            header=header,
+            fit=fit,
+            params=params,
+            fixed=fixed,
+            nest=nest,
         )
         for path in selected
     }
@@ -1731,7 +1760,13 @@ def cluster(
                                 if len(fit_rows) < k:  # (nearly) all band: fit on every voxel
                                     fit_rows, spec = None, None
                             centers = fitted(flat, k, volume, sha, fit_rows, spec)
-                        sets.append({"k": k, "centers": centers.tolist()})
+                        sets.append(
+                            {
+                                "k": k,
+                                "nested_in": _nested_in(k, ks, nest),
+                                "centers": centers.tolist(),
+                            }
+                        )
                         labels = clusterer.labels(
                             np.asarray(feats).reshape(*volume.data.shape, -1), centers, smooth
                         )

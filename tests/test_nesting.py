@@ -136,15 +136,38 @@ def test_nesting_gives_the_small_structure_its_own_cluster(tmp_path, capsys):
     assert len(own) == 1
     # the organelle's label is its own: no other voxel carries it
     np.testing.assert_array_equal(labels == own[0], organelle)
-    record = json.loads((tmp_path / "nested" / "centroids.json").read_text())
-    assert record["nest"] == {"width": 4.0, "coarse_k": 2}
+    record = json.loads((tmp_path / "nested" / "cell.centroids.json").read_text())
+    assert record["header"]["nest"] == 4.0
+    assert [(s["k"], s["nested_in"]) for s in record["sets"]] == [(2, None), (3, 2)]
     labels, own = organelle_labels("plain", "--nest", "0")
     assert len(own) == 1 and (labels == own[0]).sum() > 2 * organelle.sum()
-    record = json.loads((tmp_path / "plain" / "centroids.json").read_text())
-    assert record["nest"] is None
+    record = json.loads((tmp_path / "plain" / "cell.centroids.json").read_text())
+    assert record["header"]["nest"] == 0.0
+    assert [(s["k"], s["nested_in"]) for s in record["sets"]] == [(2, None), (3, None)]
+    # k = 3 alone into the nested folder: not nested, so redone (the k = 2 set is kept)
+    code, out, err = run(
+        ["cluster", images, "--features", "intensity", "--k", "3", "-o", tmp_path / "nested"]
+        + ["--smooth", "0", "--snap", "0", "--mrf", "0", "--nest", "4", "--json"],
+        capsys,
+    )
+    assert code == 0, err
+    assert [v["status"] for v in json.loads(out)["volumes"]] == ["done"]
+    record = json.loads((tmp_path / "nested" / "cell.centroids.json").read_text())
+    assert [(s["k"], s["nested_in"]) for s in record["sets"]] == [(2, None), (3, None)]
     # a bad width is a usage error
     code, _, err = run(
-        ["cluster", images, "--features", "intensity", "--k", "2", "-o", tmp_path / "x", "--nest", "-1"],
+        [
+            "cluster",
+            images,
+            "--features",
+            "intensity",
+            "--k",
+            "2",
+            "-o",
+            tmp_path / "x",
+            "--nest",
+            "-1",
+        ],
         capsys,
     )
     assert code == 2 and "--nest" in err
