@@ -678,6 +678,11 @@ def _centroids_key(
     return embedding_key(volume_sha256, model.sha256, params, __version__)
 
 
+def _nested_in(k: int, ks: list[int], nest: float) -> int | None:
+    """The k whose labels ``k``'s are nested in (``cluster --nest``), or None."""
+    return min(ks) if nest > 0 and len(ks) > 1 and k != min(ks) else None
+
+
 def _nest_spec(
     k: int, ks: list[int], nest: float, smooth: float, snap: float, mrf: float
 ) -> dict[str, Any] | None:
@@ -688,7 +693,7 @@ def _nest_spec(
     everything that shapes the coarse labels beyond the plain fit of the
     smallest k: its k and the spatial steps.
     """
-    if nest <= 0 or len(ks) < 2 or k == min(ks):
+    if _nested_in(k, ks, nest) is None:
         return None
     return {
         "width": float(nest),
@@ -1276,11 +1281,6 @@ def _case_outputs(out: Path, path: Path, ks: list[int], preview: bool) -> list[P
     return [*files, _case_centroids_path(out, name)]
 
 
-def _nested_in(k: int, ks: list[int], nest: float) -> int | None:
-    """The k whose labels ``k``'s are nested in (``cluster --nest``), or None."""
-    return min(ks) if nest > 0 and len(ks) > 1 and k != min(ks) else None
-
-
 def _case_done(
     out: Path,
     path: Path,
@@ -1741,11 +1741,13 @@ def cluster(
                     # --nest: the smallest k's final labels and the band around their boundaries
                     coarse: np.ndarray | None = None
                     band: np.ndarray | None = None
+                    outside: np.ndarray | None = None  # flat indices of the voxels off the band
                     for k in ks:
                         spec = _nest_spec(k, ks, nest, smooth, snap, mrf)
                         if spec is not None and band is None:
                             assert coarse is not None  # the smallest k comes first
                             band = band_mask(coarse, nest)
+                            outside = np.flatnonzero(~band.reshape(-1))
                             watch.lap("cluster")
                         if fixed is not None:
                             centers = fixed[k]
@@ -1754,11 +1756,9 @@ def cluster(
                                 raise BadInputError(
                                     f"{path}: n_samples={len(flat)} should be >= n_clusters={k}"
                                 )
-                            fit_rows = None
-                            if band is not None:
-                                fit_rows = np.flatnonzero(~band.reshape(-1))
-                                if len(fit_rows) < k:  # (nearly) all band: fit on every voxel
-                                    fit_rows, spec = None, None
+                            fit_rows = outside
+                            if fit_rows is not None and len(fit_rows) < k:
+                                fit_rows, spec = None, None  # (nearly) all band: every voxel
                             centers = fitted(flat, k, volume, sha, fit_rows, spec)
                         sets.append(
                             {
