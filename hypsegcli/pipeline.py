@@ -693,11 +693,12 @@ def _nest_spec(
     everything that shapes the coarse labels beyond the plain fit of the
     smallest k: its k and the spatial steps.
     """
-    if _nested_in(k, ks, nest) is None:
+    coarse_k = _nested_in(k, ks, nest)
+    if coarse_k is None:
         return None
     return {
         "width": float(nest),
-        "coarse_k": int(min(ks)),
+        "coarse_k": int(coarse_k),
         "smooth": float(smooth),
         "snap": float(snap),
         "mrf": float(mrf),

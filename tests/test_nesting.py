@@ -104,29 +104,17 @@ def test_nesting_gives_the_small_structure_its_own_cluster(tmp_path, capsys):
     truth = _cell_with_shell(images / "cell.nii.gz")
     organelle = truth == 2
 
-    def organelle_labels(out, *extra):
-        code, _, err = run(
-            [
-                "cluster",
-                images,
-                "--features",
-                "intensity",
-                "--k",
-                "2",
-                "--k",
-                "3",
-                "-o",
-                tmp_path / out,
-                "--smooth",
-                "0",
-                "--snap",
-                "0",
-                "--mrf",
-                "0",
-                *extra,
-            ],
+    def cluster(out, ks, *extra):
+        """Intensity k-means of the volume at ``ks`` into ``out``, no Potts prior, snap or MRF."""
+        ks_args = [arg for k in ks for arg in ("--k", str(k))]
+        return run(
+            ["cluster", images, "--features", "intensity", *ks_args, "-o", tmp_path / out]
+            + ["--smooth", "0", "--snap", "0", "--mrf", "0", *extra],
             capsys,
         )
+
+    def organelle_labels(out, *extra):
+        code, _, err = cluster(out, (2, 3), *extra)
         assert code == 0, err
         labels = np.asarray(nib.load(tmp_path / out / "cell_k3.nii.gz").dataobj)
         own = np.unique(labels[organelle])
@@ -145,29 +133,11 @@ def test_nesting_gives_the_small_structure_its_own_cluster(tmp_path, capsys):
     assert record["header"]["nest"] == 0.0
     assert [(s["k"], s["nested_in"]) for s in record["sets"]] == [(2, None), (3, None)]
     # k = 3 alone into the nested folder: not nested, so redone (the k = 2 set is kept)
-    code, out, err = run(
-        ["cluster", images, "--features", "intensity", "--k", "3", "-o", tmp_path / "nested"]
-        + ["--smooth", "0", "--snap", "0", "--mrf", "0", "--nest", "4", "--json"],
-        capsys,
-    )
+    code, out, err = cluster("nested", (3,), "--nest", "4", "--json")
     assert code == 0, err
     assert [v["status"] for v in json.loads(out)["volumes"]] == ["done"]
     record = json.loads((tmp_path / "nested" / "cell.centroids.json").read_text())
     assert [(s["k"], s["nested_in"]) for s in record["sets"]] == [(2, None), (3, None)]
     # a bad width is a usage error
-    code, _, err = run(
-        [
-            "cluster",
-            images,
-            "--features",
-            "intensity",
-            "--k",
-            "2",
-            "-o",
-            tmp_path / "x",
-            "--nest",
-            "-1",
-        ],
-        capsys,
-    )
+    code, _, err = cluster("x", (2,), "--nest", "-1")
     assert code == 2 and "--nest" in err
