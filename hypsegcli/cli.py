@@ -367,6 +367,12 @@ class ScaleSampling(str, Enum):
     log = "log"
 
 
+class Norm(str, Enum):
+    percentile = "percentile"
+    zscore = "zscore"
+    none = "none"
+
+
 class Likelihood(str, Enum):
     unit = "unit"
     learned = "learned"
@@ -508,6 +514,20 @@ def train(
             help="Draw each negative within this many voxels of its anchor's box (neighbouring tissue, harder negatives); default: anywhere in the volume, as the paper.",
         ),
     ] = None,
+    norm: Annotated[
+        Norm,
+        typer.Option(
+            "--norm",
+            help="Intensity normalisation of every volume, stored in the model file and applied again at inference: 'percentile' (P_low -> 0, P_high -> 1, levels from --norm-range), 'zscore' (zero mean, unit standard deviation, as usual for cryo-ET) or 'none' (values as stored, for intensities calibrated across volumes).",
+        ),
+    ] = Norm.percentile,
+    norm_range: Annotated[
+        tuple[float, float],
+        typer.Option(
+            "--norm-range",
+            help="Percentiles LOW HIGH mapped to 0 and 1 by --norm percentile (0 100: min-max).",
+        ),
+    ] = (1.0, 99.0),
     checkpoint_every: Annotated[
         int, typer.Option("--checkpoint-every", min=1, help="Write a checkpoint every N steps.")
     ] = 100,
@@ -526,7 +546,8 @@ def train(
     Triplets (anchor, child inside it, disjoint negative) are drawn fresh at
     every step from all volumes. Checkpoints are written atomically every
     --checkpoint-every steps and at the end; --resume continues an
-    interrupted run.
+    interrupted run with the checkpoint's model, sampling and normalisation
+    settings.
     """
     from . import pipeline
     from .config import ModelConfig, SamplingConfig, TrainConfig
@@ -548,7 +569,13 @@ def train(
         texture_weight=texture_weight,
     )
     sampling_config = SamplingConfig(
-        r_min=r_min, r_max=r_max, scale_sampling=scale_sampling.value, negative_gap=negative_gap
+        r_min=r_min,
+        r_max=r_max,
+        scale_sampling=scale_sampling.value,
+        negative_gap=negative_gap,
+        norm=norm.value,
+        norm_low=norm_range[0],
+        norm_high=norm_range[1],
     )
     train_config = TrainConfig(
         steps=steps if steps is not None or max_minutes is not None else 3000,

@@ -111,6 +111,10 @@ class ModelConfig:
         return _from_dict(cls, data)
 
 
+# Per-volume intensity normalisations (``hypseg train --norm``; sampling.normalize)
+NORMALIZATIONS = ("percentile", "zscore", "none")
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
     """Multi-scale triplet sampling (paper Sec. 4; METHOD.md "Triplet sampling").
@@ -119,7 +123,9 @@ class SamplingConfig:
     volume), positive child of side in [l_min, min(child_max, r - r_gap)] inside
     the anchor, negative of the child's side that does not overlap the anchor
     (anywhere in the volume, or within ``negative_gap`` voxels of the anchor's
-    box per axis).
+    box per axis). ``norm`` (with percentile levels ``norm_low``/``norm_high``)
+    is how every volume's intensities are scaled before sampling and at
+    inference (:func:`hypsegcli.sampling.normalize`).
     """
 
     r_min: float = 5.0
@@ -128,6 +134,7 @@ class SamplingConfig:
     l_min: float = 3.0
     r_gap: float = 2.0
     child_max: float = 14.0
+    norm: Literal["percentile", "zscore", "none"] = "percentile"
     norm_low: float = 1.0
     norm_high: float = 99.0
     negative_gap: float | None = None
@@ -149,6 +156,8 @@ class SamplingConfig:
             raise BadInputError(f"child_max={self.child_max} should be >= l_min={self.l_min}")
         if self.negative_gap is not None and not self.negative_gap >= 0:
             raise BadInputError(f"negative_gap={self.negative_gap} should be >= 0 (or None)")
+        if self.norm not in NORMALIZATIONS:
+            raise BadInputError(f"norm={self.norm!r} should be one of {', '.join(NORMALIZATIONS)}")
         if not 0 <= self.norm_low < self.norm_high <= 100:
             raise BadInputError(
                 f"norm_low={self.norm_low} and norm_high={self.norm_high} should satisfy "

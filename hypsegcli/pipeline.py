@@ -479,10 +479,15 @@ def write_evaluation_csv(report: dict[str, Any], path: Path) -> None:
 
 
 def load_training_volumes(
-    inputs: list[Path], *, recursive: bool = False, low: float = 1.0, high: float = 99.0
+    inputs: list[Path],
+    *,
+    recursive: bool = False,
+    method: str = "percentile",
+    low: float = 1.0,
+    high: float = 99.0,
 ) -> list[Any]:
-    """Read and normalise training volumes; errors name the file."""
-    from .sampling import normalize_volume
+    """Read and normalise training volumes (``sampling.normalize``); errors name the file."""
+    from .sampling import normalize
     from .training import TrainingVolume
 
     paths = collect_inputs(inputs, recursive=recursive)
@@ -492,7 +497,7 @@ def load_training_volumes(
         volumes.append(
             TrainingVolume(
                 name=str(path),
-                data=normalize_volume(vol.data, low=low, high=high, name=str(path)),
+                data=normalize(vol.data, method, low=low, high=high, name=str(path)),
                 sha256=array_sha256(vol.data),
             )
         )
@@ -517,8 +522,15 @@ def train(
 
     distributed.quiet_other_ranks()  # under torchrun, ranks > 0 log warnings only
     set_threads(threads)
+    norm = sampling_config
+    if resume:  # the checkpoint's normalisation, whatever this command line says
+        norm = training.checkpoint_sampling_config(Path(output)) or sampling_config
     volumes = load_training_volumes(
-        inputs, recursive=recursive, low=sampling_config.norm_low, high=sampling_config.norm_high
+        inputs,
+        recursive=recursive,
+        method=norm.norm,
+        low=norm.norm_low,
+        high=norm.norm_high,
     )
     log.info("training on %d volume(s), device %s", len(volumes), training.resolve_device(device))
     result = training.train(
@@ -564,12 +576,14 @@ class LoadedModel:
         self.normalization = dict(self.document["normalization"])
 
     def normalize(self, data: np.ndarray, name: str) -> np.ndarray:
-        from .sampling import normalize_volume
+        from .config import NORMALIZATIONS
+        from .sampling import normalize
 
         norm = self.normalization
-        if norm.get("method") != "percentile":
-            raise BadInputError(f"{self.path}: unknown normalisation {norm.get('method')!r}")
-        return normalize_volume(data, low=float(norm["low"]), high=float(norm["high"]), name=name)
+        method = norm.get("method")
+        if method not in NORMALIZATIONS:
+            raise BadInputError(f"{self.path}: unknown normalisation {method!r}")
+        return normalize(data, method, low=float(norm["low"]), high=float(norm["high"]), name=name)
 
 
 def _embedding_params(model: LoadedModel, patch_size: int, stride: int) -> dict[str, Any]:

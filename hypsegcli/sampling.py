@@ -27,13 +27,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import SamplingConfig
+from .config import NORMALIZATIONS, SamplingConfig
 from .errors import BadInputError, HypsegError
 
 __all__ = [
     "Triplets",
     "TripletSampler",
     "interpolate",
+    "NORMALIZATIONS",
+    "normalize",
     "normalize_volume",
     "patch_grid",
     "sample_patches",
@@ -47,6 +49,27 @@ ROOM_TOLERANCE = 1e-6
 # --------------------------------------------------------------------------
 # Intensity normalization
 # --------------------------------------------------------------------------
+
+
+def _checked_volume(arr: np.ndarray, what: str) -> np.ndarray:
+    """``arr`` as a real array (booleans as float32); BadInputError for an empty
+    volume, a non-numeric or complex dtype, or non-finite voxels (naming how many)."""
+    arr = np.asarray(arr)
+    if arr.size == 0:
+        raise BadInputError(f"{what} is empty (shape {arr.shape})")
+    if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
+        raise BadInputError(f"{what} has dtype {arr.dtype}, expected a numeric array")
+    if arr.dtype == np.bool_:
+        arr = arr.astype(np.float32)
+    if np.issubdtype(arr.dtype, np.complexfloating):
+        raise BadInputError(f"{what} has complex dtype {arr.dtype}, expected real values")
+    finite = np.isfinite(arr)
+    n_bad = arr.size - int(np.count_nonzero(finite))
+    if n_bad:
+        raise BadInputError(
+            f"{what} has {n_bad} non-finite voxel(s) (NaN or inf) out of {arr.size}; expected finite values"
+        )
+    return arr
 
 
 def normalize_volume(
@@ -70,21 +93,7 @@ def normalize_volume(
         raise BadInputError(
             f"percentiles low={low} and high={high} should satisfy 0 <= low < high <= 100"
         )
-    arr = np.asarray(arr)
-    if arr.size == 0:
-        raise BadInputError(f"{what} is empty (shape {arr.shape})")
-    if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
-        raise BadInputError(f"{what} has dtype {arr.dtype}, expected a numeric array")
-    if arr.dtype == np.bool_:
-        arr = arr.astype(np.float32)
-    if np.issubdtype(arr.dtype, np.complexfloating):
-        raise BadInputError(f"{what} has complex dtype {arr.dtype}, expected real values")
-    finite = np.isfinite(arr)
-    n_bad = arr.size - int(np.count_nonzero(finite))
-    if n_bad:
-        raise BadInputError(
-            f"{what} has {n_bad} non-finite voxel(s) (NaN or inf) out of {arr.size}; expected finite values"
-        )
+    arr = _checked_volume(arr, what)
     p_low, p_high = (float(v) for v in np.percentile(arr, [low, high]))
     if not p_high > p_low:
         vmin, vmax = float(arr.min()), float(arr.max())
@@ -97,6 +106,47 @@ def normalize_volume(
     out = arr.astype(np.float32, copy=True)
     out -= np.float32(p_low)
     out *= np.float32(1.0 / (p_high - p_low))
+    return out
+
+
+def normalize(
+    arr: np.ndarray,
+    method: str = "percentile",
+    low: float = 1.0,
+    high: float = 99.0,
+    *,
+    name: str | None = None,
+) -> np.ndarray:
+    """One volume's intensities as the model sees them (float32), by ``method``:
+
+    - ``percentile``: :func:`normalize_volume` with levels ``(low, high)``;
+      ``(0, 100)`` is min-max scaling.
+    - ``zscore``: ``(x - mean) / std`` over all voxels (computed in float64),
+      the usual scaling of cryo-ET tomograms.
+    - ``none``: the voxel values as stored, for data whose absolute
+      intensities mean the same in every volume (CT in Hounsfield units, say).
+
+    Every method rejects empty, non-numeric, complex and non-finite volumes and
+    constant ones (nothing to segment), naming ``name`` in the message.
+    """
+    what = f"volume {name}" if name else "volume"
+    if method == "percentile":
+        return normalize_volume(arr, low, high, name=name)
+    if method not in NORMALIZATIONS:
+        raise BadInputError(
+            f"normalisation {method!r}: expected one of {', '.join(NORMALIZATIONS)}"
+        )
+    arr = _checked_volume(arr, what)
+    vmin, vmax = float(arr.min()), float(arr.max())
+    if vmin == vmax:
+        raise BadInputError(f"{what} is constant (every voxel = {vmin:g}); nothing to segment")
+    if method == "none":
+        return arr.astype(np.float32, copy=True)
+    mean = float(arr.mean(dtype=np.float64))
+    std = float(arr.std(dtype=np.float64))
+    out = arr.astype(np.float32, copy=True)
+    out -= np.float32(mean)
+    out *= np.float32(1.0 / std)
     return out
 
 

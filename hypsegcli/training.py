@@ -89,6 +89,15 @@ def companion_paths(model_path: Path) -> tuple[Path, Path]:
     return model_path.with_name(f"{stem}.ckpt.pt"), model_path.with_name(f"{stem}.history.csv")
 
 
+def checkpoint_sampling_config(model_path: Path) -> SamplingConfig | None:
+    """The sampling configuration (normalisation included) of the checkpoint beside
+    ``model_path``, which a resumed run keeps; None where there is no checkpoint."""
+    ckpt_path, _ = companion_paths(model_path)
+    if not ckpt_path.is_file():
+        return None
+    return SamplingConfig.from_dict(load_model_file(ckpt_path)["sampling_config"])
+
+
 def resolve_device(name: str = "auto"):
     """``auto`` picks CUDA, then Apple MPS, then the CPU.
 
@@ -240,7 +249,7 @@ def _train(
             "sampling_config": sampling_config.to_dict(),
             "train_config": train_config.to_dict(),
             "normalization": {
-                "method": "percentile",
+                "method": sampling_config.norm,
                 "low": sampling_config.norm_low,
                 "high": sampling_config.norm_high,
             },

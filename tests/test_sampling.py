@@ -21,6 +21,7 @@ from hypsegcli.sampling import (
     TripletSampler,
     _sample_outside,
     interpolate,
+    normalize,
     normalize_volume,
     patch_grid,
     sample_patches,
@@ -95,6 +96,38 @@ def test_normalize_rejects_empty_and_bad_levels():
         normalize_volume(np.zeros((0, 3, 3)))
     with pytest.raises(BadInputError, match="low=50"):
         normalize_volume(np.random.default_rng(0).random((3, 3, 3)), 50, 20)
+
+
+def test_normalize_methods_against_float64_references():
+    rng = np.random.default_rng(1)
+    arr = (rng.gamma(2.0, 3.0, size=(11, 8, 6)) * 40 + 1000).astype(np.int16)
+    ref = arr.astype(np.float64)
+    z = normalize(arr, "zscore", name="t.mrc")
+    assert z.dtype == np.float32 and z.shape == arr.shape
+    np.testing.assert_allclose(z, (ref - ref.mean()) / ref.std(), rtol=1e-5, atol=1e-5)
+    assert abs(float(z.astype(np.float64).mean())) < 1e-5
+    assert abs(float(z.astype(np.float64).std()) - 1) < 1e-5
+    raw = normalize(arr, "none")
+    assert raw.dtype == np.float32 and np.array_equal(raw, ref.astype(np.float32))
+    np.testing.assert_array_equal(normalize(arr, "percentile", 5, 95), normalize_volume(arr, 5, 95))
+    assert arr.dtype == np.int16 and arr[0, 0, 0] == (ref[0, 0, 0])  # input untouched
+
+
+@pytest.mark.parametrize("method", ["percentile", "zscore", "none"])
+def test_normalize_methods_reject_bad_volumes_naming_them(method):
+    with pytest.raises(BadInputError, match=r"volume c\.nii is constant"):
+        normalize(np.full((4, 4, 4), 2.0), method, name="c.nii")
+    arr = np.ones((3, 3, 3))
+    arr[0, 0, 0] = np.nan
+    with pytest.raises(BadInputError, match=r"volume c\.nii has 1 non-finite voxel"):
+        normalize(arr, method, name="c.nii")
+    with pytest.raises(BadInputError, match="empty"):
+        normalize(np.zeros((0, 2, 2)), method)
+
+
+def test_normalize_unknown_method():
+    with pytest.raises(BadInputError, match="'minmax': expected one of percentile, zscore, none"):
+        normalize(np.arange(8.0).reshape(2, 2, 2), "minmax")
 
 
 # --------------------------------------------------------------------------

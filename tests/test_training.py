@@ -349,3 +349,50 @@ def test_json_summary_has_no_nan(tmp_path):
     )
     doc = json.loads(json.dumps(result.to_dict(), allow_nan=False))
     assert doc["last_losses"] == {**losses, "texture": None} == doc["first_losses"]
+
+
+def test_cli_norm_is_stored_applied_at_inference_and_kept_on_resume(tmp_path, capsys, monkeypatch):
+    from hypsegcli import sampling
+    from hypsegcli.pipeline import LoadedModel
+
+    data = tmp_path / "data"
+    code, _, err = run(["--quiet", "synth", data, "--n", "1", "--size", "20"], capsys)
+    assert code == 0, err
+    image = next((data / "images").iterdir())
+    raw = io.read_volume(image).data.astype(np.float64)
+    out = tmp_path / "m.pt"
+    args = ["--quiet", "train", data / "images", "-o", out, *TINY_TRAIN]
+    seen = []  # the method every training volume was normalised with
+    real = sampling.normalize
+    monkeypatch.setattr(
+        sampling, "normalize", lambda a, m, *r, **k: seen.append(m) or real(a, m, *r, **k)
+    )
+    code, _, err = run(
+        [*args, "--steps", "2", "--checkpoint-every", "1", "--norm", "zscore"], capsys
+    )
+    assert code == 0, err
+    doc = load_model_file(out)
+    assert doc["normalization"]["method"] == "zscore" and doc["sampling_config"]["norm"] == "zscore"
+    x = LoadedModel(out, device="cpu").normalize(raw, name=str(image))
+    np.testing.assert_allclose(x, (raw - raw.mean()) / raw.std(), rtol=1e-5, atol=1e-5)
+    assert seen == ["zscore", "zscore"]  # the training volume, then the volume above
+    # resuming without --norm keeps the checkpoint's normalisation for the volumes and the file
+    seen.clear()
+    code, _, err = run([*args, "--steps", "3", "--resume"], capsys)
+    assert code == 0, err
+    assert seen == ["zscore"]
+    assert load_model_file(out)["normalization"]["method"] == "zscore"
+    # percentile levels are stored and used; 'none' keeps the stored values
+    code, _, err = run([*args, "--steps", "1", "--norm-range", "0", "100"], capsys)
+    assert code == 0, err
+    lo, hi = raw.min(), raw.max()
+    x = LoadedModel(out, device="cpu").normalize(raw, name=str(image))
+    np.testing.assert_allclose(x, (raw - lo) / (hi - lo), rtol=1e-5, atol=1e-5)
+    code, _, err = run([*args, "--steps", "1", "--norm", "none"], capsys)
+    assert code == 0, err
+    x = LoadedModel(out, device="cpu").normalize(raw, name=str(image))
+    np.testing.assert_array_equal(x, raw.astype(np.float32))
+    # bad levels: one line, exit 2
+    code, stdout, err = run([*args, "--steps", "1", "--norm-range", "60", "20"], capsys)
+    assert code == 2 and stdout == "" and len(err.strip().splitlines()) == 1
+    assert "norm_low=60.0 and norm_high=20.0" in err, err
