@@ -522,15 +522,15 @@ def train(
 
     distributed.quiet_other_ranks()  # under torchrun, ranks > 0 log warnings only
     set_threads(threads)
-    norm = sampling_config
+    norm_config = sampling_config
     if resume:  # the checkpoint's normalisation, whatever this command line says
-        norm = training.checkpoint_sampling_config(Path(output)) or sampling_config
+        norm_config = training.checkpoint_sampling_config(Path(output)) or sampling_config
     volumes = load_training_volumes(
         inputs,
         recursive=recursive,
-        method=norm.norm,
-        low=norm.norm_low,
-        high=norm.norm_high,
+        method=norm_config.norm,
+        low=norm_config.norm_low,
+        high=norm_config.norm_high,
     )
     log.info("training on %d volume(s), device %s", len(volumes), training.resolve_device(device))
     result = training.train(

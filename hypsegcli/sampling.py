@@ -53,7 +53,8 @@ ROOM_TOLERANCE = 1e-6
 
 def _checked_volume(arr: np.ndarray, what: str) -> np.ndarray:
     """``arr`` as a real array (booleans as float32); BadInputError for an empty
-    volume, a non-numeric or complex dtype, or non-finite voxels (naming how many)."""
+    volume, a non-numeric or complex dtype, non-finite voxels (naming how many)
+    or a constant volume (nothing to segment)."""
     arr = np.asarray(arr)
     if arr.size == 0:
         raise BadInputError(f"{what} is empty (shape {arr.shape})")
@@ -69,6 +70,9 @@ def _checked_volume(arr: np.ndarray, what: str) -> np.ndarray:
         raise BadInputError(
             f"{what} has {n_bad} non-finite voxel(s) (NaN or inf) out of {arr.size}; expected finite values"
         )
+    vmin = float(arr.min())
+    if vmin == float(arr.max()):
+        raise BadInputError(f"{what} is constant (every voxel = {vmin:g}); nothing to segment")
     return arr
 
 
@@ -97,8 +101,6 @@ def normalize_volume(
     p_low, p_high = (float(v) for v in np.percentile(arr, [low, high]))
     if not p_high > p_low:
         vmin, vmax = float(arr.min()), float(arr.max())
-        if vmin == vmax:
-            raise BadInputError(f"{what} is constant (every voxel = {vmin:g}); nothing to segment")
         raise BadInputError(
             f"{what} is constant between its {low:g}th and {high:g}th percentiles "
             f"(both {p_low:g}, range {vmin:g}..{vmax:g}); widen the normalization percentiles"
@@ -137,9 +139,6 @@ def normalize(
             f"normalisation {method!r}: expected one of {', '.join(NORMALIZATIONS)}"
         )
     arr = _checked_volume(arr, what)
-    vmin, vmax = float(arr.min()), float(arr.max())
-    if vmin == vmax:
-        raise BadInputError(f"{what} is constant (every voxel = {vmin:g}); nothing to segment")
     if method == "none":
         return arr.astype(np.float32, copy=True)
     mean = float(arr.mean(dtype=np.float64))
