@@ -74,11 +74,16 @@ HYPSEG = [sys.executable, "-m", "hypsegcli"]
 # Table 2 rows: (key, latent space, configuration, train flags)
 ROWS = [
     ("euclid_base", "Euclidean", "Base", ["--geometry", "euclidean", "--no-triplet"]),
-    ("euclid_triplet", "Euclidean", "Triplet", ["--geometry", "euclidean"]),
-    ("hyp_base", "Hyperbolic", "Base", ["--no-gyroconv", "--no-triplet"]),
-    ("hyp_gyro", "Hyperbolic", "GyroConv", ["--no-triplet"]),
-    ("hyp_triplet", "Hyperbolic", "Triplet", ["--no-gyroconv"]),
-    ("hyp_full", "Hyperbolic", "GyroConv & Triplet", []),
+    ("euclid_triplet", "Euclidean", "Triplet", ["--geometry", "euclidean", "--triplet"]),
+    (
+        "hyp_base",
+        "Hyperbolic",
+        "Base (`hypseg train`'s default)",
+        ["--no-gyroconv", "--no-triplet"],
+    ),
+    ("hyp_gyro", "Hyperbolic", "GyroConv", ["--gyroconv", "--no-triplet"]),
+    ("hyp_triplet", "Hyperbolic", "Triplet", ["--no-gyroconv", "--triplet"]),
+    ("hyp_full", "Hyperbolic", "GyroConv & Triplet", ["--gyroconv", "--triplet"]),
 ]
 PAPER_TABLE2 = {
     "euclid_base": (0.784, 0.322, 0.109),

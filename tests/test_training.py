@@ -17,7 +17,15 @@ from hypsegcli.errors import BadInputError
 from hypsegcli.modelfile import build_model, load_model_file
 from hypsegcli.training import TrainingVolume, TrainResult, companion_paths, train
 
-TINY = ModelConfig(patch_size=6, channels=(4, 8), kernels=(3, 3), paddings=(0, 0), hidden=16)
+TINY = ModelConfig(
+    patch_size=6,
+    channels=(4, 8),
+    kernels=(3, 3),
+    paddings=(0, 0),
+    hidden=16,
+    gyroconv=True,
+    triplet=True,
+)
 SAMPLING = SamplingConfig(r_min=5, r_max=12, l_min=2, r_gap=2, child_max=6)
 
 
@@ -174,13 +182,13 @@ def test_cli_train_all_table2_rows(tmp_path, capsys):
     data = tmp_path / "data"
     code, _, err = run(["--quiet", "synth", data, "--n", "2", "--size", "20"], capsys)
     assert code == 0, err
-    rows = [
-        ["--geometry", "euclidean", "--no-triplet"],
+    rows = [  # the hyperbolic base is the default: no flag at all
         ["--geometry", "euclidean"],
-        ["--no-gyroconv", "--no-triplet"],
-        ["--no-triplet"],
-        ["--no-gyroconv"],
+        ["--geometry", "euclidean", "--triplet"],
         [],
+        ["--gyroconv"],
+        ["--no-gyroconv", "--triplet"],
+        ["--gyroconv", "--triplet"],
     ]
     for i, extra in enumerate(rows):
         out = tmp_path / f"m{i}.pt"
@@ -206,7 +214,8 @@ def test_cli_train_all_table2_rows(tmp_path, capsys):
         assert summary["step"] == 3 and out.is_file()
         cfg = load_model_file(out)["model_config"]
         assert cfg["geometry"] == ("euclidean" if "euclidean" in extra else "hyperbolic")
-        assert cfg["triplet"] == ("--no-triplet" not in extra)
+        assert cfg["triplet"] == ("--triplet" in extra)
+        assert cfg["gyroconv"] == ("--gyroconv" in extra)
 
 
 def test_cli_train_bad_inputs(tmp_path, capsys):
