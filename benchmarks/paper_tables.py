@@ -1,6 +1,6 @@
 """Reproduce the paper's synthetic experiments (Tables 1 and 2) from the command line.
 
-Usage (from the repository root, in the venv; about 80 minutes on 2 cores)::
+Usage (from the repository root, in the venv; 60-80 minutes on 2 cores)::
 
     python benchmarks/paper_tables.py                      # everything, resumable
     python benchmarks/paper_tables.py --quick              # a few minutes: tiny budget, 8 test volumes
@@ -75,12 +75,7 @@ HYPSEG = [sys.executable, "-m", "hypsegcli"]
 ROWS = [
     ("euclid_base", "Euclidean", "Base", ["--geometry", "euclidean", "--no-triplet"]),
     ("euclid_triplet", "Euclidean", "Triplet", ["--geometry", "euclidean", "--triplet"]),
-    (
-        "hyp_base",
-        "Hyperbolic",
-        "Base (`hypseg train`'s default)",
-        ["--no-gyroconv", "--no-triplet"],
-    ),
+    ("hyp_base", "Hyperbolic", "Base", ["--no-gyroconv", "--no-triplet"]),
     ("hyp_gyro", "Hyperbolic", "GyroConv", ["--gyroconv", "--no-triplet"]),
     ("hyp_triplet", "Hyperbolic", "Triplet", ["--no-gyroconv", "--triplet"]),
     ("hyp_full", "Hyperbolic", "GyroConv & Triplet", ["--gyroconv", "--triplet"]),

@@ -447,16 +447,12 @@ def train(
         bool,
         typer.Option(
             "--gyroconv/--no-gyroconv",
-            help="Gyroplane convolution as the decoder's first layer (hyperbolic only; the paper's full model: --gyroconv --triplet).",
+            help="Gyroplane convolution as the decoder's first layer (hyperbolic only).",
         ),
-    ] = False,
+    ] = True,
     triplet: Annotated[
-        bool,
-        typer.Option(
-            "--triplet/--no-triplet",
-            help="Add the hierarchical triplet loss (off by default: it did not raise the validation scores of the cluster defaults).",
-        ),
-    ] = False,
+        bool, typer.Option("--triplet/--no-triplet", help="Add the hierarchical triplet loss.")
+    ] = True,
     arch: Annotated[
         Arch,
         typer.Option(
@@ -547,10 +543,8 @@ def train(
 ) -> None:
     """Train the hyperbolic VAE on unlabelled volumes.
 
-    By default the hyperbolic base (no gyroplane layer, no triplet loss), which
-    scored highest on the validation split; --gyroconv --triplet trains the
-    paper's full model. Triplets (anchor, child inside it, disjoint negative)
-    are drawn fresh at every step from all volumes. Checkpoints are written atomically every
+    Triplets (anchor, child inside it, disjoint negative) are drawn fresh at
+    every step from all volumes. Checkpoints are written atomically every
     --checkpoint-every steps and at the end; --resume continues an
     interrupted run with the checkpoint's model, sampling and normalisation
     settings.

@@ -23,9 +23,8 @@ def run(argv, capsys):
 
 
 def tiny_pipeline(root: Path, *, steps: int, mrc: bool = False) -> Path:
-    """``root/data``: 3 synthetic 20^3 volumes (seed 2), ``root/model.pt`` (the paper's full
-    model: gyroplane layer and triplet loss) trained on them for ``steps`` steps, and with
-    ``mrc`` one MRC volume in ``root/mrc``. Returns ``root``."""
+    """``root/data``: 3 synthetic 20^3 volumes (seed 2), ``root/model.pt`` trained on them for
+    ``steps`` steps, and with ``mrc`` one MRC volume in ``root/mrc``. Returns ``root``."""
     with pytest.raises(SystemExit) as info:
         main(["--quiet", "synth", str(root / "data"), "--n", "3", "--size", "20", "--seed", "2"])
     assert info.value.code == 0
@@ -55,8 +54,6 @@ def tiny_pipeline(root: Path, *, steps: int, mrc: bool = False) -> Path:
                 str(root / "model.pt"),
                 "--steps",
                 str(steps),
-                "--gyroconv",
-                "--triplet",
                 *TINY_TRAIN,
             ]
         )

@@ -19,8 +19,6 @@ from hypsegcli.model import HypVAE, patch_texture
 AUTHORS = {"kernels": (5, 5, 5, 5), "paddings": (2, 1, 1, 0)}
 # A small model that mirrors: 6 -> 4 -> 2 -> (S = 2) -> 4 -> 6.
 TINY = {"patch_size": 6, "channels": (4, 8), "kernels": (3, 3), "paddings": (0, 0), "hidden": 32}
-# The paper's full model (the library's default is the hyperbolic base).
-FULL = {"gyroconv": True, "triplet": True}
 
 # The six rows of the paper's Table 2.
 TABLE2 = {
@@ -121,7 +119,7 @@ def test_bad_configs_and_inputs_raise() -> None:
     # final side 2 is valid for ModelConfig, but the first layer's output side is 0
     with pytest.raises(BadInputError, match="side"):
         HypVAE(ModelConfig(patch_size=4, channels=(4, 8), kernels=(5, 3), paddings=(0, 2)))
-    model = _model(**TINY, **FULL)
+    model = _model(**TINY)
     with pytest.raises(BadInputError, match="shape"):
         model.encode(torch.zeros(2, 1, 7, 6, 6))
     with pytest.raises(BadInputError, match="shape"):
@@ -309,7 +307,7 @@ def test_texture_term_matches_recomputation(row: str) -> None:
 def test_hyperbolic_kl_of_a_float32_model_matches_float64_near_the_edge() -> None:
     """Wide posteriors near the ball's edge: float32 sampling used to project samples
     to 1 - 4e-3 and under-estimate the KL by ~50 nats (d = 8); it is float64 now."""
-    model = _model(latent_dim=8, **TINY, **FULL)
+    model = _model(latent_dim=8, **TINY)
     mu = torch.zeros(64, 8, dtype=torch.float64)
     mu[:, 0] = 0.99
     scale = torch.full((64, 8), 3.0, dtype=torch.float64)
@@ -341,7 +339,7 @@ def test_euclidean_mc_kl_approaches_analytic() -> None:
 
 
 def test_triplet_off_is_reported_but_not_in_total() -> None:
-    model = _model(**TINY, gyroconv=True, triplet=False)
+    model = _model(**TINY, triplet=False)
     x = [_patches(4, 6, s) for s in (1, 2, 3)]
     out = model.loss(*x, generator=torch.Generator().manual_seed(0))
     assert not out["triplet"].requires_grad
@@ -357,7 +355,7 @@ def test_triplet_off_is_reported_but_not_in_total() -> None:
 
 
 def test_loss_is_reproducible_with_generator() -> None:
-    model = _model(**TINY, **FULL)
+    model = _model(**TINY)
     x = [_patches(4, 6, s) for s in (1, 2, 3)]
     state = torch.random.get_rng_state()
     o1 = model.loss(*x, generator=torch.Generator().manual_seed(3))
@@ -372,7 +370,7 @@ def test_loss_is_reproducible_with_generator() -> None:
 def test_identical_patches_give_finite_gradients(geometry_name: str, squared: bool) -> None:
     """Constant background makes anchor == positive, so d(mu_a, mu_p) = 0 exactly."""
     model = _model(
-        **TINY, **FULL, geometry=geometry_name, triplet_distance="squared" if squared else "plain"
+        **TINY, geometry=geometry_name, triplet_distance="squared" if squared else "plain"
     )
     a = torch.full((3, 1, 6, 6, 6), 0.25)
     out = model.loss(a, a.clone(), _patches(3, 6, 1), generator=torch.Generator().manual_seed(0))
@@ -405,7 +403,7 @@ def test_flops_and_parameters(layout: dict) -> None:
     if layout:  # METHOD.md: about 1.65 M parameters (the encoder)
         assert enc == pytest.approx(1.65e6, rel=0.01)
     assert model.num_parameters() == sum(p.numel() for p in model.parameters())
-    gyro = _model(gyroconv=True, **layout)
+    gyro = _model(**layout)
     assert gyro.flops_per_patch("decoder") > 0
     assert gyro.num_parameters() - model.num_parameters() == (
         2 * 2 * 2**3 * 128 + 128 - (2 * 128 * 8 + 128 * 8)
@@ -441,7 +439,7 @@ def _toy_triplets(n: int, m: int, seed: int) -> tuple[torch.Tensor, ...]:
 
 
 def test_tiny_model_learns_triplets() -> None:
-    model = _model(**TINY, **FULL)
+    model = _model(**TINY)
     a, p, n = _toy_triplets(48, 6, seed=0)
     opt = geoopt.optim.RiemannianAdam(model.parameters(), lr=3e-3)
 

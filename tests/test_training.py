@@ -17,15 +17,7 @@ from hypsegcli.errors import BadInputError
 from hypsegcli.modelfile import build_model, load_model_file
 from hypsegcli.training import TrainingVolume, TrainResult, companion_paths, train
 
-TINY = ModelConfig(
-    patch_size=6,
-    channels=(4, 8),
-    kernels=(3, 3),
-    paddings=(0, 0),
-    hidden=16,
-    gyroconv=True,
-    triplet=True,
-)
+TINY = ModelConfig(patch_size=6, channels=(4, 8), kernels=(3, 3), paddings=(0, 0), hidden=16)
 SAMPLING = SamplingConfig(r_min=5, r_max=12, l_min=2, r_gap=2, child_max=6)
 
 
@@ -182,13 +174,13 @@ def test_cli_train_all_table2_rows(tmp_path, capsys):
     data = tmp_path / "data"
     code, _, err = run(["--quiet", "synth", data, "--n", "2", "--size", "20"], capsys)
     assert code == 0, err
-    rows = [  # the hyperbolic base is the default: no flag at all
+    rows = [
+        ["--geometry", "euclidean", "--no-triplet"],
         ["--geometry", "euclidean"],
-        ["--geometry", "euclidean", "--triplet"],
+        ["--no-gyroconv", "--no-triplet"],
+        ["--no-triplet"],
+        ["--no-gyroconv"],
         [],
-        ["--gyroconv"],
-        ["--no-gyroconv", "--triplet"],
-        ["--gyroconv", "--triplet"],
     ]
     for i, extra in enumerate(rows):
         out = tmp_path / f"m{i}.pt"
@@ -214,8 +206,7 @@ def test_cli_train_all_table2_rows(tmp_path, capsys):
         assert summary["step"] == 3 and out.is_file()
         cfg = load_model_file(out)["model_config"]
         assert cfg["geometry"] == ("euclidean" if "euclidean" in extra else "hyperbolic")
-        assert cfg["triplet"] == ("--triplet" in extra)
-        assert cfg["gyroconv"] == ("--gyroconv" in extra)
+        assert cfg["triplet"] == ("--no-triplet" not in extra)
 
 
 def test_cli_train_bad_inputs(tmp_path, capsys):
