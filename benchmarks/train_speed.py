@@ -6,12 +6,12 @@ Usage (from the repository root, in the venv)::
     python benchmarks/train_speed.py --arch paper       # the authors' padded k5 encoder
     python benchmarks/train_speed.py --profile          # + the top operators by self time
 
-One training step is what ``hypseg train --gyroconv --triplet`` (the paper's
-full model, the most expensive configuration) does: draw a batch of triplets
+One training step is what ``hypseg train`` (the paper's full model, its
+default and most expensive configuration) does: draw a batch of triplets
 (anchor, positive, negative patches resampled to m^3), encode all three,
 decode K posterior samples of the anchor, backward, Riemannian Adam step.
-(``hypseg train``'s default, the hyperbolic base, encodes positive and negative
-without gradients, so its steps are cheaper than the count below.)
+(``--no-triplet`` encodes positive and negative without gradients, so its
+steps are cheaper than the count below.)
 The script times whole steps (triplets/s) and, in separate steps, each phase
 (sampling, forward, backward, optimizer).
 
@@ -81,7 +81,7 @@ def main() -> None:
     n = args.batch_size
 
     def make_step(arch: str):
-        """A training step of `hypseg train --arch ARCH --gyroconv --triplet` and its model."""
+        """A training step of `hypseg train --arch ARCH` (full model, explicitly) and its model."""
         layout = {"kernels": (5, 5, 5, 5), "paddings": (2, 1, 1, 0)} if arch == "paper" else {}
         cfg = ModelConfig(mc_samples=args.mc_samples, gyroconv=True, triplet=True, **layout)
         torch.manual_seed(0)
