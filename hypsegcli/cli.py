@@ -398,6 +398,10 @@ SNAP_DEFAULT = 2.0
 MRF_DEFAULT = 0.5
 #: Default ``cluster --nest`` (band width in voxels), chosen on the validation split (CHANGELOG).
 NEST_DEFAULT = 4.0
+#: Default ``cluster --min-size`` (voxels; 0: off). On the validation split 50 gained
+#: +0.0005 / +0.0023 / +0.0005 (3 seeds); not the default until the benchmark has been
+#: rerun with it (CHANGELOG).
+MIN_SIZE_DEFAULT = 0
 #: Default ``cluster --n-init`` (k-means restarts), chosen on the validation split (CHANGELOG).
 N_INIT_DEFAULT = 2
 
@@ -829,6 +833,14 @@ def cluster(
             help="With several --k, nest the larger k in the smallest k's labels: each larger k's own k-means fit leaves out the voxels within this many voxels of a boundary of those labels (patches there straddle two regions and embed between them), and those voxels take the label of the nearest voxel of their own region outside that band, before --snap and --mrf. A pooled fit or --centroids use every voxel, the band's labels are taken all the same; 0 turns it off.",
         ),
     ] = NEST_DEFAULT,
+    min_size: Annotated[
+        int,
+        typer.Option(
+            "--min-size",
+            min=0,
+            help="Last step: every connected piece (26-connected) of a label with fewer than this many voxels takes the label of the nearest voxel outside such pieces, so specks vanish into what surrounds them; a label made only of such pieces disappears. In voxels, whatever the spacing; 0 turns it off.",
+        ),
+    ] = MIN_SIZE_DEFAULT,
     seed: Annotated[
         int, typer.Option("--seed", help="Seed for subsampling and k-means initialisation.")
     ] = 0,
@@ -866,12 +878,13 @@ def cluster(
 
     Embeddings come from the cache when present (see `hypseg embed`), and so
     does each volume's k-means fit made with the same embeddings, k, --seed,
-    --n-init and --fit-samples (so changing only --smooth, --snap or --mrf
+    --n-init and --fit-samples (so changing only --smooth, --snap, --mrf or --min-size
     refits nothing but the fits nested by --nest). Each voxel goes to its
     nearest centroid, then a Potts prior (--smooth) lets neighbouring voxels
     agree, --nest makes the larger k follow the smallest k's regions near
     their boundaries, --snap moves boundaries onto the image's intensity edges
-    and --mrf settles the voxels along them by intensity.
+    and --mrf settles the voxels along them by intensity; --min-size then
+    removes specks.
     Labels are numbered 0..K-1 by the centroid's distance from the origin of
     the ball.
     Each case's centroids go to OUT/<case>.centroids.json and are merged into
@@ -899,6 +912,7 @@ def cluster(
             snap=snap,
             mrf=mrf,
             nest=nest,
+            min_size=min_size,
             seed=seed,
             device=device,
             threads=threads,

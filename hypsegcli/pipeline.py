@@ -926,6 +926,7 @@ def plan(
     snap: float = 0.0,
     mrf: float = 0.0,
     nest: float = 0.0,
+    min_size: int = 0,
     clusterer: Any = None,
 ) -> dict[str, Any]:
     """What ``embed``/``cluster`` would do (``--dry-run``): per volume its shape, state and estimates.
@@ -949,6 +950,7 @@ def plan(
         current_rss_bytes,
         estimate_embedding,
         estimate_kmeans_seconds,
+        estimate_min_size,
         estimate_mrf,
         estimate_nest,
         estimate_smooth,
@@ -1045,6 +1047,10 @@ def plan(
                     extra_s, nest_bytes = estimate_nest(shape, ks)
                     seconds += extra_s
                     peak = max(peak, baseline + 4.0 * voxels * d + voxels + nest_bytes)
+                if min_size > 1:
+                    extra_s, min_size_bytes = estimate_min_size(shape, ks)
+                    seconds += extra_s
+                    peak = max(peak, baseline + 4.0 * voxels * d + voxels + min_size_bytes)
             row.update(state=state, seconds=round(seconds, 3), peak_bytes=int(peak))
         except Exception as exc:  # noqa: BLE001 - shown in the plan
             from .batch import one_line
@@ -1254,6 +1260,7 @@ _IDENTITY = (
     "snap",
     "mrf",
     "nest",
+    "min_size",
 )
 
 
@@ -1449,6 +1456,7 @@ def cluster(
     snap: float = 0.0,
     mrf: float = 0.0,
     nest: float = 0.0,
+    min_size: int = 0,
     seed: int = 0,
     device: str = "auto",
     threads: int | None = None,
@@ -1486,6 +1494,11 @@ def cluster(
     outside that band, before ``snap`` and ``mrf``. A pooled fit or given
     centroids use every voxel; the band's labels are taken all the same.
 
+    ``min_size`` > 1, the last step, relabels every connected piece of a label
+    under ``min_size`` voxels from its surroundings
+    (:func:`hypsegcli.components.remove_small_components`); the smallest k's
+    labels that ``nest`` uses are those before this step.
+
     Centroids: each case's sets go to ``OUT/<case>.centroids.json``, written
     after its label volumes; ``OUT/centroids.json`` is then rebuilt from all
     of them (:func:`_merge_centroids`), so parts writing into one folder never
@@ -1500,6 +1513,7 @@ def cluster(
     appended to ``OUT/hypseg-runs.jsonl``. ``dry_run`` returns the plan.
     """
     from .cache import EmbeddingCache, resolve_cache_dir
+    from .components import remove_small_components
     from .edges import refine_labels, snap_labels
     from .embedding import DEFAULT_TILE
     from .nesting import band_mask, fill_band
@@ -1521,6 +1535,8 @@ def cluster(
         raise BadInputError(f"--mrf {mrf}: should be a finite number >= 0")
     if not (isinstance(nest, (int, float)) and nest >= 0 and np.isfinite(nest)):
         raise BadInputError(f"--nest {nest}: should be a finite number >= 0")
+    if isinstance(min_size, bool) or not isinstance(min_size, (int, np.integer)) or min_size < 0:
+        raise BadInputError(f"--min-size {min_size}: should be a whole number >= 0")
     if features not in ("embedding", "intensity"):
         raise BadInputError(f"--features {features!r}: expected embedding or intensity")
     if fit_on not in ("volume", "pooled"):
@@ -1570,6 +1586,8 @@ def cluster(
         # the band width; each set records the k it was nested in (``nested_in``)
         "nest": float(nest),
     }
+    if min_size > 1:  # absent when off, so that outputs made before the option stay reusable
+        header["min_size"] = int(min_size)
     fit = "centroids" if centroids is not None else fit_on
     params = {"seed": seed, "n_init": n_init, "fit_samples": fit_samples}
     fixed: dict[int, np.ndarray] | None = None
@@ -1593,6 +1611,7 @@ def cluster(
         "snap": snap,
         "mrf": mrf,
         "nest": nest,
+        "min_size": min_size,
         "seed": seed,
         "device": device,
         "threads": threads,
@@ -1639,6 +1658,7 @@ def cluster(
             snap=snap,
             mrf=mrf,
             nest=nest,
+            min_size=min_size,
             total_inputs=len(paths),
             config=config,
             clusterer=clusterer if fit == "volume" else None,
@@ -1798,6 +1818,8 @@ def cluster(
                             )
                         if coarse is None and nest > 0 and len(ks) > 1:
                             coarse = labels
+                        if min_size > 1:
+                            labels = remove_small_components(labels, min_size)
                         watch.lap("cluster")
                         target = out / f"{volume.name}_k{k}{volume.geometry.suffix}"
                         write_labels(target, labels, volume.geometry)
