@@ -478,7 +478,7 @@ def train(
         float,
         typer.Option(
             "--beta",
-            help="Weight of the triplet loss against the per-patch ELBO (8 is the authors' beta = 1000 on an ELBO summed over batches of 128; 2 scored higher on validation data at train's default length).",
+            help="Weight of the triplet loss against the per-patch ELBO (8 is the authors' beta = 1000 on an ELBO summed over batches of 128; 2 scored higher on validation data with cluster's spatial steps).",
         ),
     ] = 2.0,
     margin: Annotated[float, typer.Option("--margin", help="Triplet margin alpha.")] = 0.2,
