@@ -3,8 +3,8 @@
 After the spatial steps a label map can still hold islands of a few voxels:
 on the paper's synthetic data, the full model at ``--beta 2`` (training seed 0)
 leaves specks of 10-140 voxels labelled "cell" far out in the background of
-every validation volume, about 140 voxels per volume, which costs level 1 a
-tenth of a Dice point. :func:`remove_small_components` gives every voxel of a
+every validation volume, about 140 voxels per volume, which costs level 1
+about 0.001 Dice. :func:`remove_small_components` gives every voxel of a
 connected component smaller than ``min_size`` voxels the label of the nearest
 voxel that is not in such a component, the usual size filter of segmentation
 tools (``skimage.morphology.remove_small_objects`` for one label).
