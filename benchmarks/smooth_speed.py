@@ -16,6 +16,8 @@ features:
 - the edge snap after it (``cluster --snap``, on an image of the same regions)
   and how many labels it changed;
 - the intensity MRF after that (``cluster --mrf``) and how many labels it
+  changed;
+- the speck removal after that (``cluster --min-size``) and how many labels it
   changed.
 
 Then what the prior costs thin structures: 48^3 volumes of unit Gaussian noise
@@ -24,9 +26,11 @@ with four sheets of thickness 1, 2, 3, 5 or 8 voxels every 10 voxels, CNR
 with k = 2 at the true centres; per beta the fraction of sheet voxels labelled
 sheet (recall) and of background voxels labelled sheet (false positives), and
 the same after beta 0.8 and the edge snap (``cluster --snap 2``), and after
-those and the intensity MRF (``cluster --mrf 0.5``).
+those and the intensity MRF (``cluster --mrf 0.5``), and after those and the
+speck removal (``cluster --min-size 50``).
 
-Run: python benchmarks/smooth_speed.py [--side 128] [--beta 0.8] [--snap 2] [--mrf 0.5] [--threads N]
+Run: python benchmarks/smooth_speed.py [--side 128] [--beta 0.8] [--snap 2] [--mrf 0.5]
+[--min-size 50] [--threads N]
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import time
 import numpy as np
 import torch
 
+from hypsegcli.components import remove_small_components
 from hypsegcli.edges import refine_labels, snap_labels
 from hypsegcli.pipeline import _Clusterer
 from hypsegcli.smoothing import SLAB_ELEMENTS, SMOOTH_ITERS
@@ -68,6 +73,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--snap", type=float, default=2.0, help="sigma of cluster --snap")
     ap.add_argument("--mrf", type=float, default=0.5, help="beta of cluster --mrf")
+    ap.add_argument("--min-size", type=int, default=50, help="N of cluster --min-size")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -96,6 +102,9 @@ def main() -> None:
         t0 = time.perf_counter()
         refined = refine_labels(snapped, image, beta=args.mrf)
         mrf_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        cleaned = remove_small_components(refined, args.min_size)
+        min_size_s = time.perf_counter() - t0
         print(
             f"k={k}: fit {fit:.2f} s, assign {assign:.2f} s, smooth {smoothed:.2f} s "
             f"({smoothed / assign:.1f}x assign, {smoothed / (fit + assign):.2f}x fit + assign), "
@@ -103,24 +112,32 @@ def main() -> None:
             f"snap {snap_s:.2f} s ({snap_s / (fit + assign):.2f}x fit + assign), "
             f"{float((snapped != smooth).mean()):.1%} labels changed; "
             f"mrf {mrf_s:.2f} s ({mrf_s / (fit + assign):.2f}x fit + assign), "
-            f"{float((refined != snapped).mean()):.1%} labels changed"
+            f"{float((refined != snapped).mean()):.1%} labels changed; "
+            f"min-size {min_size_s:.2f} s ({min_size_s / (fit + assign):.2f}x fit + assign, "
+            f"{min_size_s / flat.shape[0] * 1e9:.0f} ns/voxel), "
+            f"{float((cleaned != refined).mean()):.2%} labels changed"
         )
-    thin_sheets(args.seed, snap=args.snap, mrf=args.mrf)
+    thin_sheets(args.seed, snap=args.snap, mrf=args.mrf, min_size=args.min_size)
 
 
 def thin_sheets(
-    seed: int, betas=(0.0, 0.4, 0.8, 1.2, 1.6, 2.4), snap: float = 2.0, mrf: float = 0.5
+    seed: int,
+    betas=(0.0, 0.4, 0.8, 1.2, 1.6, 2.4),
+    snap: float = 2.0,
+    mrf: float = 0.5,
+    min_size: int = 50,
 ) -> None:
     """Recall of one- to eight-voxel sheets after smoothing, per beta, and after
-    beta 0.8 plus ``cluster --snap``, and after those plus ``cluster --mrf`` (sheets
-    every 10 voxels: a 5-voxel sheet has 5-voxel gaps)."""
+    beta 0.8 plus ``cluster --snap``, after those plus ``cluster --mrf`` and after
+    those plus ``cluster --min-size`` (sheets every 10 voxels: a 5-voxel sheet has
+    5-voxel gaps)."""
     rng = np.random.default_rng(seed)
     cl = _Clusterer("line", curvature=1.0, n_init=1, fit_samples=100, seed=0, device="cpu")
     print("thin sheets, k = 2: recall / false-positive rate per beta")
     print(
         "CNR thick | "
         + " | ".join(f"beta {b:g}" for b in betas)
-        + f" | beta 0.8 + snap {snap:g} | + mrf {mrf:g}"
+        + f" | beta 0.8 + snap {snap:g} | + mrf {mrf:g} | + min-size {min_size}"
     )
     for cnr in (1.0, 2.0, 4.0):
         for thick in (1, 2, 3, 5, 8):
@@ -137,7 +154,7 @@ def thin_sheets(
                 )
             lab = snap_labels(cl.labels(feats, centers, 0.8), feats[..., 0], sigma=snap)
             refined = refine_labels(lab, feats[..., 0].astype(np.float32), beta=mrf)
-            for done in (lab, refined):
+            for done in (lab, refined, remove_small_components(refined, min_size)):
                 cells.append(
                     f"{(done[truth == 1] == 1).mean():.2f} / {(done[truth == 0] == 1).mean():.3f}"
                 )
