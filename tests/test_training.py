@@ -207,6 +207,7 @@ def test_cli_train_all_table2_rows(tmp_path, capsys):
         cfg = load_model_file(out)["model_config"]
         assert cfg["geometry"] == ("euclidean" if "euclidean" in extra else "hyperbolic")
         assert cfg["triplet"] == ("--no-triplet" not in extra)
+        assert cfg["gyroconv"] == ("--no-gyroconv" not in extra)
 
 
 def test_cli_train_bad_inputs(tmp_path, capsys):
