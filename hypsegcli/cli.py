@@ -801,6 +801,13 @@ def cluster(
             "--fit-samples", min=2, help="Fit k-means on at most this many voxels, then assign all."
         ),
     ] = 200_000,
+    metric: Annotated[
+        str,
+        typer.Option(
+            "--metric",
+            help="Distance for k-means and the later steps: auto (the model's own: Poincaré for a hyperbolic model, else Euclidean), poincare, or euclidean (Euclidean k-means on the ball coordinates of a hyperbolic model).",
+        ),
+    ] = "auto",
     smooth: Annotated[
         float,
         typer.Option(
@@ -908,6 +915,7 @@ def cluster(
             tile=tile,
             n_init=n_init,
             fit_samples=fit_samples,
+            metric=metric,
             smooth=smooth,
             snap=snap,
             mrf=mrf,

@@ -1221,7 +1221,9 @@ def _intensity_features(data: np.ndarray, name: str) -> np.ndarray:
     return normalize_volume(data, name=name)[..., None]
 
 
-def load_centroids(path: Path, ks: list[int], features: str) -> dict[int, np.ndarray]:
+def load_centroids(
+    path: Path, ks: list[int], features: str, geometry: str | None = None
+) -> dict[int, np.ndarray]:
     try:
         doc = json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
@@ -1231,6 +1233,11 @@ def load_centroids(path: Path, ks: list[int], features: str) -> dict[int, np.nda
     if doc.get("features") != features:
         raise BadInputError(
             f"{path}: centroids are for --features {doc.get('features')}, not {features}"
+        )
+    if geometry is not None and doc.get("geometry", geometry) != geometry:
+        raise BadInputError(
+            f"{path}: centroids were fitted with {doc.get('geometry')} distances, "
+            f"this run uses {geometry} (--metric)"
         )
     pooled = {
         int(s["k"]): np.asarray(s["centers"], dtype=np.float64)
@@ -1452,6 +1459,7 @@ def cluster(
     tile: int | None = None,
     n_init: int = 2,
     fit_samples: int = 200_000,
+    metric: str = "auto",
     smooth: float = 0.0,
     snap: float = 0.0,
     mrf: float = 0.0,
@@ -1479,6 +1487,12 @@ def cluster(
     structure gets the same number across runs. ``fit_on="pooled"`` fits one
     set of centroids on all inputs together so numbers agree across volumes;
     ``centroids`` applies saved pooled centroids instead of fitting.
+
+    ``metric`` is the distance of k-means and of every later step that uses
+    distances to centroids: ``"auto"`` the features' own (Poincaré for a
+    hyperbolic model, else Euclidean), ``"poincare"`` (hyperbolic models
+    only) or ``"euclidean"``, which clusters a hyperbolic model's ball
+    points with Euclidean k-means on their coordinates.
 
     ``smooth`` > 0 Potts-smooths each label map (:mod:`hypsegcli.smoothing`);
     ``snap`` > 0 then moves voxels near label boundaries to the side whose
@@ -1539,6 +1553,8 @@ def cluster(
         raise BadInputError(f"--min-size {min_size}: should be a whole number >= 0")
     if features not in ("embedding", "intensity"):
         raise BadInputError(f"--features {features!r}: expected embedding or intensity")
+    if metric not in ("auto", "poincare", "euclidean"):
+        raise BadInputError(f"--metric {metric!r}: expected auto, poincare or euclidean")
     if fit_on not in ("volume", "pooled"):
         raise BadInputError(f"--fit-on {fit_on!r}: expected volume or pooled")
     if features == "embedding" and model_path is None:
@@ -1562,6 +1578,11 @@ def cluster(
         and model.document["model_config"].get("geometry", "hyperbolic") == "hyperbolic"
         else "line"
     )
+    if metric == "poincare" and kind != "ball":
+        what = "intensities" if model is None else f"{model_path} has a Euclidean latent space"
+        raise BadInputError(f"--metric poincare needs a hyperbolic model ({what})")
+    if metric == "euclidean":
+        kind = "line"
     curvature = float(model.document["model_config"].get("curvature", 1.0)) if model else 1.0
     clusterer = _Clusterer(
         kind,
@@ -1592,7 +1613,7 @@ def cluster(
     params = {"seed": seed, "n_init": n_init, "fit_samples": fit_samples}
     fixed: dict[int, np.ndarray] | None = None
     if centroids is not None:
-        fixed = load_centroids(centroids, ks, features)
+        fixed = load_centroids(centroids, ks, features, header["geometry"])
     cache_root = resolve_cache_dir(cache_dir) if model is not None else None
     config = {
         "inputs": [str(i) for i in inputs],

@@ -391,3 +391,73 @@ def test_kmeans_fits_are_cached_and_reused_only_when_they_apply(
         plan = cluster("plan", "--dry-run", "--overwrite", *extra)
         assert [v["fits"] for v in plan["volumes"]] == [[]] * 3, extra
     assert plan["estimated_seconds"] < fitted["estimated_seconds"]
+
+
+def _ball_features(shape, seed=0):
+    """Ball points (X, Y, Z, 2): two spread-out groups at radii ~0.6 and ~0.3, where Poincaré
+    and Euclidean k-means disagree about both the centroids and the boundary."""
+    rng = np.random.default_rng(seed)
+    n = int(np.prod(shape))
+    centre = np.where(np.arange(n)[:, None] < n // 2, [0.6, 0.0], [0.0, 0.3])
+    pts = centre + rng.normal(0.0, 0.2, (n, 2))
+    norms = np.linalg.norm(pts, axis=1, keepdims=True)
+    pts = np.where(norms > 0.9, pts * 0.9 / norms, pts)  # inside the ball
+    return pts.reshape(*shape, 2).astype(np.float32)
+
+
+def test_metric_switches_kmeans_distance_for_ball_embeddings(
+    trained, tmp_path, capsys, monkeypatch
+):
+    """--metric euclidean: Euclidean means and nearest-centroid labels of the ball coordinates;
+    --metric auto: Fréchet means and Poincaré-nearest labels (references computed here)."""
+    from hypsegcli import pipeline
+    from hypsegcli.kmeans import frechet_mean, poincare_pdist2
+
+    image = trained / "data" / "images" / "case_000.nii.gz"
+    feats = _ball_features(io.read_volume(image).data.shape)
+    monkeypatch.setattr(pipeline, "embed_one", lambda *a, **k: (feats, True))
+    flat = feats.reshape(-1, 2).astype(np.float64)
+    raw = ["--smooth", "0", "--snap", "0", "--mrf", "0", "--nest", "0"]
+    base = ["--quiet", "cluster", image, "-m", trained / "model.pt", "--k", "2", *raw]
+    centers, assigned = {}, {}
+    for metric in ("euclidean", "auto"):
+        out = tmp_path / metric
+        code, _, err = run([*base, "-o", out, "--metric", metric], capsys)
+        assert code == 0, err
+        doc = json.loads((out / "case_000.centroids.json").read_text())
+        assert doc["header"]["geometry"] == ("euclidean" if metric == "euclidean" else "poincare")
+        c = np.asarray(doc["sets"][0]["centers"], dtype=np.float64)
+        labels = io.read_volume(out / "case_000_k2.nii.gz").data.reshape(-1)
+        if metric == "euclidean":
+            d2 = ((flat[:, None] - c[None]) ** 2).sum(-1)
+            means = [flat[labels == j].mean(0) for j in range(2)]
+        else:
+            d2 = poincare_pdist2(flat, c)
+            means = [frechet_mean(flat[labels == j]) for j in range(2)]
+        np.testing.assert_array_equal(labels, d2.argmin(1))
+        np.testing.assert_allclose(np.asarray(means), c, atol=1e-3)  # k-means tol
+        centers[metric], assigned[metric] = c, labels
+    # the two geometries give different centroids and boundaries here (not a no-op switch)
+    assert np.abs(centers["euclidean"] - centers["auto"]).max() > 0.005
+    assert (assigned["euclidean"] != assigned["auto"]).sum() > 20
+    # centroids fitted with one metric are refused by a run with the other
+    code, _, err = run(
+        [*base, "-o", tmp_path / "p", "--fit-on", "pooled", "--metric", "euclidean"], capsys
+    )
+    assert code == 0, err
+    code, _, err = run(
+        [*base, "-o", tmp_path / "q", "--centroids", tmp_path / "p" / "centroids.json"], capsys
+    )
+    assert code == 2 and "euclidean distances, this run uses poincare" in err
+    assert err.count("\n") == 1
+
+
+def test_metric_bad_values(trained, tmp_path, capsys):
+    images = trained / "data" / "images"
+    intensity = ["cluster", images, "--features", "intensity", "--k", "2", "-o", tmp_path]
+    code, _, err = run([*intensity, "--metric", "poincare"], capsys)
+    assert code == 2 and "--metric poincare needs a hyperbolic model" in err
+    assert err.count("\n") == 1
+    model = ["cluster", images, "-m", trained / "model.pt", "--k", "2", "-o", tmp_path]
+    code, _, err = run([*model, "--metric", "cosine"], capsys)
+    assert code == 2 and "--metric 'cosine'" in err and err.count("\n") == 1
