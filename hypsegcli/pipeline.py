@@ -1579,7 +1579,7 @@ def cluster(
         else "line"
     )
     if metric == "poincare" and kind != "ball":
-        what = "intensities" if model is None else f"{model_path} has a Euclidean latent space"
+        what = "not --features intensity" if model is None else f"{model_path} is Euclidean"
         raise BadInputError(f"--metric poincare needs a hyperbolic model ({what})")
     if metric == "euclidean":
         kind = "line"
@@ -1628,6 +1628,7 @@ def cluster(
         "tile": tile if tile is not None else DEFAULT_TILE,
         "n_init": n_init,
         "fit_samples": fit_samples,
+        "metric": metric,
         "smooth": smooth,
         "snap": snap,
         "mrf": mrf,

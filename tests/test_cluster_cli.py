@@ -426,6 +426,8 @@ def test_metric_switches_kmeans_distance_for_ball_embeddings(
         assert code == 0, err
         doc = json.loads((out / "case_000.centroids.json").read_text())
         assert doc["header"]["geometry"] == ("euclidean" if metric == "euclidean" else "poincare")
+        record = json.loads((out / "hypseg-runs.jsonl").read_text().splitlines()[-1])
+        assert record["config"]["metric"] == metric
         c = np.asarray(doc["sets"][0]["centers"], dtype=np.float64)
         labels = io.read_volume(out / "case_000_k2.nii.gz").data.reshape(-1)
         if metric == "euclidean":
