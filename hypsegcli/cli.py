@@ -805,7 +805,7 @@ def cluster(
         str,
         typer.Option(
             "--metric",
-            help="Distance for k-means and the later steps: auto (the model's own: Poincaré for a hyperbolic model, else Euclidean), poincare, or euclidean (Euclidean k-means on the ball coordinates of a hyperbolic model).",
+            help="Distance for k-means and the Potts prior (--smooth): auto (the model's own: Poincaré for a hyperbolic model, else Euclidean), poincare, or euclidean (Euclidean k-means on the ball coordinates of a hyperbolic model).",
         ),
     ] = "auto",
     smooth: Annotated[
