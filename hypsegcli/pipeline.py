@@ -943,6 +943,8 @@ def plan(
     Only the assignment is estimated for the k not in ``fits``.
     Estimates are described in :data:`hypsegcli.batch.PLAN_NOTES`.
     """
+    from functools import partial
+
     import torch
 
     from .batch import (
@@ -1031,26 +1033,19 @@ def plan(
                 )
                 # features (d float32), a float32 copy for assignment, int64 labels
                 peak = max(peak, baseline + 4.0 * voxels * (2 + 2 * d) + 8.0 * voxels)
-                if smooth > 0:
-                    extra_s, slab_bytes = estimate_smooth(shape, ks, flop_rate=rate)
-                    seconds += extra_s
-                    peak = max(peak, baseline + 4.0 * voxels * d + voxels + slab_bytes)
-                if snap > 0:
-                    extra_s, snap_bytes = estimate_snap(shape, ks)
-                    seconds += extra_s
-                    peak = max(peak, baseline + 4.0 * voxels * d + voxels + snap_bytes)
-                if mrf > 0:
-                    extra_s, mrf_bytes = estimate_mrf(shape, ks, flop_rate=rate)
-                    seconds += extra_s
-                    peak = max(peak, baseline + 4.0 * voxels * d + voxels + mrf_bytes)
-                if nest > 0 and len(ks) > 1:
-                    extra_s, nest_bytes = estimate_nest(shape, ks)
-                    seconds += extra_s
-                    peak = max(peak, baseline + 4.0 * voxels * d + voxels + nest_bytes)
-                if min_size > 1:
-                    extra_s, min_size_bytes = estimate_min_size(shape, ks)
-                    seconds += extra_s
-                    peak = max(peak, baseline + 4.0 * voxels * d + voxels + min_size_bytes)
+                # each spatial step that is on: its time, and its working memory beside
+                # the features (d float32) and a uint8 label map
+                for on, estimate in (
+                    (smooth > 0, partial(estimate_smooth, flop_rate=rate)),
+                    (snap > 0, estimate_snap),
+                    (mrf > 0, partial(estimate_mrf, flop_rate=rate)),
+                    (nest > 0 and len(ks) > 1, estimate_nest),
+                    (min_size > 1, estimate_min_size),
+                ):
+                    if on:
+                        extra_s, step_bytes = estimate(shape, ks)
+                        seconds += extra_s
+                        peak = max(peak, baseline + 4.0 * voxels * d + voxels + step_bytes)
             row.update(state=state, seconds=round(seconds, 3), peak_bytes=int(peak))
         except Exception as exc:  # noqa: BLE001 - shown in the plan
             from .batch import one_line
