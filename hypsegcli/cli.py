@@ -893,7 +893,8 @@ def cluster(
     and --mrf settles the voxels along them by intensity; --min-size then
     removes specks.
     Labels are numbered 0..K-1 by the centroid's distance from the origin of
-    the ball.
+    the ball (by its coordinates for intensities, Euclidean models and
+    --metric euclidean).
     Each case's centroids go to OUT/<case>.centroids.json and are merged into
     OUT/centroids.json; a run record is appended to OUT/hypseg-runs.jsonl. A
     volume that fails is reported and the others are processed (exit code 2 if
