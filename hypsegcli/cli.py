@@ -474,6 +474,14 @@ def train(
     curvature: Annotated[
         float, typer.Option("--curvature", help="Ball curvature c (the ball has curvature -c).")
     ] = 1.0,
+    gyroplane_init: Annotated[
+        float,
+        typer.Option(
+            "--gyroplane-init",
+            min=0,
+            help="Standard deviation (per coordinate, tangent space, units of 1/sqrt(c)) of the gyroplane layer's initial offsets p (with --gyroconv): 0.05 starts them near the origin, where the layer acts like a linear layer on log_0(z); 0.5 spreads them over the ball (scored lower on validation data).",
+        ),
+    ] = 0.05,
     beta: Annotated[
         float,
         typer.Option(
@@ -563,6 +571,7 @@ def train(
         paddings=paddings,
         latent_dim=latent_dim,
         curvature=curvature,
+        gyroplane_init=gyroplane_init,
         geometry=geometry.value,
         gyroconv=gyroconv,
         triplet=triplet,

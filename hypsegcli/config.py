@@ -56,6 +56,9 @@ class ModelConfig:
     triplet_distance: Literal["plain", "squared"] = "plain"
     likelihood: Literal["unit", "learned"] = "unit"
     texture_weight: float = 0.0
+    #: Tangent standard deviation (per coordinate, in units of 1/√c) of the
+    #: gyroplanes' initial offsets p; the default starts them near the origin.
+    gyroplane_init: float = 0.05
 
     def __post_init__(self) -> None:
         if not (len(self.channels) == len(self.kernels) == len(self.paddings)) or not self.channels:
@@ -77,6 +80,8 @@ class ModelConfig:
             raise BadInputError(f"texture_weight={self.texture_weight} should be >= 0")
         if self.curvature <= 0:
             raise BadInputError(f"curvature={self.curvature} should be > 0")
+        if not self.gyroplane_init >= 0:
+            raise BadInputError(f"gyroplane_init={self.gyroplane_init} should be >= 0")
         if self.mc_samples < 1:
             raise BadInputError(f"mc_samples={self.mc_samples} should be >= 1")
         if self.trunk_output_size() < 1:

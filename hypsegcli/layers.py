@@ -290,12 +290,17 @@ def gyroplane_conv3d(
 
 
 def _init_gyroplanes(
-    p: torch.Tensor, a: torch.Tensor, fan_in: int, c: float, generator: torch.Generator | None
+    p: torch.Tensor,
+    a: torch.Tensor,
+    fan_in: int,
+    c: float,
+    generator: torch.Generator | None,
+    p_std: float = P_INIT_STD,
 ) -> None:
-    """p = expmap0(N(0, (P_INIT_STD/√c)²)) near the origin; a ~ U(±1/√fan_in) (nn.Conv3d's bound)."""
+    """p = expmap0(N(0, (p_std/√c)²)) (near the origin by default); a ~ U(±1/√fan_in) (nn.Conv3d's bound)."""
     with torch.no_grad():
         u = torch.randn(p.shape, generator=generator, dtype=p.dtype, device=p.device)
-        p.copy_(expmap0(u * (P_INIT_STD / math.sqrt(c)), c=c))
+        p.copy_(expmap0(u * (p_std / math.sqrt(c)), c=c))
         bound = 1 / math.sqrt(fan_in)
         a.copy_(
             torch.rand(a.shape, generator=generator, dtype=a.dtype, device=a.device) * 2 * bound
@@ -309,23 +314,29 @@ class GyroplaneLayer(nn.Module):
     ``out_j = f_{a_j, p_j}(z)`` (:func:`hypsegcli.geometry.gyroplane`), evaluated
     as ``s_j asinh(⟨ẑ, ĝ_j⟩)`` with one matrix product (module docstring).
     ``p`` (out_features, dim) is a :class:`geoopt.ManifoldParameter` on the ball
-    of curvature ``-c`` (optimise with ``geoopt.optim.RiemannianAdam``); ``a``
-    (out_features, dim) is Euclidean.
+    of curvature ``-c`` (optimise with ``geoopt.optim.RiemannianAdam``), initialised
+    as ``expmap0`` of a tangent vector with per-coordinate standard deviation
+    ``p_init_std / √c``; ``a`` (out_features, dim) is Euclidean.
     """
 
-    def __init__(self, dim: int, out_features: int, *, c: float = 1.0) -> None:
+    def __init__(
+        self, dim: int, out_features: int, *, c: float = 1.0, p_init_std: float = P_INIT_STD
+    ) -> None:
         super().__init__()
         if dim < 1 or out_features < 1:
             raise ValueError(f"dim={dim} and out_features={out_features} should be >= 1")
+        if not p_init_std >= 0:
+            raise ValueError(f"p_init_std={p_init_std} should be >= 0")
         self.dim = int(dim)
         self.out_features = int(out_features)
         self.c = float(c)
+        self.p_init_std = float(p_init_std)
         self.p = geoopt.ManifoldParameter(torch.empty(out_features, dim), manifold=ball(self.c))
         self.a = nn.Parameter(torch.empty(out_features, dim))
         self.reset_parameters()
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        _init_gyroplanes(self.p, self.a, self.dim, self.c, generator)
+        _init_gyroplanes(self.p, self.a, self.dim, self.c, generator, self.p_init_std)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         if z.shape[-1] != self.dim:
@@ -350,7 +361,8 @@ class GyroplaneConv3d(nn.Module):
 
     with padded (out-of-bounds) positions contributing 0. ``p`` is a
     :class:`geoopt.ManifoldParameter` (C_out, C_in, kD, kH, kW, dim) on the ball,
-    initialised near the origin; ``a`` the same shape, Euclidean, uniform with
+    initialised as ``expmap0`` of a tangent vector with per-coordinate standard
+    deviation ``p_init_std / √c`` (near the origin by default); ``a`` the same shape, Euclidean, uniform with
     nn.Conv3d's bound ``1/√fan_in`` (``fan_in = C_in·kD·kH·kW·dim``), as is the bias.
     """
 
@@ -366,12 +378,16 @@ class GyroplaneConv3d(nn.Module):
         dilation: _Int3 = 1,
         bias: bool = True,
         c: float = 1.0,
+        p_init_std: float = P_INIT_STD,
     ) -> None:
         super().__init__()
         if in_channels < 1 or out_channels < 1 or dim < 1:
             raise ValueError(
                 f"in_channels={in_channels}, out_channels={out_channels} and dim={dim} should be >= 1"
             )
+        if not p_init_std >= 0:
+            raise ValueError(f"p_init_std={p_init_std} should be >= 0")
+        self.p_init_std = float(p_init_std)
         self.in_channels = int(in_channels)
         self.out_channels = int(out_channels)
         self.kernel_size = _triple(kernel_size, "kernel_size", 1)
@@ -392,7 +408,7 @@ class GyroplaneConv3d(nn.Module):
         return self.in_channels * k[0] * k[1] * k[2] * self.dim
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        _init_gyroplanes(self.p, self.a, self.fan_in, self.c, generator)
+        _init_gyroplanes(self.p, self.a, self.fan_in, self.c, generator, self.p_init_std)
         if self.bias is not None:
             bound = 1 / math.sqrt(self.fan_in)
             with torch.no_grad():

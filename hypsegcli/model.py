@@ -144,7 +144,13 @@ class HypVAE(nn.Module):
         # --- decoder: first layer to (C_last, S, S, S), then mirrored trunk
         if cfg.uses_gyroconv:
             self.dec_first: nn.Module = GyroplaneConv3d(
-                1, c_last, kernel_size=S, dim=d, padding=S - 1, c=cfg.curvature
+                1,
+                c_last,
+                kernel_size=S,
+                dim=d,
+                padding=S - 1,
+                c=cfg.curvature,
+                p_init_std=cfg.gyroplane_init,
             )
         else:
             self.dec_first = nn.Linear(d, c_last * S**3)

@@ -108,6 +108,27 @@ def test_gyroplane_layer_parameters():
 
 
 # ---------------------------------------------------------------- GyroplaneConv3d
+@pytest.mark.parametrize("c", [1.0, 0.3])
+def test_gyroplane_through_the_origin_is_linear_in_log0_along_its_normal(c):
+    """With p = 0, f_a(t â) = 4‖a‖ artanh(√c t)/√c = 4‖a‖ ‖log_0(t â)‖ (and odd in t):
+    why a gyroplane layer that starts near the origin acts like a linear layer on
+    log_0(z) (benchmarks/gyroplane_linearity.py)."""
+    layer = GyroplaneLayer(3, 5, c=c, p_init_std=0.0).double()
+    gen = _gen(7)
+    with torch.no_grad():
+        layer.a.copy_(torch.randn(5, 3, generator=gen, dtype=torch.float64))
+    a = layer.a.detach()
+    a_norm = a.norm(dim=1)
+    t = torch.linspace(-0.95, 0.95, 11, dtype=torch.float64) / math.sqrt(c)
+    for j in range(5):
+        z = t[:, None] * (a[j] / a_norm[j])
+        got = layer(z)[:, j]
+        log_norm = g.logmap0(z, c=c).norm(dim=1) * torch.sign(t)
+        torch.testing.assert_close(got, 4 * a_norm[j] * log_norm, rtol=1e-9, atol=1e-12)
+        want = 4 * a_norm[j] * torch.atanh(math.sqrt(c) * t) / math.sqrt(c)
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
 def test_kernel1_equals_pointwise_layer_summed_over_in_channels():
     c = 0.7
     conv = _random_layer(3, 5, 1, dim=2, c=c, seed=0)
@@ -299,5 +320,14 @@ def test_init_and_validation():
         conv(torch.zeros(1, 2, 2, 4, 4, 2))
     with pytest.raises(ValueError, match="stride"):
         GyroplaneConv3d(1, 2, 2, dim=2, stride=0)
+    with pytest.raises(ValueError, match="p_init_std"):
+        GyroplaneConv3d(1, 2, 2, dim=2, p_init_std=-1.0)
+    with pytest.raises(ValueError, match="p_init_std"):
+        GyroplaneLayer(2, 3, p_init_std=float("nan"))
+    # p_init_std = 0 puts every offset at the origin; larger values spread them
+    assert float(GyroplaneConv3d(1, 2, 2, dim=2, p_init_std=0.0).p.abs().max()) == 0.0
+    assert float(GyroplaneLayer(2, 3, p_init_std=0.0).p.abs().max()) == 0.0
+    wide = GyroplaneLayer(2, 4000, p_init_std=0.5)
+    assert 0.35 < float(wide.p.detach().norm(dim=-1).median()) < 0.7
     with pytest.raises(ValueError, match="kernel_size"):
         GyroplaneConv3d(1, 2, (2, 2), dim=2)

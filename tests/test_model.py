@@ -462,3 +462,29 @@ def test_tiny_model_learns_triplets() -> None:
     assert after["triplet"] < 0.5 * before["triplet"]
     mu, _ = model.encode(torch.cat([a, p, n]))
     assert (mu.norm(dim=-1) < 1).all()
+
+
+def test_gyroplane_init_sets_the_offsets_spread() -> None:
+    """``gyroplane_init`` is the tangent std of the initial gyroplane offsets p: the
+    default (layers.P_INIT_STD) starts them near the origin, 0.5 spreads them over the
+    ball, 0 puts them at the origin; the setting survives the model file's dict."""
+    from hypsegcli.layers import P_INIT_STD
+
+    assert ModelConfig().gyroplane_init == P_INIT_STD
+    for std, c in ((P_INIT_STD, 1.0), (0.5, 1.0), (0.5, 4.0), (0.0, 1.0)):
+        model = _model(curvature=c, gyroplane_init=std)
+        p = model.dec_first.p.detach().double().reshape(-1, 2)
+        # expmap0 of N(0, (std/√c)²) per coordinate: √c‖p‖ = tanh(√c‖u‖)
+        u = torch.atanh((math.sqrt(c) * p.norm(dim=-1)).clamp(max=1 - 1e-12)) / math.sqrt(c)
+        rms = float(u.square().mean().div(2).sqrt()) * math.sqrt(c)
+        assert rms == pytest.approx(std, rel=0.15, abs=1e-12)
+    spread = _model(gyroplane_init=0.5).dec_first.p.detach().norm(dim=-1)
+    assert 0.35 < float(spread.median()) < 0.7
+    assert float(_model().dec_first.p.detach().norm(dim=-1).median()) < 0.1
+    with pytest.raises(BadInputError, match="gyroplane_init"):
+        ModelConfig(gyroplane_init=-0.1)
+    cfg = ModelConfig(gyroplane_init=0.5)
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    # model files written before the field existed read back with the default
+    old = {k: v for k, v in ModelConfig().to_dict().items() if k != "gyroplane_init"}
+    assert ModelConfig.from_dict(old).gyroplane_init == P_INIT_STD

@@ -178,7 +178,7 @@ def test_cli_train_all_table2_rows(tmp_path, capsys):
         ["--geometry", "euclidean", "--no-triplet"],
         ["--geometry", "euclidean"],
         ["--no-gyroconv", "--no-triplet"],
-        ["--no-triplet"],
+        ["--no-triplet", "--gyroplane-init", "0.5"],
         ["--no-gyroconv"],
         [],
     ]
@@ -208,6 +208,7 @@ def test_cli_train_all_table2_rows(tmp_path, capsys):
         assert cfg["geometry"] == ("euclidean" if "euclidean" in extra else "hyperbolic")
         assert cfg["triplet"] == ("--no-triplet" not in extra)
         assert cfg["gyroconv"] == ("--no-gyroconv" not in extra)
+        assert cfg["gyroplane_init"] == (0.5 if "--gyroplane-init" in extra else 0.05)
 
 
 def test_cli_train_bad_inputs(tmp_path, capsys):
@@ -239,6 +240,11 @@ def test_cli_train_bad_inputs(tmp_path, capsys):
         ["train", tmp_path / "tiny.nii.gz", "-o", tmp_path / "m.pt", "--lr", "-1"], capsys
     )
     assert code == 2 and "lr=-1" in err
+    code, out, err = run(
+        ["train", tmp_path / "tiny.nii.gz", "-o", tmp_path / "m.pt", "--gyroplane-init", "-1"],
+        capsys,
+    )
+    assert code == 2 and "--gyroplane-init" in err and "Traceback" not in err
 
 
 def test_cli_progress_without_terminal_is_plain_lines(tmp_path, capsys):
