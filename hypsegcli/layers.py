@@ -362,8 +362,9 @@ class GyroplaneConv3d(nn.Module):
     with padded (out-of-bounds) positions contributing 0. ``p`` is a
     :class:`geoopt.ManifoldParameter` (C_out, C_in, kD, kH, kW, dim) on the ball,
     initialised as ``expmap0`` of a tangent vector with per-coordinate standard
-    deviation ``p_init_std / √c`` (near the origin by default); ``a`` the same shape, Euclidean, uniform with
-    nn.Conv3d's bound ``1/√fan_in`` (``fan_in = C_in·kD·kH·kW·dim``), as is the bias.
+    deviation ``p_init_std / √c`` (near the origin by default); ``a`` the same
+    shape, Euclidean, uniform with nn.Conv3d's bound ``1/√fan_in``
+    (``fan_in = C_in·kD·kH·kW·dim``), as is the bias.
     """
 
     def __init__(
