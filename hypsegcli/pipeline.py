@@ -14,6 +14,7 @@ import logging
 import re
 import statistics
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -943,8 +944,6 @@ def plan(
     Only the assignment is estimated for the k not in ``fits``.
     Estimates are described in :data:`hypsegcli.batch.PLAN_NOTES`.
     """
-    from functools import partial
-
     import torch
 
     from .batch import (
