@@ -81,6 +81,33 @@ class VolumeGeometry:
         return cls("mrc", tuple(int(s) for s in shape), spacing, affine, header, ".mrc", "Å")  # type: ignore[arg-type]
 
 
+def geometry_record(geometry: VolumeGeometry) -> dict[str, Any]:
+    """``geometry`` as plain JSON values, for outputs that cannot carry a header (``.npy``).
+
+    Always ``format``, ``shape``, ``spacing``, ``unit`` and ``affine`` (voxel index
+    ``[x, y, z, 1]`` to physical coordinates, 4x4); NIfTI adds the qform and sform
+    with their codes, MRC its voxel size, origin and start indices as stored.
+    """
+    record: dict[str, Any] = {
+        "format": geometry.format,
+        "shape": [int(s) for s in geometry.shape],
+        "spacing": [float(s) for s in geometry.spacing],
+        "unit": geometry.unit,
+        "affine": np.asarray(geometry.affine, dtype=np.float64).tolist(),
+    }
+    header = geometry.header
+    if geometry.format == "nifti" and header is not None:
+        for form in ("qform", "sform"):
+            matrix, code = getattr(header, f"get_{form}")(coded=True)
+            record[form] = None if matrix is None else np.asarray(matrix, np.float64).tolist()
+            record[f"{form}_code"] = int(code)
+    elif geometry.format == "mrc" and isinstance(header, dict):
+        for key in ("voxel_size", "origin", "start"):
+            if key in header:
+                record[key] = [float(v) if key != "start" else int(v) for v in header[key]]
+    return record
+
+
 @dataclass(frozen=True, eq=False)
 class Volume:
     """A volume read from disk: float32 data ``[x, y, z]`` plus its geometry."""
@@ -181,6 +208,23 @@ def collect_inputs(
     return unique
 
 
+def check_unique_cases(paths: Iterable[str | os.PathLike[str]], *, why: str) -> None:
+    """Refuse two inputs with the same :func:`case_name` (their outputs would overwrite).
+
+    ``why`` ends the message, e.g. "their outputs in OUT would overwrite each other".
+    """
+    seen: dict[str, Path] = {}
+    for item in paths:
+        path = Path(item)
+        name = case_name(path)
+        if name in seen and seen[name] != path:
+            raise BadInputError(
+                f"{seen[name]} and {path} have the same case name {name!r}: {why}; "
+                "rename one of them or process them in separate runs"
+            )
+        seen.setdefault(name, path)
+
+
 # ----------------------------------------------------------------------------- reading
 
 
@@ -266,7 +310,13 @@ def _read_mrc(path: Path) -> tuple[np.ndarray, VolumeGeometry]:
                 voxel = mrc.voxel_size
                 spacing = (float(voxel.x), float(voxel.y), float(voxel.z))
                 origin = (float(header.origin.x), float(header.origin.y), float(header.origin.z))
-                start = (int(header.nxstart), int(header.nystart), int(header.nzstart))
+                # column, row and section starts (mrcfile names them nx/ny/nzstart)
+                file_start = (int(header.nxstart), int(header.nystart), int(header.nzstart))
+                labels = tuple(
+                    text
+                    for raw_label in header.label[: max(0, min(int(header.nlabl), 10))]
+                    if (text := bytes(raw_label).decode("ascii", "replace").rstrip(" \x00"))
+                )
                 expected = int(header.nx) * int(header.ny) * int(header.nz)
                 if raw.size < expected:
                     raise BadInputError(f"{path}: truncated MRC ({raw.size} of {expected} voxels)")
@@ -280,6 +330,11 @@ def _read_mrc(path: Path) -> tuple[np.ndarray, VolumeGeometry]:
         )
     if sorted(axes) != [1, 2, 3]:
         axes = (1, 2, 3)
+    # the starts are per file axis (columns, rows, sections); x, y, z are axes mapc/mapr/maps
+    start_xyz = [0, 0, 0]
+    for file_axis, spatial in enumerate(axes):
+        start_xyz[spatial - 1] = file_start[file_axis]
+    start = tuple(start_xyz)
     # Array axes are (sections, rows, columns) = file axes (maps, mapr, mapc).
     array_axis_of = {axes[2]: 0, axes[1]: 1, axes[0]: 2}
     data = np.ascontiguousarray(
@@ -287,6 +342,7 @@ def _read_mrc(path: Path) -> tuple[np.ndarray, VolumeGeometry]:
     )
     if min(data.shape) < 1:
         raise BadInputError(f"{path}: empty MRC data of shape {raw.shape}")
+    voxel_size = spacing  # as stored: 0 (unknown) stays 0 in the outputs
     spacing = tuple(s if s > 0 else 1.0 for s in spacing)
     affine = np.diag([*spacing, 1.0])
     affine[:3, 3] = [o + st * s for o, st, s in zip(origin, start, spacing, strict=True)]
@@ -295,7 +351,7 @@ def _read_mrc(path: Path) -> tuple[np.ndarray, VolumeGeometry]:
         tuple(int(s) for s in data.shape),  # type: ignore[arg-type]
         spacing,  # type: ignore[arg-type]
         affine,
-        {"voxel_size": spacing, "origin": origin, "start": start},
+        {"voxel_size": voxel_size, "origin": origin, "start": start, "labels": labels},
         volume_suffix(path) or ".mrc",
         "Å",
     )
@@ -403,23 +459,25 @@ def _write_nifti(path: Path, data: np.ndarray, geometry: VolumeGeometry, intent:
         header = src.copy()
         header.set_data_dtype(data.dtype)
         image_class = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
+        # No affine: nibabel then leaves the header's qform and sform fields (and their
+        # codes, pixdim, quaternion) exactly as the source has them, inactive ones included.
         img = image_class(data, None, header)
-        qform, qcode = src.get_qform(coded=True)
-        sform, scode = src.get_sform(coded=True)
-        img.set_qform(qform if qform is not None else geometry.affine, code=int(qcode))
-        img.set_sform(sform if sform is not None else geometry.affine, code=int(scode))
     hdr = img.header
     hdr["scl_slope"] = np.nan
     hdr["scl_inter"] = np.nan
     if intent == "labels":
         hdr["cal_min"] = 0
         hdr["cal_max"] = float(data.max(initial=0))
-        hdr["intent_code"] = 1002  # NIFTI_INTENT_LABEL
+        hdr.set_intent("label")  # NIFTI_INTENT_LABEL (1002), no parameters, no name
         hdr["descrip"] = b"hypseg labels"
     else:
         hdr["cal_min"] = 0
         hdr["cal_max"] = 0
     nib.save(img, os.fspath(path))
+
+
+#: Text labels an MRC header holds.
+MRC_MAX_LABELS = 10
 
 
 def _write_mrc(path: Path, data: np.ndarray, geometry: VolumeGeometry, intent: str) -> None:
@@ -431,13 +489,20 @@ def _write_mrc(path: Path, data: np.ndarray, geometry: VolumeGeometry, intent: s
     start = header.get("start", (0, 0, 0))
     if data.dtype == np.float64:
         data = data.astype(np.float32)
+    # the source's text labels, then ours; no "Created by mrcfile.py <time>" label, so that
+    # the same inputs give the same bytes
+    labels = [str(text) for text in header.get("labels", ())]
+    mine = "hypseg labels" if intent == "labels" else "hypseg"
+    labels = [*labels[: MRC_MAX_LABELS - 1], mine]
     with mrcfile.new(os.fspath(path), overwrite=True) as mrc:
         mrc.set_data(np.ascontiguousarray(np.transpose(data, (2, 1, 0))))
         mrc.voxel_size = tuple(float(s) for s in spacing)
         mrc.header.origin.x, mrc.header.origin.y, mrc.header.origin.z = (float(o) for o in origin)
         mrc.header.nxstart, mrc.header.nystart, mrc.header.nzstart = (int(s) for s in start)
-        if intent == "labels":
-            mrc.add_label("hypseg labels")
+        mrc.header.label[:] = b""
+        mrc.header.nlabl = 0
+        for text in labels:
+            mrc.add_label(text.encode("ascii", "replace")[:80].decode("ascii"))
 
 
 # ----------------------------------------------------------------------------- hashing

@@ -13,7 +13,7 @@ import json
 import logging
 import re
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,9 @@ from .io import (
     VolumeGeometry,
     array_sha256,
     case_name,
+    check_unique_cases,
     collect_inputs,
+    geometry_record,
     read_volume,
     volume_suffix,
     write_labels,
@@ -231,6 +233,8 @@ def pair_files(pred: Path, truth: Path, *, level: int | None = None) -> list[dic
         ]
     preds = _label_files(pred) if pred.is_dir() else [pred]
     truths = _label_files(truth) if truth.is_dir() else [truth]
+    check_unique_cases(preds, why="the case would be scored twice")
+    check_unique_cases(truths, why="which of them is the ground truth is ambiguous")
     by_name = {case_name(t): t for t in truths}
     k_to_level = _levels_by_k(_find_dataset_json(truth))
     pairs = []
@@ -274,6 +278,41 @@ def pair_files(pred: Path, truth: Path, *, level: int | None = None) -> list[dic
             "(expected matching case names, or <case>_k<K> with <case>_L<level>; try --level)"
         )
     return pairs
+
+
+def grid_offset(a: VolumeGeometry, b: VolumeGeometry) -> float:
+    """Largest distance (world units) between where ``a`` and ``b`` put the same voxel index,
+    over the corners of ``a``'s grid (the mappings are affine, so the corners bound it)."""
+    corners = np.array(
+        [
+            [i, j, k, 1.0]
+            for i in (0, a.shape[0] - 1)
+            for j in (0, a.shape[1] - 1)
+            for k in (0, a.shape[2] - 1)
+        ]
+    )
+    diff = corners @ (np.asarray(a.affine, float) - np.asarray(b.affine, float)).T
+    return float(np.linalg.norm(diff[:, :3], axis=1).max())
+
+
+def _warn_if_other_grid(
+    pred: Path, p_geo: VolumeGeometry, truth: Path, t_geo: VolumeGeometry
+) -> None:
+    """Warn when a prediction and its ground truth share a shape but not a grid (files of the
+    same format whose affines put some voxel more than half a voxel apart): Dice compares
+    them voxel by voxel all the same."""
+    if p_geo.format != t_geo.format:
+        return
+    offset = grid_offset(p_geo, t_geo)
+    if offset > 0.5 * min(t_geo.spacing):
+        log.warning(
+            "%s and %s have the same shape but different grids (a voxel up to %.3g %s apart); "
+            "scored voxel by voxel, check that they belong together",
+            pred,
+            truth,
+            offset,
+            t_geo.unit,
+        )
 
 
 def evaluate(
@@ -341,6 +380,7 @@ def evaluate(
                     raise BadInputError(
                         f"{pair['pred']} has shape {p_vol.data.shape} but {pair['truth']} has shape {t_vol.data.shape}"
                     )
+                _warn_if_other_grid(pair["pred"], p_vol.geometry, pair["truth"], t_vol.geometry)
                 try:
                     score = metrics.score_case(
                         _as_labels(p_vol.data, pair["pred"]),
@@ -774,6 +814,8 @@ def embed(
     _check_embedding_options(patch_size, stride)
     set_threads(threads)
     paths = collect_inputs(inputs, recursive=recursive)
+    if output is not None:
+        check_unique_cases(paths, why=f"their embeddings in {output} would overwrite each other")
     part = resolve_part(num_parts, part_id, environ)
     selected = _select_part(paths, part)
     model = LoadedModel(model_path, device)
@@ -864,6 +906,16 @@ def embed(
                         )
                         if target is not None:
                             _save_npy(target, np.asarray(emb, dtype=np.float32))
+                            write_text_atomic(
+                                _sidecar_of(target),
+                                json.dumps(
+                                    _embedding_record(
+                                        volume, model, sha, emb.shape, patch_size, stride
+                                    ),
+                                    indent=2,
+                                )
+                                + "\n",
+                            )
                             watch.lap("write")
                             row["output"] = str(target)
             except Exception as exc:  # noqa: BLE001 - one bad volume does not stop the batch
@@ -1089,6 +1141,37 @@ def _check_embedding_options(patch_size: int, stride: int) -> None:
         raise BadInputError(f"--stride {stride}: should be >= 1")
 
 
+#: ``format`` of the JSON written beside each ``embed -o`` array.
+EMBEDDING_RECORD_FORMAT = "hypseg-embedding"
+
+
+def _sidecar_of(npy: Path) -> Path:
+    """``emb/<case>.npy`` -> ``emb/<case>.json``: the array's geometry and provenance."""
+    return npy.with_name(npy.name[: -len(".npy")] + ".json")
+
+
+def _embedding_record(
+    volume: Any, model: Any, sha: str, shape: Sequence[int], patch_size: int, stride: int
+) -> dict[str, Any]:
+    """What ``embed -o`` writes beside ``<case>.npy``: the source volume's geometry (the array
+    is indexed like it), where it came from and the space its vectors live in."""
+    cfg = model.model.cfg
+    return {
+        "format": EMBEDDING_RECORD_FORMAT,
+        "hypseg": __version__,
+        "volume": str(volume.path),
+        "volume_sha256": sha,
+        "model": str(model.path),
+        "model_sha256": model.sha256,
+        "shape": [int(s) for s in shape],
+        "space": "poincare_ball" if cfg.hyperbolic else "euclidean",
+        "curvature": float(cfg.curvature) if cfg.hyperbolic else None,
+        "patch_size": patch_size,
+        "stride": stride,
+        "geometry": geometry_record(volume.geometry),
+    }
+
+
 def _save_npy(path: Path, array: np.ndarray) -> None:
     from .io import atomic_path
 
@@ -1304,6 +1387,16 @@ def _case_outputs(out: Path, path: Path, ks: list[int], preview: bool) -> list[P
     return [*files, _case_centroids_path(out, name)]
 
 
+def _source_stamp(path: Path) -> dict[str, int] | None:
+    """Size and modification time of an input file (None if it cannot be read): an input
+    replaced under the same name gets new outputs rather than being skipped."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return {"size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns)}
+
+
 def _case_done(
     out: Path,
     path: Path,
@@ -1320,12 +1413,16 @@ def _case_done(
 
     Each k's set must also be nested in the same k as this run would nest it
     (``nest``; a set for k = 4 made with ``--k 2 --k 4`` is not one made with
-    ``--k 4`` alone).
+    ``--k 4`` alone), and the record must have been made from this input as it
+    is now (same size and modification time).
     """
     if not all(f.is_file() for f in _case_outputs(out, path, ks, preview)):
         return False
     doc = _read_json(_case_centroids_path(out, case_name(path)))
     if not _case_record_matches(doc, header, fit, params):
+        return False
+    stamp = _source_stamp(path)
+    if stamp is None or doc.get("source") != stamp:
         return False
     sets = {int(s["k"]): s for s in doc["sets"] if isinstance(s, dict) and "k" in s}
     if not all(k in sets and sets[k].get("nested_in") == _nested_in(k, ks, nest) for k in ks):
@@ -1346,18 +1443,21 @@ def _write_case_centroids(
     fit: str,
     params: dict[str, Any],
     sets: list[dict[str, Any]],
+    source: dict[str, int] | None,
 ) -> Path:
-    """Write ``OUT/<case>.centroids.json`` (atomically), keeping its sets for other k made the same way."""
+    """Write ``OUT/<case>.centroids.json`` (atomically), keeping its sets for other k made the
+    same way from the same input (``source``: :func:`_source_stamp` taken before reading it)."""
     target = _case_centroids_path(out, volume.name)
     new_ks = {int(s["k"]) for s in sets}
     kept = []
     old = _read_json(target) if target.exists() else None
-    if _case_record_matches(old, header, fit, params):
+    if _case_record_matches(old, header, fit, params) and old.get("source") == source:
         kept = [s for s in old["sets"] if isinstance(s, dict) and int(s.get("k", 0)) not in new_ks]
     doc = {
         "format": CASE_CENTROIDS_FORMAT,
         "case": volume.name,
         "volume": str(volume.path),
+        "source": source,
         "fit": fit,
         "params": params,
         "header": header,
@@ -1556,6 +1656,7 @@ def cluster(
     _check_embedding_options(patch_size, stride)
     set_threads(threads)
     paths = collect_inputs(inputs, recursive=recursive)
+    check_unique_cases(paths, why=f"their segmentations in {out} would overwrite each other")
     part = resolve_part(num_parts, part_id, environ)
     if fit_on == "pooled" and centroids is None and part.split:
         raise BadInputError(
@@ -1778,6 +1879,7 @@ def cluster(
                 row.update(status="failed", error=failed[path])
             else:
                 try:
+                    source = _source_stamp(path)
                     volume = read_volume(path)
                     sha = array_sha256(volume.data)
                     watch.lap("read")
@@ -1849,7 +1951,13 @@ def cluster(
                             )
                         watch.lap("write")
                     _write_case_centroids(
-                        out, volume, header=header, fit=fit, params=params, sets=sets
+                        out,
+                        volume,
+                        header=header,
+                        fit=fit,
+                        params=params,
+                        sets=sets,
+                        source=source,
                     )
                     watch.lap("write")
                     row["status"] = "done"

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from clitools import run
 
-from hypsegcli import __version__, io
+from hypsegcli import __version__, io, pipeline
 
 
 def test_help_is_fast_and_does_not_import_torch():
@@ -85,6 +85,39 @@ def test_evaluate_identity_relabel_and_shift(capsys, tmp_path):
     fg = next(c for c in case["classes"] if c["class_id"] == 1)
     assert fg["hd95"] == pytest.approx(2.0)
     assert case["unit"] == "mm"
+
+
+def test_evaluate_warns_when_the_grids_differ(capsys, tmp_path):
+    """Same shape, other affine (here flipped and moved): scored, with one warning naming both
+    files; a difference well under half a voxel (float rounding) says nothing."""
+    labels, geometry = _write_truth(tmp_path)
+    img = nib.load(tmp_path / "truth.nii.gz")
+    flipped = np.diag([-1.0, 1.0, 1.0, 1.0]) @ img.affine
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), flipped), tmp_path / "other.nii.gz")
+    nudged = img.affine.copy()
+    nudged[:3, 3] += 1e-4
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), nudged), tmp_path / "near.nii.gz")
+    code, out, err = run(
+        ["evaluate", tmp_path / "other.nii.gz", tmp_path / "truth.nii.gz", "--json"], capsys
+    )
+    assert code == 0 and json.loads(out)["cases"][0]["mean_dice"] == pytest.approx(1.0)
+    assert err.count("different grids") == 1
+    assert "other.nii.gz" in err and "truth.nii.gz" in err
+    code, out, err = run(
+        ["evaluate", tmp_path / "near.nii.gz", tmp_path / "truth.nii.gz", "--json"], capsys
+    )
+    assert code == 0 and "different grids" not in err
+
+
+def test_grid_offset_is_the_largest_voxel_displacement():
+    a = io.VolumeGeometry.default((4, 5, 6), spacing=(1.0, 2.0, 3.0))
+    moved = np.array(a.affine, float)
+    moved[0, 3] += 0.25
+    b = io.VolumeGeometry("nifti", a.shape, a.spacing, moved, None, ".nii.gz", "mm")
+    assert pipeline.grid_offset(a, b) == pytest.approx(0.25)
+    flipped = np.diag([-1.0, 1.0, 1.0, 1.0]) @ np.array(a.affine, float)
+    c = io.VolumeGeometry("nifti", a.shape, a.spacing, flipped, None, ".nii.gz", "mm")
+    assert pipeline.grid_offset(a, c) == pytest.approx(2 * 3.0)  # voxel i = 3 at -3 vs +3
 
 
 def test_evaluate_errors(capsys, tmp_path):

@@ -77,6 +77,21 @@ def test_cluster_writes_labels_with_geometry_and_uses_cache(trained, tmp_path, c
     assert levels == {(2, 1), (4, 2)}
 
 
+def test_embed_record_of_an_mrc_volume_keeps_its_header_fields(trained, tmp_path, capsys):
+    path = trained / "mrc" / "images" / "case_000.mrc"
+    with mrcfile.open(path) as mrc:
+        voxel = [float(v) for v in mrc.voxel_size.tolist()]
+    code, _, err = run(
+        ["--quiet", "embed", path, "-m", trained / "model.pt", "-o", tmp_path, "--stride", "4"],
+        capsys,
+    )
+    assert code == 0, err
+    geo = json.loads((tmp_path / "case_000.json").read_text())["geometry"]
+    assert geo["format"] == "mrc" and geo["unit"] == "Å" and geo["voxel_size"] == voxel
+    assert geo["origin"] == [0.0, 0.0, 0.0] and geo["start"] == [0, 0, 0]
+    assert geo["shape"] == list(np.load(tmp_path / "case_000.npy").shape[:3])
+
+
 def test_cluster_mrc_keeps_voxel_size(trained, tmp_path, capsys):
     src = trained / "mrc" / "images" / "case_000.mrc"
     with mrcfile.open(str(src), mode="r+") as mrc:
@@ -213,6 +228,16 @@ def test_embed_writes_arrays_and_cache_commands(trained, tmp_path, capsys):
     arr = np.load(tmp_path / "emb" / "case_000.npy")
     assert arr.shape == (20, 20, 20, 2) and arr.dtype == np.float32
     assert (np.linalg.norm(arr, axis=-1) < 1).all()
+    # beside it, the volume's geometry and the array's provenance (a .npy has no header)
+    record = json.loads((tmp_path / "emb" / "case_000.json").read_text())
+    src = nib.load(trained / "data" / "images" / "case_000.nii.gz")
+    assert record["format"] == "hypseg-embedding" and record["shape"] == [20, 20, 20, 2]
+    assert record["space"] == "poincare_ball" and record["curvature"] == 1.0
+    assert record["stride"] == 2 and record["patch_size"] == 5
+    assert record["model_sha256"] == io.file_sha256(trained / "model.pt")
+    np.testing.assert_array_equal(record["geometry"]["affine"], src.affine)
+    assert record["geometry"]["sform_code"] == int(src.header["sform_code"])
+    assert record["geometry"]["unit"] == "mm"
     code, out, _ = run(["cache", "ls", "--cache-dir", cache, "--json"], capsys)
     assert code == 0 and len(json.loads(out)) == 1
     code, out, _ = run(["cache", "path", "--cache-dir", cache], capsys)
@@ -463,3 +488,76 @@ def test_metric_bad_values(trained, tmp_path, capsys):
     model = ["cluster", images, "-m", trained / "model.pt", "--k", "2", "-o", tmp_path]
     code, _, err = run([*model, "--metric", "cosine"], capsys)
     assert code == 2 and "--metric 'cosine'" in err and err.count("\n") == 1
+
+
+def test_inputs_with_the_same_case_name_are_refused(trained, tmp_path, capsys):
+    """Two inputs named ``case`` in different folders (or with different suffixes) would write the
+    same output files: refused before anything is written, naming both files."""
+    images = trained / "data" / "images"
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first, second = tmp_path / "a" / "case.nii.gz", tmp_path / "b" / "case.nii.gz"
+    first.write_bytes((images / "case_000.nii.gz").read_bytes())
+    second.write_bytes((images / "case_001.nii.gz").read_bytes())
+    seg = tmp_path / "seg"
+    code, out, err = run(
+        ["cluster", tmp_path / "a", tmp_path / "b", "--features", "intensity", "--k", "2"]
+        + ["-o", seg],
+        capsys,
+    )
+    assert code == 2 and out == "" and err.count("\n") == 1, err
+    assert f"{first} and {second} have the same case name 'case'" in err
+    assert not seg.exists() or not any(seg.iterdir())
+    emb = tmp_path / "emb"
+    code, _, err = run(
+        ["embed", tmp_path / "a", tmp_path / "b", "-m", trained / "model.pt", "-o", emb], capsys
+    )
+    assert code == 2 and "same case name 'case'" in err and not emb.exists()
+    # the same name with another suffix in one folder: the label and .npy names collide too
+    img = nib.load(images / "case_000.nii.gz")
+    nib.save(img, tmp_path / "a" / "case.nii")
+    code, _, err = run(
+        ["cluster", tmp_path / "a", "--features", "intensity", "--k", "2", "-o", seg], capsys
+    )
+    assert code == 2 and "same case name 'case'" in err
+    # evaluate: two ground truths for one case are ambiguous
+    truth = tmp_path / "truth"
+    truth.mkdir()
+    lab = nib.load(trained / "data" / "labels" / "case_000_L1.nii.gz")
+    nib.save(lab, truth / "case_000_L1.nii.gz")
+    nib.save(lab, truth / "case_000_L1.nii")
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    nib.save(lab, pred / "case_000_k2.nii.gz")
+    code, _, err = run(["evaluate", pred, truth], capsys)
+    assert code == 2 and "same case name 'case_000_L1'" in err and "ambiguous" in err
+
+
+def test_an_input_replaced_under_the_same_name_is_clustered_again(trained, tmp_path, capsys):
+    """Skipping complete outputs also checks that the input is the one they were made from
+    (size and modification time), so replacing a file does not leave stale labels behind."""
+    images = trained / "data" / "images"
+    src = tmp_path / "in" / "case.nii.gz"
+    src.parent.mkdir()
+    src.write_bytes((images / "case_000.nii.gz").read_bytes())
+    seg = tmp_path / "seg"
+    argv = ["--quiet", "cluster", src.parent, "--features", "intensity", "--k", "2", "-o", seg]
+    code, out, err = run([*argv, "--json"], capsys)
+    assert code == 0 and json.loads(out)["done"] == 1, err
+    code, out, err = run([*argv, "--json"], capsys)
+    assert json.loads(out)["skipped"] == 1
+    # another volume under the same name, with another affine
+    img = nib.load(images / "case_001.nii.gz")
+    moved = img.affine.copy()
+    moved[:3, 3] += 10.0
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), moved, img.header), src)
+    code, out, err = run([*argv, "--json"], capsys)
+    assert code == 0 and json.loads(out)["done"] == 1, err
+    fresh = tmp_path / "fresh"
+    code, _, err = run([*argv[:-1], fresh], capsys)
+    assert code == 0, err
+    again, ref = nib.load(seg / "case_k2.nii.gz"), nib.load(fresh / "case_k2.nii.gz")
+    np.testing.assert_array_equal(np.asarray(again.dataobj), np.asarray(ref.dataobj))
+    np.testing.assert_array_equal(again.affine, moved)
+    record = json.loads((seg / "case.centroids.json").read_text())
+    assert record["source"]["size"] == src.stat().st_size

@@ -66,6 +66,30 @@ def test_nifti_round_trip_keeps_geometry(tmp_path, suffix, cls):
     np.testing.assert_allclose(img.header.get_zooms(), vol.geometry.spacing, rtol=1e-6)
 
 
+@pytest.mark.parametrize("qcode, scode", [(0, 1), (4, 0), (0, 0), (2, 4)])
+def test_nifti_labels_keep_every_geometry_field_verbatim(tmp_path, qcode, scode):
+    """Inactive forms (code 0) and pixdim are copied as stored, not re-derived from the active
+    affine; only the data type, the intent and the descriptive fields change."""
+    data = np.random.default_rng(3).random((5, 6, 7)).astype(np.float32)
+    img = nib.Nifti1Image(data, AFFINE)
+    img.set_qform(np.diag([0.9, -0.8, 1.1, 1.0]), code=qcode)
+    img.set_sform(AFFINE, code=scode)
+    img.header["pixdim"][1:4] = [0.7, 1.3, 2.1]  # need not match either form
+    img.header["intent_name"] = b"myintent"
+    img.header.set_xyzt_units("micron", "sec")
+    nib.save(img, str(tmp_path / "src.nii.gz"))
+    vol = io.read_volume(tmp_path / "src.nii.gz")
+    io.write_labels(tmp_path / "lab.nii.gz", (data > 0.5).astype(np.int64), vol.geometry)
+    src, out = nib.load(str(tmp_path / "src.nii.gz")), nib.load(str(tmp_path / "lab.nii.gz"))
+    changed = {"datatype", "bitpix", "intent_code", "intent_name", "cal_max", "descrip"}
+    for key in src.header.keys():
+        if key not in changed:
+            a, b = np.asarray(src.header[key]), np.asarray(out.header[key])
+            assert np.array_equal(a, b, equal_nan=a.dtype.kind == "f"), key
+    assert int(out.header["intent_code"]) == 1002 and out.header["intent_name"].item() == b""
+    np.testing.assert_array_equal(out.affine, src.affine)
+
+
 def test_nifti_scaling_applied_and_squeezed_4d(tmp_path):
     data = np.arange(24, dtype=np.int16).reshape(2, 3, 4, 1)
     img = nib.Nifti1Image(data, np.eye(4))
@@ -119,6 +143,68 @@ def test_mrc_nonstandard_axis_order(tmp_path):
         mrc.set_data(np.ascontiguousarray(np.transpose(data, (2, 0, 1))))
         mrc.header.mapc, mrc.header.mapr, mrc.header.maps = 2, 1, 3
     np.testing.assert_array_equal(io.read_volume(path).data, data)
+
+
+def test_mrc_starts_follow_the_axis_order(tmp_path):
+    """NC/NR/NSSTART (mrcfile's nx/ny/nzstart) are the column, row and section starts: with
+    columns = z and sections = x the x start is the section start. Outputs are written in the
+    standard order, so their starts must be permuted too (same affine on reading back)."""
+    data = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)  # [x, y, z]
+    path = tmp_path / "zyx.mrc"
+    with mrcfile.new(str(path)) as mrc:
+        # columns = z, rows = y, sections = x: the stored array is (x, y, z)
+        mrc.set_data(np.ascontiguousarray(data))
+        mrc.header.mapc, mrc.header.mapr, mrc.header.maps = 3, 2, 1
+        mrc.header.mx, mrc.header.my, mrc.header.mz = 2, 3, 4  # cell sampling along x, y, z
+        mrc.header.cella.x, mrc.header.cella.y, mrc.header.cella.z = 3.0, 7.5, 14.0
+        mrc.header.nxstart, mrc.header.nystart, mrc.header.nzstart = 3, -4, 5  # z, y, x starts
+    vol = io.read_volume(path)
+    np.testing.assert_array_equal(vol.data, data)
+    assert vol.geometry.spacing == (1.5, 2.5, 3.5)
+    np.testing.assert_allclose(vol.geometry.affine[:3, 3], [5 * 1.5, -4 * 2.5, 3 * 3.5])
+    out = tmp_path / "labels.mrc"
+    io.write_labels(out, (data > 10).astype(np.int64), vol.geometry)
+    with mrcfile.open(str(out)) as mrc:
+        assert (int(mrc.header.mapc), int(mrc.header.mapr), int(mrc.header.maps)) == (1, 2, 3)
+        assert (int(mrc.header.nxstart), int(mrc.header.nystart), int(mrc.header.nzstart)) == (
+            5,
+            -4,
+            3,
+        )
+    back = io.read_volume(out)
+    np.testing.assert_array_equal(back.data, data > 10)
+    np.testing.assert_allclose(back.geometry.affine, vol.geometry.affine)
+
+
+def test_mrc_outputs_keep_labels_and_unknown_voxel_size_and_are_reproducible(tmp_path):
+    """The source's text labels are kept (mrcfile's timestamped "Created by" label is not
+    added, so the same data give the same bytes), and a voxel size of 0 (unknown) stays 0 in
+    the outputs while reading uses 1 for the spacing."""
+    data = np.arange(3 * 4 * 5, dtype=np.float32).reshape(3, 4, 5)
+    src = tmp_path / "novox.mrc"
+    with mrcfile.new(str(src)) as mrc:
+        mrc.set_data(np.ascontiguousarray(np.transpose(data, (2, 1, 0))))
+        mrc.voxel_size = 0.0
+        mrc.header.label[:] = b""
+        mrc.header.nlabl = 0
+        mrc.add_label("tilt series 7, aligned")
+        mrc.add_label("binned 4x")
+    vol = io.read_volume(src)
+    assert vol.geometry.spacing == (1.0, 1.0, 1.0)
+    outs = []
+    for name in ("a.mrc", "b.mrc"):
+        io.write_labels(tmp_path / name, (data > 30).astype(np.int64), vol.geometry)
+        outs.append((tmp_path / name).read_bytes())
+    assert outs[0] == outs[1]
+    with mrcfile.open(str(tmp_path / "a.mrc")) as mrc:
+        assert tuple(float(v) for v in mrc.voxel_size.tolist()) == (0.0, 0.0, 0.0)
+        labels = [bytes(x).decode().strip() for x in mrc.header.label[: int(mrc.header.nlabl)]]
+    assert labels == ["tilt series 7, aligned", "binned 4x", "hypseg labels"]
+    # a generated volume (no source header) gets only hypseg's label
+    plain = io.VolumeGeometry.default((3, 4, 5), format="mrc")
+    io.write_volume(tmp_path / "c.mrc", data, plain)
+    with mrcfile.open(str(tmp_path / "c.mrc")) as mrc:
+        assert int(mrc.header.nlabl) == 1 and bytes(mrc.header.label[0]).strip() == b"hypseg"
 
 
 def test_label_dtype_widens():
