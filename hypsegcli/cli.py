@@ -10,6 +10,7 @@ import functools
 import json
 import logging
 import sys
+import warnings
 from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
@@ -74,9 +75,46 @@ def _setup_logging() -> None:
     )
 
 
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: Any = None,
+    line: str | None = None,
+) -> None:
+    """``warnings.showwarning`` for the CLI: one line through hypseg's logger (the source
+    location only with --debug)."""
+    text = " ".join(str(message).split())
+    where = f" ({filename}:{lineno})" if state.debug else ""
+    logging.getLogger("hypsegcli").warning("%s: %s%s", category.__name__, text, where)
+
+
 def _fail(message: str, code: int) -> typer.Exit:
     stderr.print(f"hypseg: error: {message}", markup=False, highlight=False, soft_wrap=True)
     return typer.Exit(code=code)
+
+
+def runtime_message(exc: BaseException) -> str:
+    """One line for an unexpected exception: out-of-memory and file-system errors in words,
+    anything else as its type and the first line of its message."""
+    text = " ".join(str(exc).split())
+    lowered = text.lower()
+    if (
+        isinstance(exc, MemoryError)
+        or "out of memory" in lowered
+        or "can't allocate memory" in lowered
+    ):
+        detail = f" ({text[:160]})" if text else ""
+        return (
+            f"out of memory{detail}; try a smaller --batch-size, --patch-size or --tile, "
+            "or fewer --threads"
+        )
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f"{exc.filename}: " if exc.filename else ""
+        return f"{where}{exc.strerror}"
+    first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {first} (run with --debug for a traceback)"
 
 
 def handle_errors(func: F) -> F:
@@ -85,6 +123,8 @@ def handle_errors(func: F) -> F:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         _setup_logging()
+        shown = warnings.showwarning
+        warnings.showwarning = _show_warning  # libraries' warnings: one line on stderr too
         try:
             return func(*args, **kwargs)
         except (typer.Exit, typer.Abort):
@@ -100,9 +140,9 @@ def handle_errors(func: F) -> F:
         except Exception as exc:  # noqa: BLE001 - the last line of defence
             if state.debug:
                 raise
-            raise _fail(
-                f"{type(exc).__name__}: {exc} (run with --debug for a traceback)", 1
-            ) from None
+            raise _fail(runtime_message(exc), 1) from None
+        finally:
+            warnings.showwarning = shown
 
     return wrapper  # type: ignore[return-value]
 
@@ -1158,8 +1198,10 @@ def main(argv: list[str] | None = None) -> None:
             raise
         ctx = getattr(exc, "ctx", None)
         hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
-        stderr.print(
-            f"hypseg: error: {message()}{hint}", markup=False, highlight=False, soft_wrap=True
-        )
+        text = message()
+        if text.strip():  # empty after a bare `hypseg` or `hypseg cache`: the help says it all
+            stderr.print(
+                f"hypseg: error: {text}{hint}", markup=False, highlight=False, soft_wrap=True
+            )
         code = exc.exit_code
     sys.exit(code if isinstance(code, int) else 0)

@@ -7,6 +7,7 @@ inside model files and manifests and read back without executing code.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
@@ -76,11 +77,17 @@ class ModelConfig:
             raise BadInputError(f"likelihood={self.likelihood!r} should be 'unit' or 'learned'")
         if self.latent_dim < 1:
             raise BadInputError(f"latent_dim={self.latent_dim} should be >= 1")
-        if not self.texture_weight >= 0:
-            raise BadInputError(f"texture_weight={self.texture_weight} should be >= 0")
-        if self.curvature <= 0:
-            raise BadInputError(f"curvature={self.curvature} should be > 0")
-        if not self.gyroplane_init >= 0:
+        if not (self.texture_weight >= 0 and math.isfinite(self.texture_weight)):
+            raise BadInputError(
+                f"texture_weight={self.texture_weight} should be a finite number >= 0"
+            )
+        if not (self.curvature > 0 and math.isfinite(self.curvature)):
+            raise BadInputError(f"curvature={self.curvature} should be a finite number > 0")
+        if not (self.beta >= 0 and math.isfinite(self.beta)):
+            raise BadInputError(f"beta={self.beta} should be a finite number >= 0")
+        if not (self.margin >= 0 and math.isfinite(self.margin)):
+            raise BadInputError(f"margin={self.margin} should be a finite number >= 0")
+        if not (self.gyroplane_init >= 0 and math.isfinite(self.gyroplane_init)):
             raise BadInputError(f"gyroplane_init={self.gyroplane_init} should be >= 0")
         if self.mc_samples < 1:
             raise BadInputError(f"mc_samples={self.mc_samples} should be >= 1")
@@ -149,7 +156,7 @@ class SamplingConfig:
             raise BadInputError(
                 f"scale_sampling={self.scale_sampling!r} should be 'uniform' or 'log'"
             )
-        if not 0 < self.r_min <= self.r_max:
+        if not (0 < self.r_min <= self.r_max and math.isfinite(self.r_max)):
             raise BadInputError(
                 f"r_min={self.r_min} and r_max={self.r_max} should satisfy 0 < r_min <= r_max"
             )
@@ -199,12 +206,12 @@ class TrainConfig:
             raise BadInputError("give --steps or --max-minutes (or both)")
         if self.steps is not None and self.steps < 1:
             raise BadInputError(f"steps={self.steps} should be >= 1")
-        if self.max_minutes is not None and self.max_minutes <= 0:
+        if self.max_minutes is not None and not self.max_minutes > 0:
             raise BadInputError(f"max_minutes={self.max_minutes} should be > 0")
         if self.batch_size < 1:
             raise BadInputError(f"batch_size={self.batch_size} should be >= 1")
-        if not self.lr > 0:
-            raise BadInputError(f"lr={self.lr} should be > 0")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise BadInputError(f"lr={self.lr} should be a finite number > 0")
         if self.checkpoint_every < 1:
             raise BadInputError(f"checkpoint_every={self.checkpoint_every} should be >= 1")
 

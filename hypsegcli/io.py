@@ -159,13 +159,16 @@ def collect_inputs(
     *,
     recursive: bool = False,
     warn: Callable[[str], None] | None = None,
+    can_recurse: bool = True,
 ) -> list[Path]:
     """Expand files, folders and glob patterns into a sorted list of volume files.
 
     A folder contributes its volumes in sorted order (``recursive`` descends
     into sub-folders); other files inside it are skipped with a warning. A file
-    named explicitly must be a supported volume. Duplicates are dropped, the
-    first occurrence kept. No volume at all is an error.
+    named explicitly must be a supported volume. Duplicates (the same file,
+    however spelled) are dropped, the first occurrence kept. No volume at all is
+    an error, which suggests ``--recursive`` where the command has it
+    (``can_recurse``).
     """
     warn = warn or log.warning
     found: list[Path] = []
@@ -199,11 +202,20 @@ def collect_inputs(
             found.extend(volumes)
         else:
             raise BadInputError(f"{text}: no such file or folder")
-    unique = list(dict.fromkeys(found))
+    seen: set[Path] = set()
+    unique = []
+    for path in found:
+        real = path.resolve()
+        if real not in seen:
+            seen.add(real)
+            unique.append(path)
     if not unique:
+        hint = (
+            "" if recursive or not can_recurse else "; use --recursive to descend into sub-folders"
+        )
         raise BadInputError(
             f"no volume found in {', '.join(os.fspath(i) for i in inputs) or 'the inputs'} "
-            f"(looked for {', '.join(SUPPORTED_SUFFIXES)}{'' if recursive else '; use --recursive to descend into sub-folders'})"
+            f"(looked for {', '.join(SUPPORTED_SUFFIXES)}{hint})"
         )
     return unique
 
@@ -260,13 +272,45 @@ def _check_3d(path: Path, shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(dims)
 
 
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(" ".join(record.getMessage().split()))
+
+
+@contextlib.contextmanager
+def _nibabel_reports(path: Path) -> Iterator[None]:
+    """Re-issue what nibabel logs while reading ``path`` (e.g. a fixed pixdim) as hypseg
+    warnings naming the file, instead of nibabel's bare lines on stderr."""
+    logger = logging.getLogger("nibabel.global")
+    saved = logger.handlers[:]
+    collect = _Collect()
+    logger.handlers = [collect]
+    try:
+        yield
+    finally:
+        logger.handlers = saved
+        for message in dict.fromkeys(collect.messages):
+            log.warning("%s: %s", path, message)
+
+
 def _read_nifti(path: Path) -> tuple[np.ndarray, VolumeGeometry]:
     import nibabel as nib
 
     try:
-        img = nib.load(os.fspath(path))
-        shape3 = _check_3d(path, img.shape)
-        data = np.asarray(img.dataobj, dtype=np.float32)
+        with _nibabel_reports(path):
+            img = nib.load(os.fspath(path))
+            shape3 = _check_3d(path, img.shape)
+            if np.dtype(img.get_data_dtype()).kind == "c" or (
+                img.get_data_dtype().names is not None  # RGB and other compound types
+            ):
+                raise BadInputError(
+                    f"{path}: {img.get_data_dtype()} data; hypseg needs real scalar voxels"
+                )
+            data = np.asarray(img.dataobj, dtype=np.float32)
     except BadInputError:
         raise
     except Exception as exc:  # nibabel raises many types for bad files
@@ -328,6 +372,8 @@ def _read_mrc(path: Path) -> tuple[np.ndarray, VolumeGeometry]:
         raise BadInputError(
             f"{path}: {raw.ndim}D data of shape {raw.shape}; hypseg needs a 3D volume"
         )
+    if raw.dtype.kind == "c":
+        raise BadInputError(f"{path}: {raw.dtype} data; hypseg needs real scalar voxels")
     if sorted(axes) != [1, 2, 3]:
         axes = (1, 2, 3)
     # the starts are per file axis (columns, rows, sections); x, y, z are axes mapc/mapr/maps
@@ -364,6 +410,82 @@ def _short(exc: BaseException) -> str:
 
 
 # ----------------------------------------------------------------------------- writing
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and a.samefile(b))
+    except OSError:
+        return False
+
+
+def _probe_folder(folder: Path, what: str) -> None:
+    """Create ``folder`` (and parents) if needed and check that files can be written in it."""
+    if folder.exists() and not folder.is_dir():
+        raise BadInputError(f"{folder}: exists and is not a folder ({what})")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        parent = next((p for p in folder.parents if p.exists() and not p.is_dir()), folder)
+        raise BadInputError(f"{parent}: exists and is not a folder ({what})") from None
+    except OSError as exc:
+        raise BadInputError(f"{folder}: cannot create the folder ({_short(exc)})") from None
+    probe = folder / f".tmp-{os.getpid()}-{secrets.token_hex(4)}-probe"
+    try:
+        probe.write_bytes(b"")
+    except OSError as exc:
+        raise BadInputError(f"{folder}: cannot write here ({_short(exc)})") from None
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+
+
+def check_output_file(
+    path: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[str]] = (), *, what: str
+) -> None:
+    """Before any work: ``path`` can be written as a file and is none of ``inputs``.
+
+    ``what`` names the option in the messages (e.g. "train -o").
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise BadInputError(f"{path}: is a folder, {what} needs a file name")
+    for item in inputs:
+        if _same_file(path, Path(item)):
+            raise BadInputError(f"{path}: is one of the inputs; {what} would overwrite it")
+    _probe_folder(path.parent, what)
+
+
+def check_output_folder(
+    folder: str | os.PathLike[str],
+    inputs: Iterable[str | os.PathLike[str]] = (),
+    *,
+    recursive: bool = False,
+    what: str,
+    create: bool = True,
+) -> None:
+    """Before any work: ``folder`` can hold outputs and is not where ``inputs`` are looked for.
+
+    An input folder (or, with ``recursive``, a folder below one) as the output folder would
+    mix volumes written with the inputs: a label volume can overwrite an input of the same
+    name, and the next run would read the outputs as inputs. Pass ``inputs`` only where the
+    outputs are volumes. ``create``: make the folder and check that it is writable (off for
+    dry runs, which write nothing).
+    """
+    folder = Path(folder)
+    for item in inputs:
+        given = Path(item)
+        if not given.is_dir():
+            continue
+        if _same_file(folder, given) or (recursive and given.resolve() in folder.resolve().parents):
+            raise BadInputError(
+                f"{folder}: is also an input folder, so outputs would mix with the inputs "
+                f"(and be read as inputs next time); choose another {what} folder"
+            )
+    if create:
+        _probe_folder(folder, what)
+    elif folder.exists() and not folder.is_dir():
+        raise BadInputError(f"{folder}: exists and is not a folder ({what})")
 
 
 @contextlib.contextmanager

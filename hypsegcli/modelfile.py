@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io as _stdio
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -68,17 +69,23 @@ def load_model_file(path: str | os.PathLike[str], *, map_location: Any = "cpu") 
     if not path.is_file():
         raise BadInputError(f"{path}: no such model file")
     try:
+        with open(path, "rb") as handle:
+            magic = handle.read(4)
+    except OSError as exc:
+        raise BadInputError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if magic != b"PK\x03\x04":  # torch.save's zip container; anything else is not ours
+        raise BadInputError(f"{path}: not a hypseg model file (not a PyTorch file)")
+    try:
         document = torch.load(os.fspath(path), map_location=map_location, weights_only=True)
-    except (
-        pickle.UnpicklingError,
-        RuntimeError,
-        EOFError,
-        ValueError,
-        OSError,
-        AttributeError,
-    ) as exc:
-        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        raise BadInputError(f"{path}: not a hypseg model file ({first})") from None
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for foreign files
+        if isinstance(exc, pickle.UnpicklingError) and "weights_only" in str(exc).lower():
+            reason = "it holds Python objects, not only tensors and plain data"
+        else:
+            text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+            reason = text.splitlines()[0][:160] if text else type(exc).__name__
+        raise BadInputError(f"{path}: not a hypseg model file ({reason})") from None
     if not isinstance(document, dict) or document.get("format") != FORMAT:
         raise BadInputError(f"{path}: not a hypseg model file")
     version = document.get("format_version")

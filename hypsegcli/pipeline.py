@@ -27,6 +27,8 @@ from .io import (
     VolumeGeometry,
     array_sha256,
     case_name,
+    check_output_file,
+    check_output_folder,
     check_unique_cases,
     collect_inputs,
     geometry_record,
@@ -79,8 +81,14 @@ def parse_split(text: str) -> tuple[float, ...]:
         raise BadInputError(
             f"--split {text!r}: expected numbers separated by '/', e.g. 80/20/20"
         ) from None
-    if not 1 <= len(parts) <= 3 or any(p < 0 for p in parts) or sum(parts) <= 0:
-        raise BadInputError(f"--split {text!r}: expected 1 to 3 non-negative parts, e.g. 80/20/20")
+    if (
+        not 1 <= len(parts) <= 3
+        or not all(np.isfinite(p) and p >= 0 for p in parts)
+        or sum(parts) <= 0
+    ):
+        raise BadInputError(
+            f"--split {text!r}: expected 1 to 3 finite non-negative parts, e.g. 80/20/20"
+        )
     return parts
 
 
@@ -96,6 +104,34 @@ def split_counts(n: int, parts: tuple[float, ...]) -> list[int]:
 
 
 SPLIT_NAMES = ("train", "val", "test")
+
+
+def _check_no_stale_cases(
+    out: Path, folders: list[tuple[Path, list[int]]], suffix: str, levels: list[int]
+) -> None:
+    """Refuse to synthesise into ``out`` where it holds volumes this run would not write (an
+    earlier run with another --n, --split or --format): they would lie beside a
+    dataset.json that does not list them. The same command again rewrites the same files."""
+    writes = set()
+    for folder, indices in folders:
+        for i in indices:
+            writes.add(folder / "images" / f"case_{i:03d}{suffix}")
+            writes.update(folder / "labels" / f"case_{i:03d}_L{lvl}{suffix}" for lvl in levels)
+    stale = []
+    for folder in (out, *(out / name for name in SPLIT_NAMES)):
+        for sub in ("images", "labels"):
+            where = folder / sub
+            if where.is_dir():
+                stale += [
+                    p for p in sorted(where.iterdir()) if volume_suffix(p) and p not in writes
+                ]
+    if stale:
+        names = ", ".join(str(p.relative_to(out)) for p in stale[:3])
+        raise BadInputError(
+            f"{out}: holds {len(stale)} volume(s) this run would not write ({names}"
+            f"{', ...' if len(stale) > 3 else ''}), left by an earlier synth with other "
+            "options; synthesise into a new or empty folder"
+        )
 
 
 def synth(
@@ -133,6 +169,7 @@ def synth(
         ]
     geometry = VolumeGeometry.default((size, size, size), format=fmt)  # type: ignore[arg-type]
     suffix = geometry.suffix
+    _check_no_stale_cases(out, folders, suffix, sorted({c.level for c in generator.CLASSES}))
     description = generator.dataset_description()
     done = 0
     cases = []
@@ -188,7 +225,7 @@ def _label_files(path: Path) -> list[Path]:
         and not any(volume_suffix(p) for p in path.iterdir())
     ):
         path = path / "labels"
-    return collect_inputs([path], warn=lambda _msg: None)
+    return collect_inputs([path], warn=lambda _msg: None, can_recurse=False)
 
 
 def _find_dataset_json(truth: Path) -> dict[str, Any] | None:
@@ -272,6 +309,18 @@ def pair_files(pred: Path, truth: Path, *, level: int | None = None) -> list[dic
             ", ".join(unpaired[:5]),
             ", ..." if len(unpaired) > 5 else "",
         )
+    if pairs and truth.is_dir():
+        # a truth case with no prediction at all (at any level) may be a failed segmentation
+        # that would otherwise quietly raise the mean
+        scored = {pair["case"] for pair in pairs}
+        missing = sorted({_L_SUFFIX.sub(r"\g<case>", name) for name in by_name} - scored)
+        if missing:
+            log.warning(
+                "no prediction for %d ground-truth case(s): %s%s (not scored)",
+                len(missing),
+                ", ".join(missing[:5]),
+                ", ..." if len(missing) > 5 else "",
+            )
     if not pairs:
         raise BadInputError(
             f"no prediction in {pred} could be paired with ground truth in {truth} "
@@ -347,6 +396,12 @@ def evaluate(
 
     progress = progress or _noop
     pairs = pair_files(pred, truth, level=level)
+    if csv_path is not None:
+        check_output_file(
+            csv_path,
+            [f for pair in pairs for f in (pair["pred"], pair["truth"])],
+            what="evaluate --csv",
+        )
     part = resolve_part(num_parts, part_id, environ)
     selected = _select_part(pairs, part, key=lambda pair: str(pair["pred"]), what="pair")
     dataset = _find_dataset_json(Path(truth))
@@ -563,6 +618,9 @@ def train(
 
     distributed.quiet_other_ranks()  # under torchrun, ranks > 0 log warnings only
     set_threads(threads)
+    paths = collect_inputs(inputs, recursive=recursive, warn=lambda _msg: None)
+    for target in (Path(output), *training.companion_paths(Path(output))):
+        check_output_file(target, paths, what="train -o")
     norm_config = sampling_config
     if resume:  # the checkpoint's normalisation, whatever this command line says
         norm_config = training.checkpoint_sampling_config(Path(output)) or sampling_config
@@ -816,6 +874,7 @@ def embed(
     paths = collect_inputs(inputs, recursive=recursive)
     if output is not None:
         check_unique_cases(paths, why=f"their embeddings in {output} would overwrite each other")
+        check_output_folder(output, what="embed -o", create=not dry_run)
     part = resolve_part(num_parts, part_id, environ)
     selected = _select_part(paths, part)
     model = LoadedModel(model_path, device)
@@ -1387,6 +1446,20 @@ def _case_outputs(out: Path, path: Path, ks: list[int], preview: bool) -> list[P
     return [*files, _case_centroids_path(out, name)]
 
 
+def _check_outputs_are_not_inputs(
+    out: Path, paths: list[Path], ks: list[int], preview: bool
+) -> None:
+    """No file ``cluster`` would write into ``out`` is one of the inputs (named one by one)."""
+    inputs = {p.resolve() for p in paths}
+    for path in paths:
+        for target in [*_case_outputs(out, path, ks, preview), out / "centroids.json"]:
+            if target.resolve() in inputs:
+                raise BadInputError(
+                    f"{target}: is one of the inputs; cluster -o {out} would overwrite it "
+                    "(choose another output folder)"
+                )
+
+
 def _source_stamp(path: Path) -> dict[str, int] | None:
     """Size and modification time of an input file (None if it cannot be read): an input
     replaced under the same name gets new outputs rather than being skipped."""
@@ -1666,6 +1739,8 @@ def cluster(
         )
     selected = _select_part(paths, part)
     out = Path(out)
+    check_output_folder(out, inputs, recursive=recursive, what="cluster -o", create=not dry_run)
+    _check_outputs_are_not_inputs(out, paths, ks, preview)
     model = LoadedModel(model_path, device) if features == "embedding" else None
     kind = (
         "ball"

@@ -1,0 +1,253 @@
+"""Bad or careless command lines: inputs are never overwritten, bad outputs and foreign files are
+refused before any work with one line and exit code 2, library warnings come out as one line."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import mrcfile
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from clitools import TINY_TRAIN, run, tiny_pipeline
+
+from hypsegcli import cli, config
+from hypsegcli.errors import BadInputError
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    return tiny_pipeline(tmp_path_factory.mktemp("robust"), steps=2)
+
+
+def _md5(path):
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def _one_error(code, out, err, *needles):
+    lines = [line for line in err.splitlines() if line.startswith("hypseg: error:")]
+    assert code == 2 and out == "" and len(lines) == 1, err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def test_outputs_never_overwrite_inputs(trained, tmp_path, capsys):
+    images = trained / "data" / "images"
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    (scans / "x.nii.gz").write_bytes((images / "case_000.nii.gz").read_bytes())
+    (scans / "x_k2.nii.gz").write_bytes((images / "case_001.nii.gz").read_bytes())
+    before = {p.name: _md5(p) for p in scans.iterdir()}
+    intensity = ["--features", "intensity", "--k", "2"]
+    # the input folder as the output folder
+    code, out, err = run(["cluster", scans, *intensity, "-o", scans], capsys)
+    _one_error(code, out, err, "is also an input folder")
+    # ... also below an input folder searched with --recursive
+    code, out, err = run(["cluster", tmp_path, "-r", *intensity, "-o", scans / "seg"], capsys)
+    _one_error(code, out, err, "is also an input folder")
+    # inputs named one by one: x's labels would replace the input x_k2.nii.gz
+    files = [scans / "x.nii.gz", scans / "x_k2.nii.gz"]
+    code, out, err = run(["cluster", *files, *intensity, "-o", scans], capsys)
+    _one_error(code, out, err, "x_k2.nii.gz: is one of the inputs")
+    # train -o onto its own input, evaluate --csv onto a prediction it reads
+    code, out, err = run(
+        ["train", scans / "x.nii.gz", "-o", scans / "x.nii.gz", "--steps", "1", *TINY_TRAIN],
+        capsys,
+    )
+    _one_error(code, out, err, "x.nii.gz: is one of the inputs; train -o would overwrite it")
+    labels = trained / "data" / "labels"
+    truth_md5 = _md5(labels / "case_000_L1.nii.gz")
+    code, out, err = run(
+        ["evaluate", labels / "case_000_L1.nii.gz", labels / "case_000_L1.nii.gz"]
+        + ["--csv", labels / "case_000_L1.nii.gz"],
+        capsys,
+    )
+    _one_error(code, out, err, "is one of the inputs; evaluate --csv would overwrite it")
+    assert {p.name: _md5(p) for p in scans.iterdir()} == before
+    assert _md5(labels / "case_000_L1.nii.gz") == truth_md5
+
+
+def test_unusable_output_paths_are_refused_before_any_work(trained, tmp_path, capsys):
+    images = trained / "data" / "images"
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    train = ["train", images, "--steps", "50", *TINY_TRAIN]
+    code, out, err = run([*train, "-o", tmp_path], capsys)
+    _one_error(code, out, err, "is a folder, train -o needs a file name")
+    code, out, err = run([*train, "-o", afile / "m.pt"], capsys)
+    _one_error(code, out, err, "afile: exists and is not a folder (train -o)")
+    assert not list(tmp_path.glob("*.ckpt.pt"))  # refused before training, not after
+    cluster = ["cluster", images, "--features", "intensity", "--k", "2"]
+    code, out, err = run([*cluster, "-o", afile], capsys)
+    _one_error(code, out, err, "afile: exists and is not a folder (cluster -o)")
+    code, out, err = run(["embed", images, "-m", trained / "model.pt", "-o", afile], capsys)
+    _one_error(code, out, err, "afile: exists and is not a folder (embed -o)")
+    labels = trained / "data" / "labels"
+    code, out, err = run(["evaluate", labels, labels, "--csv", tmp_path], capsys)
+    _one_error(code, out, err, "is a folder, evaluate --csv needs a file name")
+    assert afile.read_text() == "not a folder"
+
+
+def test_files_that_are_not_models_are_refused_in_one_line(trained, tmp_path, capsys):
+    (tmp_path / "notes.pt").write_text("hello\n")
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pt")  # pickled code, not our format
+    torch.save({"a": 1}, tmp_path / "dict.pt")
+    images = trained / "data" / "images"
+    cases = {
+        "notes.pt": "(not a PyTorch file)",
+        "module.pt": "(it holds Python objects, not only tensors and plain data)",
+        "dict.pt": "not a hypseg model file",
+    }
+    for name, needle in cases.items():
+        code, out, err = run(
+            ["cluster", images, "-m", tmp_path / name, "--k", "2", "-o", tmp_path / "seg"], capsys
+        )
+        line = _one_error(code, out, err, f"{name}: not a hypseg model file", needle)
+        assert "\x1b[" not in line
+    for other in (images / "case_000.nii.gz", trained / "model.history.csv"):
+        code, out, err = run(
+            ["cluster", images, "-m", other, "--k", "2", "-o", tmp_path / "seg"], capsys
+        )
+        _one_error(code, out, err, f"{other.name}: not a hypseg model file (not a PyTorch file)")
+    # a foreign file where --resume expects the checkpoint
+    (tmp_path / "m.ckpt.pt").write_text("hello\n")
+    code, out, err = run(
+        ["train", images, "-o", tmp_path / "m.pt", "--resume", "--steps", "2", *TINY_TRAIN],
+        capsys,
+    )
+    _one_error(code, out, err, "m.ckpt.pt: not a hypseg model file")
+
+
+def test_bare_command_prints_help_without_an_empty_error(capsys):
+    code, out, err = run([], capsys)
+    assert code == 2 and "Usage" in out and "error" not in err
+
+
+@pytest.mark.parametrize(
+    "option",
+    [["--beta", "nan"], ["--lr", "inf"], ["--margin", "-1"], ["--curvature", "inf"]],
+)
+def test_non_finite_or_negative_training_options_are_refused(trained, tmp_path, option, capsys):
+    code, out, err = run(
+        ["train", trained / "data" / "images", "-o", tmp_path / "m.pt", "--steps", "2"]
+        + [*TINY_TRAIN, *option],
+        capsys,
+    )
+    _one_error(code, out, err, option[0].lstrip("-"))
+    assert not (tmp_path / "m.pt").exists()
+
+
+def test_config_checks_directly():
+    for bad in ({"beta": float("nan")}, {"margin": -0.1}, {"texture_weight": float("inf")}):
+        with pytest.raises(BadInputError):
+            config.ModelConfig(**bad)
+    with pytest.raises(BadInputError):
+        config.TrainConfig(steps=1, lr=float("inf"))
+    with pytest.raises(BadInputError):
+        config.SamplingConfig(r_max=float("inf"))
+
+
+def test_synth_split_must_be_finite_and_folders_must_not_hold_other_cases(tmp_path, capsys):
+    code, out, err = run(["synth", tmp_path / "s", "--n", "2", "--split", "nan/1/1"], capsys)
+    _one_error(code, out, err, "--split 'nan/1/1'")
+    argv = ["--quiet", "synth", tmp_path / "d", "--size", "16", "--seed", "1"]
+    assert run([*argv, "--n", "3"], capsys)[0] == 0
+    first = _md5(tmp_path / "d" / "images" / "case_000.nii.gz")
+    assert run([*argv, "--n", "3"], capsys)[0] == 0  # the same command again: same files
+    assert _md5(tmp_path / "d" / "images" / "case_000.nii.gz") == first
+    code, out, err = run([*argv, "--n", "1"], capsys)  # case_001, case_002 would be stale
+    _one_error(code, out, err, "holds 8 volume(s) this run would not write")
+    code, out, err = run([*argv, "--n", "3", "--split", "2/1"], capsys)
+    _one_error(code, out, err, "images/case_000.nii.gz")
+    assert json.loads((tmp_path / "d" / "dataset.json").read_text())["cases"] == [
+        "case_000",
+        "case_001",
+        "case_002",
+    ]
+
+
+def test_evaluate_names_unscored_truth_and_offers_no_missing_option(trained, tmp_path, capsys):
+    labels = trained / "data" / "labels"
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    (pred / "case_000_k2.nii.gz").write_bytes((labels / "case_000_L1.nii.gz").read_bytes())
+    code, out, err = run(["evaluate", pred, labels, "--json"], capsys)
+    assert code == 0, err
+    assert "no prediction for 2 ground-truth case(s): case_001, case_002 (not scored)" in err
+    assert len(json.loads(out)["cases"]) == 1
+    nested = tmp_path / "nested" / "sub"
+    nested.mkdir(parents=True)
+    (nested / "case_000_k2.nii.gz").write_bytes((labels / "case_000_L1.nii.gz").read_bytes())
+    code, out, err = run(["evaluate", tmp_path / "nested", labels], capsys)
+    line = _one_error(code, out, err, "no volume found")
+    assert "--recursive" not in line
+
+
+def test_the_same_file_spelled_twice_is_one_input(trained, tmp_path, capsys):
+    images = trained / "data" / "images"
+    twice = [images / "case_000.nii.gz", images / ".." / "images" / "case_000.nii.gz"]
+    code, out, err = run(
+        ["--quiet", "cluster", *twice, "--features", "intensity", "--k", "2"]
+        + ["-o", tmp_path, "--json"],
+        capsys,
+    )
+    assert code == 0 and json.loads(out)["done"] == 1, err
+
+
+def test_complex_voxels_are_refused(tmp_path, capsys):
+    data = (np.random.default_rng(0).random((8, 8, 8)) + 1j).astype(np.complex64)
+    nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "c.nii.gz")
+    with mrcfile.new(tmp_path / "c.mrc") as mrc:
+        mrc.set_data(data)
+    for name in ("c.nii.gz", "c.mrc"):
+        code, out, err = run(
+            ["cluster", tmp_path / name, "--features", "intensity", "--k", "2"]
+            + ["-o", tmp_path / "seg"],
+            capsys,
+        )
+        _one_error(code, out, err, f"{name}: complex64 data; hypseg needs real scalar voxels")
+        assert "ComplexWarning" not in err
+
+
+def test_library_messages_come_out_as_one_warning_line(tmp_path, capsys):
+    img = nib.Nifti1Image(np.random.default_rng(0).random((12, 12, 12)).astype(np.float32), None)
+    img.header["pixdim"][1:4] = [0.0, 1.0, -2.0]  # nibabel repairs this on reading, and says so
+    nib.save(img, tmp_path / "pix.nii.gz")
+    mask = (np.random.default_rng(1).random((12, 12, 12)) > 0.5).astype(np.uint8)
+    nib.save(nib.Nifti1Image(mask, np.eye(4)), tmp_path / "mask.nii.gz")
+    code, _, err = run(
+        ["cluster", tmp_path / "pix.nii.gz", "--features", "intensity", "--k", "2"]
+        + ["-o", tmp_path / "a"],
+        capsys,
+    )
+    assert code == 0, err
+    lines = [line for line in err.splitlines() if "pixdim" in line]
+    assert lines and all(line.startswith("warning: ") and "pix.nii.gz" in line for line in lines)
+    # two intensities, three clusters: scikit-learn's ConvergenceWarning, on one line
+    code, _, err = run(
+        ["cluster", tmp_path / "mask.nii.gz", "--features", "intensity", "--k", "3"]
+        + ["--smooth", "0", "--snap", "0", "--mrf", "0", "-o", tmp_path / "b"],
+        capsys,
+    )
+    assert code == 0, err
+    (line,) = [line for line in err.splitlines() if "ConvergenceWarning" in line]
+    assert line.startswith("warning: ConvergenceWarning: Number of distinct clusters (2)")
+    assert "sklearn" not in err and "return fit_method" not in err
+
+
+def test_runtime_messages_are_one_line():
+    oom = RuntimeError(
+        "[enforce fail at alloc_cpu.cpp:127] data. DefaultCPUAllocator: "
+        "can't allocate memory: you tried to allocate 26974617600 bytes."
+    )
+    message = cli.runtime_message(oom)
+    assert message.startswith("out of memory (") and "--batch-size" in message
+    assert cli.runtime_message(PermissionError(13, "Permission denied", "ro/m.pt")) == (
+        "ro/m.pt: Permission denied"
+    )
+    text = cli.runtime_message(ValueError("first line\nsecond line"))
+    assert text == "ValueError: first line (run with --debug for a traceback)"
