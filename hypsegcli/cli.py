@@ -679,7 +679,10 @@ def embed(
         typer.Option(
             "--output",
             "-o",
-            help="Also write <case>.npy arrays (X, Y, Z, d float32) to this folder.",
+            help=(
+                "Also write <case>.npy arrays (X, Y, Z, d float32) to this folder, each with "
+                "<case>.json: the volume's geometry and the array's provenance."
+            ),
         ),
     ] = None,
     patch_size: Annotated[

@@ -12,8 +12,9 @@ Axis convention (the whole tool): a volume is a numpy array indexed
   size along x, y, z in Å, as in the header.
 
 Outputs are written in the format of their source with the source's geometry:
-NIfTI keeps the whole header (affine, qform/sform and their codes, units);
-MRC keeps voxel size, origin and the start indices. Every file is written to a
+NIfTI copies the header as stored (affine, qform/sform and their codes, pixdim,
+units); MRC keeps voxel size, origin, the start indices (reordered to x, y, z)
+and the text labels. Every file is written to a
 temporary name in the target folder and renamed into place, so an interrupted
 run never leaves a half-written file.
 """
