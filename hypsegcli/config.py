@@ -88,7 +88,9 @@ class ModelConfig:
         if not (self.margin >= 0 and math.isfinite(self.margin)):
             raise BadInputError(f"margin={self.margin} should be a finite number >= 0")
         if not (self.gyroplane_init >= 0 and math.isfinite(self.gyroplane_init)):
-            raise BadInputError(f"gyroplane_init={self.gyroplane_init} should be >= 0")
+            raise BadInputError(
+                f"gyroplane_init={self.gyroplane_init} should be a finite number >= 0"
+            )
         if self.mc_samples < 1:
             raise BadInputError(f"mc_samples={self.mc_samples} should be >= 1")
         if self.trunk_output_size() < 1:

@@ -27,6 +27,7 @@ import hashlib
 import logging
 import os
 import secrets
+import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -206,7 +207,9 @@ def collect_inputs(
     seen: set[Path] = set()
     unique = []
     for path in found:
-        real = path.resolve()
+        # the folder resolved, not the file: two names linked to one stored object (git-annex,
+        # DataLad, DVC) are two cases
+        real = path.parent.resolve() / path.name
         if real not in seen:
             seen.add(real)
             unique.append(path)
@@ -282,20 +285,25 @@ class _Collect(logging.Handler):
         self.messages.append(" ".join(record.getMessage().split()))
 
 
+_NIBABEL_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def _nibabel_reports(path: Path) -> Iterator[None]:
     """Re-issue what nibabel logs while reading ``path`` (e.g. a fixed pixdim) as hypseg
-    warnings naming the file, instead of nibabel's bare lines on stderr."""
+    warnings naming the file, instead of nibabel's bare lines on stderr (one reader at a
+    time, as nibabel's logger is shared)."""
     logger = logging.getLogger("nibabel.global")
-    saved = logger.handlers[:]
     collect = _Collect()
-    logger.handlers = [collect]
-    try:
-        yield
-    finally:
-        logger.handlers = saved
-        for message in dict.fromkeys(collect.messages):
-            log.warning("%s: %s", path, message)
+    with _NIBABEL_LOCK:
+        saved, propagate = logger.handlers[:], logger.propagate
+        logger.handlers, logger.propagate = [collect], False
+        try:
+            yield
+        finally:
+            logger.handlers, logger.propagate = saved, propagate
+    for message in dict.fromkeys(collect.messages):
+        log.warning("%s: %s", path, message)
 
 
 def _read_nifti(path: Path) -> tuple[np.ndarray, VolumeGeometry]:
@@ -332,6 +340,13 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, VolumeGeometry]:
     return data, geometry
 
 
+def _printable_label(raw: bytes) -> str:
+    """An MRC text label as mrcfile will write it back: up to the first NUL, every byte that
+    is not printable ASCII replaced by '?', trailing spaces dropped."""
+    text = raw.split(b"\x00", 1)[0].decode("ascii", "replace")
+    return "".join(ch if " " <= ch <= "~" else "?" for ch in text).rstrip()
+
+
 def _read_mrc(path: Path) -> tuple[np.ndarray, VolumeGeometry]:
     import mrcfile
 
@@ -360,7 +375,7 @@ def _read_mrc(path: Path) -> tuple[np.ndarray, VolumeGeometry]:
                 labels = tuple(
                     text
                     for raw_label in header.label[: max(0, min(int(header.nlabl), 10))]
-                    if (text := bytes(raw_label).decode("ascii", "replace").rstrip(" \x00"))
+                    if (text := _printable_label(bytes(raw_label)))
                 )
                 expected = int(header.nx) * int(header.ny) * int(header.nz)
                 if raw.size < expected:
@@ -625,7 +640,7 @@ def _write_mrc(path: Path, data: np.ndarray, geometry: VolumeGeometry, intent: s
         mrc.header.label[:] = b""
         mrc.header.nlabl = 0
         for text in labels:
-            mrc.add_label(text.encode("ascii", "replace")[:80].decode("ascii"))
+            mrc.add_label(_printable_label(text.encode("ascii", "replace"))[:80])
 
 
 # ----------------------------------------------------------------------------- hashing

@@ -123,7 +123,9 @@ def _check_no_stale_cases(
             where = folder / sub
             if where.is_dir():
                 stale += [
-                    p for p in sorted(where.iterdir()) if volume_suffix(p) and p not in writes
+                    p
+                    for p in sorted(where.iterdir())
+                    if volume_suffix(p) and not p.name.startswith(".") and p not in writes
                 ]
     if stale:
         names = ", ".join(str(p.relative_to(out)) for p in stale[:3])
@@ -309,10 +311,11 @@ def pair_files(pred: Path, truth: Path, *, level: int | None = None) -> list[dic
             ", ".join(unpaired[:5]),
             ", ..." if len(unpaired) > 5 else "",
         )
-    if pairs and truth.is_dir():
+    if pairs and truth.is_dir() and pred.is_dir():
         # a truth case with no prediction at all (at any level) may be a failed segmentation
         # that would otherwise quietly raise the mean
-        scored = {pair["case"] for pair in pairs}
+        used = {case_name(pair["truth"]) for pair in pairs}
+        scored = {_L_SUFFIX.sub(r"\g<case>", name) for name in used}
         missing = sorted({_L_SUFFIX.sub(r"\g<case>", name) for name in by_name} - scored)
         if missing:
             log.warning(
@@ -903,7 +906,12 @@ def embed(
     if dry_run:
         cache = _existing_cache(cache_root)
         done = {
-            path: bool(skip_existing and out is not None and npy_of(path).is_file())  # type: ignore[union-attr]
+            path: bool(
+                skip_existing
+                and out is not None
+                and npy_of(path).is_file()  # type: ignore[union-attr]
+                and _sidecar_of(npy_of(path)).is_file()  # type: ignore[arg-type]
+            )
             for path in selected
         }
         return plan(
@@ -933,7 +941,12 @@ def embed(
             target = npy_of(path)
             row: dict[str, Any] = {"volume": str(path)}
             try:
-                if skip_existing and target is not None and target.is_file():
+                if (
+                    skip_existing
+                    and target is not None
+                    and target.is_file()
+                    and _sidecar_of(target).is_file()
+                ):
                     row.update(status="skipped", shape=None, cached=False, output=str(target))
                 else:
                     volume = read_volume(path)
@@ -964,7 +977,7 @@ def embed(
                             cached=cached,
                         )
                         if target is not None:
-                            _save_npy(target, np.asarray(emb, dtype=np.float32))
+                            # the record first: skipping needs both files
                             write_text_atomic(
                                 _sidecar_of(target),
                                 json.dumps(
@@ -975,6 +988,7 @@ def embed(
                                 )
                                 + "\n",
                             )
+                            _save_npy(target, np.asarray(emb, dtype=np.float32))
                             watch.lap("write")
                             row["output"] = str(target)
             except Exception as exc:  # noqa: BLE001 - one bad volume does not stop the batch
@@ -1375,11 +1389,17 @@ def load_centroids(
             f"{path}: centroids were fitted with {doc.get('geometry')} distances, "
             f"this run uses {geometry} (--metric)"
         )
-    pooled = {
-        int(s["k"]): np.asarray(s["centers"], dtype=np.float64)
-        for s in doc.get("sets", [])
-        if s.get("case") is None
-    }
+    pooled: dict[int, np.ndarray] = {}
+    for s in doc.get("sets", []):
+        if s.get("case") is not None:
+            continue
+        k, centers = int(s["k"]), np.asarray(s["centers"], dtype=np.float64)
+        if k in pooled and not np.array_equal(pooled[k], centers):
+            raise BadInputError(
+                f"{path}: holds different pooled centroids for k={k} (volumes of that folder "
+                "were labelled with different fits); fit them again into a new folder"
+            )
+        pooled[k] = centers
     missing = [k for k in ks if k not in pooled]
     if missing:
         raise BadInputError(
@@ -1460,14 +1480,31 @@ def _check_outputs_are_not_inputs(
                 )
 
 
-def _source_stamp(path: Path) -> dict[str, int] | None:
-    """Size and modification time of an input file (None if it cannot be read): an input
-    replaced under the same name gets new outputs rather than being skipped."""
+def _source_stamp(path: Path) -> dict[str, Any] | None:
+    """Size and modification time of an input file (None if it cannot be read)."""
     try:
         st = path.stat()
     except OSError:
         return None
     return {"size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns)}
+
+
+def _same_source(recorded: Any, path: Path) -> bool:
+    """``path`` holds the input a per-case record was made from: the same size and
+    modification time, or else (copied, touched, synthesised again) the same voxels."""
+    if not isinstance(recorded, dict):
+        return False
+    stamp = _source_stamp(path)
+    if stamp is None:
+        return False
+    if all(recorded.get(key) == value for key, value in stamp.items()):
+        return True
+    if not isinstance(recorded.get("sha256"), str):
+        return False
+    try:
+        return array_sha256(read_volume(path).data) == recorded["sha256"]
+    except Exception:  # noqa: BLE001 - unreadable now: not done; the run reports why
+        return False
 
 
 def _case_done(
@@ -1487,15 +1524,14 @@ def _case_done(
     Each k's set must also be nested in the same k as this run would nest it
     (``nest``; a set for k = 4 made with ``--k 2 --k 4`` is not one made with
     ``--k 4`` alone), and the record must have been made from this input as it
-    is now (same size and modification time).
+    is now (:func:`_same_source`).
     """
     if not all(f.is_file() for f in _case_outputs(out, path, ks, preview)):
         return False
     doc = _read_json(_case_centroids_path(out, case_name(path)))
     if not _case_record_matches(doc, header, fit, params):
         return False
-    stamp = _source_stamp(path)
-    if stamp is None or doc.get("source") != stamp:
+    if not _same_source(doc.get("source"), path):
         return False
     sets = {int(s["k"]): s for s in doc["sets"] if isinstance(s, dict) and "k" in s}
     if not all(k in sets and sets[k].get("nested_in") == _nested_in(k, ks, nest) for k in ks):
@@ -1516,15 +1552,21 @@ def _write_case_centroids(
     fit: str,
     params: dict[str, Any],
     sets: list[dict[str, Any]],
-    source: dict[str, int] | None,
+    source: dict[str, Any],
 ) -> Path:
     """Write ``OUT/<case>.centroids.json`` (atomically), keeping its sets for other k made the
-    same way from the same input (``source``: :func:`_source_stamp` taken before reading it)."""
+    same way from the same voxels (``source``: :func:`_source_stamp`, taken before reading
+    the input, plus the ``sha256`` of its voxels)."""
     target = _case_centroids_path(out, volume.name)
     new_ks = {int(s["k"]) for s in sets}
     kept = []
     old = _read_json(target) if target.exists() else None
-    if _case_record_matches(old, header, fit, params) and old.get("source") == source:
+    old_source = old.get("source") if isinstance(old, dict) else None
+    if (
+        _case_record_matches(old, header, fit, params)
+        and isinstance(old_source, dict)
+        and old_source.get("sha256") == source.get("sha256")
+    ):
         kept = [s for s in old["sets"] if isinstance(s, dict) and int(s.get("k", 0)) not in new_ks]
     doc = {
         "format": CASE_CENTROIDS_FORMAT,
@@ -1830,6 +1872,9 @@ def cluster(
         )
         for path in selected
     }
+    if fit == "pooled" and not all(done.values()):
+        # the centroids are fitted again on all inputs: every volume's labels must use them
+        done = dict.fromkeys(done, False)
     if dry_run:
         return plan(
             "cluster",
@@ -1954,9 +1999,10 @@ def cluster(
                 row.update(status="failed", error=failed[path])
             else:
                 try:
-                    source = _source_stamp(path)
+                    stamp = _source_stamp(path)
                     volume = read_volume(path)
                     sha = array_sha256(volume.data)
+                    source = {**(stamp or {}), "sha256": sha}
                     watch.lap("read")
                     feats, cached = features_of(volume, sha)
                     computed += int(model is not None and not cached)

@@ -251,3 +251,109 @@ def test_runtime_messages_are_one_line():
     )
     text = cli.runtime_message(ValueError("first line\nsecond line"))
     assert text == "ValueError: first line (run with --debug for a traceback)"
+
+
+def test_mrc_labels_with_control_bytes_are_written_back_printable(tmp_path):
+    from hypsegcli import io
+
+    data = np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6)
+    with mrcfile.new(tmp_path / "odd.mrc") as mrc:
+        mrc.set_data(np.ascontiguousarray(data.T))
+        mrc.header.label[0] = b"tab\there"
+        mrc.header.label[1] = b"abc\x00garbage"
+        mrc.header.nlabl = 2
+    vol = io.read_volume(tmp_path / "odd.mrc")
+    io.write_labels(tmp_path / "lab.mrc", (data > 50).astype(np.int64), vol.geometry)
+    with mrcfile.open(tmp_path / "lab.mrc") as mrc:
+        labels = [bytes(x).decode().strip() for x in mrc.header.label[: int(mrc.header.nlabl)]]
+    assert labels == ["tab?here", "abc", "hypseg labels"]
+
+
+def test_links_to_one_stored_object_are_two_cases(tmp_path):
+    """git-annex / DataLad / DVC store identical files once and link to them: two cases."""
+    from hypsegcli import io
+
+    store = tmp_path / "store"
+    store.mkdir()
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.uint8), np.eye(4)), store / "obj.nii.gz")
+    folder = tmp_path / "labels"
+    folder.mkdir()
+    for name in ("case_000_L1.nii.gz", "case_001_L1.nii.gz"):
+        (folder / name).symlink_to(store / "obj.nii.gz")
+    assert [p.name for p in io.collect_inputs([folder])] == [
+        "case_000_L1.nii.gz",
+        "case_001_L1.nii.gz",
+    ]
+
+
+def test_resubmission_skips_copied_inputs_and_pooled_fits_stay_one_fit(trained, tmp_path, capsys):
+    images = trained / "data" / "images"
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for i in range(3):
+        (inp / f"c{i}.nii.gz").write_bytes((images / f"case_00{i}.nii.gz").read_bytes())
+    seg = tmp_path / "seg"
+    argv = ["--quiet", "cluster", inp, "--features", "intensity", "--k", "2", "-o", seg, "--json"]
+    assert json.loads(run(argv, capsys)[1])["done"] == 3
+    # the same bytes again (a copy to node-local scratch, synth run again): still complete
+    for i in range(3):
+        (inp / f"c{i}.nii.gz").write_bytes((images / f"case_00{i}.nii.gz").read_bytes())
+    assert json.loads(run(argv, capsys)[1])["skipped"] == 3
+    # pooled: one changed input refits the centroids, so every volume is labelled again
+    pooled = [*argv[:-2], tmp_path / "pooled", "--fit-on", "pooled", "--json"]
+    assert json.loads(run(pooled, capsys)[1])["done"] == 3
+    (inp / "c1.nii.gz").write_bytes((images / "case_000.nii.gz").read_bytes())
+    summary = json.loads(run(pooled, capsys)[1])
+    assert [v["status"] for v in summary["volumes"]] == ["done", "done", "done"]
+    merged = json.loads((tmp_path / "pooled" / "centroids.json").read_text())
+    assert [s["k"] for s in merged["sets"] if s["case"] is None] == [2]
+
+
+def test_centroids_file_with_two_pooled_fits_for_one_k_is_refused(tmp_path):
+    from hypsegcli import pipeline
+
+    doc = {
+        "format": "hypseg-centroids",
+        "features": "intensity",
+        "sets": [
+            {"case": None, "k": 2, "centers": [[0.1], [0.9]]},
+            {"case": None, "k": 2, "centers": [[0.2], [0.8]]},
+        ],
+    }
+    (tmp_path / "c.json").write_text(json.dumps(doc))
+    with pytest.raises(BadInputError, match="different pooled centroids for k=2"):
+        pipeline.load_centroids(tmp_path / "c.json", [2], "intensity")
+
+
+def test_embed_skips_only_complete_pairs_of_array_and_record(trained, tmp_path, capsys):
+    argv = ["--quiet", "embed", trained / "data" / "images" / "case_000.nii.gz"]
+    argv += ["-m", trained / "model.pt", "-o", tmp_path, "--stride", "4", "--json"]
+    assert run(argv, capsys)[0] == 0
+    (tmp_path / "case_000.json").unlink()  # an array from before the records, or a killed run
+    code, out, err = run([*argv, "--skip-existing"], capsys)
+    assert code == 0 and json.loads(out)["volumes"][0]["status"] != "skipped", err
+    assert (tmp_path / "case_000.json").is_file()
+    code, out, _ = run([*argv, "--skip-existing"], capsys)
+    assert json.loads(out)["volumes"][0]["status"] == "skipped"
+
+
+def test_evaluate_two_runs_against_each_other_warns_of_nothing(trained, tmp_path, capsys):
+    labels = trained / "data" / "labels"
+    for run_name in ("a", "b"):
+        (tmp_path / run_name).mkdir()
+        for i in range(3):
+            src = labels / f"case_00{i}_L1.nii.gz"
+            (tmp_path / run_name / f"case_00{i}_k2.nii.gz").write_bytes(src.read_bytes())
+    code, _, err = run(["evaluate", tmp_path / "a", tmp_path / "b"], capsys)
+    assert code == 0 and "no prediction" not in err, err
+    one = tmp_path / "a" / "case_000_k2.nii.gz"
+    code, _, err = run(["evaluate", one, labels, "--level", "1"], capsys)
+    assert code == 0 and "no prediction" not in err, err
+
+
+def test_synth_ignores_temporary_files_of_a_killed_run(tmp_path, capsys):
+    argv = ["--quiet", "synth", tmp_path / "d", "--n", "2", "--size", "16"]
+    assert run(argv, capsys)[0] == 0
+    (tmp_path / "d" / "images" / ".tmp-123-abcd-case_001.nii.gz").write_bytes(b"partial")
+    code, _, err = run(argv, capsys)
+    assert code == 0, err
