@@ -22,6 +22,7 @@ run never leaves a half-written file.
 from __future__ import annotations
 
 import contextlib
+import functools
 import glob
 import hashlib
 import logging
@@ -156,6 +157,18 @@ def _format_of(path: Path) -> Format:
 # ----------------------------------------------------------------------------- discovery
 
 
+@functools.lru_cache(maxsize=4096)
+def _resolved_folder(folder: Path) -> Path:
+    return folder.resolve()
+
+
+def entry_path(path: str | os.PathLike[str]) -> Path:
+    """The directory entry ``path`` names, as an absolute path with its folder resolved (the
+    file itself is not followed: writing there replaces that entry, a link included)."""
+    path = Path(os.path.abspath(path))  # absolute first: the cache must not keep a cwd
+    return _resolved_folder(path.parent) / path.name
+
+
 def collect_inputs(
     inputs: Iterable[str | os.PathLike[str]],
     *,
@@ -209,7 +222,7 @@ def collect_inputs(
     for path in found:
         # the folder resolved, not the file: two names linked to one stored object (git-annex,
         # DataLad, DVC) are two cases
-        real = path.parent.resolve() / path.name
+        real = entry_path(path)
         if real not in seen:
             seen.add(real)
             unique.append(path)

@@ -31,6 +31,7 @@ from .io import (
     check_output_folder,
     check_unique_cases,
     collect_inputs,
+    entry_path,
     geometry_record,
     read_volume,
     volume_suffix,
@@ -1470,10 +1471,10 @@ def _check_outputs_are_not_inputs(
     out: Path, paths: list[Path], ks: list[int], preview: bool
 ) -> None:
     """No file ``cluster`` would write into ``out`` is one of the inputs (named one by one)."""
-    inputs = {p.resolve() for p in paths}
+    inputs = {entry_path(p) for p in paths}
     for path in paths:
         for target in [*_case_outputs(out, path, ks, preview), out / "centroids.json"]:
-            if target.resolve() in inputs:
+            if entry_path(target) in inputs:
                 raise BadInputError(
                     f"{target}: is one of the inputs; cluster -o {out} would overwrite it "
                     "(choose another output folder)"
