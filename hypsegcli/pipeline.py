@@ -1472,9 +1472,10 @@ def _check_outputs_are_not_inputs(
 ) -> None:
     """No file ``cluster`` would write into ``out`` is one of the inputs (named one by one)."""
     inputs = {entry_path(p) for p in paths}
+    folder = entry_path(out / "centroids.json").parent  # every output lies directly in it
     for path in paths:
         for target in [*_case_outputs(out, path, ks, preview), out / "centroids.json"]:
-            if entry_path(target) in inputs:
+            if folder / target.name in inputs:
                 raise BadInputError(
                     f"{target}: is one of the inputs; cluster -o {out} would overwrite it "
                     "(choose another output folder)"
