@@ -332,9 +332,16 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, VolumeGeometry]:
                 raise BadInputError(
                     f"{path}: {img.get_data_dtype()} data; hypseg needs real scalar voxels"
                 )
-            data = np.asarray(img.dataobj, dtype=np.float32)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", RuntimeWarning)  # overflow in the cast: refuse
+                data = np.asarray(img.dataobj, dtype=np.float32)
     except BadInputError:
         raise
+    except RuntimeWarning as exc:
+        raise BadInputError(
+            f"{path}: voxel values beyond the float32 range hypseg computes in "
+            f"(about ±3.4e38) after the header's scaling ({_short(exc)})"
+        ) from None
     except Exception as exc:  # nibabel raises many types for bad files
         raise BadInputError(f"{path}: cannot read NIfTI ({_short(exc)})") from exc
     data = np.ascontiguousarray(data.reshape(shape3))

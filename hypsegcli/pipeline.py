@@ -1271,6 +1271,20 @@ def _canonical_order_line(centers: np.ndarray) -> np.ndarray:
     return np.lexsort(tuple(centers[:, j] for j in reversed(range(centers.shape[1]))))
 
 
+def _intensity_device(device: str) -> Any:
+    """``--device`` for k-means on intensities: checked like a model's, used as given."""
+    from .training import resolve_device
+
+    return resolve_device(device)
+
+
+#: Largest ``cluster --smooth`` and ``--mrf`` (Potts weights; float32 marginals overflow
+#: beyond about 1e37 / 26 neighbours, and far smaller weights already freeze every label).
+MAX_POTTS = 1e6
+#: Largest ``cluster --snap`` (Gaussian sigma, voxels).
+MAX_SNAP = 1000.0
+
+
 class _Clusterer:
     """Fits k centroids on features and assigns labels, the same way for every feature kind."""
 
@@ -1752,12 +1766,18 @@ def cluster(
     if bad:
         raise BadInputError(f"--k {bad[0]}: should be >= 2")
     ks = sorted(dict.fromkeys(ks))
-    if not (isinstance(smooth, (int, float)) and smooth >= 0 and np.isfinite(smooth)):
-        raise BadInputError(f"--smooth {smooth}: should be a finite number >= 0")
-    if not (isinstance(snap, (int, float)) and snap >= 0 and np.isfinite(snap)):
-        raise BadInputError(f"--snap {snap}: should be a finite number >= 0")
-    if not (isinstance(mrf, (int, float)) and mrf >= 0 and np.isfinite(mrf)):
-        raise BadInputError(f"--mrf {mrf}: should be a finite number >= 0")
+    if fit_samples < ks[-1]:
+        raise BadInputError(
+            f"--fit-samples {fit_samples}: should be at least the largest --k ({ks[-1]})"
+        )
+    # Potts weights above ~1e6 overflow the float32 marginals; a Gaussian of 1000 voxels
+    # is wider than any volume
+    if not (isinstance(smooth, (int, float)) and 0 <= smooth <= MAX_POTTS):
+        raise BadInputError(f"--smooth {smooth}: should be a number from 0 to {MAX_POTTS:g}")
+    if not (isinstance(snap, (int, float)) and 0 <= snap <= MAX_SNAP):
+        raise BadInputError(f"--snap {snap}: should be a number from 0 to {MAX_SNAP:g} voxels")
+    if not (isinstance(mrf, (int, float)) and 0 <= mrf <= MAX_POTTS):
+        raise BadInputError(f"--mrf {mrf}: should be a number from 0 to {MAX_POTTS:g}")
     if not (isinstance(nest, (int, float)) and nest >= 0 and np.isfinite(nest)):
         raise BadInputError(f"--nest {nest}: should be a finite number >= 0")
     if isinstance(min_size, bool) or not isinstance(min_size, (int, np.integer)) or min_size < 0:
@@ -1804,7 +1824,7 @@ def cluster(
         n_init=n_init,
         fit_samples=fit_samples,
         seed=seed,
-        device=model.device if model is not None else "cpu",
+        device=model.device if model is not None else _intensity_device(device),
     )
     header = {
         "features": features,
@@ -2061,6 +2081,19 @@ def cluster(
                             coarse = labels
                         if min_size > 1:
                             labels = remove_small_components(labels, min_size)
+                        found = int(np.count_nonzero(np.bincount(labels.ravel(), minlength=k)))
+                        row.setdefault("labels_found", {})[str(k)] = found
+                        if found < k:
+                            log.warning(
+                                "%s: k=%d: the output has %d distinct label(s), not %d (the fit "
+                                "found fewer distinct clusters, or the spatial steps absorbed "
+                                "small ones; --smooth 0 --snap 0 --mrf 0 --nest 0 shows the "
+                                "plain k-means labels)",
+                                path,
+                                k,
+                                found,
+                                k,
+                            )
                         watch.lap("cluster")
                         target = out / f"{volume.name}_k{k}{volume.geometry.suffix}"
                         write_labels(target, labels, volume.geometry)

@@ -102,8 +102,9 @@ def normalize_volume(
     if not p_high > p_low:
         vmin, vmax = float(arr.min()), float(arr.max())
         raise BadInputError(
-            f"{what} is constant between its {low:g}th and {high:g}th percentiles "
-            f"(both {p_low:g}, range {vmin:g}..{vmax:g}); widen the normalization percentiles"
+            f"{what} is constant between percentiles {low:g} and {high:g} "
+            f"(both {p_low:g}, range {vmin:g}..{vmax:g}): too few voxels differ for this "
+            "intensity scaling (train --norm-range sets the percentiles of a model)"
         )
     out = arr.astype(np.float32, copy=True)
     out -= np.float32(p_low)

@@ -123,7 +123,35 @@ def _resolve_device(name: str):
         raise BadInputError("--device mps: Apple MPS is not available (try --device auto)")
     if name not in ("cpu", "cuda", "mps") and not name.startswith("cuda:"):
         raise BadInputError(f"--device {name!r}: expected auto, cpu, cuda, cuda:N or mps")
+    if name.startswith("cuda:"):
+        index = name[len("cuda:") :]
+        if not index.isdigit():
+            raise BadInputError(f"--device {name!r}: expected cuda:N with N a device number")
+        if not torch.cuda.is_available():
+            raise BadInputError(f"--device {name}: no CUDA device is available (try --device auto)")
+        if int(index) >= torch.cuda.device_count():
+            raise BadInputError(
+                f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                f"numbered from 0"
+            )
     return torch.device(name)
+
+
+def _warn_settings_kept(ckpt_path: Path, *pairs: tuple[Any, Any]) -> None:
+    """A resumed run keeps the checkpoint's model and sampling settings: name those this
+    command line asked otherwise (defaults included, as the command line cannot tell)."""
+    differ = []
+    for kept, given in pairs:
+        old, new = kept.to_dict(), given.to_dict()
+        differ += [
+            f"{key} {old[key]!r} (not {new[key]!r})" for key in old if new.get(key) != old[key]
+        ]
+    if differ:
+        log.warning(
+            "%s: --resume keeps the checkpoint's settings: %s",
+            ckpt_path,
+            ", ".join(differ),
+        )
 
 
 def train(
@@ -192,8 +220,21 @@ def _train(
         state = load_model_file(ckpt_path)
         if state.get("kind") != "checkpoint" or "optimizer_state" not in state:
             raise BadInputError(f"{ckpt_path}: not a training checkpoint")
-        model_config = ModelConfig.from_dict(state["model_config"])
-        sampling_config = SamplingConfig.from_dict(state["sampling_config"])
+        kept_model = ModelConfig.from_dict(state["model_config"])
+        kept_sampling = SamplingConfig.from_dict(state["sampling_config"])
+        if dist.is_main:
+            _warn_settings_kept(
+                ckpt_path, (kept_model, model_config), (kept_sampling, sampling_config)
+            )
+            if train_config.steps is not None and train_config.steps <= int(state["step"]):
+                log.warning(
+                    "%s is at step %d already, --steps %d: nothing to train, the model is "
+                    "written as it is",
+                    ckpt_path,
+                    int(state["step"]),
+                    train_config.steps,
+                )
+        model_config, sampling_config = kept_model, kept_sampling
         old_hashes = [v["sha256"] for v in state.get("training_volumes", [])]
         if dist.is_main and old_hashes != [v.sha256 for v in volumes]:
             log.warning("resuming on training volumes that differ from the checkpoint's")

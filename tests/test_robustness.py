@@ -357,3 +357,92 @@ def test_synth_ignores_temporary_files_of_a_killed_run(tmp_path, capsys):
     (tmp_path / "d" / "images" / ".tmp-123-abcd-case_001.nii.gz").write_bytes(b"partial")
     code, _, err = run(argv, capsys)
     assert code == 0, err
+
+
+def _blob(path, shape=(16, 16, 16), seed=0):
+    rng = np.random.default_rng(seed)
+    x = np.indices(shape).astype(np.float32)
+    ball = ((x - np.array(shape, np.float32)[:, None, None, None] / 2) ** 2).sum(0) < 30
+    nib.save(
+        nib.Nifti1Image(ball * 2.0 + rng.normal(0, 0.3, shape).astype(np.float32), np.eye(4)), path
+    )
+
+
+def test_fewer_labels_than_k_are_named_in_a_warning(tmp_path, capsys):
+    _blob(tmp_path / "v.nii.gz")
+    img = nib.load(tmp_path / "v.nii.gz")
+    data = np.asarray(img.dataobj).copy()
+    data[3, 3, 3], data[5, 5, 5] = 1e30, -1e30  # outliers take clusters of their own
+    nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "x.nii.gz")
+    code, out, err = run(
+        ["cluster", tmp_path / "x.nii.gz", "--features", "intensity", "--k", "2", "--k", "3"]
+        + ["-o", tmp_path / "seg", "--json"],
+        capsys,
+    )
+    assert code == 0, err
+    found = json.loads(out)["volumes"][0]["labels_found"]
+    lab = np.asarray(nib.load(tmp_path / "seg" / "x_k3.nii.gz").dataobj)
+    assert found["3"] == len(np.unique(lab)) and found["2"] == len(
+        np.unique(np.asarray(nib.load(tmp_path / "seg" / "x_k2.nii.gz").dataobj))
+    )
+    for k in ("2", "3"):
+        if found[k] < int(k):
+            assert f"x.nii.gz: k={k}: the output has {found[k]} distinct label(s), not {k}" in err
+    assert any(found[k] < int(k) for k in found), found
+
+
+@pytest.mark.parametrize(
+    "option, needle",
+    [
+        (["--smooth", "1e38"], "--smooth 1e+38: should be a number from 0 to 1e+06"),
+        (["--mrf", "nan"], "--mrf"),
+        (["--snap", "1e300"], "--snap 1e+300: should be a number from 0 to 1000 voxels"),
+        (["--fit-samples", "2", "--k", "3"], "--fit-samples 2: should be at least the largest"),
+        (["--device", "cuda:3"], "--device cuda:3"),
+        (["--device", "gpu"], "--device 'gpu'"),
+    ],
+)
+def test_cluster_options_out_of_range_are_refused_up_front(tmp_path, option, needle, capsys):
+    _blob(tmp_path / "v.nii.gz")
+    if option[:2] == ["--device", "cuda:3"] and torch.cuda.device_count() > 3:
+        pytest.skip("this machine has a cuda:3")
+    code, out, err = run(
+        ["cluster", tmp_path / "v.nii.gz", "--features", "intensity", "--k", "2", *option]
+        + ["-o", tmp_path / "seg"],
+        capsys,
+    )
+    _one_error(code, out, err, needle)
+    assert not list((tmp_path / "seg").glob("*.nii.gz")) if (tmp_path / "seg").exists() else True
+
+
+def test_values_beyond_float32_are_named_as_such(tmp_path, capsys):
+    data = np.exp(np.linspace(0, 100, 8**3)).reshape(8, 8, 8)  # float64 up to 2.7e43
+    nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "huge.nii.gz")
+    code, out, err = run(
+        ["cluster", tmp_path / "huge.nii.gz", "--features", "intensity", "--k", "2"]
+        + ["-o", tmp_path / "seg"],
+        capsys,
+    )
+    _one_error(code, out, err, "huge.nii.gz: voxel values beyond the float32 range")
+    assert "NaN" not in err and "RuntimeWarning" not in err
+
+
+def test_resume_names_the_settings_it_keeps(trained, tmp_path, capsys):
+    images = trained / "data" / "images"
+    model = tmp_path / "m.pt"
+    assert (
+        run(["--quiet", "train", images, "-o", model, "--steps", "2", *TINY_TRAIN], capsys)[0] == 0
+    )
+    code, _, err = run(
+        ["--quiet", "train", images, "-o", model, "--resume", "--steps", "3", *TINY_TRAIN]
+        + ["--latent-dim", "3", "--geometry", "euclidean"],
+        capsys,
+    )
+    assert code == 0, err
+    assert "--resume keeps the checkpoint's settings: " in err
+    assert "latent_dim 2 (not 3)" in err and "geometry 'hyperbolic' (not 'euclidean')" in err
+    code, _, err = run(
+        ["--quiet", "train", images, "-o", model, "--resume", "--steps", "3", *TINY_TRAIN], capsys
+    )
+    assert code == 0 and "at step 3 already, --steps 3: nothing to train" in err
+    assert "keeps the checkpoint's settings" not in err
