@@ -690,11 +690,14 @@ class LoadedModel:
 
 
 def _embedding_params(model: LoadedModel, patch_size: int, stride: int) -> dict[str, Any]:
+    from .sampling import NORM_CLIP
+
     return {
         "method": "dense-v1",
         "patch_size": int(patch_size),
         "stride": int(stride),
         "normalization": model.normalization,
+        "norm_clip": NORM_CLIP if model.normalization.get("method") == "percentile" else None,
         "dtype": "float32",
     }
 

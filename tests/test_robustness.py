@@ -369,11 +369,9 @@ def _blob(path, shape=(16, 16, 16), seed=0):
 
 
 def test_fewer_labels_than_k_are_named_in_a_warning(tmp_path, capsys):
-    _blob(tmp_path / "v.nii.gz")
-    img = nib.load(tmp_path / "v.nii.gz")
-    data = np.asarray(img.dataobj).copy()
-    data[3, 3, 3], data[5, 5, 5] = 1e30, -1e30  # outliers take clusters of their own
-    nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "x.nii.gz")
+    # two intensities, three clusters: k-means cannot find three
+    mask = (np.random.default_rng(1).random((12, 12, 12)) > 0.5).astype(np.float32)
+    nib.save(nib.Nifti1Image(mask, np.eye(4)), tmp_path / "x.nii.gz")
     code, out, err = run(
         ["cluster", tmp_path / "x.nii.gz", "--features", "intensity", "--k", "2", "--k", "3"]
         + ["-o", tmp_path / "seg", "--json"],
@@ -381,14 +379,39 @@ def test_fewer_labels_than_k_are_named_in_a_warning(tmp_path, capsys):
     )
     assert code == 0, err
     found = json.loads(out)["volumes"][0]["labels_found"]
-    lab = np.asarray(nib.load(tmp_path / "seg" / "x_k3.nii.gz").dataobj)
-    assert found["3"] == len(np.unique(lab)) and found["2"] == len(
-        np.unique(np.asarray(nib.load(tmp_path / "seg" / "x_k2.nii.gz").dataobj))
-    )
     for k in ("2", "3"):
-        if found[k] < int(k):
-            assert f"x.nii.gz: k={k}: the output has {found[k]} distinct label(s), not {k}" in err
-    assert any(found[k] < int(k) for k in found), found
+        lab = np.asarray(nib.load(tmp_path / "seg" / f"x_k{k}.nii.gz").dataobj)
+        assert found[k] == len(np.unique(lab))
+    assert found == {"2": 2, "3": 2}
+    assert "x.nii.gz: k=3: the output has 2 distinct label(s), not 3" in err
+    assert "k=2:" not in err
+
+
+def test_outliers_are_clipped_and_take_no_cluster(tmp_path, capsys):
+    """A hot voxel of 1e30 and a cold one of -1e30: the scaling clips them NORM_CLIP ranges
+    beyond [0, 1], so k = 2 and 3 still split the volume's own intensities."""
+    from hypsegcli.sampling import NORM_CLIP, normalize_volume
+
+    _blob(tmp_path / "v.nii.gz")
+    data = np.asarray(nib.load(tmp_path / "v.nii.gz").dataobj).copy()
+    clean = normalize_volume(data)
+    data[3, 3, 3], data[5, 5, 5] = 1e30, -1e30
+    scaled = normalize_volume(data)
+    assert scaled[3, 3, 3] == 1 + NORM_CLIP and scaled[5, 5, 5] == -NORM_CLIP
+    others = np.ones(scaled.shape, bool)
+    others[3, 3, 3] = others[5, 5, 5] = False
+    # the other voxels keep their scale (the 1st / 99th percentiles hardly move)
+    np.testing.assert_allclose(scaled[others], clean[others], atol=0.01)
+    nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "x.nii.gz")
+    code, out, err = run(
+        ["cluster", tmp_path / "x.nii.gz", "--features", "intensity", "--k", "2", "--k", "3"]
+        + ["-o", tmp_path / "seg", "--json"],
+        capsys,
+    )
+    assert code == 0, err
+    assert json.loads(out)["volumes"][0]["labels_found"] == {"2": 2, "3": 3}
+    lab = np.asarray(nib.load(tmp_path / "seg" / "x_k2.nii.gz").dataobj)
+    assert min(np.bincount(lab.ravel())) > 100  # the ball against the rest, not 1 voxel
 
 
 @pytest.mark.parametrize(
