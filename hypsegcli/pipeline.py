@@ -13,6 +13,7 @@ import json
 import logging
 import re
 import statistics
+import warnings
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -2058,7 +2059,13 @@ def cluster(
                             fit_rows = outside
                             if fit_rows is not None and len(fit_rows) < k:
                                 fit_rows, spec = None, None  # (nearly) all band: every voxel
-                            centers = fitted(flat, k, volume, sha, fit_rows, spec)
+                            with warnings.catch_warnings(record=True) as caught:
+                                warnings.simplefilter("always")
+                                centers = fitted(flat, k, volume, sha, fit_rows, spec)
+                            for message in dict.fromkeys(
+                                " ".join(str(w.message).split()) for w in caught
+                            ):  # k-means' own warnings, with the volume and k they are about
+                                log.warning("%s: k=%d: %s", path, k, message)
                         sets.append(
                             {
                                 "k": k,

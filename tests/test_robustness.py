@@ -234,8 +234,10 @@ def test_library_messages_come_out_as_one_warning_line(tmp_path, capsys):
         capsys,
     )
     assert code == 0, err
-    (line,) = [line for line in err.splitlines() if "ConvergenceWarning" in line]
-    assert line.startswith("warning: ConvergenceWarning: Number of distinct clusters (2)")
+    (line,) = [line for line in err.splitlines() if "Number of distinct clusters" in line]
+    assert (
+        line.startswith("warning: ") and "mask.nii.gz: k=3: Number of distinct clusters (2)" in line
+    )
     assert "sklearn" not in err and "return fit_method" not in err
 
 
