@@ -1795,6 +1795,22 @@ def cluster(
     if features == "embedding" and model_path is None:
         raise BadInputError("--model is required with --features embedding")
     _check_embedding_options(patch_size, stride)
+    if features == "intensity":
+        ignored = [
+            f"{name} {value}"
+            for name, value, default in (
+                ("--patch-size", patch_size, 5),
+                ("--stride", stride, 1),
+                ("--model", model_path, None),
+            )
+            if value != default
+        ]
+        if ignored:
+            log.warning(
+                "--features intensity clusters the voxel values: %s only apply to embeddings "
+                "and are ignored",
+                ", ".join(map(str, ignored)),
+            )
     set_threads(threads)
     paths = collect_inputs(inputs, recursive=recursive)
     check_unique_cases(paths, why=f"their segmentations in {out} would overwrite each other")

@@ -471,3 +471,13 @@ def test_resume_names_the_settings_it_keeps(trained, tmp_path, capsys):
     )
     assert code == 0 and "at step 3 already, --steps 3: nothing to train" in err
     assert "keeps the checkpoint's settings" not in err
+
+
+def test_embedding_options_with_intensity_features_are_named_as_ignored(tmp_path, capsys):
+    _blob(tmp_path / "v.nii.gz")
+    base = ["cluster", tmp_path / "v.nii.gz", "--features", "intensity", "--k", "2"]
+    code, _, err = run([*base, "--stride", "2", "-o", tmp_path / "a"], capsys)
+    assert code == 0, err
+    assert "--stride 2 only apply to embeddings and are ignored" in err
+    code, _, err = run([*base, "-o", tmp_path / "b"], capsys)
+    assert code == 0 and "ignored" not in err
