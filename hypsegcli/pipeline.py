@@ -130,11 +130,10 @@ def _check_no_stale_cases(
                     if volume_suffix(p) and not p.name.startswith(".") and p not in writes
                 ]
     if stale:
-        names = ", ".join(str(p.relative_to(out)) for p in stale[:3])
+        names = _few([str(p.relative_to(out)) for p in stale], 3)
         raise BadInputError(
-            f"{out}: holds {len(stale)} volume(s) this run would not write ({names}"
-            f"{', ...' if len(stale) > 3 else ''}), left by an earlier synth with other "
-            "options; synthesise into a new or empty folder"
+            f"{out}: holds {len(stale)} volume(s) this run would not write ({names}), left by "
+            "an earlier synth with other options; synthesise into a new or empty folder"
         )
 
 
@@ -254,6 +253,11 @@ def _levels_by_k(dataset: dict[str, Any] | None) -> dict[int, int]:
     return {k: lvl for lvl, k in counts.items()}
 
 
+def _few(names: list[str], n: int = 5) -> str:
+    """The first ``n`` names, comma-separated, with ", ..." when there are more."""
+    return ", ".join(names[:n]) + (", ..." if len(names) > n else "")
+
+
 def pair_files(pred: Path, truth: Path, *, level: int | None = None) -> list[dict[str, Any]]:
     """Pair predictions with ground truth (rules in :func:`evaluate`)."""
     pred, truth = Path(pred), Path(truth)
@@ -307,12 +311,7 @@ def pair_files(pred: Path, truth: Path, *, level: int | None = None) -> list[dic
             }
         )
     if unpaired:
-        log.warning(
-            "no ground truth for %d prediction(s): %s%s",
-            len(unpaired),
-            ", ".join(unpaired[:5]),
-            ", ..." if len(unpaired) > 5 else "",
-        )
+        log.warning("no ground truth for %d prediction(s): %s", len(unpaired), _few(unpaired))
     if pairs and truth.is_dir() and pred.is_dir():
         # a truth case with no prediction at all (at any level) may be a failed segmentation
         # that would otherwise quietly raise the mean
@@ -321,10 +320,9 @@ def pair_files(pred: Path, truth: Path, *, level: int | None = None) -> list[dic
         missing = sorted({_L_SUFFIX.sub(r"\g<case>", name) for name in by_name} - scored)
         if missing:
             log.warning(
-                "no prediction for %d ground-truth case(s): %s%s (not scored)",
+                "no prediction for %d ground-truth case(s): %s (not scored)",
                 len(missing),
-                ", ".join(missing[:5]),
-                ", ..." if len(missing) > 5 else "",
+                _few(missing),
             )
     if not pairs:
         raise BadInputError(
