@@ -335,9 +335,12 @@ def _train(
         report = dist.average({k: v.detach() for k, v in losses.items()})  # over the ranks
         if not torch.isfinite(report["total"]):
             checkpoint()
+            hint = "try a smaller --lr"
+            if sampling_config.norm == "none":
+                hint += " or scale the intensities (--norm percentile or zscore)"
             raise HypsegError(
                 f"training diverged at step {step + 1} (loss is {float(report['total'])}); "
-                f"the last good state is in {ckpt_path}; try a smaller --lr"
+                f"the last good state is in {ckpt_path}; {hint}"
             )
         optimizer.zero_grad(set_to_none=True)
         total.backward()

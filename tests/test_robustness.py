@@ -481,3 +481,16 @@ def test_embedding_options_with_intensity_features_are_named_as_ignored(tmp_path
     assert "--stride 2 only apply to embeddings and are ignored" in err
     code, _, err = run([*base, "-o", tmp_path / "b"], capsys)
     assert code == 0 and "ignored" not in err
+
+
+def test_divergence_on_unscaled_intensities_points_at_the_scaling(tmp_path, capsys):
+    _blob(tmp_path / "v.nii.gz", shape=(20, 20, 20))
+    data = np.asarray(nib.load(tmp_path / "v.nii.gz").dataobj) * 1e20
+    nib.save(nib.Nifti1Image(data.astype(np.float32), np.eye(4)), tmp_path / "big.nii.gz")
+    code, _, err = run(
+        ["train", tmp_path / "big.nii.gz", "-o", tmp_path / "m.pt", "--steps", "3"]
+        + [*TINY_TRAIN, "--norm", "none"],
+        capsys,
+    )
+    assert code == 1 and "training diverged" in err, err
+    assert "scale the intensities (--norm percentile or zscore)" in err
