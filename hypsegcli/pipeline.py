@@ -578,18 +578,17 @@ def write_evaluation_csv(report: dict[str, Any], path: Path) -> None:
 
 
 def load_training_volumes(
-    inputs: list[Path],
+    paths: list[Path],
     *,
-    recursive: bool = False,
     method: str = "percentile",
     low: float = 1.0,
     high: float = 99.0,
 ) -> list[Any]:
-    """Read and normalise training volumes (``sampling.normalize``); errors name the file."""
+    """Read and normalise the training volume files ``paths`` (:func:`collect_inputs`'s
+    list; ``sampling.normalize``); errors name the file."""
     from .sampling import normalize
     from .training import TrainingVolume
 
-    paths = collect_inputs(inputs, recursive=recursive)
     volumes = []
     for path in paths:
         vol = read_volume(path)
@@ -621,15 +620,14 @@ def train(
 
     distributed.quiet_other_ranks()  # under torchrun, ranks > 0 log warnings only
     set_threads(threads)
-    paths = collect_inputs(inputs, recursive=recursive, warn=lambda _msg: None)
+    paths = collect_inputs(inputs, recursive=recursive)
     for target in (Path(output), *training.companion_paths(Path(output))):
         check_output_file(target, paths, what="train -o")
     norm_config = sampling_config
     if resume:  # the checkpoint's normalisation, whatever this command line says
         norm_config = training.checkpoint_sampling_config(Path(output)) or sampling_config
     volumes = load_training_volumes(
-        inputs,
-        recursive=recursive,
+        paths,
         method=norm_config.norm,
         low=norm_config.norm_low,
         high=norm_config.norm_high,
@@ -1273,13 +1271,6 @@ def _canonical_order_line(centers: np.ndarray) -> np.ndarray:
     return np.lexsort(tuple(centers[:, j] for j in reversed(range(centers.shape[1]))))
 
 
-def _intensity_device(device: str) -> Any:
-    """``--device`` for k-means on intensities: checked like a model's, used as given."""
-    from .training import resolve_device
-
-    return resolve_device(device)
-
-
 #: Largest ``cluster --smooth`` and ``--mrf`` (Potts weights; float32 marginals overflow
 #: beyond about 1e37 / 26 neighbours, and far smaller weights already freeze every label).
 MAX_POTTS = 1e6
@@ -1760,6 +1751,7 @@ def cluster(
     from .nesting import band_mask, fill_band
     from .preview import write_preview
     from .sampling import normalize_volume
+    from .training import resolve_device
 
     progress = progress or _noop
     if not ks:
@@ -1842,7 +1834,8 @@ def cluster(
         n_init=n_init,
         fit_samples=fit_samples,
         seed=seed,
-        device=model.device if model is not None else _intensity_device(device),
+        # with intensities, --device is checked as a model's would be and used as given
+        device=model.device if model is not None else resolve_device(device),
     )
     header = {
         "features": features,
