@@ -286,7 +286,9 @@ class EmbeddingCache:
     """Embedding arrays under ``root/embeddings-v1/``, keyed by :func:`embedding_key`.
 
     ``root`` is the cache root (see :func:`resolve_cache_dir`); the folder is
-    created if needed and must be writable, else :class:`HypsegError`.
+    created if needed and must be writable, else :class:`HypsegError`
+    (:class:`BadInputError` where a file is in the way). With ``create=False``
+    (listing, clearing) a missing folder is left missing and reads as empty.
     ``verify`` is the default check of :meth:`get` (``"full"``: sizes, header
     and SHA-256; ``"size"``: sizes and header only). Arrays of at least
     ``mmap_threshold`` bytes are returned memory mapped.
@@ -298,22 +300,37 @@ class EmbeddingCache:
         *,
         verify: Verify = "full",
         mmap_threshold: int = DEFAULT_MMAP_THRESHOLD,
+        create: bool = True,
     ) -> None:
         self.root = Path(root).expanduser()
         self.directory = self.root / LAYOUT
         self.verify: str = _check_verify(verify)
         self.mmap_threshold = int(mmap_threshold)
-        self._ensure_usable()
+        if create:
+            self._ensure_usable()
+        else:
+            self._check_not_blocked()
 
     def __repr__(self) -> str:
         return f"EmbeddingCache({str(self.root)!r})"
 
     # -- folder
 
-    def _unusable(self, path: Path, why: str) -> HypsegError:
-        return HypsegError(
+    def _unusable(
+        self, path: Path, why: str, error: type[HypsegError] = HypsegError
+    ) -> HypsegError:
+        return error(
             f"{path}: unusable cache folder ({why}); choose another with --cache-dir or {ENV_VAR}"
         )
+
+    def _check_not_blocked(self) -> None:
+        """BadInputError if a file stands where the folder or one of its parents should be."""
+        blocker = next(
+            (p for p in (self.directory, *self.directory.parents) if p.exists() and not p.is_dir()),
+            None,
+        )
+        if blocker is not None:
+            raise self._unusable(blocker, "a file is in the way, not a folder", BadInputError)
 
     def _ensure_usable(self) -> None:
         """Create the folder and prove it writable with a probe file."""
@@ -321,10 +338,10 @@ class EmbeddingCache:
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except (FileExistsError, NotADirectoryError):
-            blocker = next(
-                (p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), folder
-            )
-            raise self._unusable(blocker, "a file is in the way, not a folder") from None
+            self._check_not_blocked()
+            raise self._unusable(
+                folder, "a file is in the way, not a folder", BadInputError
+            ) from None
         except OSError as exc:
             raise self._unusable(folder, exc.strerror or str(exc)) from None
         probe = folder / f"{_TMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}-probe"

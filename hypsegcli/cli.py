@@ -1119,7 +1119,7 @@ def cache_path(
     """Print the cache folder."""
     from .cache import EmbeddingCache, resolve_cache_dir
 
-    typer.echo(str(EmbeddingCache(resolve_cache_dir(cache_dir)).root))
+    typer.echo(str(EmbeddingCache(resolve_cache_dir(cache_dir), create=False).root))
 
 
 @cache_app.command("ls")
@@ -1131,7 +1131,7 @@ def cache_ls(
     """List cached embeddings and k-means fits (key, size, shape, source volume)."""
     from .cache import EmbeddingCache, resolve_cache_dir
 
-    cache = EmbeddingCache(resolve_cache_dir(cache_dir))
+    cache = EmbeddingCache(resolve_cache_dir(cache_dir), create=False)
     entries = cache.entries()
     if as_json:
         emit_json(
@@ -1171,7 +1171,7 @@ def cache_clear(
     """Remove every cached embedding and k-means fit."""
     from .cache import EmbeddingCache, resolve_cache_dir
 
-    cache = EmbeddingCache(resolve_cache_dir(cache_dir))
+    cache = EmbeddingCache(resolve_cache_dir(cache_dir), create=False)
     removed = cache.clear()
     log.info("removed %d entr%s from %s", removed, "y" if removed == 1 else "ies", cache.root)
 

@@ -494,3 +494,20 @@ def test_divergence_on_unscaled_intensities_points_at_the_scaling(tmp_path, caps
     )
     assert code == 1 and "training diverged" in err, err
     assert "scale the intensities (--norm percentile or zscore)" in err
+
+
+def test_cache_housekeeping_creates_nothing_and_a_file_in_the_way_is_bad_input(tmp_path, capsys):
+    missing = tmp_path / "nothing" / "here"
+    for argv in (["cache", "ls"], ["cache", "clear"], ["cache", "path"]):
+        code, _, err = run([*argv, "--cache-dir", missing], capsys)
+        assert code == 0, err
+    code, out, _ = run(["cache", "ls", "--cache-dir", missing, "--json"], capsys)
+    assert code == 0 and json.loads(out) == []
+    assert not (tmp_path / "nothing").exists()
+    blocker = tmp_path / "cachefile"
+    blocker.write_text("x")
+    for argv in (["cache", "ls"], ["cache", "clear"]):
+        code, _, err = run([*argv, "--cache-dir", blocker], capsys)
+        assert code == 2 and f"{blocker}: unusable cache folder (a file is in the way" in err
+        assert err.count("\n") == 1
+    assert blocker.read_text() == "x"
