@@ -15,10 +15,12 @@ of voxels stay one component. Sizes are in voxels (anisotropic spacing is not
 taken into account), as the patches are. A label made only of small
 components disappears, which is what the filter is for; a volume whose every
 component is small is returned unchanged (there is no voxel to take a label
-from).
+from), with a warning.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -50,6 +52,17 @@ def small_component_mask(labels: np.ndarray, min_size: int) -> np.ndarray:
     return small
 
 
+def _largest_component(labels: np.ndarray) -> int:
+    """Voxels in the largest connected component of any label."""
+    structure = _structure(labels.ndim)
+    largest = 0
+    for value in np.unique(labels):
+        comps, n = ndi.label(labels == value, structure=structure)
+        if n:
+            largest = max(largest, int(np.bincount(comps.ravel())[1:].max()))
+    return largest
+
+
 def remove_small_components(labels: np.ndarray, min_size: int) -> np.ndarray:
     """``labels`` with every component under ``min_size`` voxels relabelled from its surroundings.
 
@@ -58,12 +71,22 @@ def remove_small_components(labels: np.ndarray, min_size: int) -> np.ndarray:
     distance in voxels, ties broken as ``scipy.ndimage.distance_transform_edt``
     does), so an island takes the label around it and a small component between
     two labels is split between them. ``min_size`` 0 or 1 changes nothing.
-    Returns a new array of the same dtype.
+    Returns a new array of the same dtype. Where every component is small there
+    is nothing to take a label from: the labels are returned unchanged, with a
+    :class:`UserWarning`.
     """
     labels = np.asarray(labels)
     out = labels.copy()
     small = small_component_mask(labels, min_size)
-    if not small.any() or small.all():
+    if not small.any():
+        return out
+    if small.all():
+        largest = _largest_component(labels)
+        warnings.warn(
+            f"--min-size {min_size}: every connected component is smaller (the largest has "
+            f"{largest} voxels), so none was removed",
+            stacklevel=2,
+        )
         return out
     idx = ndi.distance_transform_edt(small, return_distances=False, return_indices=True)
     out[small] = labels[tuple(i[small] for i in idx)]

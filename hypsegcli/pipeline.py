@@ -2097,7 +2097,11 @@ def cluster(
                         if coarse is None and nest > 0 and len(ks) > 1:
                             coarse = labels
                         if min_size > 1:
-                            labels = remove_small_components(labels, min_size)
+                            with warnings.catch_warnings(record=True) as caught:
+                                warnings.simplefilter("always")
+                                labels = remove_small_components(labels, min_size)
+                            for w in caught:
+                                log.warning("%s: k=%d: %s", path, k, w.message)
                         found = int(np.count_nonzero(np.bincount(labels.ravel(), minlength=k)))
                         row.setdefault("labels_found", {})[str(k)] = found
                         if found < k:

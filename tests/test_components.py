@@ -89,9 +89,11 @@ def test_no_op_cases_and_bad_sizes():
         np.testing.assert_array_equal(remove_small_components(labels, size), labels)
     # every piece small: nothing to take a label from, unchanged
     checker = (np.indices((6, 6, 6)).sum(0) % 2).astype(np.int64)  # 26-connected: 2 pieces
-    np.testing.assert_array_equal(remove_small_components(checker, 10**6), checker)
+    with pytest.warns(UserWarning, match=r"--min-size 1000000: .* \(the largest has 108 voxels\)"):
+        np.testing.assert_array_equal(remove_small_components(checker, 10**6), checker)
     one = np.full((4, 4, 4), 7)
-    np.testing.assert_array_equal(remove_small_components(one, 1000), one)
+    with pytest.warns(UserWarning, match="the largest has 64 voxels"):
+        np.testing.assert_array_equal(remove_small_components(one, 1000), one)
     for bad in (-1, 2.5, True, "3"):
         with pytest.raises(ValueError, match="min_size"):
             small_component_mask(labels, bad)
@@ -155,3 +157,13 @@ def test_cluster_min_size_option(tmp_path, capsys):
     assert all(a["seconds"] > b["seconds"] for a, b in zip(with_step, without, strict=True))
     code, _, err = run([*base, "-o", tmp_path / "bad", "--min-size", "-1"], capsys)
     assert code == 2 and "--min-size" in err
+    # a size no component reaches changes nothing, and says so per volume and k
+    code, _, err = run([*base, "-o", tmp_path / "huge", *raw, "--min-size", "1000000"], capsys)
+    assert code == 0, err
+    for case in ("case_000", "case_001"):
+        for k in (2, 4):
+            assert f"{case}.nii.gz: k={k}: --min-size 1000000: every connected component" in err
+            np.testing.assert_array_equal(
+                io.read_volume(tmp_path / "huge" / f"{case}_k{k}.nii.gz").data,
+                io.read_volume(tmp_path / "off" / f"{case}_k{k}.nii.gz").data,
+            )
