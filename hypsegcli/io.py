@@ -37,7 +37,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .errors import BadInputError
+from .errors import BadInputError, HypsegError
 
 log = logging.getLogger(__name__)
 
@@ -322,6 +322,7 @@ def _nibabel_reports(path: Path) -> Iterator[None]:
 def _read_nifti(path: Path) -> tuple[np.ndarray, VolumeGeometry]:
     import nibabel as nib
 
+    shape3: tuple[int, ...] = ()
     try:
         with _nibabel_reports(path):
             img = nib.load(os.fspath(path))
@@ -332,18 +333,31 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, VolumeGeometry]:
                 raise BadInputError(
                     f"{path}: {img.get_data_dtype()} data; hypseg needs real scalar voxels"
                 )
+            _check_nifti_size(path, img)
             with warnings.catch_warnings():
                 warnings.simplefilter("error", RuntimeWarning)  # overflow in the cast: refuse
                 data = np.asarray(img.dataobj, dtype=np.float32)
-    except BadInputError:
+    except HypsegError:
         raise
+    except MemoryError:
+        what = (
+            f"{'x'.join(map(str, shape3))} voxels ({_gigabytes(shape3, np.float32)} as float32)"
+            if shape3
+            else "the header"
+        )
+        raise HypsegError(f"{path}: out of memory reading {what}") from None
     except RuntimeWarning as exc:
         raise BadInputError(
             f"{path}: voxel values beyond the float32 range hypseg computes in "
             f"(about ±3.4e38) after the header's scaling ({_short(exc)})"
         ) from None
     except Exception as exc:  # nibabel raises many types for bad files
-        raise BadInputError(f"{path}: cannot read NIfTI ({_short(exc)})") from exc
+        short = _short(exc)
+        if short.startswith("Expected ") and " bytes, got " in short:  # gzip ends early
+            raise BadInputError(
+                f"{path}: truncated NIfTI ({short.split(' from ')[0].lower()})"
+            ) from None
+        raise BadInputError(f"{path}: cannot read NIfTI ({short})") from exc
     data = np.ascontiguousarray(data.reshape(shape3))
     zooms = img.header.get_zooms()[:3]
     unit = img.header.get_xyzt_units()[0] or "unknown"
@@ -438,6 +452,26 @@ def _read_mrc(path: Path) -> tuple[np.ndarray, VolumeGeometry]:
         "Å",
     )
     return data, geometry
+
+
+def _gigabytes(shape: Sequence[int], dtype: Any) -> str:
+    return f"{int(np.prod(shape, dtype=np.float64)) * np.dtype(dtype).itemsize / 1e9:.1f} GB"
+
+
+def _check_nifti_size(path: Path, img: Any) -> None:
+    """An uncompressed NIfTI shorter than its header's voxel data is truncated (checked
+    before reading, so a header that claims terabytes is refused, not read)."""
+    if "".join(path.suffixes[-1:]).lower() != ".nii":
+        return  # compressed: the length is known only after decompressing
+    offset = int(getattr(img.dataobj, "offset", 0))
+    dtype = np.dtype(img.get_data_dtype())
+    needed = offset + int(np.prod(img.shape, dtype=np.float64)) * dtype.itemsize
+    have = path.stat().st_size
+    if have < needed:
+        raise BadInputError(
+            f"{path}: truncated NIfTI (the header's {'x'.join(map(str, img.shape))} {dtype} "
+            f"voxels need {needed} bytes, the file has {have})"
+        )
 
 
 def _short(exc: BaseException) -> str:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from hypsegcli import io
-from hypsegcli.errors import BadInputError
+from hypsegcli.errors import BadInputError, HypsegError
 
 AFFINE = np.array(
     [[0.0, -2.0, 0.0, 10.0], [1.5, 0.0, 0.1, -3.0], [0.0, 0.0, 0.75, 5.0], [0.0, 0.0, 0.0, 1.0]]
@@ -239,6 +239,36 @@ def test_truncated_and_garbage_files(tmp_path):
         with pytest.raises(BadInputError, match=name.replace(".", r"\.")) as info:
             io.read_volume(tmp_path / name)
         assert "\n" not in str(info.value)
+        if name.startswith("cut"):
+            assert "truncated" in str(info.value)
+    with pytest.raises(BadInputError, match=r"need 2400 bytes, the file has 1900"):
+        io.read_volume(tmp_path / "cut.nii")
+
+
+def test_nifti_header_claiming_more_than_the_file_or_memory(tmp_path, monkeypatch):
+    """A header whose shape needs terabytes is refused from the file size (uncompressed),
+    and where it must be read, running out of memory says what was being read."""
+    img = nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4))
+    header = img.header.copy()
+    header.set_data_shape((10000, 10000, 10000))
+    blob = header.binaryblock + b"\0" * 4 + np.ones(64, np.float32).tobytes()
+    (tmp_path / "huge.nii").write_bytes(blob)
+    with pytest.raises(BadInputError, match=r"huge\.nii: truncated NIfTI .*10000x10000x10000"):
+        io.read_volume(tmp_path / "huge.nii")
+    with gzip.open(tmp_path / "huge.nii.gz", "wb") as fh:
+        fh.write(blob)
+
+    def no_memory(*_args, **_kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(io.np, "asarray", no_memory)
+    with pytest.raises(HypsegError) as info:
+        io.read_volume(tmp_path / "huge.nii.gz")
+    assert info.value.exit_code == 1
+    assert str(info.value) == (
+        f"{tmp_path / 'huge.nii.gz'}: out of memory reading 10000x10000x10000 voxels "
+        "(4000.0 GB as float32)"
+    )
 
 
 def test_non_finite_refused(tmp_path):
