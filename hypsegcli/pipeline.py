@@ -617,15 +617,17 @@ def train(
 ) -> dict[str, Any]:
     """Train on the volumes in ``inputs``; write ``output`` and its checkpoint and history."""
     from . import distributed, training
+    from .config import SamplingConfig
 
     distributed.quiet_other_ranks()  # under torchrun, ranks > 0 log warnings only
     set_threads(threads)
     paths = collect_inputs(inputs, recursive=recursive)
     for target in (Path(output), *training.companion_paths(Path(output))):
         check_output_file(target, paths, what="train -o")
-    norm_config = sampling_config
+    norm_config, checkpoint = sampling_config, None
     if resume:  # the checkpoint's normalisation, whatever this command line says
-        norm_config = training.checkpoint_sampling_config(Path(output)) or sampling_config
+        checkpoint = training.load_checkpoint(Path(output))
+        norm_config = SamplingConfig.from_dict(checkpoint["sampling_config"])
     volumes = load_training_volumes(
         paths,
         method=norm_config.norm,
@@ -641,6 +643,7 @@ def train(
         train_config=train_config,
         device=device,
         resume=resume,
+        checkpoint=checkpoint,
         progress=progress,
     )
     return {"volumes": len(volumes), **result.to_dict()}

@@ -89,13 +89,18 @@ def companion_paths(model_path: Path) -> tuple[Path, Path]:
     return model_path.with_name(f"{stem}.ckpt.pt"), model_path.with_name(f"{stem}.history.csv")
 
 
-def checkpoint_sampling_config(model_path: Path) -> SamplingConfig | None:
-    """The sampling configuration (normalisation included) of the checkpoint beside
-    ``model_path``, which a resumed run keeps; None where there is no checkpoint."""
+def load_checkpoint(model_path: Path) -> dict[str, Any]:
+    """The training checkpoint beside ``model_path`` (``--resume``); BadInputError where
+    there is none or the file is not a checkpoint."""
     ckpt_path, _ = companion_paths(model_path)
     if not ckpt_path.is_file():
-        return None
-    return SamplingConfig.from_dict(load_model_file(ckpt_path)["sampling_config"])
+        raise BadInputError(
+            f"{ckpt_path}: no checkpoint to resume from (train without --resume first)"
+        )
+    state = load_model_file(ckpt_path)
+    if state.get("kind") != "checkpoint" or "optimizer_state" not in state:
+        raise BadInputError(f"{ckpt_path}: not a training checkpoint")
+    return state
 
 
 def resolve_device(name: str = "auto"):
@@ -163,14 +168,16 @@ def train(
     train_config: TrainConfig,
     device: str = "auto",
     resume: bool = False,
+    checkpoint: dict[str, Any] | None = None,
     progress: Callable[..., None] | None = None,
 ) -> TrainResult:
     """Train the VAE on ``volumes`` and write the model, checkpoint and history.
 
     With ``resume`` the checkpoint beside ``model_path`` is loaded (its model
-    and sampling configuration win over the given ones) and training continues
-    from its step until ``train_config.steps`` / ``max_minutes`` (counted for
-    this run).
+    and sampling configuration win over the given ones; ``checkpoint``: that
+    file's contents where the caller has loaded it already, see
+    :func:`load_checkpoint`) and training continues from its step until
+    ``train_config.steps`` / ``max_minutes`` (counted for this run).
 
     Under torchrun every rank calls this with the same arguments; see the module
     docstring for what differs between ranks.
@@ -185,7 +192,7 @@ def train(
             train_config=train_config,
             dev=dev,
             dist=dist,
-            resume=resume,
+            checkpoint=(checkpoint or load_checkpoint(Path(model_path))) if resume else None,
             progress=progress if dist.is_main else None,
         )
 
@@ -199,7 +206,7 @@ def _train(
     train_config: TrainConfig,
     dev: Any,
     dist: distributed.Distributed,
-    resume: bool,
+    checkpoint: dict[str, Any] | None,
     progress: Callable[..., None] | None,
 ) -> TrainResult:
     import torch
@@ -211,15 +218,8 @@ def _train(
     progress = progress or (lambda *a, **k: None)
     ckpt_path, history_path = companion_paths(model_path)
     history: list[dict[str, float]] = []
-    state: dict[str, Any] | None = None
-    if resume:
-        if not ckpt_path.is_file():
-            raise BadInputError(
-                f"{ckpt_path}: no checkpoint to resume from (train without --resume first)"
-            )
-        state = load_model_file(ckpt_path)
-        if state.get("kind") != "checkpoint" or "optimizer_state" not in state:
-            raise BadInputError(f"{ckpt_path}: not a training checkpoint")
+    state = checkpoint
+    if state is not None:
         kept_model = ModelConfig.from_dict(state["model_config"])
         kept_sampling = SamplingConfig.from_dict(state["sampling_config"])
         if dist.is_main:

@@ -511,3 +511,20 @@ def test_cache_housekeeping_creates_nothing_and_a_file_in_the_way_is_bad_input(t
         assert code == 2 and f"{blocker}: unusable cache folder (a file is in the way" in err
         assert err.count("\n") == 1
     assert blocker.read_text() == "x"
+
+
+def test_resume_without_a_checkpoint_fails_before_reading_any_volume(tmp_path, capsys):
+    """--resume checks its checkpoint first: a missing one is named, not a bad volume."""
+    (tmp_path / "broken.nii.gz").write_bytes(b"not a volume")
+    code, out, err = run(
+        ["train", tmp_path / "broken.nii.gz", "-o", tmp_path / "m.pt", "--resume", *TINY_TRAIN],
+        capsys,
+    )
+    _one_error(code, out, err, "no checkpoint to resume from")
+    assert "broken" not in err
+    (tmp_path / "m.ckpt.pt").write_bytes((tmp_path / "broken.nii.gz").read_bytes())
+    code, out, err = run(
+        ["train", tmp_path / "broken.nii.gz", "-o", tmp_path / "m.pt", "--resume", *TINY_TRAIN],
+        capsys,
+    )
+    _one_error(code, out, err, "m.ckpt.pt: not a hypseg model file")
