@@ -15,7 +15,9 @@ Key (:func:`embedding_key`)::
     key = SHA-256( JSON({"volume_sha256", "model_sha256", "params", "version"},
                         sort_keys, compact separators, ASCII, no NaN) )
 
-so changing the volume, the model, any embedding parameter or the version gives
+where ``model_sha256`` is what :func:`hypsegcli.modelfile.model_content_sha256`
+gives (configuration, normalisation and weights; not the model file's bytes), so
+changing the volume, the model, any embedding parameter or the version gives
 another key, and the order of a dict's items does not matter. Values are
 compared as JSON: a tuple equals a list, ``1`` differs from ``1.0`` and from
 ``True``.

@@ -14,7 +14,9 @@ file shared by someone else never executes code from it. Fields:
 
 from __future__ import annotations
 
+import hashlib
 import io as _stdio
+import json
 import os
 import re
 from pathlib import Path
@@ -119,3 +121,16 @@ def build_model(document: dict[str, Any], *, path: str | os.PathLike[str] = "mod
         ) from None
     model.eval()
     return model
+
+
+def model_content_sha256(document: dict[str, Any]) -> str:
+    """SHA-256 of what a model file computes: its model configuration, normalisation and
+    weights (not the file's bytes, which also record versions and training wall time)."""
+    from .distributed import state_sha256
+
+    digest = hashlib.sha256()
+    for part in ("model_config", "normalization"):
+        digest.update(json.dumps(document.get(part), sort_keys=True, default=str).encode())
+        digest.update(b"|")
+    digest.update(state_sha256(document["state_dict"]).encode())
+    return digest.hexdigest()

@@ -664,16 +664,22 @@ def set_threads(threads: int | None) -> None:
 
 
 class LoadedModel:
-    """A model file, its hash and the VAE built from it (on a device)."""
+    """A model file, its hashes and the VAE built from it (on a device).
+
+    ``sha256`` is the file's; ``content_sha256`` covers only what the embeddings
+    depend on (configuration, normalisation, weights) and keys the cache, so a
+    model retrained to identical weights reuses cached embeddings and fits.
+    """
 
     def __init__(self, path: Path, device: str = "auto") -> None:
         from .io import file_sha256
-        from .modelfile import build_model, load_model_file
+        from .modelfile import build_model, load_model_file, model_content_sha256
         from .training import resolve_device
 
         self.path = Path(path)
         self.document = load_model_file(self.path)
         self.sha256 = file_sha256(self.path)
+        self.content_sha256 = model_content_sha256(self.document)
         self.device = resolve_device(device)
         self.model = build_model(self.document, path=self.path).to(self.device)
         self.normalization = dict(self.document["normalization"])
@@ -751,7 +757,10 @@ def _cache_key(volume_sha256: str, model: LoadedModel, patch_size: int, stride: 
     from .cache import embedding_key
 
     return embedding_key(
-        volume_sha256, model.sha256, _embedding_params(model, patch_size, stride), __version__
+        volume_sha256,
+        model.content_sha256,
+        _embedding_params(model, patch_size, stride),
+        __version__,
     )
 
 
@@ -795,7 +804,7 @@ def _centroids_key(
     }
     if nest is not None:
         params["centroids"]["nest"] = nest
-    return embedding_key(volume_sha256, model.sha256, params, __version__)
+    return embedding_key(volume_sha256, model.content_sha256, params, __version__)
 
 
 def _nested_in(k: int, ks: list[int], nest: float) -> int | None:

@@ -528,3 +528,31 @@ def test_resume_without_a_checkpoint_fails_before_reading_any_volume(tmp_path, c
         capsys,
     )
     _one_error(code, out, err, "m.ckpt.pt: not a hypseg model file")
+
+
+def test_cache_is_keyed_by_the_model_not_by_the_bytes_of_its_file(trained, tmp_path, capsys):
+    """A model file with other metadata (wall time) but the same weights reuses the cached
+    embeddings; another curvature or one changed weight does not."""
+    from hypsegcli.modelfile import load_model_file, model_content_sha256, save_model_file
+
+    doc = load_model_file(trained / "model.pt")
+    payload = {k: v for k, v in doc.items() if k not in ("format", "format_version", "versions")}
+    same = save_model_file(tmp_path / "same.pt", {**payload, "elapsed_seconds": 12345.0})
+    assert _md5(same) != _md5(trained / "model.pt")
+    base = model_content_sha256(doc)
+    assert model_content_sha256(load_model_file(same)) == base
+    bent = {**doc, "model_config": {**doc["model_config"], "curvature": 2.0}}
+    assert model_content_sha256(bent) != base
+    nudged = {**doc, "state_dict": dict(doc["state_dict"])}
+    name = next(iter(nudged["state_dict"]))
+    nudged["state_dict"][name] = nudged["state_dict"][name].clone()
+    nudged["state_dict"][name].view(-1)[0] += 1e-6
+    assert model_content_sha256(nudged) != base
+    image = trained / "data" / "images" / "case_000.nii.gz"
+    cache = tmp_path / "cache"
+    for model, cached in ((trained / "model.pt", 0), (same, 1)):
+        code, out, err = run(
+            ["embed", image, "-m", model, "--cache-dir", cache, "--json", "--threads", "2"], capsys
+        )
+        assert code == 0, err
+        assert json.loads(out)["cached"] == cached
