@@ -900,6 +900,13 @@ def cluster(
             help="Last step: every connected piece (26-connected) of a label with fewer than this many voxels takes the label of the nearest voxel outside such pieces, so specks vanish into what surrounds them; a label made only of such pieces disappears. In voxels, whatever the spacing; 0 turns it off.",
         ),
     ] = MIN_SIZE_DEFAULT,
+    mask: Annotated[
+        Path | None,
+        typer.Option(
+            "--mask",
+            help="Segment only inside a mask (non-zero voxels): one mask file for every input, or a folder with <case> or <case>_mask per input (same shape as the input). k-means fits on the voxels inside, the spatial steps see only them, and the output is 0 outside and 1..K inside.",
+        ),
+    ] = None,
     seed: Annotated[
         int, typer.Option("--seed", help="Seed for subsampling and k-means initialisation.")
     ] = 0,
@@ -946,7 +953,7 @@ def cluster(
     removes specks.
     Labels are numbered 0..K-1 by the centroid's distance from the origin of
     the ball (by its coordinates for intensities, Euclidean models and
-    --metric euclidean).
+    --metric euclidean); with --mask, 1..K inside the mask and 0 outside.
     Each case's centroids go to OUT/<case>.centroids.json and are merged into
     OUT/centroids.json; a run record is appended to OUT/hypseg-runs.jsonl. A
     volume that fails is reported and the others are processed (exit code 2 if
@@ -974,6 +981,7 @@ def cluster(
             mrf=mrf,
             nest=nest,
             min_size=min_size,
+            mask=mask,
             seed=seed,
             device=device,
             threads=threads,

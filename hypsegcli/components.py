@@ -31,8 +31,13 @@ def _structure(ndim: int) -> np.ndarray:
     return ndi.generate_binary_structure(ndim, ndim)
 
 
-def small_component_mask(labels: np.ndarray, min_size: int) -> np.ndarray:
-    """Voxels in a connected component of their label with fewer than ``min_size`` voxels (bool)."""
+def small_component_mask(
+    labels: np.ndarray, min_size: int, outside: np.ndarray | None = None
+) -> np.ndarray:
+    """Voxels in a connected component of their label with fewer than ``min_size`` voxels (bool).
+
+    Voxels in ``outside`` (bool) belong to no component and are never small.
+    """
     labels = np.asarray(labels)
     if isinstance(min_size, bool) or not isinstance(min_size, (int, np.integer)) or min_size < 0:
         raise ValueError(f"min_size={min_size!r} should be an integer >= 0")
@@ -40,8 +45,12 @@ def small_component_mask(labels: np.ndarray, min_size: int) -> np.ndarray:
     if min_size <= 1 or labels.size == 0:
         return small
     structure = _structure(labels.ndim)
-    for value in np.unique(labels):
-        comps, n = ndi.label(labels == value, structure=structure)
+    inside = None if outside is None else ~np.asarray(outside, dtype=bool)
+    for value in np.unique(labels if inside is None else labels[inside]):
+        member = labels == value
+        if inside is not None:
+            member &= inside
+        comps, n = ndi.label(member, structure=structure)
         if n == 0:
             continue
         sizes = np.bincount(comps.ravel(), minlength=n + 1)
@@ -52,18 +61,23 @@ def small_component_mask(labels: np.ndarray, min_size: int) -> np.ndarray:
     return small
 
 
-def _largest_component(labels: np.ndarray) -> int:
-    """Voxels in the largest connected component of any label."""
+def _largest_component(labels: np.ndarray, inside: np.ndarray | None = None) -> int:
+    """Voxels in the largest connected component of any label (within ``inside``)."""
     structure = _structure(labels.ndim)
     largest = 0
-    for value in np.unique(labels):
-        comps, n = ndi.label(labels == value, structure=structure)
+    for value in np.unique(labels if inside is None else labels[inside]):
+        member = labels == value
+        if inside is not None:
+            member &= inside
+        comps, n = ndi.label(member, structure=structure)
         if n:
             largest = max(largest, int(np.bincount(comps.ravel())[1:].max()))
     return largest
 
 
-def remove_small_components(labels: np.ndarray, min_size: int) -> np.ndarray:
+def remove_small_components(
+    labels: np.ndarray, min_size: int, outside: np.ndarray | None = None
+) -> np.ndarray:
     """``labels`` with every component under ``min_size`` voxels relabelled from its surroundings.
 
     Each voxel of a small component (:func:`small_component_mask`) takes the
@@ -73,21 +87,24 @@ def remove_small_components(labels: np.ndarray, min_size: int) -> np.ndarray:
     two labels is split between them. ``min_size`` 0 or 1 changes nothing.
     Returns a new array of the same dtype. Where every component is small there
     is nothing to take a label from: the labels are returned unchanged, with a
-    :class:`UserWarning`.
+    :class:`UserWarning`. Voxels in ``outside`` (bool; ``cluster --mask``) keep
+    their label, form no component and give no label to others.
     """
     labels = np.asarray(labels)
     out = labels.copy()
-    small = small_component_mask(labels, min_size)
+    inside = None if outside is None else ~np.asarray(outside, dtype=bool)
+    small = small_component_mask(labels, min_size, outside)
     if not small.any():
         return out
-    if small.all():
-        largest = _largest_component(labels)
+    source = ~small if inside is None else ~small & inside
+    if not source.any():
+        largest = _largest_component(labels, inside)
         warnings.warn(
             f"--min-size {min_size}: every connected component is smaller (the largest has "
             f"{largest} voxels), so none was removed",
             stacklevel=2,
         )
         return out
-    idx = ndi.distance_transform_edt(small, return_distances=False, return_indices=True)
+    idx = ndi.distance_transform_edt(~source, return_distances=False, return_indices=True)
     out[small] = labels[tuple(i[small] for i in idx)]
     return out

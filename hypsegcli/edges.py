@@ -36,6 +36,7 @@ volume; see its docstring.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -54,11 +55,50 @@ SNAP_MIN_CONTRAST = 1.0
 NOISE_SAMPLES = 1 << 20
 
 
-def noise_std(x: np.ndarray) -> float:
-    """Robust voxel noise of ``x``: 1.4826 x median |x - its 3^3 box mean| (evenly subsampled)."""
-    resid = (x - ndi.uniform_filter(x, 3, mode="nearest")).ravel()
+def _masked_filter(
+    x: np.ndarray, inside: np.ndarray | None, smooth: Callable[[np.ndarray], np.ndarray]
+) -> np.ndarray:
+    """``smooth(x)``, or with ``inside`` (bool) the normalised ``smooth(x * inside) /
+    smooth(inside)``, so that voxels outside do not leak in (0 where nothing inside is near)."""
+    if inside is None:
+        return smooth(x)
+    weight = smooth(inside.astype(np.float32))
+    total = smooth(np.where(inside, x, np.float32(0)).astype(np.float32))
+    return np.divide(total, weight, out=np.zeros_like(total), where=weight > 1e-6)
+
+
+def noise_std(x: np.ndarray, inside: np.ndarray | None = None) -> float:
+    """Robust voxel noise of ``x``: 1.4826 x median |x - its 3^3 box mean| (evenly subsampled);
+    with ``inside`` (bool, same shape), over the voxels inside and their box means inside."""
+    if inside is not None:
+        inside = np.asarray(inside, dtype=bool)
+    box = _masked_filter(x, inside, lambda a: ndi.uniform_filter(a, 3, mode="nearest"))
+    resid = (x - box).ravel()
+    if inside is not None:
+        resid = resid[inside.ravel()]
+        if resid.size == 0:
+            return 0.0
     step = max(1, resid.size // NOISE_SAMPLES)
     return float(1.4826 * np.median(np.abs(resid[::step])))
+
+
+def _mixed(lab: np.ndarray, size: int, outside: np.ndarray | None) -> np.ndarray:
+    """Voxels whose size^3 neighbourhood holds more than one label (bool).
+
+    Voxels in ``outside`` (bool) count as no label at all and are never mixed
+    themselves, so the border of a mask is no boundary between labels.
+    """
+    if outside is None:
+        return ndi.maximum_filter(lab, size=size, mode="nearest") != ndi.minimum_filter(
+            lab, size=size, mode="nearest"
+        )
+    inside_values = lab[~outside]
+    if inside_values.size == 0:
+        return np.zeros(lab.shape, dtype=bool)
+    low, high = inside_values.min(), inside_values.max()
+    top = ndi.maximum_filter(np.where(outside, low, lab), size=size, mode="nearest")
+    bottom = ndi.minimum_filter(np.where(outside, high, lab), size=size, mode="nearest")
+    return (top != bottom) & ~outside
 
 
 def snap_labels(
@@ -68,12 +108,15 @@ def snap_labels(
     sigma: float,
     band: int = SNAP_BAND,
     min_contrast: float = SNAP_MIN_CONTRAST,
+    outside: np.ndarray | None = None,
 ) -> np.ndarray:
     """Labels (same shape and dtype as ``labels``) with boundaries moved to intensity edges.
 
     ``labels``: integer array (X, Y, Z) with values 0..k-1; ``image``: the
     scaled intensities (X, Y, Z). ``sigma`` > 0 (voxels). See the module
-    docstring for the rule. The input arrays are not modified.
+    docstring for the rule. ``outside`` (bool, same shape; ``cluster --mask``):
+    voxels that keep their label and belong to no label (no boundary, no core,
+    no statistics, no noise estimate). The input arrays are not modified.
     """
     if labels.shape != image.shape:
         raise BadInputError(
@@ -83,10 +126,10 @@ def snap_labels(
         raise BadInputError(f"snap sigma={sigma} should be a finite number > 0")
     x = np.asarray(image, dtype=np.float32)
     lab = np.asarray(labels)
+    if outside is not None:
+        outside = _check_outside(outside, lab.shape)
     size = 2 * int(band) + 1
-    in_band = ndi.maximum_filter(lab, size=size, mode="nearest") != ndi.minimum_filter(
-        lab, size=size, mode="nearest"
-    )
+    in_band = _mixed(lab, size, outside)
     # band voxels as flat indices; everything per band voxel is a 1-D array of that length,
     # and the labels are visited one at a time (peak memory: a few volume-sized arrays,
     # never labels x voxels)
@@ -94,10 +137,14 @@ def snap_labels(
     out = lab.copy()
     if len(flat) == 0:
         return out
-    present = np.unique(lab)
-    g = ndi.gaussian_filter(x, sigma, mode="nearest")
+    present = np.unique(lab if outside is None else lab[~outside])
+    g = _masked_filter(
+        x,
+        None if outside is None else ~outside,
+        lambda a: ndi.gaussian_filter(a, sigma, mode="nearest"),
+    )
     window = 2 * (math.ceil(2 * sigma) + int(band)) + 1
-    core = ~in_band
+    core = ~in_band if outside is None else ~in_band & ~outside
     del in_band
     gv = g.ravel()[flat]
     index_type = np.min_scalar_type(len(present))
@@ -108,6 +155,8 @@ def snap_labels(
     overall = np.empty(len(present))
     for i, value in enumerate(present):
         mask = lab == value
+        if outside is not None:
+            mask &= ~outside
         overall[i] = float(x[mask].mean())
         mask &= core
         count = ndi.uniform_filter(mask.astype(np.float32), window, mode="constant").ravel()[flat]
@@ -125,7 +174,8 @@ def snap_labels(
     # both sides need core voxels nearby (best only ever takes a label that has one): a
     # structure thinner than the band has none and is left as it is, not dissolved
     contrast = np.abs(overall[current] - overall[best])
-    move = current_supported & (best != current) & (contrast > min_contrast * noise_std(x))
+    noise = noise_std(x, None if outside is None else ~outside)
+    move = current_supported & (best != current) & (contrast > min_contrast * noise)
     out.ravel()[flat] = np.where(move, present[best], present[current]).astype(lab.dtype)
     return out
 
@@ -142,8 +192,20 @@ MRF_SUPPORT = 2
 MRF_MIN_CORE = 10
 
 
+def _check_outside(outside: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    outside = np.asarray(outside, dtype=bool)
+    if outside.shape != shape:
+        raise BadInputError(f"mask {outside.shape} and labels {shape} differ in shape")
+    return outside
+
+
 def _label_stats(
-    x: np.ndarray, idx: np.ndarray, core: np.ndarray, k: int, noise: float
+    x: np.ndarray,
+    idx: np.ndarray,
+    core: np.ndarray,
+    k: int,
+    noise: float,
+    inside: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Mean and variance (float64, (k,)) of ``x`` per label, over its core voxels.
 
@@ -157,6 +219,8 @@ def _label_stats(
     floor = max((noise / 10.0) ** 2, 1e-4 * float(x.var(dtype=np.float64)), 1e-12)
     for i in range(k):
         mask = idx == i
+        if inside is not None:
+            mask &= inside
         inner = mask & core
         values = x[inner] if np.count_nonzero(inner) > MRF_MIN_CORE else x[mask]
         mu[i] = float(values.mean(dtype=np.float64))
@@ -176,6 +240,7 @@ def refine_labels(
     support: int = MRF_SUPPORT,
     device: torch.device | str = "cpu",
     slab_elements: int | None = None,
+    outside: np.ndarray | None = None,
 ) -> np.ndarray:
     """Labels re-decided near their boundaries by an intensity MRF (``cluster --mrf``).
 
@@ -203,7 +268,9 @@ def refine_labels(
     neither gain nor lose voxels there, and boundaries between labels of
     similar intensity (texture boundaries) do not move.
     Processed in slabs with halos of ``iters`` planes (same labels as one
-    slab). The input arrays are not modified.
+    slab). ``outside`` (bool, same shape; ``cluster --mask``): voxels that keep
+    their label and belong to no label (no boundary, no core, no statistics,
+    no neighbour of anyone). The input arrays are not modified.
     """
     import torch
 
@@ -222,19 +289,23 @@ def refine_labels(
     if beta == 0:
         return out
     x = np.asarray(image, dtype=np.float32)
-    present = np.unique(lab)
+    inside = None
+    if outside is not None:
+        outside = _check_outside(outside, lab.shape)
+        inside = ~outside
+    present = np.unique(lab if outside is None else lab[inside])
     k = len(present)
     if k < 2:
         return out
     idx = np.searchsorted(present, lab).astype(np.min_scalar_type(k))
+    if outside is not None:  # any label: outside voxels are masked out everywhere below
+        idx[outside] = 0
     size = 2 * int(band) + 1
-    in_band = ndi.maximum_filter(idx, size=size, mode="nearest") != ndi.minimum_filter(
-        idx, size=size, mode="nearest"
-    )
+    in_band = _mixed(idx, size, outside)
     if not in_band.any():
         return out
-    noise = noise_std(x)
-    mu, var = _label_stats(x, idx, ~in_band, k, noise)
+    noise = noise_std(x, inside)
+    mu, var = _label_stats(x, idx, ~in_band, k, noise, inside)
     gap = np.abs(mu[:, None] - mu[None, :])
     allowed = (gap > min_contrast * noise) & (
         gap > separation * np.sqrt((var[:, None] + var[None, :]) / 2)
@@ -242,9 +313,9 @@ def refine_labels(
     np.fill_diagonal(allowed, False)
     if not allowed.any():
         return out
-    core = ndi.maximum_filter(idx, size=3, mode="nearest") == ndi.minimum_filter(
-        idx, size=3, mode="nearest"
-    )
+    core = ~_mixed(idx, 3, outside)
+    if outside is not None:
+        core &= inside
     window = 2 * (1 + int(support)) + 1
     supported = []  # per label: it has a core voxel within the window
     for i in range(k):
@@ -257,7 +328,9 @@ def refine_labels(
     # candidate masks: a label nearby (3^3), supported, separated from the voxel's own label
     candidate = []
     for i in range(k):
-        near = ndi.maximum_filter(idx == i, size=3, mode="nearest")
+        near = ndi.maximum_filter(
+            idx == i if inside is None else (idx == i) & inside, size=3, mode="nearest"
+        )
         candidate.append(free & near & supported[i] & allowed[idx, i])
     del supported
     if not any(c.any() for c in candidate):
@@ -280,7 +353,8 @@ def refine_labels(
             open_ = candidate[i][lo:hi] | (mine & fr)
             unary[i][open_] = nll[open_]
             unary[i][mine & ~fr] = 0.0  # a fixed voxel keeps its label with certainty
-        q = meanfield(torch.from_numpy(unary).to(device), float(beta), iters)
+        keep = None if inside is None else torch.from_numpy(inside[lo:hi]).to(device, torch.float32)
+        q = meanfield(torch.from_numpy(unary).to(device), float(beta), iters, keep)
         del unary
         decided = q[:, a - lo : b - lo].argmax(0).cpu().numpy()
         sl = out[a:b]

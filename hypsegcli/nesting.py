@@ -32,24 +32,31 @@ import numpy as np
 from scipy import ndimage as ndi
 
 
-def band_mask(coarse: np.ndarray, width: float) -> np.ndarray:
+def band_mask(coarse: np.ndarray, width: float, inside: np.ndarray | None = None) -> np.ndarray:
     """Voxels within ``width`` voxels of a voxel whose ``coarse`` label differs (bool, same shape).
 
     The distance of a voxel of label ``a`` is the Euclidean distance from its
     centre to the nearest voxel centre of a label other than ``a``; a volume
-    with one label has no band.
+    with one label has no band. With ``inside`` (bool; ``cluster --mask``)
+    only the voxels inside have labels: the others are in no band and are no
+    other label (the border of the mask is no boundary).
     """
     coarse = np.asarray(coarse)
     if not (np.isfinite(width) and width >= 0):
         raise ValueError(f"width={width} should be a finite number >= 0")
     band = np.zeros(coarse.shape, dtype=bool)
-    values = np.unique(coarse)
+    values = np.unique(coarse if inside is None else coarse[inside])
     if len(values) < 2 or width < 1:
         return band
     for value in values:
-        inside = coarse == value
-        # distance of each voxel of this label to the nearest voxel of another label
-        band |= inside & (ndi.distance_transform_edt(inside) <= width)
+        member = coarse == value
+        if inside is None:
+            # distance of each voxel of this label to the nearest voxel of another label
+            band |= member & (ndi.distance_transform_edt(member) <= width)
+        else:
+            member &= inside
+            others = inside & ~member
+            band |= member & (ndi.distance_transform_edt(~others) <= width)
     return band
 
 

@@ -778,6 +778,7 @@ def _centroids_key(
     k: int,
     clusterer: Any,
     nest: dict[str, Any] | None = None,
+    mask_sha256: str | None = None,
 ) -> str:
     """Cache key of the per-volume k-means fit on this volume's embeddings (and nothing else).
 
@@ -786,7 +787,8 @@ def _centroids_key(
     The spatial steps (--smooth, --snap, --mrf) come after the fit and are not
     in it, so changing them reuses the fit, except for a fit nested in the
     coarsest level (``nest``, from :func:`_nest_spec`): it leaves out the band
-    around that level's labels, which the spatial steps shape.
+    around that level's labels, which the spatial steps shape. With ``cluster
+    --mask`` the fit sees the voxels inside only: ``mask_sha256`` (of the inside).
     """
     from .cache import embedding_key
 
@@ -804,6 +806,8 @@ def _centroids_key(
     }
     if nest is not None:
         params["centroids"]["nest"] = nest
+    if mask_sha256 is not None:
+        params["centroids"]["mask"] = mask_sha256
     return embedding_key(volume_sha256, model.content_sha256, params, __version__)
 
 
@@ -1067,6 +1071,7 @@ def plan(
     nest: float = 0.0,
     min_size: int = 0,
     clusterer: Any = None,
+    masks: _Masks | None = None,
 ) -> dict[str, Any]:
     """What ``embed``/``cluster`` would do (``--dry-run``): per volume its shape, state and estimates.
 
@@ -1079,7 +1084,8 @@ def plan(
     volume's own k-means fit would be computed for. ``clusterer`` is the
     per-volume k-means, None when the volumes are not fitted one by one (a
     pooled fit, ``pooled_fit``, or given centroids): then ``fits`` is empty.
-    Only the assignment is estimated for the k not in ``fits``.
+    Only the assignment is estimated for the k not in ``fits``. With ``masks``
+    (``cluster --mask``) each volume's mask is read too, to look up its fits.
     Estimates are described in :data:`hypsegcli.batch.PLAN_NOTES`.
     """
     import torch
@@ -1125,6 +1131,7 @@ def plan(
                 cached = reuse_cache and cache is not None and key in cache
                 state = "cached" if cached else "compute"
                 if ks and clusterer is not None and cache is not None:
+                    mask_sha = masks.read(path, volume)[1]["inside_sha256"] if masks else None
                     cached_fits = [
                         k
                         for k in ks
@@ -1136,6 +1143,7 @@ def plan(
                             k,
                             clusterer,
                             _nest_spec(k, ks, nest, smooth, snap, mrf),
+                            mask_sha,
                         )
                         in cache
                     ]
@@ -1346,12 +1354,22 @@ class _Clusterer:
             return poincare_pdist2(rows, centers, c=self.curvature)
         return ((rows[:, None, :] - centers[None, :, :]) ** 2).sum(-1)
 
-    def labels(self, features: np.ndarray, centers: np.ndarray, smooth: float) -> np.ndarray:
-        """Labels (X, Y, Z) of ``features`` (X, Y, Z, d): nearest centre, Potts-smoothed when ``smooth`` > 0."""
+    def labels(
+        self,
+        features: np.ndarray,
+        centers: np.ndarray,
+        smooth: float,
+        inside: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Labels (X, Y, Z) of ``features`` (X, Y, Z, d): nearest centre, Potts-smoothed when
+        ``smooth`` > 0 (over the voxels ``inside`` only, where given; see
+        :func:`hypsegcli.smoothing.smooth_labels`)."""
         if smooth > 0:
             from .smoothing import smooth_labels
 
-            return smooth_labels(features, centers, self.sq_dist, beta=smooth, device=self.device)
+            return smooth_labels(
+                features, centers, self.sq_dist, beta=smooth, device=self.device, inside=inside
+            )
         flat = features.reshape(-1, features.shape[-1])
         return self.predict(flat, centers).reshape(features.shape[:-1])
 
@@ -1444,6 +1462,7 @@ _IDENTITY = (
     "mrf",
     "nest",
     "min_size",
+    "mask",
 )
 
 
@@ -1487,10 +1506,10 @@ def _case_outputs(out: Path, path: Path, ks: list[int], preview: bool) -> list[P
 
 
 def _check_outputs_are_not_inputs(
-    out: Path, paths: list[Path], ks: list[int], preview: bool
+    out: Path, paths: list[Path], ks: list[int], preview: bool, masks: Sequence[Path] = ()
 ) -> None:
-    """No file ``cluster`` would write into ``out`` is one of the inputs (named one by one)."""
-    inputs = {entry_path(p) for p in paths}
+    """No file ``cluster`` would write into ``out`` is one of the inputs or masks."""
+    inputs = {entry_path(p) for p in [*paths, *masks]}
     folder = entry_path(out / "centroids.json").parent  # every output lies directly in it
     for path in paths:
         for target in [*_case_outputs(out, path, ks, preview), out / "centroids.json"]:
@@ -1499,6 +1518,76 @@ def _check_outputs_are_not_inputs(
                     f"{target}: is one of the inputs; cluster -o {out} would overwrite it "
                     "(choose another output folder)"
                 )
+
+
+class _Masks:
+    """``cluster --mask``: which mask belongs to which input, and reading it.
+
+    ``spec`` is one mask file for every input, or a folder holding one per
+    input, named ``<case>`` or ``<case>_mask`` with any volume suffix. Any
+    non-zero voxel is inside. Problems are found before any work: a missing
+    folder or file, an input without its mask, a mask that is also an input.
+    """
+
+    def __init__(self, spec: Path, inputs: list[Path], all_inputs: list[Path]) -> None:
+        spec = Path(spec)
+        if not spec.exists():
+            raise BadInputError(f"--mask {spec}: no such file or folder")
+        if spec.is_dir():
+            found: dict[str, Path] = {}
+            for path in collect_inputs([spec], can_recurse=False):
+                found.setdefault(case_name(path), path)
+            self.paths: dict[Path, Path] = {}
+            missing = []
+            for path in inputs:
+                name = case_name(path)
+                match = found.get(name) or found.get(f"{name}_mask")
+                if match is None:
+                    missing.append(name)
+                else:
+                    self.paths[path] = match
+            if missing:
+                raise BadInputError(
+                    f"--mask {spec}: no mask for {len(missing)} input(s): {_few(missing)} "
+                    "(looked for <case> and <case>_mask with a volume suffix)"
+                )
+        else:
+            if volume_suffix(spec) is None:
+                raise BadInputError(f"--mask {spec}: not a volume file (NIfTI or MRC) or folder")
+            self.paths = dict.fromkeys(inputs, spec)
+        entries = {entry_path(p) for p in all_inputs}
+        for mask in dict.fromkeys(self.paths.values()):
+            if entry_path(mask) in entries:
+                raise BadInputError(
+                    f"{mask}: is both an input and a mask (keep the masks in another folder)"
+                )
+
+    def files(self) -> list[Path]:
+        return list(dict.fromkeys(self.paths.values()))
+
+    def read(self, path: Path, volume: Any) -> tuple[np.ndarray, dict[str, Any]]:
+        """The mask of input ``path`` (read as ``volume``) as a bool array, and its record
+        (file stamp, SHA-256 of its voxels and of the inside)."""
+        mask_path = self.paths[path]
+        stamp = _source_stamp(mask_path)
+        mask = read_volume(mask_path)
+        if mask.data.shape != volume.data.shape:
+            raise BadInputError(
+                f"{mask_path}: mask of shape {mask.data.shape}, but {path} has shape "
+                f"{volume.data.shape}"
+            )
+        _warn_if_other_grid(mask_path, mask.geometry, path, volume.geometry)
+        inside = mask.data != 0
+        if not inside.any():
+            raise BadInputError(f"{mask_path}: the mask of {path} is empty (no non-zero voxel)")
+        record = {
+            **(stamp or {}),
+            "path": str(mask_path),
+            "sha256": array_sha256(mask.data),
+            "inside_sha256": array_sha256(inside.view(np.uint8)),
+            "inside": int(np.count_nonzero(inside)),
+        }
+        return inside, record
 
 
 def _source_stamp(path: Path) -> dict[str, Any] | None:
@@ -1539,13 +1628,14 @@ def _case_done(
     params: dict[str, Any],
     fixed: dict[int, np.ndarray] | None,
     nest: float = 0.0,
+    mask: Path | None = None,
 ) -> bool:
     """All outputs of ``path`` exist and its centroid record (written last) covers ``ks``, same model and options.
 
     Each k's set must also be nested in the same k as this run would nest it
     (``nest``; a set for k = 4 made with ``--k 2 --k 4`` is not one made with
     ``--k 4`` alone), and the record must have been made from this input as it
-    is now (:func:`_same_source`).
+    is now (:func:`_same_source`), with ``mask`` (``cluster --mask``) as it is now.
     """
     if not all(f.is_file() for f in _case_outputs(out, path, ks, preview)):
         return False
@@ -1553,6 +1643,8 @@ def _case_done(
     if not _case_record_matches(doc, header, fit, params):
         return False
     if not _same_source(doc.get("source"), path):
+        return False
+    if mask is not None and not _same_source(doc["source"].get("mask"), mask):
         return False
     sets = {int(s["k"]): s for s in doc["sets"] if isinstance(s, dict) and "k" in s}
     if not all(k in sets and sets[k].get("nested_in") == _nested_in(k, ks, nest) for k in ks):
@@ -1563,6 +1655,11 @@ def _case_done(
             for k in ks
         )
     return True
+
+
+def _inside_sha(source: dict[str, Any]) -> str | None:
+    mask = source.get("mask")
+    return mask.get("inside_sha256") if isinstance(mask, dict) else None
 
 
 def _write_case_centroids(
@@ -1587,6 +1684,7 @@ def _write_case_centroids(
         _case_record_matches(old, header, fit, params)
         and isinstance(old_source, dict)
         and old_source.get("sha256") == source.get("sha256")
+        and _inside_sha(old_source) == _inside_sha(source)
     ):
         kept = [s for s in old["sets"] if isinstance(s, dict) and int(s.get("k", 0)) not in new_ks]
     doc = {
@@ -1695,6 +1793,7 @@ def cluster(
     mrf: float = 0.0,
     nest: float = 0.0,
     min_size: int = 0,
+    mask: Path | None = None,
     seed: int = 0,
     device: str = "auto",
     threads: int | None = None,
@@ -1825,8 +1924,9 @@ def cluster(
         )
     selected = _select_part(paths, part)
     out = Path(out)
+    masks = _Masks(mask, selected, paths) if mask is not None else None
     check_output_folder(out, inputs, recursive=recursive, what="cluster -o", create=not dry_run)
-    _check_outputs_are_not_inputs(out, paths, ks, preview)
+    _check_outputs_are_not_inputs(out, paths, ks, preview, masks.files() if masks else ())
     model = LoadedModel(model_path, device) if features == "embedding" else None
     kind = (
         "ball"
@@ -1866,6 +1966,8 @@ def cluster(
     }
     if min_size > 1:  # absent when off, so that outputs made before the option stay reusable
         header["min_size"] = int(min_size)
+    if masks is not None:  # likewise; 0 outside the mask, the clusters 1..k inside
+        header["mask"] = "0 outside, clusters 1..k inside"
     fit = "centroids" if centroids is not None else fit_on
     params = {"seed": seed, "n_init": n_init, "fit_samples": fit_samples}
     fixed: dict[int, np.ndarray] | None = None
@@ -1891,6 +1993,7 @@ def cluster(
         "mrf": mrf,
         "nest": nest,
         "min_size": min_size,
+        "mask": str(mask) if mask is not None else None,
         "seed": seed,
         "device": device,
         "threads": threads,
@@ -1914,6 +2017,7 @@ def cluster(
             params=params,
             fixed=fixed,
             nest=nest,
+            mask=masks.paths[path] if masks else None,
         )
         for path in selected
     }
@@ -1944,6 +2048,7 @@ def cluster(
             total_inputs=len(paths),
             config=config,
             clusterer=clusterer if fit == "volume" else None,
+            masks=masks,
         )
     cache = EmbeddingCache(cache_root) if cache_root is not None else None
 
@@ -1968,14 +2073,16 @@ def cluster(
         sha: str,
         rows: np.ndarray | None = None,
         nest_spec: dict[str, Any] | None = None,
+        mask_sha256: str | None = None,
     ) -> np.ndarray:
         """This volume's k-means centroids: from the cache (embedding features) or fitted.
 
-        ``rows``: fit on these rows only (a nested fit, described by ``nest_spec``).
+        ``rows``: fit on these rows only (a nested fit, described by ``nest_spec``,
+        and/or the voxels inside a mask, ``mask_sha256``).
         """
         if cache is None or model is None:
             return clusterer.fit(flat, k, rows)
-        key = _centroids_key(sha, model, patch_size, stride, k, clusterer, nest_spec)
+        key = _centroids_key(sha, model, patch_size, stride, k, clusterer, nest_spec, mask_sha256)
         hit = cache.get(key)
         if hit is not None and hit.shape == (k, flat.shape[1]) and hit.dtype == np.float64:
             return np.array(hit)
@@ -2019,8 +2126,13 @@ def cluster(
                     feats, cached = features_of(volume, array_sha256(volume.data))
                     computed += int(model is not None and not cached)
                     flat = np.asarray(feats).reshape(-1, feats.shape[-1])
-                    take = rng.choice(len(flat), min(per_volume, len(flat)), replace=False)
-                    samples.append(np.asarray(flat[np.sort(take)], dtype=np.float64))
+                    pool = (
+                        np.arange(len(flat))
+                        if masks is None
+                        else np.flatnonzero(masks.read(path, volume)[0].reshape(-1))
+                    )
+                    take = rng.choice(len(pool), min(per_volume, len(pool)), replace=False)
+                    samples.append(np.asarray(flat[pool[np.sort(take)]], dtype=np.float64))
                 except Exception as exc:  # noqa: BLE001 - reported, the others go on
                     failed[path] = failures.record(path, exc).message
                 progress("pooled features", i + 1, len(selected))
@@ -2048,6 +2160,15 @@ def cluster(
                     volume = read_volume(path)
                     sha = array_sha256(volume.data)
                     source = {**(stamp or {}), "sha256": sha}
+                    inside: np.ndarray | None = None
+                    off_mask: np.ndarray | None = None
+                    mask_sha: str | None = None
+                    inside_rows: np.ndarray | None = None
+                    if masks is not None:
+                        inside, source["mask"] = masks.read(path, volume)
+                        off_mask = ~inside
+                        mask_sha = source["mask"]["inside_sha256"]
+                        inside_rows = np.flatnonzero(inside.reshape(-1))
                     watch.lap("read")
                     feats, cached = features_of(volume, sha)
                     computed += int(model is not None and not cached)
@@ -2065,22 +2186,30 @@ def cluster(
                         spec = _nest_spec(k, ks, nest, smooth, snap, mrf)
                         if spec is not None and band is None:
                             assert coarse is not None  # the smallest k comes first
-                            band = band_mask(coarse, nest)
+                            band = band_mask(coarse, nest, inside)
+                            if off_mask is not None:  # outside: a region of its own, not filled
+                                coarse = np.where(off_mask, int(coarse.max()) + 1, coarse)
                             outside = np.flatnonzero(~band.reshape(-1))
+                            if inside_rows is not None:
+                                outside = np.intersect1d(outside, inside_rows, assume_unique=True)
                             watch.lap("cluster")
                         if fixed is not None:
                             centers = fixed[k]
                         else:
-                            if len(flat) < k:
+                            usable = len(flat) if inside_rows is None else len(inside_rows)
+                            if usable < k:
+                                where = "" if inside_rows is None else " inside the mask"
                                 raise BadInputError(
-                                    f"{path}: n_samples={len(flat)} should be >= n_clusters={k}"
+                                    f"{path}: n_samples={usable}{where} should be >= n_clusters={k}"
                                 )
                             fit_rows = outside
                             if fit_rows is not None and len(fit_rows) < k:
                                 fit_rows, spec = None, None  # (nearly) all band: every voxel
+                            if fit_rows is None:
+                                fit_rows = inside_rows
                             with warnings.catch_warnings(record=True) as caught:
                                 warnings.simplefilter("always")
-                                centers = fitted(flat, k, volume, sha, fit_rows, spec)
+                                centers = fitted(flat, k, volume, sha, fit_rows, spec, mask_sha)
                             for message in dict.fromkeys(
                                 " ".join(str(w.message).split()) for w in caught
                             ):  # k-means' own warnings, with the volume and k they are about
@@ -2093,7 +2222,10 @@ def cluster(
                             }
                         )
                         labels = clusterer.labels(
-                            np.asarray(feats).reshape(*volume.data.shape, -1), centers, smooth
+                            np.asarray(feats).reshape(*volume.data.shape, -1),
+                            centers,
+                            smooth,
+                            inside,
                         )
                         if band is not None:
                             assert coarse is not None
@@ -2101,20 +2233,30 @@ def cluster(
                         if (snap > 0 or mrf > 0) and scaled is None:
                             scaled = normalize_volume(volume.data, name=str(path))
                         if snap > 0:
-                            labels = snap_labels(labels, scaled, sigma=snap)
+                            labels = snap_labels(labels, scaled, sigma=snap, outside=off_mask)
                         if mrf > 0:
                             labels = refine_labels(
-                                labels, scaled, beta=mrf, device=clusterer.device
+                                labels,
+                                scaled,
+                                beta=mrf,
+                                device=clusterer.device,
+                                outside=off_mask,
                             )
                         if coarse is None and nest > 0 and len(ks) > 1:
                             coarse = labels
                         if min_size > 1:
                             with warnings.catch_warnings(record=True) as caught:
                                 warnings.simplefilter("always")
-                                labels = remove_small_components(labels, min_size)
+                                labels = remove_small_components(labels, min_size, off_mask)
                             for w in caught:
                                 log.warning("%s: k=%d: %s", path, k, w.message)
-                        found = int(np.count_nonzero(np.bincount(labels.ravel(), minlength=k)))
+                        if inside is not None:  # 0 outside, the clusters 1..k inside
+                            found = int(np.unique(labels[inside]).size)
+                            labels = np.where(inside, labels.astype(np.int64) + 1, 0).astype(
+                                np.min_scalar_type(k)
+                            )
+                        else:
+                            found = int(np.count_nonzero(np.bincount(labels.ravel(), minlength=k)))
                         row.setdefault("labels_found", {})[str(k)] = found
                         if found < k:
                             log.warning(

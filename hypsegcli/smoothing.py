@@ -59,19 +59,30 @@ def neighbour_sum(q: torch.Tensor) -> torch.Tensor:
     return box.sub_(q)
 
 
-def meanfield(unary: torch.Tensor, beta: float, iters: int = SMOOTH_ITERS) -> torch.Tensor:
+def meanfield(
+    unary: torch.Tensor,
+    beta: float,
+    iters: int = SMOOTH_ITERS,
+    keep: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Mean-field Potts marginals q (k, X, Y, Z) from scaled unary energies ``unary`` (k, X, Y, Z).
 
     ``q = softmax(-unary + beta * (sum of q over the 26 neighbours))``,
     updated ``iters`` times from ``q = softmax(-unary)``, over the class axis.
+    ``keep`` (X, Y, Z, bool): q is zero elsewhere (voxels outside a mask are
+    nobody's neighbours, as if beyond the volume's border).
     """
     if unary.ndim != 4:
         raise BadInputError(f"unary energies should be (k, X, Y, Z), got {tuple(unary.shape)}")
     q = torch.softmax(-unary, dim=0)
+    if keep is not None:
+        q.mul_(keep)
     if beta == 0 or iters == 0:
         return q
     for _ in range(iters):
         q = torch.softmax(neighbour_sum(q).mul_(beta).sub_(unary), dim=0)
+        if keep is not None:
+            q.mul_(keep)
     return q
 
 
@@ -113,11 +124,15 @@ def smooth_labels(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     slab_elements: int = SLAB_ELEMENTS,
+    inside: np.ndarray | None = None,
 ) -> np.ndarray:
     """Potts-smoothed labels (X, Y, Z) of per-voxel ``features`` (X, Y, Z, d) and ``centers`` (k, d).
 
     ``sq_dist(rows, centers)`` gives squared distances (n, k) in float64;
-    ``temp`` defaults to :func:`temperature` over the whole volume. The
+    ``temp`` defaults to :func:`temperature` over the whole volume. With
+    ``inside`` (X, Y, Z, bool; ``cluster --mask``) the voxels outside it are
+    nobody's neighbours and do not count for the temperature; they get label
+    0 (meaningless: the caller sets them). The
     volume is processed in slabs of about ``slab_elements`` voxels x
     clusters with halos of ``iters`` planes (same labels as one slab); a
     volume that fits one slab has its distances computed once, for the
@@ -135,13 +150,30 @@ def smooth_labels(
     plane = Y * Z
     out = np.empty((X, Y, Z), dtype=np.min_scalar_type(max(k - 1, 0)))
     step = slab_planes(plane, k, iters, slab_elements)
+    if inside is not None:
+        inside = np.asarray(inside, dtype=bool)
+        if inside.shape != (X, Y, Z):
+            raise BadInputError(f"mask {inside.shape} and features {(X, Y, Z)} differ in shape")
     whole = None
     if step >= X:  # one slab: its distances also give the temperature, computed once
         whole = sq_dist(np.asarray(flat, dtype=np.float64), centers)
         if temp is None:
-            temp = _mean_min(whole.min(axis=1).sum(), len(whole))
-    elif temp is None:
+            nearest = whole.min(axis=1)
+            if inside is not None:
+                nearest = nearest[inside.reshape(-1)]
+            temp = _mean_min(nearest.sum(), len(nearest))
+    elif temp is None and inside is None:
         temp = temperature(flat, centers, sq_dist, max(plane, 1 << 16))
+    elif temp is None:  # over the voxels inside only, in chunks of planes
+        rows = max(1, (1 << 16) // max(plane, 1))
+        total, count = 0.0, 0
+        for a in range(0, X, rows):
+            sel = inside[a : a + rows].reshape(-1)
+            chunk = np.asarray(flat[a * plane : (a + rows) * plane][sel], dtype=np.float64)
+            if len(chunk):
+                total += float(sq_dist(chunk, centers).min(axis=1).sum())
+                count += len(chunk)
+        temp = _mean_min(total, count)
     for a in range(0, X, step):
         b = min(X, a + step)
         lo, hi = max(0, a - iters), min(X, b + iters)
@@ -152,7 +184,10 @@ def smooth_labels(
         d2 /= temp  # (rows, k)
         unary = torch.from_numpy(d2).to(device=device, dtype=dtype).T.reshape(k, hi - lo, Y, Z)
         del d2
-        q = meanfield(unary, beta, iters)
+        keep = None
+        if inside is not None:
+            keep = torch.from_numpy(inside[lo:hi]).to(device=device, dtype=dtype)
+        q = meanfield(unary, beta, iters, keep)
         del unary
-        out[a:b] = q[:, a - lo : b - lo].argmax(0).cpu().numpy()
+        out[a:b] = q[:, a - lo : b - lo].argmax(0).cpu().numpy()  # 0 outside ``inside``
     return out

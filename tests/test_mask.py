@@ -1,0 +1,338 @@
+"""``cluster --mask``: every step sees only the voxels inside, against references and the CLI."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from clitools import run
+from scipy import ndimage as ndi
+
+from hypsegcli import io, smoothing
+from hypsegcli.components import remove_small_components, small_component_mask
+from hypsegcli.edges import noise_std, refine_labels, snap_labels
+from hypsegcli.nesting import band_mask
+
+OFFSETS = [o for o in itertools.product((-1, 0, 1), repeat=3) if o != (0, 0, 0)]
+
+
+def _softmax(e):
+    e = e - e.max(axis=0, keepdims=True)
+    p = np.exp(e)
+    return p / p.sum(axis=0, keepdims=True)
+
+
+def _meanfield_loops(unary, beta, iters, keep):
+    """Mean field voxel by voxel over explicit neighbours inside ``keep``, float64."""
+    k, X, Y, Z = unary.shape
+    q = _softmax(-unary) * keep
+    for _ in range(iters):
+        nb = np.zeros_like(q)
+        for x, y, z in itertools.product(range(X), range(Y), range(Z)):
+            for dx, dy, dz in OFFSETS:
+                u, v, w = x + dx, y + dy, z + dz
+                if 0 <= u < X and 0 <= v < Y and 0 <= w < Z and keep[u, v, w]:
+                    nb[:, x, y, z] += q[:, u, v, w]
+        q = _softmax(beta * nb - unary) * keep
+    return q
+
+
+def _blob_mask(shape, rng, fill=0.6):
+    """A random smooth blob (bool) covering about ``fill`` of the volume."""
+    field = ndi.gaussian_filter(rng.normal(size=shape), 2.0)
+    return field > np.quantile(field, 1 - fill)
+
+
+def _labels_and_image(rng, shape=(14, 12, 10), k=3):
+    field = ndi.gaussian_filter(rng.normal(size=(k, *shape)), (0, 2, 2, 2))
+    labels = field.argmax(0).astype(np.uint8)
+    image = (labels * 1.0 + rng.normal(0, 0.3, shape)).astype(np.float32)
+    return labels, image
+
+
+def test_meanfield_with_a_mask_matches_voxel_loops():
+    rng = np.random.default_rng(0)
+    unary = rng.exponential(1.0, size=(3, 5, 4, 6))
+    keep = rng.random((5, 4, 6)) < 0.7
+    got = smoothing.meanfield(torch.from_numpy(unary), 0.8, 3, torch.from_numpy(keep)).numpy()
+    np.testing.assert_allclose(got, _meanfield_loops(unary, 0.8, 3, keep), rtol=1e-12, atol=1e-14)
+
+
+def _sq(rows, centers):
+    return ((rows[:, None, :] - centers[None]) ** 2).sum(-1)
+
+
+def test_smoothing_inside_a_mask_ignores_everything_outside():
+    rng = np.random.default_rng(1)
+    shape = (16, 9, 8)
+    feats = rng.normal(size=(*shape, 2)).astype(np.float32)
+    centers = rng.normal(size=(3, 2))
+    inside = _blob_mask(shape, rng)
+    got = smoothing.smooth_labels(feats, centers, _sq, beta=0.9, inside=inside)
+    # features outside changed wildly: the same labels inside (no neighbour, no temperature)
+    other = feats.copy()
+    other[~inside] = rng.normal(0, 50, size=(int((~inside).sum()), 2))
+    again = smoothing.smooth_labels(other, centers, _sq, beta=0.9, inside=inside)
+    np.testing.assert_array_equal(got[inside], again[inside])
+    # the temperature is the mean over the voxels inside
+    d2 = _sq(feats.reshape(-1, 2).astype(np.float64), centers).min(1)
+    temp = d2[inside.reshape(-1)].mean()
+    ref = smoothing.smooth_labels(feats, centers, _sq, beta=0.9, temp=temp, inside=inside)
+    np.testing.assert_array_equal(got, ref)
+    # slabs with halos give the labels of one piece
+    slabs = smoothing.smooth_labels(
+        feats, centers, _sq, beta=0.9, inside=inside, slab_elements=3 * 9 * 8 * 2
+    )
+    np.testing.assert_array_equal(slabs, got)
+    # a mask holding everything is no mask
+    full = smoothing.smooth_labels(feats, centers, _sq, beta=0.9, inside=np.ones(shape, bool))
+    np.testing.assert_array_equal(full, smoothing.smooth_labels(feats, centers, _sq, beta=0.9))
+
+
+@pytest.mark.parametrize("step", ["snap", "mrf"])
+def test_snap_and_mrf_inside_a_mask_ignore_everything_outside(step):
+    rng = np.random.default_rng(2)
+    labels, image = _labels_and_image(rng)
+    inside = _blob_mask(labels.shape, rng)
+
+    def apply(lab, img, outside):
+        if step == "snap":
+            return snap_labels(lab, img, sigma=1.0, outside=outside)
+        return refine_labels(lab, img, beta=0.8, outside=outside)
+
+    shifted = labels.copy()  # boundaries a voxel off, so that there is something to settle
+    shifted[1:] = labels[:-1]
+    got = apply(shifted, image, ~inside)
+    assert not np.array_equal(got[inside], shifted[inside])  # it did move voxels inside
+    np.testing.assert_array_equal(got[~inside], shifted[~inside])  # and none outside
+    assert set(np.unique(got[inside])) <= set(np.unique(shifted[inside]))
+    # other labels and intensities outside: the same result inside
+    lab2, img2 = shifted.copy(), image.copy()
+    lab2[~inside] = rng.integers(0, 3, int((~inside).sum()))
+    img2[~inside] = rng.normal(40, 10, int((~inside).sum()))
+    np.testing.assert_array_equal(apply(lab2, img2, ~inside)[inside], got[inside])
+    # an empty outside is no mask
+    none = np.zeros(labels.shape, bool)
+    np.testing.assert_array_equal(apply(shifted, image, none), apply(shifted, image, None))
+
+
+def test_noise_estimate_inside_a_mask_ignores_a_flat_background():
+    rng = np.random.default_rng(3)
+    x = rng.normal(0, 1.0, (24, 24, 24)).astype(np.float32)
+    inside = np.zeros(x.shape, bool)
+    inside[6:18, 6:18, 6:18] = True
+    x[~inside] = 0.0  # a zero background, three quarters of the volume
+    assert noise_std(x) < 0.2  # the background's zero residuals take the median
+    assert 0.85 < noise_std(x, inside) < 1.1  # the box mean of N(0, 1) noise: ~0.96
+    assert noise_std(x, np.zeros(x.shape, bool)) == 0.0
+
+
+def _band_reference(coarse, width, inside):
+    """Brute force: voxels inside within ``width`` of an inside voxel of another label."""
+    pts = np.argwhere(inside)
+    vals = coarse[inside]
+    band = np.zeros(coarse.shape, bool)
+    for p, v in zip(pts, vals, strict=True):
+        others = pts[vals != v]
+        if len(others) and np.sqrt(((others - p) ** 2).sum(1)).min() <= width:
+            band[tuple(p)] = True
+    return band
+
+
+@pytest.mark.parametrize("width", [1.0, 2.5])
+def test_band_inside_a_mask_matches_brute_force(width):
+    rng = np.random.default_rng(4)
+    coarse = ndi.gaussian_filter(rng.normal(size=(2, 10, 9, 8)), (0, 1.5, 1.5, 1.5)).argmax(0)
+    inside = _blob_mask(coarse.shape, rng)
+    got = band_mask(coarse, width, inside)
+    np.testing.assert_array_equal(got, _band_reference(coarse, width, inside))
+    np.testing.assert_array_equal(
+        band_mask(coarse, width, np.ones(coarse.shape, bool)), band_mask(coarse, width)
+    )
+
+
+def _components_reference(labels, min_size, inside):
+    """Flood fill over inside voxels (26-connected), then the nearest inside source voxel."""
+    small = np.zeros(labels.shape, bool)
+    seen = np.zeros(labels.shape, bool)
+    for start in map(tuple, np.argwhere(inside)):
+        if seen[start]:
+            continue
+        comp, stack = [start], [start]
+        seen[start] = True
+        while stack:
+            p = stack.pop()
+            for o in OFFSETS:
+                q = tuple(np.add(p, o))
+                if all(0 <= q[i] < labels.shape[i] for i in range(3)):
+                    if inside[q] and not seen[q] and labels[q] == labels[start]:
+                        seen[q] = True
+                        comp.append(q)
+                        stack.append(q)
+        if len(comp) < min_size:
+            for p in comp:
+                small[p] = True
+    out = labels.copy()
+    sources = np.argwhere(inside & ~small)
+    for p in np.argwhere(small):
+        d = ((sources - p) ** 2).sum(1)
+        nearest = sources[d == d.min()]
+        values = {labels[tuple(s)] for s in nearest}
+        assert len(values) >= 1
+        out[tuple(p)] = labels[tuple(nearest[0])] if len(values) == 1 else out[tuple(p)]
+    return small, out, sources
+
+
+def test_small_components_inside_a_mask_match_flood_fill():
+    rng = np.random.default_rng(5)
+    labels = (rng.random((9, 8, 7)) < 0.35).astype(np.uint8) + (rng.random((9, 8, 7)) < 0.2)
+    inside = _blob_mask(labels.shape, rng, fill=0.7)
+    small_ref, out_ref, _ = _components_reference(labels, 4, inside)
+    np.testing.assert_array_equal(small_component_mask(labels, 4, ~inside), small_ref)
+    got = remove_small_components(labels, 4, ~inside)
+    np.testing.assert_array_equal(got[~inside], labels[~inside])  # outside untouched
+    # every small voxel took the label of one of its nearest inside sources
+    sources = np.argwhere(inside & ~small_ref)
+    for p in np.argwhere(small_ref):
+        d = ((sources - p) ** 2).sum(1)
+        assert got[tuple(p)] in {labels[tuple(s)] for s in sources[d == d.min()]}
+    untied = out_ref != labels
+    np.testing.assert_array_equal(got[untied], out_ref[untied])
+    # labels outside the mask give nothing and take nothing
+    other = labels.copy()
+    other[~inside] = 7
+    np.testing.assert_array_equal(remove_small_components(other, 4, ~inside)[inside], got[inside])
+    # nothing inside to take a label from: unchanged, with a warning
+    tiny = np.zeros(labels.shape, bool)
+    tiny[0, 0, :2] = True
+    pair = labels.copy()
+    pair[0, 0, :2] = 1
+    with pytest.warns(UserWarning, match="the largest has 2 voxels"):
+        np.testing.assert_array_equal(remove_small_components(pair, 3, ~tiny), pair)
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+@pytest.fixture(scope="module")
+def masked(tiny_trained, tmp_path_factory):
+    """tiny_trained's data with per-case masks (the cell of level 1) in their own folder."""
+    root = tmp_path_factory.mktemp("mask")
+    masks = root / "masks"
+    masks.mkdir()
+    for truth in sorted((tiny_trained / "data" / "labels").glob("*_L1.nii.gz")):
+        img = nib.load(truth)
+        cell = (np.asarray(img.dataobj) > 0).astype(np.uint8)
+        name = truth.name.replace("_L1.nii.gz", "_mask.nii.gz")
+        nib.save(nib.Nifti1Image(cell, img.affine), masks / name)
+    return root
+
+
+def _cluster(trained, out, *extra, capsys, code=0):
+    got, stdout, err = run(
+        [
+            "cluster",
+            trained / "data" / "images",
+            "-m",
+            trained / "model.pt",
+            "--k",
+            "2",
+            "--k",
+            "3",
+            "-o",
+            out,
+            "--json",
+            "--threads",
+            "2",
+            *extra,
+        ],
+        capsys,
+    )
+    assert got == code, err
+    return (json.loads(stdout) if stdout.strip() else None), err
+
+
+def test_cluster_mask_labels_inside_only_and_resubmission(tiny_trained, masked, capsys):
+    masks = masked / "masks"
+    out = masked / "seg"
+    summary, _ = _cluster(tiny_trained, out, "--mask", masks, "--min-size", "3", capsys=capsys)
+    assert summary["done"] == 3
+    for row in summary["volumes"]:
+        case = io.case_name(row["volume"])
+        inside = io.read_volume(masks / f"{case}_mask.nii.gz").data > 0
+        for k in (2, 3):
+            labels = io.read_volume(out / f"{case}_k{k}.nii.gz").data
+            assert (labels[~inside] == 0).all()
+            assert set(np.unique(labels[inside])) <= set(range(1, k + 1))
+            assert row["labels_found"][str(k)] == len(np.unique(labels[inside]))
+        record = json.loads((out / f"{case}.centroids.json").read_text())
+        assert record["header"]["mask"] == "0 outside, clusters 1..k inside"
+        assert record["source"]["mask"]["inside"] == int(inside.sum())
+    # the same command again: nothing to do; a run without the mask redoes everything
+    again, _ = _cluster(tiny_trained, out, "--mask", masks, "--min-size", "3", capsys=capsys)
+    assert again["skipped"] == 3
+    # a changed mask redoes its case only
+    first = masks / "case_000_mask.nii.gz"
+    img = nib.load(first)
+    data = np.asarray(img.dataobj).copy()
+    data[:5] = 0
+    nib.save(nib.Nifti1Image(data, img.affine), first)
+    changed, _ = _cluster(tiny_trained, out, "--mask", masks, "--min-size", "3", capsys=capsys)
+    assert changed["done"] == 1 and changed["skipped"] == 2
+    assert (io.read_volume(out / "case_000_k2.nii.gz").data[:5] == 0).all()
+    plain, _ = _cluster(tiny_trained, out, "--min-size", "3", capsys=capsys)
+    assert plain["done"] == 3
+    # a dry run with the mask plans the three again, their fits cached from the first run
+    plan, _ = _cluster(
+        tiny_trained, out, "--mask", masks, "--min-size", "3", "--dry-run", capsys=capsys
+    )
+    assert [v["state"] for v in plan["volumes"]] == ["cached"] * 3
+    assert [v["cached_fits"] for v in plan["volumes"]] == [[2, 3]] * 3
+
+
+def test_cluster_mask_file_pooled_fit_and_intensity(tiny_trained, masked, capsys):
+    shape = io.read_volume(tiny_trained / "data" / "images" / "case_000.nii.gz").data.shape
+    box = np.zeros(shape, np.uint8)
+    box[4:16, 4:16, 4:16] = 1
+    one = masked / "box.nii.gz"
+    nib.save(nib.Nifti1Image(box, np.eye(4)), one)
+    for extra in (["--fit-on", "pooled"], ["--features", "intensity"]):
+        out = masked / f"one_{extra[-1]}"
+        summary, _ = _cluster(tiny_trained, out, "--mask", one, *extra, capsys=capsys)
+        assert summary["done"] == 3
+        for k in (2, 3):
+            labels = io.read_volume(out / f"case_001_k{k}.nii.gz").data
+            assert (labels[box == 0] == 0).all() and (labels[box == 1] > 0).all()
+
+
+def test_cluster_mask_problems_are_named_before_any_work(tiny_trained, masked, capsys):
+    def refused(mask, needle, out="bad"):
+        _, err = _cluster(tiny_trained, masked / out, "--mask", mask, capsys=capsys, code=2)
+        lines = [line for line in err.splitlines() if line.startswith("hypseg: error:")]
+        assert len(lines) == 1 and needle in lines[0], err
+        assert not (masked / out).exists()
+
+    refused(masked / "nowhere", "--mask")
+    lonely = masked / "lonely"
+    lonely.mkdir()
+    nib.save(nib.Nifti1Image(np.ones((20, 20, 20), np.uint8), np.eye(4)), lonely / "case_000.nii")
+    refused(lonely, "no mask for 2 input(s): case_001, case_002")
+    refused(tiny_trained / "data" / "images" / "case_002.nii.gz", "is both an input and a mask")
+    (masked / "notes.txt").write_text("x")
+    refused(masked / "notes.txt", "not a volume file")
+    # per volume (after the others are done): a mask of another shape, an empty mask
+    odd = masked / "odd"
+    odd.mkdir()
+    for case, data in (
+        ("case_000", np.ones((20, 20, 19), np.uint8)),
+        ("case_001", np.zeros((20, 20, 20), np.uint8)),
+        ("case_002", np.ones((20, 20, 20), np.uint8)),
+    ):
+        nib.save(nib.Nifti1Image(data, np.eye(4)), odd / f"{case}_mask.nii.gz")
+    summary, err = _cluster(tiny_trained, masked / "odd_out", "--mask", odd, capsys=capsys, code=2)
+    assert summary["done"] == 1 and summary["failed"] == 2
+    assert "mask of shape (20, 20, 19), but" in err and "is empty (no non-zero voxel)" in err
