@@ -5,7 +5,8 @@
 #
 #   bash examples/shell_loop.sh            # 4 parts, cores shared between them
 #
-# Run it again after an interruption: complete volumes are skipped. The parts
+# Ctrl-C (or SIGTERM) stops every part (they get SIGTERM: each writes its run record
+# and exits with code 143). Run it again after an interruption: complete volumes are skipped. The parts
 # write into one output folder; centroids.json and the run manifest
 # OUT/hypseg-runs.jsonl are safe to share. Each part logs to $LOGS/part-<i>.log.
 # (A plain sequential loop works too: for f in data/images/*.nii.gz; do
@@ -29,6 +30,10 @@ for k in $KS; do k_args+=(--k "$k"); done
 mkdir -p "$LOGS"
 
 pids=()
+interrupted=0
+# background jobs of a script ignore Ctrl-C: pass it on to the parts as SIGTERM
+stop() { interrupted=1; kill -TERM "${pids[@]}" 2> /dev/null; }
+trap stop INT TERM
 for (( i = 0; i < PARTS; i++ )); do
     $HYPSEG cluster "$DATA" -m "$MODEL" "${k_args[@]}" -o "$OUT" --threads "$THREADS" \
         --patch-size "$PATCH" --num-parts "$PARTS" --part-id "$i" 2> "$LOGS/part-$i.log" &
@@ -39,10 +44,16 @@ status=0
 for (( i = 0; i < PARTS; i++ )); do
     wait "${pids[$i]}"
     code=$?
+    if (( interrupted && code > 128 )); then  # the wait itself was interrupted: wait again
+        wait "${pids[$i]}" 2> /dev/null
+        again=$?
+        if (( again != 127 )); then code=$again; fi
+    fi
     if (( code != 0 )); then
         echo "part $i failed (exit $code): $(tail -n 1 "$LOGS/part-$i.log")" >&2
         if (( status != 1 )); then status=$code; fi
     fi
 done
 echo "segmentations in $OUT, run records in $OUT/hypseg-runs.jsonl" >&2
+if (( interrupted )); then exit 130; fi
 exit "$status"

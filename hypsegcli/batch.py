@@ -60,7 +60,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from . import __version__
-from .errors import BadInputError, HypsegError
+from .errors import BadInputError, HypsegError, interrupt_status
 from .io import write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -397,16 +397,15 @@ class RunRecorder:
         if exc is None:
             self.close()
             return
+        error = None
         if isinstance(exc, KeyboardInterrupt):
-            self.exit_status = 130
+            self.exit_status, error = interrupt_status(exc)
         elif isinstance(exc, HypsegError):
             self.exit_status = exc.exit_code
         else:
             self.exit_status = 1
         try:
-            self.close(
-                error=one_line(exc) if not isinstance(exc, KeyboardInterrupt) else "interrupted"
-            )
+            self.close(error=error or one_line(exc))
         except Exception as inner:  # noqa: BLE001 - never hide the original error
             log.warning("could not append to the run manifest: %s", one_line(inner))
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Callable
 from enum import Enum
@@ -20,7 +22,7 @@ import typer
 from rich.console import Console
 
 from . import __version__
-from .errors import HypsegError
+from .errors import HypsegError, Terminated, interrupt_status
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -133,10 +135,11 @@ def handle_errors(func: F) -> F:
             if state.debug:
                 raise
             raise _fail(str(exc), exc.exit_code) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:  # Ctrl-C, and SIGTERM (see main)
             if state.debug:
                 raise
-            raise _fail("interrupted", 130) from None
+            code, message = interrupt_status(exc)
+            raise _fail(message, code) from None
         except Exception as exc:  # noqa: BLE001 - the last line of defence
             if state.debug:
                 raise
@@ -1040,7 +1043,10 @@ def evaluate(
     ] = True,
     csv_path: Annotated[
         Path | None,
-        typer.Option("--csv", help="Write one row per case and class to this CSV file."),
+        typer.Option(
+            "--csv",
+            help="Write one row per case and class to this CSV file; {part} in the name becomes the part id, which a run that is one part of several (--num-parts, Slurm arrays) needs.",
+        ),
     ] = None,
     num_parts: Annotated[
         int | None,
@@ -1097,7 +1103,7 @@ def _render_evaluation(report: dict[str, Any]) -> None:
         table.add_row(
             case["case"],
             Path(case["pred"]).name,
-            str(case["level"] or "-"),
+            "-" if case["level"] is None else str(case["level"]),
             f"{case['mean_dice']:.4f}",
             dices,
             f"{max(hd95):.2f} {case['unit']}" if hd95 else "-",
@@ -1196,6 +1202,7 @@ def main(argv: list[str] | None = None) -> None:
     # or shared nodes. Must be set before torch is first imported.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     state.argv = ["hypseg", *(sys.argv[1:] if argv is None else argv)]
+    restore = _on_sigterm_raise()
     try:
         code = app(args=argv, prog_name="hypseg", standalone_mode=False)
     except typer.Exit as exc:  # pragma: no cover - typer returns the code instead
@@ -1215,4 +1222,25 @@ def main(argv: list[str] | None = None) -> None:
                 f"hypseg: error: {text}{hint}", markup=False, highlight=False, soft_wrap=True
             )
         code = exc.exit_code
+    finally:
+        restore()
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+def _on_sigterm_raise() -> Callable[[], None]:
+    """Make SIGTERM stop the command as Ctrl-C does (a run record, one error line, exit code
+    143) instead of killing the interpreter; returns what puts the previous handler back
+    (nothing to do where signals cannot be set: not the main thread, or no SIGTERM)."""
+    if not hasattr(signal, "SIGTERM") or threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except (ValueError, OSError):  # pragma: no cover - embedded interpreters
+        return lambda: None
+    if previous is None:  # set outside Python: the default is the best we can put back
+        previous = signal.SIG_DFL
+    return lambda: signal.signal(signal.SIGTERM, previous)

@@ -257,18 +257,23 @@ def check_unique_cases(paths: Iterable[str | os.PathLike[str]], *, why: str) -> 
 # ----------------------------------------------------------------------------- reading
 
 
-def read_volume(path: str | os.PathLike[str], *, allow_nonfinite: bool = False) -> Volume:
+def read_volume(
+    path: str | os.PathLike[str], *, allow_nonfinite: bool = False, native: bool = False
+) -> Volume:
     """Read a 3D volume as float32 ``[x, y, z]`` with its geometry.
 
     4D files whose 4th axis has length 1 are squeezed; true 4D and 2D data are
     refused, as are unreadable or truncated files and (unless
-    ``allow_nonfinite``) NaN or infinite voxels.
+    ``allow_nonfinite``) NaN or infinite voxels. ``native``: keep the stored
+    data type instead (NIfTI with scaling: nibabel's float64), so that label
+    values of any size and non-integral values survive the reading exactly.
     """
     path = Path(path)
     if not path.exists():
         raise BadInputError(f"{path}: no such file")
     fmt = _format_of(path)
-    data, geometry = _read_nifti(path) if fmt == "nifti" else _read_mrc(path)
+    reader = _read_nifti if fmt == "nifti" else _read_mrc
+    data, geometry = reader(path, native=native)
     if not allow_nonfinite:
         bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
         if bad:
@@ -319,7 +324,7 @@ def _nibabel_reports(path: Path) -> Iterator[None]:
         log.warning("%s: %s", path, message)
 
 
-def _read_nifti(path: Path) -> tuple[np.ndarray, VolumeGeometry]:
+def _read_nifti(path: Path, *, native: bool = False) -> tuple[np.ndarray, VolumeGeometry]:
     import nibabel as nib
 
     shape3: tuple[int, ...] = ()
@@ -336,7 +341,7 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, VolumeGeometry]:
             _check_nifti_size(path, img)
             with warnings.catch_warnings():
                 warnings.simplefilter("error", RuntimeWarning)  # overflow in the cast: refuse
-                data = np.asarray(img.dataobj, dtype=np.float32)
+                data = np.asarray(img.dataobj, dtype=None if native else np.float32)
     except HypsegError:
         raise
     except MemoryError:
@@ -381,7 +386,7 @@ def _printable_label(raw: bytes) -> str:
     return "".join(ch if " " <= ch <= "~" else "?" for ch in text).rstrip()
 
 
-def _read_mrc(path: Path) -> tuple[np.ndarray, VolumeGeometry]:
+def _read_mrc(path: Path, *, native: bool = False) -> tuple[np.ndarray, VolumeGeometry]:
     import mrcfile
 
     try:
@@ -434,7 +439,8 @@ def _read_mrc(path: Path) -> tuple[np.ndarray, VolumeGeometry]:
     # Array axes are (sections, rows, columns) = file axes (maps, mapr, mapc).
     array_axis_of = {axes[2]: 0, axes[1]: 1, axes[0]: 2}
     data = np.ascontiguousarray(
-        np.transpose(raw, (array_axis_of[1], array_axis_of[2], array_axis_of[3])), dtype=np.float32
+        np.transpose(raw, (array_axis_of[1], array_axis_of[2], array_axis_of[3])),
+        dtype=None if native else np.float32,
     )
     if min(data.shape) < 1:
         raise BadInputError(f"{path}: empty MRC data of shape {raw.shape}")

@@ -34,9 +34,11 @@ Definitions
   (``generate_binary_structure(ndim, 1)``) and voxels outside the volume
   treated as background, so mask voxels on the volume's border are surface.
 * **Directed distances.** For every surface voxel of ``A``, the Euclidean
-  distance in physical units (voxel index times ``spacing`` per axis) to the
-  nearest surface voxel of ``B`` (a k-d tree query on the surface voxels'
-  physical coordinates, exact); likewise from ``B`` to ``A``.
+  distance in physical units to the nearest surface voxel of ``B`` (a k-d tree
+  query on the surface voxels' physical coordinates, exact); likewise from
+  ``B`` to ``A``. Physical coordinates are the voxel indices mapped by
+  ``linear``, the 3x3 linear part of the volume's affine (oblique and sheared
+  grids included), or else scaled by ``spacing`` per axis.
 * **HD** = the maximum over both directed sets. **HD95** = the 95th percentile
   (``np.percentile``, linear interpolation) of the union (concatenation) of
   both directed sets, as MedPy's ``hd95``.
@@ -44,7 +46,11 @@ Definitions
   Dice 0.0, HD = HD95 = the volume's diagonal in physical units,
   ``sqrt(sum((shape[i] * spacing[i])**2))`` (the BraTS convention of a finite
   worst case, e.g. 373.13 mm for 240 x 240 x 155 at 1 mm), which exceeds any
-  distance between two voxels of the volume.
+  distance between two voxels of the volume; with ``linear``, the longest of
+  the grid's four body diagonals. A class matched to a label with which it
+  shares no voxel (Dice 0) is reported with no label and its distances are
+  those of an empty prediction, so they do not depend on which of several
+  disjoint labels the matching happened to pick.
 
 The distance transforms run on the bounding box of ``A | B`` grown by one voxel
 (clipped to the volume), which is exact: every surface voxel of both masks lies
@@ -202,6 +208,20 @@ def _as_spacing(spacing: Any, ndim: int) -> tuple[float, ...]:
     return sp
 
 
+def _as_linear(linear: Any, spacing: Any, ndim: int) -> np.ndarray:
+    """The voxel-to-world linear map (ndim x ndim): ``linear`` where it is finite with no
+    zero-length axis, else ``diag(spacing)`` (checked by :func:`_as_spacing`)."""
+    if linear is not None:
+        m = np.asarray(linear, dtype=np.float64)
+        if (
+            m.shape == (ndim, ndim)
+            and np.isfinite(m).all()
+            and (np.linalg.norm(m, axis=0) > 0).all()
+        ):
+            return m
+    return np.diag(_as_spacing(spacing, ndim))
+
+
 def _check_shapes(pred: np.ndarray, gt: np.ndarray) -> None:
     if pred.shape != gt.shape:
         raise BadInputError(
@@ -317,9 +337,15 @@ def match_labels(dice: np.ndarray) -> list[tuple[int, int]]:
 # --------------------------------------------------------------------------- distances
 
 
-def _diagonal(shape: Sequence[int], spacing: Sequence[float]) -> float:
-    """The volume's diagonal in physical units: sqrt(sum((n_i * s_i)^2))."""
-    return float(math.sqrt(sum((n * s) ** 2 for n, s in zip(shape, spacing, strict=True))))
+def _diagonal(shape: Sequence[int], linear: np.ndarray) -> float:
+    """The volume's longest body diagonal in physical units (for a diagonal ``linear``,
+    sqrt(sum((n_i * s_i)^2)))."""
+    sides = np.asarray(shape, dtype=np.float64)
+    signs = np.array(
+        [(1.0, *rest) for rest in np.ndindex(*(2,) * (len(shape) - 1))], dtype=np.float64
+    )
+    signs[:, 1:] = 1.0 - 2.0 * signs[:, 1:]  # first axis +, the others +/-: every diagonal once
+    return float(np.linalg.norm((signs * sides) @ linear.T, axis=1).max())
 
 
 def _bbox(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
@@ -339,14 +365,14 @@ def _surface(mask: np.ndarray) -> np.ndarray:
 
 
 def _hausdorff(
-    a: np.ndarray, b: np.ndarray, spacing: tuple[float, ...], *, crop: bool = True
+    a: np.ndarray, b: np.ndarray, linear: np.ndarray, *, crop: bool = True
 ) -> tuple[float, float]:
     """(HD, HD95) of two boolean masks of one shape; see the module docstring."""
     a_any, b_any = bool(a.any()), bool(b.any())
     if not a_any and not b_any:
         return 0.0, 0.0
     if not (a_any and b_any):
-        worst = _diagonal(a.shape, spacing)
+        worst = _diagonal(a.shape, linear)
         return worst, worst
     if crop:
         box = _bbox(a | b, margin=1)
@@ -356,9 +382,8 @@ def _hausdorff(
     # Nearest surface voxel by k-d tree on physical coordinates: exact, and its
     # memory grows with the surfaces, not with the bounding box (~2x faster
     # than two Euclidean distance transforms on 128^3 blobs).
-    scale = np.asarray(spacing, dtype=np.float64)
-    pts_a = np.argwhere(_surface(a)) * scale
-    pts_b = np.argwhere(_surface(b)) * scale
+    pts_a = np.argwhere(_surface(a)) @ linear.T
+    pts_b = np.argwhere(_surface(b)) @ linear.T
     a_to_b = cKDTree(pts_b).query(pts_a, k=1)[0]
     b_to_a = cKDTree(pts_a).query(pts_b, k=1)[0]
     hd = max(float(a_to_b.max()), float(b_to_a.max()))
@@ -367,20 +392,27 @@ def _hausdorff(
 
 
 def surface_distances(
-    a: np.ndarray, b: np.ndarray, spacing: Sequence[float], *, crop: bool = True
+    a: np.ndarray,
+    b: np.ndarray,
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
+    *,
+    crop: bool = True,
+    linear: Any = None,
 ) -> tuple[float, float]:
     """Symmetric Hausdorff distance and HD95 of two masks, in physical units.
 
     ``a`` and ``b`` are masks of one shape (nonzero = inside); ``spacing`` is
-    the voxel size per array axis. With ``S(M) = M & ~erode6(M)`` and
-    ``d(x, Y) = min_{y in Y} ||(x - y) * spacing||``::
+    the voxel size per array axis, used where ``linear`` (the affine's 3x3
+    linear part) is not given. With ``S(M) = M & ~erode6(M)`` and
+    ``d(x, Y) = min_{y in Y} ||L (x - y)||``, ``L = linear`` or ``diag(spacing)``::
 
         D_ab = {d(x, S(b)) : x in S(a)},   D_ba = {d(y, S(a)) : y in S(b)}
         HD   = max(max D_ab, max D_ba)
         HD95 = percentile_95(D_ab ++ D_ba)      (MedPy's hd95)
 
     Both empty: ``(0.0, 0.0)``; exactly one empty: the volume's diagonal,
-    ``sqrt(sum((shape * spacing)**2))``, for both. ``crop=False`` runs the
+    ``sqrt(sum((shape * spacing)**2))`` (with ``linear``: the longest body
+    diagonal), for both. ``crop=False`` runs the
     distance transforms on the whole volume (same result, slower; for tests).
     """
     a = np.asarray(a)
@@ -389,8 +421,7 @@ def surface_distances(
         raise BadInputError(f"mask a shape {a.shape} should equal mask b shape {b.shape}")
     if a.size == 0:
         raise BadInputError(f"masks should be non-empty arrays, got shape {a.shape}")
-    sp = _as_spacing(spacing, a.ndim)
-    return _hausdorff(a != 0, b != 0, sp, crop=crop)
+    return _hausdorff(a != 0, b != 0, _as_linear(linear, spacing, a.ndim), crop=crop)
 
 
 # --------------------------------------------------------------------------- one case
@@ -403,12 +434,15 @@ def score_case(
     *,
     classes: Sequence[int] | None = None,
     surface_distances: bool = True,
+    linear: Any = None,
 ) -> CaseScore:
     """Score one predicted label volume against its ground truth.
 
     Dice of every (label, class) pair, Hungarian matching on ``-Dice``, then
     per class: Dice, and unless ``surface_distances=False`` HD and HD95 (in the
-    units of ``spacing``, the voxel size per array axis). ``classes`` lists the
+    units of ``linear``, the 3x3 linear part of the affine, or else of
+    ``spacing``, the voxel size per array axis; neither is checked without
+    distances). ``classes`` lists the
     ground-truth class ids to score, in the order reported (default: those
     present in ``gt``, sorted, background included). Unmatched classes are
     scored against an empty prediction (Dice 0, HD = HD95 = the volume's
@@ -420,12 +454,16 @@ def score_case(
     pred = _as_labels(pred, "pred")
     gt = _as_labels(gt, "gt")
     _check_shapes(pred, gt)
-    sp = _as_spacing(spacing, gt.ndim)
+    lin = _as_linear(linear, spacing, gt.ndim) if surface_distances else None
     wanted = None if classes is None else _as_id_list(classes, "classes")
 
     counts, pred_labels, gt_labels = _confusion(pred, gt, None, wanted)
     dice, pred_sizes, gt_sizes = _dice_from_counts(counts)
-    row_of = {col: row for row, col in match_labels(dice)}
+    # a class that shares no voxel with its matched label is as good as unmatched: which of
+    # several disjoint labels the assignment picked for it is arbitrary (its Dice is 0 anyway)
+    row_of = {
+        col: row for row, col in match_labels(dice) if dice[row, col] > 0 or gt_sizes[col] == 0
+    }
 
     scores = []
     for col, class_id in enumerate(gt_labels.tolist()):
@@ -438,7 +476,7 @@ def score_case(
         if surface_distances:
             gt_mask = gt == class_id
             pred_mask = np.zeros_like(gt_mask) if label is None else pred == label
-            hd, hd95 = _hausdorff(pred_mask, gt_mask, sp)
+            hd, hd95 = _hausdorff(pred_mask, gt_mask, lin)
         scores.append(ClassScore(class_id, label, d, hd, hd95, int(gt_sizes[col]), n_pred))
 
     mapping = {int(pred_labels[row]): int(gt_labels[col]) for col, row in sorted(row_of.items())}

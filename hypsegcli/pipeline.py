@@ -7,6 +7,7 @@ JSON-ready summaries. They never print.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io as _stdio
 import json
@@ -332,9 +333,12 @@ def pair_files(pred: Path, truth: Path, *, level: int | None = None) -> list[dic
     return pairs
 
 
-def grid_offset(a: VolumeGeometry, b: VolumeGeometry) -> float:
+def grid_offset(a: VolumeGeometry, b: VolumeGeometry, *, voxels: bool = False) -> float:
     """Largest distance (world units) between where ``a`` and ``b`` put the same voxel index,
-    over the corners of ``a``'s grid (the mappings are affine, so the corners bound it)."""
+    over the corners of ``a``'s grid (the mappings are affine, so the corners bound it).
+
+    ``voxels``: instead, the largest offset along any voxel axis of ``b``, in voxels of
+    ``b`` (what "half a voxel apart" means on an anisotropic grid)."""
     corners = np.array(
         [
             [i, j, k, 1.0]
@@ -344,7 +348,13 @@ def grid_offset(a: VolumeGeometry, b: VolumeGeometry) -> float:
         ]
     )
     diff = corners @ (np.asarray(a.affine, float) - np.asarray(b.affine, float)).T
-    return float(np.linalg.norm(diff[:, :3], axis=1).max())
+    if not voxels:
+        return float(np.linalg.norm(diff[:, :3], axis=1).max())
+    try:
+        steps = np.linalg.solve(np.asarray(b.affine, float)[:3, :3], diff[:, :3].T)
+    except np.linalg.LinAlgError:  # a degenerate affine: compare in world units per spacing
+        return float(np.linalg.norm(diff[:, :3], axis=1).max() / min(b.spacing))
+    return float(np.abs(steps).max())
 
 
 def _warn_if_other_grid(
@@ -356,7 +366,7 @@ def _warn_if_other_grid(
     if p_geo.format != t_geo.format:
         return
     offset = grid_offset(p_geo, t_geo)
-    if offset > 0.5 * min(t_geo.spacing):
+    if grid_offset(p_geo, t_geo, voxels=True) > 0.5:
         log.warning(
             "%s and %s have the same shape but different grids (a voxel up to %.3g %s apart); "
             "scored voxel by voxel, check that they belong together",
@@ -393,19 +403,22 @@ def evaluate(
     this part's share of the pairs, sorted by prediction path, is scored. A
     pair that cannot be scored is reported in ``failures`` (and logged) and
     the others are scored. With ``csv_path`` the CSV is written and a run
-    record is appended to the manifest in its folder.
+    record is appended to the manifest in its folder; ``{part}`` in its name
+    becomes the part id, and is required when the run is one part of several
+    (:func:`part_csv_path`).
     """
     from . import metrics
 
     progress = progress or _noop
     pairs = pair_files(pred, truth, level=level)
+    part = resolve_part(num_parts, part_id, environ)
     if csv_path is not None:
+        csv_path = part_csv_path(Path(csv_path), part)
         check_output_file(
             csv_path,
             [f for pair in pairs for f in (pair["pred"], pair["truth"])],
             what="evaluate --csv",
         )
-    part = resolve_part(num_parts, part_id, environ)
     selected = _select_part(pairs, part, key=lambda pair: str(pair["pred"]), what="pair")
     dataset = _find_dataset_json(Path(truth))
     names = {(int(c["level"]), int(c["id"])): c["name"] for c in (dataset or {}).get("classes", [])}
@@ -427,8 +440,8 @@ def evaluate(
             watch = Stopwatch()
             hashes: dict[str, str] = {}
             try:
-                p_vol = read_volume(pair["pred"])
-                t_vol = read_volume(pair["truth"])
+                p_vol = read_volume(pair["pred"], native=True)
+                t_vol = read_volume(pair["truth"], native=True)
                 hashes = {
                     "pred_sha256": array_sha256(p_vol.data),
                     "truth_sha256": array_sha256(t_vol.data),
@@ -445,6 +458,7 @@ def evaluate(
                         _as_labels(t_vol.data, pair["truth"]),
                         t_vol.geometry.spacing,
                         surface_distances=hausdorff,
+                        linear=np.asarray(t_vol.geometry.affine, dtype=np.float64)[:3, :3],
                     )
                 except BadInputError as exc:
                     raise BadInputError(f"{pair['pred']} vs {pair['truth']}: {exc}") from None
@@ -464,7 +478,11 @@ def evaluate(
                 continue
             result = score.to_dict()
             for cls in result["classes"]:
-                cls["name"] = names.get((pair["level"], cls["class_id"])) if pair["level"] else None
+                cls["name"] = (
+                    names.get((pair["level"], cls["class_id"]))
+                    if pair["level"] is not None
+                    else None
+                )
             cases.append(
                 {
                     "case": pair["case"],
@@ -519,12 +537,40 @@ def _dice_summary(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _as_labels(data: np.ndarray, path: Path) -> np.ndarray:
-    rounded = np.rint(data)
-    if not np.array_equal(rounded, data):
-        raise BadInputError(f"{path}: not a label volume (non-integer values)")
-    if rounded.min(initial=0) < 0:
+    """Labels as int64 from a volume read with ``native=True`` (integers as stored, floats
+    checked to be integral in their own precision); negative values are refused."""
+    if np.issubdtype(data.dtype, np.integer) or data.dtype == np.bool_:
+        labels = data.astype(np.int64)
+    else:
+        labels = np.rint(data)
+        if not np.array_equal(labels, data):
+            raise BadInputError(f"{path}: not a label volume (non-integer values)")
+        if np.abs(labels).max(initial=0) > 2**53:
+            raise BadInputError(f"{path}: not a label volume (values beyond 2^53)")
+        labels = labels.astype(np.int64)
+    if labels.min(initial=0) < 0:
         raise BadInputError(f"{path}: not a label volume (negative values)")
-    return rounded.astype(np.int64)
+    return labels
+
+
+#: Placeholder of ``evaluate --csv`` replaced by the part id.
+PART_PLACEHOLDER = "{part}"
+
+
+def part_csv_path(path: Path, part: Part) -> Path:
+    """``path`` with ``{part}`` replaced by the part id; a run that is one part of several
+    needs it, since every part would otherwise replace the same file with its own rows."""
+    text = str(path)
+    if PART_PLACEHOLDER in text:
+        return Path(text.replace(PART_PLACEHOLDER, str(part.index)))
+    if part.split:
+        stem = path.name[: -len(path.suffix)] if path.suffix else path.name
+        raise BadInputError(
+            f"--csv {path} with {part.describe()}: every part would replace the same file with "
+            f"its own rows; put {PART_PLACEHOLDER} in the name (e.g. --csv "
+            f"{path.with_name(stem + '_' + PART_PLACEHOLDER + path.suffix)})"
+        )
+    return path
 
 
 def write_evaluation_csv(report: dict[str, Any], path: Path) -> None:
@@ -557,8 +603,8 @@ def write_evaluation_csv(report: dict[str, Any], path: Path) -> None:
                     case["case"],
                     case["pred"],
                     case["truth"],
-                    case["k"] or "",
-                    case["level"] or "",
+                    "" if case["k"] is None else case["k"],
+                    "" if case["level"] is None else case["level"],
                     cls["class_id"],
                     cls.get("name") or "",
                     "" if cls["label"] is None else cls["label"],
@@ -965,6 +1011,9 @@ def embed(
                     and _sidecar_of(target).is_file()
                 ):
                     row.update(status="skipped", shape=None, cached=False, output=str(target))
+                    record = _read_json(_sidecar_of(target))
+                    with contextlib.suppress(KeyError, TypeError):
+                        sha = record["volume_sha256"]  # as recorded when the array was written
                 else:
                     volume = read_volume(path)
                     sha = array_sha256(volume.data)
@@ -1662,6 +1711,21 @@ def _inside_sha(source: dict[str, Any]) -> str | None:
     return mask.get("inside_sha256") if isinstance(mask, dict) else None
 
 
+def _take_case_record(out: Path, name: str) -> Any:
+    """Read and remove ``OUT/<case>.centroids.json`` before a case's outputs are rewritten:
+    the record is written last and says the outputs are complete, so an interrupted rewrite
+    must not leave the old one beside new label files (a resubmission would skip the case)."""
+    target = _case_centroids_path(out, name)
+    old = _read_json(target) if target.exists() else None
+    try:
+        target.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise HypsegError(f"{target}: cannot remove ({exc.strerror or exc})") from None
+    return old
+
+
 def _write_case_centroids(
     out: Path,
     volume: Any,
@@ -1671,14 +1735,15 @@ def _write_case_centroids(
     params: dict[str, Any],
     sets: list[dict[str, Any]],
     source: dict[str, Any],
+    old: Any = None,
 ) -> Path:
-    """Write ``OUT/<case>.centroids.json`` (atomically), keeping its sets for other k made the
-    same way from the same voxels (``source``: :func:`_source_stamp`, taken before reading
-    the input, plus the ``sha256`` of its voxels)."""
+    """Write ``OUT/<case>.centroids.json`` (atomically), keeping the sets of ``old`` (the
+    record this run took away before rewriting the case, see :func:`_take_case_record`) for
+    other k made the same way from the same voxels (``source``: :func:`_source_stamp`, taken
+    before reading the input, plus the ``sha256`` of its voxels)."""
     target = _case_centroids_path(out, volume.name)
     new_ks = {int(s["k"]) for s in sets}
     kept = []
-    old = _read_json(target) if target.exists() else None
     old_source = old.get("source") if isinstance(old, dict) else None
     if (
         _case_record_matches(old, header, fit, params)
@@ -2143,171 +2208,185 @@ def cluster(
                     if len(pooled) < k:
                         raise BadInputError(f"n_samples={len(pooled)} should be >= n_clusters={k}")
                     fixed[k] = clusterer.fit(pooled, k)
-        for i, path in enumerate(selected):
-            watch = Stopwatch()
-            sha: str | None = None
-            row: dict[str, Any] = {"volume": str(path), "outputs": [], "cached": False}
-            if done[path]:
-                row.update(
-                    status="skipped",
-                    outputs=[str(f) for f in _case_outputs(out, path, ks, False)[:-1]],
-                )
-            elif path in failed:
-                row.update(status="failed", error=failed[path])
-            else:
-                try:
-                    stamp = _source_stamp(path)
-                    volume = read_volume(path)
-                    sha = array_sha256(volume.data)
-                    source = {**(stamp or {}), "sha256": sha}
-                    inside: np.ndarray | None = None
-                    off_mask: np.ndarray | None = None
-                    mask_sha: str | None = None
-                    inside_rows: np.ndarray | None = None
-                    if masks is not None:
-                        inside, source["mask"] = masks.read(path, volume)
-                        off_mask = ~inside
-                        mask_sha = source["mask"]["inside_sha256"]
-                        inside_rows = np.flatnonzero(inside.reshape(-1))
-                    watch.lap("read")
-                    feats, cached = features_of(volume, sha)
-                    computed += int(model is not None and not cached)
-                    row["cached"] = bool(cached)
-                    watch.lap("embed")
-                    flat = np.asarray(feats).reshape(-1, feats.shape[-1])
-                    # the scaled image for --snap and --mrf: intensity features are exactly that
-                    scaled = None if model is not None else np.asarray(feats)[..., 0]
-                    sets = []
-                    # --nest: the smallest k's final labels and the band around their boundaries
-                    coarse: np.ndarray | None = None
-                    band: np.ndarray | None = None
-                    outside: np.ndarray | None = None  # flat indices of the voxels off the band
-                    for k in ks:
-                        spec = _nest_spec(k, ks, nest, smooth, snap, mrf)
-                        if spec is not None and band is None:
-                            assert coarse is not None  # the smallest k comes first
-                            band = band_mask(coarse, nest, inside)
-                            if off_mask is not None:  # outside: a region of its own, not filled
-                                coarse = np.where(off_mask, int(coarse.max()) + 1, coarse)
-                            outside = np.flatnonzero(~band.reshape(-1))
-                            if inside_rows is not None:
-                                outside = np.intersect1d(outside, inside_rows, assume_unique=True)
-                            watch.lap("cluster")
-                        if fixed is not None:
-                            centers = fixed[k]
-                        else:
-                            usable = len(flat) if inside_rows is None else len(inside_rows)
-                            if usable < k:
-                                where = "" if inside_rows is None else " inside the mask"
-                                raise BadInputError(
-                                    f"{path}: n_samples={usable}{where} should be >= n_clusters={k}"
-                                )
-                            fit_rows = outside
-                            if fit_rows is not None and len(fit_rows) < k:
-                                fit_rows, spec = None, None  # (nearly) all band: every voxel
-                            if fit_rows is None:
-                                fit_rows = inside_rows
-                            with warnings.catch_warnings(record=True) as caught:
-                                warnings.simplefilter("always")
-                                centers = fitted(flat, k, volume, sha, fit_rows, spec, mask_sha)
-                            for message in dict.fromkeys(
-                                " ".join(str(w.message).split()) for w in caught
-                            ):  # k-means' own warnings, with the volume and k they are about
-                                log.warning("%s: k=%d: %s", path, k, message)
-                        sets.append(
-                            {
-                                "k": k,
-                                "nested_in": _nested_in(k, ks, nest),
-                                "centers": centers.tolist(),
-                            }
-                        )
-                        labels = clusterer.labels(
-                            np.asarray(feats).reshape(*volume.data.shape, -1),
-                            centers,
-                            smooth,
-                            inside,
-                        )
-                        if band is not None:
-                            assert coarse is not None
-                            labels = fill_band(labels, coarse, band)
-                        if (snap > 0 or mrf > 0) and scaled is None:
-                            scaled = normalize_volume(volume.data, name=str(path))
-                        if snap > 0:
-                            labels = snap_labels(labels, scaled, sigma=snap, outside=off_mask)
-                        if mrf > 0:
-                            labels = refine_labels(
-                                labels,
-                                scaled,
-                                beta=mrf,
-                                device=clusterer.device,
-                                outside=off_mask,
-                            )
-                        if coarse is None and nest > 0 and len(ks) > 1:
-                            coarse = labels
-                        if min_size > 1:
-                            with warnings.catch_warnings(record=True) as caught:
-                                warnings.simplefilter("always")
-                                labels = remove_small_components(labels, min_size, off_mask)
-                            for w in caught:
-                                log.warning("%s: k=%d: %s", path, k, w.message)
-                        if inside is not None:  # 0 outside, the clusters 1..k inside
-                            found = int(np.unique(labels[inside]).size)
-                            labels = np.where(inside, labels.astype(np.int64) + 1, 0).astype(
-                                np.min_scalar_type(k)
-                            )
-                        else:
-                            found = int(np.count_nonzero(np.bincount(labels.ravel(), minlength=k)))
-                        row.setdefault("labels_found", {})[str(k)] = found
-                        if found < k:
-                            log.warning(
-                                "%s: k=%d: the output has %d distinct label(s), not %d (the fit "
-                                "found fewer distinct clusters, or the spatial steps absorbed "
-                                "small ones; --smooth 0 --snap 0 --mrf 0 --nest 0 shows the "
-                                "plain k-means labels)",
-                                path,
-                                k,
-                                found,
-                                k,
-                            )
-                        watch.lap("cluster")
-                        target = out / f"{volume.name}_k{k}{volume.geometry.suffix}"
-                        write_labels(target, labels, volume.geometry)
-                        row["outputs"].append(str(target))
-                        if preview:
-                            write_preview(
-                                out / f"{volume.name}_k{k}.png",
-                                volume.data,
-                                labels,
-                                volume.geometry.spacing,
-                            )
-                        watch.lap("write")
-                    _write_case_centroids(
-                        out,
-                        volume,
-                        header=header,
-                        fit=fit,
-                        params=params,
-                        sets=sets,
-                        source=source,
+        try:
+            for i, path in enumerate(selected):
+                watch = Stopwatch()
+                sha: str | None = None
+                row: dict[str, Any] = {"volume": str(path), "outputs": [], "cached": False}
+                if done[path]:
+                    row.update(
+                        status="skipped",
+                        outputs=[str(f) for f in _case_outputs(out, path, ks, False)[:-1]],
                     )
-                    watch.lap("write")
-                    row["status"] = "done"
-                except Exception as exc:  # noqa: BLE001 - reported, the others go on
-                    row.update(status="failed", error=failures.record(path, exc).message)
-            row["seconds"] = watch.total
-            row["stages"] = dict(watch.seconds)
-            rows.append(row)
-            run.add(
-                path,
-                status=row["status"],
-                sha256=sha,
-                seconds=watch.seconds,
-                cached=row["cached"],
-                outputs=row["outputs"],
-                error=row.get("error"),
-            )
-            if row["status"] != "failed" or failures.total > 1:
-                progress("cluster", i + 1, len(selected))
+                    record = _read_json(_case_centroids_path(out, case_name(path)))
+                    with contextlib.suppress(KeyError, TypeError):
+                        sha = record["source"]["sha256"]  # checked by _case_done: this input's
+                elif path in failed:
+                    row.update(status="failed", error=failed[path])
+                else:
+                    try:
+                        stamp = _source_stamp(path)
+                        volume = read_volume(path)
+                        sha = array_sha256(volume.data)
+                        source = {**(stamp or {}), "sha256": sha}
+                        inside: np.ndarray | None = None
+                        off_mask: np.ndarray | None = None
+                        mask_sha: str | None = None
+                        inside_rows: np.ndarray | None = None
+                        if masks is not None:
+                            inside, source["mask"] = masks.read(path, volume)
+                            off_mask = ~inside
+                            mask_sha = source["mask"]["inside_sha256"]
+                            inside_rows = np.flatnonzero(inside.reshape(-1))
+                        watch.lap("read")
+                        feats, cached = features_of(volume, sha)
+                        computed += int(model is not None and not cached)
+                        row["cached"] = bool(cached)
+                        watch.lap("embed")
+                        flat = np.asarray(feats).reshape(-1, feats.shape[-1])
+                        # the scaled image for --snap and --mrf: intensity features are exactly that
+                        scaled = None if model is not None else np.asarray(feats)[..., 0]
+                        sets = []
+                        old_record = _take_case_record(out, volume.name)
+                        # --nest: the smallest k's final labels and the band around their boundaries
+                        coarse: np.ndarray | None = None
+                        band: np.ndarray | None = None
+                        outside: np.ndarray | None = None  # flat indices of the voxels off the band
+                        for k in ks:
+                            spec = _nest_spec(k, ks, nest, smooth, snap, mrf)
+                            if spec is not None and band is None:
+                                assert coarse is not None  # the smallest k comes first
+                                band = band_mask(coarse, nest, inside)
+                                if off_mask is not None:  # outside: a region of its own, not filled
+                                    coarse = np.where(off_mask, int(coarse.max()) + 1, coarse)
+                                outside = np.flatnonzero(~band.reshape(-1))
+                                if inside_rows is not None:
+                                    outside = np.intersect1d(
+                                        outside, inside_rows, assume_unique=True
+                                    )
+                                watch.lap("cluster")
+                            if fixed is not None:
+                                centers = fixed[k]
+                            else:
+                                usable = len(flat) if inside_rows is None else len(inside_rows)
+                                if usable < k:
+                                    where = "" if inside_rows is None else " inside the mask"
+                                    raise BadInputError(
+                                        f"{path}: n_samples={usable}{where} should be >= n_clusters={k}"
+                                    )
+                                fit_rows = outside
+                                if fit_rows is not None and len(fit_rows) < k:
+                                    fit_rows, spec = None, None  # (nearly) all band: every voxel
+                                if fit_rows is None:
+                                    fit_rows = inside_rows
+                                with warnings.catch_warnings(record=True) as caught:
+                                    warnings.simplefilter("always")
+                                    centers = fitted(flat, k, volume, sha, fit_rows, spec, mask_sha)
+                                for message in dict.fromkeys(
+                                    " ".join(str(w.message).split()) for w in caught
+                                ):  # k-means' own warnings, with the volume and k they are about
+                                    log.warning("%s: k=%d: %s", path, k, message)
+                            sets.append(
+                                {
+                                    "k": k,
+                                    "nested_in": _nested_in(k, ks, nest),
+                                    "centers": centers.tolist(),
+                                }
+                            )
+                            labels = clusterer.labels(
+                                np.asarray(feats).reshape(*volume.data.shape, -1),
+                                centers,
+                                smooth,
+                                inside,
+                            )
+                            if band is not None:
+                                assert coarse is not None
+                                labels = fill_band(labels, coarse, band)
+                            if (snap > 0 or mrf > 0) and scaled is None:
+                                scaled = normalize_volume(volume.data, name=str(path))
+                            if snap > 0:
+                                labels = snap_labels(labels, scaled, sigma=snap, outside=off_mask)
+                            if mrf > 0:
+                                labels = refine_labels(
+                                    labels,
+                                    scaled,
+                                    beta=mrf,
+                                    device=clusterer.device,
+                                    outside=off_mask,
+                                )
+                            if coarse is None and nest > 0 and len(ks) > 1:
+                                coarse = labels
+                            if min_size > 1:
+                                with warnings.catch_warnings(record=True) as caught:
+                                    warnings.simplefilter("always")
+                                    labels = remove_small_components(labels, min_size, off_mask)
+                                for w in caught:
+                                    log.warning("%s: k=%d: %s", path, k, w.message)
+                            if inside is not None:  # 0 outside, the clusters 1..k inside
+                                found = int(np.unique(labels[inside]).size)
+                                labels = np.where(inside, labels.astype(np.int64) + 1, 0).astype(
+                                    np.min_scalar_type(k)
+                                )
+                            else:
+                                found = int(
+                                    np.count_nonzero(np.bincount(labels.ravel(), minlength=k))
+                                )
+                            row.setdefault("labels_found", {})[str(k)] = found
+                            if found < k:
+                                log.warning(
+                                    "%s: k=%d: the output has %d distinct label(s), not %d (the fit "
+                                    "found fewer distinct clusters, or the spatial steps absorbed "
+                                    "small ones; --smooth 0 --snap 0 --mrf 0 --nest 0 shows the "
+                                    "plain k-means labels)",
+                                    path,
+                                    k,
+                                    found,
+                                    k,
+                                )
+                            watch.lap("cluster")
+                            target = out / f"{volume.name}_k{k}{volume.geometry.suffix}"
+                            write_labels(target, labels, volume.geometry)
+                            row["outputs"].append(str(target))
+                            if preview:
+                                write_preview(
+                                    out / f"{volume.name}_k{k}.png",
+                                    volume.data,
+                                    labels,
+                                    volume.geometry.spacing,
+                                )
+                            watch.lap("write")
+                        _write_case_centroids(
+                            out,
+                            volume,
+                            header=header,
+                            fit=fit,
+                            params=params,
+                            sets=sets,
+                            source=source,
+                            old=old_record,
+                        )
+                        watch.lap("write")
+                        row["status"] = "done"
+                    except Exception as exc:  # noqa: BLE001 - reported, the others go on
+                        row.update(status="failed", error=failures.record(path, exc).message)
+                row["seconds"] = watch.total
+                row["stages"] = dict(watch.seconds)
+                rows.append(row)
+                run.add(
+                    path,
+                    status=row["status"],
+                    sha256=sha,
+                    seconds=watch.seconds,
+                    cached=row["cached"],
+                    outputs=row["outputs"],
+                    error=row.get("error"),
+                )
+                if row["status"] != "failed" or failures.total > 1:
+                    progress("cluster", i + 1, len(selected))
+        except BaseException:  # interrupted (Ctrl-C, SIGTERM) or failed: finished cases stay listed
+            with contextlib.suppress(Exception):
+                _merge_centroids(out, header)
+            raise
         merged = _merge_centroids(out, header)
         run.failures = failures.to_json()
         run.exit_status = failures.exit_code

@@ -422,7 +422,7 @@ def test_evaluate_parts_failures_and_manifest(trained, tmp_path, capsys):
     reports = []
     for i in (0, 1):
         code, out, err = run(
-            ["evaluate", seg, truth, "--json", "--no-hausdorff", "--csv", tmp_path / f"s{i}.csv"]
+            ["evaluate", seg, truth, "--json", "--no-hausdorff", "--csv", tmp_path / "s{part}.csv"]
             + ["--num-parts", "2", "--part-id", str(i), "--level", "2"],
             capsys,
         )
@@ -431,6 +431,7 @@ def test_evaluate_parts_failures_and_manifest(trained, tmp_path, capsys):
         f["volume"] for _, r, _ in reports for f in r["failures"]
     ]
     assert len(pairs) == 7 and len(set(pairs)) == 7  # 3 cases x 2 k + the bad one, split
+    assert (tmp_path / "s0.csv").is_file() and (tmp_path / "s1.csv").is_file()
     bad = [(code, r, err) for code, r, err in reports if r["failures"]]
     (code, report, err) = bad[0]
     assert code == 2 and "case_000_k4.nii.gz has shape (5, 5, 5)" in err

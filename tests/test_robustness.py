@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
 
 import mrcfile
 import nibabel as nib
@@ -556,3 +558,54 @@ def test_cache_is_keyed_by_the_model_not_by_the_bytes_of_its_file(trained, tmp_p
         )
         assert code == 0, err
         assert json.loads(out)["cached"] == cached
+
+
+def _kill_on_second_label_file(monkeypatch, how):
+    """Make cluster's second label file end the run as ``how`` would (after writing it)."""
+    from hypsegcli import pipeline
+
+    real, calls = pipeline.write_labels, []
+
+    def write_then_stop(*args, **kwargs):
+        real(*args, **kwargs)
+        calls.append(args[0])
+        if len(calls) == 2:
+            if how == "sigterm":
+                os.kill(os.getpid(), signal.SIGTERM)
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "write_labels", write_then_stop)
+    return calls
+
+
+@pytest.mark.parametrize("how", ["sigterm", "ctrl-c"])
+def test_interrupted_rewrite_is_redone_and_recorded(trained, tmp_path, capsys, monkeypatch, how):
+    """A run stopped between a case's label files (SIGTERM at a Slurm time limit, Ctrl-C)
+    leaves no record saying the case is complete, writes its manifest record and rebuilds
+    centroids.json; the resubmitted command redoes the case and matches a fresh run."""
+    image = trained / "data" / "images" / "case_000.nii.gz"
+    base = ["cluster", image, "-m", trained / "model.pt", "--k", "2", "--k", "3", *TINY_TRAIN[-2:]]
+    out = tmp_path / "seg"
+    assert run(["-q", *base, "-o", out, "--smooth", "0"], capsys)[0] == 0
+    with monkeypatch.context() as patch:
+        calls = _kill_on_second_label_file(patch, how)
+        code, _, err = run(["-q", *base, "-o", out], capsys)  # other options: a rewrite
+    assert len(calls) == 2
+    expected = (143, "terminated") if how == "sigterm" else (130, "interrupted")
+    assert code == expected[0] and f"hypseg: error: {expected[1]}" in err
+    assert not (out / "case_000.centroids.json").exists()  # the old record went first
+    record = [json.loads(line) for line in (out / "hypseg-runs.jsonl").read_text().splitlines()]
+    assert record[-1]["exit_status"] == expected[0] and record[-1]["error"] == expected[1]
+    assert json.loads((out / "centroids.json").read_text())["sets"] == []
+    code, out_json, err = run([*base, "-o", out, "--json"], capsys)
+    assert code == 0 and json.loads(out_json)["done"] == 1, err
+    assert run(["-q", *base, "-o", tmp_path / "fresh"], capsys)[0] == 0
+    for k in (2, 3):
+        assert _md5(out / f"case_000_k{k}.nii.gz") == _md5(
+            tmp_path / "fresh" / f"case_000_k{k}.nii.gz"
+        )
+    # a skipped volume's manifest entry still names its content
+    code, out_json, _ = run([*base, "-o", out, "--json"], capsys)
+    assert json.loads(out_json)["skipped"] == 1
+    last = json.loads((out / "hypseg-runs.jsonl").read_text().splitlines()[-1])
+    assert last["inputs"][0]["status"] == "skipped" and len(last["inputs"][0]["sha256"]) == 64

@@ -1,0 +1,167 @@
+"""evaluate on real-world headers: sheared and sform-only affines, label precision, ties,
+grids, levels (each case reproduced an audit finding on the code before the fix)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+from clitools import run
+from scipy import ndimage
+from scipy.spatial.distance import cdist
+
+from hypsegcli import metrics
+
+
+def _surface_world(mask, linear):
+    s = mask & ~ndimage.binary_erosion(
+        mask, ndimage.generate_binary_structure(3, 1), border_value=0
+    )
+    return np.argwhere(s) @ np.asarray(linear, float).T
+
+
+def _reference(pred, gt, linear):
+    """HD and HD95 by all pairwise distances between the surfaces' world coordinates."""
+    d = cdist(_surface_world(pred, linear), _surface_world(gt, linear))
+    ab, ba = d.min(1), d.min(0)
+    return max(ab.max(), ba.max()), np.percentile(np.r_[ab, ba], 95)
+
+
+def _boxes():
+    g = np.zeros((20, 20, 20), np.uint8)
+    g[4:10, 4:10, 3:8] = 1
+    p = np.zeros_like(g)
+    p[6:12, 5:11, 4:9] = 1
+    return p, g
+
+
+def _evaluate(capsys, *args):
+    code, out, err = run(["-q", "evaluate", *map(str, args), "--json"], capsys)
+    assert code == 0, err
+    return json.loads(out), err
+
+
+def test_sheared_affine_distances_match_brute_force(tmp_path, capsys):
+    p, g = _boxes()
+    affine = np.array([[0.5, 0, 0, 0], [0, 1.0, 0, 0], [0, 2.0, 3.0, 0], [0, 0, 0, 1]])
+    for name, data in (("p", p), ("g", g)):
+        nib.save(nib.Nifti1Image(data, affine), tmp_path / f"{name}.nii.gz")
+    report, _ = _evaluate(capsys, tmp_path / "p.nii.gz", tmp_path / "g.nii.gz")
+    cls = report["cases"][0]["classes"][1]
+    hd, hd95 = _reference(p.astype(bool), g.astype(bool), affine[:3, :3])
+    assert cls["hd"] == pytest.approx(hd, rel=1e-9)  # was 3.8730 (spacing only), truth 5.1962
+    assert cls["hd95"] == pytest.approx(hd95, rel=1e-9)
+    # random masks, a sheared and rotated grid, against the library function directly
+    rng = np.random.default_rng(0)
+    q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+    linear = q @ np.array([[0.7, 0.3, 0.0], [0.0, 1.2, 0.4], [0.0, 0.0, 2.5]])
+    for _ in range(5):
+        a = ndimage.gaussian_filter(rng.normal(size=(12, 11, 10)), 1.5) > 0.1
+        b = ndimage.gaussian_filter(rng.normal(size=(12, 11, 10)), 1.5) > 0.1
+        got = metrics.surface_distances(a, b, linear=linear)
+        np.testing.assert_allclose(got, _reference(a, b, linear), rtol=1e-9)
+    # one mask empty: the longest body diagonal of the sheared grid
+    empty = np.zeros((12, 11, 10), bool)
+    corners = np.array([[12, s1 * 11, s2 * 10] for s1 in (1, -1) for s2 in (1, -1)], float)
+    worst = np.linalg.norm(corners @ linear.T, axis=1).max()
+    assert metrics.surface_distances(a, empty, linear=linear) == pytest.approx((worst, worst))
+
+
+def test_sform_only_files_measure_with_their_sform_not_a_stale_pixdim(tmp_path, capsys):
+    p, g = _boxes()
+    affine = np.diag([0.5, 1.0, 3.0, 1.0])
+    for name, data in (("p", p), ("g", g)):
+        img = nib.Nifti1Image(data, None)
+        img.set_sform(affine, code=2)
+        img.set_qform(None, code=0)
+        assert img.header.get_zooms() == (1.0, 1.0, 1.0)  # pixdim left as it was
+        nib.save(img, tmp_path / f"{name}.nii.gz")
+    report, _ = _evaluate(capsys, tmp_path / "p.nii.gz", tmp_path / "g.nii.gz")
+    cls = report["cases"][0]["classes"][1]
+    hd, hd95 = _reference(p.astype(bool), g.astype(bool), affine[:3, :3])
+    assert (cls["hd"], cls["hd95"]) == pytest.approx((hd, hd95), rel=1e-9)
+
+
+def test_distances_do_not_depend_on_which_disjoint_label_a_class_is_matched_to():
+    gt = np.zeros((16, 16, 16), np.int64)
+    gt[2:8, 2:8, 2:8] = 1
+    gt[10:14, 10:14, 10:14] = 2
+    pred = np.zeros_like(gt)
+    pred[2:8, 2:8, 2:8] = 1  # class 1 found; class 2 missed by two labels far apart
+    pred[0:2, 14:16, 0:2] = 2
+    pred[14:16, 0:2, 14:16] = 3
+    swapped = pred.copy()
+    swapped[pred == 2], swapped[pred == 3] = 3, 2
+    a, b = metrics.score_case(pred, gt), metrics.score_case(swapped, gt)
+    assert a.mean_dice == b.mean_dice
+    for x, y in zip(a.classes, b.classes, strict=True):
+        assert (x.label, x.dice, x.hd, x.hd95) == (y.label, y.dice, y.hd, y.hd95)
+    missed = a.classes[2]
+    assert missed.label is None and missed.dice == 0.0 and missed.pred_voxels == 0
+    diagonal = np.sqrt(3 * 16.0**2)
+    assert missed.hd == pytest.approx(diagonal) and missed.hd95 == pytest.approx(diagonal)
+    assert set(a.unmatched_labels) == {2, 3}
+
+
+def test_labels_are_read_exactly(tmp_path, capsys):
+    gt = np.zeros((8, 8, 8), np.int32)
+    gt[:3] = 16777216
+    gt[5:] = 16777217  # the same number in float32
+    nib.save(nib.Nifti1Image(gt, np.eye(4)), tmp_path / "big.nii.gz")
+    report, _ = _evaluate(capsys, tmp_path / "big.nii.gz", tmp_path / "big.nii.gz")
+    assert [c["class_id"] for c in report["cases"][0]["classes"]] == [0, 16777216, 16777217]
+    assert report["cases"][0]["mean_dice"] == 1.0
+    frac = np.zeros((8, 8, 8), np.float64)
+    frac[:3] = 3.0000001  # integral in float32
+    nib.save(nib.Nifti1Image(frac, np.eye(4)), tmp_path / "frac.nii.gz")
+    code, _, err = run(["evaluate", tmp_path / "frac.nii.gz", tmp_path / "big.nii.gz"], capsys)
+    assert code == 2 and "not a label volume (non-integer values)" in err
+
+
+def test_no_hausdorff_needs_no_spacing_and_level_zero_is_written(tmp_path, capsys):
+    lab = np.zeros((6, 6, 6), np.uint8)
+    lab[:3] = 1
+    img = nib.Nifti1Image(lab, np.eye(4))
+    img.header["pixdim"][1] = np.nan
+    nib.save(img, tmp_path / "c_L0.nii")
+    report, _ = _evaluate(
+        capsys,
+        tmp_path / "c_L0.nii",
+        tmp_path / "c_L0.nii",
+        "--no-hausdorff",
+        "--csv",
+        tmp_path / "s.csv",
+    )
+    assert report["cases"][0]["mean_dice"] == 1.0 and report["cases"][0]["level"] == 0
+    with open(tmp_path / "s.csv") as fh:
+        assert {row["level"] for row in csv.DictReader(fh)} == {"0"}
+
+
+def test_other_grid_warning_is_in_voxels_of_each_axis(tmp_path, capsys):
+    lab = np.zeros((10, 10, 10), np.uint8)
+    lab[3:7] = 1
+    base = np.diag([0.5, 1.0, 3.0, 1.0])
+    nib.save(nib.Nifti1Image(lab, base), tmp_path / "g.nii.gz")
+    for name, shift, warned in (("z13", (0, 0, 1.0), False), ("x06", (0.3, 0, 0), True)):
+        moved = base.copy()
+        moved[:3, 3] = shift  # 1 mm along z is a third of a voxel; 0.3 mm along x is 0.6
+        nib.save(nib.Nifti1Image(lab, moved), tmp_path / f"{name}.nii.gz")
+        _, err = run(["evaluate", tmp_path / f"{name}.nii.gz", tmp_path / "g.nii.gz"], capsys)[1:]
+        assert ("different grids" in err) == warned, (name, err)
+
+
+def test_parts_need_one_csv_each(tmp_path, capsys):
+    lab = np.zeros((6, 6, 6), np.uint8)
+    lab[:3] = 1
+    for case in ("a", "b"):
+        nib.save(nib.Nifti1Image(lab, np.eye(4)), tmp_path / f"{case}.nii.gz")
+    args = ["-q", "evaluate", tmp_path / "a.nii.gz", tmp_path / "a.nii.gz", "--num-parts", "2"]
+    code, _, err = run([*args, "--part-id", "0", "--csv", tmp_path / "s.csv"], capsys)
+    assert code == 2 and "put {part} in the name (e.g. --csv" in err and "s_{part}.csv" in err
+    for part in ("0", "1"):
+        code, _, err = run([*args, "--part-id", part, "--csv", tmp_path / "s_{part}.csv"], capsys)
+        assert code == 0, err
+    assert (tmp_path / "s_0.csv").is_file() and (tmp_path / "s_1.csv").is_file()
