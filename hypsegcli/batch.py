@@ -181,6 +181,14 @@ def resolve_part(
             f"{detail}: not a task of an evenly spaced array (part ids 0..{max(count, 1) - 1} expected); "
             "pass --num-parts and --part-id"
         )
+    if count == 1 and task != 0:
+        log.warning(
+            "%s: a Slurm array of one task processes every input; to redo one part of a "
+            "larger array (sbatch --array=%d), pass --num-parts N --part-id %d",
+            detail,
+            task,
+            task,
+        )
     return Part((task - low) // step, count, "slurm", detail)
 
 

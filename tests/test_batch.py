@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -51,6 +52,19 @@ def cluster_argv(trained, out, *extra):
 
 
 # ----------------------------------------------------------------------------- parts
+
+
+def test_one_task_array_resubmitted_alone_warns_that_it_does_everything(caplog):
+    env = {"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "1", "SLURM_ARRAY_TASK_MIN": "3"}
+    with caplog.at_level(logging.WARNING):
+        part = resolve_part(None, None, env)
+    assert (part.index, part.count) == (0, 1)
+    assert "a Slurm array of one task processes every input" in caplog.text
+    assert "--num-parts N --part-id 3" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        resolve_part(None, None, {"SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_TASK_COUNT": "1"})
+    assert caplog.text == ""  # --array=0: one job on purpose
 
 
 def test_resolve_part_from_options_and_slurm():
