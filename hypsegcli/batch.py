@@ -184,9 +184,11 @@ def resolve_part(
     if count == 1 and task != 0:
         log.warning(
             "%s: a Slurm array of one task processes every input; to redo one part of a "
-            "larger array (sbatch --array=%d), pass --num-parts N --part-id %d",
+            "larger array, pass --num-parts N --part-id I, where I is this task's id minus "
+            "the first id of that array, divided by its step (e.g. %d for task %d of "
+            "--array=1-N)",
             detail,
-            task,
+            task - 1,
             task,
         )
     return Part((task - low) // step, count, "slurm", detail)

@@ -362,6 +362,8 @@ def _read_nifti(path: Path, *, native: bool = False) -> tuple[np.ndarray, Volume
             raise BadInputError(
                 f"{path}: truncated NIfTI ({short.split(' from ')[0].lower()})"
             ) from None
+        if isinstance(exc, EOFError):  # a gzip stream cut off (an interrupted copy)
+            raise BadInputError(f"{path}: truncated NIfTI ({short})") from None
         raise BadInputError(f"{path}: cannot read NIfTI ({short})") from exc
     data = np.ascontiguousarray(data.reshape(shape3))
     zooms = img.header.get_zooms()[:3]

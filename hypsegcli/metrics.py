@@ -209,16 +209,15 @@ def _as_spacing(spacing: Any, ndim: int) -> tuple[float, ...]:
 
 
 def _as_linear(linear: Any, spacing: Any, ndim: int) -> np.ndarray:
-    """The voxel-to-world linear map (ndim x ndim): ``linear`` where it is finite with no
-    zero-length axis, else ``diag(spacing)`` (checked by :func:`_as_spacing`)."""
+    """The voxel-to-world linear map (ndim x ndim): ``linear`` where it is finite and far
+    from singular (distinct voxels stay distinct: smallest singular value above 1e-6 times
+    the largest), else ``diag(spacing)`` (checked by :func:`_as_spacing`)."""
     if linear is not None:
         m = np.asarray(linear, dtype=np.float64)
-        if (
-            m.shape == (ndim, ndim)
-            and np.isfinite(m).all()
-            and (np.linalg.norm(m, axis=0) > 0).all()
-        ):
-            return m
+        if m.shape == (ndim, ndim) and np.isfinite(m).all():
+            sv = np.linalg.svd(m, compute_uv=False)
+            if sv.max() > 0 and sv.min() > 1e-6 * sv.max():
+                return m
     return np.diag(_as_spacing(spacing, ndim))
 
 

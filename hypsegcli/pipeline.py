@@ -358,7 +358,11 @@ def grid_offset(a: VolumeGeometry, b: VolumeGeometry, *, voxels: bool = False) -
 
 
 def _warn_if_other_grid(
-    pred: Path, p_geo: VolumeGeometry, truth: Path, t_geo: VolumeGeometry
+    pred: Path,
+    p_geo: VolumeGeometry,
+    truth: Path,
+    t_geo: VolumeGeometry,
+    use: str = "scored voxel by voxel",
 ) -> None:
     """Warn when a prediction and its ground truth share a shape but not a grid (files of the
     same format whose affines put some voxel more than half a voxel apart): Dice compares
@@ -369,11 +373,12 @@ def _warn_if_other_grid(
     if grid_offset(p_geo, t_geo, voxels=True) > 0.5:
         log.warning(
             "%s and %s have the same shape but different grids (a voxel up to %.3g %s apart); "
-            "scored voxel by voxel, check that they belong together",
+            "%s, check that they belong together",
             pred,
             truth,
             offset,
             t_geo.unit,
+            use,
         )
 
 
@@ -1625,7 +1630,9 @@ class _Masks:
                 f"{mask_path}: mask of shape {mask.data.shape}, but {path} has shape "
                 f"{volume.data.shape}"
             )
-        _warn_if_other_grid(mask_path, mask.geometry, path, volume.geometry)
+        _warn_if_other_grid(
+            mask_path, mask.geometry, path, volume.geometry, "the mask is applied voxel by voxel"
+        )
         inside = mask.data != 0
         if not inside.any():
             raise BadInputError(f"{mask_path}: the mask of {path} is empty (no non-zero voxel)")
@@ -2246,8 +2253,16 @@ def cluster(
                         flat = np.asarray(feats).reshape(-1, feats.shape[-1])
                         # the scaled image for --snap and --mrf: intensity features are exactly that
                         scaled = None if model is not None else np.asarray(feats)[..., 0]
+                        usable = len(flat) if inside_rows is None else len(inside_rows)
+                        if fixed is None and usable < max(ks):  # before any output is replaced
+                            where = "" if inside_rows is None else " inside the mask"
+                            raise BadInputError(
+                                f"{path}: n_samples={usable}{where} should be >= "
+                                f"n_clusters={max(ks)}"
+                            )
                         sets = []
-                        old_record = _take_case_record(out, volume.name)
+                        old_record: Any = None
+                        taken = False  # the old record: taken before an output is replaced
                         # --nest: the smallest k's final labels and the band around their boundaries
                         coarse: np.ndarray | None = None
                         band: np.ndarray | None = None
@@ -2268,12 +2283,6 @@ def cluster(
                             if fixed is not None:
                                 centers = fixed[k]
                             else:
-                                usable = len(flat) if inside_rows is None else len(inside_rows)
-                                if usable < k:
-                                    where = "" if inside_rows is None else " inside the mask"
-                                    raise BadInputError(
-                                        f"{path}: n_samples={usable}{where} should be >= n_clusters={k}"
-                                    )
                                 fit_rows = outside
                                 if fit_rows is not None and len(fit_rows) < k:
                                     fit_rows, spec = None, None  # (nearly) all band: every voxel
@@ -2345,6 +2354,8 @@ def cluster(
                                 )
                             watch.lap("cluster")
                             target = out / f"{volume.name}_k{k}{volume.geometry.suffix}"
+                            if not taken:
+                                old_record, taken = _take_case_record(out, volume.name), True
                             write_labels(target, labels, volume.geometry)
                             row["outputs"].append(str(target))
                             if preview:

@@ -60,7 +60,10 @@ def test_one_task_array_resubmitted_alone_warns_that_it_does_everything(caplog):
         part = resolve_part(None, None, env)
     assert (part.index, part.count) == (0, 1)
     assert "a Slurm array of one task processes every input" in caplog.text
-    assert "--num-parts N --part-id 3" in caplog.text
+    assert (
+        "--num-parts N --part-id I" in caplog.text
+        and "e.g. 2 for task 3 of --array=1-N" in caplog.text
+    )
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         resolve_part(None, None, {"SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_TASK_COUNT": "1"})

@@ -165,3 +165,19 @@ def test_parts_need_one_csv_each(tmp_path, capsys):
         code, _, err = run([*args, "--part-id", part, "--csv", tmp_path / "s_{part}.csv"], capsys)
         assert code == 0, err
     assert (tmp_path / "s_0.csv").is_file() and (tmp_path / "s_1.csv").is_file()
+
+
+def test_a_singular_affine_falls_back_to_the_spacing(tmp_path, capsys):
+    """Two voxel axes mapped onto one line would put distinct voxels at one point."""
+    affine = np.eye(4)
+    affine[0, 1], affine[1, 1] = 1.0, 0.0
+    gt = np.zeros((10, 10, 10), np.uint8)
+    pred = np.zeros_like(gt)
+    gt[5, 5, 5] = gt[6, 4, 5] = 1
+    pred[5, 5, 5] = pred[7, 3, 5] = 1
+    for name, data in (("p", pred), ("g", gt)):
+        nib.save(nib.Nifti1Image(data, affine), tmp_path / f"{name}.nii.gz")
+    report, _ = _evaluate(capsys, tmp_path / "p.nii.gz", tmp_path / "g.nii.gz")
+    cls = report["cases"][0]["classes"][1]
+    hd, hd95 = _reference(pred.astype(bool), gt.astype(bool), np.eye(3))
+    assert (cls["hd"], cls["hd95"]) == pytest.approx((hd, hd95)) and hd > 1.4

@@ -243,6 +243,11 @@ def test_truncated_and_garbage_files(tmp_path):
             assert "truncated" in str(info.value)
     with pytest.raises(BadInputError, match=r"need 2400 bytes, the file has 1900"):
         io.read_volume(tmp_path / "cut.nii")
+    # an interrupted copy: the gzip stream itself stops short
+    _nifti(tmp_path / "noise.nii.gz", np.random.default_rng(0).random((16, 16, 16), np.float32))
+    (tmp_path / "copy.nii.gz").write_bytes((tmp_path / "noise.nii.gz").read_bytes()[:3000])
+    with pytest.raises(BadInputError, match=r"copy\.nii\.gz: truncated NIfTI \(Compressed file"):
+        io.read_volume(tmp_path / "copy.nii.gz")
 
 
 def test_nifti_header_claiming_more_than_the_file_or_memory(tmp_path, monkeypatch):

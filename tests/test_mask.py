@@ -336,3 +336,39 @@ def test_cluster_mask_problems_are_named_before_any_work(tiny_trained, masked, c
     summary, err = _cluster(tiny_trained, masked / "odd_out", "--mask", odd, capsys=capsys, code=2)
     assert summary["done"] == 1 and summary["failed"] == 2
     assert "mask of shape (20, 20, 19), but" in err and "is empty (no non-zero voxel)" in err
+
+
+def test_a_failed_case_keeps_its_record_and_a_shifted_mask_is_named(tiny_trained, masked, capsys):
+    image = tiny_trained / "data" / "images" / "case_000.nii.gz"
+    eight = np.zeros((20, 20, 20), np.uint8)
+    eight[8:10, 8:10, 8:10] = 1
+    nib.save(nib.Nifti1Image(eight, np.eye(4)), masked / "eight.nii.gz")
+    base = ["-q", "cluster", image, "--features", "intensity", "--mask", masked / "eight.nii.gz"]
+    out = masked / "eight_out"
+    assert run([*base, "--k", "2", "-o", out], capsys)[0] == 0
+    # k = 9 cannot be fitted on 8 voxels: the case fails before any output is replaced
+    code, _, err = run([*base, "--k", "2", "--k", "9", "-o", out], capsys)
+    assert code == 2 and "n_samples=8 inside the mask should be >= n_clusters=9" in err
+    assert (out / "case_000.centroids.json").is_file()
+    code, stdout, _ = run([*base, "--k", "2", "-o", out, "--json"], capsys)
+    assert code == 0 and json.loads(stdout)["skipped"] == 1
+    # a mask on another grid (half a voxel and more away) is named in a warning
+    shifted = np.eye(4)
+    shifted[0, 3] = 0.7
+    nib.save(nib.Nifti1Image(eight, shifted), masked / "moved.nii.gz")
+    code, _, err = run(
+        [
+            "cluster",
+            image,
+            "--features",
+            "intensity",
+            "--mask",
+            masked / "moved.nii.gz",
+            "--k",
+            "2",
+            "-o",
+            masked / "moved_out",
+        ],
+        capsys,
+    )
+    assert code == 0 and "the mask is applied voxel by voxel" in err
