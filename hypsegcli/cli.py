@@ -592,6 +592,13 @@ def train(
     recursive: Annotated[
         bool, typer.Option("--recursive", "-r", help="Descend into sub-folders of input folders.")
     ] = False,
+    mask: Annotated[
+        Path | None,
+        typer.Option(
+            "--mask",
+            help="Centre every anchor inside a mask (non-zero voxels): one mask file for every input, or a folder with <case> or <case>_mask per input, as cluster --mask. Positives lie in their anchors; negatives anywhere.",
+        ),
+    ] = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print a JSON summary on stdout.")
     ] = False,
@@ -652,6 +659,7 @@ def train(
             threads=threads,
             resume=resume,
             recursive=recursive,
+            mask=mask,
             progress=progress,
         )
     log.info(

@@ -634,20 +634,25 @@ def load_training_volumes(
     method: str = "percentile",
     low: float = 1.0,
     high: float = 99.0,
+    masks: _Masks | None = None,
 ) -> list[Any]:
     """Read and normalise the training volume files ``paths`` (:func:`collect_inputs`'s
-    list; ``sampling.normalize``); errors name the file."""
+    list; ``sampling.normalize``), with their masks (``train --mask``); errors name the
+    file."""
     from .sampling import normalize
     from .training import TrainingVolume
 
     volumes = []
     for path in paths:
         vol = read_volume(path)
+        inside, record = masks.read(path, vol) if masks is not None else (None, {})
         volumes.append(
             TrainingVolume(
                 name=str(path),
                 data=normalize(vol.data, method, low=low, high=high, name=str(path)),
                 sha256=array_sha256(vol.data),
+                mask=inside,
+                mask_sha256=record.get("inside_sha256"),
             )
         )
     return volumes
@@ -664,17 +669,21 @@ def train(
     threads: int | None = None,
     resume: bool = False,
     recursive: bool = False,
+    mask: Path | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Train on the volumes in ``inputs``; write ``output`` and its checkpoint and history."""
+    """Train on the volumes in ``inputs``; write ``output`` and its checkpoint and history.
+
+    ``mask`` (``--mask``, as for :func:`cluster`): anchors centre inside the masks."""
     from . import distributed, training
     from .config import SamplingConfig
 
     distributed.quiet_other_ranks()  # under torchrun, ranks > 0 log warnings only
     set_threads(threads)
     paths = collect_inputs(inputs, recursive=recursive)
+    masks = _Masks(mask, paths, paths) if mask is not None else None
     for target in (Path(output), *training.companion_paths(Path(output))):
-        check_output_file(target, paths, what="train -o")
+        check_output_file(target, [*paths, *(masks.files() if masks else [])], what="train -o")
     norm_config, checkpoint = sampling_config, None
     if resume:  # the checkpoint's normalisation, whatever this command line says
         checkpoint = training.load_checkpoint(Path(output))
@@ -684,8 +693,14 @@ def train(
         method=norm_config.norm,
         low=norm_config.norm_low,
         high=norm_config.norm_high,
+        masks=masks,
     )
-    log.info("training on %d volume(s), device %s", len(volumes), training.resolve_device(device))
+    log.info(
+        "training on %d volume(s)%s, device %s",
+        len(volumes),
+        " (anchors inside their masks)" if masks else "",
+        training.resolve_device(device),
+    )
     result = training.train(
         volumes,
         Path(output),

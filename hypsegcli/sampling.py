@@ -397,6 +397,13 @@ def _sample_outside(
     return torch.minimum(torch.maximum(x, low), high)
 
 
+#: Rounds of redrawing the triplets whose anchor centre lies outside the mask, and the
+#: candidates drawn per such triplet and round (so masks holding 0.1% of the anchor
+#: centres still fill a batch).
+MASK_ROUNDS = 200
+MASK_CANDIDATES = 32
+
+
 class TripletSampler:
     """Draws fresh (anchor, positive, negative) patch triplets from a set of volumes.
 
@@ -433,6 +440,14 @@ class TripletSampler:
 
     Centres and sides are continuous floats; patches are resampled to m^3 by
     :func:`sample_patches`, one grid_sample call per distinct volume drawn.
+
+    ``masks`` (``train --mask``): per volume a bool array of its shape, or None.
+    A triplet whose anchor centre's nearest voxel lies outside its volume's
+    mask is drawn again, whole, for the same volume (steps 2-6; so each volume
+    still counts equally): ``MASK_CANDIDATES`` candidates per round, the first
+    inside is kept, for up to ``MASK_ROUNDS`` rounds. Positives lie in
+    their anchors; negatives may lie anywhere, as without a mask. Without
+    masks the draws are exactly those above.
     """
 
     def __init__(
@@ -444,9 +459,12 @@ class TripletSampler:
         generator: torch.Generator,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        masks: Sequence[np.ndarray | None] | None = None,
     ) -> None:
         if len(volumes) == 0:
             raise BadInputError("no training volumes: expected at least one")
+        if masks is not None and len(masks) != len(volumes):
+            raise BadInputError(f"{len(masks)} masks for {len(volumes)} volumes")
         if int(m) != m or m < 1:
             raise BadInputError(f"patch size m={m} should be an integer >= 1")
         if cfg.r_gap < 0:
@@ -502,6 +520,21 @@ class TripletSampler:
         self._r_hi = torch.clamp(
             torch.minimum(size.amin(dim=1), size.amax(dim=1) - cfg.l_min), max=cfg.r_max
         )  # (V,), >= r_min by the check above
+        self.masks: list[torch.Tensor | None] | None = None
+        if masks is not None and any(m is not None for m in masks):
+            self.masks = []
+            for i, (mask, shape) in enumerate(zip(masks, shapes, strict=True)):
+                if mask is None:
+                    self.masks.append(None)
+                    continue
+                mask = np.asarray(mask, dtype=bool)
+                if mask.shape != shape:
+                    raise BadInputError(
+                        f"volume {i}: mask of shape {mask.shape}, the volume has shape {shape}"
+                    )
+                if not mask.any():
+                    raise BadInputError(f"volume {i}: the mask is empty (no non-zero voxel)")
+                self.masks.append(torch.from_numpy(mask).to(gdev))
 
     def __len__(self) -> int:
         return len(self.volumes)
@@ -514,8 +547,52 @@ class TripletSampler:
         """
         if int(batch_size) != batch_size or batch_size < 1:
             raise BadInputError(f"batch_size={batch_size} should be an integer >= 1")
-        cfg, gen, n = self.cfg, self.generator, int(batch_size)
+        gen, n = self.generator, int(batch_size)
         vidx = torch.randint(len(self.volumes), (n,), generator=gen, device=gen.device)
+        boxes = self._draw(vidx)
+        if self.masks is None:
+            return boxes
+        outside = ~self._anchor_inside(boxes)
+        for _ in range(MASK_ROUNDS):
+            rows = torch.nonzero(outside).flatten()
+            if len(rows) == 0:
+                return boxes
+            # MASK_CANDIDATES fresh triplets per row still outside; the first one inside
+            # replaces it (the first success of iid draws: the same conditional law)
+            again = self._draw(vidx[rows].repeat_interleave(MASK_CANDIDATES))
+            hit = self._anchor_inside(again).reshape(len(rows), MASK_CANDIDATES)
+            found = hit.any(dim=1)
+            pick = torch.arange(len(rows), device=hit.device) * MASK_CANDIDATES + hit.long().argmax(
+                1
+            )
+            for key, value in again.items():
+                boxes[key][rows[found]] = value[pick[found]]
+            outside[rows[found]] = False
+        worst = int(torch.mode(vidx[outside]).values)
+        raise BadInputError(
+            f"volume {worst}: after {MASK_ROUNDS * MASK_CANDIDATES} draws some anchors still "
+            "centre outside its mask (the mask is too small, or lies only near the border "
+            "where no anchor of the --r-min/--r-max sizes is centred)"
+        )
+
+    def _anchor_inside(self, boxes: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Whether each triplet's anchor centre has its nearest voxel inside its mask."""
+        assert self.masks is not None
+        vidx = boxes["volume_index"]
+        inside = torch.ones(len(vidx), dtype=torch.bool, device=vidx.device)
+        for v, mask in enumerate(self.masks):
+            rows = torch.nonzero(vidx == v).flatten()
+            if mask is None or len(rows) == 0:
+                continue
+            voxel = torch.round(boxes["anchor_center"][rows]).long()
+            upper = torch.tensor(mask.shape, device=voxel.device) - 1
+            voxel = torch.minimum(torch.clamp(voxel, min=0), upper)
+            inside[rows] = mask[voxel[:, 0], voxel[:, 1], voxel[:, 2]]
+        return inside
+
+    def _draw(self, vidx: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Boxes of one triplet per entry of ``vidx`` (steps 2-6 of the class docstring)."""
+        cfg, gen, n = self.cfg, self.generator, len(vidx)
         size = self._size[vidx]  # (B, 3)
         longest = size.amax(dim=1)
 

@@ -48,6 +48,8 @@ class TrainingVolume:
     name: str
     data: np.ndarray  # float32 [x, y, z], normalised
     sha256: str  # of the raw (un-normalised) data
+    mask: np.ndarray | None = None  # bool [x, y, z]: anchors centre inside (train --mask)
+    mask_sha256: str | None = None  # of the mask's inside
 
 
 @dataclass
@@ -235,9 +237,13 @@ def _train(
                     train_config.steps,
                 )
         model_config, sampling_config = kept_model, kept_sampling
-        old_hashes = [v["sha256"] for v in state.get("training_volumes", [])]
-        if dist.is_main and old_hashes != [v.sha256 for v in volumes]:
-            log.warning("resuming on training volumes that differ from the checkpoint's")
+        old_hashes = [
+            (v["sha256"], v.get("mask_sha256")) for v in state.get("training_volumes", [])
+        ]
+        if dist.is_main and old_hashes != [(v.sha256, v.mask_sha256) for v in volumes]:
+            log.warning(
+                "resuming on training volumes (or --mask masks) that differ from the checkpoint's"
+            )
         history = [row for row in _read_history(history_path) if row["step"] <= state["step"]]
 
     seed = train_config.seed
@@ -251,7 +257,11 @@ def _train(
     tensors = [torch.from_numpy(np.ascontiguousarray(v.data)).to(dev) for v in volumes]
     try:
         sampler = TripletSampler(
-            tensors, sampling_config, model_config.patch_size, generator=sample_gen
+            tensors,
+            sampling_config,
+            model_config.patch_size,
+            generator=sample_gen,
+            masks=[v.mask for v in volumes],
         )
     except BadInputError as exc:
         raise BadInputError(_name_volume(str(exc), volumes)) from None
@@ -280,7 +290,13 @@ def _train(
         else time.monotonic() + 60.0 * train_config.max_minutes
     )
     volume_meta = [
-        {"name": v.name, "sha256": v.sha256, "shape": list(v.data.shape)} for v in volumes
+        {
+            "name": v.name,
+            "sha256": v.sha256,
+            "shape": list(v.data.shape),
+            **({"mask_sha256": v.mask_sha256} if v.mask_sha256 else {}),
+        }
+        for v in volumes
     ]
 
     def payload(kind: str) -> dict[str, Any]:

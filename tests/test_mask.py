@@ -15,6 +15,7 @@ from scipy import ndimage as ndi
 from hypsegcli import io, smoothing
 from hypsegcli.components import remove_small_components, small_component_mask
 from hypsegcli.edges import noise_std, refine_labels, snap_labels
+from hypsegcli.errors import BadInputError
 from hypsegcli.nesting import band_mask
 
 OFFSETS = [o for o in itertools.product((-1, 0, 1), repeat=3) if o != (0, 0, 0)]
@@ -372,3 +373,85 @@ def test_a_failed_case_keeps_its_record_and_a_shifted_mask_is_named(tiny_trained
         capsys,
     )
     assert code == 0 and "the mask is applied voxel by voxel" in err
+
+
+# ----------------------------------------------------------------------------- train --mask
+
+
+def _sampler(masks=None, seed=0, shapes=((30, 28, 26), (26, 30, 28))):
+    from hypsegcli.config import SamplingConfig
+    from hypsegcli.sampling import TripletSampler
+
+    rng = np.random.default_rng(7)
+    vols = [rng.random(shape, np.float32) for shape in shapes]
+    cfg = SamplingConfig(r_min=5, r_max=14)
+    kwargs = {} if masks is None else {"masks": masks}
+    return TripletSampler(vols, cfg, 6, generator=torch.Generator().manual_seed(seed), **kwargs)
+
+
+def test_sampler_masks_centre_every_anchor_inside_and_keep_volumes_equal():
+    shapes = ((30, 28, 26), (26, 30, 28))
+    small = np.zeros(shapes[0], bool)
+    small[12:15, 10:13, 11:14] = True  # 27 voxels
+    big = np.zeros(shapes[1], bool)
+    big[5:20, 5:25, 5:22] = True
+    sampler = _sampler([small, big])
+    boxes = sampler.sample_boxes(4000)
+    vidx = boxes["volume_index"].numpy()
+    voxel = np.rint(boxes["anchor_center"].numpy()).astype(int)
+    for v, mask in enumerate((small, big)):
+        rows = voxel[vidx == v]
+        assert mask[rows[:, 0], rows[:, 1], rows[:, 2]].all()
+    # the volume is drawn first and kept through the redraws: each counts equally
+    assert abs((vidx == 0).mean() - 0.5) < 0.03
+    # positives still inside their anchors, negatives still disjoint from them
+    half_a = boxes["anchor_side"].numpy()[:, None] / 2
+    half_c = boxes["pos_side"].numpy()[:, None] / 2
+    a, p, n = (boxes[k].numpy() for k in ("anchor_center", "pos_center", "neg_center"))
+    assert (np.abs(p - a) <= half_a - half_c + 1e-9).all()
+    assert (np.abs(n - a) >= half_a + half_c - 1e-9).any(axis=1).all()
+    # patches come out as before
+    assert _sampler([small, big]).sample(8).anchor.shape == (8, 1, 6, 6, 6)
+
+
+def test_sampler_without_masks_draws_exactly_as_before():
+    plain = _sampler().sample_boxes(64)
+    for masks in ([None, None], None):
+        again = _sampler(masks).sample_boxes(64)
+        for key in plain:
+            torch.testing.assert_close(plain[key], again[key], rtol=0, atol=0)
+    # a mask holding the whole volume draws the same triplets too (nothing is redrawn)
+    full = [np.ones((30, 28, 26), bool), None]
+    again = _sampler(full).sample_boxes(64)
+    for key in plain:
+        torch.testing.assert_close(plain[key], again[key], rtol=0, atol=0)
+
+
+def test_sampler_mask_problems():
+    rim = np.zeros((30, 28, 26), bool)
+    rim[0] = True  # no anchor of side >= 5 is centred on the first plane
+    with pytest.raises(BadInputError, match=r"volume 0: after 6400 draws .* too small"):
+        _sampler([rim, None]).sample_boxes(16)
+    with pytest.raises(BadInputError, match="volume 1: mask of shape"):
+        _sampler([None, np.ones((3, 3, 3), bool)])
+    with pytest.raises(BadInputError, match="volume 0: the mask is empty"):
+        _sampler([np.zeros((30, 28, 26), bool), None])
+
+
+def test_train_mask_is_recorded_and_a_changed_mask_is_named_on_resume(
+    tiny_trained, masked, tmp_path, capsys
+):
+    from clitools import TINY_TRAIN
+
+    from hypsegcli.modelfile import load_model_file
+
+    images = tiny_trained / "data" / "images"
+    argv = ["train", images, "-o", tmp_path / "m.pt", "--mask", masked / "masks", *TINY_TRAIN]
+    code, _, err = run([*argv, "--steps", "3"], capsys)
+    assert code == 0 and "(anchors inside their masks)" in err, err
+    meta = load_model_file(tmp_path / "m.pt")["training_volumes"]
+    assert all(len(v["mask_sha256"]) == 64 for v in meta)
+    code, _, err = run(
+        [*argv[: -len(TINY_TRAIN) - 2], *TINY_TRAIN, "--steps", "4", "--resume"], capsys
+    )
+    assert code == 0 and "(or --mask masks) that differ from the checkpoint's" in err
