@@ -345,7 +345,10 @@ def _train(
         if deadline is not None and dist.main_decides(time.monotonic() >= deadline):
             stopped_by = "max-minutes"
             break
-        triplets = sampler.sample(train_config.batch_size)
+        try:
+            triplets = sampler.sample(train_config.batch_size)
+        except BadInputError as exc:  # a --mask no anchor centre falls in
+            raise BadInputError(_name_volume(str(exc), volumes)) from None
         losses = loss_fn(triplets.anchor, triplets.positive, triplets.negative, generator=noise_gen)
         total = losses["total"]
         report = dist.average({k: v.detach() for k, v in losses.items()})  # over the ranks

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 
 import nibabel as nib
 import numpy as np
@@ -455,3 +456,19 @@ def test_train_mask_is_recorded_and_a_changed_mask_is_named_on_resume(
         [*argv[: -len(TINY_TRAIN) - 2], *TINY_TRAIN, "--steps", "4", "--resume"], capsys
     )
     assert code == 0 and "(or --mask masks) that differ from the checkpoint's" in err
+
+
+def test_train_mask_no_anchor_fits_names_the_file(tiny_trained, tmp_path, capsys):
+    from clitools import TINY_TRAIN
+
+    images = tiny_trained / "data" / "images"
+    first = sorted(images.glob("*.nii.gz"))[0]
+    img = nib.load(first)
+    corner = np.zeros(img.shape, np.uint8)
+    corner[0, 0, 0] = 1  # no anchor of side >= r-min is centred on a corner voxel
+    nib.save(nib.Nifti1Image(corner, img.affine), tmp_path / "corner.nii.gz")
+    argv = ["train", images, "-o", tmp_path / "m.pt", "--mask", tmp_path / "corner.nii.gz"]
+    code, _, err = run([*argv, *TINY_TRAIN, "--steps", "2"], capsys)
+    assert code == 2 and "still centre outside its mask" in err, err
+    assert str(images) in err and not re.search(r"volume \d+:", err)  # the file, not an index
+    assert not (tmp_path / "m.pt").exists()
