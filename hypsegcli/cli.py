@@ -573,7 +573,7 @@ def train(
         Norm,
         typer.Option(
             "--norm",
-            help="Intensity normalisation of every volume, stored in the model file and applied again at inference: 'percentile' (P_low -> 0, P_high -> 1, levels from --norm-range), 'zscore' (zero mean, unit standard deviation, as usual for cryo-ET) or 'none' (values as stored, for intensities calibrated across volumes).",
+            help="Intensity normalisation of every volume, stored in the model file and applied again at inference: 'percentile' (P_low -> 0, P_high -> 1, levels from --norm-range), 'zscore' (zero mean, unit standard deviation, as usual for cryo-ET; values more than four 1-99 percentile ranges beyond those percentiles are clipped first) or 'none' (values as stored, for intensities calibrated across volumes).",
         ),
     ] = Norm.percentile,
     norm_range: Annotated[

@@ -769,7 +769,9 @@ def _embedding_params(model: LoadedModel, patch_size: int, stride: int) -> dict[
         "patch_size": int(patch_size),
         "stride": int(stride),
         "normalization": model.normalization,
-        "norm_clip": NORM_CLIP if model.normalization.get("method") == "percentile" else None,
+        "norm_clip": NORM_CLIP
+        if model.normalization.get("method") in ("percentile", "zscore")
+        else None,
         "dtype": "float32",
     }
 

@@ -76,7 +76,8 @@ def _checked_volume(arr: np.ndarray, what: str) -> np.ndarray:
     return arr
 
 
-#: ``normalize_volume`` clips to [-NORM_CLIP, 1 + NORM_CLIP]: values more than this many
+#: ``normalize_volume`` clips to [-NORM_CLIP, 1 + NORM_CLIP] (and ``normalize(..., "zscore")``
+#: clips the raw values likewise before its mean and deviation): values more than this many
 #: percentile ranges beyond the range are artefacts (hot pixels, gold beads, a stray
 #: 1e30) that would otherwise take a k-means cluster of their own and dominate the
 #: spatial steps' statistics. The synthetic data reach -0.49 ... 2.70.
@@ -133,7 +134,11 @@ def normalize(
     - ``percentile``: :func:`normalize_volume` with levels ``(low, high)``;
       ``(0, 100)`` is min-max scaling.
     - ``zscore``: ``(x - mean) / std`` over all voxels (computed in float64),
-      the usual scaling of cryo-ET tomograms.
+      the usual scaling of cryo-ET tomograms, after clipping the voxels more
+      than :data:`NORM_CLIP` 1st-99th percentile ranges beyond those
+      percentiles (the outliers ``percentile`` clips; a stray 1e30 would
+      otherwise make the standard deviation and flatten every other voxel to
+      about 0). Data without such voxels are scaled exactly as plain z-scores.
     - ``none``: the voxel values as stored, for data whose absolute
       intensities mean the same in every volume (CT in Hounsfield units, say).
 
@@ -150,6 +155,12 @@ def normalize(
     arr = _checked_volume(arr, what)
     if method == "none":
         return arr.astype(np.float32, copy=True)
+    p_low, p_high = (float(v) for v in np.percentile(arr, [1.0, 99.0]))
+    span = p_high - p_low
+    if span > 0:
+        lo, hi = p_low - NORM_CLIP * span, p_high + NORM_CLIP * span
+        if float(arr.min()) < lo or float(arr.max()) > hi:
+            arr = np.clip(arr.astype(np.float64), lo, hi)
     mean = float(arr.mean(dtype=np.float64))
     std = float(arr.std(dtype=np.float64))
     out = arr.astype(np.float32, copy=True)

@@ -17,6 +17,7 @@ from scipy import ndimage, stats
 from hypsegcli.config import SamplingConfig
 from hypsegcli.errors import BadInputError
 from hypsegcli.sampling import (
+    NORM_CLIP,
     Triplets,
     TripletSampler,
     _sample_outside,
@@ -112,6 +113,28 @@ def test_normalize_methods_against_float64_references():
     assert raw.dtype == np.float32 and np.array_equal(raw, ref.astype(np.float32))
     np.testing.assert_array_equal(normalize(arr, "percentile", 5, 95), normalize_volume(arr, 5, 95))
     assert arr.dtype == np.int16 and np.array_equal(arr, kept)  # input untouched
+
+
+def test_zscore_clips_extreme_outliers_before_its_statistics():
+    rng = np.random.default_rng(2)
+    arr = rng.normal(100.0, 15.0, size=(20, 20, 20))
+    arr[1, 2, 3], arr[4, 5, 6] = 1e30, -1e30
+    # reference in float64: clip NORM_CLIP 1-99 percentile ranges beyond them, then z-score
+    p1, p99 = np.percentile(arr, [1, 99])
+    ref = np.clip(arr, p1 - NORM_CLIP * (p99 - p1), p99 + NORM_CLIP * (p99 - p1))
+    ref = (ref - ref.mean()) / ref.std()
+    z = normalize(arr, "zscore")
+    np.testing.assert_allclose(z, ref, rtol=1e-5, atol=1e-5)
+    others = np.ones(arr.shape, bool)
+    others[1, 2, 3] = others[4, 5, 6] = False
+    # the other voxels keep unit scale (unclipped, 1e30 made their deviation about 1e-27)
+    assert 0.9 < float(z[others].std()) < 1.1
+    assert 15 < z[1, 2, 3] < 25 and -25 < z[4, 5, 6] < -15  # the extremes, at the clip
+    # a gold bead of -15 standard deviations lies within the clip and is scaled as before
+    bead = rng.normal(100.0, 15.0, size=(20, 20, 20))
+    bead[8:10, 8:10, 8:10] = 100.0 - 15 * 15
+    plain = (bead - bead.mean()) / bead.std()
+    np.testing.assert_allclose(normalize(bead, "zscore"), plain, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["percentile", "zscore", "none"])
