@@ -653,6 +653,7 @@ def load_training_volumes(
                 sha256=array_sha256(vol.data),
                 mask=inside,
                 mask_sha256=record.get("inside_sha256"),
+                mask_name=str(masks.paths[path]) if masks is not None else None,
             )
         )
     return volumes

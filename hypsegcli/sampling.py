@@ -20,6 +20,7 @@ sides are continuous: the patch definition handles fractional boxes.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -408,11 +409,14 @@ def _sample_outside(
     return torch.minimum(torch.maximum(x, low), high)
 
 
-#: Rounds of redrawing the triplets whose anchor centre lies outside the mask, and the
-#: candidates drawn per such triplet and round (so masks holding 0.1% of the anchor
-#: centres still fill a batch).
-MASK_ROUNDS = 200
+#: Triplets whose anchor centre lies outside the mask are redrawn, whole: first
+#: MASK_CANDIDATES candidates per such triplet, twice as many each further round, the first
+#: one inside kept; at most MASK_DRAWS candidates per triplet in all (so a mask holding
+#: 1 in 10 000 of the anchor centres fails to fill a batch of 64 with odds below 1e-40),
+#: and at most MASK_CHUNK candidates drawn at once (bounded memory).
 MASK_CANDIDATES = 32
+MASK_DRAWS = 1 << 20
+MASK_CHUNK = 1 << 18
 
 
 class TripletSampler:
@@ -455,10 +459,12 @@ class TripletSampler:
     ``masks`` (``train --mask``): per volume a bool array of its shape, or None.
     A triplet whose anchor centre's nearest voxel lies outside its volume's
     mask is drawn again, whole, for the same volume (steps 2-6; so each volume
-    still counts equally): ``MASK_CANDIDATES`` candidates per round, the first
-    inside is kept, for up to ``MASK_ROUNDS`` rounds. Positives lie in
-    their anchors; negatives may lie anywhere, as without a mask. Without
-    masks the draws are exactly those above.
+    still counts equally): ``MASK_CANDIDATES`` candidates in the first round,
+    twice as many in each next, the first inside kept, up to ``MASK_DRAWS`` per
+    triplet. A mask with no voxel where an anchor of side >= r_min can be
+    centred (all within ``floor(r_min / 2)`` voxels of the border) is refused
+    here. Positives lie in their anchors; negatives may lie anywhere, as
+    without a mask. Without masks the draws are exactly those above.
     """
 
     def __init__(
@@ -545,6 +551,15 @@ class TripletSampler:
                     )
                 if not mask.any():
                     raise BadInputError(f"volume {i}: the mask is empty (no non-zero voxel)")
+                # anchor centres lie in [r/2 - 0.5, S - 0.5 - r/2] per axis, r >= r_min: their
+                # nearest voxels are floor(r_min / 2) .. S - 1 - floor(r_min / 2)
+                rim = int(math.floor(cfg.r_min / 2))
+                reach = tuple(slice(rim, s - rim) for s in shape)
+                if not mask[reach].any():
+                    raise BadInputError(
+                        f"the mask of volume {i}: all its voxels lie within {rim} voxels of the "
+                        f"border, where no anchor (side >= --r-min {cfg.r_min:g}) is centred"
+                    )
                 self.masks.append(torch.from_numpy(mask).to(gdev))
 
     def __len__(self) -> int:
@@ -564,26 +579,29 @@ class TripletSampler:
         if self.masks is None:
             return boxes
         outside = ~self._anchor_inside(boxes)
-        for _ in range(MASK_ROUNDS):
+        per_row, drawn = MASK_CANDIDATES, 0
+        while True:
             rows = torch.nonzero(outside).flatten()
             if len(rows) == 0:
                 return boxes
-            # MASK_CANDIDATES fresh triplets per row still outside; the first one inside
-            # replaces it (the first success of iid draws: the same conditional law)
-            again = self._draw(vidx[rows].repeat_interleave(MASK_CANDIDATES))
-            hit = self._anchor_inside(again).reshape(len(rows), MASK_CANDIDATES)
+            if drawn >= MASK_DRAWS:
+                break
+            # fresh triplets for each row still outside; the first one inside replaces it
+            # (the first success of iid draws: the same conditional law)
+            count = min(per_row, max(1, MASK_CHUNK // len(rows)), MASK_DRAWS - drawn)
+            again = self._draw(vidx[rows].repeat_interleave(count))
+            hit = self._anchor_inside(again).reshape(len(rows), count)
             found = hit.any(dim=1)
-            pick = torch.arange(len(rows), device=hit.device) * MASK_CANDIDATES + hit.long().argmax(
-                1
-            )
+            pick = torch.arange(len(rows), device=hit.device) * count + hit.long().argmax(1)
             for key, value in again.items():
                 boxes[key][rows[found]] = value[pick[found]]
             outside[rows[found]] = False
+            drawn += count
+            per_row *= 2
         worst = int(torch.mode(vidx[outside]).values)
         raise BadInputError(
-            f"volume {worst}: after {MASK_ROUNDS * MASK_CANDIDATES} draws some anchors still "
-            "centre outside its mask (the mask is too small, or lies only near the border "
-            "where no anchor of the --r-min/--r-max sizes is centred)"
+            f"the mask of volume {worst}: after {MASK_DRAWS} draws an anchor still centres "
+            "outside it (the mask is too small for anchors to centre in it by chance: enlarge it)"
         )
 
     def _anchor_inside(self, boxes: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -50,6 +50,7 @@ class TrainingVolume:
     sha256: str  # of the raw (un-normalised) data
     mask: np.ndarray | None = None  # bool [x, y, z]: anchors centre inside (train --mask)
     mask_sha256: str | None = None  # of the mask's inside
+    mask_name: str | None = None  # the mask's file
 
 
 @dataclass
@@ -347,8 +348,12 @@ def _train(
             break
         try:
             triplets = sampler.sample(train_config.batch_size)
-        except BadInputError as exc:  # a --mask no anchor centre falls in
-            raise BadInputError(_name_volume(str(exc), volumes)) from None
+        except BadInputError as exc:  # a --mask anchors hardly ever centre in
+            message = _name_volume(str(exc), volumes)
+            if step > 0:
+                checkpoint()
+                message += f"; the state after step {step} is in {ckpt_path}"
+            raise BadInputError(message) from None
         losses = loss_fn(triplets.anchor, triplets.positive, triplets.negative, generator=noise_gen)
         total = losses["total"]
         report = dist.average({k: v.detach() for k, v in losses.items()})  # over the ranks
@@ -496,14 +501,20 @@ def _restore_generators(
 
 
 def _name_volume(message: str, volumes: Sequence[TrainingVolume]) -> str:
-    """Replace 'volume 3' in a sampler message with the file's name."""
+    """Replace 'volume 3' in a sampler message with the file's name, and 'the mask of
+    volume 3' with the mask's file and the volume's."""
     import re
 
     def repl(match: re.Match[str]) -> str:
-        index = int(match.group(1))
-        return volumes[index].name if 0 <= index < len(volumes) else match.group(0)
+        index = int(match.group(2))
+        if not 0 <= index < len(volumes):
+            return match.group(0)
+        volume = volumes[index]
+        if match.group(1) and volume.mask_name:
+            return f"{volume.mask_name} (the mask of {volume.name})"
+        return f"{match.group(1) or ''}{volume.name}"
 
-    return re.sub(r"volume (?:index )?(\d+)", repl, message)
+    return re.sub(r"(the mask of )?volume (?:index )?(\d+)", repl, message)
 
 
 def _to_cpu(obj: Any) -> Any:

@@ -417,6 +417,29 @@ def test_sampler_masks_centre_every_anchor_inside_and_keep_volumes_equal():
 
 def test_sampler_without_masks_draws_exactly_as_before():
     plain = _sampler().sample_boxes(64)
+    # recorded with the sampler of 0abfe18, before train --mask existed
+    before = {
+        "anchor_center": (
+            [18.14563023245199, 14.663981756680426, 10.432481162602823],
+            2544.7172863272644,
+        ),
+        "anchor_side": (6.117344828627118, 542.7010698128369),
+        "pos_center": (
+            [19.58379434532392, 15.918224575583842, 10.125654141256542],
+            2548.0482380085705,
+        ),
+        "pos_side": (3.1994316243529117, 307.74296563458336),
+        "neg_center": (
+            [25.16958742320559, 23.63241203943168, 7.009649472124256],
+            2552.589093856187,
+        ),
+        "neg_side": (3.1994316243529117, 307.74296563458336),
+    }
+    for key, (first, total) in before.items():
+        np.testing.assert_allclose(plain[key][0].numpy(), first, rtol=1e-12)
+        assert plain[key].sum().item() == pytest.approx(total, rel=1e-12)
+    assert plain["volume_index"][:2].tolist() == [0, 1]
+    assert plain["volume_index"].sum().item() == 38
     for masks in ([None, None], None):
         again = _sampler(masks).sample_boxes(64)
         for key in plain:
@@ -430,9 +453,14 @@ def test_sampler_without_masks_draws_exactly_as_before():
 
 def test_sampler_mask_problems():
     rim = np.zeros((30, 28, 26), bool)
-    rim[0] = True  # no anchor of side >= 5 is centred on the first plane
-    with pytest.raises(BadInputError, match=r"volume 0: after 6400 draws .* too small"):
-        _sampler([rim, None]).sample_boxes(16)
+    rim[:2] = True  # no anchor of side >= 5 is centred on the first two planes
+    rim[:, :, -2:] = True  # nor on the last two
+    with pytest.raises(BadInputError, match=r"the mask of volume 0: all its voxels lie within 2 "):
+        _sampler([rim, None])
+    rim[2, 5, 5] = True  # but on the third: one voxel anchors can centre on
+    boxes = _sampler([rim, None]).sample_boxes(8)
+    centre = boxes["anchor_center"][boxes["volume_index"] == 0]
+    assert (torch.round(centre) == torch.tensor([2.0, 5.0, 5.0], dtype=centre.dtype)).all()
     with pytest.raises(BadInputError, match="volume 1: mask of shape"):
         _sampler([None, np.ones((3, 3, 3), bool)])
     with pytest.raises(BadInputError, match="volume 0: the mask is empty"):
@@ -469,6 +497,38 @@ def test_train_mask_no_anchor_fits_names_the_file(tiny_trained, tmp_path, capsys
     nib.save(nib.Nifti1Image(corner, img.affine), tmp_path / "corner.nii.gz")
     argv = ["train", images, "-o", tmp_path / "m.pt", "--mask", tmp_path / "corner.nii.gz"]
     code, _, err = run([*argv, *TINY_TRAIN, "--steps", "2"], capsys)
-    assert code == 2 and "still centre outside its mask" in err, err
-    assert str(images) in err and not re.search(r"volume \d+:", err)  # the file, not an index
+    assert code == 2 and "corner.nii.gz (the mask of " in err and "lie within 3 " in err, (
+        err
+    )  # r-min 6
+    assert str(images) in err and not re.search(r"volume \d+", err)  # the files, not an index
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_sampler_mask_of_one_voxel_in_ten_thousand_fills_every_batch():
+    # one interior voxel of 30 x 28 x 26: about 1 in 15 000 anchor centres fall on it, so
+    # most triplets need thousands of redraws (6 400 were once the most, and failed)
+    one = np.zeros((30, 28, 26), bool)
+    one[15, 13, 12] = True
+    sampler = _sampler([one, None])
+    for _ in range(3):
+        boxes = sampler.sample_boxes(16)
+        centre = boxes["anchor_center"][boxes["volume_index"] == 0]
+        assert len(centre) > 0
+        assert (torch.round(centre) == torch.tensor([15.0, 13.0, 12.0], dtype=centre.dtype)).all()
+
+
+def test_sampler_mask_budget_ends_in_a_clear_error_or_a_full_batch(monkeypatch):
+    from hypsegcli import sampling
+
+    half = np.zeros((30, 28, 26), bool)
+    half[:15] = True
+    monkeypatch.setattr(sampling, "MASK_DRAWS", sampling.MASK_CANDIDATES)  # one round only
+    # the one round fills every row: the batch comes back (the loop once fell through to
+    # its error here)
+    boxes = _sampler([half, None]).sample_boxes(32)
+    voxel = torch.round(boxes["anchor_center"][boxes["volume_index"] == 0]).long()
+    assert len(voxel) > 8 and half[voxel[:, 0], voxel[:, 1], voxel[:, 2]].all()
+    one = np.zeros((30, 28, 26), bool)
+    one[15, 13, 12] = True
+    with pytest.raises(BadInputError, match=r"the mask of volume 0: after 32 draws .* too small"):
+        _sampler([one, None]).sample_boxes(16)

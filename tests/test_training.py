@@ -403,3 +403,35 @@ def test_cli_norm_is_stored_applied_at_inference_and_kept_on_resume(tmp_path, ca
     code, stdout, err = run([*args, "--steps", "1", "--norm-range", "60", "20"], capsys)
     assert code == 2 and stdout == "" and len(err.strip().splitlines()) == 1
     assert "norm_low=60.0 and norm_high=20.0" in err, err
+
+
+def test_a_mask_failing_mid_run_keeps_the_state_and_names_the_mask_file(tmp_path, monkeypatch):
+    from hypsegcli.sampling import TripletSampler
+
+    real, calls = TripletSampler.sample, []
+
+    def sample(self, batch_size):
+        calls.append(batch_size)
+        if len(calls) == 3:  # as a mask anchors hardly ever centre in would, by bad luck
+            raise BadInputError("the mask of volume 1: after 1048576 draws ... too small")
+        return real(self, batch_size)
+
+    monkeypatch.setattr(TripletSampler, "sample", sample)
+    volumes = _volumes()
+    volumes[1].mask = np.ones(volumes[1].data.shape, bool)
+    volumes[1].mask_name = "masks/v1_mask.nii.gz"
+    out = tmp_path / "model.pt"
+    with pytest.raises(BadInputError) as info:
+        train(
+            volumes,
+            out,
+            model_config=TINY,
+            sampling_config=SAMPLING,
+            train_config=TrainConfig(steps=5, batch_size=4, checkpoint_every=100),
+            device="cpu",
+        )
+    ckpt, _ = companion_paths(out)
+    message = str(info.value)
+    assert message.startswith("masks/v1_mask.nii.gz (the mask of v1): after 1048576 draws")
+    assert message.endswith(f"; the state after step 2 is in {ckpt}")
+    assert load_model_file(ckpt)["step"] == 2 and not out.exists()
