@@ -161,7 +161,8 @@ def normalize(
     if span > 0:
         lo, hi = p_low - NORM_CLIP * span, p_high + NORM_CLIP * span
         if float(arr.min()) < lo or float(arr.max()) > hi:
-            arr = np.clip(arr.astype(np.float64), lo, hi)
+            arr = arr.astype(np.float64)  # a copy: the input is never modified
+            np.clip(arr, lo, hi, out=arr)
     mean = float(arr.mean(dtype=np.float64))
     std = float(arr.std(dtype=np.float64))
     out = arr.astype(np.float32, copy=True)

@@ -123,8 +123,10 @@ def test_zscore_clips_extreme_outliers_before_its_statistics():
     p1, p99 = np.percentile(arr, [1, 99])
     ref = np.clip(arr, p1 - NORM_CLIP * (p99 - p1), p99 + NORM_CLIP * (p99 - p1))
     ref = (ref - ref.mean()) / ref.std()
+    kept = arr.copy()
     z = normalize(arr, "zscore")
     np.testing.assert_allclose(z, ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(arr, kept)  # the float64 input is clipped in a copy
     others = np.ones(arr.shape, bool)
     others[1, 2, 3] = others[4, 5, 6] = False
     # the other voxels keep unit scale (unclipped, 1e30 made their deviation about 1e-27)
