@@ -324,6 +324,30 @@ def _nibabel_reports(path: Path) -> Iterator[None]:
         log.warning("%s: %s", path, message)
 
 
+_NIFTI1_HEADER = 348  # bytes; NIfTI-2's is longer, so a shorter file is cut either way
+
+
+def _header_bytes(path: Path) -> int | None:
+    """How many (decompressed) bytes of ``path`` can be read, up to a NIfTI-1 header's;
+    None where it cannot be opened at all (not gzip though named .gz, unreadable)."""
+    import gzip
+
+    opener: Callable[..., Any] = gzip.open if path.name.lower().endswith(".gz") else open
+    have = 0
+    try:
+        with opener(path, "rb") as fh:
+            while have < _NIFTI1_HEADER:
+                chunk = fh.read(_NIFTI1_HEADER - have)
+                if not chunk:
+                    break
+                have += len(chunk)
+    except EOFError:  # the gzip stream stops before the header's end
+        pass
+    except OSError:  # gzip.BadGzipFile and the like: not a cut file
+        return None
+    return have
+
+
 def _read_nifti(path: Path, *, native: bool = False) -> tuple[np.ndarray, VolumeGeometry]:
     import nibabel as nib
 
@@ -364,6 +388,11 @@ def _read_nifti(path: Path, *, native: bool = False) -> tuple[np.ndarray, Volume
             ) from None
         if isinstance(exc, EOFError):  # a gzip stream cut off (an interrupted copy)
             raise BadInputError(f"{path}: truncated NIfTI ({short})") from None
+        have = _header_bytes(path)
+        if have is not None and have < _NIFTI1_HEADER:  # cut inside the header
+            raise BadInputError(
+                f"{path}: truncated NIfTI (the file ends inside its {_NIFTI1_HEADER}-byte header)"
+            ) from None
         raise BadInputError(f"{path}: cannot read NIfTI ({short})") from exc
     data = np.ascontiguousarray(data.reshape(shape3))
     zooms = img.header.get_zooms()[:3]

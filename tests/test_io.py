@@ -248,6 +248,15 @@ def test_truncated_and_garbage_files(tmp_path):
     (tmp_path / "copy.nii.gz").write_bytes((tmp_path / "noise.nii.gz").read_bytes()[:3000])
     with pytest.raises(BadInputError, match=r"copy\.nii\.gz: truncated NIfTI \(Compressed file"):
         io.read_volume(tmp_path / "copy.nii.gz")
+    # cut inside the header, compressed or not (nibabel cannot tell the type)
+    (tmp_path / "head.nii.gz").write_bytes((tmp_path / "noise.nii.gz").read_bytes()[:60])
+    (tmp_path / "head.nii").write_bytes((tmp_path / "ok.nii").read_bytes()[:200])
+    for name in ("head.nii.gz", "head.nii"):
+        with pytest.raises(BadInputError, match=rf"{name}: truncated NIfTI .*its 348-byte header"):
+            io.read_volume(tmp_path / name)
+    # a file that is not gzip at all, though named so, stays "cannot read"
+    with pytest.raises(BadInputError, match=r"junk\.nii\.gz: cannot read NIfTI"):
+        io.read_volume(tmp_path / "junk.nii.gz")
 
 
 def test_nifti_header_claiming_more_than_the_file_or_memory(tmp_path, monkeypatch):
