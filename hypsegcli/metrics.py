@@ -208,16 +208,22 @@ def _as_spacing(spacing: Any, ndim: int) -> tuple[float, ...]:
     return sp
 
 
+def linear_is_usable(linear: Any, ndim: int = 3) -> bool:
+    """Whether ``linear`` (a voxel-to-world linear map) is ndim x ndim, finite and far from
+    singular (distinct voxels stay distinct: smallest singular value above 1e-6 times the
+    largest)."""
+    m = np.asarray(linear, dtype=np.float64)
+    if m.shape != (ndim, ndim) or not np.isfinite(m).all():
+        return False
+    sv = np.linalg.svd(m, compute_uv=False)
+    return bool(sv.max() > 0 and sv.min() > 1e-6 * sv.max())
+
+
 def _as_linear(linear: Any, spacing: Any, ndim: int) -> np.ndarray:
-    """The voxel-to-world linear map (ndim x ndim): ``linear`` where it is finite and far
-    from singular (distinct voxels stay distinct: smallest singular value above 1e-6 times
-    the largest), else ``diag(spacing)`` (checked by :func:`_as_spacing`)."""
-    if linear is not None:
-        m = np.asarray(linear, dtype=np.float64)
-        if m.shape == (ndim, ndim) and np.isfinite(m).all():
-            sv = np.linalg.svd(m, compute_uv=False)
-            if sv.max() > 0 and sv.min() > 1e-6 * sv.max():
-                return m
+    """The voxel-to-world linear map (ndim x ndim): ``linear`` where
+    :func:`linear_is_usable`, else ``diag(spacing)`` (checked by :func:`_as_spacing`)."""
+    if linear is not None and linear_is_usable(linear, ndim):
+        return np.asarray(linear, dtype=np.float64)
     return np.diag(_as_spacing(spacing, ndim))
 
 

@@ -457,13 +457,21 @@ def evaluate(
                         f"{pair['pred']} has shape {p_vol.data.shape} but {pair['truth']} has shape {t_vol.data.shape}"
                     )
                 _warn_if_other_grid(pair["pred"], p_vol.geometry, pair["truth"], t_vol.geometry)
+                linear = np.asarray(t_vol.geometry.affine, dtype=np.float64)[:3, :3]
+                if hausdorff and not metrics.linear_is_usable(linear):
+                    log.warning(
+                        "%s: its affine is singular or not finite; distances use the voxel "
+                        "sizes %s instead",
+                        pair["truth"],
+                        "x".join(f"{s:g}" for s in t_vol.geometry.spacing),
+                    )
                 try:
                     score = metrics.score_case(
                         _as_labels(p_vol.data, pair["pred"]),
                         _as_labels(t_vol.data, pair["truth"]),
                         t_vol.geometry.spacing,
                         surface_distances=hausdorff,
-                        linear=np.asarray(t_vol.geometry.affine, dtype=np.float64)[:3, :3],
+                        linear=linear,
                     )
                 except BadInputError as exc:
                     raise BadInputError(f"{pair['pred']} vs {pair['truth']}: {exc}") from None

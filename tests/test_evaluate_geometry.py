@@ -177,7 +177,8 @@ def test_a_singular_affine_falls_back_to_the_spacing(tmp_path, capsys):
     pred[5, 5, 5] = pred[7, 3, 5] = 1
     for name, data in (("p", pred), ("g", gt)):
         nib.save(nib.Nifti1Image(data, affine), tmp_path / f"{name}.nii.gz")
-    report, _ = _evaluate(capsys, tmp_path / "p.nii.gz", tmp_path / "g.nii.gz")
+    report, err = _evaluate(capsys, tmp_path / "p.nii.gz", tmp_path / "g.nii.gz")
+    assert "g.nii.gz: its affine is singular or not finite; distances use the voxel sizes" in err
     cls = report["cases"][0]["classes"][1]
     hd, hd95 = _reference(pred.astype(bool), gt.astype(bool), np.eye(3))
     assert (cls["hd"], cls["hd95"]) == pytest.approx((hd, hd95)) and hd > 1.4
