@@ -539,6 +539,10 @@ class TripletSampler:
             torch.minimum(size.amin(dim=1), size.amax(dim=1) - cfg.l_min), max=cfg.r_max
         )  # (V,), >= r_min by the check above
         self.masks: list[torch.Tensor | None] | None = None
+        #: per volume, the share of the voxels anchors can centre on that its mask holds
+        #: (None without a mask): about the share of candidates kept, so 1 / share draws
+        #: per triplet
+        self.mask_share: list[float | None] = [None] * len(vols)
         if masks is not None and any(m is not None for m in masks):
             self.masks = []
             for i, (mask, shape) in enumerate(zip(masks, shapes, strict=True)):
@@ -556,7 +560,8 @@ class TripletSampler:
                 # nearest voxels are floor(r_min / 2) .. S - 1 - floor(r_min / 2)
                 rim = int(math.floor(cfg.r_min / 2))
                 reach = tuple(slice(rim, s - rim) for s in shape)
-                if not mask[reach].any():
+                self.mask_share[i] = float(mask[reach].mean())
+                if not self.mask_share[i]:
                     raise BadInputError(
                         f"the mask of volume {i}: all its voxels lie within {rim} voxels of the "
                         f"border, where no anchor (side >= --r-min {cfg.r_min:g}) is centred"

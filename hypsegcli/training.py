@@ -36,6 +36,11 @@ from .modelfile import load_model_file, save_model_file
 
 log = logging.getLogger(__name__)
 
+#: ``train --mask``: a mask holding less than this share of the voxels anchors centre on
+#: is warned about (27 voxels of a 100^3 volume, 3e-5, took 1.6 s per batch of 64 to place
+#: against 0.12 s for 448 voxels, 5e-4)
+SLOW_MASK_SHARE = 1e-4
+
 #: Loss terms of :meth:`HypVAE.loss` kept per step (texture is 0 when the term is off).
 LOSS_FIELDS = ("total", "recon", "kl", "triplet", "texture")
 HISTORY_FIELDS = ("step", "elapsed_s", *LOSS_FIELDS, "triplets_per_s")
@@ -266,6 +271,16 @@ def _train(
         )
     except BadInputError as exc:
         raise BadInputError(_name_volume(str(exc), volumes)) from None
+    for i, share in enumerate(sampler.mask_share):
+        if dist.is_main and share is not None and share < SLOW_MASK_SHARE:
+            log.warning(
+                "%s: holds %.2g of the voxels anchors centre on, so each triplet is drawn "
+                "about %.0f times until its anchor centres inside: training will be slow "
+                "(a larger mask is faster)",
+                _name_volume(f"the mask of volume {i}", volumes),
+                share,
+                1 / share,
+            )
     optimizer = geoopt.optim.RiemannianAdam(model.parameters(), lr=train_config.lr, amsgrad=True)
     step = 0
     elapsed_before = 0.0

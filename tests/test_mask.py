@@ -510,6 +510,7 @@ def test_sampler_mask_of_one_voxel_in_ten_thousand_fills_every_batch():
     one = np.zeros((30, 28, 26), bool)
     one[15, 13, 12] = True
     sampler = _sampler([one, None])
+    assert sampler.mask_share == [pytest.approx(1 / (26 * 24 * 22)), None]  # rim of 2 voxels
     for _ in range(3):
         boxes = sampler.sample_boxes(16)
         centre = boxes["anchor_center"][boxes["volume_index"] == 0]

@@ -435,3 +435,30 @@ def test_a_mask_failing_mid_run_keeps_the_state_and_names_the_mask_file(tmp_path
     assert message.startswith("masks/v1_mask.nii.gz (the mask of v1): after 1048576 draws")
     assert message.endswith(f"; the state after step 2 is in {ckpt}")
     assert load_model_file(ckpt)["step"] == 2 and not out.exists()
+
+
+def test_a_mask_anchors_seldom_centre_in_is_warned_about(tmp_path, monkeypatch, caplog):
+    from hypsegcli import training
+
+    volumes = _volumes()
+    volumes[1].mask = np.zeros(volumes[1].data.shape, bool)
+    volumes[1].mask[10, 10, 10] = True  # 1 of the 16^3 voxels anchors of side >= 5 centre on
+    volumes[1].mask_name = "one_voxel.nii.gz"
+    volumes[2].mask = np.ones(volumes[2].data.shape, bool)
+    volumes[2].mask_name = "all.nii.gz"
+    monkeypatch.setattr(training, "SLOW_MASK_SHARE", 1e-3)
+    with caplog.at_level("WARNING"):
+        train(
+            volumes,
+            tmp_path / "model.pt",
+            model_config=TINY,
+            sampling_config=SAMPLING,
+            train_config=TrainConfig(steps=1, batch_size=4),
+            device="cpu",
+        )
+    slow = [r.getMessage() for r in caplog.records if "training will be slow" in r.getMessage()]
+    assert slow == [
+        "one_voxel.nii.gz (the mask of v1): holds 0.00024 of the voxels anchors centre on, so "
+        "each triplet is drawn about 4096 times until its anchor centres inside: training will "
+        "be slow (a larger mask is faster)"
+    ]
