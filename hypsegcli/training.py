@@ -365,7 +365,7 @@ def _train(
             triplets = sampler.sample(train_config.batch_size)
         except BadInputError as exc:  # a --mask anchors hardly ever centre in
             message = _name_volume(str(exc), volumes)
-            if step > 0:
+            if step > 0 and not dist.enabled:  # (checkpoint() gathers from every rank)
                 checkpoint()
                 message += f"; the state after step {step} is in {ckpt_path}"
             raise BadInputError(message) from None
