@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -410,6 +411,155 @@ def _sample_outside(
     return torch.minimum(torch.maximum(x, low), high)
 
 
+def _overlap(lo: np.ndarray, hi: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Length of [lo, hi] ∩ [a, b], broadcast (0 where they do not meet)."""
+    return np.clip(np.minimum(hi, b) - np.maximum(lo, a), 0.0, None)
+
+
+def _pool_axis(arr: np.ndarray, factor: int, axis: int, dtype: Any) -> np.ndarray:
+    """Sums over consecutive runs of ``factor`` along ``axis`` (the last run may be short)."""
+    if factor == 1:
+        return arr.astype(dtype, copy=False)
+    arr = np.moveaxis(arr, axis, 0)
+    whole = arr.shape[0] // factor * factor
+    parts = [arr[:whole].reshape(-1, factor, *arr.shape[1:]).sum(axis=1, dtype=dtype)]
+    if whole < arr.shape[0]:
+        parts.append(arr[whole:].sum(axis=0, dtype=dtype)[None])
+    return np.moveaxis(np.concatenate(parts), 0, axis)
+
+
+#: Quantiles of the anchor side r and, per r, of the child side r_c at which
+#: :func:`mask_acceptance` evaluates the (exact, given r and r_c) law of the anchor centre,
+#: and the largest side it works on before summing the mask over blocks of voxels.
+ACCEPT_R_QUANTILES = 24
+ACCEPT_RC_QUANTILES = 3
+ACCEPT_MAX_SIDE = 128
+
+
+def mask_acceptance(mask: np.ndarray, cfg: SamplingConfig, r_hi: float) -> float:
+    """The share of anchors drawn (steps 2-4 of :class:`TripletSampler`) whose centre's
+    nearest voxel lies inside ``mask`` (bool, the volume's shape); ``r_hi``: the volume's
+    largest anchor side.
+
+    Given r and r_c the anchor's lower corner is uniform on a box minus a smaller open
+    box (no room for the negative), both products of per-axis intervals, so the chance
+    of each voxel is a difference of two products of per-axis overlaps: exact. Where the
+    two boxes leave only faces, the corner lies on one of the faces :func:`_sample_outside`
+    picks from, with equal odds, as it does. r and r_c are taken at the midpoints of
+    ``ACCEPT_R_QUANTILES`` x ``ACCEPT_RC_QUANTILES`` equal quantiles of their laws (no
+    random numbers are drawn). Volumes longer than ``ACCEPT_MAX_SIDE`` along an axis are
+    summed over blocks first (the mask's share of a block stands for its voxels), which
+    is approximate near the mask's edges only.
+    """
+    shape = mask.shape
+    factor = max(1, math.ceil(max(shape) / ACCEPT_MAX_SIDE))
+    pooled: np.ndarray = mask
+    for axis in range(3):
+        pooled = _pool_axis(pooled, factor, axis, np.float64 if axis == 2 else np.uint32)
+    pooled = pooled / float(factor**3)  # share of each block inside (edge blocks: about)
+
+    qr = (np.arange(ACCEPT_R_QUANTILES) + 0.5) / ACCEPT_R_QUANTILES
+    lo_r = float(cfg.r_min)
+    if cfg.scale_sampling == "log":
+        r = np.exp(np.log(lo_r) + qr * (np.log(r_hi) - np.log(lo_r)))
+    else:
+        r = lo_r + qr * (r_hi - lo_r)
+    r = np.clip(r, lo_r, r_hi)
+    qc = (np.arange(ACCEPT_RC_QUANTILES) + 0.5) / ACCEPT_RC_QUANTILES
+    c_hi = np.minimum(np.minimum(r - cfg.r_gap, cfg.child_max), max(shape) - r)
+    c_hi = np.maximum(c_hi, cfg.l_min)
+    rc = (cfg.l_min + qc[None, :] * (c_hi[:, None] - cfg.l_min)).reshape(-1)
+    r = np.repeat(r, ACCEPT_RC_QUANTILES)
+    n = len(r)
+
+    def point(size: int, corner: np.ndarray, r: np.ndarray) -> np.ndarray:
+        """One-hot rows: the voxel the centre of a corner at ``corner`` rounds to."""
+        voxel = np.clip(np.round(corner + r / 2).astype(np.int64), 0, size - 1)
+        out = np.zeros((len(corner), size))
+        out[np.arange(len(corner)), voxel] = 1.0
+        return out
+
+    uniform_w, forb_w, box_len, forb_len, lows, highs, f_los, f_his = ([] for _ in range(8))
+    for size in shape:
+        # lower corner a on [-0.5, size - 0.5 - r]; forbidden (no room on either side):
+        # the open (size - 0.5 - r - rc, rc - 0.5); the centre a + r / 2 rounds to voxel i
+        # for a in [i - 0.5 - r / 2, i + 0.5 - r / 2)
+        low, high = np.full(n, -0.5), size - 0.5 - r
+        f_lo, f_hi = high - rc, np.maximum(rc - 0.5, high - rc)
+        cell = np.arange(size, dtype=np.float64)[None, :] - r[:, None] / 2
+        lb = high - low
+        flat = lb <= 0  # the anchor spans the axis: one position
+        wb = _overlap(cell - 0.5, cell + 0.5, low[:, None], high[:, None])
+        wb[flat] = point(size, low[flat], r[flat])
+        lb = np.where(flat, 1.0, lb)
+        cut_lo, cut_hi = np.maximum(f_lo, low), np.minimum(f_hi, high)
+        wf = _overlap(cell - 0.5, cell + 0.5, cut_lo[:, None], cut_hi[:, None])
+        lf = np.clip(cut_hi - cut_lo, 0.0, None)
+        in_open = (f_lo < low) & (low < f_hi)  # a flat axis: its one position is forbidden
+        wf[flat] = wb[flat] * in_open[flat, None]
+        lf = np.where(flat, in_open.astype(np.float64), lf)
+        uniform_w.append(wb / lb[:, None])
+        forb_w.append(wf)
+        box_len.append(lb)
+        forb_len.append(lf)
+        lows.append(low)
+        highs.append(high)
+        f_los.append(f_lo)
+        f_his.append(f_hi)
+    box_vol = np.prod(box_len, axis=0)
+    forb_vol = np.all([lf > 0 for lf in forb_len], axis=0) * np.prod(forb_len, axis=0)
+    allowed = box_vol - forb_vol
+    faces = ~(allowed > 1e-12 * box_vol)  # only faces are left (see _sample_outside)
+
+    # rows of per-axis weights; each row's sum over the mask is one term
+    rows: list[list[np.ndarray]] = [[], [], []]
+    for axis in range(3):
+        rows[axis].append(uniform_w[axis])  # the box, as a probability
+        rows[axis].append(forb_w[axis])  # the forbidden box, as lengths
+    face_rows = np.nonzero(faces)[0]
+    fr = r[face_rows]
+    choices = []  # per slab (k, side), the face rows that may pick it
+    for k in range(3):
+        low, high = lows[k][face_rows], highs[k][face_rows]
+        # the slabs below and above the forbidden interval along axis k, the other axes
+        # free (as _sample_outside's fallback); a slab of no length is its one position
+        below = (low, np.minimum(high, f_los[k][face_rows]))
+        above = (np.maximum(low, f_his[k][face_rows]), high)
+        for lo, hi in (below, above):
+            choices.append(hi - lo >= -ROOM_TOLERANCE)
+            lo = np.minimum(lo, high)  # where the sampler clamps a draw of no length
+            cell = np.arange(shape[k], dtype=np.float64)[None, :] - fr[:, None] / 2
+            slab = _overlap(cell - 0.5, cell + 0.5, lo[:, None], hi[:, None])
+            length = hi - lo
+            thin = ~(length > 0)
+            slab[thin] = point(shape[k], lo[thin], fr[thin])
+            slab[~thin] /= length[~thin, None]
+            for axis in range(3):
+                rows[axis].append(slab if axis == k else uniform_w[axis][face_rows])
+    wx, wy, wz = (_pool_axis(np.concatenate(rows[a]), factor, 1, np.float64) for a in range(3))
+    t = pooled.reshape(-1, pooled.shape[2]) @ wz.T
+    t = np.einsum("xyn,ny->xn", t.reshape(pooled.shape[0], pooled.shape[1], -1), wy)
+    t = np.einsum("xn,nx->n", t, wx)
+
+    in_box, in_forb = t[:n], t[n : 2 * n]
+    hits = np.empty(n)
+    regular = ~faces
+    # P(inside) = (box mass inside - forbidden mass inside) / allowed volume, where the box
+    # mass is in_box * box_vol (uniform_w is normalised) and the forbidden one in_forb
+    hits[regular] = (
+        in_box[regular] * box_vol[regular] - in_forb[regular] * (forb_vol[regular] > 0)
+    ) / allowed[regular]
+    if len(face_rows):
+        per_face = t[2 * n :].reshape(6, len(face_rows))
+        eligible = np.stack(choices)  # (6, F)
+        counts = eligible.sum(axis=0)
+        if not (counts > 0).all():
+            raise HypsegError("internal error: an anchor law with no room for a box")
+        hits[face_rows] = (per_face * eligible).sum(axis=0) / counts
+    share = float(np.clip(hits.mean(), 0.0, 1.0))
+    return share if share > 1e-12 else 0.0  # below: rounding of the box differences
+
+
 #: Triplets whose anchor centre lies outside the mask are redrawn, whole: first
 #: MASK_CANDIDATES candidates per such triplet, twice as many each further round, the first
 #: one inside kept; at most MASK_DRAWS candidates per triplet in all (so a mask holding
@@ -418,6 +568,9 @@ def _sample_outside(
 MASK_CANDIDATES = 32
 MASK_DRAWS = 1 << 20
 MASK_CHUNK = 1 << 18
+#: A mask whose acceptance times MASK_DRAWS is below this is refused before training: a
+#: triplet would fail with odds above e^-10, a batch of 64 about once in 300.
+MASK_REFUSE = 10.0
 
 
 class TripletSampler:
@@ -463,8 +616,9 @@ class TripletSampler:
     still counts equally): ``MASK_CANDIDATES`` candidates in the first round,
     twice as many in each next, the first inside kept, up to ``MASK_DRAWS`` per
     triplet. A mask with no voxel where an anchor of side >= r_min can be
-    centred (all within ``floor(r_min / 2)`` voxels of the border) is refused
-    here. Positives lie in their anchors; negatives may lie anywhere, as
+    centred (all near the border), or one so few anchors centre in
+    (:func:`mask_acceptance` times ``MASK_DRAWS`` below ``MASK_REFUSE``), is
+    refused here. Positives lie in their anchors; negatives may lie anywhere, as
     without a mask. Without masks the draws are exactly those above.
     """
 
@@ -539,10 +693,9 @@ class TripletSampler:
             torch.minimum(size.amin(dim=1), size.amax(dim=1) - cfg.l_min), max=cfg.r_max
         )  # (V,), >= r_min by the check above
         self.masks: list[torch.Tensor | None] | None = None
-        #: per volume, the share of the voxels anchors can centre on that its mask holds
-        #: (None without a mask): about the share of candidates kept, so 1 / share draws
-        #: per triplet
-        self.mask_share: list[float | None] = [None] * len(vols)
+        #: per volume, the share of anchors drawn that centre inside its mask (None without
+        #: a mask; :func:`mask_acceptance`): each triplet takes about 1 / share draws
+        self.mask_acceptance: list[float | None] = [None] * len(vols)
         if masks is not None and any(m is not None for m in masks):
             self.masks = []
             for i, (mask, shape) in enumerate(zip(masks, shapes, strict=True)):
@@ -556,16 +709,26 @@ class TripletSampler:
                     )
                 if not mask.any():
                     raise BadInputError(f"volume {i}: the mask is empty (no non-zero voxel)")
-                # anchor centres lie in [r/2 - 0.5, S - 0.5 - r/2] per axis, r >= r_min: their
-                # nearest voxels are floor(r_min / 2) .. S - 1 - floor(r_min / 2)
-                rim = int(math.floor(cfg.r_min / 2))
-                reach = tuple(slice(rim, s - rim) for s in shape)
-                self.mask_share[i] = float(mask[reach].mean())
-                if not self.mask_share[i]:
+                # anchor centres lie in [r/2 - 0.5, S - 0.5 - r/2] per axis, r >= r_min; their
+                # nearest voxels (rounded half to even, as torch.round) at most these
+                first = int(np.round(cfg.r_min / 2 - 0.5))
+                reach = tuple(
+                    slice(first, int(np.round(s - 0.5 - cfg.r_min / 2)) + 1) for s in shape
+                )
+                if not mask[reach].any():
                     raise BadInputError(
-                        f"the mask of volume {i}: all its voxels lie within {rim} voxels of the "
-                        f"border, where no anchor (side >= --r-min {cfg.r_min:g}) is centred"
+                        f"the mask of volume {i}: all its voxels lie within {first} voxels of "
+                        f"the border, where no anchor (side >= --r-min {cfg.r_min:g}) is centred"
                     )
+                share = mask_acceptance(mask, cfg, float(self._r_hi[i]))
+                if share * MASK_DRAWS < MASK_REFUSE:
+                    often = f"about 1 in {1 / share:,.0f}" if share > 0 else "none"
+                    raise BadInputError(
+                        f"the mask of volume {i}: of the anchors drawn, {often} centre inside "
+                        f"it, too few for the {MASK_DRAWS:,} draws a triplet may take "
+                        "(enlarge the mask, or place it away from the border)"
+                    )
+                self.mask_acceptance[i] = share
                 self.masks.append(torch.from_numpy(mask).to(gdev))
 
     def __len__(self) -> int:

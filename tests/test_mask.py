@@ -15,6 +15,7 @@ from scipy import ndimage as ndi
 
 from hypsegcli import io, smoothing
 from hypsegcli.components import remove_small_components, small_component_mask
+from hypsegcli.config import SamplingConfig
 from hypsegcli.edges import noise_std, refine_labels, snap_labels
 from hypsegcli.errors import BadInputError
 from hypsegcli.nesting import band_mask
@@ -379,13 +380,12 @@ def test_a_failed_case_keeps_its_record_and_a_shifted_mask_is_named(tiny_trained
 # ----------------------------------------------------------------------------- train --mask
 
 
-def _sampler(masks=None, seed=0, shapes=((30, 28, 26), (26, 30, 28))):
-    from hypsegcli.config import SamplingConfig
+def _sampler(masks=None, seed=0, shapes=((30, 28, 26), (26, 30, 28)), cfg=None):
     from hypsegcli.sampling import TripletSampler
 
     rng = np.random.default_rng(7)
     vols = [rng.random(shape, np.float32) for shape in shapes]
-    cfg = SamplingConfig(r_min=5, r_max=14)
+    cfg = cfg or SamplingConfig(r_min=5, r_max=14)
     kwargs = {} if masks is None else {"masks": masks}
     return TripletSampler(vols, cfg, 6, generator=torch.Generator().manual_seed(seed), **kwargs)
 
@@ -457,10 +457,32 @@ def test_sampler_mask_problems():
     rim[:, :, -2:] = True  # nor on the last two
     with pytest.raises(BadInputError, match=r"the mask of volume 0: all its voxels lie within 2 "):
         _sampler([rim, None])
-    rim[2, 5, 5] = True  # but on the third: one voxel anchors can centre on
+    rim[2, 12:16, 10:14] = True  # but on the third: voxels anchors can centre on
     boxes = _sampler([rim, None]).sample_boxes(8)
-    centre = boxes["anchor_center"][boxes["volume_index"] == 0]
-    assert (torch.round(centre) == torch.tensor([2.0, 5.0, 5.0], dtype=centre.dtype)).all()
+    voxel = torch.round(boxes["anchor_center"][boxes["volume_index"] == 0]).long()
+    assert (voxel[:, 0] == 2).all() and rim[voxel[:, 0], voxel[:, 1], voxel[:, 2]].all()
+    rim[2, 12:16, 10:14] = False
+    rim[2, 2, 2] = True  # one voxel in a corner: anchors seldom centre there
+    with pytest.raises(BadInputError, match=r"about 1 in [0-9,]+ centre inside it, too few"):
+        _sampler([rim, None])
+    # an even r-min puts the outermost centres on half voxels, which round to even: with
+    # r = 6 on 7 x 9 x 9, centres on axis 1 round to 2 .. 6 (voxel 2 once refused)
+    r6 = SamplingConfig(r_min=6, r_max=6, l_min=3, r_gap=2)
+    edge = np.zeros((7, 9, 9), bool)
+    edge[3, 2, 4] = True
+    boxes = _sampler([edge], cfg=r6, shapes=((7, 9, 9),)).sample_boxes(8)
+    assert (torch.round(boxes["anchor_center"]) == torch.tensor([3.0, 2.0, 4.0])).all()
+    # an axis exactly r-min long: every centre rounds to one voxel (once: an empty
+    # region, no refusal, then 2^20 draws per triplet)
+    off = np.zeros((6, 6, 20), bool)
+    off[3, 3, 10] = True
+    with pytest.raises(BadInputError, match=r"all its voxels lie within 2 voxels of the border"):
+        _sampler([off], cfg=r6, shapes=((6, 6, 20),))
+    # the middle of 9^3: no anchor leaves room for a negative there, rare or not at all
+    middle = np.zeros((9, 9, 9), bool)
+    middle[4, 4, 4] = True
+    with pytest.raises(BadInputError, match=r"of the anchors drawn, none centre inside it"):
+        _sampler([middle], shapes=((9, 9, 9),))
     with pytest.raises(BadInputError, match="volume 1: mask of shape"):
         _sampler([None, np.ones((3, 3, 3), bool)])
     with pytest.raises(BadInputError, match="volume 0: the mask is empty"):
@@ -497,20 +519,20 @@ def test_train_mask_no_anchor_fits_names_the_file(tiny_trained, tmp_path, capsys
     nib.save(nib.Nifti1Image(corner, img.affine), tmp_path / "corner.nii.gz")
     argv = ["train", images, "-o", tmp_path / "m.pt", "--mask", tmp_path / "corner.nii.gz"]
     code, _, err = run([*argv, *TINY_TRAIN, "--steps", "2"], capsys)
-    assert code == 2 and "corner.nii.gz (the mask of " in err and "lie within 3 " in err, (
+    assert code == 2 and "corner.nii.gz (the mask of " in err and "lie within 2 " in err, (
         err
     )  # r-min 6
     assert str(images) in err and not re.search(r"volume \d+", err)  # the files, not an index
     assert not (tmp_path / "m.pt").exists()
 
 
-def test_sampler_mask_of_one_voxel_in_ten_thousand_fills_every_batch():
-    # one interior voxel of 30 x 28 x 26: about 1 in 15 000 anchor centres fall on it, so
+def test_sampler_mask_of_one_voxel_in_thousands_fills_every_batch():
+    # one interior voxel of 30 x 28 x 26: about 1 in 6 700 anchor centres fall on it, so
     # most triplets need thousands of redraws (6 400 were once the most, and failed)
     one = np.zeros((30, 28, 26), bool)
     one[15, 13, 12] = True
     sampler = _sampler([one, None])
-    assert sampler.mask_share == [pytest.approx(1 / (26 * 24 * 22)), None]  # rim of 2 voxels
+    assert 1 / 8000 < sampler.mask_acceptance[0] < 1 / 5500 and sampler.mask_acceptance[1] is None
     for _ in range(3):
         boxes = sampler.sample_boxes(16)
         centre = boxes["anchor_center"][boxes["volume_index"] == 0]
@@ -524,6 +546,7 @@ def test_sampler_mask_budget_ends_in_a_clear_error_or_a_full_batch(monkeypatch):
     half = np.zeros((30, 28, 26), bool)
     half[:15] = True
     monkeypatch.setattr(sampling, "MASK_DRAWS", sampling.MASK_CANDIDATES)  # one round only
+    monkeypatch.setattr(sampling, "MASK_REFUSE", 0.0)  # no refusal up front
     # the one round fills every row: the batch comes back (the loop once fell through to
     # its error here)
     boxes = _sampler([half, None]).sample_boxes(32)
@@ -533,3 +556,33 @@ def test_sampler_mask_budget_ends_in_a_clear_error_or_a_full_batch(monkeypatch):
     one[15, 13, 12] = True
     with pytest.raises(BadInputError, match=r"the mask of volume 0: after 32 draws .* too small"):
         _sampler([one, None]).sample_boxes(16)
+
+
+@pytest.mark.parametrize(
+    ("shape", "cfg", "region"),
+    [
+        ((30, 28, 26), {}, (15, 13, 12)),  # one interior voxel
+        ((30, 28, 26), {}, (2, slice(None), slice(None))),  # the outermost plane reached
+        ((9, 9, 9), {}, (slice(0, 4), slice(None), 4)),  # room for the negative matters
+        ((12, 12, 30), {"scale_sampling": "uniform"}, (slice(3, 9), 3, slice(None))),
+        ((7, 9, 9), {"r_min": 6, "r_max": 6, "l_min": 3, "r_gap": 2}, (3, slice(None), 4)),
+        ((140, 20, 20), {}, (slice(60, 75), slice(5, 9), slice(None))),  # summed in blocks
+    ],
+)
+def test_mask_acceptance_matches_the_sampler(shape, cfg, region):
+    """The computed share of anchors centred inside a mask against the sampler's own
+    draws (binomial error bars), masks where the border, the negative's room, an even
+    r-min and block sums all count."""
+    from hypsegcli.sampling import mask_acceptance
+
+    config = SamplingConfig(**{"r_min": 5, "r_max": 14, **cfg})
+    mask = np.zeros(shape, bool)
+    mask[region] = True
+    sampler = _sampler(None, shapes=(shape,), cfg=config)
+    n = 300_000
+    boxes = sampler.sample_boxes(n)
+    voxel = torch.round(boxes["anchor_center"]).long()
+    seen = float(mask[voxel[:, 0], voxel[:, 1], voxel[:, 2]].mean())
+    share = mask_acceptance(mask, config, float(sampler._r_hi[0]))
+    error = np.sqrt(max(share, 1 / n) * (1 - share) / n)
+    assert abs(share - seen) < 4 * error + 0.03 * share, (share, seen)
