@@ -324,28 +324,40 @@ def _nibabel_reports(path: Path) -> Iterator[None]:
         log.warning("%s: %s", path, message)
 
 
-_NIFTI1_HEADER = 348  # bytes; NIfTI-2's is longer, so a shorter file is cut either way
+def _unreadable_nifti(path: Path) -> str | None:
+    """Why nibabel could not read ``path``, where the first bytes tell: the file is empty,
+    a Git LFS pointer, gzip data not named .gz, or its first bytes (decompressed where they are gzip's)
+    give ``sizeof_hdr`` 348 (NIfTI-1) or 540 (NIfTI-2), in either byte order, and fewer
+    bytes than that follow (a cut copy). None otherwise."""
+    import zlib
 
-
-def _header_bytes(path: Path) -> int | None:
-    """How many (decompressed) bytes of ``path`` can be read, up to a NIfTI-1 header's;
-    None where it cannot be opened at all (not gzip though named .gz, unreadable)."""
-    import gzip
-
-    opener: Callable[..., Any] = gzip.open if path.name.lower().endswith(".gz") else open
-    have = 0
     try:
-        with opener(path, "rb") as fh:
-            while have < _NIFTI1_HEADER:
-                chunk = fh.read(_NIFTI1_HEADER - have)
-                if not chunk:
-                    break
-                have += len(chunk)
-    except EOFError:  # the gzip stream stops before the header's end
-        pass
-    except OSError:  # gzip.BadGzipFile and the like: not a cut file
+        with open(path, "rb") as fh:
+            head = fh.read(1 << 16)
+    except OSError:
         return None
-    return have
+    if not head:
+        return "empty file"
+    if head.startswith(b"version https://git-lfs."):
+        return "a Git LFS pointer, not the data (fetch it: git lfs pull)"
+    if head[:2] == b"\x1f\x8b":
+        if not path.name.lower().endswith(".gz"):
+            return "gzip-compressed data in a file not named .gz (name it .nii.gz)"
+        whole = len(head) < 1 << 16  # the whole file was read
+        stream = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        try:  # what a cut stream yields, without an error for its missing end
+            head = stream.decompress(head, 540)
+        except zlib.error:
+            return None
+        if len(head) < 4 and whole and not stream.eof:
+            return "truncated NIfTI (the gzip stream ends before the header)"
+    if len(head) < 4:
+        return None
+    sizes = {int.from_bytes(head[:4], order) for order in ("little", "big")}
+    for size in (348, 540):
+        if size in sizes and len(head) < size:
+            return f"truncated NIfTI (the file ends inside its {size}-byte header)"
+    return None
 
 
 def _read_nifti(path: Path, *, native: bool = False) -> tuple[np.ndarray, VolumeGeometry]:
@@ -388,11 +400,9 @@ def _read_nifti(path: Path, *, native: bool = False) -> tuple[np.ndarray, Volume
             ) from None
         if isinstance(exc, EOFError):  # a gzip stream cut off (an interrupted copy)
             raise BadInputError(f"{path}: truncated NIfTI ({short})") from None
-        have = _header_bytes(path)
-        if have is not None and have < _NIFTI1_HEADER:  # cut inside the header
-            raise BadInputError(
-                f"{path}: truncated NIfTI (the file ends inside its {_NIFTI1_HEADER}-byte header)"
-            ) from None
+        why = _unreadable_nifti(path)
+        if why is not None:
+            raise BadInputError(f"{path}: {why}") from None
         raise BadInputError(f"{path}: cannot read NIfTI ({short})") from exc
     data = np.ascontiguousarray(data.reshape(shape3))
     zooms = img.header.get_zooms()[:3]

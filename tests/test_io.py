@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import re
 
 import mrcfile
 import nibabel as nib
@@ -248,12 +249,40 @@ def test_truncated_and_garbage_files(tmp_path):
     (tmp_path / "copy.nii.gz").write_bytes((tmp_path / "noise.nii.gz").read_bytes()[:3000])
     with pytest.raises(BadInputError, match=r"copy\.nii\.gz: truncated NIfTI \(Compressed file"):
         io.read_volume(tmp_path / "copy.nii.gz")
-    # cut inside the header, compressed or not (nibabel cannot tell the type)
-    (tmp_path / "head.nii.gz").write_bytes((tmp_path / "noise.nii.gz").read_bytes()[:60])
-    (tmp_path / "head.nii").write_bytes((tmp_path / "ok.nii").read_bytes()[:200])
-    for name in ("head.nii.gz", "head.nii"):
-        with pytest.raises(BadInputError, match=rf"{name}: truncated NIfTI .*its 348-byte header"):
+    # where nibabel "cannot work out file type", the first bytes say why
+    ok = (tmp_path / "ok.nii").read_bytes()
+    two = tmp_path / "two.nii"
+    nib.save(nib.Nifti2Image(np.ones((4, 4, 4), np.float32), np.eye(4)), two)
+    files = {
+        "gz60.nii.gz": (
+            (tmp_path / "noise.nii.gz").read_bytes()[:60],
+            "truncated NIfTI \\(the gzip stream ends before the header\\)",
+        ),
+        "gzhead.nii.gz": (
+            gzip.compress(ok[:300]),
+            "truncated NIfTI \\(the file ends inside its 348-byte header\\)",
+        ),
+        "head.nii": (ok[:200], "truncated NIfTI \\(the file ends inside its 348-byte header\\)"),
+        "head2.nii": (
+            two.read_bytes()[:400],
+            "truncated NIfTI \\(the file ends inside its 540-byte header\\)",
+        ),
+        "empty.nii.gz": (b"", "empty file"),
+        "renamed.nii": (
+            (tmp_path / "noise.nii.gz").read_bytes(),
+            "gzip-compressed data in a file not named \\.gz",
+        ),
+        "lfs.nii.gz": (
+            b"version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 9\n",
+            "a Git LFS pointer",
+        ),
+        "html.nii.gz": (gzip.compress(b"<html>404 not found</html>"), "cannot read NIfTI"),
+    }
+    for name, (blob, why) in files.items():
+        (tmp_path / name).write_bytes(blob)
+        with pytest.raises(BadInputError, match=rf"^\S*{re.escape(name)}: {why}"):
             io.read_volume(tmp_path / name)
+    assert io.read_volume(two).data.shape == (4, 4, 4)  # a whole NIfTI-2 reads
     # a file that is not gzip at all, though named so, stays "cannot read"
     with pytest.raises(BadInputError, match=r"junk\.nii\.gz: cannot read NIfTI"):
         io.read_volume(tmp_path / "junk.nii.gz")
