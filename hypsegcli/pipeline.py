@@ -439,6 +439,7 @@ def evaluate(
     folder = Path(csv_path).parent if csv_path is not None else None
     failures = Failures(len(selected))
     cases = []
+    singular_warned: set[str] = set()
     with RunRecorder(folder, "evaluate", config, part, argv, environ) as run:
         run.set(device=None, seed=None)
         for i, pair in enumerate(selected):
@@ -458,7 +459,12 @@ def evaluate(
                     )
                 _warn_if_other_grid(pair["pred"], p_vol.geometry, pair["truth"], t_vol.geometry)
                 linear = np.asarray(t_vol.geometry.affine, dtype=np.float64)[:3, :3]
-                if hausdorff and not metrics.linear_is_usable(linear):
+                if (
+                    hausdorff
+                    and not metrics.linear_is_usable(linear)
+                    and str(pair["truth"]) not in singular_warned
+                ):
+                    singular_warned.add(str(pair["truth"]))  # once per file, not per pair
                     log.warning(
                         "%s: its affine is singular or not finite; distances use the voxel "
                         "sizes %s instead",

@@ -182,3 +182,18 @@ def test_a_singular_affine_falls_back_to_the_spacing(tmp_path, capsys):
     cls = report["cases"][0]["classes"][1]
     hd, hd95 = _reference(pred.astype(bool), gt.astype(bool), np.eye(3))
     assert (cls["hd"], cls["hd95"]) == pytest.approx((hd, hd95)) and hd > 1.4
+
+
+def test_a_singular_affine_is_named_once_per_truth_file(tmp_path, capsys):
+    affine = np.eye(4)
+    affine[0, 1], affine[1, 1] = 1.0, 0.0
+    gt = np.zeros((10, 10, 10), np.uint8)
+    gt[5, 5, 5] = gt[6, 4, 5] = 1
+    (tmp_path / "pred").mkdir()
+    (tmp_path / "truth").mkdir()
+    nib.save(nib.Nifti1Image(gt, affine), tmp_path / "truth" / "case.nii.gz")
+    for k in (2, 4, 8):
+        nib.save(nib.Nifti1Image(gt, affine), tmp_path / "pred" / f"case_k{k}.nii.gz")
+    report, err = _evaluate(capsys, tmp_path / "pred", tmp_path / "truth")
+    assert len(report["cases"]) == 3
+    assert err.count("its affine is singular or not finite") == 1, err
