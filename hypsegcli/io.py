@@ -326,9 +326,9 @@ def _nibabel_reports(path: Path) -> Iterator[None]:
 
 def _unreadable_nifti(path: Path) -> str | None:
     """Why nibabel could not read ``path``, where the first bytes tell: the file is empty,
-    a Git LFS pointer, gzip data not named .gz, or its first bytes (decompressed where they are gzip's)
-    give ``sizeof_hdr`` 348 (NIfTI-1) or 540 (NIfTI-2), in either byte order, and fewer
-    bytes than that follow (a cut copy). None otherwise."""
+    a Git LFS pointer, gzip data not named .gz, or a cut copy: its first bytes
+    (decompressed where they are gzip's) give ``sizeof_hdr`` 348 (NIfTI-1) or 540
+    (NIfTI-2), in either byte order, and fewer bytes than that follow. None otherwise."""
     import zlib
 
     try:

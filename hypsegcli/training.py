@@ -36,8 +36,8 @@ from .modelfile import load_model_file, save_model_file
 
 log = logging.getLogger(__name__)
 
-#: ``train --mask``: a mask fewer than this share of the anchors drawn centre in is warned
-#: about (placing a batch of 64 triplets in a 100^3 volume took 0.10 s with a mask of
+#: ``train --mask``: a mask in which fewer than this share of the anchors drawn centre is
+#: warned about (placing a batch of 64 triplets in a 100^3 volume took 0.10 s with a mask of
 #: 1 in 1 300, 1.3 s with 1 in 21 000, 0.0008 s without a mask)
 SLOW_MASK_SHARE = 1e-3
 
