@@ -23,7 +23,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -369,9 +368,10 @@ def _sample_outside(
     pieces, (k, side) for k = 0, 1, 2: x_a inside the forbidden interval for
     a < k, x_k below ``f_lo_k`` or above ``f_hi_k``, x_a free for a > k. A
     piece is picked with probability proportional to its volume, then each
-    coordinate uniformly in its interval. Where the allowed set has no volume
-    (a face only, e.g. a box that fits exactly), one of the non-empty slabs
-    "x_k below / above" is picked with equal odds instead. Returns x (B, 3).
+    coordinate uniformly in its interval. An axis with ``low == high`` counts as
+    one position of unit measure. Where the allowed set has no volume (a face
+    only, e.g. a box that fits exactly), one of the non-empty slabs "x_k below /
+    above" is picked with equal odds instead. Returns x (B, 3).
     """
     f_hi = torch.maximum(
         f_hi, f_lo
@@ -379,6 +379,13 @@ def _sample_outside(
     full_len = (high - low).clamp_min(0)
     in_lo, in_hi = torch.maximum(low, f_lo), torch.minimum(high, f_hi)
     in_len = (in_hi - in_lo).clamp_min(0)
+    # an axis of no length (a box as long as the volume) is one position, of unit
+    # measure, inside the forbidden interval or not (so the law stays uniform over the
+    # other axes instead of falling back to the faces)
+    flat = ~(full_len > 0)
+    if bool(flat.any()):
+        in_len = torch.where(flat, ((f_lo < low) & (low < f_hi)).to(in_len.dtype), in_len)
+        full_len = torch.where(flat, torch.ones_like(full_len), full_len)
     below_hi, above_lo = torch.minimum(high, f_lo), torch.maximum(low, f_hi)
     below_len, above_len = below_hi - low, high - above_lo  # negative: empty
 
@@ -416,24 +423,67 @@ def _overlap(lo: np.ndarray, hi: np.ndarray, a: np.ndarray, b: np.ndarray) -> np
     return np.clip(np.minimum(hi, b) - np.maximum(lo, a), 0.0, None)
 
 
-def _pool_axis(arr: np.ndarray, factor: int, axis: int, dtype: Any) -> np.ndarray:
-    """Sums over consecutive runs of ``factor`` along ``axis`` (the last run may be short)."""
-    if factor == 1:
-        return arr.astype(dtype, copy=False)
-    arr = np.moveaxis(arr, axis, 0)
-    whole = arr.shape[0] // factor * factor
-    parts = [arr[:whole].reshape(-1, factor, *arr.shape[1:]).sum(axis=1, dtype=dtype)]
-    if whole < arr.shape[0]:
-        parts.append(arr[whole:].sum(axis=0, dtype=dtype)[None])
-    return np.moveaxis(np.concatenate(parts), 0, axis)
+#: :func:`mask_acceptance` takes the anchor side r at about this many points (Gauss-
+#: Legendre pairs, at least one pair per piece of its range between even integers, where
+#: the voxels an anchor can centre on change) and the child side r_c at this many per r
+#: (even).
+ACCEPT_R_POINTS = 48
+ACCEPT_RC_POINTS = 4
 
 
-#: Quantiles of the anchor side r and, per r, of the child side r_c at which
-#: :func:`mask_acceptance` evaluates the (exact, given r and r_c) law of the anchor centre,
-#: and the largest side it works on before summing the mask over blocks of voxels.
-ACCEPT_R_QUANTILES = 24
-ACCEPT_RC_QUANTILES = 3
-ACCEPT_MAX_SIDE = 128
+def _gauss_nodes(k: int) -> np.ndarray:
+    """Two-point Gauss-Legendre nodes on each of ``k`` equal parts of [0, 1] (2k nodes of
+    equal weight; exact for cubics on each part)."""
+    mid = (np.arange(k) + 0.5) / k
+    half = 1 / (2 * k * math.sqrt(3))
+    return np.sort(np.concatenate((mid - half, mid + half)))
+
+
+def _anchor_sides(cfg: SamplingConfig, r_hi: float) -> tuple[np.ndarray, np.ndarray]:
+    """Points r of the anchor side's law on [r_min, r_hi] and their weights (summing to
+    1): the range is cut at the even integers, and each piece gets pairs of
+    Gauss-Legendre nodes in its quantiles in proportion to its probability (a pair at
+    least)."""
+    lo = float(cfg.r_min)
+    if r_hi - lo < 1e-9:
+        return np.array([lo]), np.array([1.0])
+    log = cfg.scale_sampling == "log"
+    cdf = (
+        (lambda x: (np.log(x) - np.log(lo)) / (np.log(r_hi) - np.log(lo)))
+        if log
+        else (lambda x: (x - lo) / (r_hi - lo))
+    )
+    inverse = (
+        (lambda q: np.exp(np.log(lo) + q * (np.log(r_hi) - np.log(lo))))
+        if log
+        else (lambda q: lo + q * (r_hi - lo))
+    )
+    cuts = [lo, *(e for e in range(2 * math.floor(lo / 2) + 2, math.ceil(r_hi), 2)), r_hi]
+    points, weights = [], []
+    for a, b in zip(cuts[:-1], cuts[1:], strict=True):
+        qa, qb = cdf(a), cdf(b)
+        if qb <= qa:
+            continue
+        k = max(1, round(ACCEPT_R_POINTS / 2 * (qb - qa)))
+        points.append(np.clip(inverse(qa + _gauss_nodes(k) * (qb - qa)), lo, r_hi))
+        weights.append(np.full(2 * k, (qb - qa) / (2 * k)))
+    w = np.concatenate(weights)
+    return np.concatenate(points), w / w.sum()
+
+
+def _mask_sums(mask: np.ndarray, wx: np.ndarray, wy: np.ndarray, wz: np.ndarray) -> np.ndarray:
+    """``sum_ijk mask_ijk wx[n, i] wy[n, j] wz[n, k]`` for every row n, in float64, a slab
+    of x at a time (bounded memory)."""
+    x_size, y_size, z_size = mask.shape
+    rows = wx.shape[0]
+    step = max(1, min((1 << 24) // max(1, y_size * rows), (1 << 24) // (y_size * z_size)))
+    out = np.zeros(rows)
+    for x0 in range(0, x_size, step):
+        slab = mask[x0 : x0 + step].reshape(-1, z_size).astype(np.float64)
+        t = (slab @ wz.T).reshape(-1, y_size, rows)  # (x, y, n)
+        t = np.einsum("xyn,ny->xn", t, wy)
+        out += np.einsum("xn,nx->n", t, wx[:, x0 : x0 + step])
+    return out
 
 
 def mask_acceptance(mask: np.ndarray, cfg: SamplingConfig, r_hi: float) -> float:
@@ -445,31 +495,18 @@ def mask_acceptance(mask: np.ndarray, cfg: SamplingConfig, r_hi: float) -> float
     box (no room for the negative), both products of per-axis intervals, so the chance
     of each voxel is a difference of two products of per-axis overlaps: exact. Where the
     two boxes leave only faces, the corner lies on one of the faces :func:`_sample_outside`
-    picks from, with equal odds, as it does. r and r_c are taken at the midpoints of
-    ``ACCEPT_R_QUANTILES`` x ``ACCEPT_RC_QUANTILES`` equal quantiles of their laws (no
-    random numbers are drawn). Volumes longer than ``ACCEPT_MAX_SIDE`` along an axis are
-    summed over blocks first (the mask's share of a block stands for its voxels), which
-    is approximate near the mask's edges only.
+    picks from, with equal odds, as it does. r is taken at the points of
+    :func:`_anchor_sides` and r_c at ``ACCEPT_RC_POINTS`` Gauss-Legendre nodes of its
+    law given r (no random numbers are drawn).
     """
     shape = mask.shape
-    factor = max(1, math.ceil(max(shape) / ACCEPT_MAX_SIDE))
-    pooled: np.ndarray = mask
-    for axis in range(3):
-        pooled = _pool_axis(pooled, factor, axis, np.float64 if axis == 2 else np.uint32)
-    pooled = pooled / float(factor**3)  # share of each block inside (edge blocks: about)
-
-    qr = (np.arange(ACCEPT_R_QUANTILES) + 0.5) / ACCEPT_R_QUANTILES
-    lo_r = float(cfg.r_min)
-    if cfg.scale_sampling == "log":
-        r = np.exp(np.log(lo_r) + qr * (np.log(r_hi) - np.log(lo_r)))
-    else:
-        r = lo_r + qr * (r_hi - lo_r)
-    r = np.clip(r, lo_r, r_hi)
-    qc = (np.arange(ACCEPT_RC_QUANTILES) + 0.5) / ACCEPT_RC_QUANTILES
-    c_hi = np.minimum(np.minimum(r - cfg.r_gap, cfg.child_max), max(shape) - r)
+    r_pts, r_w = _anchor_sides(cfg, r_hi)
+    qc = _gauss_nodes(ACCEPT_RC_POINTS // 2)
+    c_hi = np.minimum(np.minimum(r_pts - cfg.r_gap, cfg.child_max), max(shape) - r_pts)
     c_hi = np.maximum(c_hi, cfg.l_min)
     rc = (cfg.l_min + qc[None, :] * (c_hi[:, None] - cfg.l_min)).reshape(-1)
-    r = np.repeat(r, ACCEPT_RC_QUANTILES)
+    r = np.repeat(r_pts, ACCEPT_RC_POINTS)
+    weight = np.repeat(r_w, ACCEPT_RC_POINTS) / ACCEPT_RC_POINTS
     n = len(r)
 
     def point(size: int, corner: np.ndarray, r: np.ndarray) -> np.ndarray:
@@ -536,10 +573,7 @@ def mask_acceptance(mask: np.ndarray, cfg: SamplingConfig, r_hi: float) -> float
             slab[~thin] /= length[~thin, None]
             for axis in range(3):
                 rows[axis].append(slab if axis == k else uniform_w[axis][face_rows])
-    wx, wy, wz = (_pool_axis(np.concatenate(rows[a]), factor, 1, np.float64) for a in range(3))
-    t = pooled.reshape(-1, pooled.shape[2]) @ wz.T
-    t = np.einsum("xyn,ny->xn", t.reshape(pooled.shape[0], pooled.shape[1], -1), wy)
-    t = np.einsum("xn,nx->n", t, wx)
+    t = _mask_sums(mask, *(np.concatenate(rows[a]) for a in range(3)))
 
     in_box, in_forb = t[:n], t[n : 2 * n]
     hits = np.empty(n)
@@ -556,7 +590,7 @@ def mask_acceptance(mask: np.ndarray, cfg: SamplingConfig, r_hi: float) -> float
         if not (counts > 0).all():
             raise HypsegError("internal error: an anchor law with no room for a box")
         hits[face_rows] = (per_face * eligible).sum(axis=0) / counts
-    share = float(np.clip(hits.mean(), 0.0, 1.0))
+    share = float(np.clip(np.dot(weight, hits), 0.0, 1.0))
     return share if share > 1e-12 else 0.0  # below: rounding of the box differences
 
 

@@ -566,13 +566,20 @@ def test_sampler_mask_budget_ends_in_a_clear_error_or_a_full_batch(monkeypatch):
         ((9, 9, 9), {}, (slice(0, 4), slice(None), 4)),  # room for the negative matters
         ((12, 12, 30), {"scale_sampling": "uniform"}, (slice(3, 9), 3, slice(None))),
         ((7, 9, 9), {"r_min": 6, "r_max": 6, "l_min": 3, "r_gap": 2}, (3, slice(None), 4)),
-        ((140, 20, 20), {}, (slice(60, 75), slice(5, 9), slice(None))),  # summed in blocks
+        ((140, 20, 20), {}, (slice(60, 75), slice(5, 9), slice(None))),
+        ((200, 8, 8), {}, (slice(None), 3, 3)),  # elongated (once blocks of the long side)
+        ((100, 100, 100), {"r_max": 90, "scale_sampling": "uniform"}, (2,)),  # once 0
+        (
+            (6, 12, 12),
+            {"r_min": 6, "l_min": 4, "r_gap": 2},
+            (slice(None), slice(0, 4), slice(0, 4)),
+        ),
     ],
 )
 def test_mask_acceptance_matches_the_sampler(shape, cfg, region):
     """The computed share of anchors centred inside a mask against the sampler's own
     draws (binomial error bars), masks where the border, the negative's room, an even
-    r-min and block sums all count."""
+    r-min, a wide range of r and an axis exactly r-min long (one position) all count."""
     from hypsegcli.sampling import mask_acceptance
 
     config = SamplingConfig(**{"r_min": 5, "r_max": 14, **cfg})
@@ -586,3 +593,4 @@ def test_mask_acceptance_matches_the_sampler(shape, cfg, region):
     share = mask_acceptance(mask, config, float(sampler._r_hi[0]))
     error = np.sqrt(max(share, 1 / n) * (1 - share) / n)
     assert abs(share - seen) < 4 * error + 0.03 * share, (share, seen)
+    assert share > 0 or seen == 0  # never 0 where the sampler hits
