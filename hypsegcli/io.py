@@ -344,13 +344,22 @@ def _unreadable_nifti(path: Path) -> str | None:
         if not path.name.lower().endswith(".gz"):
             return "gzip-compressed data in a file not named .gz (name it .nii.gz)"
         whole = len(head) < 1 << 16  # the whole file was read
-        stream = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        out, data, ended = b"", head, True
         try:  # what a cut stream yields, without an error for its missing end
-            head = stream.decompress(head, 540)
+            while data and len(out) < 540:  # member after member (cat a.gz b.gz)
+                stream = zlib.decompressobj(16 + zlib.MAX_WBITS)
+                out += stream.decompress(data, 540 - len(out))
+                ended = stream.eof
+                if not ended:
+                    break
+                data = stream.unused_data
         except zlib.error:
             return None
-        if len(head) < 4 and whole and not stream.eof:
-            return "truncated NIfTI (the gzip stream ends before the header)"
+        if len(out) < 540 and not whole:  # the rest of the file is unread: no verdict
+            return None
+        if len(out) < 4:
+            return None if ended else "truncated NIfTI (the gzip stream ends before the header)"
+        head = out
     if len(head) < 4:
         return None
     sizes = {int.from_bytes(head[:4], order) for order in ("little", "big")}

@@ -283,6 +283,13 @@ def test_truncated_and_garbage_files(tmp_path):
         with pytest.raises(BadInputError, match=rf"^\S*{re.escape(name)}: {why}"):
             io.read_volume(tmp_path / name)
     assert io.read_volume(two).data.shape == (4, 4, 4)  # a whole NIfTI-2 reads
+    # gzip members one after another (cat a.gz b.gz) are one stream: a first member
+    # shorter than the header is no cut
+    bad = bytearray(ok)
+    bad[70:72] = (4096).to_bytes(2, "little")  # an unknown datatype code
+    (tmp_path / "members.nii.gz").write_bytes(gzip.compress(bad[:100]) + gzip.compress(bad[100:]))
+    with pytest.raises(BadInputError, match=r"members\.nii\.gz: cannot read NIfTI \(data code"):
+        io.read_volume(tmp_path / "members.nii.gz")
     # a file that is not gzip at all, though named so, stays "cannot read"
     with pytest.raises(BadInputError, match=r"junk\.nii\.gz: cannot read NIfTI"):
         io.read_volume(tmp_path / "junk.nii.gz")
