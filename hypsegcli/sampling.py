@@ -486,6 +486,22 @@ def _mask_sums(mask: np.ndarray, wx: np.ndarray, wy: np.ndarray, wz: np.ndarray)
     return out
 
 
+def _centre_weights(size: int, lo: np.ndarray, hi: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """Per row, the chance of each voxel along an axis of ``size`` that an anchor of side r
+    whose lower corner is uniform on [lo, hi] has its centre nearest to: the corner
+    a + r / 2 rounds to voxel i for a in [i - 0.5 - r / 2, i + 0.5 - r / 2). Where
+    ``hi <= lo`` the corner is the one position lo, rounded half to even as torch.round."""
+    cell = np.arange(size, dtype=np.float64)[None, :] - r[:, None] / 2
+    out = _overlap(cell - 0.5, cell + 0.5, lo[:, None], hi[:, None])
+    length = hi - lo
+    thin = ~(length > 0)
+    out[~thin] /= length[~thin, None]
+    voxel = np.clip(np.round(lo[thin] + r[thin] / 2).astype(np.int64), 0, size - 1)
+    out[thin] = 0.0
+    out[np.nonzero(thin)[0], voxel] = 1.0
+    return out
+
+
 def mask_acceptance(mask: np.ndarray, cfg: SamplingConfig, r_hi: float) -> float:
     """The share of anchors drawn (steps 2-4 of :class:`TripletSampler`) whose centre's
     nearest voxel lies inside ``mask`` (bool, the volume's shape); ``r_hi``: the volume's
@@ -509,35 +525,19 @@ def mask_acceptance(mask: np.ndarray, cfg: SamplingConfig, r_hi: float) -> float
     weight = np.repeat(r_w, ACCEPT_RC_POINTS) / ACCEPT_RC_POINTS
     n = len(r)
 
-    def point(size: int, corner: np.ndarray, r: np.ndarray) -> np.ndarray:
-        """One-hot rows: the voxel the centre of a corner at ``corner`` rounds to."""
-        voxel = np.clip(np.round(corner + r / 2).astype(np.int64), 0, size - 1)
-        out = np.zeros((len(corner), size))
-        out[np.arange(len(corner)), voxel] = 1.0
-        return out
-
     uniform_w, forb_w, box_len, forb_len, lows, highs, f_los, f_his = ([] for _ in range(8))
     for size in shape:
-        # lower corner a on [-0.5, size - 0.5 - r]; forbidden (no room on either side):
-        # the open (size - 0.5 - r - rc, rc - 0.5); the centre a + r / 2 rounds to voxel i
-        # for a in [i - 0.5 - r / 2, i + 0.5 - r / 2)
+        # lower corner on [-0.5, size - 0.5 - r] (one position where the anchor spans the
+        # axis); forbidden (no room on either side): the open (size - 0.5 - r - rc, rc - 0.5)
         low, high = np.full(n, -0.5), size - 0.5 - r
         f_lo, f_hi = high - rc, np.maximum(rc - 0.5, high - rc)
-        cell = np.arange(size, dtype=np.float64)[None, :] - r[:, None] / 2
-        lb = high - low
-        flat = lb <= 0  # the anchor spans the axis: one position
-        wb = _overlap(cell - 0.5, cell + 0.5, low[:, None], high[:, None])
-        wb[flat] = point(size, low[flat], r[flat])
-        lb = np.where(flat, 1.0, lb)
+        flat = ~(high - low > 0)
         cut_lo, cut_hi = np.maximum(f_lo, low), np.minimum(f_hi, high)
-        wf = _overlap(cell - 0.5, cell + 0.5, cut_lo[:, None], cut_hi[:, None])
-        lf = np.clip(cut_hi - cut_lo, 0.0, None)
         in_open = (f_lo < low) & (low < f_hi)  # a flat axis: its one position is forbidden
-        wf[flat] = wb[flat] * in_open[flat, None]
-        lf = np.where(flat, in_open.astype(np.float64), lf)
-        uniform_w.append(wb / lb[:, None])
-        forb_w.append(wf)
-        box_len.append(lb)
+        lf = np.where(flat, in_open.astype(np.float64), np.clip(cut_hi - cut_lo, 0.0, None))
+        uniform_w.append(_centre_weights(size, low, high, r))
+        forb_w.append(_centre_weights(size, cut_lo, cut_hi, r) * lf[:, None])
+        box_len.append(np.where(flat, 1.0, high - low))
         forb_len.append(lf)
         lows.append(low)
         highs.append(high)
@@ -564,13 +564,8 @@ def mask_acceptance(mask: np.ndarray, cfg: SamplingConfig, r_hi: float) -> float
         above = (np.maximum(low, f_his[k][face_rows]), high)
         for lo, hi in (below, above):
             choices.append(hi - lo >= -ROOM_TOLERANCE)
-            lo = np.minimum(lo, high)  # where the sampler clamps a draw of no length
-            cell = np.arange(shape[k], dtype=np.float64)[None, :] - fr[:, None] / 2
-            slab = _overlap(cell - 0.5, cell + 0.5, lo[:, None], hi[:, None])
-            length = hi - lo
-            thin = ~(length > 0)
-            slab[thin] = point(shape[k], lo[thin], fr[thin])
-            slab[~thin] /= length[~thin, None]
+            # where the sampler clamps a draw of no length
+            slab = _centre_weights(shape[k], np.minimum(lo, high), hi, fr)
             for axis in range(3):
                 rows[axis].append(slab if axis == k else uniform_w[axis][face_rows])
     t = _mask_sums(mask, *(np.concatenate(rows[a]) for a in range(3)))
