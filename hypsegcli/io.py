@@ -25,7 +25,9 @@ import contextlib
 import functools
 import glob
 import hashlib
+import json
 import logging
+import math
 import os
 import secrets
 import threading
@@ -458,6 +460,8 @@ def _read_mrc(path: Path, *, native: bool = False) -> tuple[np.ndarray, VolumeGe
                 axes = (int(header.mapc), int(header.mapr), int(header.maps))
                 voxel = mrc.voxel_size
                 spacing = (float(voxel.x), float(voxel.y), float(voxel.z))
+                cell = (header.cella.x, header.cella.y, header.cella.z)
+                sampling = (int(header.mx), int(header.my), int(header.mz))
                 origin = (float(header.origin.x), float(header.origin.y), float(header.origin.z))
                 # column, row and section starts (mrcfile names them nx/ny/nzstart)
                 file_start = (int(header.nxstart), int(header.nystart), int(header.nzstart))
@@ -494,6 +498,17 @@ def _read_mrc(path: Path, *, native: bool = False) -> tuple[np.ndarray, VolumeGe
     )
     if min(data.shape) < 1:
         raise BadInputError(f"{path}: empty MRC data of shape {raw.shape}")
+    if not all(math.isfinite(s) for s in spacing):
+        # mrcfile divides the cell by the sampling mx/my/mz: 0 there gives inf or nan
+        log.warning(
+            "%s: MRC voxel size %s is not finite (cell %s over sampling %s); treated as "
+            "unknown (0 in the outputs, 1 for computing)",
+            path,
+            "x".join(f"{s:g}" for s in spacing),
+            "x".join(f"{float(v):g}" for v in cell),
+            "x".join(str(v) for v in sampling),
+        )
+        spacing = tuple(s if math.isfinite(s) else 0.0 for s in spacing)
     voxel_size = spacing  # as stored: 0 (unknown) stays 0 in the outputs
     spacing = tuple(s if s > 0 else 1.0 for s in spacing)
     affine = np.diag([*spacing, 1.0])
@@ -762,6 +777,20 @@ def file_sha256(path: str | os.PathLike[str], *, chunk: int = 1 << 20) -> str:
     with open(path, "rb") as handle:
         while block := handle.read(chunk):
             digest.update(block)
+    return digest.hexdigest()
+
+
+def geometry_sha256(geometry: VolumeGeometry) -> str:
+    """Hex SHA-256 of what a volume's outputs copy from it besides the voxels: the
+    :func:`geometry_record` and, for NIfTI, the whole header as stored (descrip, units,
+    intent...), for MRC its text labels."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps(geometry_record(geometry), sort_keys=True).encode())
+    header = geometry.header
+    if geometry.format == "nifti" and header is not None:
+        digest.update(bytes(header.binaryblock))
+    elif isinstance(header, dict):
+        digest.update(json.dumps([str(t) for t in header.get("labels", ())]).encode())
     return digest.hexdigest()
 
 

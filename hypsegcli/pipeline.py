@@ -35,6 +35,7 @@ from .io import (
     collect_inputs,
     entry_path,
     geometry_record,
+    geometry_sha256,
     read_volume,
     volume_suffix,
     write_labels,
@@ -1687,9 +1688,11 @@ def _source_stamp(path: Path) -> dict[str, Any] | None:
     return {"size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns)}
 
 
-def _same_source(recorded: Any, path: Path) -> bool:
+def _same_source(recorded: Any, path: Path, *, geometry: bool = True) -> bool:
     """``path`` holds the input a per-case record was made from: the same size and
-    modification time, or else (copied, touched, synthesised again) the same voxels."""
+    modification time, or else (copied, touched, synthesised again) the same voxels and,
+    with ``geometry`` (an input, whose outputs copy its header; not a mask), the same
+    geometry and header (:func:`~hypsegcli.io.geometry_sha256`)."""
     if not isinstance(recorded, dict):
         return False
     stamp = _source_stamp(path)
@@ -1697,12 +1700,16 @@ def _same_source(recorded: Any, path: Path) -> bool:
         return False
     if all(recorded.get(key) == value for key, value in stamp.items()):
         return True
-    if not isinstance(recorded.get("sha256"), str):
-        return False
+    keys = ("sha256", "geometry_sha256") if geometry else ("sha256",)
+    if not all(isinstance(recorded.get(key), str) for key in keys):
+        return False  # a record of an older version without the geometry: redo the case
     try:
-        return array_sha256(read_volume(path).data) == recorded["sha256"]
+        volume = read_volume(path)
     except Exception:  # noqa: BLE001 - unreadable now: not done; the run reports why
         return False
+    if array_sha256(volume.data) != recorded["sha256"]:
+        return False
+    return not geometry or geometry_sha256(volume.geometry) == recorded["geometry_sha256"]
 
 
 def _case_done(
@@ -1732,7 +1739,7 @@ def _case_done(
         return False
     if not _same_source(doc.get("source"), path):
         return False
-    if mask is not None and not _same_source(doc["source"].get("mask"), mask):
+    if mask is not None and not _same_source(doc["source"].get("mask"), mask, geometry=False):
         return False
     sets = {int(s["k"]): s for s in doc["sets"] if isinstance(s, dict) and "k" in s}
     if not all(k in sets and sets[k].get("nested_in") == _nested_in(k, ks, nest) for k in ks):
@@ -1779,7 +1786,8 @@ def _write_case_centroids(
     """Write ``OUT/<case>.centroids.json`` (atomically), keeping the sets of ``old`` (the
     record this run took away before rewriting the case, see :func:`_take_case_record`) for
     other k made the same way from the same voxels (``source``: :func:`_source_stamp`, taken
-    before reading the input, plus the ``sha256`` of its voxels)."""
+    before reading the input, plus the ``sha256`` of its voxels and the ``geometry_sha256``
+    of its geometry and header)."""
     target = _case_centroids_path(out, volume.name)
     new_ks = {int(s["k"]) for s in sets}
     kept = []
@@ -1788,6 +1796,7 @@ def _write_case_centroids(
         _case_record_matches(old, header, fit, params)
         and isinstance(old_source, dict)
         and old_source.get("sha256") == source.get("sha256")
+        and old_source.get("geometry_sha256") == source.get("geometry_sha256")
         and _inside_sha(old_source) == _inside_sha(source)
     ):
         kept = [s for s in old["sets"] if isinstance(s, dict) and int(s.get("k", 0)) not in new_ks]
@@ -2267,7 +2276,11 @@ def cluster(
                         stamp = _source_stamp(path)
                         volume = read_volume(path)
                         sha = array_sha256(volume.data)
-                        source = {**(stamp or {}), "sha256": sha}
+                        source = {
+                            **(stamp or {}),
+                            "sha256": sha,
+                            "geometry_sha256": geometry_sha256(volume.geometry),
+                        }
                         inside: np.ndarray | None = None
                         off_mask: np.ndarray | None = None
                         mask_sha: str | None = None

@@ -561,3 +561,69 @@ def test_an_input_replaced_under_the_same_name_is_clustered_again(trained, tmp_p
     np.testing.assert_array_equal(again.affine, moved)
     record = json.loads((seg / "case.centroids.json").read_text())
     assert record["source"]["size"] == src.stat().st_size
+
+
+def test_an_input_whose_header_changed_is_clustered_again(tmp_path, capsys):
+    """The same voxels under a corrected header (NIfTI affine, MRC voxel size) are not the
+    input the outputs were made from: they copy the header, so the case is redone. A copy
+    with the same voxels and header (another modification time) is still skipped."""
+    data = np.random.default_rng(0).normal(size=(12, 13, 14)).astype(np.float32)
+    inp = tmp_path / "in"
+    inp.mkdir()
+    with mrcfile.new(str(inp / "a.mrc")) as mrc:
+        mrc.set_data(np.ascontiguousarray(np.transpose(data, (2, 1, 0))))
+        mrc.voxel_size = (1.5, 2.0, 3.0)
+    nib.save(nib.Nifti1Image(data, np.eye(4)), inp / "b.nii.gz")
+    seg = tmp_path / "seg"
+    argv = ["--quiet", "cluster", inp, "--features", "intensity", "--k", "2", "-o", seg, "--json"]
+    code, out, err = run(argv, capsys)
+    assert code == 0 and json.loads(out)["done"] == 2, err
+    # the same bytes written again (new modification time): skipped after reading
+    for name in ("a.mrc", "b.nii.gz"):
+        path = inp / name
+        blob = path.read_bytes()
+        path.unlink()
+        path.write_bytes(blob)
+    code, out, err = run(argv, capsys)
+    assert code == 0 and json.loads(out)["skipped"] == 2, err
+    with mrcfile.open(str(inp / "a.mrc"), mode="r+") as mrc:
+        mrc.voxel_size = (7.0, 7.0, 7.0)
+    nib.save(nib.Nifti1Image(data, np.diag([3.0, 3.0, 3.0, 1.0])), inp / "b.nii.gz")
+    code, out, err = run(argv, capsys)
+    assert code == 0 and json.loads(out)["done"] == 2, err
+    with mrcfile.open(str(seg / "a_k2.mrc")) as mrc:
+        assert tuple(float(v) for v in mrc.voxel_size.tolist()) == (7.0, 7.0, 7.0)
+    np.testing.assert_array_equal(
+        nib.load(seg / "b_k2.nii.gz").affine, np.diag([3.0, 3.0, 3.0, 1.0])
+    )
+    # a header change that leaves the geometry alone (descrip) is copied too
+    img = nib.load(inp / "b.nii.gz")
+    img.header["descrip"] = b"re-exported"
+    nib.save(nib.Nifti1Image(data, img.affine, img.header), inp / "b.nii.gz")
+    code, out, err = run(argv, capsys)
+    assert code == 0 and json.loads(out)["done"] == 1, err
+    # a record of an older version (no geometry hash) is redone when the file's stamp moved
+    record_path = seg / "a.centroids.json"
+    record = json.loads(record_path.read_text())
+    del record["source"]["geometry_sha256"]
+    record["source"]["mtime_ns"] -= 1
+    record_path.write_text(json.dumps(record))
+    code, out, err = run(argv, capsys)
+    assert code == 0 and json.loads(out)["done"] == 1, err
+
+
+def test_a_kept_set_of_another_k_is_dropped_when_the_header_changed(tmp_path, capsys):
+    """Sets of other k kept in the case record must have been made under the same header."""
+    data = np.random.default_rng(1).normal(size=(12, 13, 14)).astype(np.float32)
+    inp = tmp_path / "in"
+    inp.mkdir()
+    nib.save(nib.Nifti1Image(data, np.eye(4)), inp / "b.nii.gz")
+    seg = tmp_path / "seg"
+    base = ["--quiet", "cluster", inp, "--features", "intensity", "-o", seg, "--json"]
+    code, out, err = run([*base, "--k", "2"], capsys)
+    assert code == 0, err
+    nib.save(nib.Nifti1Image(data, np.diag([2.0, 2.0, 2.0, 1.0])), inp / "b.nii.gz")
+    code, out, err = run([*base, "--k", "3"], capsys)
+    assert code == 0, err
+    record = json.loads((seg / "b.centroids.json").read_text())
+    assert [s["k"] for s in record["sets"]] == [3]

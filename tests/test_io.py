@@ -398,3 +398,26 @@ def test_hashes_are_content_based(tmp_path):
         io.file_sha256(tmp_path / "f")
         == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
     )
+
+
+@pytest.mark.parametrize("cell", [36.0, 0.0])
+def test_mrc_with_zero_sampling_has_an_unknown_voxel_size(tmp_path, caplog, cell):
+    """mx = my = mz = 0 makes mrcfile's voxel size cell / 0 = inf (or nan for a zero cell):
+    it is read as unknown (spacing 1) with a warning, and written back as 0, not inf or nan."""
+    data = np.arange(3 * 4 * 5, dtype=np.float32).reshape(3, 4, 5)
+    src = tmp_path / "nosampling.mrc"
+    with mrcfile.new(str(src)) as mrc:
+        mrc.set_data(np.ascontiguousarray(np.transpose(data, (2, 1, 0))))
+        mrc.header.mx = mrc.header.my = mrc.header.mz = 0
+        mrc.header.cella.x = mrc.header.cella.y = mrc.header.cella.z = cell
+    with caplog.at_level("WARNING"):
+        vol = io.read_volume(src)
+    assert "nosampling.mrc: MRC voxel size" in caplog.text and "not finite" in caplog.text
+    assert vol.geometry.spacing == (1.0, 1.0, 1.0)
+    assert np.isfinite(vol.geometry.affine).all()
+    record = io.geometry_record(vol.geometry)
+    assert record["voxel_size"] == [0.0, 0.0, 0.0]
+    io.write_labels(tmp_path / "out.mrc", (data > 30).astype(np.int64), vol.geometry)
+    with mrcfile.open(str(tmp_path / "out.mrc")) as mrc:
+        assert tuple(float(v) for v in mrc.voxel_size.tolist()) == (0.0, 0.0, 0.0)
+        assert np.isfinite([mrc.header.cella.x, mrc.header.cella.y, mrc.header.cella.z]).all()
