@@ -289,9 +289,8 @@ def _check_3d(path: Path, shape: tuple[int, ...]) -> tuple[int, ...]:
     while len(dims) > 3 and dims[-1] == 1:
         dims.pop()
     if len(dims) != 3 or min(dims) < 1:
-        what = "4D" if len(dims) > 3 else f"{len(dims)}D"
         raise BadInputError(
-            f"{path}: {what} data of shape {tuple(shape)}; hypseg needs a 3D volume"
+            f"{path}: {len(dims)}D data of shape {tuple(shape)}; hypseg needs a 3D volume"
         )
     return tuple(dims)
 

@@ -224,6 +224,13 @@ def test_refuses_2d_and_true_4d(tmp_path):
         io.read_volume(tmp_path / "flat.nii")
     with pytest.raises(BadInputError, match=r"four\.nii: 4D data of shape \(4, 5, 6, 2\)"):
         io.read_volume(tmp_path / "four.nii")
+    # a vector field (5th axis of 3 after a singleton time axis) is 5D, not "4D"
+    nib.save(
+        nib.Nifti1Image(np.zeros((4, 5, 6, 1, 3), np.float32), np.eye(4)),
+        str(tmp_path / "field.nii"),
+    )
+    with pytest.raises(BadInputError, match=r"field\.nii: 5D data of shape \(4, 5, 6, 1, 3\)"):
+        io.read_volume(tmp_path / "field.nii")
 
 
 def test_truncated_and_garbage_files(tmp_path):
