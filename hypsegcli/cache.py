@@ -71,7 +71,7 @@ import numpy as np
 import platformdirs
 
 from .errors import BadInputError, HypsegError
-from .io import atomic_path, file_sha256, write_text_atomic
+from .io import atomic_path, file_sha256, os_error_text, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -350,7 +350,8 @@ class EmbeddingCache:
         try:
             fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             os.close(fd)
-            os.unlink(probe)
+            with contextlib.suppress(FileNotFoundError):  # a concurrent `cache clear` took it
+                os.unlink(probe)
         except OSError as exc:
             raise self._unusable(folder, f"cannot write: {exc.strerror or exc}") from None
 
@@ -370,7 +371,8 @@ class EmbeddingCache:
         (e.g. ``volume`` name, ``model`` path); ``created`` is added. Numeric
         arrays of any shape (float32 and float16 embeddings, also ints, bools)
         are accepted, C or Fortran order. The data file is renamed into place
-        before the sidecar; both atomically. An OSError while writing raises
+        before the sidecar; both atomically, and if the sidecar cannot be written
+        the data file is removed again. An OSError while writing raises
         HypsegError naming the file; if a concurrent :meth:`clear` removed the
         temporary file, the entry is simply not stored (a warning).
         """
@@ -386,12 +388,14 @@ class EmbeddingCache:
         )
         meta_doc = json.loads(json.dumps(meta_doc, default=_meta_json_default, allow_nan=True))
         fortran = bool(array.flags.f_contiguous and not array.flags.c_contiguous)
+        failing = data_path
         try:
             with atomic_path(data_path) as tmp:
                 with open(tmp, "wb") as fh:
                     np.save(fh, array, allow_pickle=False)
                 file_size = tmp.stat().st_size
                 digest = file_sha256(tmp)
+            failing = side_path
             record = {
                 "format": SIDECAR_FORMAT,
                 "key": key,
@@ -404,16 +408,22 @@ class EmbeddingCache:
                 "meta": meta_doc,
             }
             write_text_atomic(side_path, json.dumps(record, indent=1, sort_keys=True) + "\n")
-        except FileNotFoundError as exc:
-            log.warning(
-                "cache entry %s not stored: %s vanished (cache cleared meanwhile?)",
-                data_path,
-                exc.filename,
-            )
-        except OSError as exc:
-            raise HypsegError(
-                f"{data_path}: cannot write cache entry ({exc.strerror or exc})"
-            ) from None
+        except BaseException as exc:
+            if failing == side_path:  # the data file is in place without its sidecar: remove it
+                with contextlib.suppress(OSError):
+                    data_path.unlink()
+            if isinstance(exc, FileNotFoundError):
+                log.warning(
+                    "cache entry %s not stored: %s vanished (cache cleared meanwhile?)",
+                    data_path,
+                    exc.filename,
+                )
+            elif isinstance(exc, OSError):
+                raise HypsegError(
+                    f"{failing}: cannot write cache entry ({os_error_text(exc)})"
+                ) from None
+            else:
+                raise
         return data_path
 
     # -- reading

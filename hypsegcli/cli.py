@@ -727,8 +727,9 @@ def embed(
         typer.Option(
             "--skip-existing/--overwrite",
             help=(
-                "--skip-existing: skip volumes whose output exists (with -o the <case>.npy file, "
-                "without reading the volume; else the cache entry). --overwrite: recompute every "
+                "--skip-existing: skip volumes whose output exists (with -o the <case>.npy file "
+                "and its <case>.json, made by this model with these options from the input as it "
+                "is now; else the cache entry). --overwrite: recompute every "
                 "embedding, replacing cache entries and .npy files. Default: neither; cached "
                 "embeddings are reused and .npy files (re)written."
             ),

@@ -628,6 +628,17 @@ def check_output_folder(
         raise BadInputError(f"{folder}: exists and is not a folder ({what})")
 
 
+def os_error_text(exc: OSError) -> str:
+    """A one-line reason for an OSError: its strerror, or for numpy's short writes (no
+    errno: "N requested and M written", which a full disk gives) that the disk may be full."""
+    if exc.strerror:
+        return exc.strerror
+    text = " ".join(str(exc).split())
+    if "requested and" in text and "written" in text:
+        return f"short write, {text}: is the disk full?"
+    return text or type(exc).__name__
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` (same suffix); rename it into place on success.

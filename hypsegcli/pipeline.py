@@ -961,8 +961,9 @@ def embed(
     on each voxel (points of the Poincaré ball for hyperbolic models).
 
     ``skip_existing``: None (default) reuses cached embeddings and (re)writes
-    the ``.npy`` files; True skips a volume whose output exists (the ``.npy``
-    file with ``output``, not even reading the volume; else its cache entry);
+    the ``.npy`` files; True skips a volume whose output exists (with ``output``
+    the ``.npy`` file and its record, made by this model with these options from
+    the input as it is now: :func:`_embedding_done`; else its cache entry);
     False recomputes every embedding, replacing cache entries and files.
     With parts only this part's share of the sorted inputs is processed. A
     volume that fails is reported in ``failures`` and the others go on. With
@@ -1010,8 +1011,7 @@ def embed(
             path: bool(
                 skip_existing
                 and out is not None
-                and npy_of(path).is_file()  # type: ignore[union-attr]
-                and _sidecar_of(npy_of(path)).is_file()  # type: ignore[arg-type]
+                and _embedding_done(npy_of(path), path, model, patch_size, stride)  # type: ignore[arg-type]
             )
             for path in selected
         }
@@ -1045,14 +1045,14 @@ def embed(
                 if (
                     skip_existing
                     and target is not None
-                    and target.is_file()
-                    and _sidecar_of(target).is_file()
+                    and _embedding_done(target, path, model, patch_size, stride)
                 ):
                     row.update(status="skipped", shape=None, cached=False, output=str(target))
                     record = _read_json(_sidecar_of(target))
                     with contextlib.suppress(KeyError, TypeError):
                         sha = record["volume_sha256"]  # as recorded when the array was written
                 else:
+                    stamp = _source_stamp(path)
                     volume = read_volume(path)
                     sha = array_sha256(volume.data)
                     watch.lap("read")
@@ -1081,18 +1081,27 @@ def embed(
                             cached=cached,
                         )
                         if target is not None:
-                            # the record first: skipping needs both files
-                            write_text_atomic(
-                                _sidecar_of(target),
-                                json.dumps(
-                                    _embedding_record(
-                                        volume, model, sha, emb.shape, patch_size, stride
-                                    ),
-                                    indent=2,
-                                )
-                                + "\n",
-                            )
+                            # the record last, and the old one gone before the array is
+                            # replaced: a record says its array is complete and matches it
+                            sidecar = _sidecar_of(target)
+                            try:
+                                sidecar.unlink()
+                            except FileNotFoundError:
+                                pass
+                            except OSError as exc:
+                                raise HypsegError(
+                                    f"{sidecar}: cannot remove ({exc.strerror or exc})"
+                                ) from None
                             _save_npy(target, np.asarray(emb, dtype=np.float32))
+                            record = _embedding_record(
+                                volume, model, sha, emb.shape, patch_size, stride
+                            )
+                            record["source"] = {
+                                **(stamp or {}),
+                                "sha256": sha,
+                                "geometry_sha256": geometry_sha256(volume.geometry),
+                            }
+                            write_text_atomic(sidecar, json.dumps(record, indent=2) + "\n")
                             watch.lap("write")
                             row["output"] = str(target)
             except Exception as exc:  # noqa: BLE001 - one bad volume does not stop the batch
@@ -1344,6 +1353,7 @@ def _embedding_record(
         "volume_sha256": sha,
         "model": str(model.path),
         "model_sha256": model.sha256,
+        "model_content_sha256": model.content_sha256,
         "shape": [int(s) for s in shape],
         "space": "poincare_ball" if cfg.hyperbolic else "euclidean",
         "curvature": float(cfg.curvature) if cfg.hyperbolic else None,
@@ -1353,12 +1363,37 @@ def _embedding_record(
     }
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    from .io import atomic_path
+def _embedding_done(target: Path, path: Path, model: Any, patch_size: int, stride: int) -> bool:
+    """``embed -o --skip-existing``: ``target`` (``<case>.npy``) and its record (written
+    last) exist, the record was made by this model (its configuration, normalisation and
+    weights) with these options from the input as it is now (:func:`_same_source`: its size
+    and modification time, without reading it, or else its voxels and header), and the
+    array has the recorded shape (read from its header only)."""
+    record = _read_json(_sidecar_of(target)) if _sidecar_of(target).is_file() else None
+    if not isinstance(record, dict) or record.get("format") != EMBEDDING_RECORD_FORMAT:
+        return False
+    if (
+        record.get("model_content_sha256") != model.content_sha256
+        or record.get("patch_size") != patch_size
+        or record.get("stride") != stride
+    ):
+        return False
+    try:
+        shape = list(np.load(target, mmap_mode="r").shape)
+    except (OSError, ValueError):
+        return False
+    return shape == record.get("shape") and _same_source(record.get("source"), path)
 
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as handle:
-            np.save(handle, array)
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    from .io import atomic_path, os_error_text
+
+    try:
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as handle:
+                np.save(handle, array)
+    except OSError as exc:
+        raise HypsegError(f"{path}: cannot write ({os_error_text(exc)})") from None
 
 
 # ----------------------------------------------------------------------------- cluster

@@ -236,6 +236,50 @@ def test_failed_write_is_an_error_naming_the_file(cache, monkeypatch):
     assert list(cache.directory.iterdir()) == []  # no temporary file left behind
 
 
+@pytest.mark.parametrize(
+    "exc", [OSError(28, "No space left on device"), KeyboardInterrupt(), FileNotFoundError()]
+)
+def test_a_failed_sidecar_write_leaves_no_data_file(cache, monkeypatch, exc):
+    """The data file is renamed into place first: when its sidecar then cannot be written
+    (full disk, Ctrl-C, a concurrent clear), the data file goes too, and an error names the
+    sidecar."""
+
+    def failing(*_args, **_kwargs):
+        raise exc
+
+    monkeypatch.setattr(cache_mod, "write_text_atomic", failing)
+    if isinstance(exc, FileNotFoundError):
+        cache.put("k", np.zeros(3, np.float32))  # a warning: the entry is not stored
+    elif isinstance(exc, OSError):
+        with pytest.raises(HypsegError, match=r"k\.json: cannot write cache entry .No space"):
+            cache.put("k", np.zeros(3, np.float32))
+    else:
+        with pytest.raises(KeyboardInterrupt):
+            cache.put("k", np.zeros(3, np.float32))
+    assert list(cache.directory.iterdir()) == []
+
+
+def test_a_short_write_says_the_disk_may_be_full(cache, monkeypatch):
+    def short(*_args, **_kwargs):
+        raise OSError("16000 requested and 3040 written")  # numpy's, without errno
+
+    monkeypatch.setattr(cache_mod.np, "save", short)
+    with pytest.raises(HypsegError, match=r"k\.npy: cannot write cache entry .short write.*full"):
+        cache.put("k", np.zeros(3, np.float32))
+
+
+def test_a_probe_removed_by_a_concurrent_clear_is_no_error(tmp_path, monkeypatch):
+    real_unlink = os.unlink
+
+    def cleared(path, *args, **kwargs):
+        if str(path).endswith("-probe"):
+            real_unlink(path)  # `cache clear` got there first
+        return real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(cache_mod.os, "unlink", cleared)
+    EmbeddingCache(tmp_path)
+
+
 # ----------------------------------------------------------------------------- corruption
 
 

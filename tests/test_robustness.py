@@ -15,7 +15,7 @@ import pytest
 import torch
 from clitools import TINY_TRAIN, run, tiny_pipeline
 
-from hypsegcli import cli, config
+from hypsegcli import cli, config, io, pipeline
 from hypsegcli.errors import BadInputError
 
 
@@ -258,7 +258,6 @@ def test_runtime_messages_are_one_line():
 
 
 def test_mrc_labels_with_control_bytes_are_written_back_printable(tmp_path):
-    from hypsegcli import io
 
     data = np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6)
     with mrcfile.new(tmp_path / "odd.mrc") as mrc:
@@ -275,7 +274,6 @@ def test_mrc_labels_with_control_bytes_are_written_back_printable(tmp_path):
 
 def test_links_to_one_stored_object_are_two_cases(tmp_path):
     """git-annex / DataLad / DVC store identical files once and link to them: two cases."""
-    from hypsegcli import io
 
     store = tmp_path / "store"
     store.mkdir()
@@ -314,7 +312,6 @@ def test_resubmission_skips_copied_inputs_and_pooled_fits_stay_one_fit(trained, 
 
 
 def test_centroids_file_with_two_pooled_fits_for_one_k_is_refused(tmp_path):
-    from hypsegcli import pipeline
 
     doc = {
         "format": "hypseg-centroids",
@@ -339,6 +336,80 @@ def test_embed_skips_only_complete_pairs_of_array_and_record(trained, tmp_path, 
     assert (tmp_path / "case_000.json").is_file()
     code, out, _ = run([*argv, "--skip-existing"], capsys)
     assert json.loads(out)["volumes"][0]["status"] == "skipped"
+
+
+def test_embed_skips_only_arrays_made_by_this_model_options_and_input(trained, tmp_path, capsys):
+    """`embed -o --skip-existing` checks the record: another --patch-size, --stride or model,
+    or another volume under the same name, is embedded again; a touched copy is not."""
+    src = tmp_path / "in" / "vol.nii.gz"
+    src.parent.mkdir()
+    images = trained / "data" / "images"
+    src.write_bytes((images / "case_000.nii.gz").read_bytes())
+    out = tmp_path / "emb"
+    argv = ["--quiet", "embed", src, "-m", trained / "model.pt", "-o", out, "--json"]
+    argv += ["--stride", "4", "--skip-existing"]
+
+    def status(extra=()):
+        code, stdout, err = run([*argv, *extra], capsys)
+        assert code == 0, err
+        return json.loads(stdout)["volumes"][0]["status"]
+
+    assert status() != "skipped"
+    assert status() == "skipped"
+    assert status(["--patch-size", "7"]) != "skipped"  # the record now says 7
+    assert status(["--patch-size", "7"]) == "skipped"
+    assert status(["--patch-size", "7", "--stride", "3"]) != "skipped"
+    record = json.loads((out / "vol.json").read_text())
+    assert record["patch_size"] == 7 and record["stride"] == 3
+    assert np.load(out / "vol.npy").shape[:3] == tuple(record["shape"][:3])
+    src.write_bytes(src.read_bytes())  # touched: same voxels and header
+    assert status(["--patch-size", "7", "--stride", "3"]) == "skipped"
+    src.write_bytes((images / "case_001.nii.gz").read_bytes())  # another volume, same name
+    assert status(["--patch-size", "7", "--stride", "3"]) != "skipped"
+    assert json.loads((out / "vol.json").read_text())["volume_sha256"] == io.array_sha256(
+        io.read_volume(src).data
+    )
+
+
+def test_an_interrupted_embed_rewrite_is_redone(trained, tmp_path, capsys, monkeypatch):
+    """The record is removed before the array is replaced and written after it, so a run
+    stopped in between leaves no record describing another array, and a rerun redoes it."""
+    src = trained / "data" / "images" / "case_000.nii.gz"
+    out = tmp_path / "emb"
+    argv = ["--quiet", "embed", src, "-m", trained / "model.pt", "-o", out, "--json"]
+    argv += ["--stride", "4", "--skip-existing"]
+    assert run(argv, capsys)[0] == 0
+
+    def failing(path, array):
+        raise OSError("16000 requested and 3040 written")
+
+    monkeypatch.setattr(pipeline, "_save_npy", failing)
+    code, stdout, err = run([*argv, "--patch-size", "7"], capsys)
+    assert code == 1
+    assert not (out / "case_000.json").exists()  # the old record is gone with the rewrite
+    monkeypatch.undo()
+    code, stdout, err = run([*argv, "--patch-size", "7"], capsys)
+    assert code == 0 and json.loads(stdout)["volumes"][0]["status"] != "skipped", err
+    assert json.loads((out / "case_000.json").read_text())["patch_size"] == 7
+
+
+def test_a_full_disk_names_the_array_and_says_so(trained, tmp_path, capsys, monkeypatch):
+    """numpy's short write (no errno) on a full disk is reported for the output file."""
+    real_save = np.save
+
+    def short(handle, array, *args, **kwargs):
+        raise OSError("16000 requested and 3040 written")
+
+    src = trained / "data" / "images" / "case_000.nii.gz"
+    out = tmp_path / "emb"
+    argv = ["embed", src, "-m", trained / "model.pt", "-o", out, "--stride", "4"]
+    assert run(["--quiet", *argv], capsys)[0] == 0  # cache filled: np.save is the array's
+    monkeypatch.setattr(np, "save", short)
+    code, _, err = run([*argv, "--overwrite", "--cache-dir", tmp_path / "c2"], capsys)
+    monkeypatch.setattr(np, "save", real_save)
+    line = [x for x in err.splitlines() if "error" in x][-1]
+    assert code == 1 and "is the disk full?" in line
+    assert "cannot write cache entry" in line or "case_000.npy: cannot write" in line
 
 
 def test_evaluate_two_runs_against_each_other_warns_of_nothing(trained, tmp_path, capsys):
@@ -562,7 +633,6 @@ def test_cache_is_keyed_by_the_model_not_by_the_bytes_of_its_file(trained, tmp_p
 
 def _kill_on_second_label_file(monkeypatch, how):
     """Make cluster's second label file end the run as ``how`` would (after writing it)."""
-    from hypsegcli import pipeline
 
     real, calls = pipeline.write_labels, []
 
