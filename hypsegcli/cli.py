@@ -353,7 +353,7 @@ def synth(
         int, typer.Option("--size", min=16, help="Side of each cubic volume in voxels.")
     ] = 50,
     seed: Annotated[
-        int, typer.Option("--seed", help="Random seed: the same seed gives the same bytes.")
+        int, typer.Option("--seed", min=0, help="Random seed: the same seed gives the same bytes.")
     ] = 0,
     irregular: Annotated[
         bool,
@@ -480,7 +480,7 @@ def train(
         float, typer.Option("--lr", help="Learning rate (Riemannian Adam, amsgrad).")
     ] = 1e-3,
     seed: Annotated[
-        int, typer.Option("--seed", help="Seed for initialisation, sampling and noise.")
+        int, typer.Option("--seed", min=0, help="Seed for initialisation, sampling and noise.")
     ] = 0,
     device: Annotated[str, typer.Option("--device", help=DEVICE_HELP)] = "auto",
     threads: Annotated[
@@ -920,7 +920,7 @@ def cluster(
         ),
     ] = None,
     seed: Annotated[
-        int, typer.Option("--seed", help="Seed for subsampling and k-means initialisation.")
+        int, typer.Option("--seed", min=0, help="Seed for subsampling and k-means initialisation.")
     ] = 0,
     device: Annotated[str, typer.Option("--device", help=DEVICE_HELP)] = "auto",
     threads: Annotated[

@@ -44,6 +44,12 @@ def test_usage_errors_are_one_line_with_code_2(capsys, tmp_path):
     assert err.startswith("hypseg: error: ") and err.count("\n") == 1
     code, _, err = run(["synth", tmp_path, "--split", "a/b"], capsys)
     assert code == 2 and "--split 'a/b'" in err and err.count("\n") == 1
+    # a negative seed is refused up front (numpy's generators fail on it mid-run, exit 1)
+    for command in (["synth", tmp_path], ["train", tmp_path, "-o", tmp_path / "m.pt"]):
+        code, _, err = run([*command, "--seed", "-1"], capsys)
+        assert code == 2 and "--seed" in err and err.count("\n") == 1
+    code, _, err = run(["cluster", tmp_path, "--features", "intensity", "--seed", "-1"], capsys)
+    assert code == 2 and "--seed" in err and err.count("\n") == 1
 
 
 def _write_truth(tmp_path):
