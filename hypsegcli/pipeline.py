@@ -1588,6 +1588,20 @@ _IDENTITY = (
 )
 
 
+def _edge_image(data: np.ndarray, path: Path) -> np.ndarray:
+    """The intensities ``--snap`` and ``--mrf`` work on: scaled between percentiles 1 and 99
+    (:func:`normalize_volume`, whatever the model's own normalisation), or between the
+    minimum and maximum where those percentiles are equal (a volume of more than 99%
+    background, say, which a z-score model can still embed)."""
+    from .sampling import normalize_volume
+
+    try:
+        return normalize_volume(data, name=str(path))
+    except BadInputError:
+        log.debug("%s: percentiles 1 and 99 are equal; --snap and --mrf use min-max", path)
+        return normalize_volume(data, 0.0, 100.0, name=str(path))
+
+
 def _case_centroids_path(out: Path, name: str) -> Path:
     return out / f"{name}{CASE_CENTROIDS_SUFFIX}"
 
@@ -2009,7 +2023,6 @@ def cluster(
     from .embedding import DEFAULT_TILE
     from .nesting import band_mask, fill_band
     from .preview import write_preview
-    from .sampling import normalize_volume
     from .training import resolve_device
 
     progress = progress or _noop
@@ -2392,7 +2405,7 @@ def cluster(
                                 assert coarse is not None
                                 labels = fill_band(labels, coarse, band)
                             if (snap > 0 or mrf > 0) and scaled is None:
-                                scaled = normalize_volume(volume.data, name=str(path))
+                                scaled = _edge_image(volume.data, path)
                             if snap > 0:
                                 labels = snap_labels(labels, scaled, sigma=snap, outside=off_mask)
                             if mrf > 0:

@@ -627,3 +627,25 @@ def test_a_kept_set_of_another_k_is_dropped_when_the_header_changed(tmp_path, ca
     assert code == 0, err
     record = json.loads((seg / "b.centroids.json").read_text())
     assert [s["k"] for s in record["sets"]] == [3]
+
+
+def test_snap_and_mrf_work_on_a_mostly_empty_volume_a_zscore_model_embeds(
+    trained, tmp_path, capsys
+):
+    """--snap and --mrf scale intensities between percentiles 1 and 99 whatever the model's
+    normalisation; where those are equal (a cube in a volume of 99.6% zeros) they fall back
+    to min-max, where they had failed the volume with advice about train --norm-range."""
+    from clitools import TINY_TRAIN
+
+    model = tmp_path / "z.pt"
+    train = ["--quiet", "train", trained / "data" / "images", "-o", model, "--steps", "2"]
+    code, _, err = run([*train, *TINY_TRAIN, "--norm", "zscore"], capsys)
+    assert code == 0, err
+    data = np.zeros((20, 20, 20), np.float32)
+    data[8:11, 8:11, 8:11] = 5.0
+    src = tmp_path / "sparse.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.eye(4)), src)
+    argv = ["--quiet", "cluster", src, "-m", model, "--k", "2", "-o", tmp_path / "seg"]
+    code, _, err = run([*argv, "--cache-dir", tmp_path / "cache"], capsys)
+    assert code == 0, err
+    assert (tmp_path / "seg" / "sparse_k2.nii.gz").is_file()
