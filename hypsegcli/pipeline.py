@@ -12,6 +12,7 @@ import csv
 import io as _stdio
 import json
 import logging
+import math
 import re
 import statistics
 import warnings
@@ -1532,8 +1533,20 @@ def _intensity_features(data: np.ndarray, name: str) -> np.ndarray:
 
 
 def load_centroids(
-    path: Path, ks: list[int], features: str, geometry: str | None = None
+    path: Path,
+    ks: list[int],
+    features: str,
+    geometry: str | None = None,
+    *,
+    dim: int | None = None,
+    curvature: float | None = None,
 ) -> dict[int, np.ndarray]:
+    """The pooled centroids of a ``centroids.json`` (``cluster --centroids``) for every k in ``ks``.
+
+    Refuses (naming the file) another format, features, distance (``geometry``) or ball
+    curvature than this run's, and any set that is not k finite points of dimension ``dim``
+    (inside the ball of curvature -``curvature`` for Poincaré distances).
+    """
     try:
         doc = json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
@@ -1549,11 +1562,27 @@ def load_centroids(
             f"{path}: centroids were fitted with {doc.get('geometry')} distances, "
             f"this run uses {geometry} (--metric)"
         )
+    if geometry == "poincare" and curvature is not None:
+        theirs = doc.get("curvature", curvature)
+        if not isinstance(theirs, (int, float)) or not math.isclose(
+            float(theirs), curvature, rel_tol=1e-9
+        ):
+            raise BadInputError(
+                f"{path}: centroids were fitted on a ball of curvature -{theirs}, this "
+                f"model's is -{curvature:g}"
+            )
+    sets = doc.get("sets", [])
+    if not isinstance(sets, list):
+        raise BadInputError(f"{path}: 'sets' should be a list of centroid sets")
     pooled: dict[int, np.ndarray] = {}
-    for s in doc.get("sets", []):
+    for i, s in enumerate(sets):
+        if not isinstance(s, dict):
+            raise BadInputError(f"{path}: set {i} is not an object")
         if s.get("case") is not None:
             continue
-        k, centers = int(s["k"]), np.asarray(s["centers"], dtype=np.float64)
+        k, centers = _checked_centers(
+            path, i, s, dim, curvature if geometry == "poincare" else None
+        )
         if k in pooled and not np.array_equal(pooled[k], centers):
             raise BadInputError(
                 f"{path}: holds different pooled centroids for k={k} (volumes of that folder "
@@ -1566,6 +1595,38 @@ def load_centroids(
             f"{path}: no pooled centroids for k={', '.join(map(str, missing))} (fit them with --fit-on pooled)"
         )
     return pooled
+
+
+def _checked_centers(
+    path: Path, i: int, entry: dict[str, Any], dim: int | None, curvature: float | None
+) -> tuple[int, np.ndarray]:
+    """Set ``i`` of a centroids file as (k, centers): k >= 1 rows of ``dim`` finite numbers,
+    inside the ball of curvature -``curvature`` when given."""
+    k = entry.get("k")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise BadInputError(f"{path}: set {i} has k={k!r}; expected a whole number >= 1")
+    try:
+        centers = np.asarray(entry.get("centers"), dtype=np.float64)
+    except (TypeError, ValueError):
+        raise BadInputError(
+            f"{path}: set {i} (k={k}): centers are not a table of numbers"
+        ) from None
+    width = dim if dim is not None else (centers.shape[1] if centers.ndim == 2 else 0)
+    if centers.shape != (k, width) or width < 1:
+        want = f"({k}, {dim})" if dim is not None else f"({k}, d)"
+        raise BadInputError(
+            f"{path}: set {i} (k={k}): centers of shape {centers.shape}, expected {want}"
+        )
+    if not np.isfinite(centers).all():
+        raise BadInputError(f"{path}: set {i} (k={k}): centers hold NaN or infinite values")
+    if curvature is not None:
+        radius = float(np.linalg.norm(centers, axis=1).max())
+        if radius >= 1.0 / math.sqrt(curvature):
+            raise BadInputError(
+                f"{path}: set {i} (k={k}): a centre of norm {radius:g} lies outside the ball "
+                f"of curvature -{curvature:g} (radius {1.0 / math.sqrt(curvature):g})"
+            )
+    return k, centers
 
 
 #: Per-case centroid records beside the label volumes: ``OUT/<case>.centroids.json``.
@@ -2133,7 +2194,14 @@ def cluster(
     params = {"seed": seed, "n_init": n_init, "fit_samples": fit_samples}
     fixed: dict[int, np.ndarray] | None = None
     if centroids is not None:
-        fixed = load_centroids(centroids, ks, features, header["geometry"])
+        fixed = load_centroids(
+            centroids,
+            ks,
+            features,
+            header["geometry"],
+            dim=int(model.model.cfg.latent_dim) if model is not None else 1,
+            curvature=header["curvature"],
+        )
     cache_root = resolve_cache_dir(cache_dir) if model is not None else None
     config = {
         "inputs": [str(i) for i in inputs],
@@ -2302,7 +2370,10 @@ def cluster(
                 fixed = {}
                 for k in ks:
                     if len(pooled) < k:
-                        raise BadInputError(f"n_samples={len(pooled)} should be >= n_clusters={k}")
+                        raise BadInputError(
+                            f"--fit-on pooled: the {len(samples)} volume(s) read hold "
+                            f"{len(pooled)} voxels in all, fewer than k={k}"
+                        )
                     fixed[k] = clusterer.fit(pooled, k)
         try:
             for i, path in enumerate(selected):

@@ -312,7 +312,6 @@ def test_resubmission_skips_copied_inputs_and_pooled_fits_stay_one_fit(trained, 
 
 
 def test_centroids_file_with_two_pooled_fits_for_one_k_is_refused(tmp_path):
-
     doc = {
         "format": "hypseg-centroids",
         "features": "intensity",
@@ -324,6 +323,43 @@ def test_centroids_file_with_two_pooled_fits_for_one_k_is_refused(tmp_path):
     (tmp_path / "c.json").write_text(json.dumps(doc))
     with pytest.raises(BadInputError, match="different pooled centroids for k=2"):
         pipeline.load_centroids(tmp_path / "c.json", [2], "intensity")
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ({"case": None, "k": 2, "centers": [[0.0, 0.1], [0.2, 0.3], [0.1, 0.1]]}, "shape"),
+        ({"case": None, "k": 2, "centers": [[0.0, 0.1]]}, "shape"),
+        (
+            {"case": None, "k": 2, "centers": [[0.0, 0.1, 0.2], [0.2, 0.3, 0.0]]},
+            r"expected \(2, 2\)",
+        ),
+        ({"case": None, "k": 2, "centers": [[float("nan"), 0.1], [0.2, 0.3]]}, "NaN"),
+        ({"case": None, "k": 2, "centers": "abc"}, "not a table of numbers"),
+        ({"case": None, "centers": [[0.0, 0.1], [0.2, 0.3]]}, "k=None"),
+        ({"case": None, "k": True, "centers": [[0.0, 0.1]]}, "k=True"),
+        ({"case": None, "k": 2, "centers": [[0.0, 0.1], [0.2, 0.99]]}, "outside the ball"),
+        ("not a set", "set 0 is not an object"),
+    ],
+)
+def test_centroids_file_sets_are_checked(tmp_path, entry, message):
+    """Each pooled set must be k finite points of the model's dimension inside its ball:
+    extra rows gave labels beyond k, NaN rows labels equal to k, others a traceback."""
+    doc = {"format": "hypseg-centroids", "features": "model", "geometry": "poincare"}
+    doc |= {"curvature": 1.0, "sets": [entry]}
+    (tmp_path / "c.json").write_text(json.dumps(doc))
+    with pytest.raises(BadInputError, match=rf"c\.json: .*{message}"):
+        pipeline.load_centroids(tmp_path / "c.json", [2], "model", "poincare", dim=2, curvature=1.0)
+
+
+def test_centroids_file_of_another_curvature_is_refused(tmp_path):
+    doc = {"format": "hypseg-centroids", "features": "model", "geometry": "poincare"}
+    doc |= {"curvature": 1.0, "sets": [{"case": None, "k": 2, "centers": [[0, 0.1], [0.2, 0]]}]}
+    (tmp_path / "c.json").write_text(json.dumps(doc))
+    got = pipeline.load_centroids(tmp_path / "c.json", [2], "model", "poincare", dim=2, curvature=1)
+    np.testing.assert_array_equal(got[2], [[0, 0.1], [0.2, 0]])
+    with pytest.raises(BadInputError, match=r"c\.json: .*curvature -1.0, this model's is -2"):
+        pipeline.load_centroids(tmp_path / "c.json", [2], "model", "poincare", dim=2, curvature=2)
 
 
 def test_embed_skips_only_complete_pairs_of_array_and_record(trained, tmp_path, capsys):
