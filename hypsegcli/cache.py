@@ -395,7 +395,11 @@ class EmbeddingCache:
                     np.save(fh, array, allow_pickle=False)
                 file_size = tmp.stat().st_size
                 digest = file_sha256(tmp)
-            failing = side_path
+                # an entry replaced: its old sidecar goes before the new data takes its place,
+                # so a failure below leaves no sidecar describing other data
+                failing = side_path
+                with contextlib.suppress(FileNotFoundError):
+                    side_path.unlink()
             record = {
                 "format": SIDECAR_FORMAT,
                 "key": key,

@@ -480,7 +480,10 @@ def train(
         float, typer.Option("--lr", help="Learning rate (Riemannian Adam, amsgrad).")
     ] = 1e-3,
     seed: Annotated[
-        int, typer.Option("--seed", min=0, help="Seed for initialisation, sampling and noise.")
+        int,
+        typer.Option(
+            "--seed", min=0, max=2**63 - 1, help="Seed for initialisation, sampling and noise."
+        ),
     ] = 0,
     device: Annotated[str, typer.Option("--device", help=DEVICE_HELP)] = "auto",
     threads: Annotated[
@@ -943,7 +946,9 @@ def cluster(
             help=(
                 "Skip volumes whose label volumes for every --k (and --preview images) exist and "
                 "whose <case>.centroids.json, written last, shows the same model, options and "
-                "fitting; or redo them. Cached embeddings are used either way."
+                "fitting, made from the input as it is now (same size and modification time, or "
+                "else the same voxels and header); or redo them. Cached embeddings are used "
+                "either way."
             ),
         ),
     ] = True,
@@ -1075,8 +1080,9 @@ def evaluate(
     Pairing: files with the same case name are compared; <case>_k<K> (what
     `hypseg cluster` writes) is compared with <case>_L<level> (what `hypseg
     synth` writes), the level being --level or the level of dataset.json with K
-    classes. The paper's score is the mean Dice over matched pairs, background
-    included. A pair that cannot be scored is reported and the others are
+    classes. The paper's score is the mean Dice over the ground truth's classes,
+    each with its matched label, background included (a class left without a
+    label, when there are fewer labels than classes, counts as 0). A pair that cannot be scored is reported and the others are
     scored (exit code 2 if every failure was bad input, else 1). With --csv a
     run record is appended to hypseg-runs.jsonl beside the CSV file.
     """

@@ -25,6 +25,7 @@ import contextlib
 import functools
 import glob
 import hashlib
+import io as _stdio
 import json
 import logging
 import math
@@ -793,12 +794,16 @@ def file_sha256(path: str | os.PathLike[str], *, chunk: int = 1 << 20) -> str:
 def geometry_sha256(geometry: VolumeGeometry) -> str:
     """Hex SHA-256 of what a volume's outputs copy from it besides the voxels: the
     :func:`geometry_record` and, for NIfTI, the whole header as stored (descrip, units,
-    intent...), for MRC its text labels."""
+    intent...) with its extensions, for MRC its text labels."""
     digest = hashlib.sha256()
     digest.update(json.dumps(geometry_record(geometry), sort_keys=True).encode())
     header = geometry.header
     if geometry.format == "nifti" and header is not None:
         digest.update(bytes(header.binaryblock))
+        for extension in getattr(header, "extensions", ()):  # copied into the outputs too
+            raw = _stdio.BytesIO()
+            extension.write_to(raw, byteswap=False)
+            digest.update(raw.getvalue())
     elif isinstance(header, dict):
         digest.update(json.dumps([str(t) for t in header.get("labels", ())]).encode())
     return digest.hexdigest()

@@ -52,12 +52,14 @@ Definitions
   those of an empty prediction, so they do not depend on which of several
   disjoint labels the matching happened to pick.
 
-The distance transforms run on the bounding box of ``A | B`` grown by one voxel
-(clipped to the volume), which is exact: every surface voxel of both masks lies
-in that box, so the distance to the nearest zero of ``~surface(B)`` inside the
-box is the distance to the nearest surface voxel of ``B`` anywhere; the one
-voxel margin keeps the erosion at the box's faces identical to the erosion in
-the whole volume.
+The erosions run on the bounding box of ``A | B`` grown by one voxel (clipped to
+the volume), which is exact: every surface voxel of both masks lies in that box,
+and the one voxel margin keeps the erosion at the box's faces identical to the
+erosion in the whole volume.
+
+HD95 pools both directions as MedPy does; Google DeepMind's ``surface-distance``
+(``compute_robust_hausdorff``) instead takes the larger of the two directed 95th
+percentiles, weighted by surface area, so the two libraries' HD95 differ.
 """
 
 from __future__ import annotations
@@ -417,8 +419,8 @@ def surface_distances(
 
     Both empty: ``(0.0, 0.0)``; exactly one empty: the volume's diagonal,
     ``sqrt(sum((shape * spacing)**2))`` (with ``linear``: the longest body
-    diagonal), for both. ``crop=False`` runs the
-    distance transforms on the whole volume (same result, slower; for tests).
+    diagonal), for both. ``crop=False`` takes the surfaces on the whole volume
+    rather than the masks' bounding box (same result, slower; for tests).
     """
     a = np.asarray(a)
     b = np.asarray(b)

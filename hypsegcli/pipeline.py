@@ -37,6 +37,7 @@ from .io import (
     entry_path,
     geometry_record,
     geometry_sha256,
+    os_error_text,
     read_volume,
     volume_suffix,
     write_labels,
@@ -418,6 +419,14 @@ def evaluate(
 
     progress = progress or _noop
     pairs = pair_files(pred, truth, level=level)
+    itself = [p["pred"] for p in pairs if entry_path(p["pred"]) == entry_path(p["truth"])]
+    if itself:
+        log.warning(
+            "%s%s: scored against itself as its own ground truth (Dice 1 by construction); "
+            "give the predictions and the ground truth folders of their own",
+            itself[0],
+            f" and {len(itself) - 1} other file(s)" if len(itself) > 1 else "",
+        )
     part = resolve_part(num_parts, part_id, environ)
     if csv_path is not None:
         csv_path = part_csv_path(Path(csv_path), part)
@@ -561,6 +570,8 @@ def _as_labels(data: np.ndarray, path: Path) -> np.ndarray:
     """Labels as int64 from a volume read with ``native=True`` (integers as stored, floats
     checked to be integral in their own precision); negative values are refused."""
     if np.issubdtype(data.dtype, np.integer) or data.dtype == np.bool_:
+        if data.dtype == np.uint64 and data.max(initial=0) > np.iinfo(np.int64).max:
+            raise BadInputError(f"{path}: not a label volume (values beyond 2^63 - 1)")
         labels = data.astype(np.int64)
     else:
         labels = np.rint(data)
@@ -1102,7 +1113,12 @@ def embed(
                                 "sha256": sha,
                                 "geometry_sha256": geometry_sha256(volume.geometry),
                             }
-                            write_text_atomic(sidecar, json.dumps(record, indent=2) + "\n")
+                            try:
+                                write_text_atomic(sidecar, json.dumps(record, indent=2) + "\n")
+                            except OSError as exc:
+                                raise HypsegError(
+                                    f"{sidecar}: cannot write ({os_error_text(exc)})"
+                                ) from None
                             watch.lap("write")
                             row["output"] = str(target)
             except Exception as exc:  # noqa: BLE001 - one bad volume does not stop the batch
@@ -1370,7 +1386,10 @@ def _embedding_done(target: Path, path: Path, model: Any, patch_size: int, strid
     weights) with these options from the input as it is now (:func:`_same_source`: its size
     and modification time, without reading it, or else its voxels and header), and the
     array has the recorded shape (read from its header only)."""
-    record = _read_json(_sidecar_of(target)) if _sidecar_of(target).is_file() else None
+    try:
+        record = _read_json(_sidecar_of(target)) if _sidecar_of(target).is_file() else None
+    except OSError:
+        return False
     if not isinstance(record, dict) or record.get("format") != EMBEDDING_RECORD_FORMAT:
         return False
     if (
@@ -1380,14 +1399,16 @@ def _embedding_done(target: Path, path: Path, model: Any, patch_size: int, strid
     ):
         return False
     try:
-        shape = list(np.load(target, mmap_mode="r").shape)
-    except (OSError, ValueError):
+        array = np.load(target, mmap_mode="r", allow_pickle=False)
+    except Exception:  # noqa: BLE001 - empty, cut, a zip, junk: not done, computed again
         return False
-    return shape == record.get("shape") and _same_source(record.get("source"), path)
+    if not isinstance(array, np.ndarray) or list(array.shape) != record.get("shape"):
+        return False
+    return _same_source(record.get("source"), path)
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
-    from .io import atomic_path, os_error_text
+    from .io import atomic_path
 
     try:
         with atomic_path(path) as tmp:
@@ -1862,6 +1883,14 @@ def _case_done(
     return True
 
 
+def _same_header(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """Two source records have the same geometry and header: the same hash, or (a record of
+    an older version, without one) the same file size and modification time."""
+    if "geometry_sha256" in old:
+        return old["geometry_sha256"] == new.get("geometry_sha256")
+    return all(old.get(key) == new.get(key) is not None for key in ("size", "mtime_ns"))
+
+
 def _inside_sha(source: dict[str, Any]) -> str | None:
     mask = source.get("mask")
     return mask.get("inside_sha256") if isinstance(mask, dict) else None
@@ -1906,7 +1935,7 @@ def _write_case_centroids(
         _case_record_matches(old, header, fit, params)
         and isinstance(old_source, dict)
         and old_source.get("sha256") == source.get("sha256")
-        and old_source.get("geometry_sha256") == source.get("geometry_sha256")
+        and _same_header(old_source, source)
         and _inside_sha(old_source) == _inside_sha(source)
     ):
         kept = [s for s in old["sets"] if isinstance(s, dict) and int(s.get("k", 0)) not in new_ks]
@@ -2371,8 +2400,10 @@ def cluster(
                 for k in ks:
                     if len(pooled) < k:
                         raise BadInputError(
-                            f"--fit-on pooled: the {len(samples)} volume(s) read hold "
-                            f"{len(pooled)} voxels in all, fewer than k={k}"
+                            f"--fit-on pooled: {len(pooled)} voxels sampled from "
+                            f"{len(samples)} volume(s) ({per_volume} per volume, --fit-samples "
+                            f"{fit_samples} over {len(selected)}, fewer where a volume or mask "
+                            f"is smaller), fewer than k={k}"
                         )
                     fixed[k] = clusterer.fit(pooled, k)
         try:

@@ -28,13 +28,14 @@ twice the resolution):
    (about a third of the volume); it stretches with a non-cubic box.
 2. **Organelles** (level 2), placed one by one, A and B alternately, at
    random inside the cell, at least 2 voxels from the cell boundary and 1
-   voxel from each other: 2-3 of kind A, elongated ellipsoids with semi-axes
+   voxel from each other along the axes (the gap is a 6-connected dilation, so
+   two may touch at an edge or corner): 2-3 of kind A, elongated ellipsoids with semi-axes
    (9-11, 5-6, 5-6)*s, and 2-3 of kind B, near-spheres of radius 5.5-7*s
    (about 12 % of the cell together; an organelle that finds no room after 40
    random tries is skipped, which happens for ~18 % of them).
 3. **Small structures** (level 3), near-spheres (each semi-axis within +-10 %
    of the radius) placed the same way inside their parent region, 1 voxel
-   apart: 8-12 vesicles of radius 3-4*s in the cytoplasm, 12-20 particles of
+   apart along the axes (they may touch at an edge or corner): 8-12 vesicles of radius 3-4*s in the cytoplasm, 12-20 particles of
    radius 1.8-2.6*s in the background, 1-2 inclusions of radius 2-2.6*s in
    each organelle A and 2-3 granules of radius 1.8-2.3*s in each organelle B.
    Radii are clamped to at least 1.5 voxels (a sphere of ~14 voxels); below
@@ -49,7 +50,9 @@ twice the resolution):
      white noise, sigma 0.7 voxel, std 0.08);
    - cytosol: blobs (sigma 1.2 voxels, std 0.15);
    - vesicles: bright 1-voxel shell (+0.25) around a darker lumen, balanced per
-     vesicle so the vesicle mean equals the cytosol mean;
+     vesicle so the vesicle mean equals the cytosol mean (the lumen's change is
+     capped, so vesicles of only a few voxels, in volumes below about 30^3, stay
+     brighter: 0.60 against 0.45 at 20^3);
    - a_matrix: lamellae (cristae-like), a sinusoid of period 5-6 voxels and
      amplitude 0.5 along a random direction per organelle;
    - b_matrix: speckle, sparse bright dots (2 % of voxels, blurred with sigma
@@ -335,7 +338,8 @@ def _place(
     inside the volume and at most ``_MAX_OUTSIDE`` of it lies outside
     ``allowed`` (that part is cut off; regular shapes must fit exactly up to
     the rasterisation). Accepted objects are removed from ``allowed`` (dilated
-    by ``gap`` voxels), so later objects neither overlap nor touch them.
+    by ``gap`` voxels with the 6-connected element), so later objects neither overlap
+    nor share a face with them (they may touch at an edge or corner).
     ``allowed`` is modified in place.
     """
     shape = np.array(allowed.shape)

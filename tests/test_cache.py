@@ -259,6 +259,23 @@ def test_a_failed_sidecar_write_leaves_no_data_file(cache, monkeypatch, exc):
     assert list(cache.directory.iterdir()) == []
 
 
+def test_a_replaced_entry_whose_sidecar_fails_leaves_nothing(cache, monkeypatch, caplog):
+    """Replacing an entry (--overwrite): the old sidecar goes before the new data takes its
+    place, so a failed sidecar write leaves neither file, and no corrupt entry to warn of."""
+    cache.put("k", np.zeros(3, np.float32))
+
+    def no_space(*_args, **_kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cache_mod, "write_text_atomic", no_space)
+    with pytest.raises(HypsegError, match=r"k\.json: cannot write cache entry"):
+        cache.put("k", np.ones(3, np.float32))
+    assert list(cache.directory.iterdir()) == []
+    with caplog.at_level(logging.WARNING):
+        assert cache.get("k") is None
+    assert "corrupt" not in caplog.text
+
+
 def test_a_short_write_says_the_disk_may_be_full(cache, monkeypatch):
     def short(*_args, **_kwargs):
         raise OSError("16000 requested and 3040 written")  # numpy's, without errno

@@ -48,6 +48,9 @@ def test_usage_errors_are_one_line_with_code_2(capsys, tmp_path):
     for command in (["synth", tmp_path], ["train", tmp_path, "-o", tmp_path / "m.pt"]):
         code, _, err = run([*command, "--seed", "-1"], capsys)
         assert code == 2 and "--seed" in err and err.count("\n") == 1
+    # torch seeds its generators with seed + 1 + 2 * rank: at most 64 bits
+    code, _, err = run(["train", tmp_path, "-o", tmp_path / "m.pt", "--seed", str(2**64)], capsys)
+    assert code == 2 and "--seed" in err and not (tmp_path / "m.pt").exists()
     code, _, err = run(["cluster", tmp_path, "--features", "intensity", "--seed", "-1"], capsys)
     assert code == 2 and "--seed" in err and err.count("\n") == 1
 
@@ -141,6 +144,19 @@ def test_evaluate_errors(capsys, tmp_path):
     )
     code, _, err = run(["evaluate", tmp_path / "float.nii.gz", tmp_path / "truth.nii.gz"], capsys)
     assert code == 2 and "float.nii.gz: not a label volume" in err
+    # uint64 labels beyond int64 are not "negative"
+    big = np.zeros((12, 10, 8), np.uint64)
+    big[0, 0, 0] = 2**63 + 5
+    nib.save(nib.Nifti1Image(big, np.eye(4), dtype=np.uint64), str(tmp_path / "big.nii.gz"))
+    code, _, err = run(["evaluate", tmp_path / "big.nii.gz", tmp_path / "truth.nii.gz"], capsys)
+    assert code == 2 and "big.nii.gz: not a label volume (values beyond 2^63 - 1)" in err
+    # a folder against itself pairs every file with itself (Dice 1 everywhere): a warning
+    mix = tmp_path / "mix"
+    mix.mkdir()
+    io.write_labels(mix / "case_L1.nii.gz", labels, geometry)
+    io.write_labels(mix / "case_k2.nii.gz", labels, geometry)
+    code, out, err = run(["evaluate", mix, mix, "--level", "1"], capsys)
+    assert code == 0 and "and 1 other file(s): scored against itself as its own" in err
 
 
 def test_bad_volumes_give_one_line_code_2(capsys, tmp_path):

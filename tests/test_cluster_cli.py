@@ -612,6 +612,26 @@ def test_an_input_whose_header_changed_is_clustered_again(tmp_path, capsys):
     assert code == 0 and json.loads(out)["done"] == 1, err
 
 
+def test_sets_of_a_record_from_before_the_header_hash_are_kept_for_an_untouched_input(
+    tmp_path, capsys
+):
+    """A record of an older version has no geometry hash: with the file's size and
+    modification time unchanged its sets of other k are still kept."""
+    data = np.random.default_rng(2).normal(size=(12, 13, 14)).astype(np.float32)
+    inp = tmp_path / "in"
+    inp.mkdir()
+    nib.save(nib.Nifti1Image(data, np.eye(4)), inp / "b.nii.gz")
+    seg = tmp_path / "seg"
+    base = ["--quiet", "cluster", inp, "--features", "intensity", "-o", seg, "--json"]
+    assert run([*base, "--k", "2"], capsys)[0] == 0
+    path = seg / "b.centroids.json"
+    record = json.loads(path.read_text())
+    del record["source"]["geometry_sha256"]
+    path.write_text(json.dumps(record))
+    assert run([*base, "--k", "3"], capsys)[0] == 0
+    assert [s["k"] for s in json.loads(path.read_text())["sets"]] == [2, 3]
+
+
 def test_a_kept_set_of_another_k_is_dropped_when_the_header_changed(tmp_path, capsys):
     """Sets of other k kept in the case record must have been made under the same header."""
     data = np.random.default_rng(1).normal(size=(12, 13, 14)).astype(np.float32)
@@ -649,3 +669,13 @@ def test_snap_and_mrf_work_on_a_mostly_empty_volume_a_zscore_model_embeds(
     code, _, err = run([*argv, "--cache-dir", tmp_path / "cache"], capsys)
     assert code == 0, err
     assert (tmp_path / "seg" / "sparse_k2.nii.gz").is_file()
+
+
+def test_a_pooled_sample_smaller_than_k_blames_fit_samples(trained, tmp_path, capsys):
+    """--fit-samples 4 over 3 volumes samples 1 voxel from each: the message says so
+    (it had said the volumes held 3 voxels in all)."""
+    argv = ["cluster", trained / "data" / "images", "--features", "intensity", "--k", "4"]
+    argv += ["-o", tmp_path / "seg", "--fit-on", "pooled", "--fit-samples", "4"]
+    code, _, err = run(argv, capsys)
+    assert code == 2
+    assert "3 voxels sampled from 3 volume(s) (1 per volume, --fit-samples 4 over 3" in err

@@ -429,6 +429,34 @@ def test_an_interrupted_embed_rewrite_is_redone(trained, tmp_path, capsys, monke
     assert json.loads((out / "case_000.json").read_text())["patch_size"] == 7
 
 
+@pytest.mark.parametrize("broken", [b"", b"PK\x03\x04" + bytes(40), b"\x93NUMPY junk"])
+def test_a_broken_array_beside_its_record_is_embedded_again(trained, tmp_path, capsys, broken):
+    """An empty, zip or junk <case>.npy beside a valid record is not done: the dry run plans
+    it and the run computes it again (an empty file had failed both with EOFError)."""
+    src = trained / "data" / "images" / "case_000.nii.gz"
+    out = tmp_path / "emb"
+    argv = ["--quiet", "embed", src, "-m", trained / "model.pt", "-o", out, "--json"]
+    argv += ["--stride", "4", "--skip-existing"]
+    assert run(argv, capsys)[0] == 0
+    (out / "case_000.npy").write_bytes(broken)
+    code, stdout, err = run([*argv, "--dry-run"], capsys)
+    assert code == 0 and json.loads(stdout)["volumes"][0]["state"] != "done", err
+    code, stdout, err = run(argv, capsys)
+    assert code == 0 and json.loads(stdout)["volumes"][0]["status"] != "skipped", err
+    assert np.load(out / "case_000.npy").ndim == 4
+
+
+def test_a_record_that_cannot_be_written_is_named(trained, tmp_path, capsys, monkeypatch):
+    def no_space(path, text):
+        raise OSError(28, "No space left on device", str(path.parent / ".tmp-1-x.json"))
+
+    monkeypatch.setattr(pipeline, "write_text_atomic", no_space)
+    src = trained / "data" / "images" / "case_000.nii.gz"
+    argv = ["embed", src, "-m", trained / "model.pt", "-o", tmp_path / "emb", "--stride", "4"]
+    code, _, err = run(argv, capsys)
+    assert code == 1 and "case_000.json: cannot write (No space left on device)" in err
+
+
 def test_a_full_disk_names_the_array_and_says_so(trained, tmp_path, capsys, monkeypatch):
     """numpy's short write (no errno) on a full disk is reported for the output file."""
     real_save = np.save
