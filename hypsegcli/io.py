@@ -520,7 +520,7 @@ def _read_mrc(path: Path, *, native: bool = False) -> tuple[np.ndarray, VolumeGe
         affine,
         {"voxel_size": voxel_size, "origin": origin, "start": start, "labels": labels},
         volume_suffix(path) or ".mrc",
-        "Å",
+        "Å" if any(s > 0 for s in voxel_size) else "voxel",  # unknown size: distances in voxels
     )
     return data, geometry
 

@@ -192,6 +192,7 @@ def test_mrc_outputs_keep_labels_and_unknown_voxel_size_and_are_reproducible(tmp
         mrc.add_label("binned 4x")
     vol = io.read_volume(src)
     assert vol.geometry.spacing == (1.0, 1.0, 1.0)
+    assert vol.geometry.unit == "voxel"  # distances are in voxels, not Å
     outs = []
     for name in ("a.mrc", "b.mrc"):
         io.write_labels(tmp_path / name, (data > 30).astype(np.int64), vol.geometry)
