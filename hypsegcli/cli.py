@@ -348,9 +348,10 @@ def _main(
 @handle_errors
 def synth(
     out: Annotated[Path, typer.Argument(help="Output folder (created if missing).")],
-    n: Annotated[int, typer.Option("--n", min=1, help="Number of volumes.")] = 20,
+    n: Annotated[int, typer.Option("--n", min=1, max=1_000_000, help="Number of volumes.")] = 20,
     size: Annotated[
-        int, typer.Option("--size", min=16, help="Side of each cubic volume in voxels.")
+        int,
+        typer.Option("--size", min=16, max=1024, help="Side of each cubic volume in voxels."),
     ] = 50,
     seed: Annotated[
         int, typer.Option("--seed", min=0, help="Random seed: the same seed gives the same bytes.")
@@ -475,7 +476,9 @@ def train(
         float | None,
         typer.Option("--max-minutes", help="Stop after this many minutes of training."),
     ] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Triplets per step.")] = 64,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", min=1, max=1 << 16, help="Triplets per step.")
+    ] = 64,
     lr: Annotated[
         float, typer.Option("--lr", help="Learning rate (Riemannian Adam, amsgrad).")
     ] = 1e-3,
@@ -488,7 +491,9 @@ def train(
     device: Annotated[str, typer.Option("--device", help=DEVICE_HELP)] = "auto",
     threads: Annotated[
         int | None,
-        typer.Option("--threads", min=1, help="CPU threads for torch (default: torch's choice)."),
+        typer.Option(
+            "--threads", min=1, max=4096, help="CPU threads for torch (default: torch's choice)."
+        ),
     ] = None,
     geometry: Annotated[
         Geometry, typer.Option("--geometry", help="Latent space.")
@@ -513,10 +518,15 @@ def train(
     patch_size: Annotated[
         int,
         typer.Option(
-            "--patch-size", min=4, help="Encoder input side m (patches are resampled to m^3)."
+            "--patch-size",
+            min=4,
+            max=256,
+            help="Encoder input side m (patches are resampled to m^3).",
         ),
     ] = 10,
-    latent_dim: Annotated[int, typer.Option("--latent-dim", min=1, help="Latent dimension d.")] = 2,
+    latent_dim: Annotated[
+        int, typer.Option("--latent-dim", min=1, max=1024, help="Latent dimension d.")
+    ] = 2,
     curvature: Annotated[
         float, typer.Option("--curvature", help="Ball curvature c (the ball has curvature -c).")
     ] = 1.0,
@@ -538,7 +548,9 @@ def train(
     margin: Annotated[float, typer.Option("--margin", help="Triplet margin alpha.")] = 0.2,
     mc_samples: Annotated[
         int,
-        typer.Option("--mc-samples", min=1, help="Posterior samples K per anchor for the ELBO."),
+        typer.Option(
+            "--mc-samples", min=1, max=1024, help="Posterior samples K per anchor for the ELBO."
+        ),
     ] = 1,
     likelihood: Annotated[
         Likelihood,
@@ -702,7 +714,11 @@ def embed(
     patch_size: Annotated[
         int,
         typer.Option(
-            "--patch-size", "-p", min=1, help="Side p of the patch embedded around each voxel."
+            "--patch-size",
+            "-p",
+            min=1,
+            max=1024,
+            help="Side p of the patch embedded around each voxel.",
         ),
     ] = 5,
     stride: Annotated[
@@ -719,7 +735,7 @@ def embed(
     ] = None,
     device: Annotated[str, typer.Option("--device", help=DEVICE_HELP)] = "auto",
     threads: Annotated[
-        int | None, typer.Option("--threads", min=1, help="CPU threads for torch.")
+        int | None, typer.Option("--threads", min=1, max=4096, help="CPU threads for torch.")
     ] = None,
     cache_dir: Annotated[Path | None, typer.Option("--cache-dir", help=CACHE_DIR_HELP)] = None,
     recursive: Annotated[
@@ -842,7 +858,11 @@ def cluster(
     patch_size: Annotated[
         int,
         typer.Option(
-            "--patch-size", "-p", min=1, help="Side p of the patch embedded around each voxel."
+            "--patch-size",
+            "-p",
+            min=1,
+            max=1024,
+            help="Side p of the patch embedded around each voxel.",
         ),
     ] = 5,
     stride: Annotated[
@@ -858,6 +878,7 @@ def cluster(
         typer.Option(
             "--n-init",
             min=1,
+            max=1000,
             help="k-means restarts (best inertia wins); each on at most 50 000 of the fit voxels, "
             "the best then refined on all of them.",
         ),
@@ -927,7 +948,7 @@ def cluster(
     ] = 0,
     device: Annotated[str, typer.Option("--device", help=DEVICE_HELP)] = "auto",
     threads: Annotated[
-        int | None, typer.Option("--threads", min=1, help="CPU threads for torch.")
+        int | None, typer.Option("--threads", min=1, max=4096, help="CPU threads for torch.")
     ] = None,
     cache_dir: Annotated[Path | None, typer.Option("--cache-dir", help=CACHE_DIR_HELP)] = None,
     preview: Annotated[

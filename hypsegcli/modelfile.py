@@ -100,6 +100,15 @@ def load_model_file(path: str | os.PathLike[str], *, map_location: Any = "cpu") 
     for key in ("model_config", "state_dict", "normalization"):
         if key not in document:
             raise BadInputError(f"{path}: hypseg model file lacks '{key}'")
+    weights = document["state_dict"]
+    if isinstance(weights, dict):
+        for name, tensor in weights.items():
+            if torch.is_tensor(tensor) and tensor.is_floating_point():
+                if not bool(torch.isfinite(tensor).all()):
+                    raise BadInputError(
+                        f"{path}: weight {name} holds NaN or infinite values (saved by a run "
+                        "that diverged); train again, with a smaller --lr"
+                    )
     return document
 
 

@@ -16,12 +16,16 @@ losses are means over the ranks, and rank 0 alone writes the files.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import dataclasses
 import io as _stdio
 import logging
 import math
+import signal
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -243,6 +247,16 @@ def _train(
                     train_config.steps,
                 )
         model_config, sampling_config = kept_model, kept_sampling
+        kept_seed = int(state.get("train_config", {}).get("seed", train_config.seed))
+        if kept_seed != train_config.seed:
+            if dist.is_main:
+                log.warning(
+                    "%s: --resume continues the checkpoint's random streams (seed %d, not %d)",
+                    ckpt_path,
+                    kept_seed,
+                    train_config.seed,
+                )
+            train_config = dataclasses.replace(train_config, seed=kept_seed)
         old_hashes = [
             (v["sha256"], v.get("mask_sha256")) for v in state.get("training_volumes", [])
         ]
@@ -290,6 +304,16 @@ def _train(
         for param_state in optimizer.state.values():
             if torch.is_tensor(param_state.get("step")):
                 param_state["step"] = int(param_state["step"].item())
+        kept_lr = {float(group["lr"]) for group in optimizer.param_groups}
+        if kept_lr != {train_config.lr}:  # --lr applies from here on (the state keeps the old)
+            if dist.is_main:
+                log.info(
+                    "resuming with --lr %g (the checkpoint trained with %s)",
+                    train_config.lr,
+                    ", ".join(f"{v:g}" for v in sorted(kept_lr)),
+                )
+            for group in optimizer.param_groups:
+                group["lr"] = train_config.lr
         step = int(state["step"])
         _restore_generators(state, dist, seed, step, sample=sample_gen, noise=noise_gen)
         _warm_up_torchscript(model, train_config, dev)
@@ -338,83 +362,109 @@ def _train(
         return doc
 
     def checkpoint() -> None:
-        nonlocal rng_states
+        nonlocal rng_states, saved_step
         rng = {"sample": sample_gen.get_state(), "noise": noise_gen.get_state()}
         rng_states = dist.gather(rng)  # every rank's, for an exact distributed resume
         if dist.is_main:
-            save_model_file(ckpt_path, payload("checkpoint"))
+            # the history first: a resume drops rows beyond the checkpoint's step, so an
+            # interruption between the two writes leaves no gap in it
             _write_history(history_path, history)
+            save_model_file(ckpt_path, payload("checkpoint"))
+        saved_step = step
 
     rng_states: list[dict[str, Any]] = []
+    # the step of the checkpoint in ckpt_path, if this run started from or wrote one
+    saved_step: int | None = step if state is not None else None
 
     start = time.monotonic()
     model.train()
     stopped_by = "steps"
     window_start, window_steps = time.monotonic(), 0
     first_run_losses: dict[str, float] | None = None
-    while True:
-        if target is not None and step >= target:
-            stopped_by = "steps"
-            break
-        if deadline is not None and dist.main_decides(time.monotonic() >= deadline):
-            stopped_by = "max-minutes"
-            break
-        try:
-            triplets = sampler.sample(train_config.batch_size)
-        except BadInputError as exc:  # a --mask anchors hardly ever centre in
-            message = _name_volume(str(exc), volumes)
-            if step > 0 and not dist.enabled:  # (checkpoint() gathers from every rank)
-                checkpoint()
-                message += f"; the state after step {step} is in {ckpt_path}"
-            raise BadInputError(message) from None
-        losses = loss_fn(triplets.anchor, triplets.positive, triplets.negative, generator=noise_gen)
-        total = losses["total"]
-        report = dist.average({k: v.detach() for k, v in losses.items()})  # over the ranks
-        if not torch.isfinite(report["total"]):
-            checkpoint()
-            hint = "try a smaller --lr"
-            if sampling_config.norm == "none":
-                hint += " or scale the intensities (--norm percentile or zscore)"
-            raise HypsegError(
-                f"training diverged at step {step + 1} (loss is {float(report['total'])}); "
-                f"the last good state is in {ckpt_path}; {hint}"
+    try:
+        while True:
+            if target is not None and step >= target:
+                stopped_by = "steps"
+                break
+            if deadline is not None and dist.main_decides(time.monotonic() >= deadline):
+                stopped_by = "max-minutes"
+                break
+            try:
+                triplets = sampler.sample(train_config.batch_size)
+            except BadInputError as exc:  # a --mask anchors hardly ever centre in
+                message = _name_volume(str(exc), volumes)
+                if step > 0 and not dist.enabled:  # (checkpoint() gathers from every rank)
+                    checkpoint()
+                    message += f"; the state after step {step} is in {ckpt_path}"
+                raise BadInputError(message) from None
+            losses = loss_fn(
+                triplets.anchor, triplets.positive, triplets.negative, generator=noise_gen
             )
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        if train_config.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), train_config.grad_clip)
-        optimizer.step()
-        step += 1
-        window_steps += 1
-        now = time.monotonic()
-        row = {k: float(v) for k, v in report.items()}
-        rate = (
-            window_steps * train_config.batch_size * dist.world_size / max(now - window_start, 1e-9)
-        )
-        record = {
-            "step": step,
-            "elapsed_s": round(elapsed_before + now - start, 3),
-            **{k: row[k] for k in LOSS_FIELDS},
-            "triplets_per_s": round(rate, 2),
-        }
-        history.append(record)
-        if first_run_losses is None:
-            first_run_losses = {k: row[k] for k in LOSS_FIELDS}
-        progress(
-            "train",
-            step,
-            target or 0,  # 0: no step target (--max-minutes only)
-            loss=row["total"],
-            recon=row["recon"],
-            kl=row["kl"],
-            triplet=row["triplet"],
-            **({"texture": row["texture"]} if model.cfg.texture_weight > 0 else {}),
-            tps=rate,
-        )
-        if now - window_start > 20.0:
-            window_start, window_steps = now, 0
-        if step % train_config.checkpoint_every == 0:
+            total = losses["total"]
+            report = dist.average({k: v.detach() for k, v in losses.items()})  # over the ranks
+            if not torch.isfinite(report["total"]):
+                # the weights may be what broke (a finite but huge update): the last checkpoint
+                # is kept, not overwritten with them (it held NaN weights no --lr could resume)
+                raise HypsegError(
+                    f"training diverged at step {step + 1} (loss is {float(report['total'])}); "
+                    f"{_last_good(ckpt_path, saved_step)}; {_divergence_hint(sampling_config)}"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                model.parameters(), train_config.grad_clip or math.inf
+            )
+            if not torch.isfinite(grad_norm):  # the same on every rank (gradients are averaged)
+                # not applied, and not saved: weights with a finite loss but infinite gradients
+                # (after a huge update, say) are no state to resume from either
+                raise HypsegError(
+                    f"training diverged at step {step + 1} (gradient norm is {float(grad_norm)}); "
+                    f"{_last_good(ckpt_path, saved_step)}; {_divergence_hint(sampling_config)}"
+                )
+            # Ctrl-C or SIGTERM waits for the update and its history row (a state saved amid
+            # them would not be one the run went through)
+            with _signals_deferred():
+                optimizer.step()
+                step += 1
+                window_steps += 1
+                now = time.monotonic()
+                row = {k: float(v) for k, v in report.items()}
+                rate = (
+                    window_steps
+                    * train_config.batch_size
+                    * dist.world_size
+                    / max(now - window_start, 1e-9)
+                )
+                history.append(
+                    {
+                        "step": step,
+                        "elapsed_s": round(elapsed_before + now - start, 3),
+                        **{k: row[k] for k in LOSS_FIELDS},
+                        "triplets_per_s": round(rate, 2),
+                    }
+                )
+            if first_run_losses is None:
+                first_run_losses = {k: row[k] for k in LOSS_FIELDS}
+            progress(
+                "train",
+                step,
+                target or 0,  # 0: no step target (--max-minutes only)
+                loss=row["total"],
+                recon=row["recon"],
+                kl=row["kl"],
+                triplet=row["triplet"],
+                **({"texture": row["texture"]} if model.cfg.texture_weight > 0 else {}),
+                tps=rate,
+            )
+            if now - window_start > 20.0:
+                window_start, window_steps = now, 0
+            if step % train_config.checkpoint_every == 0:
+                checkpoint()
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (a Slurm time limit): keep the work done
+        if step > (saved_step or 0) and not dist.enabled:  # (checkpoint() gathers from all)
             checkpoint()
+            log.warning("interrupted: the state after step %d is in %s (--resume)", step, ckpt_path)
+        raise
     checkpoint()
     if dist.is_main:
         save_model_file(model_path, payload("model"))
@@ -463,6 +513,51 @@ def _warm_up_torchscript(model: Any, train_config: TrainConfig, dev: Any) -> Non
     if train_config.grad_clip:
         torch.nn.utils.clip_grad_norm_(scratch.parameters(), train_config.grad_clip)
     optimizer.step()
+
+
+def _last_good(ckpt_path: Path, saved_step: int | None) -> str:
+    """What a diverged run leaves to resume from, for its error message."""
+    if saved_step is None:
+        return "no checkpoint was written"
+    return f"the last checkpoint (step {saved_step}) is kept in {ckpt_path}"
+
+
+def _divergence_hint(sampling_config: SamplingConfig) -> str:
+    hint = "train again, or --resume, with a smaller --lr"
+    if sampling_config.norm == "none":
+        hint += " or scale the intensities (--norm percentile or zscore)"
+    return hint
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM while the block runs and deliver them after it (only in the
+    main thread, where Python runs signal handlers; elsewhere the block runs as it is)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    kinds = [s for s in (signal.SIGINT, getattr(signal, "SIGTERM", None)) if s is not None]
+    previous = {}
+    try:
+        for kind in kinds:
+            previous[kind] = signal.signal(kind, lambda signum, frame: caught.append(signum))
+    except (ValueError, OSError):  # pragma: no cover - embedded interpreters
+        for kind, handler in previous.items():
+            signal.signal(kind, handler)
+        yield
+        return
+    try:
+        yield
+    finally:
+        for kind, handler in previous.items():
+            signal.signal(kind, handler if handler is not None else signal.SIG_DFL)
+    for signum in caught[:1]:
+        handler = previous.get(signum)
+        if callable(handler):
+            handler(signum, None)  # Python's KeyboardInterrupt, or hypseg's Terminated
+        elif handler == signal.SIG_DFL:  # pragma: no cover - no Python handler installed
+            signal.raise_signal(signum)
 
 
 def _restore_generators(

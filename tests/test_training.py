@@ -462,3 +462,152 @@ def test_a_mask_anchors_seldom_centre_in_is_warned_about(tmp_path, caplog):
         r"larger mask is faster\)",
         slow[0],
     )
+
+
+def _train_tiny(path, steps, **kwargs):
+    cfg = dict(batch_size=8, lr=3e-3, checkpoint_every=10, seed=3)
+    cfg.update(kwargs.pop("cfg", {}))
+    return train(
+        _volumes(),
+        path,
+        model_config=TINY,
+        sampling_config=SAMPLING,
+        train_config=TrainConfig(steps=steps, **cfg),
+        device="cpu",
+        **kwargs,
+    )
+
+
+def _same_weights(a, b):
+    a, b = load_model_file(a)["state_dict"], load_model_file(b)["state_dict"]
+    return all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_an_interrupt_saves_the_state_and_resume_continues_exactly(tmp_path):
+    """Ctrl-C (and SIGTERM, which hypseg turns into the same exception) between periodic
+    checkpoints saves the state reached, so a resubmitted job loses nothing."""
+    _train_tiny(tmp_path / "a.pt", 30)
+
+    def interrupt(stage, done, total, **info):
+        if done == 25:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _train_tiny(tmp_path / "b.pt", 30, progress=interrupt)
+    ckpt, hist = companion_paths(tmp_path / "b.pt")
+    assert load_model_file(ckpt)["step"] == 25
+    assert [int(r["step"]) for r in _rows(hist)] == list(range(1, 26))
+    _train_tiny(tmp_path / "b.pt", 30, resume=True)
+    assert _same_weights(tmp_path / "a.pt", tmp_path / "b.pt")
+    assert [int(r["step"]) for r in _rows(hist)] == list(range(1, 31))
+
+
+def test_an_interrupt_while_checkpointing_leaves_no_gap_in_the_history(tmp_path, monkeypatch):
+    """The history is written before the checkpoint: an interrupt between the two used to
+    leave the checkpoint ahead of the history, and a resume then had a gap in it."""
+    from hypsegcli import training
+
+    real_save = training.save_model_file
+    calls = []
+
+    def save(path, payload):
+        calls.append(payload["step"])
+        if payload["kind"] == "checkpoint" and payload["step"] == 20 and calls.count(20) == 1:
+            real_save(path, payload)
+            raise KeyboardInterrupt  # the checkpoint is in place; nothing after it ran
+        return real_save(path, payload)
+
+    monkeypatch.setattr(training, "save_model_file", save)
+    with pytest.raises(KeyboardInterrupt):
+        _train_tiny(tmp_path / "m.pt", 30)
+    monkeypatch.undo()
+    _train_tiny(tmp_path / "m.pt", 30, resume=True)
+    _, hist = companion_paths(tmp_path / "m.pt")
+    assert [int(r["step"]) for r in _rows(hist)] == list(range(1, 31))
+
+
+def test_divergence_keeps_the_last_checkpoint_and_nan_weights_are_refused(tmp_path, capsys, caplog):
+    """A learning rate of 1000 blows the weights up at the first update: the run stops at the
+    next step without overwriting the checkpoint (which held NaN weights before, so that no
+    --resume could recover), and a model file with NaN weights is refused where it is
+    loaded, naming the weight (embed had written NaN embeddings with exit code 0)."""
+    from hypsegcli.errors import HypsegError
+
+    path = tmp_path / "m.pt"
+    with pytest.raises(HypsegError, match=r"diverged at step 2 .*no checkpoint was written"):
+        _train_tiny(path, 20, cfg={"lr": 1e3})
+    ckpt, _ = companion_paths(path)
+    assert not ckpt.exists()
+    _train_tiny(path, 3, cfg={"lr": 1e-3, "checkpoint_every": 1})
+    with pytest.raises(HypsegError, match=r"the last checkpoint \(step 3\) is kept in"):
+        _train_tiny(path, 20, resume=True, cfg={"lr": 1e6, "checkpoint_every": 100})
+    doc = load_model_file(ckpt)
+    assert doc["step"] == 3
+    assert all(torch.isfinite(t).all() for t in doc["state_dict"].values() if t.is_floating_point())
+    # resuming with a smaller --lr works from there
+    assert _train_tiny(path, 5, resume=True, cfg={"lr": 1e-3}).step == 5
+    # a model file holding NaN weights
+    from hypsegcli.modelfile import save_model_file
+
+    doc = load_model_file(path)
+    name = next(k for k, t in doc["state_dict"].items() if t.is_floating_point())
+    doc["state_dict"][name] = torch.full_like(doc["state_dict"][name], float("nan"))
+    save_model_file(tmp_path / "nan.pt", doc)
+    with pytest.raises(BadInputError, match=rf"nan\.pt: weight {re.escape(name)} holds NaN"):
+        load_model_file(tmp_path / "nan.pt")
+
+
+def test_resume_applies_a_new_lr_and_keeps_the_checkpoints_seed(tmp_path, caplog):
+    _train_tiny(tmp_path / "a.pt", 6, cfg={"checkpoint_every": 3})
+    _train_tiny(tmp_path / "b.pt", 3, cfg={"checkpoint_every": 3})
+    with caplog.at_level("INFO", logger="hypsegcli"):
+        _train_tiny(tmp_path / "b.pt", 6, resume=True, cfg={"lr": 0.5, "seed": 9})
+    assert "continues the checkpoint's random streams (seed 3, not 9)" in caplog.text
+    assert "resuming with --lr 0.5 (the checkpoint trained with 0.003)" in caplog.text
+    ckpt, _ = companion_paths(tmp_path / "b.pt")
+    doc = load_model_file(ckpt)
+    assert doc["train_config"]["seed"] == 3 and doc["train_config"]["lr"] == 0.5
+    assert {g["lr"] for g in doc["optimizer_state"]["param_groups"]} == {0.5}
+    assert not _same_weights(tmp_path / "a.pt", tmp_path / "b.pt")
+    # the same --lr resumes exactly
+    _train_tiny(tmp_path / "c.pt", 3, cfg={"checkpoint_every": 3})
+    _train_tiny(tmp_path / "c.pt", 6, resume=True, cfg={"seed": 9})
+    assert _same_weights(tmp_path / "a.pt", tmp_path / "c.pt")
+
+
+def test_sigterm_saves_the_state_of_a_cli_run(tmp_path, capsys):
+    """A Slurm time limit (SIGTERM) before the first periodic checkpoint used to lose every
+    step; the state reached is saved, exit code 143, and --resume goes on from it."""
+    import signal
+    import subprocess
+    import sys
+
+    data = tmp_path / "data"
+    code, _, err = run(["--quiet", "synth", data, "--n", "2", "--size", "20"], capsys)
+    assert code == 0, err
+    out = tmp_path / "m.pt"
+    cmd = [sys.executable, "-m", "hypsegcli", "train", str(data / "images"), "-o", str(out)]
+    cmd += ["--steps", "100000", "--checkpoint-every", "100000", *TINY_TRAIN]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    try:
+        seen = 0
+        for line in proc.stderr:  # plain progress lines without a terminal
+            if line.startswith("train:"):
+                seen += 1
+                if seen == 2:
+                    break
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.stderr.read()
+        assert proc.wait(timeout=60) == 143, rest
+    finally:
+        proc.kill()
+    ckpt, _ = companion_paths(out)
+    step = load_model_file(ckpt)["step"]
+    assert step >= 1 and f"the state after step {step} is in" in rest
+    code, _, err = run(
+        ["--quiet", "train", data / "images", "-o", out, "--resume"]
+        + ["--steps", str(step + 2), *TINY_TRAIN],
+        capsys,
+    )
+    assert code == 0, err
+    assert load_model_file(out)["step"] == step + 2
