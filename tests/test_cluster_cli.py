@@ -612,17 +612,27 @@ def test_an_input_whose_header_changed_is_clustered_again(tmp_path, capsys):
     assert code == 0 and json.loads(out)["done"] == 1, err
 
 
+def _one_noise_volume(tmp_path, seed):
+    """``in/b.nii.gz`` of noise, and the argv that clusters it by intensity into ``seg``."""
+    data = np.random.default_rng(seed).normal(size=(12, 13, 14)).astype(np.float32)
+    inp = tmp_path / "in"
+    inp.mkdir()
+    nib.save(nib.Nifti1Image(data, np.eye(4)), inp / "b.nii.gz")
+    seg = tmp_path / "seg"
+    return (
+        data,
+        inp,
+        seg,
+        ["--quiet", "cluster", inp, "--features", "intensity", "-o", seg, "--json"],
+    )
+
+
 def test_sets_of_a_record_from_before_the_header_hash_are_kept_for_an_untouched_input(
     tmp_path, capsys
 ):
     """A record of an older version has no geometry hash: with the file's size and
     modification time unchanged its sets of other k are still kept."""
-    data = np.random.default_rng(2).normal(size=(12, 13, 14)).astype(np.float32)
-    inp = tmp_path / "in"
-    inp.mkdir()
-    nib.save(nib.Nifti1Image(data, np.eye(4)), inp / "b.nii.gz")
-    seg = tmp_path / "seg"
-    base = ["--quiet", "cluster", inp, "--features", "intensity", "-o", seg, "--json"]
+    _, _, seg, base = _one_noise_volume(tmp_path, 2)
     assert run([*base, "--k", "2"], capsys)[0] == 0
     path = seg / "b.centroids.json"
     record = json.loads(path.read_text())
@@ -634,12 +644,7 @@ def test_sets_of_a_record_from_before_the_header_hash_are_kept_for_an_untouched_
 
 def test_a_kept_set_of_another_k_is_dropped_when_the_header_changed(tmp_path, capsys):
     """Sets of other k kept in the case record must have been made under the same header."""
-    data = np.random.default_rng(1).normal(size=(12, 13, 14)).astype(np.float32)
-    inp = tmp_path / "in"
-    inp.mkdir()
-    nib.save(nib.Nifti1Image(data, np.eye(4)), inp / "b.nii.gz")
-    seg = tmp_path / "seg"
-    base = ["--quiet", "cluster", inp, "--features", "intensity", "-o", seg, "--json"]
+    data, inp, seg, base = _one_noise_volume(tmp_path, 1)
     code, out, err = run([*base, "--k", "2"], capsys)
     assert code == 0, err
     nib.save(nib.Nifti1Image(data, np.diag([2.0, 2.0, 2.0, 1.0])), inp / "b.nii.gz")
