@@ -184,8 +184,9 @@ def _check_verify(verify: str) -> str:
 class CacheEntry:
     """One cached array as listed by :meth:`EmbeddingCache.entries`.
 
-    ``size`` is the .npy file's size in bytes; ``created`` the POSIX time of
-    the put; ``meta`` the metadata given to ``put`` plus ``created`` (ISO 8601).
+    ``size`` is the .npy file's size in bytes, ``sidecar_size`` its sidecar's;
+    ``created`` the POSIX time of the put; ``meta`` the metadata given to ``put``
+    plus ``created`` (ISO 8601).
     """
 
     key: str
@@ -195,6 +196,7 @@ class CacheEntry:
     dtype: np.dtype
     created: float
     meta: dict[str, Any] = field(default_factory=dict)
+    sidecar_size: int = 0
 
 
 class _Corrupt(Exception):
@@ -388,7 +390,7 @@ class EmbeddingCache:
         )
         meta_doc = json.loads(json.dumps(meta_doc, default=_meta_json_default, allow_nan=True))
         fortran = bool(array.flags.f_contiguous and not array.flags.c_contiguous)
-        failing = data_path
+        failing, sidecar_gone = data_path, False
         try:
             with atomic_path(data_path) as tmp:
                 with open(tmp, "wb") as fh:
@@ -397,9 +399,10 @@ class EmbeddingCache:
                 digest = file_sha256(tmp)
                 # an entry replaced: its old sidecar goes before the new data takes its place,
                 # so a failure below leaves no sidecar describing other data
-                failing = side_path
                 with contextlib.suppress(FileNotFoundError):
                     side_path.unlink()
+                sidecar_gone = True
+            failing = side_path
             record = {
                 "format": SIDECAR_FORMAT,
                 "key": key,
@@ -413,7 +416,7 @@ class EmbeddingCache:
             }
             write_text_atomic(side_path, json.dumps(record, indent=1, sort_keys=True) + "\n")
         except BaseException as exc:
-            if failing == side_path:  # the data file is in place without its sidecar: remove it
+            if sidecar_gone:  # a data file (new, or the old one) without its sidecar: remove it
                 with contextlib.suppress(OSError):
                     data_path.unlink()
             if isinstance(exc, FileNotFoundError):
@@ -614,7 +617,8 @@ class EmbeddingCache:
             if side_path.suffix != ".json" or not _KEY_RE.fullmatch(key):
                 continue
             try:
-                record = _parse_sidecar(side_path.read_bytes(), key)
+                side_bytes = side_path.read_bytes()
+                record = _parse_sidecar(side_bytes, key)
                 data_path = self.data_path(key)
                 if os.stat(data_path).st_size != record.file_size:
                     continue
@@ -629,6 +633,7 @@ class EmbeddingCache:
                     record.dtype,
                     record.created,
                     record.meta,
+                    len(side_bytes),
                 )
             )
         return sorted(found, key=lambda e: (e.created, e.key))
@@ -666,6 +671,6 @@ class EmbeddingCache:
                 raise HypsegError(
                     f"{path}: cannot remove from the cache ({exc.strerror or exc})"
                 ) from None
-            if not path.name.startswith(_TMP_PREFIX):  # keys never start with "."
-                removed.add(path.stem)
+            if path.suffix == ".json" and not path.name.startswith(_TMP_PREFIX):
+                removed.add(path.stem)  # an entry has a sidecar; a data file alone is debris
         return len(removed)

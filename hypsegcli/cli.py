@@ -480,8 +480,13 @@ def train(
         int, typer.Option("--batch-size", min=1, max=1 << 16, help="Triplets per step.")
     ] = 64,
     lr: Annotated[
-        float, typer.Option("--lr", help="Learning rate (Riemannian Adam, amsgrad).")
-    ] = 1e-3,
+        float | None,
+        typer.Option(
+            "--lr",
+            help="Learning rate (Riemannian Adam, amsgrad); default 1e-3, or with --resume the "
+            "checkpoint's (a value given here applies from the checkpoint on).",
+        ),
+    ] = None,
     seed: Annotated[
         int,
         typer.Option(
@@ -659,7 +664,7 @@ def train(
         steps=steps if steps is not None or max_minutes is not None else 3000,
         max_minutes=max_minutes,
         batch_size=batch_size,
-        lr=lr,
+        lr=lr if lr is not None else 1e-3,
         seed=seed,
         checkpoint_every=checkpoint_every,
     )
@@ -675,6 +680,7 @@ def train(
             resume=resume,
             recursive=recursive,
             mask=mask,
+            lr_given=lr is not None,
             progress=progress,
         )
     log.info(
@@ -1206,12 +1212,25 @@ def cache_ls(
             else ""
         )
         typer.echo(
-            f"{e.key[:16]}  {e.size / 1e6:9.1f} MB  {'x'.join(map(str, e.shape)):>18}  {e.meta.get('volume', '')}{what}"
+            f"{e.key[:16]}  {_size_text(e.size):>9}  {'x'.join(map(str, e.shape)):>18}  {e.meta.get('volume', '')}{what}"
         )
+    in_entries = sum(e.size + e.sidecar_size for e in entries)
+    other = cache.total_bytes() - in_entries
     stderr.print(
-        f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, {cache.total_bytes() / 1e6:.1f} MB in {cache.root}",
+        f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, {_size_text(in_entries)}"
+        + (f" (and {_size_text(other)} in other files)" if other > 0 else "")
+        + f" in {cache.root}",
         markup=False,
     )
+
+
+def _size_text(size: float) -> str:
+    """Bytes as B, kB, MB, GB or TB (powers of 1000), 3 significant digits."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(size) < 999.5:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.3g} {unit}"
+        size /= 1000.0
+    return f"{size:.3g} TB"
 
 
 @cache_app.command("clear")

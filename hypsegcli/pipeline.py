@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import io as _stdio
 import json
 import logging
 import math
+import os
 import re
 import statistics
 import warnings
@@ -698,11 +700,13 @@ def train(
     resume: bool = False,
     recursive: bool = False,
     mask: Path | None = None,
+    lr_given: bool = True,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Train on the volumes in ``inputs``; write ``output`` and its checkpoint and history.
 
-    ``mask`` (``--mask``, as for :func:`cluster`): anchors centre inside the masks."""
+    ``mask`` (``--mask``, as for :func:`cluster`): anchors centre inside the masks.
+    ``lr_given`` False (no ``--lr``): a resumed run keeps the checkpoint's learning rate."""
     from . import distributed, training
     from .config import SamplingConfig
 
@@ -716,6 +720,9 @@ def train(
     if resume:  # the checkpoint's normalisation, whatever this command line says
         checkpoint = training.load_checkpoint(Path(output))
         norm_config = SamplingConfig.from_dict(checkpoint["sampling_config"])
+        kept_lr = checkpoint.get("train_config", {}).get("lr")
+        if not lr_given and isinstance(kept_lr, (int, float)):
+            train_config = dataclasses.replace(train_config, lr=float(kept_lr))
     volumes = load_training_volumes(
         paths,
         method=norm_config.norm,
@@ -938,10 +945,13 @@ def _existing_cache(root: Path) -> Any:
     """The cache at ``root`` if its folder exists (a dry run creates nothing), else None."""
     from .cache import LAYOUT, EmbeddingCache
 
-    if not (Path(root) / LAYOUT).is_dir():
+    folder = Path(root) / LAYOUT
+    if not folder.is_dir():
         return None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        log.warning("%s: the cache folder is not writable; the run will fail there", folder)
     try:
-        return EmbeddingCache(root)
+        return EmbeddingCache(root, create=False)  # no write probe: a dry run writes nothing
     except Exception:  # noqa: BLE001 - an unusable cache holds nothing usable
         return None
 
@@ -2559,6 +2569,7 @@ def cluster(
                                     volume.data,
                                     labels,
                                     volume.geometry.spacing,
+                                    outside=off_mask is not None,
                                 )
                             watch.lap("write")
                         _write_case_centroids(

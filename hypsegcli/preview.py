@@ -15,7 +15,8 @@ import numpy as np
 
 from .io import write_bytes_atomic
 
-# A qualitative palette (RGB), label i gets PALETTE[i % len]; label 0 is drawn too.
+# A qualitative palette (RGB) for the first 16 clusters (label 0 is drawn too); more
+# clusters get colours of their own from :func:`colours`.
 PALETTE = np.array(
     [
         [230, 25, 75],
@@ -37,6 +38,29 @@ PALETTE = np.array(
     ],
     dtype=np.float32,
 )
+
+
+def colours(n: int) -> np.ndarray:
+    """(n, 3) RGB colours, one per cluster: :data:`PALETTE`, then hues spread by the golden
+    angle at two saturations and three values, so that no two of the first 16 + 96 repeat."""
+    if n <= len(PALETTE):
+        return PALETTE[:n]
+    i = np.arange(n - len(PALETTE), dtype=np.float64)
+    hue = (i * 0.6180339887498949) % 1.0
+    sat = np.where((i // 3) % 2 == 0, 0.85, 0.5)
+    val = np.array([0.95, 0.7, 0.5])[(i % 3).astype(int)]
+    h6 = hue * 6.0
+    sector = np.floor(h6).astype(int) % 6
+    f = h6 - np.floor(h6)
+    p, q, t = val * (1 - sat), val * (1 - sat * f), val * (1 - sat * (1 - f))
+    rgb = np.select(
+        [sector[:, None] == s for s in range(6)],
+        [
+            np.stack(c, axis=1)
+            for c in ((val, t, p), (q, val, p), (p, val, t), (p, q, val), (t, p, val), (val, p, q))
+        ],
+    )
+    return np.concatenate([PALETTE, (rgb * 255.0).astype(np.float32)])
 
 
 def encode_png(rgb: np.ndarray) -> bytes:
@@ -79,23 +103,29 @@ def overlay_montage(
     *,
     alpha: float = 0.45,
     min_side: int = 192,
+    outside: bool = False,
 ) -> np.ndarray:
     """The three middle slices (x, y, z) side by side, grey image with coloured labels.
 
     Slices are shown with the first in-plane array axis running downwards;
-    anisotropic spacing is honoured by nearest-neighbour scaling.
+    anisotropic spacing is honoured by nearest-neighbour scaling. Cluster c gets
+    ``colours(...)[c]``; with ``outside`` (``cluster --mask``), label 0 is the
+    outside of the mask, left grey, and cluster c = label - 1 keeps its colour.
     """
     # levels from the whole volume, windowing only the three slices (bounded memory)
     source = image if image.dtype == np.float32 else image.astype(np.float32)
     lo, scale = _window_levels(source)
+    first = 1 if outside else 0
+    palette = colours(max(int(labels.max(initial=0)) + 1 - first, 1))
     panels = []
     for axis in range(3):
         index = image.shape[axis] // 2
         g = _window(np.take(source, index, axis=axis), lo, scale)
         lab = np.take(labels, index, axis=axis).astype(np.int64)
         sp = [s for i, s in enumerate(spacing) if i != axis]
-        rgb = (1.0 - alpha) * g[..., None] * 255.0 + alpha * PALETTE[lab % len(PALETTE)]
-        rgb = np.where(lab[..., None] >= 0, rgb, g[..., None] * 255.0)
+        tint = palette[np.clip(lab - first, 0, len(palette) - 1)]
+        rgb = (1.0 - alpha) * g[..., None] * 255.0 + alpha * tint
+        rgb = np.where(lab[..., None] >= first, rgb, g[..., None] * 255.0)
         # scale to physical aspect and a readable size (nearest neighbour)
         unit = min(sp)
         rows = max(1, int(round(rgb.shape[0] * sp[0] / unit)))
@@ -121,6 +151,9 @@ def write_preview(
     image: np.ndarray,
     labels: np.ndarray,
     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    *,
+    outside: bool = False,
 ) -> None:
-    """Write the overlay montage of ``image`` and ``labels`` as a PNG (atomically)."""
-    write_bytes_atomic(path, encode_png(overlay_montage(image, labels, spacing)))
+    """Write the overlay montage of ``image`` and ``labels`` as a PNG (atomically);
+    ``outside``: label 0 is the outside of a mask, left grey."""
+    write_bytes_atomic(path, encode_png(overlay_montage(image, labels, spacing, outside=outside)))

@@ -361,10 +361,14 @@ def _train(
                 doc["rng_state"]["ranks"] = rng_states
         return doc
 
-    def checkpoint() -> None:
+    def generator_states() -> dict[str, Any]:
+        return {"sample": sample_gen.get_state(), "noise": noise_gen.get_state()}
+
+    def checkpoint(rng: dict[str, Any] | None = None) -> None:
+        """Save the state after ``step``; ``rng``: the generators' states then, where they
+        have drawn for the next step since (default: as they are now)."""
         nonlocal rng_states, saved_step
-        rng = {"sample": sample_gen.get_state(), "noise": noise_gen.get_state()}
-        rng_states = dist.gather(rng)  # every rank's, for an exact distributed resume
+        rng_states = dist.gather(rng or generator_states())  # every rank's, for an exact resume
         if dist.is_main:
             # the history first: a resume drops rows beyond the checkpoint's step, so an
             # interruption between the two writes leaves no gap in it
@@ -381,6 +385,9 @@ def _train(
     stopped_by = "steps"
     window_start, window_steps = time.monotonic(), 0
     first_run_losses: dict[str, float] | None = None
+    # the generators' states after the last finished step (they draw for the next one
+    # before its update): what a checkpoint written mid-step must hold to resume exactly
+    drawn_from: tuple[int, dict[str, Any]] | None = None
     try:
         while True:
             if target is not None and step >= target:
@@ -389,12 +396,15 @@ def _train(
             if deadline is not None and dist.main_decides(time.monotonic() >= deadline):
                 stopped_by = "max-minutes"
                 break
+            if not dist.enabled:  # (only single-process runs checkpoint mid-step)
+                drawn_from = (step, generator_states())
             try:
                 triplets = sampler.sample(train_config.batch_size)
             except BadInputError as exc:  # a --mask anchors hardly ever centre in
                 message = _name_volume(str(exc), volumes)
                 if step > 0 and not dist.enabled:  # (checkpoint() gathers from every rank)
-                    checkpoint()
+                    assert drawn_from is not None
+                    checkpoint(drawn_from[1])
                     message += f"; the state after step {step} is in {ckpt_path}"
                 raise BadInputError(message) from None
             losses = loss_fn(
@@ -407,7 +417,7 @@ def _train(
                 # is kept, not overwritten with them (it held NaN weights no --lr could resume)
                 raise HypsegError(
                     f"training diverged at step {step + 1} (loss is {float(report['total'])}); "
-                    f"{_last_good(ckpt_path, saved_step)}; {_divergence_hint(sampling_config)}"
+                    + _diverged_advice(ckpt_path, saved_step, step, sampling_config)
                 )
             optimizer.zero_grad(set_to_none=True)
             total.backward()
@@ -418,8 +428,9 @@ def _train(
                 # not applied, and not saved: weights with a finite loss but infinite gradients
                 # (after a huge update, say) are no state to resume from either
                 raise HypsegError(
-                    f"training diverged at step {step + 1} (gradient norm is {float(grad_norm)}); "
-                    f"{_last_good(ckpt_path, saved_step)}; {_divergence_hint(sampling_config)}"
+                    f"training diverged at step {step + 1} (gradient norm {float(grad_norm):g}, "
+                    "beyond float range); "
+                    + _diverged_advice(ckpt_path, saved_step, step, sampling_config)
                 )
             # Ctrl-C or SIGTERM waits for the update and its history row (a state saved amid
             # them would not be one the run went through)
@@ -462,8 +473,12 @@ def _train(
                 checkpoint()
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (a Slurm time limit): keep the work done
         if step > (saved_step or 0) and not dist.enabled:  # (checkpoint() gathers from all)
-            checkpoint()
-            log.warning("interrupted: the state after step %d is in %s (--resume)", step, ckpt_path)
+            # mid-step, the generators have drawn for the next step: their states from before
+            with _signals_deferred():  # a second Ctrl-C waits for the save
+                checkpoint(drawn_from[1] if drawn_from and drawn_from[0] == step else None)
+                log.warning(
+                    "interrupted: the state after step %d is in %s (--resume)", step, ckpt_path
+                )
         raise
     checkpoint()
     if dist.is_main:
@@ -515,18 +530,24 @@ def _warm_up_torchscript(model: Any, train_config: TrainConfig, dev: Any) -> Non
     optimizer.step()
 
 
-def _last_good(ckpt_path: Path, saved_step: int | None) -> str:
-    """What a diverged run leaves to resume from, for its error message."""
-    if saved_step is None:
-        return "no checkpoint was written"
-    return f"the last checkpoint (step {saved_step}) is kept in {ckpt_path}"
-
-
-def _divergence_hint(sampling_config: SamplingConfig) -> str:
-    hint = "train again, or --resume, with a smaller --lr"
+def _diverged_advice(
+    ckpt_path: Path, saved_step: int | None, step: int, sampling_config: SamplingConfig
+) -> str:
+    """What a diverged run (after ``step`` good steps) leaves, and what to do next."""
+    fix = "a smaller --lr"
     if sampling_config.norm == "none":
-        hint += " or scale the intensities (--norm percentile or zscore)"
-    return hint
+        fix += " or scaled intensities (--norm percentile or zscore)"
+    if saved_step is None:
+        return f"no checkpoint was written; train again with {fix}"
+    if saved_step == step:  # the checkpoint holds the very weights that just failed
+        return (
+            f"the checkpoint (step {saved_step}, {ckpt_path}) holds the weights that failed; "
+            f"train again with {fix}"
+        )
+    return (
+        f"the last checkpoint (step {saved_step}) is kept in {ckpt_path}: --resume from it "
+        f"with {fix}, or train again"
+    )
 
 
 @contextlib.contextmanager

@@ -380,8 +380,12 @@ def test_dry_run_plans_without_writing(trained, tmp_path, capsys, monkeypatch):
         capsys,
     )
     assert code == 0, err
+    from hypsegcli.cache import LAYOUT
+
+    stamp = (cache / LAYOUT).stat().st_mtime_ns
     code, out, _ = run(argv, capsys)
     assert [v["state"] for v in json.loads(out)["volumes"]] == ["done", "compute", "done"]
+    assert (cache / LAYOUT).stat().st_mtime_ns == stamp  # no write probe in the cache either
     code, out, _ = run([*argv, "--overwrite"], capsys)
     assert [v["state"] for v in json.loads(out)["volumes"]] == ["cached", "compute", "cached"]
     # embed's plan; the human-readable plan goes to stderr

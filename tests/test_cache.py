@@ -276,6 +276,21 @@ def test_a_replaced_entry_whose_sidecar_fails_leaves_nothing(cache, monkeypatch,
     assert "corrupt" not in caplog.text
 
 
+def test_a_failed_rename_names_the_data_file(cache, monkeypatch):
+    cache.put("k", np.zeros(3, np.float32))
+    real_replace = os.replace
+
+    def denied(src, dst):
+        if str(dst).endswith(".npy"):
+            raise PermissionError(13, "Permission denied")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(cache_mod.os, "replace", denied)
+    with pytest.raises(HypsegError, match=r"k\.npy: cannot write cache entry .Permission denied"):
+        cache.put("k", np.ones(3, np.float32))
+    assert list(cache.directory.iterdir()) == []  # the old entry, half replaced, is gone whole
+
+
 def test_a_short_write_says_the_disk_may_be_full(cache, monkeypatch):
     def short(*_args, **_kwargs):
         raise OSError("16000 requested and 3040 written")  # numpy's, without errno
@@ -455,12 +470,28 @@ def test_clear_removes_everything_including_stray_temp_files(cache):
     stray.write_bytes(b"half written")
     (cache.directory / "orphan.npy").write_bytes(b"x")
     assert cache.total_bytes() > 0
-    assert cache.clear() == 4
+    assert cache.clear() == 3  # the orphan data file goes too, but was no entry
     assert list(cache.directory.iterdir()) == []
     assert cache.entries() == [] and cache.total_bytes() == 0 and cache.get("k0") is None
     assert cache.clear() == 0
     cache.put("k0", np.zeros(2, np.float32))
     assert [e.key for e in cache.entries()] == ["k0"]
+
+
+def test_cache_ls_counts_entries_apart_from_other_files(tmp_path, capsys):
+    from clitools import run
+
+    cache = EmbeddingCache(tmp_path)
+    for i in range(2):
+        cache.put(f"k{i}", np.zeros(100, np.float32))
+    (cache.directory / "README.txt").write_bytes(b"x" * 3000)
+    code, out, err = run(["cache", "ls", "--cache-dir", tmp_path], capsys)
+    assert code == 0 and out.count("528 B") == 2  # 400 bytes of data + the .npy header
+    side = sum(p.stat().st_size for p in cache.directory.glob("*.json"))
+    from hypsegcli.cli import _size_text
+
+    assert f"2 entries, {_size_text(1056 + side)} (and" in err
+    assert "(and 3 kB in other files)" in err
 
 
 # ----------------------------------------------------------------------------- concurrency

@@ -36,3 +36,21 @@ def test_png_round_trip(tmp_path):
     pixels = np.frombuffer(rows, np.uint8).reshape(height, 1 + 3 * width)[:, 1:]
     expected = preview.overlay_montage(image, labels, (1.0, 2.0, 1.0))
     np.testing.assert_array_equal(pixels.reshape(expected.shape), expected)
+
+
+def test_more_than_16_clusters_keep_distinct_colours_and_a_masks_outside_stays_grey():
+    """Labels 0 and 16 had the same colour (16 colours, modulo); with --mask, label 0 (the
+    outside) was tinted as cluster 0 and every cluster's colour shifted by one."""
+    image = np.zeros((3, 4, 40), np.float32)
+    labels = np.broadcast_to(np.arange(40) % 20, image.shape).copy()
+    montage = preview.overlay_montage(image, labels, alpha=1.0, min_side=1)
+    z_panel = montage[: image.shape[1], : image.shape[2]]  # the x panel: (y, z)
+    row = z_panel[0, :20].astype(int)
+    assert len({tuple(c) for c in row}) == 20
+    np.testing.assert_array_equal(row[:16], preview.PALETTE.astype(int))
+    # the outside of a mask: grey (black image, so 0), and cluster 1 keeps cluster 0's colour
+    masked = preview.overlay_montage(image, labels, alpha=1.0, min_side=1, outside=True)
+    row = masked[0, :3].astype(int)
+    np.testing.assert_array_equal(row[0], [0, 0, 0])
+    np.testing.assert_array_equal(row[1], preview.PALETTE[0].astype(int))
+    np.testing.assert_array_equal(row[2], preview.PALETTE[1].astype(int))

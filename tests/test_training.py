@@ -575,39 +575,83 @@ def test_resume_applies_a_new_lr_and_keeps_the_checkpoints_seed(tmp_path, caplog
     assert _same_weights(tmp_path / "a.pt", tmp_path / "c.pt")
 
 
-def test_sigterm_saves_the_state_of_a_cli_run(tmp_path, capsys):
+def test_sigterm_mid_step_saves_a_state_that_resumes_bit_for_bit(tmp_path, capsys):
     """A Slurm time limit (SIGTERM) before the first periodic checkpoint used to lose every
-    step; the state reached is saved, exit code 143, and --resume goes on from it."""
+    step. Sent while a step draws its triplets and runs (the generators have drawn for the
+    next step), the saved state still resumes into the very weights of an uninterrupted run."""
     import signal
     import subprocess
     import sys
 
+    from hypsegcli.distributed import state_sha256
+
     data = tmp_path / "data"
     code, _, err = run(["--quiet", "synth", data, "--n", "2", "--size", "20"], capsys)
     assert code == 0, err
-    out = tmp_path / "m.pt"
-    cmd = [sys.executable, "-m", "hypsegcli", "train", str(data / "images"), "-o", str(out)]
-    cmd += ["--steps", "100000", "--checkpoint-every", "100000", *TINY_TRAIN]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+
+    def cmd(out, *extra, quiet=True):
+        argv = [sys.executable, "-m", "hypsegcli", *(["--quiet"] if quiet else []), "train"]
+        argv += [str(data / "images"), "-o", str(out), "--steps", "150"]
+        return [*argv, "--checkpoint-every", "100", *TINY_TRAIN, *extra]
+
+    done = subprocess.run(cmd(tmp_path / "a.pt"), capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    out = tmp_path / "b.pt"
+    proc = subprocess.Popen(cmd(out, quiet=False), stderr=subprocess.PIPE, text=True)
     try:
-        seen = 0
-        for line in proc.stderr:  # plain progress lines without a terminal
+        for line in proc.stderr:  # plain progress lines without a terminal, after an update
             if line.startswith("train:"):
-                seen += 1
-                if seen == 2:
-                    break
-        proc.send_signal(signal.SIGTERM)
+                break
+        proc.send_signal(signal.SIGTERM)  # most likely while a step draws and runs
         rest = proc.stderr.read()
         assert proc.wait(timeout=60) == 143, rest
     finally:
         proc.kill()
     ckpt, _ = companion_paths(out)
     step = load_model_file(ckpt)["step"]
-    assert step >= 1 and f"the state after step {step} is in" in rest
-    code, _, err = run(
-        ["--quiet", "train", data / "images", "-o", out, "--resume"]
-        + ["--steps", str(step + 2), *TINY_TRAIN],
-        capsys,
-    )
-    assert code == 0, err
-    assert load_model_file(out)["step"] == step + 2
+    assert 1 <= step < 150 and f"the state after step {step} is in" in rest
+    done = subprocess.run(cmd(out, "--resume"), capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    a, b = load_model_file(tmp_path / "a.pt"), load_model_file(out)
+    assert state_sha256(a["state_dict"]) == state_sha256(b["state_dict"])
+
+
+def test_a_second_interrupt_waits_for_the_save(tmp_path, monkeypatch):
+    """Ctrl-C twice: the second arrives while the first one's checkpoint is written; it is
+    held until the checkpoint is in place, then stops the run."""
+    import os
+    import signal
+
+    from hypsegcli import training
+
+    real_history = training._write_history
+
+    def history_then_ctrl_c(path, rows):
+        real_history(path, rows)
+        if rows and rows[-1]["step"] == 5:
+            os.kill(os.getpid(), signal.SIGINT)  # the second Ctrl-C, amid the save
+
+    def interrupt(stage, done, total, **info):
+        if done == 5:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "_write_history", history_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        _train_tiny(tmp_path / "m.pt", 30, progress=interrupt)
+    ckpt, _ = companion_paths(tmp_path / "m.pt")
+    assert load_model_file(ckpt)["step"] == 5
+
+
+def test_cli_resume_without_lr_keeps_the_checkpoints(tmp_path, capsys):
+    data = tmp_path / "data"
+    assert run(["--quiet", "synth", data, "--n", "2", "--size", "20"], capsys)[0] == 0
+    out = tmp_path / "m.pt"
+    argv = ["--quiet", "train", data / "images", "-o", out, *TINY_TRAIN]
+    assert run([*argv, "--steps", "2", "--lr", "3e-4"], capsys)[0] == 0
+    assert run([*argv, "--steps", "3", "--resume"], capsys)[0] == 0
+    ckpt, _ = companion_paths(out)
+    doc = load_model_file(ckpt)
+    assert doc["train_config"]["lr"] == 3e-4
+    assert {g["lr"] for g in doc["optimizer_state"]["param_groups"]} == {3e-4}
+    assert run([*argv, "--steps", "4", "--resume", "--lr", "1e-4"], capsys)[0] == 0
+    assert {g["lr"] for g in load_model_file(ckpt)["optimizer_state"]["param_groups"]} == {1e-4}
