@@ -630,7 +630,7 @@ def test_divergence_on_unscaled_intensities_points_at_the_scaling(tmp_path, caps
         capsys,
     )
     assert code == 1 and "training diverged" in err, err
-    assert "scale the intensities (--norm percentile or zscore)" in err
+    assert "or scaled intensities (--norm percentile or zscore)" in err
 
 
 def test_cache_housekeeping_creates_nothing_and_a_file_in_the_way_is_bad_input(tmp_path, capsys):
