@@ -1033,7 +1033,7 @@ def embed(
             path: bool(
                 skip_existing
                 and out is not None
-                and _embedding_done(npy_of(path), path, model, patch_size, stride)  # type: ignore[arg-type]
+                and _embedding_done(npy_of(path), path, model, patch_size, stride) is not None  # type: ignore[arg-type]
             )
             for path in selected
         }
@@ -1064,15 +1064,15 @@ def embed(
             target = npy_of(path)
             row: dict[str, Any] = {"volume": str(path)}
             try:
-                if (
-                    skip_existing
-                    and target is not None
-                    and _embedding_done(target, path, model, patch_size, stride)
-                ):
+                kept = (
+                    _embedding_done(target, path, model, patch_size, stride)
+                    if skip_existing and target is not None
+                    else None
+                )
+                if kept is not None:
+                    assert target is not None
                     row.update(status="skipped", shape=None, cached=False, output=str(target))
-                    record = _read_json(_sidecar_of(target))
-                    with contextlib.suppress(KeyError, TypeError):
-                        sha = record["volume_sha256"]  # as recorded when the array was written
+                    sha = kept.get("volume_sha256")  # as recorded when the array was written
                 else:
                     stamp = _source_stamp(path)
                     volume = read_volume(path)
@@ -1106,23 +1106,12 @@ def embed(
                             # the record last, and the old one gone before the array is
                             # replaced: a record says its array is complete and matches it
                             sidecar = _sidecar_of(target)
-                            try:
-                                sidecar.unlink()
-                            except FileNotFoundError:
-                                pass
-                            except OSError as exc:
-                                raise HypsegError(
-                                    f"{sidecar}: cannot remove ({exc.strerror or exc})"
-                                ) from None
+                            _remove_record(sidecar)
                             _save_npy(target, np.asarray(emb, dtype=np.float32))
                             record = _embedding_record(
                                 volume, model, sha, emb.shape, patch_size, stride
                             )
-                            record["source"] = {
-                                **(stamp or {}),
-                                "sha256": sha,
-                                "geometry_sha256": geometry_sha256(volume.geometry),
-                            }
+                            record["source"] = _source_record(stamp, sha, volume)
                             try:
                                 write_text_atomic(sidecar, json.dumps(record, indent=2) + "\n")
                             except OSError as exc:
@@ -1390,31 +1379,34 @@ def _embedding_record(
     }
 
 
-def _embedding_done(target: Path, path: Path, model: Any, patch_size: int, stride: int) -> bool:
-    """``embed -o --skip-existing``: ``target`` (``<case>.npy``) and its record (written
-    last) exist, the record was made by this model (its configuration, normalisation and
-    weights) with these options from the input as it is now (:func:`_same_source`: its size
-    and modification time, without reading it, or else its voxels and header), and the
-    array has the recorded shape (read from its header only)."""
+def _embedding_done(
+    target: Path, path: Path, model: Any, patch_size: int, stride: int
+) -> dict[str, Any] | None:
+    """``embed -o --skip-existing``: the record of ``target`` (``<case>.npy``) if the array
+    and its record (written last) exist, the record was made by this model (its
+    configuration, normalisation and weights) with these options from the input as it is
+    now (:func:`_same_source`: its size and modification time, without reading it, or else
+    its voxels and header), and the array has the recorded shape (read from its header
+    only); else None."""
     try:
         record = _read_json(_sidecar_of(target)) if _sidecar_of(target).is_file() else None
     except OSError:
-        return False
+        return None
     if not isinstance(record, dict) or record.get("format") != EMBEDDING_RECORD_FORMAT:
-        return False
+        return None
     if (
         record.get("model_content_sha256") != model.content_sha256
         or record.get("patch_size") != patch_size
         or record.get("stride") != stride
     ):
-        return False
+        return None
     try:
         array = np.load(target, mmap_mode="r", allow_pickle=False)
     except Exception:  # noqa: BLE001 - empty, cut, a zip, junk: not done, computed again
-        return False
+        return None
     if not isinstance(array, np.ndarray) or list(array.shape) != record.get("shape"):
-        return False
-    return _same_source(record.get("source"), path)
+        return None
+    return record if _same_source(record.get("source"), path) else None
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -1829,6 +1821,13 @@ def _source_stamp(path: Path) -> dict[str, Any] | None:
     return {"size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns)}
 
 
+def _source_record(stamp: dict[str, Any] | None, sha: str, volume: Any) -> dict[str, Any]:
+    """What a record keeps of the input it was made from, for :func:`_same_source`: the
+    file's stamp (:func:`_source_stamp`, taken before reading it), its voxels' SHA-256 and
+    its geometry and header's (:func:`~hypsegcli.io.geometry_sha256`)."""
+    return {**(stamp or {}), "sha256": sha, "geometry_sha256": geometry_sha256(volume.geometry)}
+
+
 def _same_source(recorded: Any, path: Path, *, geometry: bool = True) -> bool:
     """``path`` holds the input a per-case record was made from: the same size and
     modification time, or else (copied, touched, synthesised again) the same voxels and,
@@ -1912,13 +1911,19 @@ def _take_case_record(out: Path, name: str) -> Any:
     must not leave the old one beside new label files (a resubmission would skip the case)."""
     target = _case_centroids_path(out, name)
     old = _read_json(target) if target.exists() else None
+    _remove_record(target)
+    return old
+
+
+def _remove_record(path: Path) -> None:
+    """Remove a record that says its outputs are complete, before they are rewritten (none
+    there is fine)."""
     try:
-        target.unlink()
+        path.unlink()
     except FileNotFoundError:
         pass
     except OSError as exc:
-        raise HypsegError(f"{target}: cannot remove ({exc.strerror or exc})") from None
-    return old
+        raise HypsegError(f"{path}: cannot remove ({exc.strerror or exc})") from None
 
 
 def _write_case_centroids(
@@ -2436,11 +2441,7 @@ def cluster(
                         stamp = _source_stamp(path)
                         volume = read_volume(path)
                         sha = array_sha256(volume.data)
-                        source = {
-                            **(stamp or {}),
-                            "sha256": sha,
-                            "geometry_sha256": geometry_sha256(volume.geometry),
-                        }
+                        source = _source_record(stamp, sha, volume)
                         inside: np.ndarray | None = None
                         off_mask: np.ndarray | None = None
                         mask_sha: str | None = None
