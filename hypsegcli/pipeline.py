@@ -1498,7 +1498,16 @@ class _Clusterer:
             from .kmeans import poincare_pdist2
 
             return poincare_pdist2(rows, centers, c=self.curvature)
-        return ((rows[:, None, :] - centers[None, :, :]) ** 2).sum(-1)
+        # one centre at a time: (n, d) temporaries, not two (n, k, d) ones (256 MB for a
+        # million rows at k = 8, d = 2); the same sums, so the same bits
+        centers = np.asarray(centers, dtype=np.float64)
+        out = np.empty((len(rows), len(centers)))
+        diff = np.empty_like(rows)
+        for j, center in enumerate(centers):
+            np.subtract(rows, center, out=diff)
+            np.square(diff, out=diff)
+            diff.sum(axis=-1, out=out[:, j])
+        return out
 
     def labels(
         self,

@@ -55,6 +55,36 @@ def _ball_sq_dist(rows, centers):
     return poincare_pdist2(np.asarray(rows, dtype=np.float64), centers)
 
 
+@pytest.mark.parametrize("d", [1, 2, 5, 17])
+def test_euclidean_sq_dist_matches_broadcast_reference(d):
+    """The Euclidean squared distances, one centre at a time, equal the (n, k, d) broadcast bit for bit."""
+    rng = np.random.default_rng(d)
+    clusterer = _Clusterer("line", curvature=1.0, n_init=1, fit_samples=10, seed=0, device="cpu")
+    for k in (1, 3, 8):
+        rows = (rng.normal(size=(301, d)) * 50).astype(np.float32)
+        centers = rng.normal(size=(k, d))
+        want = ((rows.astype(np.float64)[:, None, :] - centers[None]) ** 2).sum(-1)
+        got = clusterer.sq_dist(rows, centers)
+        assert got.dtype == np.float64 and np.array_equal(got, want)
+
+
+def test_euclidean_sq_dist_memory_is_about_its_output():
+    """No (n, k, d) temporaries: the peak stays within twice the (n, k) result (numpy's
+    allocations are traced)."""
+    import tracemalloc
+
+    clusterer = _Clusterer("line", curvature=1.0, n_init=1, fit_samples=10, seed=0, device="cpu")
+    rows = np.random.default_rng(0).normal(size=(100_000, 2)).astype(np.float32)
+    centers = np.random.default_rng(1).normal(size=(8, 2))
+    tracemalloc.start()
+    try:
+        got = clusterer.sq_dist(rows, centers)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert got.shape == (100_000, 8) and peak < 2 * got.nbytes
+
+
 def test_temperature_is_mean_squared_distance_to_nearest_centre():
     rng = np.random.default_rng(0)
     rows = _ball_points(rng, (500,))
