@@ -523,31 +523,48 @@ def rebuild_merged(
 
 # ----------------------------------------------------------------------------- plans (--dry-run)
 
-#: The dense encoder reaches about this fraction of the matmul rate (README: 84% for the
-#: default model on 2 CPU cores; thin layers and GPUs do worse). Used for time estimates.
-ENCODER_EFFICIENCY = 0.5
-#: Hyperbolic k-means seconds per (restart x fitted point x cluster) and per (point x cluster)
-#: assigned, at a matmul rate of REFERENCE_RATE (benchmarks/kmeans_speed.py: 0.4 s for 10^6
-#: points, k = 8, 4 restarts fitted on 200 000). Data-dependent: iterations vary.
+#: The dense encoder reaches about this fraction of the 512^2 float32 matmul rate that
+#: :func:`measure_flop_rate` measures (benchmarks/dryrun_accuracy.py, the default model on
+#: 32^3-128^3 volumes on 2 CPU cores: 0.94-1.03, tile overheads included; thin layers and
+#: GPUs do worse). Used for time estimates.
+ENCODER_EFFICIENCY = 1.0
 #: Fixed cost per tile (resampling, small ops, thread hand-off), measured ~9 ms on the
 #: project's 2-core machine; it dominates for tiny volumes and for patch sides with many
 #: phases (e.g. m = 9, p = 5).
 TILE_OVERHEAD_S = 0.009
-KMEANS_FIT_S = 4.7e-8
-KMEANS_ASSIGN_S = 1.25e-8
+#: Hyperbolic k-means (:class:`hypsegcli.kmeans.PoincareKMeans`), seconds at a matmul rate
+#: of REFERENCE_RATE: per cluster and point of each pass of a fit (``n_init`` restarts on
+#: at most ``_RESTART_SAMPLES`` points, then one refinement on the fit sample; their
+#: Lloyd iterations folded in), and per cluster and voxel assigned. From
+#: benchmarks/dryrun_accuracy.py (embeddings of a trained and of an untrained default
+#: model, 32^3-128^3, k = 2, 4, 8): the fits took 0.7-1.5x what this gives, as their
+#: iterations vary with the data (10-139 per fit seen).
+KMEANS_FIT_S = 3.6e-7
+KMEANS_ASSIGN_S = 6.0e-9
+#: Euclidean k-means (scikit-learn's ``KMeans``: ``--metric euclidean``, intensity
+#: features), seconds per (restart x fitted point x cluster) at REFERENCE_RATE
+#: (benchmarks/dryrun_accuracy.py: 0.4e-7 - 1.8e-7 on 64^3-128^3), and the import of
+#: scikit-learn (once per process, 0.6-0.8 s measured after torch and scipy; time and
+#: resident memory).
+SKLEARN_FIT_S = 6.0e-8
+SKLEARN_IMPORT_S = 0.7
+SKLEARN_IMPORT_BYTES = 116e6
 REFERENCE_RATE = 330e9
-#: Potts smoothing (``cluster --smooth``): seconds per (voxel x cluster) at REFERENCE_RATE,
-#: and bytes per (voxel x cluster) of a slab at its peak: 2.4e-7 s and 21 bytes measured
-#: for k = 8 on a 512x512x300 volume, 2 cores at 314 GFLOP/s (0.75 M voxels/s at 128^3).
-SMOOTH_S = 2.3e-7
-SMOOTH_BYTES = 24.0
+#: Potts smoothing (``cluster --smooth``): seconds per (voxel x cluster) at REFERENCE_RATE
+#: of each slab, halos included (benchmarks/dryrun_accuracy.py: 3.7e-8 - 9.5e-8 for k = 2,
+#: 4, 8 on 32^3-128^3 volumes), and bytes per (voxel x cluster) of a slab at its peak,
+#: the slab's float64 distances included (21 measured for k = 8 in the slabs of a
+#: 512x512x300 volume; 30-36 where one slab holds a 96^3 or 128^3 volume).
+SMOOTH_S = 5.5e-8
+SMOOTH_BYTES = 32.0
 #: Edge snapping (``cluster --snap``, scipy on the CPU whatever the device): seconds per voxel,
 #: plus per voxel and label; peak bytes likewise. Measured at sigma 2 on a 256^3 field of k
 #: bands (43 / 78 / 92 % of the voxels near a boundary at k = 2 / 4 / 8: 294 / 450 / 631 ns
 #: per voxel) and, for memory, a 128^3 one (31 / 53 bytes per voxel at k = 2 / 8), on this
-#: project's 2-core machine.
-SNAP_S = 1.8e-7
-SNAP_S_PER_LABEL = 5.6e-8
+#: project's 2-core machine; times scaled by 0.65 to what benchmarks/dryrun_accuracy.py
+#: measured on synthetic volumes (0.66-0.90 us per voxel for k = 2, 4 and 8 together).
+SNAP_S = 1.2e-7
+SNAP_S_PER_LABEL = 3.6e-8
 SNAP_BYTES = 25.0
 SNAP_BYTES_PER_LABEL = 3.5
 #: Intensity MRF (``cluster --mrf``): its masks, filters and label statistics (scipy, CPU)
@@ -556,7 +573,9 @@ SNAP_BYTES_PER_LABEL = 3.5
 #: Measured at beta 0.5 after the snap on the 256^3 field of benchmarks/smooth_speed.py, on
 #: this project's 2-core machine: 0.89 / 1.61 us per voxel at k = 4 / 8 in all (the part
 #: before the mean-field updates 0.4-0.5 us at 128^3), peak 60 / 62 bytes per voxel.
-MRF_S = 4.0e-7
+#: MRF_S from benchmarks/dryrun_accuracy.py (1.5-2.2 us per voxel for k = 2, 4 and 8
+#: together, mean-field updates included).
+MRF_S = 1.5e-7
 MRF_BYTES = 14.0
 MRF_BYTES_PER_LABEL = 2.0
 
@@ -569,14 +588,22 @@ NEST_S = 6.0e-7
 NEST_S_PER_K = 3.5e-7
 NEST_BYTES = 51.0
 #: ``cluster --min-size``: seconds per voxel and k (a component labelling per label and one
-#: distance transform; 0.23-0.29 µs on a 128^3 field at k = 2-8 on 2 cores) and peak bytes
-#: per voxel (the output copy, the component ids, the masks and the transform's indices).
-MIN_SIZE_S = 3.0e-7
+#: distance transform; 0.23-0.29 µs on a 128^3 field at k = 2-8 on 2 cores, 0.15-0.23 µs
+#: on benchmarks/dryrun_accuracy.py's volumes) and peak bytes per voxel (the output copy,
+#: the component ids, the masks and the transform's indices).
+MIN_SIZE_S = 2.0e-7
 MIN_SIZE_BYTES = 24.0
 
 
-def measure_flop_rate(device: Any = "cpu", n: int = 512, repeat: int = 5) -> float:
-    """Best float32 FLOP/s of an n x n matmul on ``device`` (a few ms; a quick, noisy estimate)."""
+def measure_flop_rate(
+    device: Any = "cpu", n: int = 512, repeat: int = 30, warmup: int = 3
+) -> float:
+    """Best float32 FLOP/s of an n x n matmul on ``device`` (about 50 ms on 2 CPU cores).
+
+    ``warmup`` untimed products first: in a fresh process the first measurement
+    (thread pool start-up) read 0.8-0.9 of the later ones. A core taken by another
+    process still halves the rate on a 2-core machine.
+    """
     import torch
 
     device = torch.device(device)
@@ -590,7 +617,8 @@ def measure_flop_rate(device: Any = "cpu", n: int = 512, repeat: int = 5) -> flo
         elif device.type == "mps":  # pragma: no cover - Apple only
             torch.mps.synchronize()
 
-    torch.matmul(a, b)
+    for _ in range(max(warmup, 1)):
+        torch.matmul(a, b)
     sync()
     best = math.inf
     for _ in range(repeat):
@@ -715,16 +743,23 @@ def estimate_smooth(
 ) -> tuple[float, float]:
     """Seconds and peak bytes of ``cluster --smooth`` for a volume of ``shape`` at every k.
 
-    Time: SMOOTH_S per voxel and cluster. Memory: the largest slab
-    (:mod:`hypsegcli.smoothing`), about SMOOTH_BYTES per voxel and cluster in it.
+    Time: SMOOTH_S per voxel and cluster of every slab, the halos its slabs
+    repeat included. Memory: the largest slab (:mod:`hypsegcli.smoothing`),
+    about SMOOTH_BYTES per voxel and cluster in it.
     """
     from .smoothing import SMOOTH_ITERS, slab_planes
 
-    voxels = math.prod(int(n) for n in shape)
+    planes = int(shape[0])
     plane = math.prod(int(n) for n in shape[1:])
-    seconds = sum(SMOOTH_S * voxels * k for k in ks) * REFERENCE_RATE / flop_rate
+    seconds = 0.0
+    for k in ks:
+        core = slab_planes(plane, k, SMOOTH_ITERS)
+        slabs = -(-planes // core)
+        worked = planes + 2 * SMOOTH_ITERS * (slabs - 1)  # inner halos, computed twice
+        seconds += SMOOTH_S * worked * plane * k
+    seconds *= REFERENCE_RATE / flop_rate
     k = max(ks)
-    slab = min(int(shape[0]), slab_planes(plane, k, SMOOTH_ITERS) + 2 * SMOOTH_ITERS) * plane
+    slab = min(planes, slab_planes(plane, k, SMOOTH_ITERS) + 2 * SMOOTH_ITERS) * plane
     return seconds, float(SMOOTH_BYTES * slab * k)
 
 
@@ -764,10 +799,32 @@ def estimate_min_size(shape: Sequence[int], ks: Sequence[int]) -> tuple[float, f
 
 
 def estimate_kmeans_seconds(
-    voxels: int, ks: Sequence[int], *, n_init: int, fit_samples: int, flop_rate: float
+    voxels: int,
+    ks: Sequence[int],
+    *,
+    n_init: int,
+    fit_samples: int,
+    flop_rate: float,
+    euclidean: bool = False,
 ) -> float:
+    """Seconds of fitting k-means (``n_init`` > 0; none with 0) and assigning ``voxels``, every k.
+
+    Hyperbolic: KMEANS_FIT_S per cluster and point of each pass (``n_init``
+    restarts on the restart sample, one refinement on the fit sample).
+    ``euclidean`` (scikit-learn): SKLEARN_FIT_S per restart, fitted point and
+    cluster; its import is not included. The assignment: KMEANS_ASSIGN_S per
+    voxel and cluster.
+    """
+    from .kmeans import _RESTART_SAMPLES
+
     fitted = min(voxels, fit_samples)
-    per_k = KMEANS_FIT_S * n_init * fitted + KMEANS_ASSIGN_S * voxels
+    if n_init <= 0:
+        fit = 0.0
+    elif euclidean:
+        fit = SKLEARN_FIT_S * n_init * fitted
+    else:
+        fit = KMEANS_FIT_S * (n_init * min(fitted, _RESTART_SAMPLES) + fitted)
+    per_k = fit + KMEANS_ASSIGN_S * voxels
     return sum(per_k * k for k in ks) * REFERENCE_RATE / flop_rate
 
 
@@ -789,7 +846,8 @@ PLAN_NOTES = (
     "Estimates, not measurements. Time: FLOPs per voxel (embedding.flops_per_voxel) x voxels / "
     f"({ENCODER_EFFICIENCY:g} x a float32 matmul rate measured just now on the device) + "
     f"{TILE_OVERHEAD_S * 1000:g} ms per tile and worker thread, plus "
-    "k-means scaled from the project's benchmark (iterations depend on the data); reading and "
+    "k-means per point and cluster of each pass of a fit and of the assignment (iterations "
+    "depend on the data), plus scikit-learn's import where its k-means is used; reading and "
     "writing files is not counted. Peak memory: this process now (libraries and model) + the "
     "volume, its normalised and padded copies and its embeddings (+ float64 copies with "
     "--stride > 1 and for clustering) + one tile's float32 activations per worker thread; "
@@ -797,6 +855,6 @@ PLAN_NOTES = (
     "cluster and its largest slab; with --snap, the edge snap's time and memory per voxel and "
     "label; with --mrf, the intensity MRF's (masks per voxel and label plus a Potts prior's "
     "slab); with --nest, the band's distance transforms; with --min-size, the component "
-    "labelling and its distance transform; measured on a 2-core CPU. Expect the "
-    "truth within a factor of about 2."
+    "labelling and its distance transform; constants measured on a 2-core CPU "
+    "(benchmarks/dryrun_accuracy.py). Expect the truth within a factor of about 2."
 )

@@ -17,6 +17,7 @@ import math
 import os
 import re
 import statistics
+import sys
 import warnings
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -1184,6 +1185,7 @@ def plan(
     min_size: int = 0,
     clusterer: Any = None,
     masks: _Masks | None = None,
+    euclidean: bool = False,
 ) -> dict[str, Any]:
     """What ``embed``/``cluster`` would do (``--dry-run``): per volume its shape, state and estimates.
 
@@ -1198,12 +1200,16 @@ def plan(
     pooled fit, ``pooled_fit``, or given centroids): then ``fits`` is empty.
     Only the assignment is estimated for the k not in ``fits``. With ``masks``
     (``cluster --mask``) each volume's mask is read too, to look up its fits.
+    ``euclidean``: the fits are scikit-learn's (``--metric euclidean``,
+    intensity features), whose import is counted once.
     Estimates are described in :data:`hypsegcli.batch.PLAN_NOTES`.
     """
     import torch
 
     from .batch import (
         PLAN_NOTES,
+        SKLEARN_IMPORT_BYTES,
+        SKLEARN_IMPORT_S,
         current_rss_bytes,
         estimate_embedding,
         estimate_kmeans_seconds,
@@ -1222,6 +1228,12 @@ def plan(
     rate = measure_flop_rate(dev)
     workers = torch.get_num_threads() if dev.type == "cpu" else 1
     baseline = current_rss_bytes()
+    # scikit-learn's k-means is imported by the first fit (once per process)
+    sklearn_import = bool(
+        ks and euclidean and (clusterer is not None or pooled_fit) and "sklearn" not in sys.modules
+    )
+    if sklearn_import:
+        baseline += SKLEARN_IMPORT_BYTES
     d = int(model.model.cfg.latent_dim) if model is not None else 1
     rows = []
     for path in selected:
@@ -1278,7 +1290,12 @@ def plan(
                 fits = [] if clusterer is None else [k for k in ks if k not in cached_fits]
                 row["fits"] = fits
                 seconds += estimate_kmeans_seconds(
-                    voxels, fits, n_init=n_init, fit_samples=fit_samples, flop_rate=rate
+                    voxels,
+                    fits,
+                    n_init=n_init,
+                    fit_samples=fit_samples,
+                    flop_rate=rate,
+                    euclidean=euclidean,
                 )
                 # pooled, given or cached centroids: the assignment only
                 seconds += estimate_kmeans_seconds(
@@ -1309,10 +1326,15 @@ def plan(
 
             row.update(state="error", error=one_line(exc), seconds=None, peak_bytes=None)
         rows.append(row)
-    extra = 0.0
+    extra = SKLEARN_IMPORT_S if sklearn_import else 0.0
     if pooled_fit and ks:
-        extra = estimate_kmeans_seconds(
-            fit_samples, ks, n_init=n_init, fit_samples=fit_samples, flop_rate=rate
+        extra += estimate_kmeans_seconds(
+            fit_samples,
+            ks,
+            n_init=n_init,
+            fit_samples=fit_samples,
+            flop_rate=rate,
+            euclidean=euclidean,
         )
     peaks = [r["peak_bytes"] for r in rows if r.get("peak_bytes")]
     counts = {
@@ -2331,6 +2353,7 @@ def cluster(
             config=config,
             clusterer=clusterer if fit == "volume" else None,
             masks=masks,
+            euclidean=clusterer.kind != "ball",
         )
     cache = EmbeddingCache(cache_root) if cache_root is not None else None
 

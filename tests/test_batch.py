@@ -398,6 +398,53 @@ def test_dry_run_plans_without_writing(trained, tmp_path, capsys, monkeypatch):
     assert "est. peak memory" in err and "case_001.nii.gz" in err
 
 
+def test_kmeans_estimate_counts_each_pass_of_a_fit():
+    from hypsegcli.batch import (
+        KMEANS_ASSIGN_S,
+        KMEANS_FIT_S,
+        REFERENCE_RATE,
+        SKLEARN_FIT_S,
+        estimate_kmeans_seconds,
+    )
+    from hypsegcli.kmeans import _RESTART_SAMPLES
+
+    def est(voxels, ks, n_init, **kw):
+        kw.setdefault("flop_rate", REFERENCE_RATE)
+        return estimate_kmeans_seconds(voxels, ks, n_init=n_init, fit_samples=200_000, **kw)
+
+    n = 1_000_000  # restarts on the restart sample, one refinement on the fit sample
+    want = KMEANS_FIT_S * (3 * _RESTART_SAMPLES + 200_000) + KMEANS_ASSIGN_S * n
+    assert est(n, [2, 8], 3) == pytest.approx(10 * want)
+    # a small volume: every pass sees all its voxels
+    want = KMEANS_FIT_S * 3 * 30_000 + KMEANS_ASSIGN_S * 30_000
+    assert est(30_000, [4], 2) == pytest.approx(4 * want)
+    assert est(n, [4], 0) == pytest.approx(4 * KMEANS_ASSIGN_S * n)  # assignment only
+    want = SKLEARN_FIT_S * 2 * 200_000 + KMEANS_ASSIGN_S * n
+    assert est(n, [4], 2, euclidean=True) == pytest.approx(4 * want)
+    assert est(n, [4], 2, flop_rate=2 * REFERENCE_RATE) == pytest.approx(est(n, [4], 2) / 2)
+
+
+def test_dry_run_counts_scikit_learns_import_once(trained, tmp_path, capsys, monkeypatch):
+    from hypsegcli.batch import SKLEARN_IMPORT_BYTES, SKLEARN_IMPORT_S
+
+    def plan(*extra):
+        argv = cluster_argv(trained, tmp_path / "seg", "--cache-dir", tmp_path / "c", "--dry-run")
+        code, out, err = run([*argv, *extra], capsys)
+        assert code == 0, err
+        doc = json.loads(out)
+        return doc["estimated_seconds"] - sum(r["seconds"] for r in doc["volumes"]), doc
+
+    monkeypatch.delitem(sys.modules, "sklearn", raising=False)  # as in a fresh process
+    extra, ball = plan()
+    assert extra == pytest.approx(0, abs=0.01)  # Poincaré k-means: no scikit-learn
+    extra, doc = plan("--metric", "euclidean")
+    assert extra == pytest.approx(SKLEARN_IMPORT_S, abs=0.01)
+    grew = doc["estimated_peak_bytes"] - ball["estimated_peak_bytes"]
+    assert grew > 0.8 * SKLEARN_IMPORT_BYTES  # this process's size may move a little
+    monkeypatch.setitem(sys.modules, "sklearn", object())  # imported already: nothing to add
+    assert plan("--metric", "euclidean")[0] == pytest.approx(0, abs=0.01)
+
+
 def test_embed_parts_skip_existing_and_overwrite(trained, tmp_path, capsys, monkeypatch):
     emb = tmp_path / "emb"
     base = ["embed", trained / "data" / "images", "-m", trained / "model.pt", "-o", emb, "--json"]

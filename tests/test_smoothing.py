@@ -178,11 +178,20 @@ def test_cli_smooth_is_recorded_and_changes_labels(tiny_trained, tmp_path, capsy
 
 
 def test_plan_estimates_for_smoothing():
-    from hypsegcli.batch import REFERENCE_RATE, SMOOTH_BYTES, estimate_smooth
+    from hypsegcli.batch import REFERENCE_RATE, SMOOTH_BYTES, SMOOTH_S, estimate_smooth
+    from hypsegcli.smoothing import SMOOTH_ITERS, slab_planes
 
     small, _ = estimate_smooth((50, 50, 50), [2, 4, 8], flop_rate=REFERENCE_RATE)
     big, big_bytes = estimate_smooth((512, 512, 300), [2, 4, 8], flop_rate=REFERENCE_RATE)
-    assert small > 0 and big == pytest.approx(small * 512 * 512 * 300 / 50**3)
+    assert small == pytest.approx(SMOOTH_S * 50**3 * 14)  # one slab: no halo
+    # several slabs: their inner halos (SMOOTH_ITERS planes each side) are worked twice
+    halo_planes = 0
+    for k in (2, 4, 8):
+        slabs = -(-512 // slab_planes(512 * 300, k, SMOOTH_ITERS))
+        assert slabs > 1
+        halo_planes += 2 * SMOOTH_ITERS * (slabs - 1) * k
+    assert big == pytest.approx(SMOOTH_S * 512 * 300 * (512 * 14 + halo_planes))
+    assert big < 1.5 * small * 512 * 512 * 300 / 50**3
     assert estimate_smooth((50, 50, 50), [2], flop_rate=2 * REFERENCE_RATE)[0] < small / 6
     # memory: one slab of the largest k, not the volume x k
     whole = SMOOTH_BYTES * 512 * 512 * 300 * 8
