@@ -526,8 +526,10 @@ def rebuild_merged(
 #: The dense encoder reaches about this fraction of the 512^2 float32 matmul rate that
 #: :func:`measure_flop_rate` measures (benchmarks/dryrun_accuracy.py, the default model on
 #: 32^3-128^3 volumes on 2 CPU cores: 0.94-1.03, tile overheads included; thin layers and
-#: GPUs do worse). Used for time estimates.
+#: GPUs do worse). Used for time estimates. On a GPU the fraction has not been measured
+#: against this rate; GPU_ENCODER_EFFICIENCY keeps the earlier, cautious guess.
 ENCODER_EFFICIENCY = 1.0
+GPU_ENCODER_EFFICIENCY = 0.5
 #: Fixed cost per tile (resampling, small ops, thread hand-off), measured ~9 ms on the
 #: project's 2-core machine; it dominates for tiny volumes and for patch sides with many
 #: phases (e.g. m = 9, p = 5).
@@ -714,8 +716,13 @@ def estimate_embedding(
     tile: int,
     workers: int,
     flop_rate: float,
+    efficiency: float = ENCODER_EFFICIENCY,
 ) -> dict[str, float]:
-    """Estimated seconds and bytes of embedding one volume (see :func:`estimate_peak_bytes`)."""
+    """Estimated seconds and bytes of embedding one volume (see :func:`estimate_peak_bytes`).
+
+    ``efficiency``: the fraction of ``flop_rate`` the encoder reaches
+    (ENCODER_EFFICIENCY on a CPU, GPU_ENCODER_EFFICIENCY on a GPU).
+    """
     from .embedding import flops_per_voxel, padding_margin
 
     voxels = math.prod(shape)
@@ -731,8 +738,7 @@ def estimate_embedding(
     return {
         "flops": flops,
         "tiles": tiles,
-        "seconds": flops / (flop_rate * ENCODER_EFFICIENCY)
-        + tiles * TILE_OVERHEAD_S / max(workers, 1),
+        "seconds": flops / (flop_rate * efficiency) + tiles * TILE_OVERHEAD_S / max(workers, 1),
         "array_bytes": arrays,
         "activation_bytes": activations,
     }
@@ -844,7 +850,8 @@ def current_rss_bytes() -> float:
 
 PLAN_NOTES = (
     "Estimates, not measurements. Time: FLOPs per voxel (embedding.flops_per_voxel) x voxels / "
-    f"({ENCODER_EFFICIENCY:g} x a float32 matmul rate measured just now on the device) + "
+    f"({ENCODER_EFFICIENCY:g} x a float32 matmul rate measured just now on the CPU, "
+    f"{GPU_ENCODER_EFFICIENCY:g} x on a GPU) + "
     f"{TILE_OVERHEAD_S * 1000:g} ms per tile and worker thread, plus "
     "k-means per point and cluster of each pass of a fit and of the assignment (iterations "
     "depend on the data), plus scikit-learn's import where its k-means is used; reading and "

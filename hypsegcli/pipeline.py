@@ -1207,6 +1207,8 @@ def plan(
     import torch
 
     from .batch import (
+        ENCODER_EFFICIENCY,
+        GPU_ENCODER_EFFICIENCY,
         PLAN_NOTES,
         SKLEARN_IMPORT_BYTES,
         SKLEARN_IMPORT_S,
@@ -1283,6 +1285,7 @@ def plan(
                     tile=tile,
                     workers=workers,
                     flop_rate=rate,
+                    efficiency=ENCODER_EFFICIENCY if dev.type == "cpu" else GPU_ENCODER_EFFICIENCY,
                 )
                 seconds += est["seconds"]
                 peak = baseline + est["array_bytes"] + est["activation_bytes"]

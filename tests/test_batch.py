@@ -424,6 +424,21 @@ def test_kmeans_estimate_counts_each_pass_of_a_fit():
     assert est(n, [4], 2, flop_rate=2 * REFERENCE_RATE) == pytest.approx(est(n, [4], 2) / 2)
 
 
+def test_embedding_estimate_scales_with_the_encoders_efficiency(trained):
+    from hypsegcli.batch import GPU_ENCODER_EFFICIENCY, TILE_OVERHEAD_S, estimate_embedding
+    from hypsegcli.embedding import DEFAULT_TILE
+
+    model = pipeline.LoadedModel(trained / "model.pt", "cpu").model
+    kw = dict(patch_size=model.cfg.patch_size, stride=1, tile=DEFAULT_TILE, workers=1)
+    cpu = estimate_embedding(model, (20, 20, 20), flop_rate=1e9, **kw)
+    gpu = estimate_embedding(
+        model, (20, 20, 20), flop_rate=1e9, efficiency=GPU_ENCODER_EFFICIENCY, **kw
+    )
+    overhead = cpu["tiles"] * TILE_OVERHEAD_S
+    assert cpu["seconds"] == pytest.approx(cpu["flops"] / 1e9 + overhead)  # CPU: the full rate
+    assert gpu["seconds"] - overhead == pytest.approx(cpu["flops"] / 1e9 / GPU_ENCODER_EFFICIENCY)
+
+
 def test_dry_run_counts_scikit_learns_import_once(trained, tmp_path, capsys, monkeypatch):
     from hypsegcli.batch import SKLEARN_IMPORT_BYTES, SKLEARN_IMPORT_S
 
