@@ -760,8 +760,12 @@ def estimate_smooth(
     seconds = 0.0
     for k in ks:
         core = slab_planes(plane, k, SMOOTH_ITERS)
-        slabs = -(-planes // core)
-        worked = planes + 2 * SMOOTH_ITERS * (slabs - 1)  # inner halos, computed twice
+        # the planes of every slab with its halos, clipped at the volume's ends, as
+        # smoothing.smooth_labels runs them
+        worked = sum(
+            min(planes, a + core + SMOOTH_ITERS) - max(0, a - SMOOTH_ITERS)
+            for a in range(0, planes, core)
+        )
         seconds += SMOOTH_S * worked * plane * k
     seconds *= REFERENCE_RATE / flop_rate
     k = max(ks)
@@ -812,18 +816,20 @@ def estimate_kmeans_seconds(
     fit_samples: int,
     flop_rate: float,
     euclidean: bool = False,
+    fit_points: int | None = None,
 ) -> float:
     """Seconds of fitting k-means (``n_init`` > 0; none with 0) and assigning ``voxels``, every k.
 
     Hyperbolic: KMEANS_FIT_S per cluster and point of each pass (``n_init``
     restarts on the restart sample, one refinement on the fit sample).
     ``euclidean`` (scikit-learn): SKLEARN_FIT_S per restart, fitted point and
-    cluster; its import is not included. The assignment: KMEANS_ASSIGN_S per
-    voxel and cluster.
+    cluster; its import is not included. The fit sample is drawn from
+    ``fit_points`` voxels (default ``voxels``; ``cluster --mask``: those
+    inside). The assignment: KMEANS_ASSIGN_S per voxel and cluster.
     """
     from .kmeans import _RESTART_SAMPLES
 
-    fitted = min(voxels, fit_samples)
+    fitted = min(voxels if fit_points is None else fit_points, fit_samples)
     if n_init <= 0:
         fit = 0.0
     elif euclidean:

@@ -1230,12 +1230,11 @@ def plan(
     rate = measure_flop_rate(dev)
     workers = torch.get_num_threads() if dev.type == "cpu" else 1
     baseline = current_rss_bytes()
-    # scikit-learn's k-means is imported by the first fit (once per process)
-    sklearn_import = bool(
-        ks and euclidean and (clusterer is not None or pooled_fit) and "sklearn" not in sys.modules
-    )
-    if sklearn_import:
-        baseline += SKLEARN_IMPORT_BYTES
+    # scikit-learn's k-means is imported by the first fit that runs (once per process): the
+    # pooled fit, before any volume, or the first volume with a fit of its own
+    sklearn_pending = bool(ks and euclidean and "sklearn" not in sys.modules)
+    sklearn_import = sklearn_pending and pooled_fit
+    own_fits = bool(ks and clusterer is not None)  # each volume fitted on its own
     d = int(model.model.cfg.latent_dim) if model is not None else 1
     rows = []
     for path in selected:
@@ -1250,14 +1249,20 @@ def plan(
                 continue
             state = "cluster"
             cached_fits: list[int] = []
-            if model is not None:
+            fit_points = voxels  # what a fit of this volume draws from: the mask's inside
+            mask_record = None
+            if model is not None or (masks is not None and own_fits):
                 volume = read_volume(path)
+                if masks is not None and own_fits:
+                    mask_record = masks.read(path, volume)[1]
+                    fit_points = int(mask_record["inside"])
+            if model is not None:
                 sha = array_sha256(volume.data)
                 key = _cache_key(sha, model, patch_size, stride)
                 cached = reuse_cache and cache is not None and key in cache
                 state = "cached" if cached else "compute"
-                if ks and clusterer is not None and cache is not None:
-                    mask_sha = masks.read(path, volume)[1]["inside_sha256"] if masks else None
+                if own_fits and cache is not None:
+                    mask_sha = mask_record["inside_sha256"] if mask_record else None
                     cached_fits = [
                         k
                         for k in ks
@@ -1299,7 +1304,9 @@ def plan(
                     fit_samples=fit_samples,
                     flop_rate=rate,
                     euclidean=euclidean,
+                    fit_points=fit_points,
                 )
+                sklearn_import = sklearn_import or bool(sklearn_pending and fits)
                 # pooled, given or cached centroids: the assignment only
                 seconds += estimate_kmeans_seconds(
                     voxels,
@@ -1323,6 +1330,8 @@ def plan(
                         extra_s, step_bytes = estimate(shape, ks)
                         seconds += extra_s
                         peak = max(peak, baseline + 4.0 * voxels * d + voxels + step_bytes)
+            if sklearn_import:  # imported by now, and resident from then on
+                peak += SKLEARN_IMPORT_BYTES
             row.update(state=state, seconds=round(seconds, 3), peak_bytes=int(peak))
         except Exception as exc:  # noqa: BLE001 - shown in the plan
             from .batch import one_line

@@ -458,6 +458,17 @@ def test_dry_run_counts_scikit_learns_import_once(trained, tmp_path, capsys, mon
     assert grew > 0.8 * SKLEARN_IMPORT_BYTES  # this process's size may move a little
     monkeypatch.setitem(sys.modules, "sklearn", object())  # imported already: nothing to add
     assert plan("--metric", "euclidean")[0] == pytest.approx(0, abs=0.01)
+    # after a real run: with its fits cached, or its outputs done, nothing is fitted or imported
+    monkeypatch.undo()
+    argv = cluster_argv(trained, tmp_path / "seg", "--cache-dir", tmp_path / "c")
+    code, _, err = run([*argv, "--metric", "euclidean"], capsys)
+    assert code == 0, err
+    monkeypatch.delitem(sys.modules, "sklearn", raising=False)
+    extra, doc = plan("--metric", "euclidean", "--overwrite")
+    assert [r["fits"] for r in doc["volumes"]] == [[]] * 3 and extra == pytest.approx(0, abs=0.01)
+    assert doc["estimated_peak_bytes"] < doc["baseline_bytes"] + SKLEARN_IMPORT_BYTES
+    extra, doc = plan("--metric", "euclidean")
+    assert doc["counts"]["done"] == 3 and extra == pytest.approx(0, abs=0.01)
 
 
 def test_embed_parts_skip_existing_and_overwrite(trained, tmp_path, capsys, monkeypatch):

@@ -297,6 +297,36 @@ def test_cluster_mask_labels_inside_only_and_resubmission(tiny_trained, masked, 
     assert [v["cached_fits"] for v in plan["volumes"]] == [[2, 3]] * 3
 
 
+@pytest.mark.parametrize("features", ["embedding", "intensity"])
+def test_dry_run_estimates_a_masked_fit_on_the_inside(
+    tiny_trained, masked, capsys, monkeypatch, features
+):
+    from hypsegcli import batch
+
+    drawn = []
+    real = batch.estimate_kmeans_seconds
+
+    def recording(voxels, ks, **kw):
+        if kw["n_init"] > 0 and ks:
+            drawn.append((voxels, kw.get("fit_points")))
+        return real(voxels, ks, **kw)
+
+    monkeypatch.setattr(batch, "estimate_kmeans_seconds", recording)
+    extra = ["--features", "intensity"] if features == "intensity" else []
+    out = masked / f"plan-{features}"
+    plan, _ = _cluster(
+        tiny_trained, out, "--mask", masked / "masks", "--dry-run", *extra, capsys=capsys
+    )
+    inside = []
+    for row in plan["volumes"]:
+        case = io.case_name(row["volume"])
+        inside.append(
+            int((io.read_volume(masked / "masks" / f"{case}_mask.nii.gz").data > 0).sum())
+        )
+    assert drawn == [(row["voxels"], n) for row, n in zip(plan["volumes"], inside, strict=True)]
+    assert all(n < row["voxels"] for row, n in zip(plan["volumes"], inside, strict=True))
+
+
 def test_cluster_mask_file_pooled_fit_and_intensity(tiny_trained, masked, capsys):
     shape = io.read_volume(tiny_trained / "data" / "images" / "case_000.nii.gz").data.shape
     box = np.zeros(shape, np.uint8)
