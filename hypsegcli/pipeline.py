@@ -1703,7 +1703,6 @@ _IDENTITY = (
     "features",
     "geometry",
     "curvature",
-    "model_sha256",
     "patch_size",
     "stride",
     "smooth",
@@ -1740,8 +1739,17 @@ def _read_json(path: Path) -> Any:
         return None
 
 
+def _same_model(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """The same model: the same weights, configuration and normalisation where both headers
+    record them (``model_content_sha256``: a retrained or re-saved file whose weights are
+    the same counts), else (records of earlier versions) the same file bytes."""
+    if a.get("model_content_sha256") is not None and b.get("model_content_sha256") is not None:
+        return a["model_content_sha256"] == b["model_content_sha256"]
+    return a.get("model_sha256") == b.get("model_sha256")
+
+
 def _same_identity(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    return all(a.get(key) == b.get(key) for key in _IDENTITY)
+    return _same_model(a, b) and all(a.get(key) == b.get(key) for key in _IDENTITY)
 
 
 def _case_record_matches(
@@ -2264,6 +2272,7 @@ def cluster(
         "curvature": curvature if kind == "ball" else None,
         "model": str(model_path) if model_path else None,
         "model_sha256": model.sha256 if model else None,
+        "model_content_sha256": model.content_sha256 if model else None,
         "patch_size": patch_size if model else None,
         "stride": stride if model else None,
         "order": "by distance from the origin, then angle" if kind == "ball" else "by coordinates",

@@ -563,6 +563,39 @@ def test_an_input_replaced_under_the_same_name_is_clustered_again(trained, tmp_p
     assert record["source"]["size"] == src.stat().st_size
 
 
+def test_a_model_file_with_the_same_weights_keeps_the_outputs(trained, tmp_path, capsys):
+    """Outputs are reused for a model file whose bytes differ (another recorded wall time)
+    but whose weights, configuration and normalisation are the same; other weights redo them,
+    and a record of an earlier version (no content hash) still needs the same file."""
+    import torch
+
+    images = trained / "data" / "images" / "case_000.nii.gz"
+    seg = tmp_path / "seg"
+    doc = torch.load(trained / "model.pt", weights_only=True)
+
+    def cluster(model):
+        argv = ["--quiet", "cluster", images, "-m", model, "--k", "2", "-o", seg, "--json"]
+        code, out, err = run([*argv, "--patch-size", "9", "--threads", "2"], capsys)
+        assert code == 0, err
+        return json.loads(out)
+
+    assert cluster(trained / "model.pt")["done"] == 1
+    resaved = tmp_path / "resaved.pt"
+    torch.save({**doc, "elapsed_seconds": doc["elapsed_seconds"] + 1.0}, resaved)
+    assert resaved.read_bytes() != (trained / "model.pt").read_bytes()
+    assert cluster(resaved)["skipped"] == 1
+    record = seg / "case_000.centroids.json"
+    old = json.loads(record.read_text())
+    old["header"].pop("model_content_sha256")  # as an earlier version wrote it
+    record.write_text(json.dumps(old))
+    assert cluster(resaved)["done"] == 1  # another file, no content hash to compare
+    assert cluster(resaved)["skipped"] == 1
+    other = tmp_path / "other.pt"
+    weights = {k: v + 0.01 if v.is_floating_point() else v for k, v in doc["state_dict"].items()}
+    torch.save({**doc, "state_dict": weights}, other)
+    assert cluster(other)["done"] == 1
+
+
 def test_an_input_whose_header_changed_is_clustered_again(tmp_path, capsys):
     """The same voxels under a corrected header (NIfTI affine, MRC voxel size) are not the
     input the outputs were made from: they copy the header, so the case is redone. A copy
