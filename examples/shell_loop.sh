@@ -6,7 +6,8 @@
 #   bash examples/shell_loop.sh            # 4 parts, cores shared between them
 #
 # Ctrl-C (or SIGTERM) stops every part (they get SIGTERM: each writes its run record
-# and exits with code 143). Run it again after an interruption: complete volumes are skipped. The parts
+# and exits with code 143), and the script exits with 130 (Ctrl-C) or 143 (SIGTERM).
+# Run it again after an interruption: complete volumes are skipped. The parts
 # write into one output folder; centroids.json and the run manifest
 # OUT/hypseg-runs.jsonl are safe to share. Each part logs to $LOGS/part-<i>.log.
 # (A plain sequential loop works too: for f in data/images/*.nii.gz; do
@@ -15,6 +16,8 @@
 set -uo pipefail
 
 HYPSEG=${HYPSEG:-hypseg}                          # the command, e.g. "python -m hypsegcli"
+# one executable (its path may hold spaces), or else words split at blanks
+if [[ -x "$HYPSEG" ]]; then hypseg=("$HYPSEG"); else read -ra hypseg <<< "$HYPSEG"; fi
 DATA=${HYPSEG_EXAMPLE_DATA:-data/images}
 MODEL=${HYPSEG_EXAMPLE_MODEL:-model.pt}
 OUT=${HYPSEG_EXAMPLE_OUT:-seg}
@@ -30,12 +33,13 @@ for k in $KS; do k_args+=(--k "$k"); done
 mkdir -p "$LOGS"
 
 pids=()
-interrupted=0
+interrupted=0  # the exit code of the signal that stopped the script: 130 (INT), 143 (TERM)
 # background jobs of a script ignore Ctrl-C: pass it on to the parts as SIGTERM
-stop() { interrupted=1; kill -TERM "${pids[@]}" 2> /dev/null; }
-trap stop INT TERM
+stop() { interrupted=$1; kill -TERM "${pids[@]}" 2> /dev/null; }
+trap 'stop 130' INT
+trap 'stop 143' TERM
 for (( i = 0; i < PARTS; i++ )); do
-    $HYPSEG cluster "$DATA" -m "$MODEL" "${k_args[@]}" -o "$OUT" --threads "$THREADS" \
+    "${hypseg[@]}" cluster "$DATA" -m "$MODEL" "${k_args[@]}" -o "$OUT" --threads "$THREADS" \
         --patch-size "$PATCH" --num-parts "$PARTS" --part-id "$i" 2> "$LOGS/part-$i.log" &
     pids+=($!)
 done
@@ -55,5 +59,5 @@ for (( i = 0; i < PARTS; i++ )); do
     fi
 done
 echo "segmentations in $OUT, run records in $OUT/hypseg-runs.jsonl" >&2
-if (( interrupted )); then exit 130; fi
+if (( interrupted )); then exit "$interrupted"; fi
 exit "$status"

@@ -16,8 +16,8 @@
 # exit status) to $OUT/hypseg-runs.jsonl; concurrent appends are safe.
 #
 # Pooled centroids (the same label numbers in every volume) need all inputs at
-# once, so they take two steps:
-#   1. one job:   hypseg cluster "$DATA" -m "$MODEL" --k 4 --fit-on pooled --num-parts 1 -o fit
+# once, so they take two steps, with the same k (HYPSEG_EXAMPLE_KS, default 2 4 8):
+#   1. one job:   hypseg cluster "$DATA" -m "$MODEL" --k 2 --k 4 --k 8 --fit-on pooled --num-parts 1 -o fit
 #   2. the array: HYPSEG_EXAMPLE_CENTROIDS=fit/centroids.json sbatch examples/slurm_cluster.sh
 #
 #SBATCH --job-name=hypseg
@@ -33,6 +33,8 @@
 set -uo pipefail
 
 HYPSEG=${HYPSEG:-hypseg}                          # the command, e.g. "python -m hypsegcli"
+# one executable (its path may hold spaces), or else words split at blanks
+if [[ -x "$HYPSEG" ]]; then hypseg=("$HYPSEG"); else read -ra hypseg <<< "$HYPSEG"; fi
 DATA=${HYPSEG_EXAMPLE_DATA:-data/images}          # a folder of volumes (or a file, or a glob)
 MODEL=${HYPSEG_EXAMPLE_MODEL:-model.pt}           # from `hypseg train`
 OUT=${HYPSEG_EXAMPLE_OUT:-seg}                    # one output folder shared by all tasks
@@ -56,7 +58,7 @@ step() {  # run a command, go on if it fails; exit 1 if a step had a runtime fai
 }
 # 1. This task's embeddings into the cache (optional: cluster embeds too, but a
 #    filled cache makes clustering again at other k cost no encoder work).
-step $HYPSEG embed "$DATA" -m "$MODEL" --threads "$THREADS" --patch-size "$PATCH" --skip-existing
+step "${hypseg[@]}" embed "$DATA" -m "$MODEL" --threads "$THREADS" --patch-size "$PATCH" --skip-existing
 # 2. This task's segmentations (volumes already complete in $OUT are skipped).
-step $HYPSEG cluster "$DATA" -m "$MODEL" "${cluster_args[@]}"
+step "${hypseg[@]}" cluster "$DATA" -m "$MODEL" "${cluster_args[@]}"
 exit "$status"

@@ -12,6 +12,8 @@
 set -euo pipefail
 
 HYPSEG=${HYPSEG:-hypseg}                          # the command, e.g. "python -m hypsegcli"
+# one executable (its path may hold spaces), or else words split at blanks
+if [[ -x "$HYPSEG" ]]; then hypseg=("$HYPSEG"); else read -ra hypseg <<< "$HYPSEG"; fi
 WORK=${1:-${HYPSEG_EXAMPLE_DIR:-hypseg-walkthrough}}
 N=${HYPSEG_EXAMPLE_N:-16}
 SIZE=${HYPSEG_EXAMPLE_SIZE:-50}
@@ -30,22 +32,22 @@ k_args=(--patch-size "$PATCH")
 for k in $KS; do k_args+=(--k "$k"); done
 
 echo "== 1/5 synthetic volumes with 3-level ground truth in $WORK/data" >&2
-$HYPSEG synth "$WORK/data" --n "$N" --size "$SIZE" --split "$SPLIT" --seed 0
+"${hypseg[@]}" synth "$WORK/data" --n "$N" --size "$SIZE" --split "$SPLIT" --seed 0
 
 echo "== 2/5 train the hyperbolic VAE on $WORK/data/train/images" >&2
 # shellcheck disable=SC2086  # TRAIN_OPTS holds several options
-$HYPSEG train "$WORK/data/train/images" -o "$WORK/model.pt" "${length[@]}" ${threads[@]+"${threads[@]}"} $TRAIN_OPTS
+"${hypseg[@]}" train "$WORK/data/train/images" -o "$WORK/model.pt" "${length[@]}" ${threads[@]+"${threads[@]}"} $TRAIN_OPTS
 
 echo "== 3/5 the plan: what clustering the test volumes will cost" >&2
-$HYPSEG cluster "$WORK/data/test/images" -m "$WORK/model.pt" "${k_args[@]}" -o "$WORK/seg" \
+"${hypseg[@]}" cluster "$WORK/data/test/images" -m "$WORK/model.pt" "${k_args[@]}" -o "$WORK/seg" \
     ${threads[@]+"${threads[@]}"} --dry-run
 
 echo "== 4/5 segment the test volumes at every level into $WORK/seg" >&2
-$HYPSEG cluster "$WORK/data/test/images" -m "$WORK/model.pt" "${k_args[@]}" -o "$WORK/seg" \
+"${hypseg[@]}" cluster "$WORK/data/test/images" -m "$WORK/model.pt" "${k_args[@]}" -o "$WORK/seg" \
     ${threads[@]+"${threads[@]}"}
 
 echo "== 5/5 score them against the ground truth ($WORK/scores.csv)" >&2
-$HYPSEG evaluate "$WORK/seg" "$WORK/data/test/labels" --csv "$WORK/scores.csv"
+"${hypseg[@]}" evaluate "$WORK/seg" "$WORK/data/test/labels" --csv "$WORK/scores.csv"
 
 echo "done: model $WORK/model.pt, segmentations $WORK/seg, scores $WORK/scores.csv," \
     "run records $WORK/seg/hypseg-runs.jsonl" >&2

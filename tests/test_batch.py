@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -614,6 +616,37 @@ def test_example_slurm_array_and_shell_loop(trained, tmp_path):
     assert all(r["inputs"][0]["status"] == "done" for r in records)
 
 
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_example_shell_loop_stops_its_parts_and_exits_as_the_signal(tmp_path, sig, code):
+    # the parts: an executable under a path with a space, running until they are stopped
+    fake = tmp_path / "bin dir" / "hypseg"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\nexec sleep 60\n")
+    fake.chmod(0o755)
+    env = {
+        **os.environ,
+        "HYPSEG": str(fake),
+        "HYPSEG_EXAMPLE_PARTS": "2",
+        "HYPSEG_EXAMPLE_LOGS": str(tmp_path / "logs"),
+        "HYPSEG_EXAMPLE_OUT": str(tmp_path / "out"),
+    }
+    proc = subprocess.Popen(
+        ["bash", str(REPO / "examples" / "shell_loop.sh")],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 20
+    while not (tmp_path / "logs" / "part-1.log").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # both parts started
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == code, err
+    assert err.count("failed (exit 143)") == 2  # each part got SIGTERM
+
+
 def test_example_walkthrough(tmp_path):
     env = {
         "HYPSEG_EXAMPLE_N": "3",
@@ -626,9 +659,15 @@ def test_example_walkthrough(tmp_path):
         "HYPSEG_EXAMPLE_THREADS": "2",
         "HYPSEG_CACHE_DIR": str(tmp_path / "cache"),
     }
-    result = _bash("walkthrough.sh", env, str(tmp_path / "w"))
+    # the command: one executable under a path with a space; the work folder likewise
+    wrapper = tmp_path / "bin dir" / "hypseg"
+    wrapper.parent.mkdir()
+    wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m hypsegcli "$@"\n')
+    wrapper.chmod(0o755)
+    env["HYPSEG"] = str(wrapper)
+    work = tmp_path / "w s"
+    result = _bash("walkthrough.sh", env, str(work))
     assert result.returncode == 0, result.stderr
-    work = tmp_path / "w"
     assert (work / "model.pt").is_file()
     assert {p.name for p in (work / "seg").glob("*_k*.nii.gz")} == {
         "case_002_k2.nii.gz",
