@@ -4,7 +4,7 @@ For each volume side (default 32, 64, 96, 128: one ``hypseg synth`` volume
 each) this drives the CLI only, one process per run, and compares what
 ``--dry-run --json`` said with what the same command then did:
 
-- ``embed`` (the default model, every voxel): the estimated seconds against
+- ``embed`` (every voxel, with --model or a 3-step default model): the estimated seconds against
   the run's ``embed`` stage, the estimated peak memory against the process's
   peak resident memory (``wait4``'s ``ru_maxrss``);
 - ``cluster --k 2 --k 4 --k 8`` on the cached embeddings, one run per case:
@@ -92,7 +92,7 @@ def main() -> None:
     if any(work.iterdir()):  # its caches would turn the runs measured into lookups
         raise SystemExit(f"{work}: not empty; give a new --workdir")
     print(f"threads: {args.threads}; load average (1 min) before: {os.getloadavg()[0]:.2f}")
-    # the model's weights do not change the cost: a few steps of the default architecture
+    # without --model: a few steps of the default architecture (its cost, not its weights)
     sides = sorted(set(args.sides))
     for side in sides:
         run_measured(["synth", str(work / f"d{side}"), "--n", "1", "--size", str(side)], None)

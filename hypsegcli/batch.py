@@ -525,8 +525,8 @@ def rebuild_merged(
 
 #: The dense encoder reaches about this fraction of the 512^2 float32 matmul rate that
 #: :func:`measure_flop_rate` measures (benchmarks/dryrun_accuracy.py, the default model on
-#: 32^3-128^3 volumes on 2 CPU cores: 0.94-1.03, tile overheads included; thin layers and
-#: GPUs do worse). Used for time estimates. On a GPU the fraction has not been measured
+#: 32^3-128^3 volumes on 2 CPU cores: estimated / actual embedding time 0.98-1.07 with
+#: this and TILE_OVERHEAD_S; thin layers do worse). Used for time estimates. On a GPU the fraction has not been measured
 #: against this rate; GPU_ENCODER_EFFICIENCY keeps the earlier, cautious guess.
 ENCODER_EFFICIENCY = 1.0
 GPU_ENCODER_EFFICIENCY = 0.5
@@ -539,7 +539,7 @@ TILE_OVERHEAD_S = 0.009
 #: at most ``_RESTART_SAMPLES`` points, then one refinement on the fit sample; their
 #: Lloyd iterations folded in), and per cluster and voxel assigned. From
 #: benchmarks/dryrun_accuracy.py (embeddings of a trained and of an untrained default
-#: model, 32^3-128^3, k = 2, 4, 8): the fits took 0.7-1.5x what this gives, as their
+#: model, 32^3-128^3, k = 2, 4, 8): the fits took 0.8-1.6x what this gives, as their
 #: iterations vary with the data (10-139 per fit seen).
 KMEANS_FIT_S = 3.6e-7
 KMEANS_ASSIGN_S = 6.0e-9
@@ -553,8 +553,8 @@ SKLEARN_IMPORT_S = 0.7
 SKLEARN_IMPORT_BYTES = 116e6
 REFERENCE_RATE = 330e9
 #: Potts smoothing (``cluster --smooth``): seconds per (voxel x cluster) at REFERENCE_RATE
-#: of each slab, halos included (benchmarks/dryrun_accuracy.py: 3.7e-8 - 9.5e-8 for k = 2,
-#: 4, 8 on 32^3-128^3 volumes), and bytes per (voxel x cluster) of a slab at its peak,
+#: of each slab, halos included (benchmarks/dryrun_accuracy.py: 3.7e-8 - 1.05e-7 for k =
+#: 2, 4, 8 on 32^3-128^3 volumes), and bytes per (voxel x cluster) of a slab at its peak,
 #: the slab's float64 distances included (21 measured for k = 8 in the slabs of a
 #: 512x512x300 volume; 30-36 where one slab holds a 96^3 or 128^3 volume).
 SMOOTH_S = 5.5e-8
