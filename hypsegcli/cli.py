@@ -1109,7 +1109,8 @@ def evaluate(
     synth` writes), the level being --level or the level of dataset.json with K
     classes. The paper's score is the mean Dice over the ground truth's classes,
     each with its matched label, background included (a class left without a
-    label, when there are fewer labels than classes, counts as 0). A pair that
+    label, when there are fewer labels than classes, or matched to a label it
+    shares no voxel with, counts as 0). A pair that
     cannot be scored is reported and the others are scored (exit code 2 if every
     failure was bad input, else 1). With --csv a run record is appended to
     hypseg-runs.jsonl beside the CSV file.
