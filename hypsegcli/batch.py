@@ -753,19 +753,15 @@ def estimate_smooth(
     repeat included. Memory: the largest slab (:mod:`hypsegcli.smoothing`),
     about SMOOTH_BYTES per voxel and cluster in it.
     """
-    from .smoothing import SMOOTH_ITERS, slab_planes
+    from .smoothing import SMOOTH_ITERS, slab_planes, slabs
 
     planes = int(shape[0])
     plane = math.prod(int(n) for n in shape[1:])
     seconds = 0.0
     for k in ks:
         core = slab_planes(plane, k, SMOOTH_ITERS)
-        # the planes of every slab with its halos, clipped at the volume's ends, as
-        # smoothing.smooth_labels runs them
-        worked = sum(
-            min(planes, a + core + SMOOTH_ITERS) - max(0, a - SMOOTH_ITERS)
-            for a in range(0, planes, core)
-        )
+        # the planes of every slab with its halos, as smoothing.smooth_labels runs them
+        worked = sum(hi - lo for _, _, lo, hi in slabs(planes, core, SMOOTH_ITERS))
         seconds += SMOOTH_S * worked * plane * k
     seconds *= REFERENCE_RATE / flop_rate
     k = max(ks)

@@ -274,7 +274,7 @@ def refine_labels(
     """
     import torch
 
-    from .smoothing import SLAB_ELEMENTS, meanfield, slab_planes
+    from .smoothing import SLAB_ELEMENTS, meanfield, slab_planes, slabs
 
     if labels.shape != image.shape or labels.ndim != 3:
         raise BadInputError(
@@ -340,9 +340,7 @@ def refine_labels(
     step = slab_planes(plane, k, iters, SLAB_ELEMENTS if slab_elements is None else slab_elements)
     half_log = 0.5 * np.log(var)
     inv2var = 1.0 / (2.0 * var)
-    for a in range(0, X, step):
-        b = min(X, a + step)
-        lo, hi = max(0, a - iters), min(X, b + iters)
+    for a, b, lo, hi in slabs(X, step, iters):
         if not free[a:b].any():
             continue
         xs, own, fr = x[lo:hi], idx[lo:hi], free[lo:hi]

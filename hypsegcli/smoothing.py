@@ -26,7 +26,7 @@ those of the whole volume at once, in bounded memory.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -113,6 +113,15 @@ def slab_planes(plane: int, k: int, iters: int, slab_elements: int = SLAB_ELEMEN
     return max(4 * iters, 1, slab_elements // max(plane * k, 1) - 2 * iters)
 
 
+def slabs(planes: int, core: int, iters: int) -> Iterator[tuple[int, int, int, int]]:
+    """The slabs of a volume of ``planes`` planes: ``(a, b, lo, hi)`` per slab, its core
+    ``[a, b)`` of at most ``core`` planes and that core with halos of ``iters`` planes,
+    clipped at the volume's ends, ``[lo, hi)``."""
+    for a in range(0, planes, core):
+        b = min(planes, a + core)
+        yield a, b, max(0, a - iters), min(planes, b + iters)
+
+
 def smooth_labels(
     features: np.ndarray,
     centers: np.ndarray,
@@ -174,9 +183,7 @@ def smooth_labels(
                 total += float(sq_dist(chunk, centers).min(axis=1).sum())
                 count += len(chunk)
         temp = _mean_min(total, count)
-    for a in range(0, X, step):
-        b = min(X, a + step)
-        lo, hi = max(0, a - iters), min(X, b + iters)
+    for a, b, lo, hi in slabs(X, step, iters):
         if whole is None:
             d2 = sq_dist(np.asarray(flat[lo * plane : hi * plane], dtype=np.float64), centers)
         else:
