@@ -182,16 +182,19 @@ class Distributed:
             device_ids=[device.index] if device.type == "cuda" else None,
         )
 
-    def main_decides(self, flag: bool) -> bool:
-        """Rank 0's ``flag`` on every rank (e.g. "the time is up, stop at this step")."""
+    def stop_votes(self, main_flag: bool, any_flag: bool) -> tuple[bool, bool]:
+        """``(rank 0's main_flag, whether any rank's any_flag is set)``, the same on every rank
+        (one collective): e.g. "the time is up" as rank 0's clock says, and "a rank was sent
+        SIGTERM or Ctrl-C", so that all ranks stop at the same step."""
         if not self.enabled:
-            return flag
+            return main_flag, any_flag
         import torch
         import torch.distributed as dist
 
-        value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=self._device())
-        dist.broadcast(value, src=0)
-        return bool(value.item())
+        votes = [1 if main_flag and self.is_main else 0, 1 if any_flag else 0]
+        value = torch.tensor(votes, dtype=torch.int32, device=self._device())
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value[0].item()), bool(value[1].item())
 
     def average(self, values: dict[str, Any]) -> dict[str, Any]:
         """Mean over the ranks of a dict of scalar tensors (a non-finite value spreads)."""

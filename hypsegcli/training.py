@@ -34,7 +34,7 @@ import numpy as np
 
 from . import distributed
 from .config import ModelConfig, SamplingConfig, TrainConfig
-from .errors import BadInputError, HypsegError
+from .errors import BadInputError, HypsegError, Terminated
 from .io import write_text_atomic
 from .modelfile import load_model_file, save_model_file
 
@@ -388,89 +388,121 @@ def _train(
     # the generators' states after the last finished step (they draw for the next one
     # before its update): what a checkpoint written mid-step must hold to resume exactly
     drawn_from: tuple[int, dict[str, Any]] | None = None
+    # Under torchrun a signal must not stop a rank between two collectives: SIGTERM and
+    # Ctrl-C are held for the whole run, every step the ranks vote on whether one of them
+    # was sent one, and all of them checkpoint at the same step before they stop (a signal
+    # that comes during the final save stops the job after it).
+    held = _signals_deferred() if dist.enabled else contextlib.nullcontext([])
     try:
-        while True:
-            if target is not None and step >= target:
-                stopped_by = "steps"
-                break
-            if deadline is not None and dist.main_decides(time.monotonic() >= deadline):
-                stopped_by = "max-minutes"
-                break
-            if not dist.enabled:  # (only single-process runs checkpoint mid-step)
-                drawn_from = (step, generator_states())
-            try:
-                triplets = sampler.sample(train_config.batch_size)
-            except BadInputError as exc:  # a --mask anchors hardly ever centre in
-                message = _name_volume(str(exc), volumes)
-                if step > 0 and not dist.enabled:  # (checkpoint() gathers from every rank)
-                    assert drawn_from is not None
-                    checkpoint(drawn_from[1])
-                    message += f"; the state after step {step} is in {ckpt_path}"
-                raise BadInputError(message) from None
-            losses = loss_fn(
-                triplets.anchor, triplets.positive, triplets.negative, generator=noise_gen
+        with held as caught:
+            while True:
+                if target is not None and step >= target:
+                    stopped_by = "steps"
+                    break
+                time_up, signalled = dist.stop_votes(
+                    deadline is not None and time.monotonic() >= deadline, bool(caught)
+                )
+                if signalled:  # (only under torchrun: a single process raises KeyboardInterrupt)
+                    stopped_by = "signal"
+                    break
+                if time_up:
+                    stopped_by = "max-minutes"
+                    break
+                if not dist.enabled:  # (only single-process runs checkpoint mid-step)
+                    drawn_from = (step, generator_states())
+                try:
+                    triplets = sampler.sample(train_config.batch_size)
+                except BadInputError as exc:  # a --mask anchors hardly ever centre in
+                    message = _name_volume(str(exc), volumes)
+                    if step > 0 and not dist.enabled:  # (checkpoint() gathers from every rank)
+                        assert drawn_from is not None
+                        checkpoint(drawn_from[1])
+                        message += f"; the state after step {step} is in {ckpt_path}"
+                    raise BadInputError(message) from None
+                losses = loss_fn(
+                    triplets.anchor, triplets.positive, triplets.negative, generator=noise_gen
+                )
+                total = losses["total"]
+                report = dist.average({k: v.detach() for k, v in losses.items()})  # over the ranks
+                if not torch.isfinite(report["total"]):
+                    # the weights may be what broke (a finite but huge update): the last checkpoint
+                    # is kept, not overwritten with them (it held NaN weights no --lr could resume)
+                    raise HypsegError(
+                        f"training diverged at step {step + 1} (loss is {float(report['total'])}); "
+                        + _diverged_advice(ckpt_path, saved_step, step, sampling_config)
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                total.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    model.parameters(), train_config.grad_clip or math.inf
+                )
+                if not torch.isfinite(grad_norm):  # the same on every rank (gradients are averaged)
+                    # not applied, and not saved: weights with a finite loss but infinite gradients
+                    # (after a huge update, say) are no state to resume from either
+                    raise HypsegError(
+                        f"training diverged at step {step + 1} (gradient norm {float(grad_norm):g}, "
+                        "beyond float range); "
+                        + _diverged_advice(ckpt_path, saved_step, step, sampling_config)
+                    )
+                # Ctrl-C or SIGTERM waits for the update and its history row (a state saved amid
+                # them would not be one the run went through)
+                with _signals_deferred():
+                    optimizer.step()
+                    step += 1
+                    window_steps += 1
+                    now = time.monotonic()
+                    row = {k: float(v) for k, v in report.items()}
+                    rate = (
+                        window_steps
+                        * train_config.batch_size
+                        * dist.world_size
+                        / max(now - window_start, 1e-9)
+                    )
+                    history.append(
+                        {
+                            "step": step,
+                            "elapsed_s": round(elapsed_before + now - start, 3),
+                            **{k: row[k] for k in LOSS_FIELDS},
+                            "triplets_per_s": round(rate, 2),
+                        }
+                    )
+                if first_run_losses is None:
+                    first_run_losses = {k: row[k] for k in LOSS_FIELDS}
+                progress(
+                    "train",
+                    step,
+                    target or 0,  # 0: no step target (--max-minutes only)
+                    loss=row["total"],
+                    recon=row["recon"],
+                    kl=row["kl"],
+                    triplet=row["triplet"],
+                    **({"texture": row["texture"]} if model.cfg.texture_weight > 0 else {}),
+                    tps=rate,
+                )
+                if now - window_start > 20.0:
+                    window_start, window_steps = now, 0
+                if step % train_config.checkpoint_every == 0:
+                    checkpoint()
+            if stopped_by == "signal":
+                # every rank is here at the same step, with no draws made for the next one
+                first = caught[0] if caught else None  # (another rank's signal: none here)
+                caught.clear()  # raised below, not by the held block's end
+                if step > (saved_step or 0):
+                    checkpoint()
+                    if dist.is_main:
+                        log.warning(
+                            "interrupted: the state after step %d is in %s (--resume)",
+                            step,
+                            ckpt_path,
+                        )
+                raise KeyboardInterrupt() if first == signal.SIGINT else Terminated()
+            checkpoint()
+            if dist.is_main:
+                save_model_file(model_path, payload("model"))
+            distributed.debug_dump(
+                dist, step=step, model=model, generators={"sample": sample_gen, "noise": noise_gen}
             )
-            total = losses["total"]
-            report = dist.average({k: v.detach() for k, v in losses.items()})  # over the ranks
-            if not torch.isfinite(report["total"]):
-                # the weights may be what broke (a finite but huge update): the last checkpoint
-                # is kept, not overwritten with them (it held NaN weights no --lr could resume)
-                raise HypsegError(
-                    f"training diverged at step {step + 1} (loss is {float(report['total'])}); "
-                    + _diverged_advice(ckpt_path, saved_step, step, sampling_config)
-                )
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                model.parameters(), train_config.grad_clip or math.inf
-            )
-            if not torch.isfinite(grad_norm):  # the same on every rank (gradients are averaged)
-                # not applied, and not saved: weights with a finite loss but infinite gradients
-                # (after a huge update, say) are no state to resume from either
-                raise HypsegError(
-                    f"training diverged at step {step + 1} (gradient norm {float(grad_norm):g}, "
-                    "beyond float range); "
-                    + _diverged_advice(ckpt_path, saved_step, step, sampling_config)
-                )
-            # Ctrl-C or SIGTERM waits for the update and its history row (a state saved amid
-            # them would not be one the run went through)
-            with _signals_deferred():
-                optimizer.step()
-                step += 1
-                window_steps += 1
-                now = time.monotonic()
-                row = {k: float(v) for k, v in report.items()}
-                rate = (
-                    window_steps
-                    * train_config.batch_size
-                    * dist.world_size
-                    / max(now - window_start, 1e-9)
-                )
-                history.append(
-                    {
-                        "step": step,
-                        "elapsed_s": round(elapsed_before + now - start, 3),
-                        **{k: row[k] for k in LOSS_FIELDS},
-                        "triplets_per_s": round(rate, 2),
-                    }
-                )
-            if first_run_losses is None:
-                first_run_losses = {k: row[k] for k in LOSS_FIELDS}
-            progress(
-                "train",
-                step,
-                target or 0,  # 0: no step target (--max-minutes only)
-                loss=row["total"],
-                recon=row["recon"],
-                kl=row["kl"],
-                triplet=row["triplet"],
-                **({"texture": row["texture"]} if model.cfg.texture_weight > 0 else {}),
-                tps=rate,
-            )
-            if now - window_start > 20.0:
-                window_start, window_steps = now, 0
-            if step % train_config.checkpoint_every == 0:
-                checkpoint()
+            dist.barrier()  # no rank reports success before the model file exists
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (a Slurm time limit): keep the work done
         if step > (saved_step or 0) and not dist.enabled:  # (checkpoint() gathers from all)
             # mid-step, the generators have drawn for the next step: their states from before
@@ -480,13 +512,6 @@ def _train(
                     "interrupted: the state after step %d is in %s (--resume)", step, ckpt_path
                 )
         raise
-    checkpoint()
-    if dist.is_main:
-        save_model_file(model_path, payload("model"))
-    distributed.debug_dump(
-        dist, step=step, model=model, generators={"sample": sample_gen, "noise": noise_gen}
-    )
-    dist.barrier()  # no rank reports success before the model file exists
     last = {k: history[-1][k] for k in LOSS_FIELDS} if history else {}
     return TrainResult(
         model_path,
@@ -551,11 +576,12 @@ def _diverged_advice(
 
 
 @contextlib.contextmanager
-def _signals_deferred() -> Iterator[None]:
+def _signals_deferred() -> Iterator[list[int]]:
     """Hold SIGINT and SIGTERM while the block runs and deliver them after it (only in the
-    main thread, where Python runs signal handlers; elsewhere the block runs as it is)."""
+    main thread, where Python runs signal handlers; elsewhere the block runs as it is).
+    Yields the list of the signals held so far; the block may empty it to drop them."""
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield []
         return
     caught: list[int] = []
     kinds = [s for s in (signal.SIGINT, getattr(signal, "SIGTERM", None)) if s is not None]
@@ -566,10 +592,10 @@ def _signals_deferred() -> Iterator[None]:
     except (ValueError, OSError):  # pragma: no cover - embedded interpreters
         for kind, handler in previous.items():
             signal.signal(kind, handler)
-        yield
+        yield []
         return
     try:
-        yield
+        yield caught
     finally:
         for kind, handler in previous.items():
             signal.signal(kind, handler if handler is not None else signal.SIG_DFL)

@@ -44,8 +44,8 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _torchrun(args, *, cwd, dump=None, timeout=100):
-    """``torchrun --nproc-per-node 2 -m hypsegcli ARGS`` on the CPU; (returncode, stdout, stderr)."""
+def _start_torchrun(args, *, cwd, dump=None):
+    """Start ``torchrun --nproc-per-node 2 -m hypsegcli ARGS`` on the CPU (text pipes)."""
     env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV}
     # CPU ranks (gloo) even on a machine with GPUs: there --device auto means one
     # GPU per rank, refused where the node has fewer GPUs than ranks.
@@ -66,7 +66,7 @@ def _torchrun(args, *, cwd, dump=None, timeout=100):
         "hypsegcli",
         *map(str, args),
     ]
-    proc = subprocess.Popen(
+    return subprocess.Popen(
         cmd,
         cwd=cwd,
         env=env,
@@ -75,6 +75,11 @@ def _torchrun(args, *, cwd, dump=None, timeout=100):
         text=True,
         start_new_session=True,  # so that a hung run is killed with all its workers
     )
+
+
+def _torchrun(args, *, cwd, dump=None, timeout=100):
+    """``torchrun --nproc-per-node 2 -m hypsegcli ARGS`` on the CPU; (returncode, stdout, stderr)."""
+    proc = _start_torchrun(args, cwd=cwd, dump=dump)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -199,6 +204,53 @@ def test_single_process_resumes_a_distributed_checkpoint(six_steps, images, tmp_
     assert _history_steps(copy) == list(range(1, 9))
 
 
+def test_sigterm_checkpoints_every_rank_at_one_step_and_resume_continues_exactly(images, tmp_path):
+    """A Slurm time limit or scancel (SIGTERM to torchrun, which passes it on to the ranks)
+    used to stop every rank where it was, with no checkpoint: the steps since the last
+    periodic one were lost. The ranks now stop at one step and save it; resumed on as many
+    processes, the run reaches the weights of an uninterrupted one."""
+    run = ["--threads", "1", *TINY_MODEL, "--checkpoint-every", "100000"]
+    model = tmp_path / "cut" / "m.pt"
+    proc = _start_torchrun(["train", images, "-o", model, "--steps", "100000", *run], cwd=tmp_path)
+    try:
+        for line in proc.stderr:  # rank 0's plain progress lines, one per update
+            if line.startswith("train:"):
+                break
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.stderr.read()
+        code = proc.wait(timeout=90)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert code != 0, rest[-3000:]
+    ckpt = load_model_file(companion_paths(model)[0])
+    step = ckpt["step"]
+    assert step >= 1 and ckpt["world_size"] == 2, rest[-3000:]
+    assert rest.count(f"interrupted: the state after step {step} is in") == 1, rest[-3000:]
+    assert rest.count("hypseg: error: terminated") == 2, rest[-3000:]
+    # (torchrun prints a traceback of its own SignalException; the ranks print none)
+    assert "hypsegcli/" not in rest and not model.exists()
+    assert _history_steps(model) == list(range(1, step + 1))
+
+    target = str(step + 2)
+    code, _, err = _torchrun(
+        ["train", images, "-o", model, "--steps", target, "--resume", *run],
+        cwd=tmp_path,
+        dump=tmp_path / "dump",
+    )
+    assert code == 0, err[-3000:]
+    assert f"resuming from step {step}" in err and "re-seed" not in err
+    straight = tmp_path / "straight" / "m.pt"
+    code, _, err = _torchrun(
+        ["train", images, "-o", straight, "--steps", target, *run], cwd=tmp_path
+    )
+    assert code == 0, err[-3000:]
+    a, b = load_model_file(straight)["state_dict"], load_model_file(model)["state_dict"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+    assert _history_steps(model) == list(range(1, step + 3))
+
+
 def test_a_failing_rank_stops_the_job_without_hanging(images, tmp_path):
     dump = tmp_path / "dump"
     (dump / "rank1.json").mkdir(parents=True)  # rank 1 fails at its very end, rank 0 does not
@@ -274,7 +326,8 @@ def test_single_process_session_is_the_identity(monkeypatch):
         values = {"total": torch.tensor(1.5)}
         assert job.average(values) is values
         assert job.gather("x") == ["x"]
-        assert job.main_decides(True) is True and job.main_decides(False) is False
+        for flags in [(True, False), (False, True), (True, True), (False, False)]:
+            assert job.stop_votes(*flags) == flags
         job.barrier()
         model = torch.nn.Linear(2, 2)
         model.loss = lambda *a, **k: {}  # type: ignore[attr-defined]
