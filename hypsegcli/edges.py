@@ -210,13 +210,15 @@ def _label_stats(
     """Mean and variance (float64, (k,)) of ``x`` per label, over its core voxels.
 
     A label with at most ``MRF_MIN_CORE`` core voxels uses all its voxels. Variances
-    are floored at (noise / 10)^2 and at 10^-4 times the variance of the whole
-    image, so a flat label (a zero-padded or masked background, where the noise
-    estimate is 0) does not get an unbounded likelihood.
+    are floored at (noise / 10)^2 and at 10^-4 times the variance of the image
+    (of its ``inside`` voxels, where given: outside voxels take no part), so a flat
+    label (a zero-padded or masked background, where the noise estimate is 0) does
+    not get an unbounded likelihood.
     """
     mu = np.empty(k)
     var = np.empty(k)
-    floor = max((noise / 10.0) ** 2, 1e-4 * float(x.var(dtype=np.float64)), 1e-12)
+    seen = x if inside is None or not inside.any() else x[inside]
+    floor = max((noise / 10.0) ** 2, 1e-4 * float(seen.var(dtype=np.float64)), 1e-12)
     for i in range(k):
         mask = idx == i
         if inside is not None:

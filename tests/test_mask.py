@@ -123,6 +123,26 @@ def test_snap_and_mrf_inside_a_mask_ignore_everything_outside(step):
     np.testing.assert_array_equal(apply(shifted, image, none), apply(shifted, image, None))
 
 
+def test_mrf_variance_floor_ignores_a_wide_outside():
+    """The MRF's variance floor was 1e-4 of the whole image's variance: a wide intensity
+    range outside the mask inflated the low-contrast labels inside until they no longer
+    separated, and the MRF left them as they were (review case: 200 voxels moved, 0)."""
+    rng = np.random.default_rng(0)
+    shape = (20, 20, 20)
+    truth = np.zeros(shape, np.uint8)
+    truth[:, :, 10:] = 1
+    image = (truth * 0.04 + rng.normal(0, 0.005, shape)).astype(np.float32)
+    labels = truth.copy()
+    labels[:, :, 10] = 0  # the boundary a voxel off
+    inside = np.zeros(shape, bool)
+    inside[:, 5:15, 3:17] = True
+    got = refine_labels(labels, image, beta=0.5, outside=~inside)
+    assert np.count_nonzero(got[inside] != labels[inside]) > 100
+    wide = image.copy()
+    wide[~inside] = np.where(rng.random(int((~inside).sum())) < 0.5, -4.0, 5.0)
+    np.testing.assert_array_equal(refine_labels(labels, wide, beta=0.5, outside=~inside), got)
+
+
 def test_noise_estimate_inside_a_mask_ignores_a_flat_background():
     rng = np.random.default_rng(3)
     x = rng.normal(0, 1.0, (24, 24, 24)).astype(np.float32)
