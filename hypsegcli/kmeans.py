@@ -312,16 +312,30 @@ def _argmin0(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return best, (s != best).to(torch.uint8).cumprod(0).sum(0, dtype=torch.int64)
 
 
+def _repeats(centers: torch.Tensor) -> torch.Tensor | None:
+    """(k,) True for each row of ``centers`` equal to an earlier row, or None if none is.
+
+    The expanded scores of two equal centres round differently from column to
+    column, so without this a point could go to either copy, not the lowest index.
+    """
+    same = (centers[:, None, :] == centers[None, :, :]).all(-1).tril(-1)
+    repeats = same.any(1)
+    return repeats if bool(repeats.any()) else None
+
+
 def _scores(
     xT: torch.Tensor,
     centers: torch.Tensor,
     y2: torch.Tensor,
     inv_gap_y: torch.Tensor,
     x2: torch.Tensor,
+    repeats: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(k, m) assignment scores ``‖x − y_j‖² / (1 − c‖y_j‖²)``, ``‖x − y‖²`` expanded and clamped at 0."""
+    """(k, m) assignment scores ``‖x − y_j‖² / (1 − c‖y_j‖²)``, ``‖x − y‖²`` expanded and
+    clamped at 0; rows flagged in ``repeats`` (:func:`_repeats`) score +inf."""
     s = torch.addmm(y2[:, None] + x2[None, :], centers, xT, alpha=-2.0)
-    return s.clamp_min_(0.0).mul_(inv_gap_y[:, None])
+    s = s.clamp_min_(0.0).mul_(inv_gap_y[:, None])
+    return s if repeats is None else s.masked_fill_(repeats[:, None], math.inf)
 
 
 def _lou_step(
@@ -697,12 +711,15 @@ class PoincareKMeans:
         n, k = xT.shape[1], centers.shape[0]
         y2 = (centers * centers).sum(-1)
         inv_gap_y = 1.0 / _gap(y2, c)
+        repeats = _repeats(centers)
         labels = torch.empty(n, dtype=torch.int64, device=xT.device)
         best = torch.empty(n, dtype=xT.dtype, device=xT.device)
         cols = assign_chunk_rows(k)
         for i in range(0, n, cols):
             sl = slice(i, i + cols)
-            best[sl], labels[sl] = _argmin0(_scores(xT[:, sl], centers, y2, inv_gap_y, xx[sl]))
+            best[sl], labels[sl] = _argmin0(
+                _scores(xT[:, sl], centers, y2, inv_gap_y, xx[sl], repeats)
+            )
         return labels, best.mul_(c).div_(_gap(xx, c))
 
     def _assign_rows(
@@ -720,12 +737,13 @@ class PoincareKMeans:
         y2 = y2_64.to(dtype)
         inv_gap_y = (1.0 / _gap(y2_64, c)).to(dtype)
         centersT64 = centers64.T
+        repeats = _repeats(centers)  # (equal in the working dtype)
         labels = torch.empty(n, dtype=torch.int64, device=x.device)
         inertia = 0.0
         rows = assign_chunk_rows(k)
         for i in range(0, n, rows):
             xT = x[i : i + rows].T.to(dtype).contiguous()
-            idx = _argmin0(_scores(xT, centers, y2, inv_gap_y, _sqnorm_cols(xT)))[1]
+            idx = _argmin0(_scores(xT, centers, y2, inv_gap_y, _sqnorm_cols(xT), repeats))[1]
             labels[i : i + rows] = idx
             if with_inertia:
                 x64T = xT.to(torch.float64)

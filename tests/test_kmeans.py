@@ -16,6 +16,7 @@ from sklearn.metrics import adjusted_rand_score
 import hypsegcli.kmeans as km_mod
 from hypsegcli.errors import BadInputError, HypsegError
 from hypsegcli.kmeans import (
+    ConvergenceWarning,
     NotFittedError,
     PoincareKMeans,
     frechet_mean,
@@ -481,3 +482,24 @@ def test_argmin_small_and_large_paths_agree_with_first_index_ties():
         ref = s.numpy().argmin(0)  # numpy: first occurrence
         np.testing.assert_array_equal(idx.numpy(), ref)
         np.testing.assert_array_equal(vals.numpy(), s.numpy().min(0))
+
+
+def test_equal_centres_tie_to_the_lowest_index_wherever_the_point_sits():
+    """k above the number of distinct points leaves equal centres; the expanded scores of
+    equal centres rounded differently from column to column, so one point went to either
+    copy depending on its place in the chunk (review: labels 4 4 ... 2 2 for one point)."""
+    x = np.array([[0.1, 0.0], [0.5, 0.0], [-0.4, 0.2]] * 10)
+    with pytest.warns(ConvergenceWarning, match=r"distinct clusters \(3\)"):
+        km = PoincareKMeans(5, random_state=0).fit(x)
+    centers = km.cluster_centers_
+    first = {}
+    for j, row in enumerate(map(tuple, centers)):
+        first.setdefault(row, j)
+    assert len(first) == 3  # two centres repeat
+    want = [first[tuple(centers[j])] for j in km.labels_]
+    np.testing.assert_array_equal(km.labels_, want)
+    for n in (1, 40, 1000):
+        for point in x[:3]:
+            labels = km.predict(np.repeat(point[None], n, 0))
+            assert set(labels.tolist()) == {first[tuple(centers[labels[0]])]}
+            assert labels[0] == first[tuple(centers[labels[0]])]
