@@ -218,6 +218,42 @@ def log_sinhc(x: torch.Tensor) -> torch.Tensor:
     return torch.where(small, taylor, large)
 
 
+def sample_dist0(
+    loc: torch.Tensor, v: torch.Tensor, *, c: float | torch.Tensor = 1.0
+) -> torch.Tensor:
+    r"""Distance to the origin of the wrapped-normal sample :math:`z = \mu \oplus \exp_0(v/2)`,
+    from ``loc`` = :math:`\mu` and ``v`` alone (broadcast over their leading dimensions).
+
+    The hyperbolic law of cosines in the triangle :math:`0, \mu, z`, whose sides at
+    :math:`\mu` are :math:`a = d(0, \mu)` and :math:`r = \|v\| = d(\mu, z)`; parallel
+    transport along the geodesic from 0 keeps the angle with it, so the angle at
+    :math:`\mu` has cosine :math:`-\langle\hat v, \hat\mu\rangle`:
+
+    .. math::
+        \cosh(\sqrt c\, d_0) = \cosh(\sqrt c\, a)\cosh(\sqrt c\, r)
+            + \sinh(\sqrt c\, a)\sinh(\sqrt c\, r)\,\langle\hat v, \hat\mu\rangle,
+
+    evaluated in the log domain, so it holds for any :math:`r` where :math:`z` itself
+    would leave the dtype's ball (:func:`project` moves it). Near :math:`d_0 = 0`
+    (:math:`\operatorname{arcosh}` at 1) it keeps only ~half the digits: use
+    :func:`dist0` of ``z`` there. Gradients are finite everywhere.
+    """
+    sqrt_c = _c_like(c, v).sqrt()
+    a = sqrt_c * dist0(loc, c=c)
+    v_norm = v.pow(2).sum(-1).clamp_min(_MIN_NORM**2).sqrt()
+    loc_norm = loc.pow(2).sum(-1).clamp_min(_MIN_NORM**2).sqrt()
+    cos = ((v * loc).sum(-1) / (v_norm * loc_norm)).clamp(-1.0, 1.0)
+    r = sqrt_c * v_norm
+    tiny = torch.finfo(v.dtype).tiny
+    ea, er = torch.exp(-2 * a), torch.exp(-2 * r)
+    # cosh(a)cosh(r) + sinh(a)sinh(r)cos = e^(a+r)/4 · [(1+ea)(1+er) + cos(1-ea)(1-er)]
+    bracket = (1 + ea) * (1 + er) + cos * (1 - ea) * (1 - er)
+    log_cosh = (a + r - math.log(4.0) + torch.log(bracket.clamp_min(tiny))).clamp_min(0.0)
+    # arcosh(X) = log X + log(1 + sqrt(1 - X^-2))
+    root = (-torch.expm1(-2 * log_cosh)).clamp_min(tiny).sqrt()
+    return (log_cosh + torch.log1p(root)) / sqrt_c
+
+
 class WrappedNormal:
     r"""Wrapped normal :math:`\mathcal N_P(\mu, \operatorname{diag}\sigma^2)` on the ball
     (Mathieu et al. 2019; paper Eq. 4).
@@ -268,14 +304,17 @@ class WrappedNormal:
         sample_shape: torch.Size | tuple[int, ...] = torch.Size(),
         *,
         generator: torch.Generator | None = None,
+        projected: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Reparameterized samples ``z`` and their tangent vectors ``v`` (same shape).
 
         ``z`` is projected into the ball (:func:`project`), which only moves
         samples beyond the dtype's margin (``d(0, z)`` above ~6/√c in float32,
         ~12/√c in float64); elsewhere ``d(loc, z) = ‖v‖`` and
-        ``to_tangent(z) = v``. ``generator=None`` draws from torch's default
-        generator.
+        ``to_tangent(z) = v``. Where ``z`` was moved, score the sample from ``v``
+        (:meth:`log_prob_tangent`, :func:`sample_dist0`). ``projected=False``
+        returns ``z`` as computed, before the projection. ``generator=None`` draws
+        from torch's default generator.
         """
         eps = torch.randn(
             self._extended_shape(sample_shape),
@@ -285,7 +324,7 @@ class WrappedNormal:
         )
         v = eps * self.scale
         z = mobius_add(self.loc, expmap0(v / 2, c=self.c), c=self.c)
-        return project(z, c=self.c), v
+        return (project(z, c=self.c) if projected else z), v
 
     def rsample(
         self,
@@ -311,7 +350,11 @@ class WrappedNormal:
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
         """Log-density (Riemannian volume) of ``z`` (..., d); returns ``z.shape[:-1]`` broadcast."""
-        v = self.to_tangent(z)
+        return self.log_prob_tangent(self.to_tangent(z))
+
+    def log_prob_tangent(self, v: torch.Tensor) -> torch.Tensor:
+        """Log-density of the sample ``loc ⊕ exp0(v / 2)`` from its tangent vector ``v``
+        (..., d): exact also where the sample itself lies beyond the dtype's ball."""
         d = self.dim
         log_normal = (-0.5 * (v / self.scale).pow(2) - torch.log(self.scale) - 0.5 * _LOG_2PI).sum(
             -1

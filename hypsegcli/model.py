@@ -292,27 +292,45 @@ class HypVAE(nn.Module):
     # ------------------------------------------------------------ distributions
     def _sample_posterior(
         self, mu: Tensor, scale: Tensor, k: int, generator: torch.Generator | None
-    ) -> tuple[Tensor, Tensor]:
-        """Draw ``k`` reparameterised samples z (k, N, d); return z and log q(z|x) (k, N).
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Draw ``k`` reparameterised samples z (k, N, d); return z, log q(z|x) and the
+        prior's log p(z) (k, N each).
 
         Hyperbolic: sampled and scored in float64 (where the device has it), z
         returned in that dtype too. In float32 the ball keeps points only within
-        1 - 4e-3 of its edge, and a sample projected back there is scored as if
+        1 - 4e-3 of its edge, and a sample projected back there was scored as if
         it had been drawn there: for wide posteriors near the edge the Monte
         Carlo KL came out tens of nats low (d = 8, scale 3 at ‖mu‖ = 0.99: 33
-        instead of 85), a hole training can fall into (a d = 8 run reached a
-        mean KL of -151). float64 moves the edge to 1 - 1e-5 and costs little
-        (k x N x d numbers).
+        instead of 99), a hole training can fall into (a d = 8 run reached a
+        mean KL of -151). float64 moves the edge to 1 - 1e-5 (d(0, z) ~12/√c)
+        and costs little (k x N x d numbers); the samples it still moves (wide
+        posteriors: the KL had stopped growing with the scale, and fell in
+        d = 8) are scored as drawn, from their tangent vectors
+        (:meth:`~hypsegcli.geometry.WrappedNormal.log_prob_tangent`,
+        :func:`~hypsegcli.geometry.sample_dist0`); the others, as before, from z.
         """
         if self.cfg.hyperbolic:
             if mu.dtype != torch.float64 and mu.device.type != "mps":
                 mu, scale = mu.double(), scale.double()
-            q = geometry.WrappedNormal(mu, scale, c=self.cfg.curvature)
-            z = q.rsample(torch.Size((k,)), generator=generator)
-            return z, q.log_prob(z)
+            c = self.cfg.curvature
+            q = geometry.WrappedNormal(mu, scale, c=c)
+            drawn, v = q.rsample_tangent(torch.Size((k,)), generator=generator, projected=False)
+            z = geometry.project(drawn, c=c)
+            log_q, log_p = q.log_prob(z), self.prior_log_prob(z)
+            moved = (z != drawn).any(-1)
+            if bool(moved.any()):
+                d0 = geometry.sample_dist0(mu, v, c=c)
+                sqrt_c_d0 = math.sqrt(c) * d0
+                d = self.cfg.latent_dim
+                prior = -0.5 * d0.square() - 0.5 * d * _LOG_2PI
+                prior = prior - (d - 1) * geometry.log_sinhc(sqrt_c_d0)
+                log_q = torch.where(moved, q.log_prob_tangent(v), log_q)
+                log_p = torch.where(moved, prior, log_p)
+            return z, log_q, log_p
         eps = torch.randn((k, *mu.shape), generator=generator, dtype=mu.dtype, device=mu.device)
         z = mu + scale * eps
-        return z, torch.distributions.Normal(mu, scale, validate_args=False).log_prob(z).sum(-1)
+        log_q = torch.distributions.Normal(mu, scale, validate_args=False).log_prob(z).sum(-1)
+        return z, log_q, self.prior_log_prob(z)
 
     def prior_log_prob(self, z: Tensor) -> Tensor:
         """log p(z) of the prior WrappedNormal(0, 1) / Normal(0, 1), summed over d: z.shape[:-1]."""
@@ -324,8 +342,17 @@ class HypVAE(nn.Module):
 
     # --------------------------------------------------------------------- loss
     def latent_distance(self, x: Tensor, y: Tensor) -> Tensor:
-        """Distance of the latent space, (...): Poincaré d_c(x, y) or Euclidean ‖x - y‖."""
+        """Distance of the latent space, (...): Poincaré d_c(x, y) or Euclidean ‖x - y‖.
+
+        Poincaré distances are computed in float64 (where the device has it) and
+        returned in the inputs' dtype: in float32 the Möbius sum (-x) ⊕ y of two close
+        points near the edge (‖x‖ 0.95-0.996) loses most of its digits, and the
+        triplet term's distance came out up to 56x too large, its gradient pointing
+        elsewhere. The cost is N x d numbers.
+        """
         if self.cfg.hyperbolic:
+            if x.dtype != torch.float64 and x.device.type != "mps":
+                return geometry.dist(x.double(), y.double(), c=self.cfg.curvature).to(x.dtype)
             return geometry.dist(x, y, c=self.cfg.curvature)
         return torch.linalg.vector_norm(x - y, dim=-1)
 
@@ -397,8 +424,8 @@ class HypVAE(nn.Module):
                 mu_pn, _ = self.encode(torch.cat([positive, negative]))
             mu_p, mu_n = mu_pn.split(n)
 
-        z, log_q = self._sample_posterior(mu_a, scale_a, cfg.mc_samples, generator)
-        kl = (log_q - self.prior_log_prob(z)).mean().to(anchor.dtype)
+        z, log_q, log_p = self._sample_posterior(mu_a, scale_a, cfg.mc_samples, generator)
+        kl = (log_q - log_p).mean().to(anchor.dtype)
         z = z.to(anchor.dtype)
         x_hat, sigma = self.decode_params(z)  # (K, N, 1, m, m, m)
         n_vox = anchor[0].numel()

@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from mpref import mp_sample_dist0
 from scipy import optimize
 
 from hypsegcli import geometry as g
@@ -445,3 +446,40 @@ def test_rsample_gradients_finite_and_reparameterized():
         gl, gs = torch.autograd.grad(loss, [loc, scale])
         assert torch.isfinite(gl).all() and torch.isfinite(gs).all()
         assert gl.abs().sum() > 0 and gs.abs().sum() > 0
+
+
+@pytest.mark.parametrize("c", CURVATURES)
+def test_sample_dist0_matches_high_precision_far_beyond_the_ball(c):
+    """The law of cosines gives d(0, z) of a wrapped-normal sample from loc and v, also where
+    z itself is beyond float64's ball (d0 up to ~300/√c): 400-digit arithmetic is the
+    reference."""
+    rng = np.random.default_rng(int(c * 10))
+    locs = _ball_points(24, 3, c, torch.float64, 1, max_frac=0.995)
+    locs[0] = 0.0  # the origin: no direction
+    cases, got_in = [], []
+    for i, loc in enumerate(locs):
+        direction = rng.normal(size=3)
+        if i % 4 == 1:  # towards the origin: d0 far below a + r
+            direction = -loc.numpy() + 1e-3 * direction
+        length = [1e-3, 0.5, 3.0, 15.0, 40.0, 300.0][i % 6] / math.sqrt(c)
+        v = torch.from_numpy(direction / np.linalg.norm(direction) * length)
+        cases.append((loc, v))
+        got_in.append(v)
+    loc = torch.stack([a for a, _ in cases])
+    v = torch.stack(got_in)
+    got = g.sample_dist0(loc, v, c=c)
+    want = torch.tensor([mp_sample_dist0(a, b, c) for a, b in cases], dtype=torch.float64)
+    far = want * math.sqrt(c) > 1.0
+    torch.testing.assert_close(got[far], want[far], rtol=1e-12, atol=0)
+    torch.testing.assert_close(got[~far], want[~far], rtol=0, atol=1e-7)  # arcosh near 1
+    # the ordinary path agrees where z is representable
+    z = g.WrappedNormal(loc, torch.ones_like(loc), c=c)
+    ok = want * math.sqrt(c) < 10
+    drawn = g.mobius_add(loc, g.expmap0(v / 2, c=c), c=c)
+    torch.testing.assert_close(g.dist0(drawn, c=c)[ok], want[ok], rtol=1e-9, atol=1e-9)
+    assert z.log_prob_tangent(v).shape == (24,)
+    # finite gradients everywhere, the origin and v = 0 included
+    loc_g, v_g = loc.clone().requires_grad_(), v.clone().requires_grad_()
+    v_g.data[2] = 0.0
+    g.sample_dist0(loc_g, v_g, c=c).sum().backward()
+    assert torch.isfinite(loc_g.grad).all() and torch.isfinite(v_g.grad).all()

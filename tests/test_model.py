@@ -313,13 +313,13 @@ def test_hyperbolic_kl_of_a_float32_model_matches_float64_near_the_edge() -> Non
     scale = torch.full((64, 8), 3.0, dtype=torch.float64)
     kls = []
     for dt in (torch.float32, torch.float64):
-        z, log_q = model._sample_posterior(
+        z, log_q, log_p = model._sample_posterior(
             mu.to(dt), scale.to(dt), 50, torch.Generator().manual_seed(0)
         )
         assert z.dtype == torch.float64
-        kls.append(float((log_q - model.prior_log_prob(z)).mean()))
+        kls.append(float((log_q - log_p).mean()))
     assert kls[0] == pytest.approx(kls[1], abs=0.5)
-    assert kls[1] > 70  # about 85; float32 sampling gave about 33
+    assert kls[1] > 95  # about 99; float32 sampling gave about 33, float64 scored from z 84
 
 
 def test_euclidean_mc_kl_approaches_analytic() -> None:
@@ -488,3 +488,58 @@ def test_gyroplane_init_sets_the_offsets_spread() -> None:
     # model files written before the field existed read back with the default
     old = {k: v for k, v in ModelConfig().to_dict().items() if k != "gyroplane_init"}
     assert ModelConfig.from_dict(old).gyroplane_init == P_INIT_STD
+
+
+def _mp_log_sinhc(x):
+    mp = pytest.importorskip("mpmath")
+    with mp.workdps(50):
+        return float(mp.log(mp.sinh(x) / x)) if x > 0 else 0.0
+
+
+@pytest.mark.parametrize(("d", "c"), [(2, 1.0), (8, 1.0), (8, 0.5)])
+def test_hyperbolic_kl_keeps_growing_with_the_posterior_scale(d, c) -> None:
+    """Samples beyond float64's ball (d(0, z) > ~12/√c) were projected back and scored
+    there: the KL stopped growing with the scale (d = 8: it fell, from 56 at scale 10 to
+    39 at 100, where it is ~40 000), and its gradient rewarded wider posteriors. Each
+    sample's log q - log p now matches a 400-digit reference of the sample as drawn."""
+    from mpref import mp_sample_dist0
+
+    model = _model(latent_dim=d, curvature=c, **TINY)
+    mu = torch.zeros(4, d, dtype=torch.float64)
+    mu[:, 0] = math.tanh(0.15 * math.sqrt(c)) / math.sqrt(c)  # 0.3 from the origin
+    kls = []
+    for sigma in (0.3, 3.0, 10.0, 30.0, 100.0):
+        scale = torch.full((4, d), sigma, dtype=torch.float64, requires_grad=True)
+        z, log_q, log_p = model._sample_posterior(mu, scale, 6, torch.Generator().manual_seed(1))
+        v = torch.randn((6, 4, d), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        v = (v * sigma).numpy()
+        want = []
+        for vs in v.reshape(-1, d):
+            r = float(np.linalg.norm(vs))
+            d0 = mp_sample_dist0(mu[0].numpy(), vs, c)
+            log_q_ref = float(
+                (-0.5 * (vs / sigma) ** 2 - math.log(sigma) - 0.5 * math.log(2 * math.pi)).sum()
+            ) - (d - 1) * _mp_log_sinhc(math.sqrt(c) * r)
+            log_p_ref = (
+                -0.5 * d0**2
+                - 0.5 * d * math.log(2 * math.pi)
+                - (d - 1) * _mp_log_sinhc(math.sqrt(c) * d0)
+            )
+            want.append(log_q_ref - log_p_ref)
+        got = (log_q - log_p).detach().reshape(-1)
+        torch.testing.assert_close(
+            got, torch.tensor(want, dtype=torch.float64), rtol=1e-8, atol=1e-8
+        )
+        kl = (log_q - log_p).mean()
+        kl.backward()
+        if sigma > 1:
+            assert float(scale.grad.sum()) > 0  # wider costs more
+        assert torch.isfinite(scale.grad).all()
+        kls.append(float(kl.detach()))
+    assert kls[2:] == sorted(kls[2:]) and kls[-1] > 1000, kls
+    # samples that stay inside are scored from z as before: the same bits
+    q = geometry.WrappedNormal(mu, torch.full((4, d), 0.3, dtype=torch.float64), c=c)
+    z, log_q, log_p = model._sample_posterior(
+        mu, torch.full((4, d), 0.3, dtype=torch.float64), 6, torch.Generator().manual_seed(1)
+    )
+    assert torch.equal(log_q, q.log_prob(z)) and torch.equal(log_p, model.prior_log_prob(z))
