@@ -495,6 +495,9 @@ def _train(
                             step,
                             ckpt_path,
                         )
+                # no rank leaves before the checkpoint is written: torchrun stops the
+                # others (SIGTERM) as soon as one has exited
+                dist.barrier()
                 raise KeyboardInterrupt() if first == signal.SIGINT else Terminated()
             checkpoint()
             if dist.is_main:
