@@ -79,6 +79,7 @@ warning and uses :func:`embed_reference` (on the lattice when ``stride > 1``).
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import math
@@ -243,7 +244,9 @@ def _reference_points(
     """μ at the voxels ``axes[0] x axes[1] x axes[2]`` (outer product), one patch each."""
     m = model.cfg.patch_size
     margin = padding_margin(p)
-    _, dtype = _model_device_dtype(model)
+    model_device, dtype = _model_device_dtype(model)
+    if model_device != device:  # (a copy: the caller's model stays where it is)
+        model = copy.deepcopy(model).to(device)
     padded = torch.from_numpy(np.pad(vol, margin, mode="reflect")).to(device=device, dtype=dtype)
     shape = tuple(len(a) for a in axes)
     n = int(np.prod(shape))
