@@ -2178,7 +2178,7 @@ def cluster(
     from .edges import refine_labels, snap_labels
     from .embedding import DEFAULT_TILE
     from .nesting import band_mask, fill_band
-    from .preview import write_preview
+    from .preview import window_levels, write_preview
     from .training import resolve_device
 
     progress = progress or _noop
@@ -2526,6 +2526,7 @@ def cluster(
                         coarse: np.ndarray | None = None
                         band: np.ndarray | None = None
                         outside: np.ndarray | None = None  # flat indices of the voxels off the band
+                        levels: tuple[float, float] | None = None  # the previews' grey levels
                         for k in ks:
                             spec = _nest_spec(k, ks, nest, smooth, snap, mrf)
                             if spec is not None and band is None:
@@ -2618,12 +2619,14 @@ def cluster(
                             write_labels(target, labels, volume.geometry)
                             row["outputs"].append(str(target))
                             if preview:
+                                levels = levels or window_levels(volume.data)  # (once a volume)
                                 write_preview(
                                     out / f"{volume.name}_k{k}.png",
                                     volume.data,
                                     labels,
                                     volume.geometry.spacing,
                                     outside=off_mask is not None,
+                                    levels=levels,
                                 )
                             watch.lap("write")
                         _write_case_centroids(
