@@ -723,7 +723,7 @@ def estimate_embedding(
     ``efficiency``: the fraction of ``flop_rate`` the encoder reaches
     (ENCODER_EFFICIENCY on a CPU, GPU_ENCODER_EFFICIENCY on a GPU).
     """
-    from .embedding import flops_per_voxel, padding_margin
+    from .embedding import UPSAMPLE_BLOCK, _lattice, flops_per_voxel, padding_margin
 
     voxels = math.prod(shape)
     flops = flops_per_voxel(model, patch_size, stride=stride) * voxels
@@ -732,8 +732,13 @@ def estimate_embedding(
     margin = padding_margin(patch_size)
     padded = math.prod(s + 2 * margin for s in shape)
     arrays = 4.0 * voxels * 2 + 4.0 * padded + 4.0 * voxels * d
-    if stride > 1:  # tangent-space interpolation in float64 (a few copies)
-        arrays += 3 * 8.0 * voxels * d
+    if stride > 1:
+        # the lattice's embeddings, and the tangent-space interpolation's float64
+        # intermediates (a few copies) of one slab of x-planes (embedding._upsample)
+        lattice = math.prod(len(_lattice(int(n), stride)) for n in shape)
+        plane = math.prod(int(n) for n in shape[1:])
+        slab = min(voxels, max(1, UPSAMPLE_BLOCK // plane) * plane)
+        arrays += 4.0 * lattice * d + 4 * 8.0 * slab * d
     activations = workers * _tile_activation_bytes(model, patch_size, stride, tile)
     return {
         "flops": flops,

@@ -441,6 +441,28 @@ def test_embedding_estimate_scales_with_the_encoders_efficiency(trained):
     assert gpu["seconds"] - overhead == pytest.approx(cpu["flops"] / 1e9 / GPU_ENCODER_EFFICIENCY)
 
 
+def test_strided_embedding_memory_counts_one_slab_of_float64_not_the_volume(trained):
+    """``--stride`` > 1 interpolates in slabs of x-planes (``embedding._upsample``), but
+    the estimate still counted three float64 copies of the whole volume's embeddings:
+    5.5 GiB for a 512x512x300 tomogram at stride 2, where ``embed`` peaked at 1.8 GiB."""
+    from hypsegcli.batch import estimate_embedding
+    from hypsegcli.embedding import DEFAULT_TILE
+
+    model = pipeline.LoadedModel(trained / "model.pt", "cpu").model
+    d = model.cfg.latent_dim
+    kw = dict(patch_size=model.cfg.patch_size, tile=DEFAULT_TILE, workers=1, flop_rate=1e9)
+    for shape in [(512, 512, 300), (40, 30, 20)]:
+        voxels, plane = int(np.prod(shape)), shape[1] * shape[2]
+        one = estimate_embedding(model, shape, stride=1, **kw)["array_bytes"]
+        two = estimate_embedding(model, shape, stride=2, **kw)["array_bytes"]
+        lattice = int(np.prod([len(embedding._lattice(n, 2)) for n in shape]))
+        slab = min(voxels, max(1, embedding.UPSAMPLE_BLOCK // plane) * plane)
+        # the lattice's float32 embeddings, and a few float64 copies of one slab
+        assert two - one == pytest.approx(4.0 * lattice * d + 4 * 8.0 * slab * d)
+        if voxels > 10 * embedding.UPSAMPLE_BLOCK:
+            assert two - one < 0.2 * (3 * 8.0 * voxels * d)  # not of the whole volume
+
+
 def test_dry_run_counts_scikit_learns_import_once(trained, tmp_path, capsys, monkeypatch):
     from hypsegcli.batch import SKLEARN_IMPORT_BYTES, SKLEARN_IMPORT_S
 
