@@ -35,20 +35,27 @@ mkdir -p "$LOGS"
 pids=()
 interrupted=0  # the exit code of the signal that stopped the script: 130 (INT), 143 (TERM)
 # background jobs of a script ignore Ctrl-C: pass it on to the parts as SIGTERM
-stop() { interrupted=$1; kill -TERM "${pids[@]}" 2> /dev/null; }
+# every part started so far (the job table: a part forked just before the signal is in it
+# before its pid is in $pids)
+stop() { interrupted=$1; kill -TERM $(jobs -p) 2> /dev/null; }
 trap 'stop 130' INT
 trap 'stop 143' TERM
 for (( i = 0; i < PARTS; i++ )); do
+    if (( interrupted )); then break; fi  # stopped while starting the parts: start no more
     "${hypseg[@]}" cluster "$DATA" -m "$MODEL" "${k_args[@]}" -o "$OUT" --threads "$THREADS" \
         --patch-size "$PATCH" --num-parts "$PARTS" --part-id "$i" 2> "$LOGS/part-$i.log" &
     pids+=($!)
 done
 
 status=0
-for (( i = 0; i < PARTS; i++ )); do
+for (( i = 0; i < ${#pids[@]}; i++ )); do
+    # stopped: TERM each part again, for one that was between its fork and its exec when
+    # stop() sent it (it ran the script's trap instead, and went on)
+    if (( interrupted )); then kill -TERM "${pids[$i]}" 2> /dev/null; fi
     wait "${pids[$i]}"
     code=$?
     if (( interrupted && code > 128 )); then  # the wait itself was interrupted: wait again
+        kill -TERM "${pids[$i]}" 2> /dev/null
         wait "${pids[$i]}" 2> /dev/null
         again=$?
         if (( again != 127 )); then code=$again; fi

@@ -643,7 +643,8 @@ def test_example_shell_loop_stops_its_parts_and_exits_as_the_signal(tmp_path, si
     # the parts: an executable under a path with a space, running until they are stopped
     fake = tmp_path / "bin dir" / "hypseg"
     fake.parent.mkdir()
-    fake.write_text("#!/bin/sh\nexec sleep 60\n")
+    # (each says it runs: a part signalled between the script's fork and its exec missed it)
+    fake.write_text('#!/bin/sh\ntouch "$HYPSEG_EXAMPLE_LOGS/running.$$"\nexec sleep 60\n')
     fake.chmod(0o755)
     env = {
         **os.environ,
@@ -660,9 +661,9 @@ def test_example_shell_loop_stops_its_parts_and_exits_as_the_signal(tmp_path, si
         text=True,
     )
     deadline = time.monotonic() + 20
-    while not (tmp_path / "logs" / "part-1.log").exists() and time.monotonic() < deadline:
+    while len(list((tmp_path / "logs").glob("running.*"))) < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
-    time.sleep(0.3)  # both parts started
+    time.sleep(0.1)  # both parts run the command
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == code, err
