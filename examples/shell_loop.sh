@@ -15,6 +15,16 @@
 #  loads the model and starts Python anew.)
 set -uo pipefail
 
+# Set first, so that a signal at any point stops the script: background jobs of a script
+# ignore Ctrl-C, so stop() passes it on to the parts as SIGTERM, to every part started so
+# far (the job table: a part forked just before the signal is in it before its pid is in
+# $pids).
+pids=()
+interrupted=0  # the exit code of the signal that stopped the script: 130 (INT), 143 (TERM)
+stop() { interrupted=$1; kill -TERM $(jobs -p) 2> /dev/null; }
+trap 'stop 130' INT
+trap 'stop 143' TERM
+
 HYPSEG=${HYPSEG:-hypseg}                          # the command, e.g. "python -m hypsegcli"
 # one executable (its path may hold spaces), or else words split at blanks
 if [[ -x "$HYPSEG" ]]; then hypseg=("$HYPSEG"); else read -ra hypseg <<< "$HYPSEG"; fi
@@ -32,14 +42,6 @@ k_args=()
 for k in $KS; do k_args+=(--k "$k"); done
 mkdir -p "$LOGS"
 
-pids=()
-interrupted=0  # the exit code of the signal that stopped the script: 130 (INT), 143 (TERM)
-# background jobs of a script ignore Ctrl-C: pass it on to the parts as SIGTERM
-# every part started so far (the job table: a part forked just before the signal is in it
-# before its pid is in $pids)
-stop() { interrupted=$1; kill -TERM $(jobs -p) 2> /dev/null; }
-trap 'stop 130' INT
-trap 'stop 143' TERM
 for (( i = 0; i < PARTS; i++ )); do
     if (( interrupted )); then break; fi  # stopped while starting the parts: start no more
     "${hypseg[@]}" cluster "$DATA" -m "$MODEL" "${k_args[@]}" -o "$OUT" --threads "$THREADS" \
