@@ -7,6 +7,8 @@
 #
 # Ctrl-C (or SIGTERM) stops every part (they get SIGTERM: each writes its run record
 # and exits with code 143), and the script exits with 130 (Ctrl-C) or 143 (SIGTERM).
+# (Started with & from another script, it ignores Ctrl-C, as bash cannot trap a signal
+# ignored when it starts: stop such a run with kill PID, i.e. SIGTERM.)
 # Run it again after an interruption: complete volumes are skipped. The parts
 # write into one output folder; centroids.json and the run manifest
 # OUT/hypseg-runs.jsonl are safe to share. Each part logs to $LOGS/part-<i>.log.
