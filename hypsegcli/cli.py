@@ -939,7 +939,7 @@ def cluster(
         typer.Option(
             "--min-size",
             min=0,
-            help="Last step: every connected piece (26-connected) of a label with fewer than this many voxels takes the label of the nearest voxel outside such pieces, so specks vanish into what surrounds them; a label made only of such pieces disappears. In voxels, whatever the spacing; 0 turns it off.",
+            help="Last step: every connected piece (26-connected) of a label with fewer than this many voxels takes the label of the nearest voxel outside such pieces (with --mask, of the voxels around it inside the mask where the nearest one lies across the outside), so specks vanish into what surrounds them; a label made only of such pieces disappears. In voxels, whatever the spacing; 0 turns it off.",
         ),
     ] = MIN_SIZE_DEFAULT,
     mask: Annotated[

@@ -11,7 +11,7 @@ import pytest
 from clitools import run
 from scipy import ndimage as ndi
 
-from hypsegcli import io
+from hypsegcli import components, io
 from hypsegcli.components import remove_small_components, small_component_mask
 
 NEIGHBOURS = [d for d in itertools.product((-1, 0, 1), repeat=3) if d != (0, 0, 0)]
@@ -167,3 +167,69 @@ def test_cluster_min_size_option(tmp_path, capsys):
                 io.read_volume(tmp_path / "huge" / f"{case}_k{k}.nii.gz").data,
                 io.read_volume(tmp_path / "off" / f"{case}_k{k}.nii.gz").data,
             )
+
+
+def _pocket_case():
+    """A pocket of the mask whose nearest kept voxels lie across a one-voxel wall.
+
+    Slice layout (z = 0 only), x to the right, rows down; ``#`` outside the mask:
+    rows 0-4 have ``###`` at x 0-2 and a wall at x 4; the pocket is x 3, rows 0-3
+    (label 2, 4 voxels); below it a corridor of label 0 opens into the bottom
+    rows; label 1 fills x >= 5. The pocket's top voxels are 2 from label 1
+    across the wall and 3-4 from the corridor.
+    """
+    labels = np.zeros((1, 12, 9), dtype=np.uint8)
+    labels[..., 5:] = 1
+    labels[0, 0:4, 3] = 2
+    outside = np.zeros(labels.shape, bool)
+    outside[0, 0:5, 0:3] = True
+    outside[0, 0:5, 4] = True
+    return labels, outside
+
+
+def test_a_piece_cut_off_by_the_mask_takes_the_label_around_it_inside():
+    labels, outside = _pocket_case()
+    out = remove_small_components(labels, 5, outside)
+    # the nearest kept voxel of the pocket's top is label 1 across the wall; taking it
+    # would leave a 2-3 voxel piece of label 1 cut off from the rest: the corridor's
+    # label grows in instead, and no piece under the size is left
+    assert out[0, 0:4, 3].tolist() == [0, 0, 0, 0]
+    assert not small_component_mask(out, 5, outside).any()
+    np.testing.assert_array_equal(out[outside], labels[outside])
+    assert labels[0, 0, 3] == 2  # the input is not modified
+    # a piece of the mask with no component of the size keeps its labels
+    alone = labels.copy()
+    walled = outside.copy()
+    walled[0, 5, 2:5] = True  # closes the pocket's bottom: pocket + x 3 rows 4 only
+    walled[0, 4, 3] = False
+    alone[0, 4, 3] = 2
+    out = remove_small_components(alone, 6, walled)
+    np.testing.assert_array_equal(out[0, 0:5, 3], alone[0, 0:5, 3])
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_no_piece_under_the_size_is_left_where_the_mask_allows(seed, monkeypatch):
+    """Random labels and masks: every relabelled voxel ends in a component of the size or
+    more, unless its piece of the mask has no kept voxel (then it keeps its label); kept
+    and outside voxels never change; a tiny check chunk gives the same result."""
+    rng = np.random.default_rng(100 + seed)
+    k = int(rng.integers(2, 6))
+    min_size = int(rng.integers(3, 30))
+    labels = _random_labels(rng, (14, 13, 12), k, float(rng.uniform(0.5, 1.4)))
+    outside = ndi.gaussian_filter(rng.normal(size=labels.shape), 1.2) > 0.1
+    for mask in (None, outside):
+        out = remove_small_components(labels, min_size, mask)
+        inside = np.ones(labels.shape, bool) if mask is None else ~mask
+        small = small_component_mask(labels, min_size, mask)
+        np.testing.assert_array_equal(out[~small], labels[~small])
+        pieces, n = ndi.label(inside, structure=np.ones((3, 3, 3)))
+        has_kept = np.zeros(n + 1, bool)
+        has_kept[pieces[inside & ~small]] = True
+        has_kept[0] = False
+        left = small_component_mask(out, min_size, mask)
+        assert not (left & has_kept[pieces]).any()
+        stranded = small & ~has_kept[pieces]
+        np.testing.assert_array_equal(out[stranded], labels[stranded])
+        monkeypatch.setattr(components, "_CHECK_CHUNK", 7)
+        np.testing.assert_array_equal(remove_small_components(labels, min_size, mask), out)
+        monkeypatch.undo()
