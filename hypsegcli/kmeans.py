@@ -338,6 +338,50 @@ def _scores(
     return s if repeats is None else s.masked_fill_(repeats[:, None], math.inf)
 
 
+def _near_ties(
+    s: torch.Tensor, best: torch.Tensor, xx: torch.Tensor, y_max: float, err: float
+) -> torch.Tensor | None:
+    """Columns of the scores ``s`` (k, m) whose nearest centre rounding could have changed.
+
+    An expanded score ``(‖x‖² + ‖y‖² − 2⟨x, y⟩) / (1 − c‖y‖²)`` computed in a
+    float type of unit roundoff eps is off by at most about (d + 5) eps
+    (‖x‖² + ‖y‖² + 2‖x‖‖y‖) / (1 − c‖y‖²) (d products and sums, the rounding of
+    the centres and of the factor). ``err`` is twice that per unit of
+    (‖x‖ + ‖y‖)² at the largest factor, and ``y_max`` the largest ‖y‖; every
+    centre whose score lies within twice the bound of the best one (the error of
+    both) is a candidate, and points with two candidates are returned. Near the rim the
+    factor grows as 1 / (1 − c‖y‖²) and the cancellation in the expanded form
+    with it: there, in float32, such points are many. Returns their indices,
+    or None when there is none.
+    """
+    tol = (xx.sqrt() + y_max).square_().mul_(2.0 * err)
+    near = ((s <= best + tol).sum(0) > 1).nonzero().squeeze(1)
+    return near if near.numel() else None
+
+
+def _same_repeats(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    """Whether two :func:`_repeats` results flag the same centres."""
+    if a is None or b is None:
+        return a is None and b is None
+    return bool(torch.equal(a, b))
+
+
+def _exact_argmin(
+    xT: torch.Tensor, centers64: torch.Tensor, inv_gap64: torch.Tensor, repeats: torch.Tensor | None
+) -> torch.Tensor:
+    """Nearest centre of the columns of ``xT`` (d, m) from exact differences in float64.
+
+    The score ``‖x − y‖² / (1 − c‖y‖²)`` orders the centres as the Poincaré
+    distance does; ties go to the lowest index, repeated centres score +inf.
+    """
+    x64 = xT.to(torch.float64)
+    s = (x64[None, :, :] - centers64[:, :, None]).square_().sum(1).mul_(inv_gap64[:, None])
+    if repeats is not None:
+        s.masked_fill_(repeats[:, None], math.inf)
+    best = s.amin(0)
+    return (s != best).to(torch.uint8).cumprod(0).sum(0, dtype=torch.int64)
+
+
 def _lou_step(
     xT: torch.Tensor,
     gap_x: torch.Tensor,
@@ -632,7 +676,14 @@ class PoincareKMeans:
 
     Precision: centroids, k-means++ and the Lloyd iterations on the samples
     are float64. The assignment of all points (``labels_``, ``predict``) runs
-    in float32 for float32 (or half) input and in float64 for float64 input.
+    in float32 for float32 (or half) input and in float64 for float64 input;
+    a point whose nearest centre the rounding of the expanded scores could
+    change (a bound of (d + 5) eps per score) is assigned again from exact
+    differences in float64, so the labels are those of float64 arithmetic
+    except at ties within its rounding. Near the rim, where the expanded form
+    cancels, that is most points of a tight cluster (in float32 alone 7-73% of
+    them were misassigned at radius 0.999-0.9999); elsewhere 1e-5 to 7e-4 of
+    them. Centres that only float32 makes equal send the whole input to float64.
     """
 
     def __init__(
@@ -735,15 +786,29 @@ class PoincareKMeans:
         centers = centers64.to(dtype)
         y2_64 = (centers64 * centers64).sum(-1)
         y2 = y2_64.to(dtype)
-        inv_gap_y = (1.0 / _gap(y2_64, c)).to(dtype)
+        inv_gap_y64 = 1.0 / _gap(y2_64, c)
+        inv_gap_y = inv_gap_y64.to(dtype)
         centersT64 = centers64.T
         repeats = _repeats(centers)  # (equal in the working dtype)
+        repeats64 = _repeats(centers64)
+        if dtype != torch.float64 and not _same_repeats(repeats, repeats64):
+            # centres that only float32 merges: their scores would tie, so work in float64
+            return self._assign_rows(x.to(torch.float64), centers64, with_inertia=with_inertia)
         labels = torch.empty(n, dtype=torch.int64, device=x.device)
         inertia = 0.0
+        # twice the rounding bound (d + 5) eps of one expanded score per unit of
+        # (‖x‖ + ‖y‖)², at the largest factor 1 / (1 − c‖y‖²) (see _near_ties)
+        err = 2.0 * (x.shape[1] + 5) * torch.finfo(dtype).eps * float(inv_gap_y.max())
+        y_max = float(y2_64.max().sqrt())
         rows = assign_chunk_rows(k)
         for i in range(0, n, rows):
             xT = x[i : i + rows].T.to(dtype).contiguous()
-            idx = _argmin0(_scores(xT, centers, y2, inv_gap_y, _sqnorm_cols(xT), repeats))[1]
+            xx = _sqnorm_cols(xT)
+            s = _scores(xT, centers, y2, inv_gap_y, xx, repeats)
+            best, idx = _argmin0(s)
+            near = _near_ties(s, best, xx, y_max, err)
+            if near is not None:
+                idx[near] = _exact_argmin(xT[:, near], centers64, inv_gap_y64, repeats64)
             labels[i : i + rows] = idx
             if with_inertia:
                 x64T = xT.to(torch.float64)
