@@ -973,8 +973,8 @@ def cluster(
             help=(
                 "Skip volumes whose label volumes for every --k (and --preview images) exist and "
                 "whose <case>.centroids.json, written last, shows the same model, options and "
-                "fitting, made from the input as it is now (same size and modification time, or "
-                "else the same voxels and header); or redo them. Cached embeddings are used "
+                "fitting, made from the input as it is now (the same file untouched, or else the "
+                "same voxels and header), with the label files at their recorded sizes; or redo them. Cached embeddings are used "
                 "either way."
             ),
         ),

@@ -1863,13 +1863,27 @@ class _Masks:
         return inside, record
 
 
+#: Stamp keys compared only when a record has them (records of earlier versions have only
+#: the size and modification time).
+_STAMP_EXTRA = ("ctime_ns", "inode", "device", "realpath")
+
+
 def _source_stamp(path: Path) -> dict[str, Any] | None:
-    """Size and modification time of an input file (None if it cannot be read)."""
+    """Size, modification and change times, inode, device and resolved path of an input
+    file (None if it cannot be read): all equal, the file has not been touched since."""
     try:
         st = path.stat()
-    except OSError:
+        real = str(path.resolve())
+    except (OSError, RuntimeError):
         return None
-    return {"size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns)}
+    return {
+        "size": int(st.st_size),
+        "mtime_ns": int(st.st_mtime_ns),
+        "ctime_ns": int(st.st_ctime_ns),
+        "inode": int(st.st_ino),
+        "device": int(st.st_dev),
+        "realpath": real,
+    }
 
 
 def _source_record(stamp: dict[str, Any] | None, sha: str, volume: Any) -> dict[str, Any]:
@@ -1880,16 +1894,23 @@ def _source_record(stamp: dict[str, Any] | None, sha: str, volume: Any) -> dict[
 
 
 def _same_source(recorded: Any, path: Path, *, geometry: bool = True) -> bool:
-    """``path`` holds the input a per-case record was made from: the same size and
-    modification time, or else (copied, touched, synthesised again) the same voxels and,
+    """``path`` holds the input a per-case record was made from: the same file untouched
+    (:func:`_source_stamp`: size, modification and change times, inode, device and
+    resolved path; a record of an earlier version has only the size and modification
+    time), or else (another file, copied, touched, synthesised again) the same voxels and,
     with ``geometry`` (an input, whose outputs copy its header; not a mask), the same
-    geometry and header (:func:`~hypsegcli.io.geometry_sha256`)."""
+    geometry and header (:func:`~hypsegcli.io.geometry_sha256`). So another file of the
+    same size and modification time (archives keep those) is read and compared."""
     if not isinstance(recorded, dict):
         return False
     stamp = _source_stamp(path)
     if stamp is None:
         return False
-    if all(recorded.get(key) == value for key, value in stamp.items()):
+    if all(
+        recorded.get(key) == value
+        for key, value in stamp.items()
+        if key not in _STAMP_EXTRA or key in recorded
+    ):
         return True
     keys = ("sha256", "geometry_sha256") if geometry else ("sha256",)
     if not all(isinstance(recorded.get(key), str) for key in keys):
@@ -1935,12 +1956,27 @@ def _case_done(
     sets = {int(s["k"]): s for s in doc["sets"] if isinstance(s, dict) and "k" in s}
     if not all(k in sets and sets[k].get("nested_in") == _nested_in(k, ks, nest) for k in ks):
         return False
+    suffix = volume_suffix(path) or ".nii.gz"
+    for k in ks:  # the sizes written (records of earlier versions have none)
+        written = [(f"{case_name(path)}_k{k}{suffix}", sets[k].get("bytes"))]
+        if preview:
+            written.append((f"{case_name(path)}_k{k}.png", sets[k].get("preview_bytes")))
+        if any(size is not None and _file_size(out / name) != size for name, size in written):
+            return False
     if fit == "centroids" and fixed is not None:
         return all(
             np.array_equal(np.asarray(sets[k].get("centers"), dtype=np.float64), fixed[k])
             for k in ks
         )
     return True
+
+
+def _file_size(path: Path) -> int | None:
+    """Size of a file in bytes (None if it cannot be read)."""
+    try:
+        return int(path.stat().st_size)
+    except OSError:
+        return None
 
 
 def _same_header(old: dict[str, Any], new: dict[str, Any]) -> bool:
@@ -2287,7 +2323,11 @@ def cluster(
     if masks is not None:  # likewise; 0 outside the mask, the clusters 1..k inside
         header["mask"] = "0 outside, clusters 1..k inside"
     fit = "centroids" if centroids is not None else fit_on
-    params = {"seed": seed, "n_init": n_init, "fit_samples": fit_samples}
+    params: dict[str, Any] = {"seed": seed, "n_init": n_init, "fit_samples": fit_samples}
+    if fit == "pooled":
+        # the fit depends on the set of volumes it drew from (and how many per volume): a
+        # run on other inputs redoes every volume
+        params["pooled_cases"] = sorted(case_name(p) for p in paths)
     fixed: dict[int, np.ndarray] | None = None
     if centroids is not None:
         fixed = load_centroids(
@@ -2618,16 +2658,20 @@ def cluster(
                                 old_record, taken = _take_case_record(out, volume.name), True
                             write_labels(target, labels, volume.geometry)
                             row["outputs"].append(str(target))
+                            # sizes of what was written: _case_done finds a cut or lost file
+                            sets[-1]["bytes"] = _file_size(target)
                             if preview:
                                 levels = levels or window_levels(volume.data)  # (once a volume)
+                                png = out / f"{volume.name}_k{k}.png"
                                 write_preview(
-                                    out / f"{volume.name}_k{k}.png",
+                                    png,
                                     volume.data,
                                     labels,
                                     volume.geometry.spacing,
                                     outside=off_mask is not None,
                                     levels=levels,
                                 )
+                                sets[-1]["preview_bytes"] = _file_size(png)
                             watch.lap("write")
                         _write_case_centroids(
                             out,

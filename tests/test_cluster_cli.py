@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
 import zlib
 
@@ -740,3 +741,84 @@ def test_a_pooled_sample_smaller_than_k_blames_fit_samples(trained, tmp_path, ca
     code, _, err = run(argv, capsys)
     assert code == 2
     assert "3 voxels sampled from 3 volume(s) (1 per volume, --fit-samples 4 over 3" in err
+
+
+def test_a_pooled_fit_on_other_inputs_redoes_every_volume(trained, tmp_path, capsys):
+    """The pooled centroids depend on which volumes they were drawn from: a rerun of the
+    same output folder on fewer inputs redoes them (review: it skipped all three and kept
+    labels made with the four-volume fit)."""
+    images = trained / "data" / "images"
+    cases = sorted(images.glob("case_*.nii.gz"))
+    assert len(cases) >= 3
+    base = ["--quiet", "cluster", "--features", "intensity", "--k", "3", "--fit-on", "pooled"]
+    code, out, err = run([*base, *cases, "-o", tmp_path / "po", "--json"], capsys)
+    assert code == 0 and json.loads(out)["done"] == len(cases), err
+    code, out, err = run([*base, *cases[:-1], "-o", tmp_path / "po", "--json"], capsys)
+    assert code == 0 and json.loads(out)["done"] == len(cases) - 1, err
+    code, out, err = run([*base, *cases[:-1], "-o", tmp_path / "fresh"], capsys)
+    assert code == 0, err
+    for path in cases[:-1]:
+        name = path.name.replace(".nii.gz", "_k3.nii.gz")
+        np.testing.assert_array_equal(
+            np.asarray(nib.load(tmp_path / "po" / name).dataobj),
+            np.asarray(nib.load(tmp_path / "fresh" / name).dataobj),
+        )
+    code, out, err = run([*base, *cases[:-1], "-o", tmp_path / "po", "--json"], capsys)
+    assert json.loads(out)["skipped"] == len(cases) - 1
+
+
+def test_another_file_with_the_same_size_and_time_is_read_before_skipping(tmp_path, capsys):
+    """Archives keep sizes and modification times: another file with both equal to the
+    recorded input's is compared by its voxels (review: it was skipped, stale labels kept)."""
+    rng = np.random.default_rng(3)
+    raw, alt = tmp_path / "raw", tmp_path / "alt"
+    raw.mkdir()
+    alt.mkdir()
+    for folder in (raw, alt):
+        data = rng.normal(size=(12, 11, 10)).astype(np.float32)
+        nib.save(nib.Nifti1Image(data, np.eye(4)), folder / "b.nii")  # uncompressed: equal sizes
+    st = (raw / "b.nii").stat()
+    os.utime(alt / "b.nii", ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (alt / "b.nii").stat().st_size == st.st_size
+    seg = tmp_path / "seg"
+    base = ["--quiet", "cluster", "--features", "intensity", "--k", "2", "-o", seg, "--json"]
+    code, out, err = run([*base, raw], capsys)
+    assert code == 0 and json.loads(out)["done"] == 1, err
+    code, out, err = run([*base, alt], capsys)
+    assert code == 0 and json.loads(out)["done"] == 1, err
+    record = json.loads((seg / "b.centroids.json").read_text())
+    assert record["volume"] == str(alt / "b.nii")
+    # the same file again, untouched: skipped without reading it; a copy with equal voxels
+    # and header: read, and skipped
+    code, out, err = run([*base, alt], capsys)
+    assert json.loads(out)["skipped"] == 1
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "b.nii").write_bytes((alt / "b.nii").read_bytes())
+    code, out, err = run([*base, copy], capsys)
+    assert json.loads(out)["skipped"] == 1
+
+
+def test_a_cut_or_changed_output_file_is_written_again(tmp_path, capsys):
+    """The case record keeps the size of every file written: a label volume or preview cut
+    short (a full disk, a copy interrupted) is found and the case done again (review: it was
+    skipped forever, and evaluate then failed on it)."""
+    _, _, seg, base = _one_noise_volume(tmp_path, 2)
+    argv = [*base, "--k", "2", "--k", "3", "--preview"]
+    code, out, err = run(argv, capsys)
+    assert code == 0 and json.loads(out)["done"] == 1, err
+    record = json.loads((seg / "b.centroids.json").read_text())
+    for s in record["sets"]:
+        assert s["bytes"] == (seg / f"b_k{s['k']}.nii.gz").stat().st_size
+        assert s["preview_bytes"] == (seg / f"b_k{s['k']}.png").stat().st_size
+    whole = (seg / "b_k3.nii.gz").read_bytes()
+    for name in ("b_k3.nii.gz", "b_k2.png"):
+        target = seg / name
+        good = target.read_bytes()
+        target.write_bytes(good[:100])
+        code, out, err = run(argv, capsys)
+        assert code == 0 and json.loads(out)["done"] == 1, err
+        assert target.read_bytes() == good
+    assert (seg / "b_k3.nii.gz").read_bytes() == whole
+    code, out, err = run(argv, capsys)
+    assert json.loads(out)["skipped"] == 1
