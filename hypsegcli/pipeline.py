@@ -239,15 +239,44 @@ def _label_files(path: Path) -> list[Path]:
 
 
 def _find_dataset_json(truth: Path) -> dict[str, Any] | None:
+    """The ``dataset.json`` of ``hypseg synth`` in the truth's folder or the one above it.
+
+    Another tool's file of that name (nnU-Net, the Medical Segmentation Decathlon), or
+    one that cannot be read, is skipped with a warning: pairing then goes by case name.
+    Returns a dict whose ``classes`` is a list of {level, id, name} with integer level
+    and id, or None.
+    """
     base = truth if truth.is_dir() else truth.parent
     for folder in (base, base.parent):
         candidate = folder / "dataset.json"
-        if candidate.is_file():
-            try:
-                return json.loads(candidate.read_text())
-            except (OSError, ValueError) as exc:
-                raise BadInputError(f"{candidate}: not valid JSON ({exc})") from None
+        if not candidate.is_file():
+            continue
+        try:
+            doc = json.loads(candidate.read_text())
+        except (OSError, ValueError) as exc:
+            log.warning("%s: not read (%s); pairing by case name", candidate, exc)
+            continue
+        classes = doc.get("classes") if isinstance(doc, dict) else None
+        if isinstance(classes, list) and all(_synth_class(c) for c in classes):
+            return doc
+        log.warning(
+            "%s: not a dataset.json of hypseg synth (no list of classes with level, id "
+            "and name); ignored, pairing by case name",
+            candidate,
+        )
     return None
+
+
+def _synth_class(cls: Any) -> bool:
+    """An entry of the class list of a ``hypseg synth`` dataset.json."""
+    return (
+        isinstance(cls, dict)
+        and all(
+            isinstance(cls.get(key), int) and not isinstance(cls.get(key), bool)
+            for key in ("level", "id")
+        )
+        and isinstance(cls.get("name"), str)
+    )
 
 
 def _levels_by_k(dataset: dict[str, Any] | None) -> dict[int, int]:

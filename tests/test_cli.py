@@ -277,3 +277,28 @@ def test_synth_mrc_format(capsys, tmp_path):
     assert code == 0, err
     vol = io.read_volume(tmp_path / "m" / "images" / "case_000.mrc")
     assert vol.data.shape == (20, 20, 20) and vol.geometry.format == "mrc"
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        '{"classes": [{"id": 0, "name": "bg"}, {"id": 1, "name": "liver"}]}',
+        '{"classes": {"0": "bg", "1": "liver"}}',
+        "[1, 2]",
+        "{not json",
+    ],
+)
+def test_evaluate_ignores_another_tools_dataset_json(capsys, tmp_path, content):
+    """A dataset.json beside the truth that is not hypseg synth's is skipped with a warning
+    naming it, and the files are paired by name (review: KeyError 'level', exit 1)."""
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "pred").mkdir()
+    labels, geometry = _write_truth(tmp_path / "labels")
+    (tmp_path / "labels" / "truth.nii.gz").rename(tmp_path / "labels" / "c1.nii.gz")
+    io.write_labels(tmp_path / "pred" / "c1.nii.gz", labels, geometry)
+    (tmp_path / "dataset.json").write_text(content)
+    for pred in (tmp_path / "pred", tmp_path / "pred" / "c1.nii.gz"):
+        code, out, err = run(["evaluate", pred, tmp_path / "labels", "--json"], capsys)
+        assert code == 0, err
+        assert json.loads(out)["cases"][0]["mean_dice"] == pytest.approx(1.0)
+        assert f"{tmp_path / 'dataset.json'}: not" in err
