@@ -1094,6 +1094,8 @@ def embed(
             target = npy_of(path)
             row: dict[str, Any] = {"volume": str(path)}
             try:
+                if target is not None:
+                    _refuse_foreign_record(_sidecar_of(target), EMBEDDING_RECORD_FORMAT, target)
                 kept = (
                     _embedding_done(target, path, model, patch_size, stride)
                     if skip_existing and target is not None
@@ -1895,6 +1897,26 @@ class _Masks:
 #: Stamp keys compared only when a record has them (records of earlier versions have only
 #: the size and modification time).
 _STAMP_EXTRA = ("ctime_ns", "inode", "device", "realpath")
+
+
+def _refuse_foreign_record(path: Path, fmt: str, beside: Path | None = None) -> None:
+    """BadInputError if ``path`` exists and is not a record of format ``fmt`` that this
+    tool wrote, which a run would replace: ``embed -o`` into a BIDS folder would overwrite
+    ``sub-01_T1w.json``, the sidecar of ``sub-01_T1w.nii``. A file that is not JSON at all
+    is taken for a damaged record of ours, and replaced, when ``beside`` (our array) exists."""
+    if not path.exists():
+        return
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        if beside is not None and beside.exists():
+            return
+        doc = None
+    if not (isinstance(doc, dict) and doc.get("format") == fmt):
+        raise BadInputError(
+            f"{path}: exists and is not a hypseg record ({fmt}); not overwritten "
+            "(a sidecar of the input? choose another -o folder)"
+        )
 
 
 def _source_stamp(path: Path) -> dict[str, Any] | None:

@@ -822,3 +822,27 @@ def test_a_cut_or_changed_output_file_is_written_again(tmp_path, capsys):
     assert (seg / "b_k3.nii.gz").read_bytes() == whole
     code, out, err = run(argv, capsys)
     assert json.loads(out)["skipped"] == 1
+
+
+def test_embed_does_not_overwrite_a_json_it_did_not_write(trained, tmp_path, capsys):
+    """embed -o into a BIDS folder: <case>.json is the input's sidecar; the volume fails
+    with a message naming it and the sidecar is kept (review: it was replaced)."""
+    bids = tmp_path / "anat"
+    bids.mkdir()
+    src = trained / "data" / "images" / "case_000.nii.gz"
+    (bids / "sub-01_T1w.nii.gz").write_bytes(src.read_bytes())
+    sidecar = bids / "sub-01_T1w.json"
+    sidecar.write_text('{"RepetitionTime": 2.3}')
+    base = ["--quiet", "embed", bids, "-m", trained / "model.pt", "--cache-dir", tmp_path / "c"]
+    code, _, err = run([*base, "-o", bids], capsys)
+    assert code == 2
+    assert f"{sidecar}: exists and is not a hypseg record" in err
+    assert sidecar.read_text() == '{"RepetitionTime": 2.3}'
+    assert not (bids / "sub-01_T1w.npy").exists()
+    # our own record, even damaged beside its array, is replaced as before
+    out = tmp_path / "emb"
+    assert run([*base, "-o", out], capsys)[0] == 0
+    (out / "sub-01_T1w.json").write_text("{cut")
+    code, _, err = run([*base, "-o", out], capsys)
+    assert code == 0, err
+    assert json.loads((out / "sub-01_T1w.json").read_text())["format"] == "hypseg-embedding"
