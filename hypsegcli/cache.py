@@ -71,7 +71,7 @@ import numpy as np
 import platformdirs
 
 from .errors import BadInputError, HypsegError
-from .io import atomic_path, file_sha256, os_error_text, write_text_atomic
+from .io import atomic_path, file_sha256, os_error_text
 
 log = logging.getLogger(__name__)
 
@@ -286,6 +286,13 @@ _RACE = object()  # a concurrent writer replaced the files under us: read again
 # ----------------------------------------------------------------------------- the cache
 
 
+def _write_sidecar_file(path: Path, text: str) -> None:
+    """Write a sidecar atomically, its OSErrors as they are (``put`` tells a cache cleared
+    meanwhile, a FileNotFoundError, from a full disk)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
 class EmbeddingCache:
     """Embedding arrays under ``root/embeddings-v1/``, keyed by :func:`embedding_key`.
 
@@ -414,7 +421,7 @@ class EmbeddingCache:
                 "created": created,
                 "meta": meta_doc,
             }
-            write_text_atomic(side_path, json.dumps(record, indent=1, sort_keys=True) + "\n")
+            _write_sidecar_file(side_path, json.dumps(record, indent=1, sort_keys=True) + "\n")
         except BaseException as exc:
             if sidecar_gone:  # a data file (new, or the old one) without its sidecar: remove it
                 with contextlib.suppress(OSError):

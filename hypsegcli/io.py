@@ -648,7 +648,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".tmp-{os.getpid()}-{secrets.token_hex(4)}-{path.name}"
+    tmp = path.parent / _temporary_name(path.name)
     try:
         yield tmp
         os.replace(tmp, path)
@@ -657,8 +657,39 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
             tmp.unlink()
 
 
+#: Longest file name (bytes) of the usual file systems (ext4, XFS, Btrfs, APFS, NTFS).
+_NAME_MAX = 255
+
+
+def _temporary_name(name: str) -> str:
+    """``.tmp-PID-HEX-<name>``, with the middle of ``name`` cut where the whole would pass
+    :data:`_NAME_MAX` bytes (its end, with the suffix the writers go by, is kept), so that
+    an output whose own name fits can always be written."""
+    prefix = f".tmp-{os.getpid()}-{secrets.token_hex(4)}-"
+    room = _NAME_MAX - len(os.fsencode(prefix))
+    if len(os.fsencode(name)) <= room:
+        return prefix + name
+    tail = name[-32:]
+    head = name[: -len(tail)]
+    while head and len(os.fsencode(head + "~" + tail)) > room:
+        head = head[:-1]
+    return prefix + head + "~" + tail
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """:func:`atomic_path` for an output: an OSError (a full disk, a read-only folder)
+    becomes a one-line :class:`HypsegError` naming ``path``."""
+    try:
+        with atomic_path(path) as tmp:
+            yield tmp
+    except OSError as exc:
+        raise HypsegError(f"{path}: cannot write ({os_error_text(exc)})") from None
+
+
 def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
-    with atomic_path(path) as tmp:
+    """Write ``data`` to ``path`` atomically (:func:`atomic_output`)."""
+    with atomic_output(path) as tmp:
         tmp.write_bytes(data)
 
 
@@ -712,7 +743,7 @@ def write_volume(
         raise BadInputError(
             f"{path}: data shape {data.shape} differs from geometry shape {geometry.shape}"
         )
-    with atomic_path(path) as tmp:
+    with atomic_output(path) as tmp:
         if geometry.format == "nifti":
             _write_nifti(tmp, data, geometry, intent)
         else:

@@ -24,7 +24,7 @@ from typing import Any
 
 from . import __version__
 from .errors import BadInputError
-from .io import atomic_path
+from .io import atomic_output
 
 FORMAT = "hypseg-model"
 FORMAT_VERSION = 1
@@ -56,7 +56,7 @@ def save_model_file(path: str | os.PathLike[str], payload: dict[str, Any]) -> Pa
     buffer = _stdio.BytesIO()
     torch.save(document, buffer)
     path = Path(path)
-    with atomic_path(path) as tmp:
+    with atomic_output(path) as tmp:
         tmp.write_bytes(buffer.getvalue())
     return path
 

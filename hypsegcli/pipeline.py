@@ -40,7 +40,6 @@ from .io import (
     entry_path,
     geometry_record,
     geometry_sha256,
-    os_error_text,
     read_volume,
     volume_suffix,
     write_labels,
@@ -1144,12 +1143,7 @@ def embed(
                                 volume, model, sha, emb.shape, patch_size, stride
                             )
                             record["source"] = _source_record(stamp, sha, volume)
-                            try:
-                                write_text_atomic(sidecar, json.dumps(record, indent=2) + "\n")
-                            except OSError as exc:
-                                raise HypsegError(
-                                    f"{sidecar}: cannot write ({os_error_text(exc)})"
-                                ) from None
+                            write_text_atomic(sidecar, json.dumps(record, indent=2) + "\n")
                             watch.lap("write")
                             row["output"] = str(target)
             except Exception as exc:  # noqa: BLE001 - one bad volume does not stop the batch
@@ -1475,14 +1469,11 @@ def _embedding_done(
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
-    from .io import atomic_path
+    from .io import atomic_output
 
-    try:
-        with atomic_path(path) as tmp:
-            with open(tmp, "wb") as handle:
-                np.save(handle, array)
-    except OSError as exc:
-        raise HypsegError(f"{path}: cannot write ({os_error_text(exc)})") from None
+    with atomic_output(path) as tmp:
+        with open(tmp, "wb") as handle:
+            np.save(handle, array)
 
 
 # ----------------------------------------------------------------------------- cluster

@@ -247,7 +247,7 @@ def test_a_failed_sidecar_write_leaves_no_data_file(cache, monkeypatch, exc):
     def failing(*_args, **_kwargs):
         raise exc
 
-    monkeypatch.setattr(cache_mod, "write_text_atomic", failing)
+    monkeypatch.setattr(cache_mod, "_write_sidecar_file", failing)
     if isinstance(exc, FileNotFoundError):
         cache.put("k", np.zeros(3, np.float32))  # a warning: the entry is not stored
     elif isinstance(exc, OSError):
@@ -267,7 +267,7 @@ def test_a_replaced_entry_whose_sidecar_fails_leaves_nothing(cache, monkeypatch,
     def no_space(*_args, **_kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(cache_mod, "write_text_atomic", no_space)
+    monkeypatch.setattr(cache_mod, "_write_sidecar_file", no_space)
     with pytest.raises(HypsegError, match=r"k\.json: cannot write cache entry"):
         cache.put("k", np.ones(3, np.float32))
     assert list(cache.directory.iterdir()) == []

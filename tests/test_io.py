@@ -429,3 +429,38 @@ def test_mrc_with_zero_sampling_has_an_unknown_voxel_size(tmp_path, caplog, cell
     with mrcfile.open(str(tmp_path / "out.mrc")) as mrc:
         assert tuple(float(v) for v in mrc.voxel_size.tolist()) == (0.0, 0.0, 0.0)
         assert np.isfinite([mrc.header.cella.x, mrc.header.cella.y, mrc.header.cella.z]).all()
+
+
+def test_a_failed_write_names_the_output_and_leaves_nothing(tmp_path, monkeypatch):
+    """A full disk (an OSError without a file name) while writing a volume, a model file or
+    a text file: one HypsegError naming the output, no temporary file left (review: "No
+    space left on device" alone, or the input's name)."""
+    import errno
+
+    from hypsegcli.modelfile import save_model_file
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    geometry = io.VolumeGeometry("nifti", (4, 4, 4), (1.0, 1.0, 1.0), np.eye(4))
+    monkeypatch.setattr(io, "_write_nifti", full)
+    with pytest.raises(HypsegError, match=r"out_k2\.nii\.gz: cannot write \(No space left"):
+        io.write_labels(tmp_path / "out_k2.nii.gz", np.zeros((4, 4, 4), np.uint8), geometry)
+    monkeypatch.setattr("pathlib.Path.write_bytes", full)
+    with pytest.raises(HypsegError, match=r"model\.pt: cannot write \(No space left"):
+        save_model_file(tmp_path / "model.pt", {"x": 1})
+    with pytest.raises(HypsegError, match=r"rec\.json: cannot write \(No space left"):
+        io.write_text_atomic(tmp_path / "rec.json", "{}")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_output_name_that_fits_is_written_whatever_the_temporary_prefix(tmp_path):
+    """The temporary name adds ~22 characters: an output of 243 (or 255) bytes failed
+    with "File name too long" after all the work (review)."""
+    geometry = io.VolumeGeometry("nifti", (4, 4, 4), (1.0, 1.0, 1.0), np.eye(4))
+    labels = np.arange(64, dtype=np.uint8).reshape(4, 4, 4) % 3
+    for name in ("a" * 236 + "_k2.nii", "b" * 248 + ".nii.gz", "é" * 120 + "_k4.nii.gz"):
+        io.write_labels(tmp_path / name, labels, geometry)
+        np.testing.assert_array_equal(io.read_volume(tmp_path / name, native=True).data, labels)
+    io.write_text_atomic(tmp_path / ("c" * 255), "x")
+    assert sorted(p.name[:1] for p in tmp_path.iterdir()) == ["a", "b", "c", "é"]

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import signal
+from pathlib import Path
 
 import mrcfile
 import nibabel as nib
@@ -447,8 +448,15 @@ def test_a_broken_array_beside_its_record_is_embedded_again(trained, tmp_path, c
 
 
 def test_a_record_that_cannot_be_written_is_named(trained, tmp_path, capsys, monkeypatch):
-    def no_space(path, text):
-        raise OSError(28, "No space left on device", str(path.parent / ".tmp-1-x.json"))
+    real = pipeline.write_text_atomic
+
+    def no_space(path, text):  # the record's own write fails, as on a full disk
+        def fail(self, data):
+            raise OSError(28, "No space left on device", str(self))
+
+        with monkeypatch.context() as m:
+            m.setattr(Path, "write_bytes", fail)
+            real(path, text)
 
     monkeypatch.setattr(pipeline, "write_text_atomic", no_space)
     src = trained / "data" / "images" / "case_000.nii.gz"
