@@ -416,14 +416,28 @@ def _read_nifti(path: Path, *, native: bool = False) -> tuple[np.ndarray, Volume
             raise BadInputError(f"{path}: {why}") from None
         raise BadInputError(f"{path}: cannot read NIfTI ({short})") from exc
     data = np.ascontiguousarray(data.reshape(shape3))
-    zooms = img.header.get_zooms()[:3]
+    affine = np.asarray(img.affine, dtype=np.float64)
+    zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
+    if not all(math.isfinite(z) and z > 0 for z in zooms):
+        # a NaN, infinite or zero pixdim: the voxel size from the affine where it has one
+        columns = np.linalg.norm(affine[:3, :3], axis=0) if np.isfinite(affine).all() else None
+        usable = columns is not None and all(math.isfinite(c) and c > 0 for c in columns)
+        fixed = tuple(float(c) for c in columns) if usable else (1.0, 1.0, 1.0)  # type: ignore[union-attr]
+        log.warning(
+            "%s: voxel size (pixdim) %s is not a positive number; using %s (%s)",
+            path,
+            "x".join(f"{z:g}" for z in zooms),
+            "x".join(f"{z:g}" for z in fixed),
+            "the affine's" if usable else "1 per voxel",
+        )
+        zooms = fixed
     unit = img.header.get_xyzt_units()[0] or "unknown"
     unit = {"mm": "mm", "micron": "µm", "meter": "m"}.get(unit, unit)
     geometry = VolumeGeometry(
         "nifti",
         shape3,  # type: ignore[arg-type]
-        tuple(float(z) for z in zooms),  # type: ignore[arg-type]
-        np.asarray(img.affine, dtype=np.float64),
+        zooms,  # type: ignore[arg-type]
+        affine,
         img.header.copy(),
         volume_suffix(path) or ".nii.gz",
         unit,
@@ -510,7 +524,15 @@ def _read_mrc(path: Path, *, native: bool = False) -> tuple[np.ndarray, VolumeGe
         )
         spacing = tuple(s if math.isfinite(s) else 0.0 for s in spacing)
     voxel_size = spacing  # as stored: 0 (unknown) stays 0 in the outputs
-    spacing = tuple(s if s > 0 else 1.0 for s in spacing)
+    known = [s > 0 for s in spacing]
+    if any(known) and not all(known):
+        # Å along some axes and voxels along others would mix in every distance
+        log.warning(
+            "%s: MRC voxel size %s is unknown (0) along some axes; distances are in voxels",
+            path,
+            "x".join(f"{s:g}" for s in spacing),
+        )
+    spacing = tuple(s if all(known) else 1.0 for s in spacing)
     affine = np.diag([*spacing, 1.0])
     affine[:3, 3] = [o + st * s for o, st, s in zip(origin, start, spacing, strict=True)]
     geometry = VolumeGeometry(
@@ -520,7 +542,7 @@ def _read_mrc(path: Path, *, native: bool = False) -> tuple[np.ndarray, VolumeGe
         affine,
         {"voxel_size": voxel_size, "origin": origin, "start": start, "labels": labels},
         volume_suffix(path) or ".mrc",
-        "Å" if any(s > 0 for s in voxel_size) else "voxel",  # unknown size: distances in voxels
+        "Å" if all(known) else "voxel",  # a size unknown on any axis: distances in voxels
     )
     return data, geometry
 

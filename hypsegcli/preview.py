@@ -17,6 +17,9 @@ from .io import write_bytes_atomic
 
 # A qualitative palette (RGB) for the first 16 clusters (label 0 is drawn too); more
 # clusters get colours of their own from :func:`colours`.
+#: Largest stretch of an in-plane axis for anisotropic spacing (a thick-slice MRI is ~10).
+MAX_STRETCH = 16.0
+
 PALETTE = np.array(
     [
         [230, 25, 75],
@@ -113,7 +116,8 @@ def overlay_montage(
     """The three middle slices (x, y, z) side by side, grey image with coloured labels.
 
     Slices are shown with the first in-plane array axis running downwards;
-    anisotropic spacing is honoured by nearest-neighbour scaling. Cluster c gets
+    anisotropic spacing is honoured by nearest-neighbour scaling (an axis is
+    stretched at most :data:`MAX_STRETCH` times). Cluster c gets
     ``colours(...)[c]``; with ``outside`` (``cluster --mask``), label 0 is the
     outside of the mask, left grey, and cluster c = label - 1 keeps its colour.
     ``levels``: :func:`window_levels` of ``image``, computed here when not given.
@@ -133,8 +137,9 @@ def overlay_montage(
         rgb = np.where(lab[..., None] >= first, rgb, g[..., None] * 255.0)
         # scale to physical aspect and a readable size (nearest neighbour)
         unit = min(sp)
-        rows = max(1, int(round(rgb.shape[0] * sp[0] / unit)))
-        cols = max(1, int(round(rgb.shape[1] * sp[1] / unit)))
+        stretch = [min(s / unit, MAX_STRETCH) for s in sp]  # a pixdim of 1e-30 stays drawable
+        rows = max(1, int(round(rgb.shape[0] * stretch[0])))
+        cols = max(1, int(round(rgb.shape[1] * stretch[1])))
         factor = max(1, int(np.ceil(min_side / max(rows, cols))))
         rows, cols = rows * factor, cols * factor
         ri = np.minimum((np.arange(rows) * rgb.shape[0]) // rows, rgb.shape[0] - 1)

@@ -464,3 +464,42 @@ def test_an_output_name_that_fits_is_written_whatever_the_temporary_prefix(tmp_p
         np.testing.assert_array_equal(io.read_volume(tmp_path / name, native=True).data, labels)
     io.write_text_atomic(tmp_path / ("c" * 255), "x")
     assert sorted(p.name[:1] for p in tmp_path.iterdir()) == ["a", "b", "c", "é"]
+
+
+def test_a_mrc_voxel_size_known_on_some_axes_only_gives_distances_in_voxels(tmp_path, caplog):
+    """Voxel size (3, 0, 3): Å along x and z, voxels along y would mix in every distance
+    (review: evaluate reported 2 voxels as "2 Å"); all axes count in voxels, with a
+    warning, and the stored sizes are written back as they were."""
+    data = np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6)
+    src = tmp_path / "partial.mrc"
+    with mrcfile.new(str(src)) as mrc:
+        mrc.set_data(np.ascontiguousarray(np.transpose(data, (2, 1, 0))))
+        mrc.voxel_size = (3.0, 0.0, 3.0)
+    with caplog.at_level("WARNING"):
+        vol = io.read_volume(src)
+    assert "partial.mrc: MRC voxel size 3x0x3 is unknown (0) along some axes" in caplog.text
+    assert vol.geometry.spacing == (1.0, 1.0, 1.0) and vol.geometry.unit == "voxel"
+    np.testing.assert_array_equal(np.diag(vol.geometry.affine)[:3], [1.0, 1.0, 1.0])
+    io.write_labels(tmp_path / "out.mrc", (data > 30).astype(np.int64), vol.geometry)
+    with mrcfile.open(str(tmp_path / "out.mrc")) as mrc:
+        assert tuple(float(v) for v in mrc.voxel_size.tolist()) == (3.0, 0.0, 3.0)
+
+
+@pytest.mark.parametrize("pixdim", [np.nan, np.inf])  # (nibabel itself fixes 0 and < 0)
+def test_a_nifti_pixdim_that_is_not_a_positive_number_is_replaced(tmp_path, caplog, pixdim):
+    """pixdim NaN (review: cluster --preview failed with "cannot convert float NaN to
+    integer", embed wrote NaN into its JSON): the voxel size comes from the affine, with a
+    warning; the header is written back as stored."""
+    data = np.random.default_rng(0).normal(size=(6, 5, 4)).astype(np.float32)
+    affine = np.diag([2.0, 3.0, 4.0, 1.0])
+    img = nib.Nifti1Image(data, affine)
+    img.header["pixdim"][1] = pixdim
+    src = tmp_path / "p.nii"
+    nib.save(img, src)
+    with caplog.at_level("WARNING"):
+        vol = io.read_volume(src)
+    assert "p.nii: voxel size (pixdim)" in caplog.text and "is not a positive number" in caplog.text
+    assert vol.geometry.spacing == (2.0, 3.0, 4.0)
+    np.testing.assert_array_equal(vol.geometry.affine, affine)
+    io.write_labels(tmp_path / "o.nii", (data > 0).astype(np.uint8), vol.geometry)
+    assert nib.load(tmp_path / "o.nii").header["pixdim"][1] == pytest.approx(pixdim, nan_ok=True)

@@ -54,3 +54,15 @@ def test_more_than_16_clusters_keep_distinct_colours_and_a_masks_outside_stays_g
     np.testing.assert_array_equal(row[0], [0, 0, 0])
     np.testing.assert_array_equal(row[1], preview.PALETTE[0].astype(int))
     np.testing.assert_array_equal(row[2], preview.PALETTE[1].astype(int))
+
+
+def test_extreme_anisotropy_is_drawn_at_a_bounded_size():
+    """A voxel size of 1e-30 along one axis (a broken header) asked for a panel 1e30 times
+    wider (review: "Maximum allowed size exceeded"); each axis stretches at most 16 times."""
+    image = np.random.default_rng(0).random((8, 9, 10)).astype(np.float32)
+    labels = (image > 0.5).astype(np.uint8)
+    plain = preview.overlay_montage(image, labels, (1.0, 1.0, 1.0))
+    huge = preview.overlay_montage(image, labels, (1.0, 1.0, 1e-30))
+    assert huge.shape[0] <= 16 * plain.shape[0] and huge.shape[1] <= 16 * plain.shape[1]
+    capped = preview.overlay_montage(image, labels, (1.0, 1.0, 1.0 / 16))
+    assert huge.shape == capped.shape != plain.shape
