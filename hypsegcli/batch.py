@@ -280,10 +280,8 @@ def failure_summary(failures: Sequence[Mapping[str, Any]], total: int, what: str
         kinds.append(f"{len(failures) - bad} runtime")
     names = [Path(str(f["volume"])).name for f in failures]
     listed = ", ".join(names[:5]) + (f", ... ({len(names) - 5} more)" if len(names) > 5 else "")
-    return (
-        f"{len(failures)} of {total} {what}(s) failed ({', '.join(kinds)}): {listed}; "
-        "the others were processed"
-    )
+    rest = "; the others were processed" if len(failures) < total else ""
+    return f"{len(failures)} of {total} {what}(s) failed ({', '.join(kinds)}): {listed}{rest}"
 
 
 def exit_code_of(failures: Sequence[Mapping[str, Any]]) -> int:

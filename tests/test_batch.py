@@ -188,6 +188,9 @@ def test_failures_summary_and_exit_codes():
     line = batch.failure_summary(rows, 3)
     assert line.startswith("2 of 3 volume(s) failed (1 bad input, 1 runtime): x.nii.gz, y.nii.gz")
     assert batch.failure_summary(rows[:1], 1) == rows[0]["error"]
+    assert line.endswith("; the others were processed")
+    # all failed: no "others" (review)
+    assert batch.failure_summary(rows, 2).endswith("x.nii.gz, y.nii.gz")
 
 
 # ----------------------------------------------------------------------------- cluster
