@@ -314,6 +314,13 @@ def _train(
                 )
             for group in optimizer.param_groups:
                 group["lr"] = train_config.lr
+        kept_batch = state.get("train_config", {}).get("batch_size")
+        if dist.is_main and kept_batch is not None and kept_batch != train_config.batch_size:
+            log.info(
+                "resuming with --batch-size %d (the checkpoint trained with %d)",
+                train_config.batch_size,
+                kept_batch,
+            )
         step = int(state["step"])
         _restore_generators(state, dist, seed, step, sample=sample_gen, noise=noise_gen)
         _warm_up_torchscript(model, train_config, dev)
@@ -368,6 +375,29 @@ def _train(
         """Save the state after ``step``; ``rng``: the generators' states then, where they
         have drawn for the next step since (default: as they are now)."""
         nonlocal rng_states, saved_step
+        # the loss and gradients are checked before each update, its result only at the next
+        # step: an update that left NaN or infinite weights (a huge --lr on the last step,
+        # say) must not become the checkpoint or the model file (the same on every rank)
+        broken = _non_finite_parameter(model)
+        why = None if broken is None else f"the update left non-finite values in {broken}"
+        if why is None and last_batch is not None:
+            # finite but blown-up weights (--lr 1e10): the loss of the last batch with them, on
+            # a generator of its own (the training streams stay as they are)
+            with torch.no_grad():
+                value = loss_fn(
+                    last_batch.anchor,
+                    last_batch.positive,
+                    last_batch.negative,
+                    generator=torch.Generator(device=dev).manual_seed(0),
+                )["total"].detach()
+            value = dist.average({"total": value})["total"]
+            if not torch.isfinite(value):
+                why = f"with the weights after it the loss is {float(value)}"
+        if why is not None:
+            raise HypsegError(
+                f"training diverged at step {step} ({why}); "
+                + _diverged_advice(ckpt_path, saved_step, step, sampling_config, model_config)
+            )
         rng_states = dist.gather(rng or generator_states())  # every rank's, for an exact resume
         if dist.is_main:
             # the history first: a resume drops rows beyond the checkpoint's step, so an
@@ -388,6 +418,7 @@ def _train(
     # the generators' states after the last finished step (they draw for the next one
     # before its update): what a checkpoint written mid-step must hold to resume exactly
     drawn_from: tuple[int, dict[str, Any]] | None = None
+    last_batch: Any = None  # the last triplets drawn (checkpoint() checks the weights on them)
     # Under torchrun a signal must not stop a rank between two collectives: SIGTERM and
     # Ctrl-C are held for the whole run, every step the ranks vote on whether one of them
     # was sent one, and all of them checkpoint at the same step before they stop (a signal
@@ -412,6 +443,7 @@ def _train(
                     drawn_from = (step, generator_states())
                 try:
                     triplets = sampler.sample(train_config.batch_size)
+                    last_batch = triplets
                 except BadInputError as exc:  # a --mask anchors hardly ever centre in
                     message = _name_volume(str(exc), volumes)
                     if step > 0 and not dist.enabled:  # (checkpoint() gathers from every rank)
@@ -429,7 +461,9 @@ def _train(
                     # is kept, not overwritten with them (it held NaN weights no --lr could resume)
                     raise HypsegError(
                         f"training diverged at step {step + 1} (loss is {float(report['total'])}); "
-                        + _diverged_advice(ckpt_path, saved_step, step, sampling_config)
+                        + _diverged_advice(
+                            ckpt_path, saved_step, step, sampling_config, model_config
+                        )
                     )
                 optimizer.zero_grad(set_to_none=True)
                 total.backward()
@@ -442,7 +476,9 @@ def _train(
                     raise HypsegError(
                         f"training diverged at step {step + 1} (gradient norm {float(grad_norm):g}, "
                         "beyond float range); "
-                        + _diverged_advice(ckpt_path, saved_step, step, sampling_config)
+                        + _diverged_advice(
+                            ckpt_path, saved_step, step, sampling_config, model_config
+                        )
                     )
                 # Ctrl-C or SIGTERM waits for the update and its history row (a state saved amid
                 # them would not be one the run went through)
@@ -558,13 +594,39 @@ def _warm_up_torchscript(model: Any, train_config: TrainConfig, dev: Any) -> Non
     optimizer.step()
 
 
+#: Above this curvature, the advice of a diverged run names --curvature too: geoopt's
+#: Riemannian Adam turned the gyroplane offsets of a c = 90 ball into NaN after one step
+#: at any --lr (c = 80 trained), as the ball's radius 1/√c leaves float32 little room.
+_LARGE_CURVATURE = 10.0
+
+
+def _non_finite_parameter(model: Any) -> str | None:
+    """The name of the first parameter of a torch module holding NaN or infinite values, or None."""
+    import torch
+
+    for name, param in model.named_parameters():
+        if not bool(torch.isfinite(param).all()):
+            return name
+    return None
+
+
 def _diverged_advice(
-    ckpt_path: Path, saved_step: int | None, step: int, sampling_config: SamplingConfig
+    ckpt_path: Path,
+    saved_step: int | None,
+    step: int,
+    sampling_config: SamplingConfig,
+    model_config: ModelConfig | None = None,
 ) -> str:
     """What a diverged run (after ``step`` good steps) leaves, and what to do next."""
     fix = "a smaller --lr"
     if sampling_config.norm == "none":
         fix += " or scaled intensities (--norm percentile or zscore)"
+    if (
+        model_config is not None
+        and model_config.hyperbolic
+        and model_config.curvature > _LARGE_CURVATURE
+    ):
+        fix += f" or a smaller --curvature (now {model_config.curvature:g})"
     if saved_step is None:
         return f"no checkpoint was written; train again with {fix}"
     if saved_step == step:  # the checkpoint holds the very weights that just failed

@@ -546,6 +546,15 @@ def test_divergence_keeps_the_last_checkpoint_and_nan_weights_are_refused(tmp_pa
     assert all(torch.isfinite(t).all() for t in doc["state_dict"].values() if t.is_floating_point())
     # resuming with a smaller --lr works from there
     assert _train_tiny(path, 5, resume=True, cfg={"lr": 1e-3}).step == 5
+    # the last update blows the weights up: its result is checked before the model file and
+    # the checkpoint are written (review: --steps 1 --lr 1e10 saved a model whose
+    # embeddings were all NaN, with exit code 0)
+    fresh = tmp_path / "last.pt"
+    with pytest.raises(
+        HypsegError, match=r"diverged at step 1 \((with the weights after it|the up)"
+    ):
+        _train_tiny(fresh, 1, cfg={"lr": 1e10})
+    assert not fresh.exists() and not companion_paths(fresh)[0].exists()
     # a model file holding NaN weights
     from hypsegcli.modelfile import save_model_file
 
