@@ -263,7 +263,7 @@ def test_a_failing_rank_stops_the_job_without_hanging(images, tmp_path):
     )
     assert code != 0 and time.monotonic() - started < 60
     errors = [line for line in err.splitlines() if line.startswith("hypseg: error:")]
-    assert any("rank1.json: Is a directory" in line for line in errors), err
+    assert any("rank1.json: cannot write (Is a directory)" in line for line in errors), err
     assert "hypsegcli/training.py" not in err  # one-line errors, no worker tracebacks
 
 
