@@ -378,8 +378,7 @@ def _exact_argmin(
     s = (x64[None, :, :] - centers64[:, :, None]).square_().sum(1).mul_(inv_gap64[:, None])
     if repeats is not None:
         s.masked_fill_(repeats[:, None], math.inf)
-    best = s.amin(0)
-    return (s != best).to(torch.uint8).cumprod(0).sum(0, dtype=torch.int64)
+    return _argmin0(s)[1]
 
 
 def _lou_step(

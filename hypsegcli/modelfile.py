@@ -19,6 +19,7 @@ import io as _stdio
 import json
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -101,15 +102,25 @@ def load_model_file(path: str | os.PathLike[str], *, map_location: Any = "cpu") 
         if key not in document:
             raise BadInputError(f"{path}: hypseg model file lacks '{key}'")
     weights = document["state_dict"]
-    if isinstance(weights, dict):
-        for name, tensor in weights.items():
-            if torch.is_tensor(tensor) and tensor.is_floating_point():
-                if not bool(torch.isfinite(tensor).all()):
-                    raise BadInputError(
-                        f"{path}: weight {name} holds NaN or infinite values (saved by a run "
-                        "that diverged); train again, with a smaller --lr"
-                    )
+    broken = first_non_finite(weights.items()) if isinstance(weights, dict) else None
+    if broken is not None:
+        raise BadInputError(
+            f"{path}: weight {broken} holds NaN or infinite values (saved by a run "
+            "that diverged); train again, with a smaller --lr"
+        )
     return document
+
+
+def first_non_finite(named: Iterable[tuple[str, Any]]) -> str | None:
+    """The name of the first floating-point tensor of ``(name, value)`` pairs (a state dict's
+    items, a module's named parameters) holding NaN or infinite values, or None."""
+    import torch
+
+    for name, tensor in named:
+        if torch.is_tensor(tensor) and tensor.is_floating_point():
+            if not bool(torch.isfinite(tensor).all()):
+                return name
+    return None
 
 
 def build_model(document: dict[str, Any], *, path: str | os.PathLike[str] = "model"):

@@ -15,11 +15,11 @@ import numpy as np
 
 from .io import write_bytes_atomic
 
-# A qualitative palette (RGB) for the first 16 clusters (label 0 is drawn too); more
-# clusters get colours of their own from :func:`colours`.
 #: Largest stretch of an in-plane axis for anisotropic spacing (a thick-slice MRI is ~10).
 MAX_STRETCH = 16.0
 
+# A qualitative palette (RGB) for the first 16 clusters (label 0 is drawn too); more
+# clusters get colours of their own from :func:`colours`.
 PALETTE = np.array(
     [
         [230, 25, 75],

@@ -36,7 +36,7 @@ from . import distributed
 from .config import ModelConfig, SamplingConfig, TrainConfig
 from .errors import BadInputError, HypsegError, Terminated
 from .io import write_text_atomic
-from .modelfile import load_model_file, save_model_file
+from .modelfile import first_non_finite, load_model_file, save_model_file
 
 log = logging.getLogger(__name__)
 
@@ -378,7 +378,7 @@ def _train(
         # the loss and gradients are checked before each update, its result only at the next
         # step: an update that left NaN or infinite weights (a huge --lr on the last step,
         # say) must not become the checkpoint or the model file (the same on every rank)
-        broken = _non_finite_parameter(model)
+        broken = first_non_finite(model.named_parameters())
         why = None if broken is None else f"the update left non-finite values in {broken}"
         if why is None and last_batch is not None:
             # finite but blown-up weights (--lr 1e10): the loss of the last batch with them, on
@@ -600,32 +600,18 @@ def _warm_up_torchscript(model: Any, train_config: TrainConfig, dev: Any) -> Non
 _LARGE_CURVATURE = 10.0
 
 
-def _non_finite_parameter(model: Any) -> str | None:
-    """The name of the first parameter of a torch module holding NaN or infinite values, or None."""
-    import torch
-
-    for name, param in model.named_parameters():
-        if not bool(torch.isfinite(param).all()):
-            return name
-    return None
-
-
 def _diverged_advice(
     ckpt_path: Path,
     saved_step: int | None,
     step: int,
     sampling_config: SamplingConfig,
-    model_config: ModelConfig | None = None,
+    model_config: ModelConfig,
 ) -> str:
     """What a diverged run (after ``step`` good steps) leaves, and what to do next."""
     fix = "a smaller --lr"
     if sampling_config.norm == "none":
         fix += " or scaled intensities (--norm percentile or zscore)"
-    if (
-        model_config is not None
-        and model_config.hyperbolic
-        and model_config.curvature > _LARGE_CURVATURE
-    ):
+    if model_config.hyperbolic and model_config.curvature > _LARGE_CURVATURE:
         fix += f" or a smaller --curvature (now {model_config.curvature:g})"
     if saved_step is None:
         return f"no checkpoint was written; train again with {fix}"
