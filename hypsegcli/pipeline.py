@@ -1791,11 +1791,17 @@ def _case_record_matches(
 
 def _case_outputs(out: Path, path: Path, ks: list[int], preview: bool) -> list[Path]:
     """The files ``cluster`` writes for one input (its centroid record last)."""
-    name, suffix = case_name(path), volume_suffix(path) or ".nii.gz"
-    files = [out / f"{name}_k{k}{suffix}" for k in ks]
+    pairs = [_case_k_outputs(out, path, k) for k in ks]
+    files = [labels for labels, _ in pairs]
     if preview:
-        files += [out / f"{name}_k{k}.png" for k in ks]
-    return [*files, _case_centroids_path(out, name)]
+        files += [png for _, png in pairs]
+    return [*files, _case_centroids_path(out, case_name(path))]
+
+
+def _case_k_outputs(out: Path, path: Path, k: int) -> tuple[Path, Path]:
+    """The label volume and the preview ``cluster`` writes for one input and k."""
+    name, suffix = case_name(path), volume_suffix(path) or ".nii.gz"
+    return out / f"{name}_k{k}{suffix}", out / f"{name}_k{k}.png"
 
 
 def _check_outputs_are_not_inputs(
@@ -1998,12 +2004,12 @@ def _case_done(
     sets = {int(s["k"]): s for s in doc["sets"] if isinstance(s, dict) and "k" in s}
     if not all(k in sets and sets[k].get("nested_in") == _nested_in(k, ks, nest) for k in ks):
         return False
-    suffix = volume_suffix(path) or ".nii.gz"
     for k in ks:  # the sizes written (records of earlier versions have none)
-        written = [(f"{case_name(path)}_k{k}{suffix}", sets[k].get("bytes"))]
+        labels, png = _case_k_outputs(out, path, k)
+        written = [(labels, sets[k].get("bytes"))]
         if preview:
-            written.append((f"{case_name(path)}_k{k}.png", sets[k].get("preview_bytes")))
-        if any(size is not None and _file_size(out / name) != size for name, size in written):
+            written.append((png, sets[k].get("preview_bytes")))
+        if any(size is not None and _file_size(file) != size for file, size in written):
             return False
     if fit == "centroids" and fixed is not None:
         return all(
