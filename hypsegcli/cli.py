@@ -474,7 +474,10 @@ def train(
     ] = None,
     max_minutes: Annotated[
         float | None,
-        typer.Option("--max-minutes", help="Stop after this many minutes of training."),
+        typer.Option(
+            "--max-minutes",
+            help="Stop after this many minutes of training (checked after each step: at least one step runs).",
+        ),
     ] = None,
     batch_size: Annotated[
         int, typer.Option("--batch-size", min=1, max=1 << 16, help="Triplets per step.")

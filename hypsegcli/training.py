@@ -411,6 +411,7 @@ def _train(
     saved_step: int | None = step if state is not None else None
 
     start = time.monotonic()
+    first_step = step  # --max-minutes is checked after each step: every run does at least one
     model.train()
     stopped_by = "steps"
     window_start, window_steps = time.monotonic(), 0
@@ -431,7 +432,8 @@ def _train(
                     stopped_by = "steps"
                     break
                 time_up, signalled = dist.stop_votes(
-                    deadline is not None and time.monotonic() >= deadline, bool(caught)
+                    deadline is not None and step > first_step and time.monotonic() >= deadline,
+                    bool(caught),
                 )
                 if signalled:  # (only under torchrun: a single process raises KeyboardInterrupt)
                     stopped_by = "signal"

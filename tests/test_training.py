@@ -269,6 +269,14 @@ def test_cli_progress_without_terminal_is_plain_lines(tmp_path, capsys):
     assert [line.split(",")[0] for line in err.splitlines() if line.startswith("train:")] == [
         "train: 1"
     ]
+    # a budget shorter than one step still trains one (the model is never left untrained)
+    code, stdout, err = run(
+        ["train", data / "images", "-o", out, "--max-minutes", "1e-9", "--json", *TINY_TRAIN],
+        capsys,
+    )
+    assert code == 0, err
+    summary = json.loads(stdout)
+    assert summary["step"] == 1 and summary["stopped_by"] == "max-minutes"
 
 
 def test_resume_in_a_new_process_continues_exactly(tmp_path, capsys):
