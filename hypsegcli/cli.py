@@ -22,7 +22,7 @@ import typer
 from rich.console import Console
 
 from . import __version__
-from .errors import HypsegError, Terminated, interrupt_status
+from .errors import BadInputError, HypsegError, Terminated, interrupt_status
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -507,12 +507,13 @@ def train(
         Geometry, typer.Option("--geometry", help="Latent space.")
     ] = Geometry.hyperbolic,
     gyroconv: Annotated[
-        bool,
+        bool | None,
         typer.Option(
             "--gyroconv/--no-gyroconv",
-            help="Gyroplane convolution as the decoder's first layer (hyperbolic only).",
+            help="Gyroplane convolution as the decoder's first layer (a hyperbolic layer: default on with --geometry hyperbolic, off with euclidean).",
+            show_default=False,
         ),
-    ] = True,
+    ] = None,
     triplet: Annotated[
         bool, typer.Option("--triplet/--no-triplet", help="Add the hierarchical triplet loss.")
     ] = True,
@@ -637,6 +638,13 @@ def train(
     from . import pipeline
     from .config import ModelConfig, SamplingConfig, TrainConfig
 
+    if gyroconv and geometry is Geometry.euclidean:
+        raise BadInputError(
+            "--gyroconv needs --geometry hyperbolic (the gyroplane layer works on the "
+            "Poincaré ball); drop it or add --no-gyroconv"
+        )
+    if gyroconv is None:
+        gyroconv = geometry is Geometry.hyperbolic
     kernels, paddings = ARCHITECTURES[arch.value]
     model_config = ModelConfig(
         patch_size=patch_size,

@@ -160,6 +160,8 @@ def _warn_settings_kept(ckpt_path: Path, *pairs: tuple[Any, Any]) -> None:
     differ = []
     for kept, given in pairs:
         old, new = kept.to_dict(), given.to_dict()
+        if old.get("geometry") == new.get("geometry") == "euclidean":
+            old.pop("gyroconv"), new.pop("gyroconv")  # (read only in hyperbolic space)
         differ += [
             f"{key} {old[key]!r} (not {new[key]!r})" for key in old if new.get(key) != old[key]
         ]

@@ -248,6 +248,32 @@ def test_cli_train_bad_inputs(tmp_path, capsys):
     assert code == 2 and "--gyroplane-init" in err and "Traceback" not in err
 
 
+def test_gyroconv_is_a_hyperbolic_option(tmp_path, capsys):
+    """--gyroconv with --geometry euclidean is refused; a Euclidean model records it off."""
+    data = tmp_path / "data"
+    assert run(["--quiet", "synth", data, "--n", "1", "--size", "20"], capsys)[0] == 0
+    out = tmp_path / "m.pt"
+    code, stdout, err = run(
+        ["train", data / "images", "-o", out, "--steps", "1", "--geometry", "euclidean"]
+        + ["--gyroconv", *TINY_TRAIN],
+        capsys,
+    )
+    assert code == 2 and stdout == "" and not out.exists()
+    assert err.strip().endswith(
+        "--gyroconv needs --geometry hyperbolic (the gyroplane layer "
+        "works on the Poincaré ball); drop it or add --no-gyroconv"
+    )
+    for geometry, recorded in [("euclidean", False), ("hyperbolic", True)]:
+        code, _, err = run(
+            ["--quiet", "train", data / "images", "-o", out, "--steps", "1"]
+            + ["--geometry", geometry, *TINY_TRAIN],
+            capsys,
+        )
+        assert code == 0, err
+        config = torch.load(out, weights_only=False)["model_config"]
+        assert config["geometry"] == geometry and config["gyroconv"] is recorded
+
+
 def test_cli_progress_without_terminal_is_plain_lines(tmp_path, capsys):
     data = tmp_path / "data"
     code, _, err = run(["--quiet", "synth", data, "--n", "1", "--size", "20"], capsys)
