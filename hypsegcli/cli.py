@@ -6,14 +6,16 @@ imported inside the commands, so ``hypseg --help`` stays instant.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
+import re
 import signal
 import sys
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -117,6 +119,43 @@ def runtime_message(exc: BaseException) -> str:
         return f"{where}{exc.strerror}"
     first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {first} (run with --debug for a traceback)"
+
+
+# train's options that set a config field of the same meaning (the configs' own errors
+# name the fields, as the Python API spells them)
+_OPTION_OF_FIELD = {
+    "patch_size": "--patch-size",
+    "latent_dim": "--latent-dim",
+    "curvature": "--curvature",
+    "gyroplane_init": "--gyroplane-init",
+    "beta": "--beta",
+    "margin": "--margin",
+    "mc_samples": "--mc-samples",
+    "texture_weight": "--texture-weight",
+    "r_min": "--r-min",
+    "r_max": "--r-max",
+    "negative_gap": "--negative-gap",
+    "steps": "--steps",
+    "max_minutes": "--max-minutes",
+    "batch_size": "--batch-size",
+    "lr": "--lr",
+    "checkpoint_every": "--checkpoint-every",
+}
+
+
+@contextlib.contextmanager
+def _config_errors_name_options(arch: str) -> Iterator[None]:
+    """Re-raise a config's error with the command line's option names for its fields."""
+    try:
+        yield
+    except BadInputError as exc:
+        message = re.sub(
+            r"\b(" + "|".join(_OPTION_OF_FIELD) + r")=",
+            lambda m: _OPTION_OF_FIELD[m[1]] + " ",
+            str(exc),
+        )
+        message = re.sub(r"kernels=\(.*?\) and paddings=\(.*?\)", f"--arch {arch}", message)
+        raise BadInputError(message) from None
 
 
 def handle_errors(func: F) -> F:
@@ -646,39 +685,45 @@ def train(
     if gyroconv is None:
         gyroconv = geometry is Geometry.hyperbolic
     kernels, paddings = ARCHITECTURES[arch.value]
-    model_config = ModelConfig(
-        patch_size=patch_size,
-        kernels=kernels,
-        paddings=paddings,
-        latent_dim=latent_dim,
-        curvature=curvature,
-        gyroplane_init=gyroplane_init,
-        geometry=geometry.value,
-        gyroconv=gyroconv,
-        triplet=triplet,
-        beta=beta,
-        margin=margin,
-        mc_samples=mc_samples,
-        likelihood=likelihood.value,
-        texture_weight=texture_weight,
-    )
-    sampling_config = SamplingConfig(
-        r_min=r_min,
-        r_max=r_max,
-        scale_sampling=scale_sampling.value,
-        negative_gap=negative_gap,
-        norm=norm.value,
-        norm_low=norm_range[0],
-        norm_high=norm_range[1],
-    )
-    train_config = TrainConfig(
-        steps=steps if steps is not None or max_minutes is not None else 3000,
-        max_minutes=max_minutes,
-        batch_size=batch_size,
-        lr=lr if lr is not None else 1e-3,
-        seed=seed,
-        checkpoint_every=checkpoint_every,
-    )
+    norm_low, norm_high = norm_range
+    if not 0 <= norm_low < norm_high <= 100:
+        raise BadInputError(
+            f"--norm-range {norm_low:g} {norm_high:g}: should satisfy 0 <= LOW < HIGH <= 100"
+        )
+    with _config_errors_name_options(arch.value):
+        model_config = ModelConfig(
+            patch_size=patch_size,
+            kernels=kernels,
+            paddings=paddings,
+            latent_dim=latent_dim,
+            curvature=curvature,
+            gyroplane_init=gyroplane_init,
+            geometry=geometry.value,
+            gyroconv=gyroconv,
+            triplet=triplet,
+            beta=beta,
+            margin=margin,
+            mc_samples=mc_samples,
+            likelihood=likelihood.value,
+            texture_weight=texture_weight,
+        )
+        sampling_config = SamplingConfig(
+            r_min=r_min,
+            r_max=r_max,
+            scale_sampling=scale_sampling.value,
+            negative_gap=negative_gap,
+            norm=norm.value,
+            norm_low=norm_low,
+            norm_high=norm_high,
+        )
+        train_config = TrainConfig(
+            steps=steps if steps is not None or max_minutes is not None else 3000,
+            max_minutes=max_minutes,
+            batch_size=batch_size,
+            lr=lr if lr is not None else 1e-3,
+            seed=seed,
+            checkpoint_every=checkpoint_every,
+        )
     with RichProgress() as progress:
         summary = pipeline.train(
             inputs,

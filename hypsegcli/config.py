@@ -94,9 +94,10 @@ class ModelConfig:
         if self.mc_samples < 1:
             raise BadInputError(f"mc_samples={self.mc_samples} should be >= 1")
         if self.trunk_output_size() < 1:
+            smallest = self.patch_size + 1 - self.trunk_output_size()
             raise BadInputError(
                 f"patch_size={self.patch_size} is too small for kernels={self.kernels} "
-                f"and paddings={self.paddings}"
+                f"and paddings={self.paddings} (the smallest is {smallest})"
             )
 
     @property
@@ -162,9 +163,13 @@ class SamplingConfig:
             raise BadInputError(
                 f"r_min={self.r_min} and r_max={self.r_max} should satisfy 0 < r_min <= r_max"
             )
-        if not 0 < self.l_min <= self.r_min - self.r_gap:
+        if not 0 < self.l_min:
+            raise BadInputError(f"l_min={self.l_min} should be > 0")
+        if not self.l_min <= self.r_min - self.r_gap:
             raise BadInputError(
-                f"l_min={self.l_min} should be > 0 and <= r_min - r_gap = {self.r_min - self.r_gap}"
+                f"r_min={self.r_min} should be >= {self.l_min + self.r_gap:g}: an anchor must "
+                f"hold a positive child of side >= {self.l_min:g} (l_min) and "
+                f"{self.r_gap:g} (r_gap) smaller"
             )
         if self.child_max < self.l_min:
             raise BadInputError(f"child_max={self.child_max} should be >= l_min={self.l_min}")

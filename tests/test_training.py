@@ -208,7 +208,7 @@ def test_cli_train_all_table2_rows(tmp_path, capsys):
         cfg = load_model_file(out)["model_config"]
         assert cfg["geometry"] == ("euclidean" if "euclidean" in extra else "hyperbolic")
         assert cfg["triplet"] == ("--no-triplet" not in extra)
-        assert cfg["gyroconv"] == ("--no-gyroconv" not in extra)
+        assert cfg["gyroconv"] == ("--no-gyroconv" not in extra and "euclidean" not in extra)
         assert cfg["gyroplane_init"] == (0.5 if "--gyroplane-init" in extra else 0.05)
 
 
@@ -240,7 +240,22 @@ def test_cli_train_bad_inputs(tmp_path, capsys):
     code, out, err = run(
         ["train", tmp_path / "tiny.nii.gz", "-o", tmp_path / "m.pt", "--lr", "-1"], capsys
     )
-    assert code == 2 and "lr=-1" in err
+    assert code == 2 and "--lr -1.0 should be a finite number > 0" in err
+    # the configs' errors name the command line's options, not the Python fields
+    for args, message in [
+        (["--r-min", "1"], "--r-min 1.0 should be >= 5: an anchor must hold a positive child"),
+        (["--r-min", "9", "--r-max", "8"], "--r-min 9.0 and --r-max 8.0 should satisfy"),
+        (
+            ["--patch-size", "8", "--arch", "paper"],
+            "--patch-size 8 is too small for --arch paper (the smallest is 9)",
+        ),
+        (["--norm-range", "50", "50"], "--norm-range 50 50: should satisfy 0 <= LOW < HIGH"),
+        (["--checkpoint-every", "0"], "--checkpoint-every"),
+    ]:
+        code, out, err = run(
+            ["train", tmp_path / "tiny.nii.gz", "-o", tmp_path / "m.pt", *args], capsys
+        )
+        assert code == 2 and out == "" and message in err and not re.search(r"\w=", err), err
     code, out, err = run(
         ["train", tmp_path / "tiny.nii.gz", "-o", tmp_path / "m.pt", "--gyroplane-init", "-1"],
         capsys,
@@ -437,7 +452,7 @@ def test_cli_norm_is_stored_applied_at_inference_and_kept_on_resume(tmp_path, ca
     # bad levels: one line, exit 2
     code, stdout, err = run([*args, "--steps", "1", "--norm-range", "60", "20"], capsys)
     assert code == 2 and stdout == "" and len(err.strip().splitlines()) == 1
-    assert "norm_low=60.0 and norm_high=20.0" in err, err
+    assert "--norm-range 60 20: should satisfy 0 <= LOW < HIGH <= 100" in err, err
 
 
 def test_a_mask_failing_mid_run_keeps_the_state_and_names_the_mask_file(tmp_path, monkeypatch):
