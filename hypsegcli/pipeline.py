@@ -66,10 +66,18 @@ def _select_part(
     selected = select_part(items, part, key=key)
     if part.split:
         log.info("%s: %d of %d %s(s)", part.describe(), len(selected), len(items), what)
+        if not selected and part.source == "slurm":
+            # the split is implicit: most likely every task of the array names its own
+            # inputs, and all but one would do nothing and report success
+            raise BadInputError(
+                f"part {part.index} of {part.count} (from {part.detail}) has none of the "
+                f"{len(items)} {what}(s): a Slurm array splits the inputs it is given among "
+                "its tasks; if every task names its own inputs, pass --num-parts 1, or else "
+                f"run an array of at most {len(items)} task(s)"
+            )
         if not selected:
             log.warning(
-                "part %d of %d has no %ss (%d in all): nothing to do; if every task names its "
-                "own inputs, pass --num-parts 1",
+                "part %d of %d has no %ss (%d in all): nothing to do",
                 part.index,
                 part.count,
                 what,

@@ -200,6 +200,29 @@ def _labels(path):
     return io.read_volume(path).data
 
 
+def test_a_slurm_task_left_without_inputs_fails(trained, tmp_path, capsys, monkeypatch):
+    """`sbatch --array=0-2 ... hypseg embed ${files[$SLURM_ARRAY_TASK_ID]}`: each task names
+    its own input, and the implicit split would leave all but task 0 with nothing to do."""
+    image = trained / "data" / "images" / "case_002.nii.gz"
+    argv = ["embed", image, "-m", trained / "model.pt", "-o", tmp_path / "emb"]
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "2")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "3")
+    code, out, err = run(argv, capsys)
+    assert code == 2 and out == "" and not (tmp_path / "emb" / "case_002.npy").exists()
+    assert err.strip().splitlines()[-1] == (
+        "hypseg: error: part 2 of 3 (from SLURM_ARRAY_TASK_ID=2, SLURM_ARRAY_TASK_MIN=0, "
+        "SLURM_ARRAY_TASK_COUNT=3) has none of the 1 volume(s): a Slurm array splits the "
+        "inputs it is given among its tasks; if every task names its own inputs, pass "
+        "--num-parts 1, or else run an array of at most 1 task(s)"
+    )
+    code, out, err = run([*argv, "--num-parts", "1"], capsys)
+    assert code == 0 and (tmp_path / "emb" / "case_002.npy").is_file(), err
+    # a split the command line asks for is taken as meant: a warning, nothing to do
+    monkeypatch.delenv("SLURM_ARRAY_TASK_ID")
+    code, out, err = run([*argv, "--num-parts", "3", "--part-id", "2"], capsys)
+    assert code == 0 and "part 2 of 3 has no volumes (1 in all): nothing to do" in err
+
+
 def test_cluster_parts_share_a_folder_and_resume(trained, tmp_path, capsys, monkeypatch):
     seg = tmp_path / "seg"
     code, out, err = run(cluster_argv(trained, seg, "--num-parts", "2", "--part-id", "1"), capsys)
