@@ -184,6 +184,18 @@ def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     return param.device, param.dtype
 
 
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """Whether two devices are one: ``cuda`` (the current device) is ``cuda:0`` there."""
+    if a.type != b.type:
+        return False
+    if a.index is None or b.index is None:
+        current = torch.cuda.current_device() if a.type == "cuda" else 0
+        return (current if a.index is None else a.index) == (
+            current if b.index is None else b.index
+        )
+    return a.index == b.index
+
+
 def _resolve_device(model: nn.Module, device: torch.device | str | None) -> torch.device:
     if device is None:
         return _model_device_dtype(model)[0]
@@ -245,13 +257,14 @@ def _reference_points(
     m = model.cfg.patch_size
     margin = padding_margin(p)
     model_device, dtype = _model_device_dtype(model)
-    if model_device != device:  # (a copy: the caller's model stays where it is)
+    if not _same_device(model_device, device):  # (a copy: the caller's model stays put)
         model = copy.deepcopy(model).to(device)
     padded = torch.from_numpy(np.pad(vol, margin, mode="reflect")).to(device=device, dtype=dtype)
     shape = tuple(len(a) for a in axes)
     n = int(np.prod(shape))
     out = np.empty((n, model.cfg.latent_dim), dtype=np.float32)
-    ax = [torch.as_tensor(a, dtype=torch.float64, device=device) + margin for a in axes]
+    coord = torch.float32 if device.type == "mps" else torch.float64  # (MPS has no float64)
+    ax = [torch.from_numpy(a + margin).to(coord).to(device) for a in axes]
     total = (n + batch - 1) // batch
     with _Eval(model):
         for done, start in enumerate(range(0, n, batch), 1):
@@ -259,7 +272,7 @@ def _reference_points(
             i, rest = flat // (shape[1] * shape[2]), flat % (shape[1] * shape[2])
             j, k = rest // shape[2], rest % shape[2]
             centers = torch.stack((ax[0][i], ax[1][j], ax[2][k]), dim=-1)
-            sides = torch.full((len(flat),), p, dtype=torch.float64, device=device)
+            sides = torch.full((len(flat),), p, dtype=coord, device=device)
             patches = sample_patches(padded, centers, sides, m)
             mu, _ = model.encode(patches)
             out[start : start + len(flat)] = mu.float().cpu().numpy()
@@ -426,7 +439,7 @@ def _lerp_axis(x: Tensor, axis: int, pos: np.ndarray) -> Tensor:
     x = x.narrow(axis, lo, hi - lo + 1)
     shape = [1] * x.dim()
     shape[axis] = len(pos)
-    wt = torch.as_tensor(w, device=x.device).to(x.dtype).view(shape)
+    wt = torch.from_numpy(w).to(x.dtype).to(x.device).view(shape)  # (MPS has no float64)
     idx0 = torch.as_tensor(i0 - lo, device=x.device)
     idx1 = torch.as_tensor(i1 - lo, device=x.device)
     return torch.lerp(x.index_select(axis, idx0), x.index_select(axis, idx1), wt)
