@@ -963,7 +963,7 @@ def cluster(
         typer.Option(
             "--smooth",
             min=0,
-            help="Potts smoothing of the labels (a spatial prior, like Atropos' MRF): weight beta of agreeing with the 26 neighbours, 10 mean-field updates; 0 turns it off (with --snap 0: the plain k-means labels).",
+            help="Potts smoothing of the labels (a spatial prior, like Atropos' MRF): weight beta of agreeing with the 26 neighbours, 10 mean-field updates; 0 turns it off (the plain k-means labels need --smooth 0 --snap 0 --mrf 0 --nest 0).",
         ),
     ] = SMOOTH_DEFAULT,
     snap: Annotated[
@@ -987,7 +987,7 @@ def cluster(
         typer.Option(
             "--nest",
             min=0,
-            help="With several --k, nest the larger k in the smallest k's labels: each larger k's own k-means fit leaves out the voxels within this many voxels of a boundary of those labels (patches there straddle two regions and embed between them), and those voxels take the label of the nearest voxel of their own region outside that band, before --snap and --mrf. A pooled fit or --centroids use every voxel, the band's labels are taken all the same; 0 turns it off.",
+            help="With several --k, nest the larger k in the smallest k's labels: each larger k's own k-means fit leaves out the voxels within this many voxels of a boundary of those labels (patches there straddle two regions and embed between them), and those voxels take the label of the nearest voxel of their own region outside that band, before --snap and --mrf. A pooled fit or --centroids use every voxel, the band's labels are taken all the same. Away from the band the finer labels are their own k-means'; a volume where a label of the smallest k lies wholly within the band is not nested (as with 0). 0 turns it off.",
         ),
     ] = NEST_DEFAULT,
     min_size: Annotated[

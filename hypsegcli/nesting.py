@@ -21,8 +21,13 @@ give the coarse regions, and for every larger k:
    the finer labels nest in the coarse ones near their boundaries, and
    ``--snap`` and ``--mrf`` then settle the boundary by intensity.
 
-A coarse region that lies wholly inside the band has no voxel to take a
-label from and keeps its own labels. All sizes are in voxels (anisotropic
+Away from the band the larger k's labels are those of their own k-means, so a
+fine label may span several coarse regions there: the nesting holds at the
+coarse boundaries, where the straddling patches are, not everywhere. Where a
+coarse label lies wholly inside the band (a thin or small region: the fit would
+have none of its voxels, and its voxels would take labels made for the others),
+or fewer than k voxels lie outside it, the volume's larger k are not nested (a
+plain fit on every voxel; the run's record says why). All sizes are in voxels (anisotropic
 spacing is not taken into account), as the patches are.
 """
 
@@ -58,6 +63,18 @@ def band_mask(coarse: np.ndarray, width: float, inside: np.ndarray | None = None
             others = inside & ~member
             band |= member & (ndi.distance_transform_edt(~others) <= width)
     return band
+
+
+def bare_labels(
+    coarse: np.ndarray, band: np.ndarray, inside: np.ndarray | None = None
+) -> list[int]:
+    """The ``coarse`` labels (of the voxels ``inside``, all without it) that have no voxel
+    off the ``band``, ascending."""
+    coarse = np.asarray(coarse)
+    keep = np.ones(coarse.shape, dtype=bool) if inside is None else np.asarray(inside, bool)
+    present = np.unique(coarse[keep])
+    cored = np.unique(coarse[keep & ~np.asarray(band, dtype=bool)])
+    return [int(v) for v in np.setdiff1d(present, cored)]
 
 
 def fill_band(labels: np.ndarray, coarse: np.ndarray, band: np.ndarray) -> np.ndarray:

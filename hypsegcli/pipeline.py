@@ -2269,7 +2269,7 @@ def cluster(
     from .components import remove_small_components
     from .edges import refine_labels, snap_labels
     from .embedding import DEFAULT_TILE
-    from .nesting import band_mask, fill_band
+    from .nesting import band_mask, bare_labels, fill_band
     from .preview import window_levels, write_preview
     from .training import resolve_device
 
@@ -2622,12 +2622,24 @@ def cluster(
                         coarse: np.ndarray | None = None
                         band: np.ndarray | None = None
                         outside: np.ndarray | None = None  # flat indices of the voxels off the band
+                        not_nested: str | None = None  # why this volume's larger k are not nested
                         levels: tuple[float, float] | None = None  # the previews' grey levels
                         for k in ks:
                             spec = _nest_spec(k, ks, nest, smooth, snap, mrf)
                             if spec is not None and band is None:
                                 assert coarse is not None  # the smallest k comes first
                                 band = band_mask(coarse, nest, inside)
+                                bare = bare_labels(coarse, band, inside)
+                                if bare:  # a fit without them would label them by the others
+                                    not_nested = (
+                                        f"label(s) {', '.join(map(str, bare))} of k={min(ks)} "
+                                        f"lie wholly within {nest:g} voxel(s) of another label"
+                                    )
+                                    log.info(
+                                        "%s: the larger k are not nested (--nest): %s",
+                                        path,
+                                        not_nested,
+                                    )
                                 if off_mask is not None:  # outside: a region of its own, not filled
                                     coarse = np.where(off_mask, int(coarse.max()) + 1, coarse)
                                 outside = np.flatnonzero(~band.reshape(-1))
@@ -2636,14 +2648,16 @@ def cluster(
                                         outside, inside_rows, assume_unique=True
                                     )
                                 watch.lap("cluster")
+                            nested = spec is not None and not_nested is None
+                            if nested and fixed is None and len(outside) < k:
+                                nested = False  # (nearly) all band: a plain fit, no nesting
+                                not_nested = f"fewer than {k} voxels lie off the band"
                             if fixed is not None:
                                 centers = fixed[k]
                             else:
-                                fit_rows = outside
-                                if fit_rows is not None and len(fit_rows) < k:
-                                    fit_rows, spec = None, None  # (nearly) all band: every voxel
-                                if fit_rows is None:
-                                    fit_rows = inside_rows
+                                # (the cache key keeps the spec: the same inputs and options
+                                # drop the nesting again, and a dry run finds the fit by it)
+                                fit_rows = outside if nested else inside_rows
                                 with warnings.catch_warnings(record=True) as caught:
                                     warnings.simplefilter("always")
                                     centers = fitted(flat, k, volume, sha, fit_rows, spec, mask_sha)
@@ -2656,6 +2670,12 @@ def cluster(
                                     "k": k,
                                     "nested_in": _nested_in(k, ks, nest),
                                     "centers": centers.tolist(),
+                                    # (only where nesting was asked for but not done)
+                                    **(
+                                        {"not_nested": not_nested}
+                                        if spec is not None and not nested
+                                        else {}
+                                    ),
                                 }
                             )
                             labels = clusterer.labels(
@@ -2664,8 +2684,8 @@ def cluster(
                                 smooth,
                                 inside,
                             )
-                            if band is not None:
-                                assert coarse is not None
+                            if nested:
+                                assert coarse is not None and band is not None
                                 labels = fill_band(labels, coarse, band)
                             if (snap > 0 or mrf > 0) and scaled is None:
                                 scaled = _edge_image(volume.data, path)

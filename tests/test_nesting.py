@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from clitools import run
 
-from hypsegcli.nesting import band_mask, fill_band
+from hypsegcli.nesting import band_mask, bare_labels, fill_band
 
 
 def _random_regions(rng, shape, n_labels):
@@ -141,3 +141,55 @@ def test_nesting_gives_the_small_structure_its_own_cluster(tmp_path, capsys):
     # a bad width is a usage error
     code, _, err = cluster("x", (2,), "--nest", "-1")
     assert code == 2 and "--nest" in err
+
+
+def test_bare_labels_are_those_with_no_voxel_off_the_band():
+    coarse = np.zeros((12, 12, 12), dtype=np.uint8)
+    coarse[:, :, 5:8] = 1  # a sheet 3 voxels thick: wholly within 2 voxels of label 0
+    coarse[:1, :1, :1] = 2
+    band = band_mask(coarse, 2.0)
+    assert bare_labels(coarse, band) == [1, 2]
+    assert bare_labels(coarse, band_mask(coarse, 1.0)) == [2]  # the sheet's middle is off
+    inside = coarse != 2
+    assert bare_labels(coarse, band_mask(coarse, 1.0, inside), inside) == []
+
+
+def test_a_coarse_label_wholly_in_the_band_leaves_the_volume_unnested(tmp_path, capsys):
+    """A thin bright sheet is k = 2's label 1, all of it within --nest 4 of the background: a
+    fit of k = 4 without the band would have none of its voxels (which would then take
+    labels made for the background), so the volume is clustered as with --nest 0."""
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(3)
+    img = rng.normal(0.0, 0.08, (24, 24, 24)).astype(np.float32)
+    img[:, :, 10:14] += 1.0
+    img[:, :, 11:13] += 0.5  # two levels inside the sheet, for the finer k
+    img[:12, :, :10] += 0.3  # and two in the background
+    nib.save(nib.Nifti1Image(img, np.eye(4)), images / "sheet.nii.gz")
+
+    def cluster(out, *extra):
+        code, _, err = run(
+            ["cluster", images, "--features", "intensity", "--k", "2", "--k", "4"]
+            + ["-o", tmp_path / out, "--smooth", "0", "--snap", "0", "--mrf", "0", *extra],
+            capsys,
+        )
+        assert code == 0, err
+        record = json.loads((tmp_path / out / "sheet.centroids.json").read_text())
+        labels = np.asarray(nib.load(tmp_path / out / "sheet_k4.nii.gz").dataobj)
+        return labels, record, err
+
+    nested, record, err = cluster("nested", "--nest", "4")
+    plain, _, _ = cluster("plain", "--nest", "0")
+    np.testing.assert_array_equal(nested, plain)
+    sheet = np.zeros(img.shape, dtype=bool)
+    sheet[:, :, 10:14] = True
+    assert len(np.unique(nested[sheet])) == 2  # the sheet keeps labels of its own
+    assert not np.isin(np.unique(nested[sheet]), np.unique(nested[~sheet])).any()
+    sets = {s["k"]: s for s in record["sets"]}
+    assert sets[4]["nested_in"] == 2 and "not_nested" not in sets[2]
+    assert (
+        sets[4]["not_nested"] == "label(s) 1 of k=2 lie wholly within 4 voxel(s) of another label"
+    )
+    # narrower, the band leaves the sheet's middle: nested as usual
+    _, record, _ = cluster("narrow", "--nest", "1")
+    assert all("not_nested" not in s for s in record["sets"])
