@@ -155,6 +155,24 @@ def smooth_labels(
     centers = np.asarray(centers, dtype=np.float64)
     X, Y, Z, d = features.shape
     k = len(centers)
+    first = np.sort(np.unique(centers, axis=0, return_index=True)[1]) if k else np.arange(0)
+    if len(first) < k:
+        # repeated centres (k above the distinct feature values): the copies would share
+        # their voxels' marginals, and a label with a single centre would outweigh them in
+        # every neighbourhood. One copy each, labelled as k-means does: the first.
+        labels = smooth_labels(
+            features,
+            centers[first],
+            sq_dist,
+            beta=beta,
+            iters=iters,
+            temp=temp,
+            device=device,
+            dtype=dtype,
+            slab_elements=slab_elements,
+            inside=inside,
+        )
+        return first[labels].astype(np.min_scalar_type(max(k - 1, 0)))
     flat = features.reshape(-1, d)
     plane = Y * Z
     out = np.empty((X, Y, Z), dtype=np.min_scalar_type(max(k - 1, 0)))

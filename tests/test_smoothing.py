@@ -217,3 +217,35 @@ def test_plan_estimates_for_smoothing():
     # memory: one slab of the largest k, not the volume x k
     whole = SMOOTH_BYTES * 512 * 512 * 300 * 8
     assert 0.05 * whole < big_bytes < 0.25 * whole
+
+
+def test_repeated_centres_smooth_like_one_copy():
+    """k above the distinct feature values gives k-means repeated centres; the Potts prior
+    must label as with one copy of each (it split their marginals and let the single
+    centre's label grow into their region)."""
+
+    def sq(a, b):
+        return ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)
+
+    rng = np.random.default_rng(0)
+    feats = np.zeros((12, 12, 12, 1))
+    feats[6:] = 1.0
+    feats += rng.normal(0.0, 0.3, feats.shape)
+    distinct = smoothing.smooth_labels(feats, np.array([[0.0], [1.0]]), sq, beta=0.8)
+    assert (distinct[6:] == 1).mean() > 0.95 and (distinct[:6] == 0).mean() > 0.95
+    for centers, names in [
+        ([[0.0], [1.0], [1.0], [1.0]], [0, 1]),
+        ([[1.0], [0.0], [1.0], [0.0], [0.0]], [1, 0]),
+    ]:
+        got = smoothing.smooth_labels(feats, np.array(centers), sq, beta=0.8)
+        np.testing.assert_array_equal(got, np.asarray(names)[distinct])
+        # in slabs, and with a mask, the same
+        np.testing.assert_array_equal(
+            smoothing.smooth_labels(feats, np.array(centers), sq, beta=0.8, slab_elements=400),
+            got,
+        )
+        inside = np.ones(feats.shape[:3], dtype=bool)
+        inside[:, :2] = False
+        want = smoothing.smooth_labels(feats, np.array([[0.0], [1.0]]), sq, beta=0.8, inside=inside)
+        got = smoothing.smooth_labels(feats, np.array(centers), sq, beta=0.8, inside=inside)
+        np.testing.assert_array_equal(got[inside], np.asarray(names)[want][inside])
