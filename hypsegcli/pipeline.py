@@ -1636,12 +1636,17 @@ def load_centroids(
     *,
     dim: int | None = None,
     curvature: float | None = None,
+    model_content_sha256: str | None = None,
+    patch_size: float | None = None,
 ) -> dict[int, np.ndarray]:
     """The pooled centroids of a ``centroids.json`` (``cluster --centroids``) for every k in ``ks``.
 
     Refuses (naming the file) another format, features, distance (``geometry``) or ball
-    curvature than this run's, and any set that is not k finite points of dimension ``dim``
-    (inside the ball of curvature -``curvature`` for Poincaré distances).
+    curvature than this run's, embeddings of another model (``model_content_sha256``: its
+    weights and configuration) or patch size, and any set that is not k finite points of
+    dimension ``dim`` (inside the ball of curvature -``curvature`` for Poincaré
+    distances). Another ``--stride`` is accepted: the embedding is the same, interpolated
+    between other lattice points.
     """
     try:
         doc = json.loads(Path(path).read_text())
@@ -1667,6 +1672,19 @@ def load_centroids(
                 f"{path}: centroids were fitted on a ball of curvature -{theirs}, this "
                 f"model's is -{curvature:g}"
             )
+    theirs = doc.get("model_content_sha256")
+    if model_content_sha256 is not None and theirs is not None and theirs != model_content_sha256:
+        raise BadInputError(
+            f"{path}: centroids were fitted on the embeddings of another model "
+            f"({doc.get('model')}, content {str(theirs)[:12]}; this one's is "
+            f"{model_content_sha256[:12]}): fit them again with this model (--fit-on pooled)"
+        )
+    theirs = doc.get("patch_size")
+    if patch_size is not None and theirs is not None and theirs != patch_size:
+        raise BadInputError(
+            f"{path}: centroids were fitted on embeddings of --patch-size {theirs}, "
+            f"this run uses {patch_size}"
+        )
     sets = doc.get("sets", [])
     if not isinstance(sets, list):
         raise BadInputError(f"{path}: 'sets' should be a list of centroid sets")
@@ -2325,6 +2343,11 @@ def cluster(
     paths = collect_inputs(inputs, recursive=recursive)
     check_unique_cases(paths, why=f"their segmentations in {out} would overwrite each other")
     part = resolve_part(num_parts, part_id, environ)
+    if fit_on == "pooled" and centroids is not None:
+        raise BadInputError(
+            "--centroids applies centroids fitted before: it cannot be combined with "
+            "--fit-on pooled"
+        )
     if fit_on == "pooled" and centroids is None and part.split:
         raise BadInputError(
             f"--fit-on pooled needs all inputs in one run, but this is {part.describe()}: "
@@ -2393,6 +2416,8 @@ def cluster(
             header["geometry"],
             dim=int(model.model.cfg.latent_dim) if model is not None else 1,
             curvature=header["curvature"],
+            model_content_sha256=header["model_content_sha256"],
+            patch_size=header["patch_size"],
         )
     cache_root = resolve_cache_dir(cache_dir) if model is not None else None
     config = {

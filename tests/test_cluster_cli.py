@@ -205,6 +205,27 @@ def test_pooled_centroids_and_reuse(trained, tmp_path, capsys):
         capsys,
     )
     assert code == 2 and "no pooled centroids for k=5" in err
+    # centroids of another model's embeddings (a model retrained under the same name), or
+    # of another patch size, are refused; another stride is the same embedding
+    from hypsegcli.modelfile import load_model_file, save_model_file
+
+    document = load_model_file(trained / "model.pt")
+    first = next(iter(document["state_dict"]))
+    document["state_dict"][first] = document["state_dict"][first] + 0.01
+    other = tmp_path / "retrained" / "model.pt"
+    other.parent.mkdir()
+    save_model_file(other, document)
+    base = ["cluster", images / "case_001.nii.gz", "--k", "3", "-o", tmp_path / "d"]
+    base += ["--centroids", tmp_path / "a" / "centroids.json"]
+    code, out, err = run([*base, "-m", other], capsys)
+    assert code == 2 and out == "" and not (tmp_path / "d" / "case_001_k3.nii.gz").exists()
+    assert "centroids.json: centroids were fitted on the embeddings of another model" in err
+    code, _, err = run([*base, "-m", trained / "model.pt", "--patch-size", "3"], capsys)
+    assert code == 2 and "fitted on embeddings of --patch-size 5, this run uses 3" in err
+    code, _, err = run([*base, "-m", trained / "model.pt", "--stride", "2"], capsys)
+    assert code == 0, err
+    code, _, err = run([*base, "-m", trained / "model.pt", "--fit-on", "pooled"], capsys)
+    assert code == 2 and "cannot be combined with --fit-on pooled" in err
 
 
 def test_intensity_baseline_needs_no_model(trained, tmp_path, capsys):
