@@ -1323,6 +1323,11 @@ def main(argv: list[str] | None = None) -> None:
     except typer.Abort:
         stderr.print("hypseg: error: aborted", markup=False)
         code = 1
+    except (HypsegError, KeyboardInterrupt) as exc:  # --debug: the traceback, the same code
+        import traceback
+
+        traceback.print_exc()
+        code = exc.exit_code if isinstance(exc, HypsegError) else interrupt_status(exc)[0]
     except Exception as exc:
         message = getattr(exc, "format_message", None)
         if message is None or not hasattr(exc, "exit_code"):

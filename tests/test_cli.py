@@ -53,6 +53,15 @@ def test_usage_errors_are_one_line_with_code_2(capsys, tmp_path):
     assert code == 2 and "--seed" in err and not (tmp_path / "m.pt").exists()
     code, _, err = run(["cluster", tmp_path, "--features", "intensity", "--seed", "-1"], capsys)
     assert code == 2 and "--seed" in err and err.count("\n") == 1
+    # --debug adds the traceback and keeps the exit code (bad input 2, not Python's 1)
+    model = tmp_path / "missing.pt"
+    code, out, err = run(
+        ["--debug", "cluster", tmp_path, "-m", model, "--k", "2", "-o", tmp_path / "s"], capsys
+    )
+    assert code == 2 and out == "" and "Traceback" in err
+    assert err.strip().splitlines()[-1].startswith("hypsegcli.errors.BadInputError: ")
+    code, _, err = run(["cluster", tmp_path, "-m", model, "--k", "2", "-o", tmp_path / "s"], capsys)
+    assert code == 2 and "Traceback" not in err and err.count("\n") == 1
 
 
 def _write_truth(tmp_path):
