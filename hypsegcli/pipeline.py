@@ -1038,7 +1038,9 @@ def embed(
     paths = collect_inputs(inputs, recursive=recursive)
     if output is not None:
         check_unique_cases(paths, why=f"their embeddings in {output} would overwrite each other")
-        check_output_folder(output, what="embed -o", create=not dry_run)
+        check_output_folder(
+            output, inputs, recursive=recursive, what="embed -o", create=not dry_run
+        )
     part = resolve_part(num_parts, part_id, environ)
     selected = _select_part(paths, part)
     model = LoadedModel(model_path, device)

@@ -52,6 +52,12 @@ def test_outputs_never_overwrite_inputs(trained, tmp_path, capsys):
     # ... also below an input folder searched with --recursive
     code, out, err = run(["cluster", tmp_path, "-r", *intensity, "-o", scans / "seg"], capsys)
     _one_error(code, out, err, "is also an input folder")
+    # embed -o: its arrays and records would sit among the inputs
+    model = trained / "model.pt"
+    code, out, err = run(["embed", scans, "-m", model, "-o", scans], capsys)
+    _one_error(code, out, err, "is also an input folder")
+    code, out, err = run(["embed", tmp_path, "-r", "-m", model, "-o", scans / "emb"], capsys)
+    _one_error(code, out, err, "is also an input folder")
     # inputs named one by one: x's labels would replace the input x_k2.nii.gz
     files = [scans / "x.nii.gz", scans / "x_k2.nii.gz"]
     code, out, err = run(["cluster", *files, *intensity, "-o", scans], capsys)
