@@ -751,6 +751,7 @@ def train(
     set_threads(threads)
     paths = collect_inputs(inputs, recursive=recursive)
     masks = _Masks(mask, paths, paths) if mask is not None else None
+    resolved = training.resolve_device(device)  # (a bad --device before -o's folder is made)
     for target in (Path(output), *training.companion_paths(Path(output))):
         check_output_file(target, [*paths, *(masks.files() if masks else [])], what="train -o")
     norm_config, checkpoint = sampling_config, None
@@ -771,7 +772,7 @@ def train(
         "training on %d volume(s)%s, device %s",
         len(volumes),
         " (anchors inside their masks)" if masks else "",
-        training.resolve_device(device),
+        resolved,
     )
     result = training.train(
         volumes,
@@ -1038,12 +1039,12 @@ def embed(
     paths = collect_inputs(inputs, recursive=recursive)
     if output is not None:
         check_unique_cases(paths, why=f"their embeddings in {output} would overwrite each other")
-        check_output_folder(
-            output, inputs, recursive=recursive, what="embed -o", create=not dry_run
-        )
+        check_output_folder(output, inputs, recursive=recursive, what="embed -o", create=False)
     part = resolve_part(num_parts, part_id, environ)
     selected = _select_part(paths, part)
     model = LoadedModel(model_path, device)
+    if output is not None and not dry_run:  # made once the model has loaded
+        check_output_folder(output, what="embed -o")
     out = Path(output) if output is not None else None
     cache_root = resolve_cache_dir(cache_dir)
     config = {
@@ -2359,7 +2360,8 @@ def cluster(
     selected = _select_part(paths, part)
     out = Path(out)
     masks = _Masks(mask, selected, paths) if mask is not None else None
-    check_output_folder(out, inputs, recursive=recursive, what="cluster -o", create=not dry_run)
+    # checked here, made (and probed for writing) once the model and options have passed
+    check_output_folder(out, inputs, recursive=recursive, what="cluster -o", create=False)
     _check_outputs_are_not_inputs(out, paths, ks, preview, masks.files() if masks else ())
     model = LoadedModel(model_path, device) if features == "embedding" else None
     kind = (
@@ -2421,6 +2423,8 @@ def cluster(
             model_content_sha256=header["model_content_sha256"],
             patch_size=header["patch_size"],
         )
+    if not dry_run:
+        check_output_folder(out, what="cluster -o")
     cache_root = resolve_cache_dir(cache_dir) if model is not None else None
     config = {
         "inputs": [str(i) for i in inputs],

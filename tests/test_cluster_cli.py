@@ -855,7 +855,10 @@ def test_embed_does_not_overwrite_a_json_it_did_not_write(trained, tmp_path, cap
     sidecar = bids / "sub-01_T1w.json"
     sidecar.write_text('{"RepetitionTime": 2.3}')
     base = ["--quiet", "embed", bids, "-m", trained / "model.pt", "--cache-dir", tmp_path / "c"]
-    code, _, err = run([*base, "-o", bids], capsys)
+    code, _, err = run([*base, "-o", bids], capsys)  # the input folder: refused up front
+    assert code == 2 and "is also an input folder" in err
+    # the volume named as a file: its folder is no input folder, the sidecar still counts
+    code, _, err = run([*base[:2], bids / "sub-01_T1w.nii.gz", *base[3:], "-o", bids], capsys)
     assert code == 2
     assert f"{sidecar}: exists and is not a hypseg record" in err
     assert sidecar.read_text() == '{"RepetitionTime": 2.3}'

@@ -757,3 +757,29 @@ def test_interrupted_rewrite_is_redone_and_recorded(trained, tmp_path, capsys, m
     assert json.loads(out_json)["skipped"] == 1
     last = json.loads((out / "hypseg-runs.jsonl").read_text().splitlines()[-1])
     assert last["inputs"][0]["status"] == "skipped" and len(last["inputs"][0]["sha256"]) == 64
+
+
+def test_refused_runs_leave_no_output_folder(trained, tmp_path, capsys):
+    """Options refused once the model is read (or the device resolved) create no -o folder."""
+    images = trained / "data" / "images"
+    euclid = tmp_path / "euclid.pt"
+    code, _, err = run(
+        ["--quiet", "train", images, "-o", euclid, "--steps", "1", "--geometry", "euclidean"]
+        + TINY_TRAIN,
+        capsys,
+    )
+    assert code == 0, err
+    for argv, message in [
+        (["cluster", images, "-m", euclid, "--metric", "poincare", "--k", "2"], "poincare"),
+        (["cluster", images, "-m", tmp_path / "none.pt", "--k", "2"], "no such model file"),
+        (["cluster", images, "--features", "intensity", "--device", "foo", "--k", "2"], "foo"),
+        (["embed", images, "-m", tmp_path / "none.pt"], "no such model file"),
+    ]:
+        code, out, err = run([*argv, "-o", tmp_path / "out"], capsys)
+        _one_error(code, out, err, message)
+        assert not (tmp_path / "out").exists(), argv
+    code, out, err = run(
+        ["train", images, "-o", tmp_path / "out" / "m.pt", "--device", "cuda:7", *TINY_TRAIN],
+        capsys,
+    )
+    assert code == 2 and not (tmp_path / "out").exists(), err
