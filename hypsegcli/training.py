@@ -248,6 +248,18 @@ def _train(
                     int(state["step"]),
                     train_config.steps,
                 )
+        if train_config.steps is not None and train_config.steps <= int(state["step"]):
+            # no step runs with this command line's batch size or rate: the records (and a
+            # later --resume's notes) keep the checkpoint's
+            kept_train = state.get("train_config", {})
+            train_config = dataclasses.replace(
+                train_config,
+                **{
+                    key: kept_train[key]
+                    for key in ("batch_size", "lr")
+                    if isinstance(kept_train.get(key), (int, float))
+                },
+            )
         model_config, sampling_config = kept_model, kept_sampling
         kept_seed = int(state.get("train_config", {}).get("seed", train_config.seed))
         if kept_seed != train_config.seed:

@@ -622,6 +622,16 @@ def test_resume_names_the_settings_it_keeps(trained, tmp_path, capsys):
     )
     assert code == 0 and "at step 3 already, --steps 3: nothing to train" in err
     assert "keeps the checkpoint's settings" not in err
+    # a resume that trains nothing keeps the checkpoint's batch size and rate on record
+    code, _, err = run(
+        ["train", images, "-o", model, "--resume", "--steps", "3", *TINY_TRAIN]
+        + ["--batch-size", "5", "--lr", "0.5"],
+        capsys,
+    )
+    assert code == 0 and "resuming with" not in err, err
+    ckpt = torch.load(model.with_suffix(".ckpt.pt"), weights_only=False)
+    assert (ckpt["train_config"]["batch_size"], ckpt["train_config"]["lr"]) == (4, 1e-3)
+    assert {g["lr"] for g in ckpt["optimizer_state"]["param_groups"]} == {1e-3}
 
 
 def test_embedding_options_with_intensity_features_are_named_as_ignored(tmp_path, capsys):
