@@ -103,7 +103,8 @@ def parse_split(text: str) -> tuple[float, ...]:
         or sum(parts) <= 0
     ):
         raise BadInputError(
-            f"--split {text!r}: expected 1 to 3 finite non-negative parts, e.g. 80/20/20"
+            f"--split {text!r}: expected 1 to 3 finite non-negative parts with a positive "
+            "sum, e.g. 80/20/20"
         )
     return parts
 
@@ -1863,7 +1864,11 @@ class _Masks:
             raise BadInputError(f"--mask {spec}: no such file or folder")
         if spec.is_dir():
             found: dict[str, Path] = {}
-            for path in collect_inputs([spec], can_recurse=False):
+            try:
+                masks = collect_inputs([spec], can_recurse=False)
+            except BadInputError as exc:
+                raise BadInputError(f"--mask {spec}: {exc}") from None
+            for path in masks:
                 found.setdefault(case_name(path), path)
             self.paths: dict[Path, Path] = {}
             missing = []
@@ -2643,8 +2648,7 @@ def cluster(
                         if fixed is None and usable < max(ks):  # before any output is replaced
                             where = "" if inside_rows is None else " inside the mask"
                             raise BadInputError(
-                                f"{path}: n_samples={usable}{where} should be >= "
-                                f"n_clusters={max(ks)}"
+                                f"{path}: {usable} voxel(s){where}, fewer than --k {max(ks)}"
                             )
                         sets = []
                         old_record: Any = None

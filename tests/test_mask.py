@@ -401,7 +401,15 @@ def test_a_failed_case_keeps_its_record_and_a_shifted_mask_is_named(tiny_trained
     assert run([*base, "--k", "2", "-o", out], capsys)[0] == 0
     # k = 9 cannot be fitted on 8 voxels: the case fails before any output is replaced
     code, _, err = run([*base, "--k", "2", "--k", "9", "-o", out], capsys)
-    assert code == 2 and "n_samples=8 inside the mask should be >= n_clusters=9" in err
+    assert code == 2 and "8 voxel(s) inside the mask, fewer than --k 9" in err
+    # an empty mask folder: the error says it is the mask's
+    (masked / "no_masks").mkdir(exist_ok=True)
+    code, _, err = run(
+        ["cluster", image, "--features", "intensity", "--k", "2"]
+        + ["-o", masked / "seg_x", "--mask", masked / "no_masks"],
+        capsys,
+    )
+    assert code == 2 and f"--mask {masked / 'no_masks'}: no volume found" in err
     assert (out / "case_000.centroids.json").is_file()
     code, stdout, _ = run([*base, "--k", "2", "-o", out, "--json"], capsys)
     assert code == 0 and json.loads(stdout)["skipped"] == 1
