@@ -172,6 +172,22 @@ def entry_path(path: str | os.PathLike[str]) -> Path:
     return _resolved_folder(path.parent) / path.name
 
 
+def _tree(root: Path) -> list[Path]:
+    """Every entry below ``root``, following symlinked sub-folders (a data folder linked into
+    a project, common on clusters; Python 3.11's ``glob("**")`` skips them), each real
+    folder once (a link back up the tree is not followed again)."""
+    entries: list[Path] = []
+    seen: set[str] = set()
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            subfolders[:] = []
+            continue
+        seen.add(real)
+        entries.extend(Path(folder, name) for name in (*subfolders, *files))
+    return entries
+
+
 def collect_inputs(
     inputs: Iterable[str | os.PathLike[str]],
     *,
@@ -194,9 +210,8 @@ def collect_inputs(
         text = os.fspath(item)
         path = Path(text)
         if path.is_dir():
-            pattern = "**/*" if recursive else "*"
             skipped = []
-            for child in sorted(path.glob(pattern)):
+            for child in sorted(_tree(path) if recursive else path.iterdir()):
                 if child.name.startswith(".") or child.is_dir():
                     continue
                 if volume_suffix(child):

@@ -363,6 +363,26 @@ def test_collect_inputs_files_folders_globs(tmp_path):
         io.collect_inputs([str(tmp_path / "*.mrcx")])
 
 
+def test_collect_inputs_recursive_follows_linked_folders_once(tmp_path):
+    """A data folder linked into the project (as on clusters) is searched; a link back up
+    the tree is not followed round and round."""
+    data = tmp_path / "store" / "scans"
+    (data / "deep").mkdir(parents=True)
+    (data / "deep" / "d.nii.gz").write_bytes(b"x")
+    project = tmp_path / "project"
+    (project / "own").mkdir(parents=True)
+    (project / "own" / "e.mrc").write_bytes(b"x")
+    (project / "linked").symlink_to(data, target_is_directory=True)
+    (data / "deep" / "up").symlink_to(tmp_path, target_is_directory=True)  # a loop
+    found = io.collect_inputs([project], recursive=True)
+    assert [p.relative_to(project).as_posix() for p in found] == [
+        "linked/deep/d.nii.gz",
+        "own/e.mrc",
+    ]
+    with pytest.raises(BadInputError, match="no volume found"):
+        io.collect_inputs([project])  # not recursive: sub-folders are not searched
+
+
 def test_case_name():
     assert io.case_name("a/b/case_001.nii.gz") == "case_001"
     assert io.case_name("x.MRC") == "x"
