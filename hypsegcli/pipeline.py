@@ -188,6 +188,8 @@ def synth(
     geometry = VolumeGeometry.default((size, size, size), format=fmt)  # type: ignore[arg-type]
     suffix = geometry.suffix
     _check_no_stale_cases(out, folders, suffix, sorted({c.level for c in generator.CLASSES}))
+    for folder, _ in folders:  # made and probed for writing before the first volume
+        check_output_folder(folder, what="synth")
     description = generator.dataset_description()
     done = 0
     cases = []

@@ -793,3 +793,23 @@ def test_refused_runs_leave_no_output_folder(trained, tmp_path, capsys):
         capsys,
     )
     assert code == 2 and not (tmp_path / "out").exists(), err
+
+
+def test_synth_into_an_unwritable_folder_is_bad_input(tmp_path, capsys, monkeypatch):
+    """A folder it cannot write (as a non-root user in a read-only place) is named before
+    any volume is made, exit 2 like every other output folder."""
+    import pathlib
+
+    real = pathlib.Path.write_bytes
+
+    def refuse_probe(self, data):
+        if self.name.startswith(".tmp-") and self.name.endswith("-probe"):
+            raise PermissionError(13, "Permission denied")
+        return real(self, data)
+
+    monkeypatch.setattr(pathlib.Path, "write_bytes", refuse_probe)
+    code, out, err = run(["synth", tmp_path / "d", "--n", "2", "--size", "20"], capsys)
+    assert code == 2 and out == ""
+    assert err.startswith(f"hypseg: error: {tmp_path / 'd'}: cannot write here (")
+    assert "Permission denied" in err and err.count("\n") == 1
+    assert not list((tmp_path / "d").iterdir())
