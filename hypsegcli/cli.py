@@ -1315,6 +1315,17 @@ def main(argv: list[str] | None = None) -> None:
     # or shared nodes. Must be set before torch is first imported.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     state.argv = ["hypseg", *(sys.argv[1:] if argv is None else argv)]
+    if "" in state.argv:  # `hypseg synth "$OUT"` with OUT unset would write into "."
+        i = state.argv.index("")
+        before = state.argv[i - 1]
+        stderr.print(
+            f"hypseg: error: an empty argument after '{before}' (an unset shell variable?); "
+            "no hypseg option or path takes an empty value",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+        sys.exit(2)
     restore = _on_sigterm_raise()
     try:
         code = app(args=argv, prog_name="hypseg", standalone_mode=False)

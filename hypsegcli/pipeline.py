@@ -185,6 +185,15 @@ def synth(
             (out / SPLIT_NAMES[i], list(range(bounds[i], bounds[i + 1])))
             for i in range(len(counts))
         ]
+        for folder, indices in folders:
+            if not indices:
+                log.warning(
+                    "--split: %s gets none of the %d volume(s); no %s folder is written",
+                    folder.name,
+                    n,
+                    folder.name,
+                )
+        folders = [(folder, indices) for folder, indices in folders if indices]
     geometry = VolumeGeometry.default((size, size, size), format=fmt)  # type: ignore[arg-type]
     suffix = geometry.suffix
     _check_no_stale_cases(out, folders, suffix, sorted({c.level for c in generator.CLASSES}))
@@ -213,7 +222,8 @@ def synth(
                 {"level": c.level, "id": c.id, "name": c.name, "parent": c.parent}
                 for c in generator.CLASSES
             ],
-            "generator": f"hypseg {__version__} synth",
+            # the program, and the generator's parameters (intensities, PSF, noise, ...)
+            "generator": {"program": f"hypseg {__version__} synth", **description["generator"]},
             "seed": seed,
             "size": [size, size, size],
             "irregular": irregular,

@@ -422,10 +422,14 @@ def _radius_specs(
     return [np.maximum(ri * st, _MIN_RADIUS) for ri, st in zip(r, stretch, strict=True)]
 
 
-def _shells(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The outer 1-voxel shell of ``mask`` and the next shell inwards (6-connectivity)."""
-    e1 = ndi.binary_erosion(mask)
-    e2 = ndi.binary_erosion(e1)
+def _shells(mask: np.ndarray, *, open_faces: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The outer 1-voxel shell of ``mask`` and the next shell inwards (6-connectivity).
+
+    ``open_faces``: the array's faces are no surface (a cell the field of view cuts has
+    no membrane along the cut); otherwise voxels on them are shell."""
+    border = int(open_faces)
+    e1 = ndi.binary_erosion(mask, border_value=border)
+    e2 = ndi.binary_erosion(e1, border_value=border)
     return mask & ~e1, e1 & ~e2
 
 
@@ -554,7 +558,7 @@ def _generate(
         lamellae = np.broadcast_to(_LAMELLA_AMP * np.sin(arg), o.mask.shape).astype(np.float32)
         _add_centred(img[o.box], o.mask & (l3[o.box] == 4), lamellae)
     # membranes of the cell and organelles; vesicle shell/lumen
-    pos, neg = _shells(l3 > 1)
+    pos, neg = _shells(l3 > 1, open_faces=True)  # (an irregular cell may cross the faces)
     _add_balanced(img, pos & (l3 == 2), neg & (l3 == 2), _MEMBRANE)
     for objs, label in ((org_a, 4), (org_b, 6)):
         for o in objs:
@@ -651,7 +655,7 @@ def dataset_description() -> dict:
                 "vesicles": "bright shell, dark lumen, mean equal to cytosol",
                 "a_matrix": f"lamellae period {_LAMELLA_PERIOD[0]}-{_LAMELLA_PERIOD[1]} voxels, amplitude {_LAMELLA_AMP}",
                 "b_matrix": f"speckle density {_SPECKLE_DENSITY}, sigma {_SPECKLE_SIGMA}, std {_SPECKLE_STD}",
-                "membranes": f"zero-mean bilayer profile +-{_MEMBRANE} on cell and organelle boundaries",
+                "membranes": f"zero-mean bilayer profile +-{_MEMBRANE} on cell and organelle boundaries (none where a cell crosses the volume's faces)",
             },
             "psf_sigma_voxels": _PSF_SIGMA,
             "noise_std": _NOISE_STD,

@@ -311,3 +311,26 @@ def test_evaluate_ignores_another_tools_dataset_json(capsys, tmp_path, content):
         assert code == 0, err
         assert json.loads(out)["cases"][0]["mean_dice"] == pytest.approx(1.0)
         assert f"{tmp_path / 'dataset.json'}: not" in err
+
+
+def test_empty_arguments_and_empty_split_parts(tmp_path, capsys, monkeypatch):
+    """`hypseg synth "$OUT"` with OUT unset must not write into the working folder; a split
+    part that gets no volume writes no folder; dataset.json keeps the generator's
+    parameters."""
+    monkeypatch.chdir(tmp_path)
+    for argv, after in [
+        (["synth", "", "--n", "1"], "synth"),
+        (["cluster", "x", "--features", "intensity", "--k", "2", "-o", ""], "-o"),
+        (["synth", "d", "--split", ""], "--split"),
+    ]:
+        code, out, err = run(argv, capsys)
+        assert code == 2 and out == "" and err.count("\n") == 1
+        assert f"an empty argument after '{after}' (an unset shell variable?)" in err
+    assert list(tmp_path.iterdir()) == []
+    code, out, err = run(["synth", "d", "--n", "2", "--size", "16", "--split", "1/0/1"], capsys)
+    assert code == 0, err
+    assert "val gets none of the 2 volume(s); no val folder is written" in err
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["test", "train"]
+    meta = json.loads((tmp_path / "d" / "train" / "dataset.json").read_text())
+    assert meta["generator"]["program"].startswith("hypseg ")
+    assert meta["generator"]["noise_std"] > 0 and "psf_sigma_voxels" in meta["generator"]

@@ -275,3 +275,17 @@ def test_intensity_kmeans_cannot_solve_levels_2_and_3(cases, capsys):
         assert 0.6 < s[0] < 0.9  # level 1 partly from intensity, not solved
         assert s[1] < 0.6  # clearly below 1 (and below the lead's bar of 0.8)
         assert s[2] < 0.3
+
+
+def test_a_cell_cut_by_the_volume_has_no_membrane_along_the_cut():
+    """An irregular cell may cross the volume's faces (as a field of view cuts a cell); the
+    membrane is drawn where the cell meets the background, not along the faces."""
+    l3, img = synth._generate(np.random.default_rng([1, 0]), (50, 50, 50), True)
+    cell, cytosol = l3 > 1, l3 == 2
+    face = np.ones(cell.shape, dtype=bool)
+    face[1:-1, 1:-1, 1:-1] = False
+    cut = cytosol & face & ndi.binary_erosion(cell, iterations=2, border_value=1)
+    assert cut.sum() > 100  # this case's cell crosses a face widely
+    inner = cytosol & ndi.binary_erosion(cell, iterations=3, border_value=1) & ~face
+    # the face carries the cytosol's own texture (was 0.76 there against 0.45 inside)
+    assert abs(img[cut].mean() - img[inner].mean()) < 0.05
