@@ -380,6 +380,25 @@ def pair_files(pred: Path, truth: Path, *, level: int | None = None) -> list[dic
                 len(missing),
                 _few(missing),
             )
+        # a case scored at some k but not at another k that other cases have (one output
+        # lost or failed): that k's mean would quietly be over fewer cases
+        cases_at: dict[int, set[str]] = {}
+        for pair in pairs:
+            if pair["k"] is not None:
+                cases_at.setdefault(pair["k"], set()).add(pair["case"])
+        every = set().union(*cases_at.values()) if cases_at else set()
+        for k in sorted(cases_at):
+            lacking = sorted(every - cases_at[k])
+            if lacking:
+                log.warning(
+                    "no prediction at k=%d for %d case(s) scored at other k: %s (the k=%d "
+                    "scores are over the other %d case(s))",
+                    k,
+                    len(lacking),
+                    _few(lacking),
+                    k,
+                    len(cases_at[k]),
+                )
     if not pairs:
         raise BadInputError(
             f"no prediction in {pred} could be paired with ground truth in {truth} "

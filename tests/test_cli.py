@@ -334,3 +334,24 @@ def test_empty_arguments_and_empty_split_parts(tmp_path, capsys, monkeypatch):
     meta = json.loads((tmp_path / "d" / "train" / "dataset.json").read_text())
     assert meta["generator"]["program"].startswith("hypseg ")
     assert meta["generator"]["noise_std"] > 0 and "psf_sigma_voxels" in meta["generator"]
+
+
+def test_evaluate_names_a_case_missing_at_one_k(tmp_path, capsys):
+    data, seg = tmp_path / "d", tmp_path / "seg"
+    assert run(["-q", "synth", data, "--n", "2", "--size", "16"], capsys)[0] == 0
+    code, _, err = run(
+        ["-q", "cluster", data / "images", "--features", "intensity", "--k", "2", "--k", "4"]
+        + ["-o", seg, "--smooth", "0", "--snap", "0", "--mrf", "0", "--nest", "0"],
+        capsys,
+    )
+    assert code == 0, err
+    code, _, err = run(["evaluate", seg, data / "labels", "--no-hausdorff"], capsys)
+    assert code == 0 and "no prediction at" not in err, err
+    (seg / "case_001_k4.nii.gz").unlink()  # a lost output
+    code, out, err = run(["evaluate", seg, data / "labels", "--no-hausdorff", "--json"], capsys)
+    assert code == 0
+    assert (
+        "no prediction at k=4 for 1 case(s) scored at other k: case_001 (the k=4 scores are "
+        "over the other 1 case(s))"
+    ) in err
+    assert len(json.loads(out)["cases"]) == 3
