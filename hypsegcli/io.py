@@ -653,9 +653,17 @@ def check_output_folder(
     folder = Path(folder)
     for item in inputs:
         given = Path(item)
+        below = recursive
+        if not given.is_dir() and glob.has_magic(os.fspath(item)):
+            # a pattern searches the folder its fixed part names ('scans/*.nii.gz': scans),
+            # and folders below it where a folder part is a pattern ('scans/*/*.nii.gz')
+            parts = given.parts
+            first = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+            below = any(glob.has_magic(part) for part in parts[first:-1])
+            given = Path(*parts[:first]) if first else Path(".")
         if not given.is_dir():
             continue
-        if _same_file(folder, given) or (recursive and given.resolve() in folder.resolve().parents):
+        if _same_file(folder, given) or (below and given.resolve() in folder.resolve().parents):
             raise BadInputError(
                 f"{folder}: is also an input folder, so outputs would mix with the inputs "
                 f"(and be read as inputs next time); choose another {what} folder"

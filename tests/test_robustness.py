@@ -52,6 +52,13 @@ def test_outputs_never_overwrite_inputs(trained, tmp_path, capsys):
     # ... also below an input folder searched with --recursive
     code, out, err = run(["cluster", tmp_path, "-r", *intensity, "-o", scans / "seg"], capsys)
     _one_error(code, out, err, "is also an input folder")
+    # a quoted pattern searches its folder (and, with a pattern for a folder, those below)
+    code, out, err = run(["cluster", str(scans / "x*.nii.gz"), *intensity, "-o", scans], capsys)
+    _one_error(code, out, err, f"{scans}: is also an input folder")
+    code, out, err = run(
+        ["cluster", str(tmp_path / "*" / "x.nii.gz"), *intensity, "-o", scans / "seg"], capsys
+    )
+    _one_error(code, out, err, "is also an input folder")
     # embed -o: its arrays and records would sit among the inputs
     model = trained / "model.pt"
     code, out, err = run(["embed", scans, "-m", model, "-o", scans], capsys)
