@@ -2697,8 +2697,9 @@ def cluster(
                                 band = band_mask(coarse, nest, inside)
                                 bare = bare_labels(coarse, band, inside)
                                 if bare:  # a fit without them would label them by the others
+                                    shown = [b + (inside is not None) for b in bare]  # as written
                                     not_nested = (
-                                        f"label(s) {', '.join(map(str, bare))} of k={min(ks)} "
+                                        f"label(s) {', '.join(map(str, shown))} of k={min(ks)} "
                                         f"lie wholly within {nest:g} voxel(s) of another label"
                                     )
                                     log.info(
