@@ -647,8 +647,9 @@ def check_output_folder(
     An input folder (or, with ``recursive``, a folder below one) as the output folder would
     mix volumes written with the inputs: a label volume can overwrite an input of the same
     name, and the next run would read the outputs as inputs (or, for ``embed -o``'s arrays
-    and records, skip them with a warning every time). ``create``: make the folder and check that it is writable (off for
-    dry runs, which write nothing).
+    and records, skip them with a warning every time). A glob pattern among ``inputs``
+    searches the folder its fixed part names. ``create``: make the folder and check that it
+    is writable (off for dry runs, which write nothing).
     """
     folder = Path(folder)
     for item in inputs:

@@ -27,8 +27,8 @@ coarse boundaries, where the straddling patches are, not everywhere. Where a
 coarse label lies wholly inside the band (a thin or small region: the fit would
 have none of its voxels, and its voxels would take labels made for the others),
 or fewer than k voxels lie outside it, the volume's larger k are not nested (a
-plain fit on every voxel; the run's record says why). All sizes are in voxels (anisotropic
-spacing is not taken into account), as the patches are.
+plain fit on every voxel; the run's record says why). All sizes are in voxels
+(anisotropic spacing is not taken into account), as the patches are.
 """
 
 from __future__ import annotations
