@@ -3,7 +3,7 @@
 Usage (from the repository root, in the venv; 60-80 minutes on 2 cores)::
 
     python benchmarks/paper_tables.py                      # everything, resumable
-    python benchmarks/paper_tables.py --quick              # a few minutes: tiny budget, 8 test volumes
+    python benchmarks/paper_tables.py --quick              # shorter: 1-minute models, 6 test volumes
     python benchmarks/paper_tables.py --split val          # score the validation split (for tuning)
     python benchmarks/paper_tables.py --no-atropos         # without the ANTs peer
     python benchmarks/paper_tables.py --no-raw-ablation    # without Table 2 sans spatial steps
@@ -11,7 +11,9 @@ Usage (from the repository root, in the venv; 60-80 minutes on 2 cores)::
 Every stage drives the ``hypseg`` command line only (``synth``, ``train``,
 ``cluster``, ``evaluate``), as a user would, and is skipped when its outputs
 exist, so an interrupted run is resumed by running it again (``--fresh`` starts
-over). Stages:
+over). A model is reused only for the same ``hypseg train`` command (recorded
+beside it); data, models and segmentations are reused as the work folder holds
+them, so after a change to hypseg itself start with ``--fresh``. Stages:
 
 1. ``hypseg synth`` 120 volumes of 50^3 split 80/20/20, regular and
    ``--irregular`` (the paper's sizes).
@@ -218,7 +220,7 @@ class Bench:
             "80/20/20",
             *extra,
         ]
-        if (data / "dataset.json").is_file():
+        if all((data / split / "dataset.json").is_file() for split in ("train", "val", "test")):
             self.skip(argv, stage="synth")
         else:
             self.run(argv, stage="synth")
@@ -240,11 +242,20 @@ class Bench:
             "--json",
             *flags,
         ]
+        # the command that made the model: a model made by another (another budget or
+        # flags) is not taken for this one
+        made_by = model.with_suffix(".argv.json")
         if model.is_file():
+            if made_by.is_file() and json.loads(made_by.read_text()) != argv:
+                sys.exit(
+                    f"{model} was trained by `hypseg {shlex.join(json.loads(made_by.read_text()))}`,"
+                    f" not `hypseg {shlex.join(argv)}`: run with --fresh or another --workdir"
+                )
             self.skip(argv, stage="train")
         else:
             model.parent.mkdir(parents=True, exist_ok=True)
             self.run(argv, stage="train", stdout=model.with_suffix(".json"))
+            made_by.write_text(json.dumps(argv) + "\n")
         return model
 
     def images(self, variant: str) -> Path:
@@ -355,12 +366,11 @@ class Bench:
         """Per level, the mean matched Dice of every volume."""
         out = seg / "evaluation.json"
         made = [p.stat().st_mtime for p in seg.glob("*_k*.nii.gz")]
+        argv = ["evaluate", str(seg), str(self.labels(variant)), "--no-hausdorff", "--json"]
         if not out.is_file() or (made and max(made) > out.stat().st_mtime):  # (re)clustered
-            self.run(
-                ["evaluate", str(seg), str(self.labels(variant)), "--no-hausdorff", "--json"],
-                stage="evaluate",
-                stdout=out,
-            )
+            self.run(argv, stage="evaluate", stdout=out)
+        else:
+            self.skip(argv, stage="evaluate")
         report = json.loads(out.read_text())
         per_level: dict[int, list[float]] = {}
         pred = true = 0

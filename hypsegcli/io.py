@@ -92,7 +92,8 @@ def geometry_record(geometry: VolumeGeometry) -> dict[str, Any]:
 
     Always ``format``, ``shape``, ``spacing``, ``unit`` and ``affine`` (voxel index
     ``[x, y, z, 1]`` to physical coordinates, 4x4); NIfTI adds the qform and sform
-    with their codes, MRC its voxel size, origin and start indices as stored.
+    with their codes, MRC its voxel size, origin and start indices as stored (and its cell
+    angles and space group where they are not the plain 90 degrees and P1).
     """
     record: dict[str, Any] = {
         "format": geometry.format,
@@ -108,9 +109,11 @@ def geometry_record(geometry: VolumeGeometry) -> dict[str, Any]:
             record[form] = None if matrix is None else np.asarray(matrix, np.float64).tolist()
             record[f"{form}_code"] = int(code)
     elif geometry.format == "mrc" and isinstance(header, dict):
-        for key in ("voxel_size", "origin", "start"):
+        for key in ("voxel_size", "origin", "start", "cell_angles"):
             if key in header:
                 record[key] = [float(v) if key != "start" else int(v) for v in header[key]]
+        if "space_group" in header:
+            record["space_group"] = int(header["space_group"])
     return record
 
 
@@ -467,6 +470,18 @@ def _printable_label(raw: bytes) -> str:
     return "".join(ch if " " <= ch <= "~" else "?" for ch in text).rstrip()
 
 
+#: IMOD's stamp at byte 152 of an MRC header; bit 0 of the flags at byte 156 set means
+#: signed bytes in mode 0, clear means unsigned (IMOD's own files before 4.2.23 and any
+#: file it writes with unsigned bytes).
+IMOD_STAMP = 1146047817
+
+
+def _imod_unsigned_bytes(header: Any) -> bool:
+    """Whether an MRC header is IMOD's and says its mode-0 bytes are unsigned."""
+    stamp, flags = np.frombuffer(bytes(header.extra2)[40:48], dtype=header.nx.dtype)
+    return int(stamp) == IMOD_STAMP and not int(flags) & 1
+
+
 def _read_mrc(path: Path, *, native: bool = False) -> tuple[np.ndarray, VolumeGeometry]:
     import mrcfile
 
@@ -486,12 +501,20 @@ def _read_mrc(path: Path, *, native: bool = False) -> tuple[np.ndarray, VolumeGe
                     raise BadInputError(f"{path}: cannot read MRC ({problems})")
                 raw = np.asarray(mrc.data)
                 header = mrc.header
+                if int(header.mode) == 0 and _imod_unsigned_bytes(header):
+                    raw = raw.view(np.uint8)  # (mrcfile reads mode 0 as int8 whatever IMOD says)
                 axes = (int(header.mapc), int(header.mapr), int(header.maps))
                 voxel = mrc.voxel_size
                 spacing = (float(voxel.x), float(voxel.y), float(voxel.z))
                 cell = (header.cella.x, header.cella.y, header.cella.z)
                 sampling = (int(header.mx), int(header.my), int(header.mz))
                 origin = (float(header.origin.x), float(header.origin.y), float(header.origin.z))
+                angles = (
+                    float(header.cellb.alpha),
+                    float(header.cellb.beta),
+                    float(header.cellb.gamma),
+                )
+                space_group = int(header.ispg)
                 # column, row and section starts (mrcfile names them nx/ny/nzstart)
                 file_start = (int(header.nxstart), int(header.nystart), int(header.nzstart))
                 labels = tuple(
@@ -539,6 +562,19 @@ def _read_mrc(path: Path, *, native: bool = False) -> tuple[np.ndarray, VolumeGe
         )
         spacing = tuple(s if math.isfinite(s) else 0.0 for s in spacing)
     voxel_size = spacing  # as stored: 0 (unknown) stays 0 in the outputs
+    # a crystallographic cell: kept on the outputs (absent from the record when plain, so
+    # that records of orthogonal volumes stay as they were)
+    crystal: dict[str, Any] = {}
+    if any(a != 90.0 for a in angles) and any(a != 0.0 for a in angles):  # (0: never set)
+        crystal["cell_angles"] = angles
+        log.warning(
+            "%s: MRC cell angles %s are not 90 degrees: hypseg treats the voxel grid as "
+            "orthogonal (distances, previews); the outputs keep the angles",
+            path,
+            "/".join(f"{a:g}" for a in angles),
+        )
+    if 1 < space_group <= 230:
+        crystal["space_group"] = space_group
     known = [s > 0 for s in spacing]
     if any(known) and not all(known):
         # Å along some axes and voxels along others would mix in every distance
@@ -555,7 +591,7 @@ def _read_mrc(path: Path, *, native: bool = False) -> tuple[np.ndarray, VolumeGe
         tuple(int(s) for s in data.shape),  # type: ignore[arg-type]
         spacing,  # type: ignore[arg-type]
         affine,
-        {"voxel_size": voxel_size, "origin": origin, "start": start, "labels": labels},
+        {"voxel_size": voxel_size, "origin": origin, "start": start, "labels": labels, **crystal},
         volume_suffix(path) or ".mrc",
         "Å" if all(known) else "voxel",  # a size unknown on any axis: distances in voxels
     )
@@ -850,6 +886,11 @@ def _write_mrc(path: Path, data: np.ndarray, geometry: VolumeGeometry, intent: s
         mrc.voxel_size = tuple(float(s) for s in spacing)
         mrc.header.origin.x, mrc.header.origin.y, mrc.header.origin.z = (float(o) for o in origin)
         mrc.header.nxstart, mrc.header.nystart, mrc.header.nzstart = (int(s) for s in start)
+        if "cell_angles" in header:
+            cellb = mrc.header.cellb
+            cellb.alpha, cellb.beta, cellb.gamma = (float(a) for a in header["cell_angles"])
+        if "space_group" in header:
+            mrc.header.ispg = int(header["space_group"])
         mrc.header.label[:] = b""
         mrc.header.nlabl = 0
         for text in labels:

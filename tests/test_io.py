@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import io as io_module
 import re
 
 import mrcfile
@@ -523,3 +524,51 @@ def test_a_nifti_pixdim_that_is_not_a_positive_number_is_replaced(tmp_path, capl
     np.testing.assert_array_equal(vol.geometry.affine, affine)
     io.write_labels(tmp_path / "o.nii", (data > 0).astype(np.uint8), vol.geometry)
     assert nib.load(tmp_path / "o.nii").header["pixdim"][1] == pytest.approx(pixdim, nan_ok=True)
+
+
+@pytest.mark.parametrize("flags, unsigned", [(0, True), (1, False), (None, False)])
+def test_imod_unsigned_byte_mrc(tmp_path, flags, unsigned):
+    """Mode 0 is signed in MRC2014, but IMOD stamps files whose bytes are unsigned (flags
+    bit 0 clear): 200 must read as 200 there, not -56."""
+    import mrcfile
+
+    values = np.arange(0, 256, dtype=np.int64).reshape(4, 8, 8)  # (z, y, x) as stored
+    path = tmp_path / "imod.mrc"
+    with mrcfile.new(str(path)) as mrc:
+        mrc.set_data(values.astype(np.uint8).view(np.int8))
+        if flags is not None:
+            extra = bytearray(bytes(mrc.header.extra2))
+            extra[40:48] = np.array([io.IMOD_STAMP, flags], dtype="<i4").tobytes()
+            mrc.header.extra2 = bytes(extra)
+    data = io.read_volume(path).data  # (x, y, z)
+    want = values if unsigned else values.astype(np.uint8).view(np.int8).astype(np.int64)
+    np.testing.assert_array_equal(data, np.transpose(want, (2, 1, 0)).astype(np.float32))
+    assert io.read_volume(path, native=True).data.dtype == (np.uint8 if unsigned else np.int8)
+
+
+def test_mrc_cell_angles_and_space_group_are_kept(tmp_path, caplog):
+    import mrcfile
+
+    path = tmp_path / "crystal.map"
+    with mrcfile.new(str(path)) as mrc:
+        mrc.set_data(np.arange(336, dtype=np.float32).reshape(6, 7, 8))
+        mrc.voxel_size = (1.2, 1.2, 1.5)
+        mrc.header.cellb.beta = 105.0
+        mrc.header.ispg = 4
+    volume = io.read_volume(path)
+    assert "cell angles 90/105/90 are not 90 degrees" in caplog.text
+    record = io.geometry_record(volume.geometry)
+    assert record["cell_angles"] == [90.0, 105.0, 90.0] and record["space_group"] == 4
+    out = tmp_path / "labels.map"
+    io.write_labels(out, np.zeros(volume.data.shape, np.uint8), volume.geometry)
+    with mrcfile.open(str(out)) as mrc:
+        cellb = mrc.header.cellb
+        assert (float(cellb.alpha), float(cellb.beta), float(cellb.gamma)) == (90.0, 105.0, 90.0)
+        assert int(mrc.header.ispg) == 4
+    assert mrcfile.validate(str(out), print_file=io_module.StringIO())
+    # a plain volume's record is as before (no new keys: its outputs' records still match)
+    plain = tmp_path / "plain.mrc"
+    with mrcfile.new(str(plain)) as mrc:
+        mrc.set_data(np.zeros((3, 4, 5), np.float32))
+    record = io.geometry_record(io.read_volume(plain).geometry)
+    assert "cell_angles" not in record and "space_group" not in record
