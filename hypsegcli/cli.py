@@ -941,8 +941,9 @@ def cluster(
             "--n-init",
             min=1,
             max=1000,
-            help="k-means restarts (best inertia wins); each on at most 50 000 of the fit voxels, "
-            "the best then refined on all of them.",
+            help="k-means restarts (best inertia wins). Poincaré k-means runs each on at most "
+            "50 000 of the fit voxels and refines the best on all of them; Euclidean k-means "
+            "(--metric euclidean, intensities) runs each on all of them.",
         ),
     ] = N_INIT_DEFAULT,
     fit_samples: Annotated[

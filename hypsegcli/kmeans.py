@@ -1013,6 +1013,7 @@ class PoincareKMeans:
                 "This PoincareKMeans instance is not fitted yet; call fit(X) before predict(X)"
             )
         centers = torch.from_numpy(np.array(self.cluster_centers_, dtype=np.float64, ndmin=2))
+        _check_ball_points(centers, "cluster_centers_", float(self.c))  # (set from elsewhere)
         xt = self._validate(X)
         if xt.shape[1] != centers.shape[1]:
             raise BadInputError(

@@ -553,3 +553,16 @@ def test_centres_equal_only_in_float32_are_told_apart():
     ref = _ref_dist(x.astype(np.float64)[:, None, :], centers[None], 1.0).argmin(1)
     np.testing.assert_array_equal(ref, [0, 1, 2, 1])
     np.testing.assert_array_equal(km.predict(x), ref)
+
+
+def test_predict_refuses_centres_set_from_elsewhere_that_are_not_ball_points():
+    """NaN centres gave out-of-range labels (2 for k = 2) or 0 depending on n; a centre
+    outside the ball was silently never chosen."""
+    for centres, message in [
+        ([[np.nan, 0.0], [0.0, 0.0]], "non-finite"),
+        ([[1.5, 0.0], [0.0, 0.0]], "outside the Poincaré ball"),
+    ]:
+        km = PoincareKMeans(2)
+        km.cluster_centers_ = np.array(centres)
+        with pytest.raises(BadInputError, match=message):
+            km.predict(np.zeros((10, 2)))
