@@ -115,7 +115,8 @@ def overlay_montage(
 ) -> np.ndarray:
     """The three middle slices (x, y, z) side by side, grey image with coloured labels.
 
-    Slices are shown with the first in-plane array axis running downwards;
+    Each slice is drawn with its first in-plane array axis across and the second down
+    (the z panel: x across, y down, as Fiji, napari and 3dmod show it);
     anisotropic spacing is honoured by nearest-neighbour scaling (an axis is
     stretched at most :data:`MAX_STRETCH` times). Cluster c gets
     ``colours(...)[c]``; with ``outside`` (``cluster --mask``), label 0 is the
@@ -129,9 +130,11 @@ def overlay_montage(
     panels = []
     for axis in range(3):
         index = image.shape[axis] // 2
-        g = _window(np.take(image, index, axis=axis).astype(np.float32), lo, scale)
-        lab = np.take(labels, index, axis=axis).astype(np.int64)
-        sp = [s for i, s in enumerate(spacing) if i != axis]
+        # the first in-plane axis across, the second down, as viewers draw an image (Fiji,
+        # napari, 3dmod: the z panel with x across and y down)
+        g = _window(np.take(image, index, axis=axis).astype(np.float32), lo, scale).T
+        lab = np.take(labels, index, axis=axis).astype(np.int64).T
+        sp = [s for i, s in enumerate(spacing) if i != axis][::-1]
         tint = palette[np.clip(lab - first, 0, len(palette) - 1)]
         rgb = (1.0 - alpha) * g[..., None] * 255.0 + alpha * tint
         rgb = np.where(lab[..., None] >= first, rgb, g[..., None] * 255.0)

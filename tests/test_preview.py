@@ -16,8 +16,9 @@ def test_montage_windows_slices_by_whole_volume_percentiles():
     labels = rng.integers(0, 3, image.shape)
     montage = preview.overlay_montage(image, labels, alpha=0.0, min_side=1)
     lo, hi = np.percentile(image.astype(np.float64), [1.0, 99.0])
-    expected = np.clip((image[4] - lo) / (hi - lo), 0.0, 1.0) * 255.0  # the x panel, first
-    np.testing.assert_allclose(montage[: image.shape[1], : image.shape[2], 0], expected, atol=1.0)
+    # the x panel, first: y across, z down
+    expected = np.clip((image[4].T - lo) / (hi - lo), 0.0, 1.0) * 255.0
+    np.testing.assert_allclose(montage[: image.shape[2], : image.shape[1], 0], expected, atol=1.0)
     # the same picture whatever the input's float type
     again = preview.overlay_montage(image.astype(np.float64), labels, alpha=0.0, min_side=1)
     np.testing.assert_array_equal(montage, again)
@@ -41,11 +42,11 @@ def test_png_round_trip(tmp_path):
 def test_more_than_16_clusters_keep_distinct_colours_and_a_masks_outside_stays_grey():
     """Labels 0 and 16 had the same colour (16 colours, modulo); with --mask, label 0 (the
     outside) was tinted as cluster 0 and every cluster's colour shifted by one."""
-    image = np.zeros((3, 4, 40), np.float32)
-    labels = np.broadcast_to(np.arange(40) % 20, image.shape).copy()
+    image = np.zeros((3, 40, 4), np.float32)
+    labels = np.broadcast_to((np.arange(40) % 20)[None, :, None], image.shape).copy()
     montage = preview.overlay_montage(image, labels, alpha=1.0, min_side=1)
-    z_panel = montage[: image.shape[1], : image.shape[2]]  # the x panel: (y, z)
-    row = z_panel[0, :20].astype(int)
+    x_panel = montage[: image.shape[2], : image.shape[1]]  # the x panel: y across, z down
+    row = x_panel[0, :20].astype(int)
     assert len({tuple(c) for c in row}) == 20
     np.testing.assert_array_equal(row[:16], preview.PALETTE.astype(int))
     # the outside of a mask: grey (black image, so 0), and cluster 1 keeps cluster 0's colour
@@ -54,6 +55,26 @@ def test_more_than_16_clusters_keep_distinct_colours_and_a_masks_outside_stays_g
     np.testing.assert_array_equal(row[0], [0, 0, 0])
     np.testing.assert_array_equal(row[1], preview.PALETTE[0].astype(int))
     np.testing.assert_array_equal(row[2], preview.PALETTE[1].astype(int))
+
+
+def test_panels_are_drawn_as_viewers_draw_them():
+    """The z panel shows x across and y down (Fiji, napari, 3dmod), the y panel x across
+    and z down, the x panel y across and z down; anisotropic spacing stretches the axis it
+    belongs to."""
+    image = np.zeros((24, 16, 8), np.float32)
+    labels = np.zeros(image.shape, np.uint8)
+    labels[:, :2, :] = 1  # a bar along x at y = 0, 1
+    montage = preview.overlay_montage(image, labels, alpha=1.0, min_side=1)
+    x_panel = montage[:8, :16]  # (z down, y across)
+    y_panel = montage[:8, 16 + 4 : 16 + 4 + 24]  # (z down, x across)
+    z_panel = montage[:16, 16 + 4 + 24 + 4 :]  # (y down, x across)
+    colour = preview.PALETTE[1].astype(int)
+    assert (z_panel[:2].astype(int) == colour).all() and not (z_panel[2:] == colour).all(-1).any()
+    assert (x_panel[:, :2].astype(int) == colour).all()
+    assert y_panel.shape == (8, 24, 3)  # the middle y slice (8) misses the bar: label 0
+    assert (y_panel.astype(int) == preview.PALETTE[0].astype(int)).all()
+    wide = preview.overlay_montage(image, labels, (2.0, 1.0, 1.0), alpha=1.0, min_side=1)
+    assert wide.shape[1] == 16 + 4 + 48 + 4 + 48  # x (across) twice as long
 
 
 def test_extreme_anisotropy_is_drawn_at_a_bounded_size():
