@@ -254,7 +254,8 @@ class Bench:
             self.skip(argv, stage="train")
         else:
             model.parent.mkdir(parents=True, exist_ok=True)
-            self.run(argv, stage="train", stdout=model.with_suffix(".json"))
+            # (--overwrite: an interrupted training's checkpoint is started over)
+            self.run([*argv, "--overwrite"], stage="train", stdout=model.with_suffix(".json"))
             made_by.write_text(json.dumps(argv) + "\n")
         return model
 

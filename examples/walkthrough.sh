@@ -36,7 +36,8 @@ echo "== 1/5 synthetic volumes with 3-level ground truth in $WORK/data" >&2
 
 echo "== 2/5 train the hyperbolic VAE on $WORK/data/train/images" >&2
 # shellcheck disable=SC2086  # TRAIN_OPTS holds several options
-"${hypseg[@]}" train "$WORK/data/train/images" -o "$WORK/model.pt" "${length[@]}" ${threads[@]+"${threads[@]}"} $TRAIN_OPTS
+# (--overwrite: running the walkthrough again starts the model over)
+"${hypseg[@]}" train "$WORK/data/train/images" -o "$WORK/model.pt" --overwrite "${length[@]}" ${threads[@]+"${threads[@]}"} $TRAIN_OPTS
 
 echo "== 3/5 the plan: what clustering the test volumes will cost" >&2
 "${hypseg[@]}" cluster "$WORK/data/test/images" -m "$WORK/model.pt" "${k_args[@]}" -o "$WORK/seg" \

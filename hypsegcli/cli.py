@@ -652,6 +652,14 @@ def train(
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue from <stem>.ckpt.pt beside --output.")
     ] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Start over where an earlier run left a model or checkpoint at --output "
+            "(replaced; without this, or --resume, such a run is refused).",
+        ),
+    ] = False,
     recursive: Annotated[
         bool, typer.Option("--recursive", "-r", help="Descend into sub-folders of input folders.")
     ] = False,
@@ -734,6 +742,7 @@ def train(
             device=device,
             threads=threads,
             resume=resume,
+            overwrite=overwrite,
             recursive=recursive,
             mask=mask,
             lr_given=lr is not None,

@@ -767,6 +767,7 @@ def train(
     device: str = "auto",
     threads: int | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     recursive: bool = False,
     mask: Path | None = None,
     lr_given: bool = True,
@@ -774,6 +775,8 @@ def train(
 ) -> dict[str, Any]:
     """Train on the volumes in ``inputs``; write ``output`` and its checkpoint and history.
 
+    An earlier run's model or checkpoint at ``output`` is continued (``resume``) or
+    replaced (``overwrite``); with neither, the run is refused before any work.
     ``mask`` (``--mask``, as for :func:`cluster`): anchors centre inside the masks.
     ``lr_given`` False (no ``--lr``): a resumed run keeps the checkpoint's learning rate."""
     from . import distributed, training
@@ -786,6 +789,17 @@ def train(
     resolved = training.resolve_device(device)  # (a bad --device before -o's folder is made)
     for target in (Path(output), *training.companion_paths(Path(output))):
         check_output_file(target, [*paths, *(masks.files() if masks else [])], what="train -o")
+    if resume and overwrite:
+        raise BadInputError(
+            "--resume continues the earlier run and --overwrite replaces it: give one"
+        )
+    if not resume and not overwrite:
+        for earlier in (Path(output), training.companion_paths(Path(output))[0]):
+            if earlier.exists():  # an interrupted run's checkpoint is hours of work
+                raise BadInputError(
+                    f"{earlier}: exists (an earlier run's {'checkpoint' if earlier != Path(output) else 'model, or another file'}); "
+                    "continue that run with --resume, or start over, replacing it, with --overwrite"
+                )
     norm_config, checkpoint = sampling_config, None
     if resume:  # the checkpoint's normalisation, whatever this command line says
         checkpoint = training.load_checkpoint(Path(output))

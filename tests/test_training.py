@@ -280,13 +280,41 @@ def test_gyroconv_is_a_hyperbolic_option(tmp_path, capsys):
     )
     for geometry, recorded in [("euclidean", False), ("hyperbolic", True)]:
         code, _, err = run(
-            ["--quiet", "train", data / "images", "-o", out, "--steps", "1"]
+            ["--quiet", "train", data / "images", "-o", out, "--steps", "1", "--overwrite"]
             + ["--geometry", geometry, *TINY_TRAIN],
             capsys,
         )
         assert code == 0, err
         config = torch.load(out, weights_only=False)["model_config"]
         assert config["geometry"] == geometry and config["gyroconv"] is recorded
+
+
+def test_an_earlier_run_is_neither_replaced_nor_continued_unasked(tmp_path, capsys):
+    """A run interrupted at step 22 of 300 and run again without --resume started over and
+    replaced its checkpoint (review); a finished model was replaced as silently."""
+    data = tmp_path / "data"
+    assert run(["--quiet", "synth", data, "--n", "1", "--size", "20"], capsys)[0] == 0
+    out = tmp_path / "m.pt"
+    base = ["--quiet", "train", data / "images", "-o", out, *TINY_TRAIN]
+    assert run([*base, "--steps", "2"], capsys)[0] == 0
+    ckpt = tmp_path / "m.ckpt.pt"
+    before = {p.name: p.read_bytes() for p in (out, ckpt)}
+    code, stdout, err = run([*base, "--steps", "3"], capsys)
+    assert code == 2 and stdout == "" and err.count("\n") == 1
+    assert f"{out}: exists (an earlier run's model, or another file); continue that run " in err
+    out.unlink()  # as if the run had been stopped before writing its model
+    code, _, err = run([*base, "--steps", "3"], capsys)
+    assert code == 2 and f"{ckpt}: exists (an earlier run's checkpoint)" in err
+    assert ckpt.read_bytes() == before["m.ckpt.pt"]
+    code, _, err = run([*base, "--steps", "3", "--resume", "--overwrite"], capsys)
+    assert code == 2 and "give one" in err
+    assert run([*base, "--steps", "3", "--resume"], capsys)[0] == 0
+    assert torch.load(ckpt, weights_only=False)["step"] == 3
+    assert run([*base, "--steps", "1", "--overwrite"], capsys)[0] == 0
+    assert torch.load(ckpt, weights_only=False)["step"] == 1
+    # -o onto another run's loss history is refused too
+    code, _, err = run([*base[:4], tmp_path / "m.history.csv", *TINY_TRAIN, "--steps", "1"], capsys)
+    assert code == 2 and "m.history.csv: exists" in err
 
 
 def test_cli_progress_without_terminal_is_plain_lines(tmp_path, capsys):
@@ -304,7 +332,8 @@ def test_cli_progress_without_terminal_is_plain_lines(tmp_path, capsys):
     assert lines[-1].startswith("wrote ") and len(lines) == 4
     assert "━" not in err and "\x1b" not in err
     code, _, err = run(
-        ["train", data / "images", "-o", out, "--max-minutes", "0.01", *TINY_TRAIN], capsys
+        ["train", data / "images", "-o", out, "--max-minutes", "0.01", "--overwrite", *TINY_TRAIN],
+        capsys,
     )
     assert code == 0, err
     assert [line.split(",")[0] for line in err.splitlines() if line.startswith("train:")] == [
@@ -312,7 +341,8 @@ def test_cli_progress_without_terminal_is_plain_lines(tmp_path, capsys):
     ]
     # a budget shorter than one step still trains one (the model is never left untrained)
     code, stdout, err = run(
-        ["train", data / "images", "-o", out, "--max-minutes", "1e-9", "--json", *TINY_TRAIN],
+        ["train", data / "images", "-o", out, "--max-minutes", "1e-9", "--json", "--overwrite"]
+        + TINY_TRAIN,
         capsys,
     )
     assert code == 0, err
@@ -440,12 +470,12 @@ def test_cli_norm_is_stored_applied_at_inference_and_kept_on_resume(tmp_path, ca
     assert seen == ["zscore"]
     assert load_model_file(out)["normalization"]["method"] == "zscore"
     # percentile levels are stored and used; 'none' keeps the stored values
-    code, _, err = run([*args, "--steps", "1", "--norm-range", "0", "100"], capsys)
+    code, _, err = run([*args, "--steps", "1", "--norm-range", "0", "100", "--overwrite"], capsys)
     assert code == 0, err
     lo, hi = raw.min(), raw.max()
     x = LoadedModel(out, device="cpu").normalize(raw, name=str(image))
     np.testing.assert_allclose(x, (raw - lo) / (hi - lo), rtol=1e-5, atol=1e-5)
-    code, _, err = run([*args, "--steps", "1", "--norm", "none"], capsys)
+    code, _, err = run([*args, "--steps", "1", "--norm", "none", "--overwrite"], capsys)
     assert code == 0, err
     x = LoadedModel(out, device="cpu").normalize(raw, name=str(image))
     np.testing.assert_array_equal(x, raw.astype(np.float32))
