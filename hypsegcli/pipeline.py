@@ -2087,6 +2087,8 @@ def _case_done(
         labels, png = _case_k_outputs(out, path, k)
         written = [(labels, sets[k].get("bytes"))]
         if preview:
+            if sets[k].get("bytes") is not None and sets[k].get("preview_bytes") is None:
+                return False  # this set was written without a preview: a PNG there is older
             written.append((png, sets[k].get("preview_bytes")))
         if any(size is not None and _file_size(file) != size for file, size in written):
             return False
@@ -2829,6 +2831,11 @@ def cluster(
                                     levels=levels,
                                 )
                                 sets[-1]["preview_bytes"] = _file_size(png)
+                            else:  # a preview of the labels this replaced would show others
+                                stale = out / f"{volume.name}_k{k}.png"
+                                if stale.is_file():
+                                    stale.unlink()
+                                    log.info("%s: removed, it showed the labels replaced", stale)
                             watch.lap("write")
                         _write_case_centroids(
                             out,

@@ -870,3 +870,23 @@ def test_embed_does_not_overwrite_a_json_it_did_not_write(trained, tmp_path, cap
     code, _, err = run([*base, "-o", out], capsys)
     assert code == 0, err
     assert json.loads((out / "sub-01_T1w.json").read_text())["format"] == "hypseg-embedding"
+
+
+def test_a_preview_of_replaced_labels_is_not_taken_as_current(trained, tmp_path, capsys):
+    """--preview with --smooth 0, then the defaults without --preview (k = 2 replaced),
+    then the defaults with --preview: the last run took the --smooth 0 picture as
+    complete (review)."""
+    images, model = trained / "data" / "images" / "case_000.nii.gz", trained / "model.pt"
+    seg = tmp_path / "seg"
+    base = ["-q", "cluster", images, "-m", model, "--k", "2", "-o", seg, "--json"]
+    assert run([*base, "--preview", "--smooth", "0"], capsys)[0] == 0
+    png = seg / "case_000_k2.png"
+    first = png.read_bytes()
+    code, out, err = run(base, capsys)
+    assert code == 0 and json.loads(out)["done"] == 1, err
+    assert not png.exists()  # it showed the labels just replaced
+    code, out, err = run([*base, "--preview"], capsys)
+    assert code == 0 and json.loads(out)["done"] == 1, err
+    fresh = tmp_path / "fresh"
+    assert run([*base[:-2], str(fresh), "--json", "--preview"], capsys)[0] == 0
+    assert png.read_bytes() == (fresh / "case_000_k2.png").read_bytes() != first
