@@ -752,9 +752,79 @@ def load_training_volumes(
                 mask=inside,
                 mask_sha256=record.get("inside_sha256"),
                 mask_name=str(masks.paths[path]) if masks is not None else None,
+                spacing=tuple(float(x) for x in vol.geometry.spacing),
+                unit=vol.geometry.unit,
             )
         )
+    _warn_mixed_spacing(volumes)
     return volumes
+
+
+#: Voxel sizes within this factor of each other count as one scale (patches are in voxels).
+SCALE_TOLERANCE = 1.5
+
+
+def _spacing_text(spacings: Any, unit: str) -> str:
+    """ "1x1x1 to 1x1x3 mm": the range of voxel sizes ``spacings`` (n, 3)."""
+    arr = np.asarray(spacings, dtype=np.float64).reshape(-1, 3)
+    lo, hi = arr.min(0), arr.max(0)
+    text = "x".join(f"{v:.3g}" for v in lo)
+    if not np.array_equal(lo, hi):
+        text += " to " + "x".join(f"{v:.3g}" for v in hi)
+    return f"{text} (units unknown)" if unit in ("", "unknown") else f"{text} {unit}"
+
+
+def _warn_mixed_spacing(volumes: list[Any]) -> None:
+    """Warn when training volumes differ in voxel size: patches are in voxels, so one patch
+    covers a different physical size in each."""
+    units = sorted({v.unit for v in volumes if v.unit not in (None, "unknown")})
+    spacings = np.array([v.spacing for v in volumes if v.spacing is not None], dtype=np.float64)
+    if len(units) > 1:
+        log.warning(
+            "the training volumes have voxel sizes in different units (%s): patches are in "
+            "voxels, so a patch covers another physical size in each",
+            ", ".join(units),
+        )
+    elif len(spacings) > 1 and (spacings.max(0) > SCALE_TOLERANCE * spacings.min(0)).any():
+        log.warning(
+            "the training volumes' voxel sizes range over %s: patches are in voxels, so a "
+            "patch covers another physical size in each (resample them to one voxel size "
+            "to learn one scale)",
+            _spacing_text(spacings, units[0] if units else ""),
+        )
+
+
+def _warn_other_scale(model: LoadedModel, volume: Any) -> None:
+    """Warn when ``volume``'s voxel size is far from (or in another unit than) those the
+    model was trained on: its structures then span other numbers of voxels than the
+    patches learned (models written before the voxel sizes were recorded: no check)."""
+    trained = [
+        v
+        for v in model.document.get("training_volumes", [])
+        if isinstance(v, dict) and isinstance(v.get("spacing"), list) and len(v["spacing"]) == 3
+    ]
+    warned = model.__dict__.setdefault("_scale_warned", set())
+    if not trained or volume.path in warned:
+        return
+    warned.add(volume.path)  # (once a volume: a pooled fit embeds it twice)
+    units = {str(v.get("unit")) for v in trained}
+    arr = np.array([v["spacing"] for v in trained], dtype=np.float64)
+    sp = np.asarray(volume.geometry.spacing, dtype=np.float64)
+    unit = volume.geometry.unit
+    if (
+        (unit in units or "unknown" in units | {unit})  # (a NIfTI without units: no evidence)
+        and (sp >= arr.min(0) / SCALE_TOLERANCE).all()
+        and (sp <= arr.max(0) * SCALE_TOLERANCE).all()
+    ):
+        return
+    log.warning(
+        "%s: voxel size %s, but %s was trained on %s: patches are in voxels, so structures "
+        "span other numbers of voxels than in training (resample to the training voxel size)",
+        volume.path,
+        _spacing_text(sp, unit),
+        model.path,
+        _spacing_text(arr, "/".join(sorted(units))),
+    )
 
 
 def train(
@@ -913,6 +983,7 @@ def embed_one(
     """
     from .embedding import embed_volume
 
+    _warn_other_scale(model, volume)
     key = _cache_key(volume_sha256 or array_sha256(volume.data), model, patch_size, stride)
     hit = cache.get(key) if reuse else None
     if hit is not None:

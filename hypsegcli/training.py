@@ -60,6 +60,8 @@ class TrainingVolume:
     mask: np.ndarray | None = None  # bool [x, y, z]: anchors centre inside (train --mask)
     mask_sha256: str | None = None  # of the mask's inside
     mask_name: str | None = None  # the mask's file
+    spacing: tuple[float, float, float] | None = None  # voxel size (recorded in the model)
+    unit: str | None = None  # of ``spacing``: "mm", "Å", "voxel", ...
 
 
 @dataclass
@@ -354,6 +356,7 @@ def _train(
             "sha256": v.sha256,
             "shape": list(v.data.shape),
             **({"mask_sha256": v.mask_sha256} if v.mask_sha256 else {}),
+            **({"spacing": list(v.spacing), "unit": v.unit} if v.spacing is not None else {}),
         }
         for v in volumes
     ]

@@ -890,3 +890,38 @@ def test_a_preview_of_replaced_labels_is_not_taken_as_current(trained, tmp_path,
     fresh = tmp_path / "fresh"
     assert run([*base[:-2], str(fresh), "--json", "--preview"], capsys)[0] == 0
     assert png.read_bytes() == (fresh / "case_000_k2.png").read_bytes() != first
+
+
+def test_voxel_sizes_far_from_the_training_ones_are_warned_about(tmp_path, capsys):
+    """Patches are in voxels: training on mixed voxel sizes, or segmenting a 13.7 Å tomogram
+    with a model of 1 mm MRI, learns or applies another physical scale (review)."""
+    import mrcfile
+    import torch
+    from clitools import TINY_TRAIN
+
+    rng = np.random.default_rng(0)
+    train_dir, tomo = tmp_path / "train", tmp_path / "tomo"
+    train_dir.mkdir()
+    tomo.mkdir()
+    for i, z in enumerate([1.0, 1.0, 3.0]):
+        image = nib.Nifti1Image(rng.random((20, 20, 20)).astype(np.float32), np.diag([1, 1, z, 1]))
+        image.header.set_xyzt_units("mm")
+        nib.save(image, train_dir / f"s{i}.nii.gz")
+    with mrcfile.new(str(tomo / "t.mrc")) as mrc:
+        mrc.set_data(rng.random((20, 20, 20)).astype(np.float32))
+        mrc.voxel_size = 13.7
+    model = tmp_path / "m.pt"
+    code, _, err = run(["-q", "train", train_dir, "-o", model, "--steps", "1", *TINY_TRAIN], capsys)
+    assert code == 0, err
+    assert "voxel sizes range over 1x1x1 to 1x1x3 mm: patches are in voxels" in err
+    volumes = torch.load(model, weights_only=False)["training_volumes"]
+    assert [v["spacing"] for v in volumes] == [[1.0, 1.0, 1.0]] * 2 + [[1.0, 1.0, 3.0]]
+    assert {v["unit"] for v in volumes} == {"mm"}
+    base = ["-q", "cluster", "-m", model, "--k", "2", "--features", "embedding"]
+    code, _, err = run([*base, tomo, "-o", tmp_path / "seg"], capsys)
+    assert code == 0, err
+    assert (
+        f"t.mrc: voxel size 13.7x13.7x13.7 Å, but {model} was trained on 1x1x1 to 1x1x3 mm" in err
+    )
+    code, _, err = run([*base, train_dir, "-o", tmp_path / "seg2"], capsys)
+    assert code == 0 and "voxel size" not in err, err
