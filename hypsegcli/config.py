@@ -213,8 +213,10 @@ class TrainConfig:
             raise BadInputError("give --steps or --max-minutes (or both)")
         if self.steps is not None and self.steps < 1:
             raise BadInputError(f"steps={self.steps} should be >= 1")
-        if self.max_minutes is not None and not self.max_minutes > 0:
-            raise BadInputError(f"max_minutes={self.max_minutes} should be > 0")
+        if self.max_minutes is not None and not (
+            self.max_minutes > 0 and math.isfinite(self.max_minutes)
+        ):
+            raise BadInputError(f"max_minutes={self.max_minutes} should be a finite number > 0")
         if self.batch_size < 1:
             raise BadInputError(f"batch_size={self.batch_size} should be >= 1")
         if not (self.lr > 0 and math.isfinite(self.lr)):

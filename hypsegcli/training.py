@@ -554,7 +554,8 @@ def _train(
                 # others (SIGTERM) as soon as one has exited
                 dist.barrier()
                 raise KeyboardInterrupt() if first == signal.SIGINT else Terminated()
-            checkpoint()
+            if saved_step != step:  # (a periodic checkpoint may have saved this step already)
+                checkpoint()
             if dist.is_main:
                 save_model_file(model_path, payload("model"))
             distributed.debug_dump(
@@ -702,8 +703,13 @@ def _restore_generators(
         mine = None
     if dist.is_main and len(ranks) != dist.world_size:
         log.warning(
-            "the checkpoint was written by %d process(es), resuming on %d: rank 0 continues "
-            "its generators, other ranks re-seed, so triplets differ from an uninterrupted run",
+            "the checkpoint was written by %d process(es), resuming on %d: "
+            + (
+                "rank 0 continues its generators, other ranks re-seed"
+                if dist.world_size > 1
+                else "this process continues rank 0's generators"
+            )
+            + ", so triplets differ from an uninterrupted run",
             len(ranks),
             dist.world_size,
         )

@@ -317,6 +317,31 @@ def test_an_earlier_run_is_neither_replaced_nor_continued_unasked(tmp_path, caps
     assert code == 2 and "m.history.csv: exists" in err
 
 
+def test_the_last_step_is_saved_once_and_the_budget_is_finite(tmp_path, capsys, monkeypatch):
+    """--steps 4 --checkpoint-every 2 wrote the step-4 checkpoint twice (a loss evaluation
+    and, under torchrun, a gather each time); --max-minutes inf trained without end."""
+    from hypsegcli import training
+
+    data = tmp_path / "data"
+    assert run(["--quiet", "synth", data, "--n", "1", "--size", "20"], capsys)[0] == 0
+    saves = []
+    real = training.save_model_file
+    monkeypatch.setattr(
+        training,
+        "save_model_file",
+        lambda path, doc: saves.append((doc["kind"], doc["step"])) or real(path, doc),
+    )
+    out = tmp_path / "m.pt"
+    base = ["--quiet", "train", data / "images", "-o", out, *TINY_TRAIN]
+    assert run([*base, "--steps", "4", "--checkpoint-every", "2"], capsys)[0] == 0
+    assert saves == [("checkpoint", 2), ("checkpoint", 4), ("model", 4)]
+    saves.clear()
+    assert run([*base, "--steps", "5", "--checkpoint-every", "2", "--resume"], capsys)[0] == 0
+    assert saves == [("checkpoint", 5), ("model", 5)]
+    code, _, err = run([*base, "--max-minutes", "inf", "--overwrite"], capsys)
+    assert code == 2 and "--max-minutes inf should be a finite number > 0" in err
+
+
 def test_cli_progress_without_terminal_is_plain_lines(tmp_path, capsys):
     data = tmp_path / "data"
     code, _, err = run(["--quiet", "synth", data, "--n", "1", "--size", "20"], capsys)
