@@ -853,20 +853,39 @@ def current_rss_bytes() -> float:
         return 0.0
 
 
-PLAN_NOTES = (
+_EMBED_NOTES = (
     "Estimates, not measurements. Time: FLOPs per voxel (embedding.flops_per_voxel) x voxels / "
     f"({ENCODER_EFFICIENCY:g} x a float32 matmul rate measured just now on the CPU, "
     f"{GPU_ENCODER_EFFICIENCY:g} x on a GPU) + "
-    f"{TILE_OVERHEAD_S * 1000:g} ms per tile and worker thread, plus "
-    "k-means per point and cluster of each pass of a fit and of the assignment (iterations "
-    "depend on the data), plus scikit-learn's import where its k-means is used; reading and "
-    "writing files is not counted. Peak memory: this process now (libraries and model) + the "
-    "volume, its normalised and padded copies and its embeddings (+ float64 copies with "
-    "--stride > 1 and for clustering) + one tile's float32 activations per worker thread; "
-    "allocator overheads are not counted; with --smooth, the Potts prior's time per voxel and "
+    f"{TILE_OVERHEAD_S * 1000:g} ms per tile and worker thread"
+)
+_CLUSTER_NOTES = (
+    ", plus k-means per point and cluster of each pass of a fit and of the assignment "
+    "(iterations depend on the data), plus scikit-learn's import where its k-means is used"
+)
+_MEMORY_NOTES = (
+    "; reading and writing files is not counted. Peak memory: this process now (libraries "
+    "and model) + the volume, its normalised and padded copies and its embeddings (+ float64 "
+    "copies with --stride > 1{clustering}) + one tile's float32 activations per worker "
+    "thread; allocator overheads are not counted"
+)
+_STEP_NOTES = (
+    "; with --smooth, the Potts prior's time per voxel and "
     "cluster and its largest slab; with --snap, the edge snap's time and memory per voxel and "
     "label; with --mrf, the intensity MRF's (masks per voxel and label plus a Potts prior's "
     "slab); with --nest, the band's distance transforms; with --min-size, the component "
-    "labelling and its distance transform; constants measured on a 2-core CPU "
-    "(benchmarks/dryrun_accuracy.py). Expect the truth within a factor of about 2."
+    "labelling and its distance transform"
 )
+_END_NOTES = (
+    "; constants measured on a 2-core CPU (benchmarks/dryrun_accuracy.py). Expect the truth "
+    "within a factor of about 2."
+)
+#: What a dry run's estimates of ``cluster`` (and, ``EMBED_PLAN_NOTES``, ``embed``) count.
+PLAN_NOTES = (
+    _EMBED_NOTES
+    + _CLUSTER_NOTES
+    + _MEMORY_NOTES.format(clustering=" and for clustering")
+    + _STEP_NOTES
+    + _END_NOTES
+)
+EMBED_PLAN_NOTES = _EMBED_NOTES + _MEMORY_NOTES.format(clustering="") + _END_NOTES

@@ -1360,6 +1360,7 @@ def plan(
     import torch
 
     from .batch import (
+        EMBED_PLAN_NOTES,
         ENCODER_EFFICIENCY,
         GPU_ENCODER_EFFICIENCY,
         PLAN_NOTES,
@@ -1523,7 +1524,7 @@ def plan(
         "estimated_peak_bytes": int(max(peaks)) if peaks else None,
         "baseline_bytes": int(baseline),
         "config": config,
-        "notes": PLAN_NOTES,
+        "notes": PLAN_NOTES if command == "cluster" else EMBED_PLAN_NOTES,
     }
 
 
@@ -2461,9 +2462,11 @@ def cluster(
         ]
         if ignored:
             log.warning(
-                "--features intensity clusters the voxel values: %s only apply to embeddings "
-                "and are ignored",
+                "--features intensity clusters the voxel values: %s %s to embeddings only "
+                "and %s ignored",
                 ", ".join(map(str, ignored)),
+                "applies" if len(ignored) == 1 else "apply",
+                "is" if len(ignored) == 1 else "are",
             )
     set_threads(threads)
     paths = collect_inputs(inputs, recursive=recursive)

@@ -925,3 +925,18 @@ def test_voxel_sizes_far_from_the_training_ones_are_warned_about(tmp_path, capsy
     )
     code, _, err = run([*base, train_dir, "-o", tmp_path / "seg2"], capsys)
     assert code == 0 and "voxel size" not in err, err
+
+
+def test_embed_dry_run_notes_describe_embedding_only(trained, tmp_path, capsys):
+    from hypsegcli.batch import EMBED_PLAN_NOTES, PLAN_NOTES
+
+    images, model = trained / "data" / "images", trained / "model.pt"
+    code, out, err = run(["embed", images, "-m", model, "--dry-run", "--json"], capsys)
+    assert code == 0, err
+    notes = json.loads(out)["notes"]
+    assert notes == EMBED_PLAN_NOTES and "k-means" not in notes and "--smooth" not in notes
+    code, out, err = run(
+        ["cluster", images, "-m", model, "--k", "2", "-o", tmp_path / "s", "--dry-run", "--json"],
+        capsys,
+    )
+    assert code == 0 and json.loads(out)["notes"] == PLAN_NOTES, err

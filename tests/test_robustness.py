@@ -646,7 +646,7 @@ def test_embedding_options_with_intensity_features_are_named_as_ignored(tmp_path
     base = ["cluster", tmp_path / "v.nii.gz", "--features", "intensity", "--k", "2"]
     code, _, err = run([*base, "--stride", "2", "-o", tmp_path / "a"], capsys)
     assert code == 0, err
-    assert "--stride 2 only apply to embeddings and are ignored" in err
+    assert "--stride 2 applies to embeddings only and is ignored" in err
     code, _, err = run([*base, "-o", tmp_path / "b"], capsys)
     assert code == 0 and "ignored" not in err
 
