@@ -58,22 +58,22 @@ def _checked_volume(arr: np.ndarray, what: str) -> np.ndarray:
     or a constant volume (nothing to segment)."""
     arr = np.asarray(arr)
     if arr.size == 0:
-        raise BadInputError(f"{what} is empty (shape {arr.shape})")
+        raise BadInputError(f"{what}: empty (shape {arr.shape})")
     if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
-        raise BadInputError(f"{what} has dtype {arr.dtype}, expected a numeric array")
+        raise BadInputError(f"{what}: dtype {arr.dtype}, expected a numeric array")
     if arr.dtype == np.bool_:
         arr = arr.astype(np.float32)
     if np.issubdtype(arr.dtype, np.complexfloating):
-        raise BadInputError(f"{what} has complex dtype {arr.dtype}, expected real values")
+        raise BadInputError(f"{what}: complex dtype {arr.dtype}, expected real values")
     finite = np.isfinite(arr)
     n_bad = arr.size - int(np.count_nonzero(finite))
     if n_bad:
         raise BadInputError(
-            f"{what} has {n_bad} non-finite voxel(s) (NaN or inf) out of {arr.size}; expected finite values"
+            f"{what}: {n_bad} non-finite voxel(s) (NaN or inf) out of {arr.size}; expected finite values"
         )
     vmin = float(arr.min())
     if vmin == float(arr.max()):
-        raise BadInputError(f"{what} is constant (every voxel = {vmin:g}); nothing to segment")
+        raise BadInputError(f"{what}: constant (every voxel = {vmin:g}); nothing to segment")
     return arr
 
 
@@ -101,7 +101,7 @@ def normalize_volume(
     "volume". Raises :class:`BadInputError` for an empty volume, a volume with
     non-finite voxels (naming how many), or a constant one (``P_high == P_low``).
     """
-    what = f"volume {name}" if name else "volume"
+    what = name or "volume"
     if not 0 <= low < high <= 100:
         raise BadInputError(
             f"percentiles low={low} and high={high} should satisfy 0 <= low < high <= 100"
@@ -111,7 +111,7 @@ def normalize_volume(
     if not p_high > p_low:
         vmin, vmax = float(arr.min()), float(arr.max())
         raise BadInputError(
-            f"{what} is constant between percentiles {low:g} and {high:g} "
+            f"{what}: constant between percentiles {low:g} and {high:g} "
             f"(both {p_low:g}, range {vmin:g}..{vmax:g}): too few voxels differ for this "
             "intensity scaling (train --norm-range sets the percentiles of a model)"
         )
@@ -146,7 +146,7 @@ def normalize(
     Every method rejects empty, non-numeric, complex and non-finite volumes and
     constant ones (nothing to segment), naming ``name`` in the message.
     """
-    what = f"volume {name}" if name else "volume"
+    what = name or "volume"
     if method == "percentile":
         return normalize_volume(arr, low, high, name=name)
     if method not in NORMALIZATIONS:
