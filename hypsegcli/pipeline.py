@@ -866,9 +866,10 @@ def train(
     if not resume and not overwrite:
         for earlier in (Path(output), training.companion_paths(Path(output))[0]):
             if earlier.exists():  # an interrupted run's checkpoint is hours of work
+                what = "model, or another file" if earlier == Path(output) else "checkpoint"
                 raise BadInputError(
-                    f"{earlier}: exists (an earlier run's {'checkpoint' if earlier != Path(output) else 'model, or another file'}); "
-                    "continue that run with --resume, or start over, replacing it, with --overwrite"
+                    f"{earlier}: exists (an earlier run's {what}); continue that run with "
+                    "--resume, or start over, replacing it, with --overwrite"
                 )
     norm_config, checkpoint = sampling_config, None
     if resume:  # the checkpoint's normalisation, whatever this command line says
