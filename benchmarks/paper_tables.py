@@ -246,9 +246,10 @@ class Bench:
         # flags) is not taken for this one
         made_by = model.with_suffix(".argv.json")
         if model.is_file():
-            if made_by.is_file() and json.loads(made_by.read_text()) != argv:
+            recorded = json.loads(made_by.read_text()) if made_by.is_file() else argv
+            if recorded != argv:
                 sys.exit(
-                    f"{model} was trained by `hypseg {shlex.join(json.loads(made_by.read_text()))}`,"
+                    f"{model} was trained by `hypseg {shlex.join(recorded)}`,"
                     f" not `hypseg {shlex.join(argv)}`: run with --fresh or another --workdir"
                 )
             self.skip(argv, stage="train")

@@ -803,10 +803,9 @@ def _warn_other_scale(model: LoadedModel, volume: Any) -> None:
         for v in model.document.get("training_volumes", [])
         if isinstance(v, dict) and isinstance(v.get("spacing"), list) and len(v["spacing"]) == 3
     ]
-    warned = model.__dict__.setdefault("_scale_warned", set())
-    if not trained or volume.path in warned:
+    if not trained or volume.path in model.scale_warned:
         return
-    warned.add(volume.path)  # (once a volume: a pooled fit embeds it twice)
+    model.scale_warned.add(volume.path)  # (once a volume: a pooled fit embeds it twice)
     units = {str(v.get("unit")) for v in trained}
     arr = np.array([v["spacing"] for v in trained], dtype=np.float64)
     sp = np.asarray(volume.geometry.spacing, dtype=np.float64)
@@ -939,6 +938,8 @@ class LoadedModel:
         self.device = resolve_device(device)
         self.model = build_model(self.document, path=self.path).to(self.device)
         self.normalization = dict(self.document["normalization"])
+        #: volumes already warned about for a voxel size far from the training ones
+        self.scale_warned: set[Path] = set()
 
     def normalize(self, data: np.ndarray, name: str) -> np.ndarray:
         from .config import NORMALIZATIONS

@@ -154,25 +154,16 @@ def smooth_labels(
         raise BadInputError(f"smoothing beta={beta} should be >= 0")
     centers = np.asarray(centers, dtype=np.float64)
     X, Y, Z, d = features.shape
+    given = len(centers)
+    # repeated centres (k above the distinct feature values): the copies would share their
+    # voxels' marginals, and a label with a single centre would outweigh them in every
+    # neighbourhood. One copy each, labelled at the end as k-means does: the first.
+    first = np.sort(np.unique(centers, axis=0, return_index=True)[1]) if given else None
+    if first is not None and len(first) < given:
+        centers = centers[first]
+    else:
+        first = None
     k = len(centers)
-    first = np.sort(np.unique(centers, axis=0, return_index=True)[1]) if k else np.arange(0)
-    if len(first) < k:
-        # repeated centres (k above the distinct feature values): the copies would share
-        # their voxels' marginals, and a label with a single centre would outweigh them in
-        # every neighbourhood. One copy each, labelled as k-means does: the first.
-        labels = smooth_labels(
-            features,
-            centers[first],
-            sq_dist,
-            beta=beta,
-            iters=iters,
-            temp=temp,
-            device=device,
-            dtype=dtype,
-            slab_elements=slab_elements,
-            inside=inside,
-        )
-        return first[labels].astype(np.min_scalar_type(max(k - 1, 0)))
     flat = features.reshape(-1, d)
     plane = Y * Z
     out = np.empty((X, Y, Z), dtype=np.min_scalar_type(max(k - 1, 0)))
@@ -215,4 +206,6 @@ def smooth_labels(
         q = meanfield(unary, beta, iters, keep)
         del unary
         out[a:b] = q[:, a - lo : b - lo].argmax(0).cpu().numpy()  # 0 outside ``inside``
+    if first is not None:  # the copies' labels as the caller numbers them
+        return first[out].astype(np.min_scalar_type(max(given - 1, 0)))
     return out
