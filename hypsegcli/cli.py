@@ -121,26 +121,26 @@ def runtime_message(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first} (run with --debug for a traceback)"
 
 
-# train's options that set a config field of the same meaning (the configs' own errors
-# name the fields, as the Python API spells them)
-_OPTION_OF_FIELD = {
-    "patch_size": "--patch-size",
-    "latent_dim": "--latent-dim",
-    "curvature": "--curvature",
-    "gyroplane_init": "--gyroplane-init",
-    "beta": "--beta",
-    "margin": "--margin",
-    "mc_samples": "--mc-samples",
-    "texture_weight": "--texture-weight",
-    "r_min": "--r-min",
-    "r_max": "--r-max",
-    "negative_gap": "--negative-gap",
-    "steps": "--steps",
-    "max_minutes": "--max-minutes",
-    "batch_size": "--batch-size",
-    "lr": "--lr",
-    "checkpoint_every": "--checkpoint-every",
-}
+# the config fields that train's options of the same name (``--r-min`` for ``r_min``) set:
+# the configs' own errors name the fields, as the Python API spells them
+_FIELDS_OF_OPTIONS = (
+    "patch_size",
+    "latent_dim",
+    "curvature",
+    "gyroplane_init",
+    "beta",
+    "margin",
+    "mc_samples",
+    "texture_weight",
+    "r_min",
+    "r_max",
+    "negative_gap",
+    "steps",
+    "max_minutes",
+    "batch_size",
+    "lr",
+    "checkpoint_every",
+)
 
 
 @contextlib.contextmanager
@@ -150,8 +150,8 @@ def _config_errors_name_options(arch: str) -> Iterator[None]:
         yield
     except BadInputError as exc:
         message = re.sub(
-            r"\b(" + "|".join(_OPTION_OF_FIELD) + r")=",
-            lambda m: _OPTION_OF_FIELD[m[1]] + " ",
+            r"\b(" + "|".join(_FIELDS_OF_OPTIONS) + r")=",
+            lambda m: "--" + m[1].replace("_", "-") + " ",
             str(exc),
         )
         message = re.sub(r"kernels=\(.*?\) and paddings=\(.*?\)", f"--arch {arch}", message)
