@@ -399,12 +399,81 @@ def pair_files(pred: Path, truth: Path, *, level: int | None = None) -> list[dic
                     k,
                     len(cases_at[k]),
                 )
+    if pairs and pred.is_dir():
+        _warn_unrecorded(pairs)
     if not pairs:
         raise BadInputError(
             f"no prediction in {pred} could be paired with ground truth in {truth} "
             "(expected matching case names, or <case>_k<K> with <case>_L<level>; try --level)"
         )
     return pairs
+
+
+def _warn_unrecorded(pairs: list[dict[str, Any]]) -> None:
+    """Warn about ``<case>_k<K>`` predictions that ``cluster``'s per-case records beside them
+    do not account for: a file not among the record's outputs (another k, or another size
+    than the one written, left by an earlier run with other options), and records made with
+    another model or other options than the first case's (two runs mixed in one folder).
+    Predictions without a record (another tool's) are not checked."""
+    records: dict[Path, Any] = {}
+    stale: list[str] = []
+    ways: list[tuple[dict[str, Any], str, list[str]]] = []  # (header, fit, cases)
+    for pair in pairs:
+        path = Path(pair["pred"])
+        match = _K_SUFFIX.match(case_name(path))
+        if pair["k"] is None or match is None:
+            continue
+        record_path = path.parent / f"{match.group('case')}{CASE_CENTROIDS_SUFFIX}"
+        if record_path not in records:
+            doc = _read_json(record_path) if record_path.is_file() else None
+            ok = (
+                isinstance(doc, dict)
+                and doc.get("format") == CASE_CENTROIDS_FORMAT
+                and isinstance(doc.get("header"), dict)
+                and isinstance(doc.get("sets"), list)
+            )
+            records[record_path] = doc if ok else None
+            if ok:
+                for header, fit, cases in ways:
+                    if fit == doc.get("fit") and _same_identity(header, doc["header"]):
+                        cases.append(match.group("case"))
+                        break
+                else:
+                    ways.append((doc["header"], doc.get("fit"), [match.group("case")]))
+        doc = records[record_path]
+        if doc is None:
+            continue
+        sizes = {
+            s.get("k"): s.get("bytes") for s in doc["sets"] if isinstance(s, dict) and "k" in s
+        }
+        if pair["k"] not in sizes or sizes[pair["k"]] not in (None, _file_size(path)):
+            stale.append(path.name)
+    if stale:
+        log.warning(
+            "%d prediction(s) not written by the cluster run recorded beside them in "
+            "<case>%s (left by an earlier run with other options?), scored anyway: %s",
+            len(stale),
+            CASE_CENTROIDS_SUFFIX,
+            _few(stale),
+        )
+    if len(ways) > 1:
+        first = ways[0][0]
+        differ = sorted(
+            {
+                key
+                for header, _, _ in ways[1:]
+                for key in (*_IDENTITY, "model")
+                if header.get(key) != first.get(key)
+            }
+            | ({"fit"} if len({fit for _, fit, _ in ways}) > 1 else set())
+        )
+        log.warning(
+            "the predictions come from %d cluster runs made differently (%s differ between "
+            "their records), scored together: %s",
+            len(ways),
+            ", ".join(differ) or "the model's weights",
+            "; ".join(_few(cases, 3) for _, _, cases in ways),
+        )
 
 
 def grid_offset(a: VolumeGeometry, b: VolumeGeometry, *, voxels: bool = False) -> float:

@@ -355,3 +355,43 @@ def test_evaluate_names_a_case_missing_at_one_k(tmp_path, capsys):
         "over the other 1 case(s))"
     ) in err
     assert len(json.loads(out)["cases"]) == 3
+
+
+def test_evaluate_warns_about_predictions_left_by_another_run(tmp_path, capsys):
+    data, seg = tmp_path / "d", tmp_path / "seg"
+    assert run(["-q", "synth", data, "--n", "2", "--size", "16"], capsys)[0] == 0
+    raw = ["--smooth", "0", "--snap", "0", "--mrf", "0", "--nest", "0"]
+    base = ["-q", "cluster", data / "images", "--features", "intensity", "-o", seg]
+    assert run([*base, "--k", "2", "--k", "4", *raw], capsys)[0] == 0
+    assert run([*base, "--k", "8", *raw], capsys)[0] == 0  # same options: the record keeps 2, 4
+    code, _, err = run(["evaluate", seg, data / "labels", "--no-hausdorff"], capsys)
+    assert code == 0 and "warning" not in err, err
+    # k = 8 again with another --smooth: the k = 2 and 4 files are left from the first run
+    assert run([*base, "--k", "8", *raw[2:], "--smooth", "0.5"], capsys)[0] == 0
+    code, _, err = run(["evaluate", seg, data / "labels", "--no-hausdorff"], capsys)
+    assert code == 0
+    assert (
+        "4 prediction(s) not written by the cluster run recorded beside them in "
+        "<case>.centroids.json (left by an earlier run with other options?), scored anyway: "
+        "case_000_k2.nii.gz, case_000_k4.nii.gz, case_001_k2.nii.gz, case_001_k4.nii.gz"
+    ) in err
+    assert "cluster runs made differently" not in err
+    # one case redone with yet other options: two ways in one folder
+    one = data / "images" / "case_001.nii.gz"
+    code, _, err = run(
+        ["-q", "cluster", one, "--features", "intensity", "-o", seg, "--k", "2", "--k", "4"]
+        + ["--k", "8", *raw[:6], "--nest", "2"],
+        capsys,
+    )
+    assert code == 0, err
+    code, _, err = run(["evaluate", seg, data / "labels", "--no-hausdorff"], capsys)
+    assert code == 0
+    assert "2 prediction(s) not written" in err and "case_000_k2.nii.gz, case_000_k4" in err
+    assert (
+        "the predictions come from 2 cluster runs made differently (nest, smooth differ "
+        "between their records), scored together: case_000; case_001"
+    ) in err
+    # a file replaced by hand (another size than the record says) is not the run's either
+    (seg / "case_001_k2.nii.gz").write_bytes((seg / "case_001_k4.nii.gz").read_bytes())
+    code, _, err = run(["evaluate", seg, data / "labels", "--no-hausdorff"], capsys)
+    assert "3 prediction(s) not written" in err and "case_001_k2.nii.gz" in err
