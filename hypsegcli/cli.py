@@ -1012,7 +1012,7 @@ def cluster(
         Path | None,
         typer.Option(
             "--mask",
-            help="Segment only inside a mask (non-zero voxels): one mask file for every input, or a folder with <case> or <case>_mask per input (same shape as the input). k-means fits on the voxels inside, the spatial steps see only them, and the output is 0 outside and 1..K inside.",
+            help="Segment only inside a mask (non-zero voxels): one mask file for every input, or a folder with <case>, <case>_mask or (BIDS) the same entities and desc-*_mask per input (same shape as the input). k-means fits on the voxels inside, the spatial steps see only them, and the output is 0 outside and 1..K inside.",
         ),
     ] = None,
     seed: Annotated[
@@ -1173,7 +1173,8 @@ def evaluate(
     Pairing: files with the same case name are compared; <case>_k<K> (what
     `hypseg cluster` writes) is compared with <case>_L<level> (what `hypseg
     synth` writes), the level being --level or the level of dataset.json with K
-    classes. The paper's score is the mean Dice over the ground truth's classes,
+    classes; a BIDS name (sub-01_desc-preproc_T1w_k4) with the one file of the
+    same entities and the suffix dseg (sub-01_desc-aseg_dseg). The paper's score is the mean Dice over the ground truth's classes,
     each with its matched label, background included (a class left without a
     label, when there are fewer labels than classes, or matched to a label it
     shares no voxel with, counts as 0). A pair that

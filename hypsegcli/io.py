@@ -30,6 +30,7 @@ import json
 import logging
 import math
 import os
+import re
 import secrets
 import threading
 import warnings
@@ -149,6 +150,39 @@ def case_name(path: str | os.PathLike[str]) -> str:
     return name[: -len(suffix)] if suffix else name
 
 
+_BIDS_ENTITY = re.compile(r"^[A-Za-z0-9]+-[A-Za-z0-9]+$")
+_BIDS_SUFFIX = re.compile(r"^[A-Za-z0-9]+$")
+
+
+def bids_key(name: str) -> tuple[tuple[str, ...], str] | None:
+    """The BIDS entities of a case name other than ``desc``, sorted, and its suffix:
+    ``sub-01_ses-1_desc-preproc_T1w`` -> ``(("ses-1", "sub-01"), "T1w")``; None for a name
+    that is not ``key-value_..._suffix``. Files of one subject, session, space... share the
+    entities whatever they describe (a ``desc-brain_mask``, a ``desc-aseg_dseg``)."""
+    parts = name.split("_")
+    if len(parts) < 2 or not _BIDS_SUFFIX.match(parts[-1]):
+        return None
+    if not all(_BIDS_ENTITY.match(part) for part in parts[:-1]):
+        return None
+    entities = tuple(sorted(part for part in parts[:-1] if not part.startswith("desc-")))
+    return (entities, parts[-1]) if entities else None
+
+
+def bids_match(name: str, candidates: Iterable[Path], suffix: str) -> list[Path]:
+    """The files among ``candidates`` with BIDS suffix ``suffix`` whose entities other than
+    ``desc`` are those of case name ``name`` (see :func:`bids_key`); none if ``name`` is not
+    a BIDS name."""
+    key = bids_key(name)
+    if key is None:
+        return []
+    found = []
+    for path in candidates:
+        other = bids_key(case_name(path))
+        if other is not None and other == (key[0], suffix):
+            found.append(path)
+    return found
+
+
 def _format_of(path: Path) -> Format:
     suffix = volume_suffix(path)
     if suffix in NIFTI_SUFFIXES:
@@ -213,14 +247,23 @@ def collect_inputs(
         text = os.fspath(item)
         path = Path(text)
         if path.is_dir():
-            skipped = []
+            volumes: set[Path] = set()  # (folder / case) of each volume, for its sidecar
+            others = []
             for child in sorted(_tree(path) if recursive else path.iterdir()):
                 if child.name.startswith(".") or child.is_dir():
                     continue
                 if volume_suffix(child):
                     found.append(child)
+                    volumes.add(child.parent / case_name(child))
                 else:
-                    skipped.append(child.name)
+                    others.append(child)
+            # a volume's JSON sidecar (BIDS: sub-01_T1w.json beside sub-01_T1w.nii.gz) is
+            # part of it, not a stray file
+            skipped = [
+                child.name
+                for child in others
+                if not (child.suffix == ".json" and child.with_suffix("") in volumes)
+            ]
             if skipped:
                 warn(
                     f"{path}: skipped {len(skipped)} file(s) that are not volumes ({', '.join(skipped[:3])}{', ...' if len(skipped) > 3 else ''})"

@@ -32,6 +32,7 @@ from .errors import BadInputError, HypsegError
 from .io import (
     VolumeGeometry,
     array_sha256,
+    bids_match,
     case_name,
     check_output_file,
     check_output_folder,
@@ -340,6 +341,7 @@ def pair_files(pred: Path, truth: Path, *, level: int | None = None) -> list[dic
     k_to_level = _levels_by_k(_find_dataset_json(truth))
     pairs = []
     unpaired = []
+    ambiguous: list[str] = []
     for p in preds:
         name = case_name(p)
         k_match = _K_SUFFIX.match(name)
@@ -351,8 +353,15 @@ def pair_files(pred: Path, truth: Path, *, level: int | None = None) -> list[dic
             candidates.append(name)
         if lvl is not None:
             candidates.append(f"{base}_L{lvl}")
-        candidates.append(base)
         target = next((c for c in candidates if c in by_name), None)
+        if target is None:
+            # BIDS derivatives: sub-01_desc-preproc_T1w_k4 with sub-01[_desc-aseg]_dseg, before
+            # the image sub-01_desc-preproc_T1w itself where the folder holds both
+            bids = bids_match(base, truths, "dseg")
+            if len(bids) > 1:
+                ambiguous.append(f"{p.name} ({', '.join(t.name for t in bids)})")
+                continue
+            target = case_name(bids[0]) if bids else base if base in by_name else None
         if target is None:
             unpaired.append(p.name)
             continue
@@ -368,6 +377,13 @@ def pair_files(pred: Path, truth: Path, *, level: int | None = None) -> list[dic
         )
     if unpaired:
         log.warning("no ground truth for %d prediction(s): %s", len(unpaired), _few(unpaired))
+    if ambiguous:
+        log.warning(
+            "%d prediction(s) not scored, several BIDS dseg files fit each: %s (give the "
+            "ground-truth file, or a folder holding one per case)",
+            len(ambiguous),
+            _few(ambiguous, 2),
+        )
     if pairs and truth.is_dir() and pred.is_dir():
         # a truth case with no prediction at all (at any level) may be a failed segmentation
         # that would otherwise quietly raise the mean
@@ -544,8 +560,9 @@ def evaluate(
     compared with the ground-truth file of the same case name, or
     ``<case>_k<K>`` with ``<case>_L<level>`` where the level is ``level`` or the
     level of ``dataset.json`` (beside or above the ground truth) with K classes,
-    or else with ``<case>``. A dataset folder holding ``labels/`` may be given
-    as ``truth``.
+    or else (a BIDS name) with the one ``dseg`` file of the same entities other than
+    ``desc`` (:func:`~hypsegcli.io.bids_match`), or else with ``<case>``. A dataset
+    folder holding ``labels/`` may be given as ``truth``.
 
     Batch behaviour: with parts (:func:`hypsegcli.batch.resolve_part`) only
     this part's share of the pairs, sorted by prediction path, is scored. A
@@ -2064,13 +2081,22 @@ class _Masks:
                 name = case_name(path)
                 match = found.get(name) or found.get(f"{name}_mask")
                 if match is None:
+                    bids = bids_match(name, masks, "mask")
+                    if len(bids) > 1:
+                        raise BadInputError(
+                            f"--mask {spec}: {len(bids)} masks of {path.name}: "
+                            f"{_few([m.name for m in bids])} (give the folder or file of one)"
+                        )
+                    match = bids[0] if bids else None
+                if match is None:
                     missing.append(name)
                 else:
                     self.paths[path] = match
             if missing:
                 raise BadInputError(
                     f"--mask {spec}: no mask for {len(missing)} input(s): {_few(missing)} "
-                    "(looked for <case> and <case>_mask with a volume suffix)"
+                    "(looked for <case> and <case>_mask with a volume suffix, and for BIDS "
+                    "names the same entities with any desc and the suffix mask)"
                 )
         else:
             if volume_suffix(spec) is None:

@@ -6,6 +6,7 @@ import hashlib
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -395,3 +396,69 @@ def test_evaluate_warns_about_predictions_left_by_another_run(tmp_path, capsys):
     (seg / "case_001_k2.nii.gz").write_bytes((seg / "case_001_k4.nii.gz").read_bytes())
     code, _, err = run(["evaluate", seg, data / "labels", "--no-hausdorff"], capsys)
     assert "3 prediction(s) not written" in err and "case_001_k2.nii.gz" in err
+
+
+def test_bids_masks_and_ground_truth_pair_by_entities(tmp_path, capsys):
+    """fMRIPrep-style names: sub-01_desc-preproc_T1w with sub-01_desc-brain_mask (cluster
+    --mask) and sub-01_desc-aseg_dseg (evaluate), sidecars beside them without warnings."""
+    rng = np.random.default_rng(0)
+    anat, masks, truth = tmp_path / "anat", tmp_path / "masks", tmp_path / "truth"
+    for folder in (anat, masks, truth):
+        folder.mkdir()
+    for sub in ("01", "02"):
+        labels = np.zeros((16, 16, 16), np.uint8)
+        labels[4:12, 4:12, 4:12] = 1
+        image = labels * 1.0 + rng.normal(0, 0.1, labels.shape)
+        affine = np.diag([1.0, 1.0, 1.0, 1.0])
+        nib.save(
+            nib.Nifti1Image(image.astype(np.float32), affine),
+            anat / f"sub-{sub}_desc-preproc_T1w.nii.gz",
+        )
+        (anat / f"sub-{sub}_desc-preproc_T1w.json").write_text("{}")
+        inside = np.zeros_like(labels)
+        inside[1:15, 1:15, 1:15] = 1
+        nib.save(nib.Nifti1Image(inside, affine), masks / f"sub-{sub}_desc-brain_mask.nii.gz")
+        nib.save(nib.Nifti1Image(labels, affine), truth / f"sub-{sub}_desc-aseg_dseg.nii.gz")
+    seg = tmp_path / "seg"
+    code, _, err = run(
+        ["cluster", anat, "--features", "intensity", "--k", "2", "--mask", masks, "-o", seg],
+        capsys,
+    )
+    assert code == 0, err
+    assert "that are not volumes" not in err, err  # the sidecars are part of their volumes
+    out = io.read_volume(seg / "sub-01_desc-preproc_T1w_k2.nii.gz").data
+    assert (out[0] == 0).all() and (out[1:15, 1:15, 1:15] > 0).all()
+    code, out, err = run(["evaluate", seg, truth, "--no-hausdorff", "--json"], capsys)
+    assert code == 0, err
+    cases = json.loads(out)["cases"]
+    assert [(c["case"], Path(c["truth"]).name) for c in cases] == [
+        ("sub-01_desc-preproc_T1w", "sub-01_desc-aseg_dseg.nii.gz"),
+        ("sub-02_desc-preproc_T1w", "sub-02_desc-aseg_dseg.nii.gz"),
+    ]
+    # the image itself beside its dseg is not taken as the ground truth
+    for image in anat.glob("sub-01_*"):
+        (truth / image.name).write_bytes(image.read_bytes())
+    code, out, err = run(["evaluate", seg, truth, "--no-hausdorff", "--json"], capsys)
+    assert Path(json.loads(out)["cases"][0]["truth"]).name == "sub-01_desc-aseg_dseg.nii.gz"
+    # two dseg files of one subject: not guessed
+    (truth / "sub-02_desc-aparcaseg_dseg.nii.gz").write_bytes(
+        (truth / "sub-02_desc-aseg_dseg.nii.gz").read_bytes()
+    )
+    code, out, err = run(["evaluate", seg, truth, "--no-hausdorff", "--json"], capsys)
+    assert [c["case"] for c in json.loads(out)["cases"]] == ["sub-01_desc-preproc_T1w"]
+    assert (
+        "1 prediction(s) not scored, several BIDS dseg files fit each: "
+        "sub-02_desc-preproc_T1w_k2.nii.gz (sub-02_desc-aparcaseg_dseg.nii.gz, "
+        "sub-02_desc-aseg_dseg.nii.gz)"
+    ) in err
+    # two masks of one input: an error naming both
+    (masks / "sub-01_space-T1w_desc-brain_mask.nii.gz").write_bytes(b"")
+    (masks / "sub-01_desc-head_mask.nii.gz").write_bytes(
+        (masks / "sub-01_desc-brain_mask.nii.gz").read_bytes()
+    )
+    code, _, err = run(
+        ["cluster", anat, "--features", "intensity", "--k", "2", "--mask", masks, "-o", seg],
+        capsys,
+    )
+    assert code == 2
+    assert "2 masks of sub-01_desc-preproc_T1w.nii.gz: sub-01_desc-brain_mask.nii.gz, " in err

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import io as io_module
 import re
+from pathlib import Path
 
 import mrcfile
 import nibabel as nib
@@ -572,3 +573,36 @@ def test_mrc_cell_angles_and_space_group_are_kept(tmp_path, caplog):
         mrc.set_data(np.zeros((3, 4, 5), np.float32))
     record = io.geometry_record(io.read_volume(plain).geometry)
     assert "cell_angles" not in record and "space_group" not in record
+
+
+def test_bids_key_and_match():
+    assert io.bids_key("sub-01_ses-1_desc-preproc_T1w") == (("ses-1", "sub-01"), "T1w")
+    assert io.bids_key("sub-01_desc-brain_mask") == (("sub-01",), "mask")
+    for name in ("case_000", "case_000_mask", "sub-01", "desc-brain_mask", "sub-01_T1w_k4", "a-b_"):
+        assert io.bids_key(name) is None, name
+    files = [
+        Path(n)
+        for n in (
+            "sub-01_desc-brain_mask.nii.gz",
+            "sub-01_space-MNI_desc-brain_mask.nii.gz",
+            "sub-02_desc-brain_mask.nii.gz",
+            "sub-01_dseg.nii.gz",
+            "sub-01_desc-brain_T1w.nii.gz",
+        )
+    ]
+    assert io.bids_match("sub-01_desc-preproc_T1w", files, "mask") == [files[0]]
+    assert io.bids_match("sub-01_space-MNI_T1w", files, "mask") == [files[1]]
+    assert io.bids_match("sub-01_ses-1_T1w", files, "mask") == []  # another session's entities
+    assert io.bids_match("sub-01_T1w", files, "dseg") == [files[3]]
+    assert io.bids_match("case_000", files, "mask") == []
+
+
+def test_collect_inputs_keeps_quiet_about_sidecars(tmp_path):
+    (tmp_path / "sub-01_T1w.nii.gz").write_bytes(b"x")
+    (tmp_path / "sub-01_T1w.json").write_text("{}")  # BIDS sidecar: part of the volume
+    (tmp_path / "sub-02_T1w.json").write_text("{}")  # no volume: a stray file
+    warnings = []
+    found = io.collect_inputs([tmp_path], warn=warnings.append)
+    assert [p.name for p in found] == ["sub-01_T1w.nii.gz"]
+    assert len(warnings) == 1 and "skipped 1 file(s)" in warnings[0], warnings
+    assert "sub-02_T1w.json" in warnings[0]
