@@ -219,6 +219,37 @@ class Distributed:
         dist.all_gather_object(out, obj)
         return out
 
+    def start_together(self, failure: BaseException | None, identity: Any) -> None:
+        """Before the first step: every rank has prepared (read its inputs and checkpoint)
+        and read the same ones (``identity``, compared with rank 0's), or every rank stops.
+
+        ``failure``: this rank's error while preparing (the caller raises it afterwards);
+        the other ranks then raise an error naming this rank and its message (of the same
+        kind: bad input stays bad input). One collective; nothing in a single process.
+        """
+        if not self.enabled:
+            return
+        error = None if failure is None else (isinstance(failure, BadInputError), str(failure))
+        reports = self.gather((error, identity if failure is None else None))
+        if failure is not None:
+            return
+        for other, (error, _) in enumerate(reports):
+            if error is not None:
+                bad, message = error
+                raise (BadInputError if bad else HypsegError)(
+                    f"rank {self.rank}: stopped, as rank {other} could not start: {message}"
+                )
+        if self.rank != 0 and reports[self.rank][1] != reports[0][1]:
+            raise BadInputError(
+                f"rank {self.rank}: {_identity_difference(reports[0][1], reports[self.rank][1])}; "
+                "every rank must read the same files (a shared filesystem)"
+            )
+        if any(identity != reports[0][1] for _, identity in reports[1:]):
+            raise BadInputError(
+                f"rank {self.rank}: stopped, as another rank read other training data than "
+                "rank 0 (every rank must read the same files, a shared filesystem)"
+            )
+
     def barrier(self) -> None:
         if self.enabled:
             import torch.distributed as dist
@@ -291,6 +322,21 @@ def session(device: Any) -> Iterator[Distributed]:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _identity_difference(main: dict[str, Any], mine: dict[str, Any]) -> str:
+    """How this rank's training data (``pipeline._training_identity``) differs from rank 0's."""
+    ours, theirs = mine["volumes"], main["volumes"]
+    if len(ours) != len(theirs):
+        return f"read {len(ours)} training volume(s), rank 0 read {len(theirs)}"
+    for (name, sha, mask), (name0, sha0, mask0) in zip(ours, theirs, strict=True):
+        if name != name0:
+            return f"read {name} where rank 0 read {name0}"
+        if sha != sha0:
+            return f"read other voxels in {name} than rank 0"
+        if mask != mask0:
+            return f"read another mask for {name} than rank 0"
+    return f"resumes from step {mine['step']}, rank 0 from step {main['step']}"
 
 
 def _is_collective_error(exc: BaseException) -> bool:

@@ -939,55 +939,80 @@ def train(
 
     distributed.quiet_other_ranks()  # under torchrun, ranks > 0 log warnings only
     set_threads(threads)
-    paths = collect_inputs(inputs, recursive=recursive)
-    masks = _Masks(mask, paths, paths) if mask is not None else None
-    resolved = training.resolve_device(device)  # (a bad --device before -o's folder is made)
-    for target in (Path(output), *training.companion_paths(Path(output))):
-        check_output_file(target, [*paths, *(masks.files() if masks else [])], what="train -o")
-    if resume and overwrite:
-        raise BadInputError(
-            "--resume continues the earlier run and --overwrite replaces it: give one"
+    # (a bad --device before -o's folder is made; and before the inputs are read, so that
+    # under torchrun a rank that cannot read them still joins the job and says so)
+    resolved = training.resolve_device(device)
+
+    def prepare() -> tuple[list[Any], dict[str, Any] | None, Any, bool]:
+        paths = collect_inputs(inputs, recursive=recursive)
+        masks = _Masks(mask, paths, paths) if mask is not None else None
+        for target in (Path(output), *training.companion_paths(Path(output))):
+            check_output_file(target, [*paths, *(masks.files() if masks else [])], what="train -o")
+        if resume and overwrite:
+            raise BadInputError(
+                "--resume continues the earlier run and --overwrite replaces it: give one"
+            )
+        if not resume and not overwrite:
+            for earlier in (Path(output), training.companion_paths(Path(output))[0]):
+                if earlier.exists():  # an interrupted run's checkpoint is hours of work
+                    what = "model, or another file" if earlier == Path(output) else "checkpoint"
+                    raise BadInputError(
+                        f"{earlier}: exists (an earlier run's {what}); continue that run with "
+                        "--resume, or start over, replacing it, with --overwrite"
+                    )
+        norm_config, checkpoint, config = sampling_config, None, train_config
+        if resume:  # the checkpoint's normalisation, whatever this command line says
+            checkpoint = training.load_checkpoint(Path(output))
+            norm_config = SamplingConfig.from_dict(checkpoint["sampling_config"])
+            kept_lr = checkpoint.get("train_config", {}).get("lr")
+            if not lr_given and isinstance(kept_lr, (int, float)):
+                config = dataclasses.replace(config, lr=float(kept_lr))
+        volumes = load_training_volumes(
+            paths,
+            method=norm_config.norm,
+            low=norm_config.norm_low,
+            high=norm_config.norm_high,
+            masks=masks,
         )
-    if not resume and not overwrite:
-        for earlier in (Path(output), training.companion_paths(Path(output))[0]):
-            if earlier.exists():  # an interrupted run's checkpoint is hours of work
-                what = "model, or another file" if earlier == Path(output) else "checkpoint"
-                raise BadInputError(
-                    f"{earlier}: exists (an earlier run's {what}); continue that run with "
-                    "--resume, or start over, replacing it, with --overwrite"
-                )
-    norm_config, checkpoint = sampling_config, None
-    if resume:  # the checkpoint's normalisation, whatever this command line says
-        checkpoint = training.load_checkpoint(Path(output))
-        norm_config = SamplingConfig.from_dict(checkpoint["sampling_config"])
-        kept_lr = checkpoint.get("train_config", {}).get("lr")
-        if not lr_given and isinstance(kept_lr, (int, float)):
-            train_config = dataclasses.replace(train_config, lr=float(kept_lr))
-    volumes = load_training_volumes(
-        paths,
-        method=norm_config.norm,
-        low=norm_config.norm_low,
-        high=norm_config.norm_high,
-        masks=masks,
-    )
-    log.info(
-        "training on %d volume(s)%s, device %s",
-        len(volumes),
-        " (anchors inside their masks)" if masks else "",
-        resolved,
-    )
-    result = training.train(
-        volumes,
-        Path(output),
-        model_config=model_config,
-        sampling_config=sampling_config,
-        train_config=train_config,
-        device=device,
-        resume=resume,
-        checkpoint=checkpoint,
-        progress=progress,
-    )
+        return volumes, checkpoint, config, masks is not None
+
+    # under torchrun every rank joins before it reads anything, so that one failing on its
+    # inputs stops the others at once instead of leaving them waiting for it to join
+    with distributed.session(resolved) as job:
+        try:
+            volumes, checkpoint, train_config, masked = prepare()
+        except Exception as exc:
+            job.start_together(exc, None)
+            raise
+        job.start_together(None, _training_identity(volumes, checkpoint))
+        log.info(
+            "training on %d volume(s)%s, device %s",
+            len(volumes),
+            " (anchors inside their masks)" if masked else "",
+            resolved,
+        )
+        result = training.train(
+            volumes,
+            Path(output),
+            model_config=model_config,
+            sampling_config=sampling_config,
+            train_config=train_config,
+            device=device,
+            resume=resume,
+            checkpoint=checkpoint,
+            progress=progress,
+            job=job,
+        )
     return {"volumes": len(volumes), **result.to_dict()}
+
+
+def _training_identity(volumes: list[Any], checkpoint: dict[str, Any] | None) -> dict[str, Any]:
+    """What every torchrun rank must have read alike: the volumes (names, voxels, masks'
+    insides) and the checkpoint's step."""
+    return {
+        "volumes": [(Path(v.name).name, v.sha256, v.mask_sha256) for v in volumes],
+        "step": int(checkpoint["step"]) if checkpoint is not None else None,
+    }
 
 
 def set_threads(threads: int | None) -> None:

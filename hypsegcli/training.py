@@ -186,6 +186,7 @@ def train(
     resume: bool = False,
     checkpoint: dict[str, Any] | None = None,
     progress: Callable[..., None] | None = None,
+    job: distributed.Distributed | None = None,
 ) -> TrainResult:
     """Train the VAE on ``volumes`` and write the model, checkpoint and history.
 
@@ -196,10 +197,12 @@ def train(
     ``train_config.steps`` / ``max_minutes`` (counted for this run).
 
     Under torchrun every rank calls this with the same arguments; see the module
-    docstring for what differs between ranks.
+    docstring for what differs between ranks. ``job``: the torchrun job the caller has
+    joined already (:func:`distributed.session`); without it this joins one.
     """
     dev = resolve_device(device)
-    with distributed.session(dev) as dist:
+    joined = contextlib.nullcontext(job) if job is not None else distributed.session(dev)
+    with joined as dist:
         return _train(
             volumes,
             Path(model_path),

@@ -276,6 +276,79 @@ def test_bad_input_fails_every_rank(images, tmp_path):
     assert all("no checkpoint to resume from" in line for line in errors)
 
 
+def _two_ranks(per_rank_args, *, cwd, timeout=60):
+    """Rank 0 and rank 1 started by hand (as torchrun would), each with its own arguments:
+    [(returncode, stderr)] per rank."""
+    port = _free_port()
+    procs = []
+    for rank, args in enumerate(per_rank_args):
+        env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV}
+        env.update(
+            WORLD_SIZE="2",
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            OMP_NUM_THREADS="1",
+            CUDA_VISIBLE_DEVICES="",
+            **{distributed.TIMEOUT_ENV: "120"},
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "hypsegcli", *map(str, args)],
+                cwd=cwd,
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+                start_new_session=True,
+            )
+        )
+    results = []
+    for proc in procs:
+        try:
+            _, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for other in procs:
+                os.killpg(other.pid, signal.SIGKILL)
+            pytest.fail(f"a rank waited for {timeout} s (the job hung)")
+        results.append((proc.returncode, err))
+    return results
+
+
+def test_a_rank_failing_on_its_inputs_stops_the_others_at_once(images, tmp_path):
+    """Ranks that read different files (local disks): one that cannot read its inputs, or
+    reads other volumes, stops every rank before the first step, each with one line."""
+    train = ["-o", "m.pt", "--steps", "2", "--threads", "1", *TINY]
+    started = time.monotonic()
+    (rank0, err0), (rank1, err1) = _two_ranks(
+        [["train", images, *train], ["train", tmp_path / "nowhere", *train]], cwd=tmp_path
+    )
+    assert time.monotonic() - started < 50  # not the 120 s timeout
+    assert rank1 == 2 and err1.strip().endswith("nowhere: no such file or folder"), err1
+    assert rank0 == 2, err0
+    assert err0.strip().splitlines()[-1] == (
+        f"hypseg: error: rank 0: stopped, as rank 1 could not start: {tmp_path / 'nowhere'}: "
+        "no such file or folder"
+    ), err0
+    assert "Traceback" not in err0 + err1 and not (tmp_path / "m.pt").exists()
+    # rank 1 reads one volume fewer
+    few = tmp_path / "few"
+    few.mkdir()
+    first = sorted(images.iterdir())[0]
+    shutil.copy2(first, few / first.name)
+    (rank0, err0), (rank1, err1) = _two_ranks(
+        [["train", images, *train], ["train", few, *train]], cwd=tmp_path
+    )
+    assert rank0 == rank1 == 2
+    assert (
+        "hypseg: error: rank 1: read 1 training volume(s), rank 0 read 2; every rank must "
+        "read the same files (a shared filesystem)"
+    ) in err1, err1
+    assert "rank 0: stopped, as another rank read other training data than rank 0" in err0
+    assert not (tmp_path / "m.pt").exists()
+
+
 # ----------------------------------------------------------------------------- in process
 
 
