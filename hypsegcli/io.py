@@ -532,16 +532,13 @@ def _read_mrc(path: Path, *, native: bool = False) -> tuple[np.ndarray, VolumeGe
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             with mrcfile.open(os.fspath(path), mode="r", permissive=True) as mrc:
+                problems = "; ".join(
+                    " ".join(str(w.message).split())  # one line
+                    for w in caught
+                    if not issubclass(w.category, DeprecationWarning)
+                )
                 if mrc.data is None:
-                    problems = (
-                        "; ".join(
-                            " ".join(str(w.message).split())  # one line
-                            for w in caught
-                            if not issubclass(w.category, DeprecationWarning)
-                        )
-                        or "no data"
-                    )
-                    raise BadInputError(f"{path}: cannot read MRC ({problems})")
+                    raise BadInputError(f"{path}: cannot read MRC ({problems or 'no data'})")
                 raw = np.asarray(mrc.data)
                 header = mrc.header
                 if int(header.mode) == 0 and _imod_unsigned_bytes(header):
@@ -572,6 +569,14 @@ def _read_mrc(path: Path, *, native: bool = False) -> tuple[np.ndarray, VolumeGe
         raise
     except Exception as exc:
         raise BadInputError(f"{path}: cannot read MRC ({_short(exc)})") from exc
+    if problems and (raw.size == 0 or raw.ndim not in (3, 4)):
+        # not an MRC file at all (a NIfTI or TIFF named .mrc): mrcfile's permissive reading
+        # makes an empty or odd array of its bytes; say why instead of describing that
+        raise BadInputError(f"{path}: cannot read MRC ({problems})")
+    if raw.ndim == 4 and raw.shape[0] == 1:  # a volume stack (ispg 401) holding one volume
+        raw = raw[0]
+        if space_group == 401:
+            space_group = 1  # what it is now: one volume
     if raw.ndim != 3:
         raise BadInputError(
             f"{path}: {raw.ndim}D data of shape {raw.shape}; hypseg needs a 3D volume"

@@ -606,3 +606,33 @@ def test_collect_inputs_keeps_quiet_about_sidecars(tmp_path):
     assert [p.name for p in found] == ["sub-01_T1w.nii.gz"]
     assert len(warnings) == 1 and "skipped 1 file(s)" in warnings[0], warnings
     assert "sub-02_T1w.json" in warnings[0]
+
+
+def test_mrc_volume_stack_of_one_volume_is_read_and_other_files_named(tmp_path):
+    """A volume stack (ispg 401) holding one volume is that volume, as a 4D NIfTI of one is;
+    a file that is no MRC at all says so rather than "empty MRC data"."""
+    xyz = np.random.default_rng(0).random((12, 10, 8)).astype(np.float32)
+    with mrcfile.new(str(tmp_path / "stack.mrc")) as mrc:
+        mrc.set_data(np.transpose(xyz, (2, 1, 0))[None].copy())
+        mrc.voxel_size = 2.0
+    with mrcfile.open(str(tmp_path / "stack.mrc")) as mrc:
+        assert int(mrc.header.ispg) == 401 and mrc.data.ndim == 4
+    vol = io.read_volume(tmp_path / "stack.mrc")
+    np.testing.assert_array_equal(vol.data, xyz)
+    assert vol.geometry.spacing == (2.0, 2.0, 2.0)
+    io.write_labels(tmp_path / "out.mrc", (xyz > 0.5).astype(np.uint8), vol.geometry)
+    assert mrcfile.validate(str(tmp_path / "out.mrc"), print_file=io_module.StringIO())
+    with mrcfile.open(str(tmp_path / "out.mrc")) as mrc:
+        assert int(mrc.header.ispg) == 1 and mrc.data.shape == (8, 10, 12)
+    with mrcfile.new(str(tmp_path / "two.mrc")) as mrc:
+        mrc.set_data(np.zeros((2, 8, 10, 12), np.float32))
+    with pytest.raises(BadInputError, match=r"two\.mrc: 4D data of shape \(2, 8, 10, 12\)"):
+        io.read_volume(tmp_path / "two.mrc")
+    _nifti(tmp_path / "a.nii", xyz)
+    (tmp_path / "wrong.mrc").write_bytes((tmp_path / "a.nii").read_bytes())
+    (tmp_path / "tiff.mrc").write_bytes(b"II*\x00\x08\x00\x00\x00" + bytes(4000))
+    for name in ("wrong.mrc", "tiff.mrc"):
+        with pytest.raises(
+            BadInputError, match=rf"{name}: cannot read MRC \(Map ID string not found"
+        ):
+            io.read_volume(tmp_path / name)
