@@ -658,17 +658,26 @@ class EmbeddingCache:
         """Remove every entry (sidecars first) and stray temporary files; return the number of entries removed.
 
         A put running concurrently in another process loses its entry (it
-        warns); other files in the folder are left alone.
+        warns). Entries are the files of a valid sidecar (the count), and any
+        ``<sha>.json`` / ``<sha>.npy`` with a SHA-256 name (hypseg's keys: the debris of
+        a corrupt or interrupted entry); other files in the folder are left alone, as
+        :meth:`entries` leaves them out.
         """
         files = self._files()
-        removed: set[str] = set()
+        valid: set[str] = set()
+        for path in files:
+            if path.suffix == ".json" and _KEY_RE.fullmatch(path.stem):
+                with contextlib.suppress(OSError, _Corrupt):
+                    _parse_sidecar(path.read_bytes(), path.stem)
+                    valid.add(path.stem)
         entry_files = [
             p
             for suffix in (".json", ".npy")
             for p in files
-            if p.suffix == suffix and _KEY_RE.fullmatch(p.stem)
+            if p.suffix == suffix and (p.stem in valid or _SHA_RE.fullmatch(p.stem))
         ]
         strays = [p for p in files if p.name.startswith(_TMP_PREFIX) and p.is_file()]
+        removed: set[str] = set()
         for path in entry_files + strays:
             try:
                 path.unlink()
@@ -678,6 +687,6 @@ class EmbeddingCache:
                 raise HypsegError(
                     f"{path}: cannot remove from the cache ({exc.strerror or exc})"
                 ) from None
-            if path.suffix == ".json" and not path.name.startswith(_TMP_PREFIX):
-                removed.add(path.stem)  # an entry has a sidecar; a data file alone is debris
+            if path.suffix == ".json" and path.stem in valid:
+                removed.add(path.stem)
         return len(removed)

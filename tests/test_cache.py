@@ -468,10 +468,17 @@ def test_clear_removes_everything_including_stray_temp_files(cache):
         cache.put(f"k{i}", np.full(10, i, np.float32))
     stray = cache.directory / ".tmp-99999-deadbeef-k0.npy"
     stray.write_bytes(b"half written")
-    (cache.directory / "orphan.npy").write_bytes(b"x")
+    sha = "0123456789abcdef" * 4  # hypseg's keys are SHA-256 digests
+    (cache.directory / f"{sha}.npy").write_bytes(b"x")  # an interrupted put's data file
+    (cache.directory / f"{'f' * 64}.json").write_text("{corrupt")
     assert cache.total_bytes() > 0
-    assert cache.clear() == 3  # the orphan data file goes too, but was no entry
-    assert list(cache.directory.iterdir()) == []
+    # foreign files with key-like names are no entries and stay (as cache ls counts them)
+    (cache.directory / "README.json").write_text("{}")
+    (cache.directory / "data.npy").write_bytes(b"x")
+    assert cache.clear() == 3  # the orphan and the corrupt sidecar go too, but were no entries
+    assert sorted(p.name for p in cache.directory.iterdir()) == ["README.json", "data.npy"]
+    for name in ("README.json", "data.npy"):
+        (cache.directory / name).unlink()
     assert cache.entries() == [] and cache.total_bytes() == 0 and cache.get("k0") is None
     assert cache.clear() == 0
     cache.put("k0", np.zeros(2, np.float32))
