@@ -25,9 +25,11 @@ Definitions
   on ``-Dice``. With more labels than classes, the labels left over are
   reported as ``unmatched_labels``. With more classes than labels, a class left
   over is scored against an *empty* prediction: Dice 0 (a class the
-  segmentation missed is a failure, and it counts in the mean); if that class
-  is empty in ``gt`` too (possible only when ``classes`` names it), the
-  both-empty convention below gives it Dice 1. ``mean_dice`` is the plain mean
+  segmentation missed is a failure, and it counts in the mean). A class empty
+  in ``gt`` (possible only when ``classes`` names it) takes a label left over
+  by the other classes where there is one, as a false positive of that class:
+  Dice 0 and HD the diagonal; where none is left, the both-empty convention
+  below gives it Dice 1. ``mean_dice`` is the plain mean
   of the per-class Dice over all scored classes, background included.
 * **Surfaces.** The surface of a mask ``M`` is ``M & ~binary_erosion(M, S)``
   with ``S`` the 6-connected (face-neighbour) structuring element
@@ -161,6 +163,8 @@ def _as_labels(arr: Any, name: str) -> np.ndarray:
     if arr.dtype == np.bool_:
         return arr.astype(np.uint8)
     if np.issubdtype(arr.dtype, np.integer):
+        if arr.dtype == np.uint64 and arr.max() > np.iinfo(np.int64).max:
+            raise BadInputError(f"{name} should hold labels up to 2^63 - 1, got {arr.max()}")
         return arr
     if np.issubdtype(arr.dtype, np.floating):
         finite = np.isfinite(arr)
@@ -172,6 +176,10 @@ def _as_labels(arr: Any, name: str) -> np.ndarray:
             bad = arr[frac].flat[0]
             raise BadInputError(
                 f"{name} should hold integer labels, got non-integral {arr.dtype} values (e.g. {bad})"
+            )
+        if np.abs(arr).max() > 2**53:  # beyond, floats no longer tell integers apart
+            raise BadInputError(
+                f"{name} should hold float labels up to 2^53, got {np.abs(arr).max():g}"
             )
         return arr.astype(np.int64)
     raise BadInputError(f"{name} should hold integer labels, got dtype {arr.dtype}")

@@ -30,6 +30,7 @@ from . import __version__
 from .batch import Failures, Part, RunRecorder, Stopwatch, resolve_part, select_part
 from .errors import BadInputError, HypsegError
 from .io import (
+    SUPPORTED_SUFFIXES,
     VolumeGeometry,
     array_sha256,
     bids_match,
@@ -259,7 +260,7 @@ def _label_files(path: Path) -> list[Path]:
     return collect_inputs([path], warn=lambda _msg: None, can_recurse=False)
 
 
-def _find_dataset_json(truth: Path) -> dict[str, Any] | None:
+def _find_dataset_json(truth: Path, *, level: int | None = None) -> dict[str, Any] | None:
     """The ``dataset.json`` of ``hypseg synth`` in the truth's folder or the one above it.
 
     Another tool's file of that name (nnU-Net, the Medical Segmentation Decathlon), or
@@ -275,17 +276,22 @@ def _find_dataset_json(truth: Path) -> dict[str, Any] | None:
         try:
             doc = json.loads(candidate.read_text())
         except (OSError, ValueError) as exc:
-            log.warning("%s: not read (%s); pairing by case name", candidate, exc)
+            log.warning("%s: not read (%s); %s", candidate, exc, _without_dataset(level))
             continue
         classes = doc.get("classes") if isinstance(doc, dict) else None
         if isinstance(classes, list) and all(_synth_class(c) for c in classes):
             return doc
         log.warning(
             "%s: not a dataset.json of hypseg synth (no list of classes with level, id "
-            "and name); ignored, pairing by case name",
+            "and name); ignored, %s",
             candidate,
+            _without_dataset(level),
         )
     return None
+
+
+def _without_dataset(level: int | None) -> str:
+    return "pairing by case name" if level is None else f"pairing by case name and --level {level}"
 
 
 def _synth_class(cls: Any) -> bool:
@@ -315,12 +321,24 @@ def _few(names: list[str], n: int = 5) -> str:
     return ", ".join(names[:n]) + (", ..." if len(names) > n else "")
 
 
-def pair_files(pred: Path, truth: Path, *, level: int | None = None) -> list[dict[str, Any]]:
-    """Pair predictions with ground truth (rules in :func:`evaluate`)."""
+def pair_files(
+    pred: Path,
+    truth: Path,
+    *,
+    level: int | None = None,
+    dataset: dict[str, Any] | None | bool = False,
+) -> list[dict[str, Any]]:
+    """Pair predictions with ground truth (rules in :func:`evaluate`); ``dataset``: the
+    truth's ``dataset.json`` where the caller has looked for it (:func:`_find_dataset_json`)."""
     pred, truth = Path(pred), Path(truth)
     for p in (pred, truth):
         if not p.exists():
             raise BadInputError(f"{p}: no such file or folder")
+        if p.is_file() and volume_suffix(p) is None:
+            raise BadInputError(
+                f"{p}: not a label volume file (NIfTI or MRC: "
+                f"{', '.join(SUPPORTED_SUFFIXES)}) or folder"
+            )
     if pred.is_file() and truth.is_file():
         m = _K_SUFFIX.match(case_name(pred))
         lm = _L_SUFFIX.match(case_name(truth))
@@ -338,10 +356,13 @@ def pair_files(pred: Path, truth: Path, *, level: int | None = None) -> list[dic
     check_unique_cases(preds, why="the case would be scored twice")
     check_unique_cases(truths, why="which of them is the ground truth is ambiguous")
     by_name = {case_name(t): t for t in truths}
-    k_to_level = _levels_by_k(_find_dataset_json(truth))
+    if dataset is False:
+        dataset = _find_dataset_json(truth, level=level)
+    k_to_level = _levels_by_k(dataset or None)
     pairs = []
     unpaired = []
     ambiguous: list[str] = []
+    unpaired_at: dict[int, set[str]] = {}
     for p in preds:
         name = case_name(p)
         k_match = _K_SUFFIX.match(name)
@@ -360,10 +381,14 @@ def pair_files(pred: Path, truth: Path, *, level: int | None = None) -> list[dic
             bids = bids_match(base, truths, "dseg")
             if len(bids) > 1:
                 ambiguous.append(f"{p.name} ({', '.join(t.name for t in bids)})")
+                if k is not None:
+                    unpaired_at.setdefault(k, set()).add(base)
                 continue
             target = case_name(bids[0]) if bids else base if base in by_name else None
         if target is None:
             unpaired.append(p.name)
+            if k is not None:  # its ground truth is what is missing, not the prediction
+                unpaired_at.setdefault(k, set()).add(base)
             continue
         lm = _L_SUFFIX.match(target)
         pairs.append(
@@ -404,7 +429,7 @@ def pair_files(pred: Path, truth: Path, *, level: int | None = None) -> list[dic
                 cases_at.setdefault(pair["k"], set()).add(pair["case"])
         every = set().union(*cases_at.values()) if cases_at else set()
         for k in sorted(cases_at):
-            lacking = sorted(every - cases_at[k])
+            lacking = sorted(every - cases_at[k] - unpaired_at.get(k, set()))
             if lacking:
                 log.warning(
                     "no prediction at k=%d for %d case(s) scored at other k: %s (the k=%d "
@@ -575,7 +600,8 @@ def evaluate(
     from . import metrics
 
     progress = progress or _noop
-    pairs = pair_files(pred, truth, level=level)
+    dataset = _find_dataset_json(Path(truth), level=level)
+    pairs = pair_files(pred, truth, level=level, dataset=dataset)
     itself = [p["pred"] for p in pairs if entry_path(p["pred"]) == entry_path(p["truth"])]
     if itself:
         log.warning(
@@ -593,7 +619,6 @@ def evaluate(
             what="evaluate --csv",
         )
     selected = _select_part(pairs, part, key=lambda pair: str(pair["pred"]), what="pair")
-    dataset = _find_dataset_json(Path(truth))
     names = {(int(c["level"]), int(c["id"])): c["name"] for c in (dataset or {}).get("classes", [])}
     config = {
         "pred": str(pred),
@@ -1642,6 +1667,9 @@ def plan(
 
 
 def _check_embedding_options(patch_size: int, stride: int) -> None:
+    for option, value in (("--patch-size", patch_size), ("--stride", stride)):
+        if not float(value).is_integer():  # (the cache key and records hold integers)
+            raise BadInputError(f"{option} {value}: should be a whole number of voxels")
     if patch_size < 1:
         raise BadInputError(f"--patch-size {patch_size}: should be >= 1")
     if stride < 1:

@@ -462,3 +462,33 @@ def test_bids_masks_and_ground_truth_pair_by_entities(tmp_path, capsys):
     )
     assert code == 2
     assert "2 masks of sub-01_desc-preproc_T1w.nii.gz: sub-01_desc-brain_mask.nii.gz, " in err
+
+
+def test_evaluate_messages_name_what_is_missing(tmp_path, capsys):
+    data, seg = tmp_path / "d", tmp_path / "seg"
+    assert run(["-q", "synth", data, "--n", "2", "--size", "16"], capsys)[0] == 0
+    code, _, err = run(
+        ["-q", "cluster", data / "images", "--features", "intensity", "--k", "2", "--k", "4"]
+        + ["-o", seg, "--smooth", "0", "--snap", "0", "--mrf", "0", "--nest", "0"],
+        capsys,
+    )
+    assert code == 0, err
+    # a ground-truth file missing: the prediction is there, its ground truth is not
+    (data / "labels" / "case_001_L2.nii.gz").unlink()
+    code, _, err = run(["evaluate", seg, data, "--no-hausdorff"], capsys)
+    assert code == 0
+    assert "no ground truth for 1 prediction(s): case_001_k4.nii.gz" in err
+    assert "no prediction at" not in err, err
+    # another tool's dataset.json: one warning, true to --level
+    (data / "dataset.json").write_text('{"labels": {"background": 0}}')
+    code, _, err = run(["evaluate", seg, data, "--level", "1", "--no-hausdorff"], capsys)
+    assert code == 0
+    assert err.count("not a dataset.json of hypseg synth") == 1, err
+    assert "ignored, pairing by case name and --level 1" in err
+    # a file that is no label volume beside a folder of predictions
+    code, out, err = run(["evaluate", seg, data / "dataset.json"], capsys)
+    assert code == 2 and out == ""
+    assert err.strip().splitlines()[-1] == (
+        f"hypseg: error: {data / 'dataset.json'}: not a label volume file (NIfTI or MRC: "
+        ".nii.gz, .nii, .mrc, .map, .rec) or folder"
+    )

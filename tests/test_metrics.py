@@ -203,6 +203,14 @@ def test_float_labels_cast_or_rejected():
         score_case(gt, np.where(gt == 1, np.nan, gt))
     with pytest.raises(BadInputError, match="dtype"):
         score_case(gt.astype(complex), gt)
+    # labels that int64 cannot hold, or that floats no longer tell apart, are refused rather
+    # than wrapped or merged (1e20 and 2e20 became the same int64)
+    with pytest.raises(BadInputError, match=r"pred should hold float labels up to 2\^53"):
+        score_case(np.where(gt > 0, 1e20, 2e20), gt)
+    big = np.where(gt > 0, np.uint64(2**63 + 5), np.uint64(0))
+    with pytest.raises(BadInputError, match=r"pred should hold labels up to 2\^63 - 1"):
+        score_case(big, gt)
+    assert score_case(gt.astype(np.uint64), gt).mean_dice == 1.0
 
 
 def test_bad_inputs_name_what_came():

@@ -820,3 +820,18 @@ def test_synth_into_an_unwritable_folder_is_bad_input(tmp_path, capsys, monkeypa
     assert err.startswith(f"hypseg: error: {tmp_path / 'd'}: cannot write here (")
     assert "Permission denied" in err and err.count("\n") == 1
     assert not list((tmp_path / "d").iterdir())
+
+
+def test_api_refuses_fractional_patch_sizes_the_cache_key_would_round(tmp_path):
+    """The cache key and records hold whole voxels: a patch size of 5.5 (Python API) took
+    the cached 5-voxel embeddings."""
+    from hypsegcli import pipeline
+    from hypsegcli.errors import BadInputError
+
+    _blob(tmp_path / "v.nii.gz")
+    for patch_size, stride in ((5.5, 1), (5, 1.5)):
+        with pytest.raises(BadInputError, match="should be a whole number of voxels"):
+            pipeline.embed(
+                [tmp_path / "v.nii.gz"], tmp_path / "m.pt", patch_size=patch_size, stride=stride
+            )
+    pipeline._check_embedding_options(5.0, 2)  # whole numbers as floats are fine
