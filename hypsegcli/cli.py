@@ -567,9 +567,8 @@ def train(
         int,
         typer.Option(
             "--patch-size",
-            min=4,
             max=256,
-            help="Encoder input side m (patches are resampled to m^3).",
+            help="Encoder input side m (patches are resampled to m^3); at least 9 with either --arch.",
         ),
     ] = 10,
     latent_dim: Annotated[
@@ -657,7 +656,8 @@ def train(
         typer.Option(
             "--overwrite",
             help="Start over where an earlier run left a model or checkpoint at --output "
-            "(replaced; without this, or --resume, such a run is refused).",
+            "(its model, checkpoint and history are removed once the inputs are read; "
+            "without this, or --resume, such a run is refused).",
         ),
     ] = False,
     recursive: Annotated[

@@ -161,7 +161,7 @@ class SamplingConfig:
             )
         if not (0 < self.r_min <= self.r_max and math.isfinite(self.r_max)):
             raise BadInputError(
-                f"r_min={self.r_min} and r_max={self.r_max} should satisfy 0 < r_min <= r_max"
+                f"r_min={self.r_min} should be > 0 and <= r_max={self.r_max}"
             )
         if not 0 < self.l_min:
             raise BadInputError(f"l_min={self.l_min} should be > 0")

@@ -93,7 +93,8 @@ def load_model_file(path: str | os.PathLike[str], *, map_location: Any = "cpu") 
         raise BadInputError(f"{path}: not a hypseg model file")
     version = document.get("format_version")
     if version not in COMPATIBLE_VERSIONS:
-        made_by = document.get("versions", {}).get("hypseg", "?")
+        made = document.get("versions")
+        made_by = made.get("hypseg", "?") if isinstance(made, dict) else "?"
         raise BadInputError(
             f"{path}: model file format {version} (written by hypseg {made_by}) is not supported by "
             f"hypseg {__version__} (supports {', '.join(map(str, COMPATIBLE_VERSIONS))})"
@@ -101,6 +102,9 @@ def load_model_file(path: str | os.PathLike[str], *, map_location: Any = "cpu") 
     for key in ("model_config", "state_dict", "normalization"):
         if key not in document:
             raise BadInputError(f"{path}: hypseg model file lacks '{key}'")
+    problem = _malformed(document)
+    if problem is not None:
+        raise BadInputError(f"{path}: malformed hypseg model file ({problem})")
     weights = document["state_dict"]
     broken = first_non_finite(weights.items()) if isinstance(weights, dict) else None
     if broken is not None:
@@ -109,6 +113,57 @@ def load_model_file(path: str | os.PathLike[str], *, map_location: Any = "cpu") 
             "that diverged); train again, with a smaller --lr"
         )
     return document
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _malformed(document: dict[str, Any]) -> str | None:
+    """What is wrong with the fields every model file has (their types), or None."""
+    import torch
+
+    if not isinstance(document["model_config"], dict):
+        return "'model_config' is not a mapping"
+    weights = document["state_dict"]
+    if not isinstance(weights, dict):
+        return "'state_dict' is not a mapping of weights"
+    for name, value in weights.items():
+        if not isinstance(name, str) or not torch.is_tensor(value):
+            return f"'state_dict' entry {name!r} is not a tensor"
+    norm = document["normalization"]
+    if not isinstance(norm, dict) or not isinstance(norm.get("method"), str):
+        return "'normalization' is not a mapping with a method"
+    if not all(_is_number(norm.get(key)) for key in ("low", "high")):
+        return "'normalization' lacks numbers 'low' and 'high'"
+    for key, kind in (("versions", dict), ("training_volumes", list)):
+        if key in document and not isinstance(document[key], kind):
+            return f"'{key}' is not a {'mapping' if kind is dict else 'list'}"
+    return None
+
+
+def malformed_checkpoint(state: dict[str, Any]) -> str | None:
+    """What is wrong with the fields a training checkpoint adds (their types), or None."""
+    for key, kind in (
+        ("sampling_config", dict),
+        ("optimizer_state", dict),
+        ("rng_state", dict),
+        ("train_config", dict),
+    ):
+        if not isinstance(state.get(key), kind):
+            return f"'{key}' is missing or not a mapping"
+    step = state.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        return f"'step' {step!r} is not a step count"
+    optimizer = state["optimizer_state"]
+    if not isinstance(optimizer.get("state"), dict) or not isinstance(
+        optimizer.get("param_groups"), list
+    ):
+        return "'optimizer_state' lacks its state and parameter groups"
+    volumes = state.get("training_volumes", [])
+    if not all(isinstance(v, dict) and isinstance(v.get("sha256"), str) for v in volumes):
+        return "'training_volumes' entries lack their sha256"
+    return None
 
 
 def first_non_finite(named: Iterable[tuple[str, Any]]) -> str | None:

@@ -1010,6 +1010,16 @@ def train(
             job.start_together(exc, None)
             raise
         job.start_together(None, _training_identity(volumes, checkpoint))
+        if overwrite and job.is_main:
+            # the earlier run goes now, not file by file as this one writes its own: a run
+            # that fails or is stopped must not leave the old model beside its checkpoint
+            for earlier in (Path(output), *training.companion_paths(Path(output))):
+                try:
+                    earlier.unlink()
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:
+                    raise HypsegError(f"{earlier}: cannot remove ({exc.strerror or exc})") from None
         log.info(
             "training on %d volume(s)%s, device %s",
             len(volumes),

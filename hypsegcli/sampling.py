@@ -701,7 +701,8 @@ class TripletSampler:
             if min(shape) < cfg.r_min or max(shape) < min_longest:
                 raise BadInputError(
                     f"volume {i} of shape {shape} is too small for triplets: every side should be "
-                    f">= r_min={cfg.r_min:g} and the longest >= r_min + l_min = {min_longest:g}"
+                    f">= {cfg.r_min:g} (the smallest anchor, --r-min) and the longest >= "
+                    f"{min_longest:g} (room for a negative beside it)"
                 )
             t = t.to(device=self.device, dtype=self.dtype)
             if not bool(torch.isfinite(t).all()):

@@ -36,7 +36,12 @@ from . import distributed
 from .config import ModelConfig, SamplingConfig, TrainConfig
 from .errors import BadInputError, HypsegError, Terminated
 from .io import write_text_atomic
-from .modelfile import first_non_finite, load_model_file, save_model_file
+from .modelfile import (
+    first_non_finite,
+    load_model_file,
+    malformed_checkpoint,
+    save_model_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -108,12 +113,18 @@ def load_checkpoint(model_path: Path) -> dict[str, Any]:
     there is none or the file is not a checkpoint."""
     ckpt_path, _ = companion_paths(model_path)
     if not ckpt_path.is_file():
-        raise BadInputError(
-            f"{ckpt_path}: no checkpoint to resume from (train without --resume first)"
+        hint = (
+            f"{model_path} is there without it: start over, replacing it, with --overwrite"
+            if Path(model_path).exists()
+            else "train without --resume first"
         )
+        raise BadInputError(f"{ckpt_path}: no checkpoint to resume from ({hint})")
     state = load_model_file(ckpt_path)
     if state.get("kind") != "checkpoint" or "optimizer_state" not in state:
         raise BadInputError(f"{ckpt_path}: not a training checkpoint")
+    problem = malformed_checkpoint(state)
+    if problem is not None:
+        raise BadInputError(f"{ckpt_path}: malformed training checkpoint ({problem})")
     return state
 
 
@@ -316,8 +327,14 @@ def _train(
     step = 0
     elapsed_before = 0.0
     if state is not None:
-        model.load_state_dict(state["state_dict"])
-        optimizer.load_state_dict(state["optimizer_state"])
+        try:
+            model.load_state_dict(state["state_dict"])
+            optimizer.load_state_dict(state["optimizer_state"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+            first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else repr(exc)
+            raise BadInputError(
+                f"{ckpt_path}: its weights or optimizer state do not fit its model ({first})"
+            ) from None
         # torch's loader turns geoopt's integer step counters into float32
         # tensors, which changes the bias correction in the last bits
         for param_state in optimizer.state.values():
@@ -341,7 +358,12 @@ def _train(
                 kept_batch,
             )
         step = int(state["step"])
-        _restore_generators(state, dist, seed, step, sample=sample_gen, noise=noise_gen)
+        try:
+            _restore_generators(state, dist, seed, step, sample=sample_gen, noise=noise_gen)
+        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise BadInputError(
+                f"{ckpt_path}: malformed training checkpoint ('rng_state': {exc!r:.160})"
+            ) from None
         _warm_up_torchscript(model, train_config, dev)
         elapsed_before = float(state.get("elapsed_seconds", 0.0))
         log.info("resuming from step %d of %s", step, ckpt_path)

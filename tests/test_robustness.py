@@ -18,6 +18,7 @@ from clitools import TINY_TRAIN, run, tiny_pipeline
 
 from hypsegcli import cli, config, io, pipeline
 from hypsegcli.errors import BadInputError
+from hypsegcli.training import companion_paths
 
 
 @pytest.fixture(scope="module")
@@ -835,3 +836,90 @@ def test_api_refuses_fractional_patch_sizes_the_cache_key_would_round(tmp_path):
                 [tmp_path / "v.nii.gz"], tmp_path / "m.pt", patch_size=patch_size, stride=stride
             )
     pipeline._check_embedding_options(5.0, 2)  # whole numbers as floats are fine
+
+
+def test_overwrite_removes_the_earlier_run_before_training(tmp_path, capsys):
+    """A run with --overwrite that fails (or is stopped) must not leave the earlier run's
+    model beside its own checkpoint, nor the earlier checkpoint to --resume by mistake."""
+    tiny_pipeline(tmp_path, steps=2)
+    model = tmp_path / "model.pt"
+    ckpt, history = companion_paths(model)
+    assert model.exists() and ckpt.exists() and history.exists()
+    images = tmp_path / "data" / "images"
+    code, _, err = run(
+        ["train", images, "-o", model, "--overwrite", "--lr", "1e12", "--steps", "5", *TINY_TRAIN],
+        capsys,
+    )
+    assert code == 1 and "diverged" in err, err
+    assert not model.exists() and not ckpt.exists(), "the replaced run's files are gone"
+    # refused before reading the inputs: nothing removed
+    assert run(["train", images, "-o", model, "--steps", "2", *TINY_TRAIN], capsys)[0] == 0
+    code, _, err = run(
+        ["train", tmp_path / "nowhere", "-o", model, "--overwrite", "--steps", "2", *TINY_TRAIN],
+        capsys,
+    )
+    assert code == 2 and model.exists() and ckpt.exists()
+    # a model without its checkpoint: --resume says how to start over
+    ckpt.unlink()
+    code, _, err = run(["train", images, "-o", model, "--resume", *TINY_TRAIN], capsys)
+    assert code == 2
+    assert f"{model} is there without it: start over, replacing it, with --overwrite" in err
+
+
+def test_malformed_fields_of_a_model_file_or_checkpoint_are_named(tmp_path, capsys):
+    import torch
+
+    tiny_pipeline(tmp_path, steps=2)
+    model = tmp_path / "model.pt"
+    ckpt = companion_paths(model)[0]
+    image = tmp_path / "data" / "images" / "case_000.nii.gz"
+    good = torch.load(model, weights_only=True)
+    for change, needle in (
+        ({"state_dict": "x"}, "'state_dict' is not a mapping of weights"),
+        ({"state_dict": {**good["state_dict"], "extra": 3}}, "'state_dict' entry 'extra' is not"),
+        ({"normalization": {"method": "percentile"}}, "lacks numbers 'low' and 'high'"),
+        ({"normalization": "percentile"}, "'normalization' is not a mapping with a method"),
+        ({"format_version": 2, "versions": "9.0"}, "model file format 2 (written by hypseg ?)"),
+    ):
+        torch.save({**good, **change}, tmp_path / "bad.pt")
+        code, _, err = run(
+            ["embed", image, "-m", tmp_path / "bad.pt", "-o", tmp_path / "e"], capsys
+        )
+        lines = err.strip().splitlines()
+        assert code == 2 and lines[-1].startswith(f"hypseg: error: {tmp_path / 'bad.pt'}: "), err
+        assert needle in lines[-1] and "Traceback" not in err
+    state = torch.load(ckpt, weights_only=False)
+    images = tmp_path / "data" / "images"
+    for change, needle in (
+        ({"step": "2"}, "'step' '2' is not a step count"),
+        ({"rng_state": None}, "'rng_state' is missing or not a mapping"),
+        ({"training_volumes": [{"name": "x"}]}, "'training_volumes' entries lack their sha256"),
+        (
+            {"optimizer_state": {"state": {}, "param_groups": []}},
+            "its weights or optimizer state do not fit its model",
+        ),
+        (
+            {"rng_state": {"sample": "x", "noise": "y"}},
+            "malformed training checkpoint ('rng_state'",
+        ),
+    ):
+        torch.save({**state, **change}, ckpt)
+        code, _, err = run(
+            ["train", images, "-o", model, "--resume", "--steps", "4", *TINY_TRAIN], capsys
+        )
+        assert code == 2 and f"hypseg: error: {ckpt}: " in err and needle in err, err
+        assert "Traceback" not in err
+
+
+def test_train_errors_name_options_not_fields(tmp_path, capsys):
+    _blob(tmp_path / "v.nii.gz")
+    code, _, err = run(
+        ["train", tmp_path / "v.nii.gz", "-o", tmp_path / "m.pt", "--r-min", "10", "--r-max", "5"],
+        capsys,
+    )
+    assert code == 2 and "--r-min 10.0 should be > 0 and <= --r-max 5.0" in err, err
+    _blob(tmp_path / "flat.nii.gz", shape=(24, 24, 3))
+    code, _, err = run(["train", tmp_path / "flat.nii.gz", "-o", tmp_path / "m.pt"], capsys)
+    assert code == 2
+    assert "every side should be >= 5 (the smallest anchor, --r-min) and the longest >= 8" in err
+    assert "l_min" not in err

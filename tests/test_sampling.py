@@ -525,8 +525,8 @@ def test_sampler_dtype_and_inputs():
 @pytest.mark.parametrize(
     "shape, message",
     [
-        ((4, 50, 50), r"volume 1 of shape \(4, 50, 50\) is too small.*r_min=5"),
-        ((7, 7, 7), r"volume 1 of shape \(7, 7, 7\) is too small.*r_min \+ l_min = 8"),
+        ((4, 50, 50), r"volume 1 of shape \(4, 50, 50\) is too small.*>= 5 \(the smallest anchor"),
+        ((7, 7, 7), r"volume 1 of shape \(7, 7, 7\) is too small.*longest >= 8 \(room for"),
         ((10, 10), r"volume 1 has shape \(10, 10\), expected 3 axes"),
     ],
 )

@@ -244,7 +244,7 @@ def test_cli_train_bad_inputs(tmp_path, capsys):
     # the configs' errors name the command line's options, not the Python fields
     for args, message in [
         (["--r-min", "1"], "--r-min 1.0 should be >= 5: an anchor must hold a positive child"),
-        (["--r-min", "9", "--r-max", "8"], "--r-min 9.0 and --r-max 8.0 should satisfy"),
+        (["--r-min", "9", "--r-max", "8"], "--r-min 9.0 should be > 0 and <= --r-max 8.0"),
         (
             ["--patch-size", "8", "--arch", "paper"],
             "--patch-size 8 is too small for --arch paper (the smallest is 9)",
