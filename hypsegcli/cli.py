@@ -1012,7 +1012,7 @@ def cluster(
         Path | None,
         typer.Option(
             "--mask",
-            help="Segment only inside a mask (non-zero voxels): one mask file for every input, or a folder with <case>, <case>_mask or (BIDS) the same entities and desc-*_mask per input (same shape as the input). k-means fits on the voxels inside, the spatial steps see only them, and the output is 0 outside and 1..K inside.",
+            help="Segment only inside a mask (non-zero voxels): one mask file for every input, or a folder with <case>, <case>_mask or (BIDS) the same entities and desc-*_mask per input (same shape as the input; with --recursive its sub-folders too). k-means fits on the voxels inside, the spatial steps see only them, and the output is 0 outside and 1..K inside.",
         ),
     ] = None,
     seed: Annotated[
@@ -1164,6 +1164,14 @@ def evaluate(
         ),
     ] = None,
     part_id: PartIdOption = None,
+    recursive: Annotated[
+        bool,
+        typer.Option(
+            "--recursive",
+            "-r",
+            help="Descend into sub-folders of the two folders (BIDS derivatives: sub-*/anat/).",
+        ),
+    ] = False,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the full results as JSON on stdout.")
     ] = False,
@@ -1193,6 +1201,7 @@ def evaluate(
             csv_path=csv_path,
             num_parts=num_parts,
             part_id=part_id,
+            recursive=recursive,
             argv=state.argv,
             progress=progress,
         )

@@ -160,9 +160,7 @@ class SamplingConfig:
                 f"scale_sampling={self.scale_sampling!r} should be 'uniform' or 'log'"
             )
         if not (0 < self.r_min <= self.r_max and math.isfinite(self.r_max)):
-            raise BadInputError(
-                f"r_min={self.r_min} should be > 0 and <= r_max={self.r_max}"
-            )
+            raise BadInputError(f"r_min={self.r_min} should be > 0 and <= r_max={self.r_max}")
         if not 0 < self.l_min:
             raise BadInputError(f"l_min={self.l_min} should be > 0")
         if not self.l_min <= self.r_min - self.r_gap:

@@ -212,7 +212,9 @@ def entry_path(path: str | os.PathLike[str]) -> Path:
 def _tree(root: Path) -> list[Path]:
     """Every entry below ``root``, following symlinked sub-folders (a data folder linked into
     a project, common on clusters; Python 3.11's ``glob("**")`` skips them), each real
-    folder once (a link back up the tree is not followed again)."""
+    folder once (a link back up the tree is not followed again). Hidden sub-folders
+    (``.git``, whose ``annex/objects`` a DataLad dataset's files link to, ``.datalad``)
+    are not searched, as hidden files are skipped."""
     entries: list[Path] = []
     seen: set[str] = set()
     for folder, subfolders, files in os.walk(root, followlinks=True):
@@ -221,6 +223,7 @@ def _tree(root: Path) -> list[Path]:
             subfolders[:] = []
             continue
         seen.add(real)
+        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
         entries.extend(Path(folder, name) for name in (*subfolders, *files))
     return entries
 

@@ -33,6 +33,7 @@ from .io import (
     SUPPORTED_SUFFIXES,
     VolumeGeometry,
     array_sha256,
+    bids_key,
     bids_match,
     case_name,
     check_output_file,
@@ -250,14 +251,14 @@ _K_SUFFIX = re.compile(r"^(?P<case>.+)_k(?P<k>\d+)$")
 _L_SUFFIX = re.compile(r"^(?P<case>.+)_L(?P<level>\d+)$")
 
 
-def _label_files(path: Path) -> list[Path]:
+def _label_files(path: Path, recursive: bool = False) -> list[Path]:
     if (
         path.is_dir()
         and (path / "labels").is_dir()
         and not any(volume_suffix(p) for p in path.iterdir())
     ):
         path = path / "labels"
-    return collect_inputs([path], warn=lambda _msg: None, can_recurse=False)
+    return collect_inputs([path], warn=lambda _msg: None, recursive=recursive)
 
 
 def _find_dataset_json(truth: Path, *, level: int | None = None) -> dict[str, Any] | None:
@@ -327,6 +328,7 @@ def pair_files(
     *,
     level: int | None = None,
     dataset: dict[str, Any] | None | bool = False,
+    recursive: bool = False,
 ) -> list[dict[str, Any]]:
     """Pair predictions with ground truth (rules in :func:`evaluate`); ``dataset``: the
     truth's ``dataset.json`` where the caller has looked for it (:func:`_find_dataset_json`)."""
@@ -351,8 +353,8 @@ def pair_files(
                 "level": int(lm.group("level")) if lm else level,
             }
         ]
-    preds = _label_files(pred) if pred.is_dir() else [pred]
-    truths = _label_files(truth) if truth.is_dir() else [truth]
+    preds = _label_files(pred, recursive) if pred.is_dir() else [pred]
+    truths = _label_files(truth, recursive) if truth.is_dir() else [truth]
     check_unique_cases(preds, why="the case would be scored twice")
     check_unique_cases(truths, why="which of them is the ground truth is ambiguous")
     by_name = {case_name(t): t for t in truths}
@@ -362,6 +364,7 @@ def pair_files(
     pairs = []
     unpaired = []
     ambiguous: list[str] = []
+    contested: set[str] = set()  # ground truth named in ``ambiguous``
     unpaired_at: dict[int, set[str]] = {}
     for p in preds:
         name = case_name(p)
@@ -381,6 +384,7 @@ def pair_files(
             bids = bids_match(base, truths, "dseg")
             if len(bids) > 1:
                 ambiguous.append(f"{p.name} ({', '.join(t.name for t in bids)})")
+                contested.update(case_name(t) for t in bids)
                 if k is not None:
                     unpaired_at.setdefault(k, set()).add(base)
                 continue
@@ -414,7 +418,15 @@ def pair_files(
         # that would otherwise quietly raise the mean
         used = {case_name(pair["truth"]) for pair in pairs}
         scored = {_L_SUFFIX.sub(r"\g<case>", name) for name in used}
-        missing = sorted({_L_SUFFIX.sub(r"\g<case>", name) for name in by_name} - scored)
+        # (of a BIDS folder only the dseg files are ground truth: not the images and masks
+        # of an fMRIPrep anat folder, nor the dseg files the ambiguity warning names)
+        cases = {
+            _L_SUFFIX.sub(r"\g<case>", name)
+            for name in by_name
+            if name in used
+            or (name not in contested and (bids_key(name) or ((), "dseg"))[1] == "dseg")
+        }
+        missing = sorted(cases - scored)
         if missing:
             log.warning(
                 "no prediction for %d ground-truth case(s): %s (not scored)",
@@ -440,6 +452,18 @@ def pair_files(
                     k,
                     len(cases_at[k]),
                 )
+    shared: dict[tuple[str, int | None], list[str]] = {}
+    for pair in pairs:
+        shared.setdefault((str(pair["truth"]), pair["k"]), []).append(Path(pair["pred"]).name)
+    twice = [(truth, names) for (truth, _), names in shared.items() if len(names) > 1]
+    if twice:  # (BIDS: sub-01_T1w_k2 and sub-01_desc-preproc_T1w_k2 with sub-01_dseg)
+        log.warning(
+            "%d ground-truth file(s) scored against several predictions at one k, counting "
+            "that case more than once in the means: %s",
+            len(twice),
+            "; ".join(f"{Path(t).name} ({', '.join(n)})" for t, n in twice[:2])
+            + ("; ..." if len(twice) > 2 else ""),
+        )
     if pairs and pred.is_dir():
         _warn_unrecorded(pairs)
     if not pairs:
@@ -575,11 +599,13 @@ def evaluate(
     csv_path: Path | None = None,
     num_parts: int | None = None,
     part_id: int | None = None,
+    recursive: bool = False,
     argv: list[str] | None = None,
     environ: dict[str, str] | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Score predicted label volumes against ground truth.
+    """Score predicted label volumes against ground truth (``recursive``: the files in the
+    sub-folders of the two folders too).
 
     Pairing: two files are compared directly. With folders, a prediction is
     compared with the ground-truth file of the same case name, or
@@ -601,7 +627,7 @@ def evaluate(
 
     progress = progress or _noop
     dataset = _find_dataset_json(Path(truth), level=level)
-    pairs = pair_files(pred, truth, level=level, dataset=dataset)
+    pairs = pair_files(pred, truth, level=level, dataset=dataset, recursive=recursive)
     itself = [p["pred"] for p in pairs if entry_path(p["pred"]) == entry_path(p["truth"])]
     if itself:
         log.warning(
@@ -628,6 +654,7 @@ def evaluate(
         "csv": str(csv_path) if csv_path is not None else None,
         "num_parts": num_parts,
         "part_id": part_id,
+        "recursive": recursive,
     }
     folder = Path(csv_path).parent if csv_path is not None else None
     failures = Failures(len(selected))
@@ -970,7 +997,7 @@ def train(
 
     def prepare() -> tuple[list[Any], dict[str, Any] | None, Any, bool]:
         paths = collect_inputs(inputs, recursive=recursive)
-        masks = _Masks(mask, paths, paths) if mask is not None else None
+        masks = _Masks(mask, paths, paths, recursive=recursive) if mask is not None else None
         for target in (Path(output), *training.companion_paths(Path(output))):
             check_output_file(target, [*paths, *(masks.files() if masks else [])], what="train -o")
         if resume and overwrite:
@@ -2126,14 +2153,17 @@ class _Masks:
     folder or file, an input without its mask, a mask that is also an input.
     """
 
-    def __init__(self, spec: Path, inputs: list[Path], all_inputs: list[Path]) -> None:
+    def __init__(
+        self, spec: Path, inputs: list[Path], all_inputs: list[Path], *, recursive: bool = False
+    ) -> None:
         spec = Path(spec)
+        self._grid_warned: set[Path] = set()
         if not spec.exists():
             raise BadInputError(f"--mask {spec}: no such file or folder")
         if spec.is_dir():
             found: dict[str, Path] = {}
             try:
-                masks = collect_inputs([spec], can_recurse=False)
+                masks = collect_inputs([spec], recursive=recursive)
             except BadInputError as exc:
                 raise BadInputError(f"--mask {spec}: {exc}") from None
             for path in masks:
@@ -2142,15 +2172,10 @@ class _Masks:
             missing = []
             for path in inputs:
                 name = case_name(path)
-                match = found.get(name) or found.get(f"{name}_mask")
+                # BIDS first: an fMRIPrep anat folder holds the image itself beside its mask
+                match = self._bids_mask(spec, path, masks)
                 if match is None:
-                    bids = bids_match(name, masks, "mask")
-                    if len(bids) > 1:
-                        raise BadInputError(
-                            f"--mask {spec}: {len(bids)} masks of {path.name}: "
-                            f"{_few([m.name for m in bids])} (give the folder or file of one)"
-                        )
-                    match = bids[0] if bids else None
+                    match = found.get(name) or found.get(f"{name}_mask")
                 if match is None:
                     missing.append(name)
                 else:
@@ -2172,6 +2197,21 @@ class _Masks:
                     f"{mask}: is both an input and a mask (keep the masks in another folder)"
                 )
 
+    @staticmethod
+    def _bids_mask(spec: Path, path: Path, masks: list[Path]) -> Path | None:
+        """The one BIDS mask of input ``path`` among ``masks`` (``desc-brain`` where
+        fMRIPrep also wrote others, e.g. ``desc-ribbon``), or None."""
+        bids = bids_match(case_name(path), masks, "mask")
+        if len(bids) > 1:
+            brain = [m for m in bids if "_desc-brain_" in f"_{case_name(m)}"]
+            if len(brain) != 1:
+                raise BadInputError(
+                    f"--mask {spec}: {len(bids)} masks of {path.name}: "
+                    f"{_few([m.name for m in bids])} (give the folder or file of one)"
+                )
+            bids = brain
+        return bids[0] if bids else None
+
     def files(self) -> list[Path]:
         return list(dict.fromkeys(self.paths.values()))
 
@@ -2186,9 +2226,15 @@ class _Masks:
                 f"{mask_path}: mask of shape {mask.data.shape}, but {path} has shape "
                 f"{volume.data.shape}"
             )
-        _warn_if_other_grid(
-            mask_path, mask.geometry, path, volume.geometry, "the mask is applied voxel by voxel"
-        )
+        if path not in self._grid_warned:  # (a pooled fit reads each mask twice)
+            self._grid_warned.add(path)
+            _warn_if_other_grid(
+                mask_path,
+                mask.geometry,
+                path,
+                volume.geometry,
+                "the mask is applied voxel by voxel",
+            )
         inside = mask.data != 0
         if not inside.any():
             raise BadInputError(f"{mask_path}: the mask of {path} is empty (no non-zero voxel)")
@@ -2645,7 +2691,7 @@ def cluster(
         )
     selected = _select_part(paths, part)
     out = Path(out)
-    masks = _Masks(mask, selected, paths) if mask is not None else None
+    masks = _Masks(mask, selected, paths, recursive=recursive) if mask is not None else None
     # checked here, made (and probed for writing) once the model and options have passed
     check_output_folder(out, inputs, recursive=recursive, what="cluster -o", create=False)
     _check_outputs_are_not_inputs(out, paths, ks, preview, masks.files() if masks else ())

@@ -451,17 +451,18 @@ def test_bids_masks_and_ground_truth_pair_by_entities(tmp_path, capsys):
         "sub-02_desc-preproc_T1w_k2.nii.gz (sub-02_desc-aparcaseg_dseg.nii.gz, "
         "sub-02_desc-aseg_dseg.nii.gz)"
     ) in err
-    # two masks of one input: an error naming both
+    # two masks of one input, neither desc-brain: an error naming both
     (masks / "sub-01_space-T1w_desc-brain_mask.nii.gz").write_bytes(b"")
     (masks / "sub-01_desc-head_mask.nii.gz").write_bytes(
         (masks / "sub-01_desc-brain_mask.nii.gz").read_bytes()
     )
+    (masks / "sub-01_desc-brain_mask.nii.gz").rename(masks / "sub-01_desc-ribbon_mask.nii.gz")
     code, _, err = run(
         ["cluster", anat, "--features", "intensity", "--k", "2", "--mask", masks, "-o", seg],
         capsys,
     )
     assert code == 2
-    assert "2 masks of sub-01_desc-preproc_T1w.nii.gz: sub-01_desc-brain_mask.nii.gz, " in err
+    assert "2 masks of sub-01_desc-preproc_T1w.nii.gz: sub-01_desc-head_mask.nii.gz, " in err
 
 
 def test_evaluate_messages_name_what_is_missing(tmp_path, capsys):
@@ -492,3 +493,74 @@ def test_evaluate_messages_name_what_is_missing(tmp_path, capsys):
         f"hypseg: error: {data / 'dataset.json'}: not a label volume file (NIfTI or MRC: "
         ".nii.gz, .nii, .mrc, .map, .rec) or folder"
     )
+
+
+def test_bids_fmriprep_tree_masks_and_dseg_recursive(tmp_path, capsys):
+    """An fMRIPrep tree: each anat folder holds the image, its brain and ribbon masks and
+    its dseg files; --recursive finds them, the image is not its own mask, desc-brain wins."""
+    rng = np.random.default_rng(1)
+    raw, prep = tmp_path / "raw", tmp_path / "derivatives" / "fmriprep"
+    truth = np.zeros((16, 16, 16), np.uint8)
+    truth[4:12, 4:12, 4:12] = 1
+    brain = np.zeros_like(truth)
+    brain[2:14, 2:14, 2:14] = 1
+    for sub in ("01", "02"):
+        anat = prep / f"sub-{sub}" / "anat"
+        anat.mkdir(parents=True)
+        image = (truth + rng.normal(0, 0.1, truth.shape)).astype(np.float32)
+        for folder in (anat, raw / f"sub-{sub}" / "anat"):
+            folder.mkdir(parents=True, exist_ok=True)
+            nib.save(
+                nib.Nifti1Image(image, np.eye(4)), folder / f"sub-{sub}_desc-preproc_T1w.nii.gz"
+            )
+        nib.save(nib.Nifti1Image(brain, np.eye(4)), anat / f"sub-{sub}_desc-brain_mask.nii.gz")
+        nib.save(
+            nib.Nifti1Image(np.ones_like(brain), np.eye(4)),
+            anat / f"sub-{sub}_desc-ribbon_mask.nii.gz",
+        )
+        nib.save(nib.Nifti1Image(truth, np.eye(4)), anat / f"sub-{sub}_dseg.nii.gz")
+    seg = tmp_path / "seg"
+    base = ["cluster", "--features", "intensity", "--k", "2", "-o", seg]
+    # the anat folder itself as mask folder: the image there is not taken as its own mask
+    one = prep / "sub-01" / "anat"
+    code, _, err = run([*base, raw / "sub-01" / "anat", "--mask", one], capsys)
+    assert code == 0, err
+    record = json.loads((seg / "sub-01_desc-preproc_T1w.centroids.json").read_text())
+    assert record["source"]["mask"]["path"].endswith("sub-01_desc-brain_mask.nii.gz")
+    # the whole tree
+    code, _, err = run([*base, raw, "-r", "--mask", prep], capsys)
+    assert code == 0, err
+    out = io.read_volume(seg / "sub-02_desc-preproc_T1w_k2.nii.gz").data
+    assert (out[brain == 0] == 0).all() and (out[brain == 1] > 0).all()
+    code, out, err = run(["evaluate", seg, prep, "-r", "--no-hausdorff", "--json"], capsys)
+    assert code == 0, err
+    assert [Path(c["truth"]).name for c in json.loads(out)["cases"]] == [
+        "sub-01_dseg.nii.gz",
+        "sub-02_dseg.nii.gz",
+    ]
+    assert "warning" not in err, err  # the images and masks in the tree are no ground truth
+    # a second prediction of sub-01 (the raw T1w) scored against the same dseg: named
+    raw_k2 = seg / "sub-01_T1w_k2.nii.gz"
+    raw_k2.write_bytes((seg / "sub-01_desc-preproc_T1w_k2.nii.gz").read_bytes())
+    code, out, err = run(["evaluate", seg, prep, "-r", "--no-hausdorff"], capsys)
+    assert (
+        "1 ground-truth file(s) scored against several predictions at one k, counting that "
+        "case more than once in the means: sub-01_dseg.nii.gz (sub-01_T1w_k2.nii.gz, "
+        "sub-01_desc-preproc_T1w_k2.nii.gz)"
+    ) in err
+
+
+def test_a_mask_on_another_grid_is_named_once_per_input_with_a_pooled_fit(tmp_path, capsys):
+    data = tmp_path / "d"
+    assert run(["-q", "synth", data, "--n", "2", "--size", "16"], capsys)[0] == 0
+    shifted = np.eye(4)
+    shifted[:3, 3] = 5.0
+    inside = np.ones((16, 16, 16), np.uint8)
+    nib.save(nib.Nifti1Image(inside, shifted), tmp_path / "mask.nii.gz")
+    code, _, err = run(
+        ["cluster", data / "images", "--features", "intensity", "--k", "2", "--fit-on", "pooled"]
+        + ["--mask", tmp_path / "mask.nii.gz", "-o", tmp_path / "seg"],
+        capsys,
+    )
+    assert code == 0, err
+    assert err.count("the mask is applied voxel by voxel") == 2, err  # once per input

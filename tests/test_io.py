@@ -636,3 +636,19 @@ def test_mrc_volume_stack_of_one_volume_is_read_and_other_files_named(tmp_path):
             BadInputError, match=rf"{name}: cannot read MRC \(Map ID string not found"
         ):
             io.read_volume(tmp_path / name)
+
+
+def test_collect_inputs_recursive_skips_hidden_folders(tmp_path):
+    """A DataLad dataset: its names link into .git/annex/objects, which would be a second
+    copy of every volume."""
+    store = tmp_path / "ds" / ".git" / "annex" / "objects" / "Xx" / "SHA256E-s1--aa.nii.gz"
+    store.mkdir(parents=True)
+    (store / "SHA256E-s1--aa.nii.gz").write_bytes(b"x")
+    (tmp_path / "ds" / ".datalad").mkdir()
+    (tmp_path / "ds" / ".datalad" / "config").write_text("x")
+    anat = tmp_path / "ds" / "sub-01" / "anat"
+    anat.mkdir(parents=True)
+    (anat / "sub-01_T1w.nii.gz").symlink_to(store / "SHA256E-s1--aa.nii.gz")
+    warnings = []
+    found = io.collect_inputs([tmp_path / "ds"], recursive=True, warn=warnings.append)
+    assert [p.name for p in found] == ["sub-01_T1w.nii.gz"] and warnings == []
