@@ -658,9 +658,15 @@ def peek_shape(path: str | os.PathLike[str]) -> tuple[int, int, int]:
     return shape  # type: ignore[return-value]
 
 
-def _tile_activation_bytes(model: Any, patch_size: float, stride: int, tile: int) -> float:
-    """Bytes of float32 activations alive while one tile (or batch of patches) runs."""
+def _tile_activation_bytes(
+    model: Any, patch_size: float, stride: int, tile: int, shape: Sequence[int] | None = None
+) -> float:
+    """Bytes of float32 activations alive while one tile (or batch of patches) runs; with
+    ``shape``, the largest tile of that volume (a tile is clipped to the volume: a thin
+    tomogram's tiles are thin)."""
     from fractions import Fraction
+
+    from .embedding import _lattice
 
     cfg = model.cfg
     m = int(cfg.patch_size)
@@ -678,17 +684,22 @@ def _tile_activation_bytes(model: Any, patch_size: float, stride: int, tile: int
     ratio = Fraction(m) / Fraction(patch_size).limit_denominator(1000)
     a, b = ratio.numerator, ratio.denominator
     per = max(1, tile // (b * stride))  # voxels per tile side and phase
+    pers = (
+        [per] * 3
+        if shape is None
+        else [max(1, min(per, -(-len(_lattice(int(n), stride)) // b))) for n in shape]
+    )
     step = a * stride
-    grid = step * (per - 1) + m if step <= m else per * m
-    sides = [grid]
+    grids = [step * (n - 1) + m if step <= m else n * m for n in pers]
+    sides = [grids]
     for k in kernels:
-        sides.append(max(sides[-1] - k + 1, 1))
+        sides.append([max(side - k + 1, 1) for side in sides[-1]])
     layers = max(
-        channels[i] * sides[i] ** 3 + channels[i + 1] * sides[i + 1] ** 3
+        channels[i] * math.prod(sides[i]) + channels[i + 1] * math.prod(sides[i + 1])
         for i in range(len(kernels))
     )
     # + the resampled grid (3 separable passes) + the head's hidden units per output voxel
-    return 4.0 * (layers + 3 * grid**3 + cfg.hidden * per**3)
+    return 4.0 * (layers + 3 * math.prod(grids) + cfg.hidden * math.prod(pers))
 
 
 def _tile_count(model: Any, shape: Sequence[int], patch_size: float, stride: int, tile: int) -> int:
@@ -737,7 +748,10 @@ def estimate_embedding(
         plane = math.prod(int(n) for n in shape[1:])
         slab = min(voxels, max(1, UPSAMPLE_BLOCK // plane) * plane)
         arrays += 4.0 * lattice * d + 4 * 8.0 * slab * d
-    activations = workers * _tile_activation_bytes(model, patch_size, stride, tile)
+    # one tile per worker thread, of the volume's largest tile (no more threads than tiles)
+    activations = min(workers, tiles) * _tile_activation_bytes(
+        model, patch_size, stride, tile, shape
+    )
     return {
         "flops": flops,
         "tiles": tiles,

@@ -237,6 +237,23 @@ PlanJsonOption = Annotated[
 ]
 
 
+def _finish_plan(plan: dict[str, Any], as_json: bool) -> None:
+    """Show the --dry-run plan (and its JSON), then fail where a volume cannot be run: each
+    one's error on a line of its own, exit 2 when every one was bad input, else 1 (a
+    ``--dry-run && sbatch ...`` gate must not pass)."""
+    _render_plan(plan)
+    if as_json:
+        emit_json(plan)
+    errors = [row for row in plan["volumes"] if row["state"] == "error"]
+    for row in errors:
+        log.error("%s", row["error"])
+    if errors:
+        raise _fail(
+            f"dry run: {len(errors)} of {len(plan['volumes'])} volume(s) could not be planned",
+            2 if all(row.get("bad_input") for row in errors) else 1,
+        )
+
+
 def _render_plan(plan: dict[str, Any]) -> None:
     """The --dry-run plan as a table on stderr."""
     if state.quiet:
@@ -252,14 +269,17 @@ def _render_plan(plan: dict[str, Any]) -> None:
         return f"{value:.1f} s" if value < 120 else f"{value / 60:.1f} min"
 
     table = Table(title=f"hypseg {plan['command']} --dry-run", title_justify="left")
-    for column in ("volume", "shape", "voxels", "state", "est. time", "est. peak memory"):
-        table.add_column(column)
+    # names fold rather than end in "..." (tomograms' names differ at their ends), and take
+    # the width the other columns leave
+    table.add_column("volume", overflow="fold", ratio=1)
+    for column in ("shape", "voxels", "state", "est. time", "est. peak memory"):
+        table.add_column(column, no_wrap=True)
     for row in plan["volumes"]:
         table.add_row(
             Path(row["volume"]).name,
             "x".join(map(str, row["shape"])) if row.get("shape") else "-",
             f"{row['voxels']:,}" if row.get("voxels") else "-",
-            row["state"] if row["state"] != "error" else f"error: {row['error']}",
+            row["state"],  # (errors are printed below the table)
             duration(row.get("seconds")),
             size(row.get("peak_bytes")),
         )
@@ -858,9 +878,7 @@ def embed(
             progress=progress,
         )
     if dry_run:
-        _render_plan(summary)
-        if as_json:
-            emit_json(summary)
+        _finish_plan(summary, as_json)
         return
     log.info(
         "%d volume(s) embedded, %d from the cache, %d skipped, %d failed (%s)",
@@ -1106,9 +1124,7 @@ def cluster(
             progress=progress,
         )
     if dry_run:
-        _render_plan(summary)
-        if as_json:
-            emit_json(summary)
+        _finish_plan(summary, as_json)
         return
     log.info(
         "wrote %d segmentation(s) to %s (%d volume(s) done, %d skipped as complete, %d failed)",

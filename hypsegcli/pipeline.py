@@ -573,9 +573,14 @@ def _warn_if_other_grid(
     use: str = "scored voxel by voxel",
 ) -> None:
     """Warn when a prediction and its ground truth share a shape but not a grid (files of the
-    same format whose affines put some voxel more than half a voxel apart): Dice compares
-    them voxel by voxel all the same."""
-    if p_geo.format != t_geo.format:
+    same format, not an MRC of unknown voxel size beside one of known size, whose affines
+    put some voxel more than half a voxel apart):
+    Dice compares them voxel by voxel all the same."""
+    if p_geo.format != t_geo.format or (
+        p_geo.unit != t_geo.unit and "voxel" in (p_geo.unit, t_geo.unit)
+    ):
+        # (an MRC of unknown voxel size, whose affine is in voxels, beside one in Å: the two
+        # grids cannot be compared; a NIfTI of "unknown" units is taken to be in mm)
         return
     offset = grid_offset(p_geo, t_geo)
     if grid_offset(p_geo, t_geo, voxels=True) > 0.5:
@@ -1666,6 +1671,7 @@ def plan(
             from .batch import one_line
 
             row.update(state="error", error=one_line(exc), seconds=None, peak_bytes=None)
+            row["bad_input"] = isinstance(exc, BadInputError)
         rows.append(row)
     extra = SKLEARN_IMPORT_S if sklearn_import else 0.0
     if pooled_fit and ks:

@@ -116,7 +116,7 @@ def overlay_montage(
     """The three middle slices (x, y, z) side by side, grey image with coloured labels.
 
     Each slice is drawn with its first in-plane array axis across and the second down
-    (the z panel: x across, y down, as Fiji, napari and 3dmod show it);
+    (the z panel: x across, y down, as Fiji and napari show it; 3dmod draws y up);
     anisotropic spacing is honoured by nearest-neighbour scaling (an axis is
     stretched at most :data:`MAX_STRETCH` times). Cluster c gets
     ``colours(...)[c]``; with ``outside`` (``cluster --mask``), label 0 is the
@@ -131,7 +131,7 @@ def overlay_montage(
     for axis in range(3):
         index = image.shape[axis] // 2
         # the first in-plane axis across, the second down, as viewers draw an image (Fiji,
-        # napari, 3dmod: the z panel with x across and y down)
+        # napari: the z panel with x across and y down; 3dmod draws y up)
         g = _window(np.take(image, index, axis=axis).astype(np.float32), lo, scale).T
         lab = np.take(labels, index, axis=axis).astype(np.int64).T
         sp = [s for i, s in enumerate(spacing) if i != axis][::-1]

@@ -424,6 +424,23 @@ def test_dry_run_plans_without_writing(trained, tmp_path, capsys, monkeypatch):
     )
     assert code == 0 and out == ""
     assert "est. peak memory" in err and "case_001.nii.gz" in err
+    # a volume that cannot be read fails the dry run (a `--dry-run && sbatch` gate), with
+    # its error on a line of its own even under -q
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    good = trained / "data" / "images" / "case_000.nii.gz"
+    (bad / "case_000.nii.gz").write_bytes(good.read_bytes())
+    (bad / "cut.nii.gz").write_bytes(good.read_bytes()[:3000])
+    code, out, err = run(
+        ["-q", "cluster", bad, "-m", trained / "model.pt", "--k", "2", "-o", tmp_path / "s"]
+        + ["--patch-size", "9", "--cache-dir", cache, "--dry-run", "--json"],
+        capsys,
+    )
+    assert code == 2
+    assert [v["state"] for v in json.loads(out)["volumes"]] == ["cached", "error"]
+    lines = err.strip().splitlines()
+    assert lines[0].startswith(f"error: {bad / 'cut.nii.gz'}: truncated NIfTI"), err
+    assert lines[1] == "hypseg: error: dry run: 1 of 2 volume(s) could not be planned"
 
 
 def test_kmeans_estimate_counts_each_pass_of_a_fit():
@@ -465,6 +482,29 @@ def test_embedding_estimate_scales_with_the_encoders_efficiency(trained):
     overhead = cpu["tiles"] * TILE_OVERHEAD_S
     assert cpu["seconds"] == pytest.approx(cpu["flops"] / 1e9 + overhead)  # CPU: the full rate
     assert gpu["seconds"] - overhead == pytest.approx(cpu["flops"] / 1e9 / GPU_ENCODER_EFFICIENCY)
+
+
+def test_embedding_memory_counts_tiles_clipped_to_the_volume(trained):
+    """A thin tomogram (64x64x32) with --tile 64 runs one tile of 64x64x32 on one thread,
+    but the estimate counted two threads of full 64^3 tiles: 4095 MiB against 1138 MiB
+    measured (now 1261)."""
+    from hypsegcli.batch import _tile_activation_bytes, estimate_embedding
+
+    model = pipeline.LoadedModel(trained / "model.pt", "cpu").model
+    p = model.cfg.patch_size
+    full = _tile_activation_bytes(model, p, 1, 64)
+    assert _tile_activation_bytes(model, p, 1, 64, (64, 64, 64)) == full
+    assert _tile_activation_bytes(model, p, 1, 64, (200, 100, 64)) == full
+    thin = _tile_activation_bytes(model, p, 1, 64, (64, 64, 32))
+    assert thin < 0.6 * full
+    assert thin == _tile_activation_bytes(model, p, 1, 64, (32, 64, 64))  # any axis
+    kw = dict(patch_size=p, stride=1, tile=64, flop_rate=1e9)
+    one = estimate_embedding(model, (64, 64, 32), workers=1, **kw)
+    two = estimate_embedding(model, (64, 64, 32), workers=2, **kw)
+    assert one["tiles"] == 1 and two["activation_bytes"] == one["activation_bytes"] == thin
+    many = estimate_embedding(model, (64, 64, 32), workers=2, **{**kw, "tile": 16})
+    assert many["tiles"] > 2
+    assert many["activation_bytes"] == 2 * _tile_activation_bytes(model, p, 1, 16, (64, 64, 32))
 
 
 def test_strided_embedding_memory_counts_one_slab_of_float64_not_the_volume(trained):

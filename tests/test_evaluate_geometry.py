@@ -197,3 +197,30 @@ def test_a_singular_affine_is_named_once_per_truth_file(tmp_path, capsys):
     report, err = _evaluate(capsys, tmp_path / "pred", tmp_path / "truth")
     assert len(report["cases"]) == 3
     assert err.count("its affine is singular or not finite") == 1, err
+
+
+def test_an_mrc_of_unknown_voxel_size_is_not_compared_with_a_grid_in_angstrom(tmp_path, capsys):
+    """Masks and labels written with a bare mrcfile.new have voxel size 0 (unknown): their
+    affine is in voxels, and "a voxel up to 1.17e+03 Å apart" from the tomogram was noise."""
+    import mrcfile
+
+    labels = np.zeros((8, 10, 12), np.int8)
+    labels[2:6, 3:7, 4:9] = 1
+    with mrcfile.new(str(tmp_path / "t_k2.mrc")) as mrc:
+        mrc.set_data(labels)
+        mrc.voxel_size = 13.7
+    with mrcfile.new(str(tmp_path / "t.mrc")) as mrc:
+        mrc.set_data(labels)  # voxel size 0
+    code, out, err = run(
+        ["evaluate", tmp_path / "t_k2.mrc", tmp_path / "t.mrc", "--no-hausdorff", "--json"], capsys
+    )
+    assert code == 0 and "different grids" not in err, err
+    assert json.loads(out)["cases"][0]["mean_dice"] == 1.0
+    with mrcfile.new(str(tmp_path / "t.mrc"), overwrite=True) as mrc:  # known, and shifted
+        mrc.set_data(labels)
+        mrc.voxel_size = 13.7
+        mrc.header.origin.x = 137.0
+    code, _, err = run(
+        ["evaluate", tmp_path / "t_k2.mrc", tmp_path / "t.mrc", "--no-hausdorff"], capsys
+    )
+    assert code == 0 and "different grids (a voxel up to 137 Å apart)" in err, err
