@@ -187,7 +187,7 @@ def test_synth_split_must_be_finite_and_folders_must_not_hold_other_cases(tmp_pa
     ]
 
 
-def test_evaluate_names_unscored_truth_and_offers_no_missing_option(trained, tmp_path, capsys):
+def test_evaluate_names_unscored_truth_and_searches_sub_folders_with_recursive(trained, tmp_path, capsys):
     labels = trained / "data" / "labels"
     pred = tmp_path / "pred"
     pred.mkdir()
@@ -201,7 +201,9 @@ def test_evaluate_names_unscored_truth_and_offers_no_missing_option(trained, tmp
     (nested / "case_000_k2.nii.gz").write_bytes((labels / "case_000_L1.nii.gz").read_bytes())
     code, out, err = run(["evaluate", tmp_path / "nested", labels], capsys)
     line = _one_error(code, out, err, "no volume found")
-    assert "--recursive" not in line
+    assert "use --recursive to descend into sub-folders" in line  # which evaluate has now
+    code, out, err = run(["evaluate", tmp_path / "nested", labels, "-r", "--json"], capsys)
+    assert code == 0 and len(json.loads(out)["cases"]) == 1, err
 
 
 def test_the_same_file_spelled_twice_is_one_input(trained, tmp_path, capsys):
