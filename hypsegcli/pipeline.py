@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .batch import Failures, Part, RunRecorder, Stopwatch, resolve_part, select_part
+from .batch import MANIFEST_NAME, Failures, Part, RunRecorder, Stopwatch, resolve_part, select_part
 from .errors import BadInputError, HypsegError
 from .io import (
     SUPPORTED_SUFFIXES,
@@ -649,6 +649,7 @@ def evaluate(
             [f for pair in pairs for f in (pair["pred"], pair["truth"])],
             what="evaluate --csv",
         )
+        _check_no_folder_at(csv_path.parent, [MANIFEST_NAME], what="evaluate --csv")
     selected = _select_part(pairs, part, key=lambda pair: str(pair["pred"]), what="pair")
     names = {(int(c["level"]), int(c["id"])): c["name"] for c in (dataset or {}).get("classes", [])}
     config = {
@@ -1073,6 +1074,16 @@ def train(
     return {"volumes": len(volumes), **result.to_dict()}
 
 
+def _check_no_folder_at(folder: Path, names: Sequence[str], *, what: str) -> None:
+    """The files a run writes into ``folder`` at its end (the run manifest, the merged
+    centroids) are not folders: refused before any work rather than after all of it."""
+    for name in names:
+        if (folder / name).is_dir():
+            raise BadInputError(
+                f"{folder / name}: is a folder, where {what} writes a file of that name"
+            )
+
+
 def _training_identity(volumes: list[Any], checkpoint: dict[str, Any] | None) -> dict[str, Any]:
     """What every torchrun rank must have read alike: the volumes (names, voxels, masks'
     insides) and the checkpoint's step."""
@@ -1337,6 +1348,7 @@ def embed(
     if output is not None:
         check_unique_cases(paths, why=f"their embeddings in {output} would overwrite each other")
         check_output_folder(output, inputs, recursive=recursive, what="embed -o", create=False)
+        _check_no_folder_at(Path(output), [MANIFEST_NAME], what="embed -o")
     part = resolve_part(num_parts, part_id, environ)
     selected = _select_part(paths, part)
     model = LoadedModel(model_path, device)
@@ -2405,13 +2417,28 @@ def _inside_sha(source: dict[str, Any]) -> str | None:
     return mask.get("inside_sha256") if isinstance(mask, dict) else None
 
 
-def _take_case_record(out: Path, name: str) -> Any:
-    """Read and remove ``OUT/<case>.centroids.json`` before a case's outputs are rewritten:
-    the record is written last and says the outputs are complete, so an interrupted rewrite
-    must not leave the old one beside new label files (a resubmission would skip the case)."""
+def _take_case_record(out: Path, name: str, ks: Sequence[int]) -> Any:
+    """Read ``OUT/<case>.centroids.json`` and take this run's ``ks`` out of it before a
+    case's outputs for them are rewritten: the record is written last and says the outputs
+    are complete, so an interrupted rewrite must not leave it listing them beside new label
+    files (a resubmission would skip the case). Its sets for other k stay on record (their
+    files are untouched): a run stopped here loses none of them. Returns the whole record."""
     target = _case_centroids_path(out, name)
     old = _read_json(target) if target.exists() else None
-    _remove_record(target)
+    sets = old.get("sets") if isinstance(old, dict) else None
+    kept = (
+        [
+            s
+            for s in sets
+            if isinstance(s, dict) and isinstance(s.get("k"), int) and s["k"] not in ks
+        ]
+        if isinstance(sets, list)
+        else []
+    )
+    if kept:
+        write_text_atomic(target, json.dumps({**old, "sets": kept}, indent=2) + "\n")
+    else:
+        _remove_record(target)
     return old
 
 
@@ -2700,6 +2727,7 @@ def cluster(
     masks = _Masks(mask, selected, paths, recursive=recursive) if mask is not None else None
     # checked here, made (and probed for writing) once the model and options have passed
     check_output_folder(out, inputs, recursive=recursive, what="cluster -o", create=False)
+    _check_no_folder_at(Path(out), ["centroids.json", MANIFEST_NAME], what="cluster -o")
     _check_outputs_are_not_inputs(out, paths, ks, preview, masks.files() if masks else ())
     model = LoadedModel(model_path, device) if features == "embedding" else None
     kind = (
@@ -3100,7 +3128,7 @@ def cluster(
                             watch.lap("cluster")
                             target = out / f"{volume.name}_k{k}{volume.geometry.suffix}"
                             if not taken:
-                                old_record, taken = _take_case_record(out, volume.name), True
+                                old_record, taken = _take_case_record(out, volume.name, ks), True
                             write_labels(target, labels, volume.geometry)
                             row["outputs"].append(str(target))
                             # sizes of what was written: _case_done finds a cut or lost file

@@ -940,3 +940,58 @@ def test_embed_dry_run_notes_describe_embedding_only(trained, tmp_path, capsys):
         capsys,
     )
     assert code == 0 and json.loads(out)["notes"] == PLAN_NOTES, err
+
+
+def test_a_case_stopped_while_rewritten_keeps_its_sets_for_other_k(tmp_path, capsys):
+    """`--k 3 --k 6` stopped (or failed) in a case after an earlier `--k 2 --k 4` run: the
+    case's k = 2 and 4 sets were lost from its record (their files still there), so a
+    later `--k 2 --k 4` redid it and the records differed from an uninterrupted run's."""
+    import json
+
+    from clitools import run
+
+    data = tmp_path / "d"
+    assert run(["-q", "synth", data, "--n", "2", "--size", "16"], capsys)[0] == 0
+    base = ["-q", "cluster", data / "images", "--features", "intensity"]
+    for out in ("a", "b"):
+        assert run([*base, "--k", "2", "--k", "4", "-o", tmp_path / out], capsys)[0] == 0
+    assert run([*base, "--k", "3", "--k", "6", "-o", tmp_path / "a"], capsys)[0] == 0
+    blocker = tmp_path / "b" / "case_001_k6.nii.gz"
+    blocker.mkdir()  # case_001 fails at its k = 6 output, after k = 3 is written
+    code, _, err = run([*base, "--k", "3", "--k", "6", "-o", tmp_path / "b"], capsys)
+    assert code == 1, err
+    record = json.loads((tmp_path / "b" / "case_001.centroids.json").read_text())
+    assert [s["k"] for s in record["sets"]] == [2, 4]
+    blocker.rmdir()
+    assert run([*base, "--k", "3", "--k", "6", "-o", tmp_path / "b"], capsys)[0] == 0
+    for name in ("case_000.centroids.json", "case_001.centroids.json"):
+        a = json.loads((tmp_path / "a" / name).read_text())
+        b = json.loads((tmp_path / "b" / name).read_text())
+        assert [s["k"] for s in b["sets"]] == [2, 3, 4, 6]
+        assert a["sets"] == b["sets"], name
+    code, out, _ = run([*base, "--k", "2", "--k", "4", "-o", tmp_path / "b", "--json"], capsys)
+    assert code == 0 and json.loads(out)["skipped"] == 2  # nothing redone
+
+
+def test_a_folder_named_like_a_final_output_is_refused_before_any_work(tmp_path, capsys):
+    from clitools import run
+
+    data = tmp_path / "d"
+    assert run(["-q", "synth", data, "--n", "2", "--size", "16"], capsys)[0] == 0
+    for name in ("centroids.json", "hypseg-runs.jsonl"):
+        out = tmp_path / f"o_{name}"
+        (out / name).mkdir(parents=True)
+        code, _, err = run(
+            ["cluster", data / "images", "--features", "intensity", "--k", "2", "-o", out], capsys
+        )
+        assert code == 2, err
+        assert f"{out / name}: is a folder, where cluster -o writes a file of that name" in err
+        assert sorted(p.name for p in out.iterdir()) == [name]  # nothing done
+    (tmp_path / "ev" / "hypseg-runs.jsonl").mkdir(parents=True)
+    code, _, err = run(
+        ["evaluate", data / "labels", data / "labels", "--no-hausdorff", "--csv"]
+        + [tmp_path / "ev" / "s.csv"],
+        capsys,
+    )
+    assert code == 2 and "is a folder, where evaluate --csv writes" in err, err
+    assert not (tmp_path / "ev" / "s.csv").exists()

@@ -187,7 +187,9 @@ def test_synth_split_must_be_finite_and_folders_must_not_hold_other_cases(tmp_pa
     ]
 
 
-def test_evaluate_names_unscored_truth_and_searches_sub_folders_with_recursive(trained, tmp_path, capsys):
+def test_evaluate_names_unscored_truth_and_searches_sub_folders_with_recursive(
+    trained, tmp_path, capsys
+):
     labels = trained / "data" / "labels"
     pred = tmp_path / "pred"
     pred.mkdir()
