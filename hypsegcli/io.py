@@ -154,6 +154,7 @@ _BIDS_ENTITY = re.compile(r"^[A-Za-z0-9]+-[A-Za-z0-9]+$")
 _BIDS_SUFFIX = re.compile(r"^[A-Za-z0-9]+$")
 
 
+@functools.lru_cache(maxsize=65536)  # (pairing asks again for every candidate file)
 def bids_key(name: str) -> tuple[tuple[str, ...], str] | None:
     """The BIDS entities of a case name other than ``desc``, sorted, and its suffix:
     ``sub-01_ses-1_desc-preproc_T1w`` -> ``(("ses-1", "sub-01"), "T1w")``; None for a name

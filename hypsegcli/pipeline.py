@@ -1047,12 +1047,7 @@ def train(
             # the earlier run goes now, not file by file as this one writes its own: a run
             # that fails or is stopped must not leave the old model beside its checkpoint
             for earlier in (Path(output), *training.companion_paths(Path(output))):
-                try:
-                    earlier.unlink()
-                except FileNotFoundError:
-                    pass
-                except OSError as exc:
-                    raise HypsegError(f"{earlier}: cannot remove ({exc.strerror or exc})") from None
+                _remove_if_present(earlier)
         log.info(
             "training on %d volume(s)%s, device %s",
             len(volumes),
@@ -1457,7 +1452,7 @@ def embed(
                             # the record last, and the old one gone before the array is
                             # replaced: a record says its array is complete and matches it
                             sidecar = _sidecar_of(target)
-                            _remove_record(sidecar)
+                            _remove_if_present(sidecar)
                             _save_npy(target, np.asarray(emb, dtype=np.float32))
                             record = _embedding_record(
                                 volume, model, sha, emb.shape, patch_size, stride
@@ -2438,13 +2433,13 @@ def _take_case_record(out: Path, name: str, ks: Sequence[int]) -> Any:
     if kept:
         write_text_atomic(target, json.dumps({**old, "sets": kept}, indent=2) + "\n")
     else:
-        _remove_record(target)
+        _remove_if_present(target)
     return old
 
 
-def _remove_record(path: Path) -> None:
-    """Remove a record that says its outputs are complete, before they are rewritten (none
-    there is fine)."""
+def _remove_if_present(path: Path) -> None:
+    """Remove ``path`` (none there is fine): a record that says its outputs are complete,
+    before they are rewritten; an earlier run's model that ``train --overwrite`` replaces."""
     try:
         path.unlink()
     except FileNotFoundError:

@@ -337,7 +337,9 @@ def test_empty_arguments_and_empty_split_parts(tmp_path, capsys, monkeypatch):
     assert meta["generator"]["noise_std"] > 0 and "psf_sigma_voxels" in meta["generator"]
 
 
-def test_evaluate_names_a_case_missing_at_one_k(tmp_path, capsys):
+def _two_cases_clustered(tmp_path, capsys):
+    """``tmp_path/d``: two synthetic 16^3 cases; ``tmp_path/seg``: their plain k-means labels
+    at k = 2 and 4 (intensity features, no spatial step). Returns (data, seg)."""
     data, seg = tmp_path / "d", tmp_path / "seg"
     assert run(["-q", "synth", data, "--n", "2", "--size", "16"], capsys)[0] == 0
     code, _, err = run(
@@ -346,6 +348,11 @@ def test_evaluate_names_a_case_missing_at_one_k(tmp_path, capsys):
         capsys,
     )
     assert code == 0, err
+    return data, seg
+
+
+def test_evaluate_names_a_case_missing_at_one_k(tmp_path, capsys):
+    data, seg = _two_cases_clustered(tmp_path, capsys)
     code, _, err = run(["evaluate", seg, data / "labels", "--no-hausdorff"], capsys)
     assert code == 0 and "no prediction at" not in err, err
     (seg / "case_001_k4.nii.gz").unlink()  # a lost output
@@ -466,14 +473,7 @@ def test_bids_masks_and_ground_truth_pair_by_entities(tmp_path, capsys):
 
 
 def test_evaluate_messages_name_what_is_missing(tmp_path, capsys):
-    data, seg = tmp_path / "d", tmp_path / "seg"
-    assert run(["-q", "synth", data, "--n", "2", "--size", "16"], capsys)[0] == 0
-    code, _, err = run(
-        ["-q", "cluster", data / "images", "--features", "intensity", "--k", "2", "--k", "4"]
-        + ["-o", seg, "--smooth", "0", "--snap", "0", "--mrf", "0", "--nest", "0"],
-        capsys,
-    )
-    assert code == 0, err
+    data, seg = _two_cases_clustered(tmp_path, capsys)
     # a ground-truth file missing: the prediction is there, its ground truth is not
     (data / "labels" / "case_001_L2.nii.gz").unlink()
     code, _, err = run(["evaluate", seg, data, "--no-hausdorff"], capsys)
