@@ -279,6 +279,7 @@ def session(device: Any) -> Iterator[Distributed]:
         return
     import torch
     import torch.distributed as dist
+    import torch.distributed.nn  # noqa: F401  (before joining: see _leave)
 
     job = Distributed(world_size=size, rank=rank(), local_rank=local_rank())
     if job.rank >= size:
@@ -320,8 +321,29 @@ def session(device: Any) -> Iterator[Distributed]:
                 f"(did another rank fail, or wait longer than {TIMEOUT_ENV}={timeout:g} s?)"
             ) from None
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        _leave()
+
+
+def _leave() -> None:
+    """Leave the job so that its gloo worker threads are gone before the interpreter ends.
+
+    A gloo worker frees a finished collective just after the rank has moved on; where that
+    happens during the interpreter's shutdown (a loaded machine), freeing its tensors needs
+    the GIL, the thread is stopped instead, and the rank aborts ("terminate called without
+    an active exception", exit -6) after a successful run. Freeing the process group joins
+    the workers first, but only once nothing holds it: ``torch.distributed.nn.functional``
+    (imported by DDP) keeps the default group in its functions' default arguments when
+    imported after joining (so :func:`session` imports it before), and the DDP wrapper of
+    the training lives in a reference cycle until a collection.
+    """
+    import gc
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        gc.collect()
+        dist.destroy_process_group()
+    gc.collect()
 
 
 def _identity_difference(main: dict[str, Any], mine: dict[str, Any]) -> str:

@@ -349,6 +349,49 @@ def test_a_rank_failing_on_its_inputs_stops_the_others_at_once(images, tmp_path)
     assert not (tmp_path / "m.pt").exists()
 
 
+LEAVE_SCRIPT = """
+import json, os, sys, torch
+from hypsegcli import distributed
+
+def threads():
+    return len(os.listdir("/proc/self/task"))
+
+torch.set_num_threads(1)
+warm = torch.nn.Linear(3, 1)
+warm(torch.randn(4, 3)).sum().backward()  # the threads a step starts, before counting
+before = threads()
+with distributed.session(torch.device("cpu")) as job:
+    model = torch.nn.Linear(3, 1)
+    model.loss = lambda x: {"total": model(x).sum()}
+    job.wrap(model)(torch.randn(4, 3))["total"].backward()  # DDP, as training does
+    job.gather({"rank": job.rank})
+    job.barrier()
+    during = threads()
+print(json.dumps({"before": before, "during": during, "after": threads()}))
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc")
+def test_leaving_the_job_ends_its_gloo_threads(tmp_path):
+    """A rank that left the job has no gloo worker threads left: one that freed a finished
+    collective while the interpreter shut down aborted the rank after a successful run
+    (1 run in 40 on a loaded machine). The default group was kept alive by
+    torch.distributed.nn's default arguments and the DDP wrapper's reference cycle."""
+    script = tmp_path / "leave.py"
+    script.write_text(LEAVE_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV}
+    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    cmd += ["--master-addr", "127.0.0.1", "--master-port", str(_free_port()), str(script)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=100)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    counts = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(counts) == 2
+    for count in counts:
+        assert count["during"] > count["before"], count  # (the count sees gloo's threads)
+        assert count["after"] == count["before"], count
+
+
 # ----------------------------------------------------------------------------- in process
 
 
