@@ -60,7 +60,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from . import __version__
-from .errors import BadInputError, HypsegError, interrupt_status
+from .errors import BadInputError, HypsegError, interrupt_status, signals_held
 from .io import write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -402,6 +402,13 @@ class RunRecorder:
         return self
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        # a signal while the record is written (SIGTERM sent again, Ctrl-C pressed twice)
+        # waits for it and is dropped: the run has ended, as the record says
+        with signals_held() as caught:
+            self._close_on_exit(exc)
+            caught.clear()
+
+    def _close_on_exit(self, exc: BaseException | None) -> None:
         if exc is None:
             self.close()
             return

@@ -7,6 +7,11 @@ usage (:class:`BadInputError`), 1 for a runtime failure (everything else).
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+
 
 class HypsegError(Exception):
     """A runtime failure the user should hear about in one line (exit code 1)."""
@@ -32,3 +37,37 @@ def interrupt_status(exc: BaseException) -> tuple[int, str]:
     if isinstance(exc, Terminated):
         return Terminated.exit_code, "terminated"
     return 130, "interrupted"
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[list[int]]:
+    """Hold SIGINT and SIGTERM while the block runs and deliver them after it (only in the
+    main thread, where Python runs signal handlers; elsewhere the block runs as it is).
+    Yields the list of the signals held so far; the block may empty it to drop them. The
+    first is delivered (its handler raises KeyboardInterrupt or :class:`Terminated`) once
+    the block has ended, unless the block raised: its error is the one that counts."""
+    if threading.current_thread() is not threading.main_thread():
+        yield []
+        return
+    caught: list[int] = []
+    kinds = [s for s in (signal.SIGINT, getattr(signal, "SIGTERM", None)) if s is not None]
+    previous = {}
+    try:
+        for kind in kinds:
+            previous[kind] = signal.signal(kind, lambda signum, frame: caught.append(signum))
+    except (ValueError, OSError):  # pragma: no cover - embedded interpreters
+        for kind, handler in previous.items():
+            signal.signal(kind, handler)
+        yield []
+        return
+    try:
+        yield caught
+    finally:
+        for kind, handler in previous.items():
+            signal.signal(kind, handler if handler is not None else signal.SIG_DFL)
+    for signum in caught[:1]:
+        handler = previous.get(signum)
+        if callable(handler):
+            handler(signum, None)  # Python's KeyboardInterrupt, or hypseg's Terminated
+        elif handler == signal.SIG_DFL:  # pragma: no cover - no Python handler installed
+            signal.raise_signal(signum)

@@ -28,7 +28,7 @@ import numpy as np
 
 from . import __version__
 from .batch import MANIFEST_NAME, Failures, Part, RunRecorder, Stopwatch, resolve_part, select_part
-from .errors import BadInputError, HypsegError
+from .errors import BadInputError, HypsegError, signals_held
 from .io import (
     SUPPORTED_SUFFIXES,
     VolumeGeometry,
@@ -3175,10 +3175,12 @@ def cluster(
                 if row["status"] != "failed" or failures.total > 1:
                     progress("cluster", i + 1, len(selected))
         except BaseException:  # interrupted (Ctrl-C, SIGTERM) or failed: finished cases stay listed
-            with contextlib.suppress(Exception):
-                _merge_centroids(out, header)
+            with contextlib.suppress(Exception), signals_held() as caught:
+                _merge_centroids(out, header)  # (a signal meanwhile waits for it, dropped)
+                caught.clear()
             raise
-        merged = _merge_centroids(out, header)
+        with signals_held():  # a signal meanwhile waits for the file, then stops the run
+            merged = _merge_centroids(out, header)
         run.failures = failures.to_json()
         run.exit_status = failures.exit_code
     return {

@@ -23,9 +23,8 @@ import io as _stdio
 import logging
 import math
 import signal
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ import numpy as np
 
 from . import distributed
 from .config import ModelConfig, SamplingConfig, TrainConfig
-from .errors import BadInputError, HypsegError, Terminated
+from .errors import BadInputError, HypsegError, Terminated, signals_held
 from .io import write_text_atomic
 from .modelfile import (
     first_non_finite,
@@ -466,7 +465,7 @@ def _train(
     # Ctrl-C are held for the whole run, every step the ranks vote on whether one of them
     # was sent one, and all of them checkpoint at the same step before they stop (a signal
     # that comes during the final save stops the job after it).
-    held = _signals_deferred() if dist.enabled else contextlib.nullcontext([])
+    held = signals_held() if dist.enabled else contextlib.nullcontext([])
     try:
         with held as caught:
             while True:
@@ -526,7 +525,7 @@ def _train(
                     )
                 # Ctrl-C or SIGTERM waits for the update and its history row (a state saved amid
                 # them would not be one the run went through)
-                with _signals_deferred():
+                with signals_held():
                     optimizer.step()
                     step += 1
                     window_steps += 1
@@ -590,7 +589,7 @@ def _train(
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (a Slurm time limit): keep the work done
         if step > (saved_step or 0) and not dist.enabled:  # (checkpoint() gathers from all)
             # mid-step, the generators have drawn for the next step: their states from before
-            with _signals_deferred():  # a second Ctrl-C waits for the save
+            with signals_held():  # a second Ctrl-C waits for the save
                 checkpoint(drawn_from[1] if drawn_from and drawn_from[0] == step else None)
                 log.warning(
                     "interrupted: the state after step %d is in %s (--resume)", step, ckpt_path
@@ -669,38 +668,6 @@ def _diverged_advice(
         f"the last checkpoint (step {saved_step}) is kept in {ckpt_path}: --resume from it "
         f"with {fix}, or train again"
     )
-
-
-@contextlib.contextmanager
-def _signals_deferred() -> Iterator[list[int]]:
-    """Hold SIGINT and SIGTERM while the block runs and deliver them after it (only in the
-    main thread, where Python runs signal handlers; elsewhere the block runs as it is).
-    Yields the list of the signals held so far; the block may empty it to drop them."""
-    if threading.current_thread() is not threading.main_thread():
-        yield []
-        return
-    caught: list[int] = []
-    kinds = [s for s in (signal.SIGINT, getattr(signal, "SIGTERM", None)) if s is not None]
-    previous = {}
-    try:
-        for kind in kinds:
-            previous[kind] = signal.signal(kind, lambda signum, frame: caught.append(signum))
-    except (ValueError, OSError):  # pragma: no cover - embedded interpreters
-        for kind, handler in previous.items():
-            signal.signal(kind, handler)
-        yield []
-        return
-    try:
-        yield caught
-    finally:
-        for kind, handler in previous.items():
-            signal.signal(kind, handler if handler is not None else signal.SIG_DFL)
-    for signum in caught[:1]:
-        handler = previous.get(signum)
-        if callable(handler):
-            handler(signum, None)  # Python's KeyboardInterrupt, or hypseg's Terminated
-        elif handler == signal.SIG_DFL:  # pragma: no cover - no Python handler installed
-            signal.raise_signal(signum)
 
 
 def _restore_generators(

@@ -781,6 +781,70 @@ def test_interrupted_rewrite_is_redone_and_recorded(trained, tmp_path, capsys, m
     assert last["inputs"][0]["status"] == "skipped" and len(last["inputs"][0]["sha256"]) == 64
 
 
+def test_signals_during_the_cleanup_of_a_stopped_run_lose_no_record(
+    trained, tmp_path, capsys, monkeypatch
+):
+    """A second and a third SIGTERM (a scheduler's repeated signals, Ctrl-C pressed again)
+    while a stopped cluster run rebuilds centroids.json and appends its manifest record:
+    both are written all the same, and the run ends as the first signal said."""
+    from hypsegcli import batch
+
+    images = trained / "data" / "images"
+    out = tmp_path / "seg"
+
+    def signalled(real):
+        def call(*args, **kwargs):
+            os.kill(os.getpid(), signal.SIGTERM)  # delivered before the real work starts
+            return real(*args, **kwargs)
+
+        return call
+
+    with monkeypatch.context() as patch:
+        calls = _kill_on_second_label_file(patch, "sigterm")
+        patch.setattr(batch, "rebuild_merged", signalled(batch.rebuild_merged))
+        patch.setattr(batch, "append_manifest", signalled(batch.append_manifest))
+        code, _, err = run(
+            ["-q", "cluster", images, "-m", trained / "model.pt", "--k", "2", "-o", out]
+            + ["--threads", "2"],
+            capsys,
+        )
+    assert len(calls) == 2 and code == 143 and err.strip() == "hypseg: error: terminated", err
+    merged = json.loads((out / "centroids.json").read_text())
+    assert [s["case"] for s in merged["sets"]] == ["case_000"]  # the case finished
+    record = [json.loads(line) for line in (out / "hypseg-runs.jsonl").read_text().splitlines()]
+    assert len(record) == 1 and record[0]["exit_status"] == 143
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_a_signal_while_a_finished_run_is_recorded_changes_nothing(
+    trained, tmp_path, capsys, monkeypatch
+):
+    """SIGTERM while a finished run writes centroids.json: the file is written, the run
+    recorded and ended as terminated (143); one while the record is appended: the run has
+    ended, its record says 0 and so does the exit status."""
+    from hypsegcli import batch
+
+    image = trained / "data" / "images" / "case_000.nii.gz"
+    base = ["-q", "cluster", image, "-m", trained / "model.pt", "--k", "2", "--threads", "2"]
+    for target, expected in (("rebuild_merged", 143), ("append_manifest", 0)):
+        out = tmp_path / target
+        real = getattr(batch, target)
+
+        def signalled(*args, real=real, **kwargs):
+            os.kill(os.getpid(), signal.SIGTERM)
+            return real(*args, **kwargs)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(batch, target, signalled)
+            code, _, err = run([*base, "-o", out], capsys)
+        assert code == expected, (target, err)
+        assert [s["case"] for s in json.loads((out / "centroids.json").read_text())["sets"]] == [
+            "case_000"
+        ]
+        (record,) = [json.loads(x) for x in (out / "hypseg-runs.jsonl").read_text().splitlines()]
+        assert record["exit_status"] == expected, target
+
+
 def test_refused_runs_leave_no_output_folder(trained, tmp_path, capsys):
     """Options refused once the model is read (or the device resolved) create no -o folder."""
     images = trained / "data" / "images"
