@@ -279,13 +279,14 @@ def session(device: Any) -> Iterator[Distributed]:
         return
     import torch
     import torch.distributed as dist
-    import torch.distributed.nn  # noqa: F401  (before joining: see _leave)
 
     job = Distributed(world_size=size, rank=rank(), local_rank=local_rank())
     if job.rank >= size:
         raise BadInputError(f"RANK={job.rank} should be < WORLD_SIZE={size}")
     if not dist.is_available():
         raise HypsegError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    import torch.distributed.nn  # noqa: F401  (before joining: see _leave)
+
     if device.type not in ("cpu", "cuda"):
         raise BadInputError(
             f"--device {device.type}: distributed training runs on cpu or cuda devices"

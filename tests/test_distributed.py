@@ -6,6 +6,7 @@ import csv
 import json
 import logging
 import os
+import random
 import shutil
 import signal
 import socket
@@ -19,7 +20,7 @@ from clitools import TINY_MODEL
 
 from hypsegcli import distributed
 from hypsegcli.cli import main
-from hypsegcli.errors import BadInputError
+from hypsegcli.errors import BadInputError, HypsegError
 from hypsegcli.modelfile import load_model_file
 from hypsegcli.training import companion_paths
 
@@ -39,9 +40,18 @@ TORCHRUN_ENV = (
 
 
 def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A free port below Linux's ephemeral range (32768-60999), where the port 0 bind used
+    to pick from: there the sockets of gloo and other runs take ports too, and one could
+    take this port before the job binds it."""
+    ports = random.Random().sample(range(20000, 32000), 200)
+    for port in ports:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-31999")
 
 
 def _start_torchrun(args, *, cwd, dump=None):
@@ -432,6 +442,18 @@ def test_other_ranks_log_warnings_only(monkeypatch):
         assert logger.level == logging.WARNING
     finally:
         logger.setLevel(before)
+
+
+def test_a_torch_without_distributed_is_named(monkeypatch):
+    """Under torchrun with a torch built without torch.distributed (whose stubs cannot
+    import torch.distributed.nn): one line saying so, not an ImportError."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(torch.distributed, "is_available", lambda: False)
+    monkeypatch.setitem(sys.modules, "torch.distributed.nn", None)  # its import fails
+    with pytest.raises(HypsegError, match="this torch build has no torch.distributed"):
+        with distributed.session(torch.device("cpu")):
+            pass
 
 
 def test_single_process_session_is_the_identity(monkeypatch):
