@@ -781,6 +781,16 @@ def test_interrupted_rewrite_is_redone_and_recorded(trained, tmp_path, capsys, m
     assert last["inputs"][0]["status"] == "skipped" and len(last["inputs"][0]["sha256"]) == 64
 
 
+def _sigterm_first(real):
+    """``real``, called after this process is sent SIGTERM (delivered before its work)."""
+
+    def call(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    return call
+
+
 def test_signals_during_the_cleanup_of_a_stopped_run_lose_no_record(
     trained, tmp_path, capsys, monkeypatch
 ):
@@ -791,18 +801,10 @@ def test_signals_during_the_cleanup_of_a_stopped_run_lose_no_record(
 
     images = trained / "data" / "images"
     out = tmp_path / "seg"
-
-    def signalled(real):
-        def call(*args, **kwargs):
-            os.kill(os.getpid(), signal.SIGTERM)  # delivered before the real work starts
-            return real(*args, **kwargs)
-
-        return call
-
     with monkeypatch.context() as patch:
         calls = _kill_on_second_label_file(patch, "sigterm")
-        patch.setattr(batch, "rebuild_merged", signalled(batch.rebuild_merged))
-        patch.setattr(batch, "append_manifest", signalled(batch.append_manifest))
+        patch.setattr(batch, "rebuild_merged", _sigterm_first(batch.rebuild_merged))
+        patch.setattr(batch, "append_manifest", _sigterm_first(batch.append_manifest))
         code, _, err = run(
             ["-q", "cluster", images, "-m", trained / "model.pt", "--k", "2", "-o", out]
             + ["--threads", "2"],
@@ -828,14 +830,8 @@ def test_a_signal_while_a_finished_run_is_recorded_changes_nothing(
     base = ["-q", "cluster", image, "-m", trained / "model.pt", "--k", "2", "--threads", "2"]
     for target, expected in (("rebuild_merged", 143), ("append_manifest", 0)):
         out = tmp_path / target
-        real = getattr(batch, target)
-
-        def signalled(*args, real=real, **kwargs):
-            os.kill(os.getpid(), signal.SIGTERM)
-            return real(*args, **kwargs)
-
         with monkeypatch.context() as patch:
-            patch.setattr(batch, target, signalled)
+            patch.setattr(batch, target, _sigterm_first(getattr(batch, target)))
             code, _, err = run([*base, "-o", out], capsys)
         assert code == expected, (target, err)
         assert [s["case"] for s in json.loads((out / "centroids.json").read_text())["sets"]] == [
