@@ -32,6 +32,7 @@ import math
 import os
 import re
 import secrets
+import stat
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -808,6 +809,48 @@ def _temporary_name(name: str) -> str:
     while head and len(os.fsencode(head + "~" + tail)) > room:
         head = head[:-1]
     return prefix + head + "~" + tail
+
+
+#: A temporary of :func:`atomic_path` untouched for this long is a dead writer's: every
+#: writer fills its temporary at once and renames it (seconds), so only a process killed
+#: (SIGKILL, the OOM killer, a node lost) or suspended meanwhile leaves one this old.
+STALE_TEMPORARY_S = 3600.0
+_TEMPORARY_RE = re.compile(r"\.tmp-\d+-[0-9a-f]{8}-.")
+
+
+def remove_stale_temporaries(
+    folder: str | os.PathLike[str], *, recursive: bool = False
+) -> tuple[int, int]:
+    """Remove the temporaries (``.tmp-PID-HEX-<name>``) that killed runs left in ``folder``
+    (and, with ``recursive``, the folders below it but hidden ones), once
+    :data:`STALE_TEMPORARY_S` old; a fresh one may be a concurrent run's write. Returns
+    (files removed, their bytes); files that vanish or cannot be removed are passed over."""
+    import time
+
+    cutoff = time.time() - STALE_TEMPORARY_S
+    removed = size = 0
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if recursive and not d.startswith("."))
+        for name in files:
+            if not _TEMPORARY_RE.match(name):
+                continue
+            path = os.path.join(root, name)
+            try:
+                st = os.lstat(path)
+                if not stat.S_ISREG(st.st_mode) or st.st_mtime > cutoff:
+                    continue
+                os.unlink(path)
+            except OSError:
+                continue
+            removed, size = removed + 1, size + st.st_size
+    if removed:
+        log.info(
+            "%s: removed %d temporary file(s) (%.1f MiB) left by runs stopped over an hour ago",
+            folder,
+            removed,
+            size / 2**20,
+        )
+    return removed, size
 
 
 @contextlib.contextmanager

@@ -44,6 +44,7 @@ from .io import (
     geometry_record,
     geometry_sha256,
     read_volume,
+    remove_stale_temporaries,
     volume_suffix,
     write_labels,
     write_text_atomic,
@@ -1349,6 +1350,7 @@ def embed(
     model = LoadedModel(model_path, device)
     if output is not None and not dry_run:  # made once the model has loaded
         check_output_folder(output, what="embed -o")
+        remove_stale_temporaries(output, recursive=recursive)
     out = Path(output) if output is not None else None
     cache_root = resolve_cache_dir(cache_dir)
     config = {
@@ -2786,6 +2788,7 @@ def cluster(
         )
     if not dry_run:
         check_output_folder(out, what="cluster -o")
+        remove_stale_temporaries(out, recursive=recursive)
     cache_root = resolve_cache_dir(cache_dir) if model is not None else None
     config = {
         "inputs": [str(i) for i in inputs],

@@ -841,6 +841,46 @@ def test_a_signal_while_a_finished_run_is_recorded_changes_nothing(
         assert record["exit_status"] == expected, target
 
 
+def test_temporaries_of_killed_runs_are_removed_once_stale(trained, tmp_path, capsys):
+    """A SIGKILLed write leaves its hidden temporary (a label volume, an embedding array:
+    up to gigabytes) in the output folder: cluster and embed remove those untouched for an
+    hour, and nothing else (a fresh one may be a concurrent part's write)."""
+    import time
+
+    hour_ago = time.time() - io.STALE_TEMPORARY_S - 60
+    image = trained / "data" / "images" / "case_000.nii.gz"
+    for command in ("cluster", "embed"):
+        out = tmp_path / command
+        (out / "sub").mkdir(parents=True)
+        (out / ".hidden").mkdir()
+        names = {
+            "stale": ".tmp-4242-0123abcd-case_000_k2.nii.gz",
+            "fresh": ".tmp-4243-89abcdef-case_000_k2.nii.gz",
+            "other": ".tmp-notes.txt",  # not hypseg's
+            "sub": "sub/.tmp-4244-00ff00ff-case_001.npy",
+            "hidden": ".hidden/.tmp-4245-00ff00ff-case_001.npy",
+        }
+        for key, name in names.items():
+            (out / name).write_bytes(b"x" * 1000)
+            if key != "fresh":
+                os.utime(out / name, (hour_ago, hour_ago))
+        (out / ".tmp-4246-0123abcd-folder").mkdir()  # not a file
+        os.utime(out / ".tmp-4246-0123abcd-folder", (hour_ago, hour_ago))
+        argv = [command, image, "-m", trained / "model.pt", "-o", out, "--threads", "2"]
+        argv += ["--k", "2"] if command == "cluster" else []
+        code, _, err = run([*argv, "--dry-run"], capsys)
+        assert code == 0 and (out / names["stale"]).exists(), err  # a dry run writes nothing
+        code, _, err = run(argv, capsys)
+        assert code == 0, err
+        assert f"{out}: removed 1 temporary file(s) (0.0 MiB) left by runs stopped" in err
+        assert not (out / names["stale"]).exists()
+        assert all((out / names[k]).exists() for k in ("fresh", "other", "sub", "hidden"))
+        assert (out / ".tmp-4246-0123abcd-folder").is_dir()
+    assert io.remove_stale_temporaries(tmp_path / "cluster", recursive=True) == (1, 1000)
+    assert not (tmp_path / "cluster" / names["sub"]).exists()
+    assert (tmp_path / "cluster" / names["hidden"]).exists()  # hidden folders are not searched
+
+
 def test_refused_runs_leave_no_output_folder(trained, tmp_path, capsys):
     """Options refused once the model is read (or the device resolved) create no -o folder."""
     images = trained / "data" / "images"
