@@ -71,7 +71,7 @@ import numpy as np
 import platformdirs
 
 from .errors import BadInputError, HypsegError
-from .io import atomic_path, file_sha256, os_error_text
+from .io import atomic_path, file_sha256, os_error_text, remove_stale_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -363,6 +363,7 @@ class EmbeddingCache:
                 os.unlink(probe)
         except OSError as exc:
             raise self._unusable(folder, f"cannot write: {exc.strerror or exc}") from None
+        remove_stale_temporaries(folder)  # a killed put's array (see io.STALE_TEMPORARY_S)
 
     def data_path(self, key: str) -> Path:
         """Where the entry's .npy file lives (whether or not it exists)."""

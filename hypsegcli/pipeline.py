@@ -1044,6 +1044,8 @@ def train(
             job.start_together(exc, None)
             raise
         job.start_together(None, _training_identity(volumes, checkpoint))
+        if job.is_main:  # a killed save's model or checkpoint (see io.STALE_TEMPORARY_S)
+            remove_stale_temporaries(Path(output).parent)
         if overwrite and job.is_main:
             # the earlier run goes now, not file by file as this one writes its own: a run
             # that fails or is stopped must not leave the old model beside its checkpoint

@@ -226,6 +226,25 @@ def test_unwritable_folder_is_an_error_even_as_root(tmp_path, monkeypatch):
         EmbeddingCache(tmp_path)
 
 
+def test_a_killed_puts_temporary_is_removed_once_stale(tmp_path):
+    """A put killed mid-write leaves its array as a hidden temporary in the cache folder;
+    opening the cache for writing removes it once an hour old (a fresh one may be another
+    process's put in progress), as cluster and embed do in their output folders."""
+    from hypsegcli.io import STALE_TEMPORARY_S
+
+    EmbeddingCache(tmp_path)
+    folder = tmp_path / LAYOUT
+    stale, fresh = folder / ".tmp-77-0123abcd-k1.npy", folder / ".tmp-78-0123abcd-k2.npy"
+    for path in (stale, fresh):
+        path.write_bytes(b"x" * 3000)
+    hour_ago = time.time() - STALE_TEMPORARY_S - 60
+    os.utime(stale, (hour_ago, hour_ago))
+    EmbeddingCache(tmp_path, create=False)  # listing, clearing: nothing removed
+    assert stale.exists()
+    EmbeddingCache(tmp_path)
+    assert not stale.exists() and fresh.exists()
+
+
 def test_failed_write_is_an_error_naming_the_file(cache, monkeypatch):
     def no_space(*_args, **_kwargs):
         raise OSError(28, "No space left on device")

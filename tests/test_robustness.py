@@ -843,8 +843,9 @@ def test_a_signal_while_a_finished_run_is_recorded_changes_nothing(
 
 def test_temporaries_of_killed_runs_are_removed_once_stale(trained, tmp_path, capsys):
     """A SIGKILLed write leaves its hidden temporary (a label volume, an embedding array:
-    up to gigabytes) in the output folder: cluster and embed remove those untouched for an
-    hour, and nothing else (a fresh one may be a concurrent part's write)."""
+    up to gigabytes) in the output folder: cluster, embed and train (the model's folder)
+    remove those untouched for an hour, and nothing else (a fresh one may be a concurrent
+    part's write)."""
     import time
 
     hour_ago = time.time() - io.STALE_TEMPORARY_S - 60
@@ -876,6 +877,17 @@ def test_temporaries_of_killed_runs_are_removed_once_stale(trained, tmp_path, ca
         assert not (out / names["stale"]).exists()
         assert all((out / names[k]).exists() for k in ("fresh", "other", "sub", "hidden"))
         assert (out / ".tmp-4246-0123abcd-folder").is_dir()
+    # train: a checkpoint save killed beside the model
+    models = tmp_path / "models"
+    models.mkdir()
+    stale = models / ".tmp-4247-0123abcd-m.ckpt.pt"
+    stale.write_bytes(b"x" * 1000)
+    os.utime(stale, (hour_ago, hour_ago))
+    images = trained / "data" / "images"
+    code, _, err = run(
+        ["train", images, "-o", models / "m.pt", "--steps", "1", *TINY_TRAIN], capsys
+    )
+    assert code == 0 and not stale.exists(), err
     assert io.remove_stale_temporaries(tmp_path / "cluster", recursive=True) == (1, 1000)
     assert not (tmp_path / "cluster" / names["sub"]).exists()
     assert (tmp_path / "cluster" / names["hidden"]).exists()  # hidden folders are not searched
