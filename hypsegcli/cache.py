@@ -60,7 +60,6 @@ import logging
 import math
 import os
 import re
-import secrets
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -71,7 +70,13 @@ import numpy as np
 import platformdirs
 
 from .errors import BadInputError, HypsegError
-from .io import atomic_path, file_sha256, os_error_text, remove_stale_temporaries
+from .io import (
+    atomic_path,
+    file_sha256,
+    os_error_text,
+    remove_stale_temporaries,
+    temporary_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -355,7 +360,7 @@ class EmbeddingCache:
             ) from None
         except OSError as exc:
             raise self._unusable(folder, exc.strerror or str(exc)) from None
-        probe = folder / f"{_TMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}-probe"
+        probe = folder / temporary_name("probe")
         try:
             fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             os.close(fd)

@@ -697,7 +697,7 @@ def _probe_folder(folder: Path, what: str) -> None:
         raise BadInputError(f"{parent}: exists and is not a folder ({what})") from None
     except OSError as exc:
         raise BadInputError(f"{folder}: cannot create the folder ({_short(exc)})") from None
-    probe = folder / f".tmp-{os.getpid()}-{secrets.token_hex(4)}-probe"
+    probe = folder / temporary_name("probe")
     try:
         probe.write_bytes(b"")
     except OSError as exc:
@@ -783,7 +783,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / _temporary_name(path.name)
+    tmp = path.parent / temporary_name(path.name)
     try:
         yield tmp
         os.replace(tmp, path)
@@ -796,7 +796,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
 _NAME_MAX = 255
 
 
-def _temporary_name(name: str) -> str:
+def temporary_name(name: str) -> str:
     """``.tmp-PID-HEX-<name>``, with the middle of ``name`` cut where the whole would pass
     :data:`_NAME_MAX` bytes (its end, with the suffix the writers go by, is kept), so that
     an output whose own name fits can always be written."""
