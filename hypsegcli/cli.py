@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import json
 import logging
 import re
@@ -1377,18 +1378,27 @@ def main(argv: list[str] | None = None) -> None:
         code = exc.exit_code if isinstance(exc, HypsegError) else interrupt_status(exc)[0]
     except Exception as exc:
         message = getattr(exc, "format_message", None)
-        if message is None or not hasattr(exc, "exit_code"):
-            raise
-        ctx = getattr(exc, "ctx", None)
-        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
-        text = message()
-        if text.strip():  # empty after a bare `hypseg` or `hypseg cache`: the help says it all
-            stderr.print(
-                f"hypseg: error: {text}{hint}", markup=False, highlight=False, soft_wrap=True
-            )
-        code = exc.exit_code
+        if message is None or not hasattr(exc, "exit_code"):  # --debug: an unexpected error
+            import traceback
+
+            traceback.print_exc()
+            code = 1
+        else:
+            ctx = getattr(exc, "ctx", None)
+            hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            text = message()
+            if text.strip():  # empty after a bare `hypseg` or `hypseg cache`: help says it all
+                stderr.print(
+                    f"hypseg: error: {text}{hint}", markup=False, highlight=False, soft_wrap=True
+                )
+            code = exc.exit_code
     finally:
         restore()
+    if code:
+        # What the failed command's frames held in reference cycles (a distributed job's
+        # process group, through its DDP wrapper) goes now, not while the interpreter shuts
+        # down, when its gloo threads cannot end cleanly (see distributed._leave).
+        gc.collect()
     sys.exit(code if isinstance(code, int) else 0)
 
 

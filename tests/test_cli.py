@@ -65,6 +65,22 @@ def test_usage_errors_are_one_line_with_code_2(capsys, tmp_path):
     assert code == 2 and "Traceback" not in err and err.count("\n") == 1
 
 
+def test_debug_shows_an_unexpected_errors_traceback_with_code_1(capsys, tmp_path, monkeypatch):
+    """An unexpected error (a bug): one line and exit 1; with --debug its traceback, still
+    exit 1 (printed by hypseg, so the frames it held are freed before the interpreter ends)."""
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(pipeline, "synth", broken)
+    code, out, err = run(["synth", tmp_path / "d"], capsys)
+    assert (code, out) == (1, "")
+    assert err == "hypseg: error: RuntimeError: boom (run with --debug for a traceback)\n"
+    code, out, err = run(["--debug", "synth", tmp_path / "d"], capsys)
+    assert (code, out) == (1, "") and err.startswith("Traceback")
+    assert err.strip().splitlines()[-1] == "RuntimeError: boom"
+
+
 def _write_truth(tmp_path):
     rng = np.random.default_rng(0)
     labels = np.zeros((12, 10, 8), np.uint8)

@@ -377,7 +377,9 @@ with distributed.session(torch.device("cpu")) as job:
     job.gather({"rank": job.rank})
     job.barrier()
     during = threads()
-print(json.dumps({"before": before, "during": during, "after": threads()}))
+# one write (with PYTHONUNBUFFERED set, as on this project's machines, print's newline is a
+# write of its own, and the two ranks' lines interleaved: 1 run in 15)
+sys.stdout.write(json.dumps({"before": before, "during": during, "after": threads()}) + "\\n")
 """
 
 
@@ -400,6 +402,56 @@ def test_leaving_the_job_ends_its_gloo_threads(tmp_path):
     for count in counts:
         assert count["during"] > count["before"], count  # (the count sees gloo's threads)
         assert count["after"] == count["before"], count
+
+
+DEBUG_FAILURE_SCRIPT = """
+import atexit, json, os, sys, torch
+from hypsegcli import cli, sampling
+
+def threads():
+    return len(os.listdir("/proc/self/task"))
+
+# atexit runs before the interpreter shuts down: what is alive then is torn down with it
+atexit.register(lambda: sys.stdout.write(json.dumps({"at_exit": threads()}) + "\\n"))
+calls = []
+sample = sampling.TripletSampler.sample
+
+def failing(self, *args, **kwargs):
+    calls.append(1)
+    if len(calls) > 2:  # an unexpected error in the middle of training, on every rank
+        raise RuntimeError("boom")
+    return sample(self, *args, **kwargs)
+
+sampling.TripletSampler.sample = failing
+torch.set_num_threads(1)
+warm = torch.nn.Linear(3, 1)
+warm(torch.randn(4, 3)).sum().backward()
+sys.stdout.write(json.dumps({"before": threads()}) + "\\n")  # one write: see LEAVE_SCRIPT
+cli.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc")
+def test_a_debug_traceback_does_not_keep_the_job_into_shutdown(tmp_path, images):
+    """With --debug an unexpected error's traceback held the training frames, and so the
+    process group, until the interpreter shut down, where its gloo threads could abort the
+    rank (the race of test_leaving_the_job_ends_its_gloo_threads): they end before it now,
+    and the traceback and exit code 1 stay."""
+    script = tmp_path / "fail.py"
+    script.write_text(DEBUG_FAILURE_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV}
+    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    cmd += ["--master-addr", "127.0.0.1", "--master-port", str(_free_port()), str(script)]
+    cmd += ["--debug", "train", str(images), "-o", str(tmp_path / "m.pt"), "--steps", "10"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=100)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.stderr.count('raise RuntimeError("boom")') == 2, proc.stderr[-3000:]
+    counts = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    before = [c["before"] for c in counts if "before" in c]
+    at_exit = [c["at_exit"] for c in counts if "at_exit" in c]
+    assert len(before) == len(at_exit) == 2 and max(at_exit) == before[0] == before[1], counts
+    assert not (tmp_path / "m.pt").exists()
 
 
 # ----------------------------------------------------------------------------- in process
