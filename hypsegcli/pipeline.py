@@ -492,12 +492,13 @@ def _warn_unrecorded(pairs: list[dict[str, Any]]) -> None:
         record_path = path.parent / f"{match.group('case')}{CASE_CENTROIDS_SUFFIX}"
         if record_path not in records:
             doc = _read_json(record_path) if record_path.is_file() else None
-            ok = (
-                isinstance(doc, dict)
-                and doc.get("format") == CASE_CENTROIDS_FORMAT
-                and isinstance(doc.get("header"), dict)
-                and isinstance(doc.get("sets"), list)
-            )
+            ok = _is_case_record(doc)
+            if not ok and record_path.is_file():
+                log.warning(
+                    "%s: not a centroid record as cluster writes it (damaged, or edited?); "
+                    "the predictions of its case are not checked against it",
+                    record_path,
+                )
             records[record_path] = doc if ok else None
             if ok:
                 for header, fit, cases in ways:
@@ -509,9 +510,7 @@ def _warn_unrecorded(pairs: list[dict[str, Any]]) -> None:
         doc = records[record_path]
         if doc is None:
             continue
-        sizes = {
-            s.get("k"): s.get("bytes") for s in doc["sets"] if isinstance(s, dict) and "k" in s
-        }
+        sizes = {s["k"]: s.get("bytes") for s in doc["sets"]}
         if pair["k"] not in sizes or sizes[pair["k"]] not in (None, _file_size(path)):
             stale.append(path.name)
     if stale:
@@ -2096,6 +2095,46 @@ def _case_centroids_path(out: Path, name: str) -> Path:
     return out / f"{name}{CASE_CENTROIDS_SUFFIX}"
 
 
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_case_record(doc: Any) -> bool:
+    """``doc`` has the shape of the per-case centroid record ``cluster`` writes. One edited
+    or damaged by hand (a list where a number belongs, say) counts as no record: the case is
+    redone, the merged file and ``evaluate`` leave it out, rather than failing on it."""
+    if not (
+        isinstance(doc, dict)
+        and doc.get("format") == CASE_CENTROIDS_FORMAT
+        and isinstance(doc.get("header"), dict)
+        and isinstance(doc.get("sets"), list)
+        and isinstance(doc.get("fit"), str)
+        and isinstance(doc.get("case", ""), str)
+        and isinstance(doc.get("source", {}), dict)
+        and isinstance(doc.get("params", {}), dict)
+    ):
+        return False
+    for entry in doc["sets"]:
+        if not (
+            isinstance(entry, dict)
+            and _is_count(entry.get("k"))
+            and all(entry.get(key) is None or _is_count(entry[key]) for key in _SET_COUNTS)
+            and isinstance(entry.get("centers"), list)
+        ):
+            return False
+        try:
+            centers = np.asarray(entry["centers"], dtype=np.float64)
+        except (TypeError, ValueError):  # ragged, or not numbers
+            return False
+        if centers.ndim != 2 or not np.isfinite(centers).all():
+            return False
+    return True
+
+
+#: The whole numbers of a record's set (None in records of earlier versions).
+_SET_COUNTS = ("nested_in", "bytes", "preview_bytes")
+
+
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -2121,13 +2160,10 @@ def _case_record_matches(
 ) -> bool:
     """``doc`` is a per-case record made the same way (model, options, fitting mode)."""
     return (
-        isinstance(doc, dict)
-        and doc.get("format") == CASE_CENTROIDS_FORMAT
-        and isinstance(doc.get("header"), dict)
+        _is_case_record(doc)
         and _same_identity(doc["header"], header)
         and doc.get("fit") == fit
         and (fit == "centroids" or doc.get("params") == params)
-        and isinstance(doc.get("sets"), list)
     )
 
 
@@ -2375,7 +2411,7 @@ def _case_done(
         return False
     if mask is not None and not _same_source(doc["source"].get("mask"), mask, geometry=False):
         return False
-    sets = {int(s["k"]): s for s in doc["sets"] if isinstance(s, dict) and "k" in s}
+    sets = {s["k"]: s for s in doc["sets"]}
     if not all(k in sets and sets[k].get("nested_in") == _nested_in(k, ks, nest) for k in ks):
         return False
     for k in ks:  # the sizes written (records of earlier versions have none)
@@ -2505,6 +2541,7 @@ def _merge_centroids(out: Path, header: dict[str, Any]) -> Path:
 
     target = out / "centroids.json"
     left_out: list[str] = []
+    damaged: list[str] = []  # not JSON, or not shaped as cluster writes it
 
     def parts() -> list[Path]:
         try:
@@ -2518,21 +2555,20 @@ def _merge_centroids(out: Path, header: dict[str, Any]) -> Path:
 
     def build(files: list[Path]) -> str:
         left_out.clear()
+        damaged.clear()
         pooled: dict[tuple[int, str], dict[str, Any]] = {}
         per_case: list[dict[str, Any]] = []
         for f in files:
             doc = _read_json(f)
-            if not (
-                isinstance(doc, dict)
-                and doc.get("format") == CASE_CENTROIDS_FORMAT
-                and isinstance(doc.get("header"), dict)
-                and _same_identity(doc["header"], header)
-            ):
-                if doc is not None:
-                    left_out.append(f.name)
+            if not _is_case_record(doc):
+                if doc is not None or f.exists():  # (not one a concurrent run just removed)
+                    damaged.append(f.name)
                 continue
-            for entry in doc.get("sets", []):
-                k, centers = int(entry["k"]), entry["centers"]
+            if not _same_identity(doc["header"], header):
+                left_out.append(f.name)
+                continue
+            for entry in doc["sets"]:
+                k, centers = entry["k"], entry["centers"]
                 if doc.get("fit") == "volume":
                     per_case.append(
                         {
@@ -2562,6 +2598,14 @@ def _merge_centroids(out: Path, header: dict[str, Any]) -> Path:
             len(left_out),
             ", ".join(left_out[:3]),
             ", ..." if len(left_out) > 3 else "",
+        )
+    if damaged:
+        log.warning(
+            "%s: left out %d centroid record(s) that are not as cluster writes them "
+            "(damaged, or edited?): %s",
+            target,
+            len(damaged),
+            _few(damaged),
         )
     return target
 

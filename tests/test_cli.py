@@ -381,6 +381,54 @@ def test_evaluate_names_a_case_missing_at_one_k(tmp_path, capsys):
     assert len(json.loads(out)["cases"]) == 3
 
 
+DAMAGES = {  # a case record edited by hand, in ways that made cluster or evaluate crash
+    "k a list": lambda doc: doc["sets"][0].update(k=[2]),
+    "k text": lambda doc: doc["sets"][0].update(k="2"),
+    "bytes text": lambda doc: doc["sets"][1].update(bytes="big"),
+    "fit a list": lambda doc: doc.update(fit=["volume"]),
+    "sets of numbers": lambda doc: doc.update(sets=[1, 2]),
+    "ragged centres": lambda doc: doc["sets"][0].update(centers=[[0.1], [0.1, 0.2]]),
+    "source a list": lambda doc: doc.update(source=[1]),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_damaged_case_record_is_no_record(tmp_path, capsys, damage):
+    """A per-case centroid record edited or damaged by hand: cluster redoes its case (and
+    writes a sound record), the merged centroids.json and evaluate leave it out, each with a
+    warning naming it, instead of failing (TypeError, exit 1)."""
+    data, seg = _two_cases_clustered(tmp_path, capsys)
+    record = seg / "case_000.centroids.json"
+    doc = json.loads(record.read_text())
+    DAMAGES[damage](doc)
+    record.write_text(json.dumps(doc))
+    code, _, err = run(["evaluate", seg, data / "labels", "--no-hausdorff"], capsys)
+    assert code == 0, err
+    assert f"warning: {record}: not a centroid record as cluster writes it" in err
+    cluster = ["cluster", data / "images", "--features", "intensity", "-o", seg, "--smooth", "0"]
+    cluster += ["--snap", "0", "--mrf", "0", "--nest", "0"]
+    code, _, err = run([*cluster, "--k", "8"], capsys)  # the other case's record is merged
+    assert code == 0, err
+    merged = json.loads((seg / "centroids.json").read_text())
+    assert {(s["case"], s["k"]) for s in merged["sets"]} >= {("case_001", 2), ("case_001", 8)}
+    record.write_text(json.dumps(doc))
+    code, _, err = run(
+        ["-q", *cluster, "--k", "2", "--k", "4", "--skip-existing", "--json"], capsys
+    )
+    assert code == 0, err
+    rows = {Path(r["volume"]).name: r["status"] for r in json.loads(_)["volumes"]}
+    assert rows == {"case_000.nii.gz": "done", "case_001.nii.gz": "skipped"}
+    assert {s["k"] for s in json.loads(record.read_text())["sets"]} == {2, 4}
+    record.write_text(json.dumps(doc))  # case_001 alone, again: its record merged with it
+    cluster[1] = data / "images" / "case_001.nii.gz"
+    code, _, err = run([*cluster, "--k", "8"], capsys)
+    assert code == 0, err
+    assert (
+        f"warning: {seg / 'centroids.json'}: left out 1 centroid record(s) that are not as "
+        "cluster writes them (damaged, or edited?): case_000.centroids.json"
+    ) in err
+
+
 def test_evaluate_warns_about_predictions_left_by_another_run(tmp_path, capsys):
     data, seg = tmp_path / "d", tmp_path / "seg"
     assert run(["-q", "synth", data, "--n", "2", "--size", "16"], capsys)[0] == 0
