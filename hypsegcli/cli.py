@@ -11,6 +11,7 @@ import functools
 import gc
 import json
 import logging
+import os
 import re
 import signal
 import sys
@@ -93,6 +94,15 @@ def _show_warning(
     text = " ".join(str(message).split())
     where = f" ({filename}:{lineno})" if state.debug else ""
     logging.getLogger("hypsegcli").warning("%s: %s%s", category.__name__, text, where)
+
+
+def _file_name(text: str) -> Path:
+    """The value of an option naming a file to write: one ending in a separator (or in
+    ``.`` or ``..``) names a folder, which Path would quietly turn into a file name
+    (``--csv new/`` wrote a file ``new``)."""
+    if os.path.basename(text) in ("", ".", ".."):
+        raise typer.BadParameter(f"{text!r} names a folder; a file name is needed")
+    return Path(text)
 
 
 def _fail(message: str, code: int) -> typer.Exit:
@@ -522,6 +532,8 @@ def train(
             "--output",
             "-o",
             help="Model file to write (also <stem>.ckpt.pt and <stem>.history.csv beside it).",
+            parser=_file_name,
+            metavar="PATH",
         ),
     ],
     steps: Annotated[
@@ -1170,6 +1182,8 @@ def evaluate(
         typer.Option(
             "--csv",
             help="Write one row per case and class to this CSV file; {part} in the name becomes the part id, which a run that is one part of several (--num-parts, Slurm arrays) needs.",
+            parser=_file_name,
+            metavar="PATH",
         ),
     ] = None,
     num_parts: Annotated[

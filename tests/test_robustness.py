@@ -107,6 +107,15 @@ def test_unusable_output_paths_are_refused_before_any_work(trained, tmp_path, ca
     code, out, err = run(["evaluate", labels, labels, "--csv", tmp_path], capsys)
     _one_error(code, out, err, "is a folder, evaluate --csv needs a file name")
     assert afile.read_text() == "not a folder"
+    # a name ending in / (or . or ..) names a folder, also one that does not exist yet: Path
+    # would drop the / and write a file of that name
+    new = tmp_path / "new"
+    for name in (f"{new}/", f"{new}/.", ".."):
+        code, out, err = run([*train, "-o", name], capsys)
+        _one_error(code, out, err, f"'--output' / '-o': {name!r} names a folder")
+        code, out, err = run(["evaluate", labels, labels, "--csv", name], capsys)
+        _one_error(code, out, err, f"'--csv': {name!r} names a folder; a file name is needed")
+    assert not new.exists()
 
 
 def test_files_that_are_not_models_are_refused_in_one_line(trained, tmp_path, capsys):
