@@ -69,6 +69,10 @@ class VolumeGeometry:
     header: Any = None
     suffix: str = ".nii.gz"
     unit: str = "mm"
+    #: NIfTI: pixdim[0:4] (qfac and the voxel size) as the file stores them, where nibabel
+    #: fixed them on loading (a negative voxel size made positive, a qfac of 0 made 1),
+    #: which ``header`` holds; outputs are written with the stored values. None: as loaded.
+    stored_pixdim: tuple[float, ...] | None = None
 
     @classmethod
     def default(
@@ -507,8 +511,28 @@ def _read_nifti(path: Path, *, native: bool = False) -> tuple[np.ndarray, Volume
         img.header.copy(),
         volume_suffix(path) or ".nii.gz",
         unit,
+        _stored_pixdim(path, img.header),
     )
     return data, geometry
+
+
+def _stored_pixdim(path: Path, header: Any) -> tuple[float, ...] | None:
+    """pixdim[0:4] as ``path`` stores them where nibabel's checks changed them on loading
+    (``header``: the loaded one), else None: copied as stored into the outputs, a source
+    that readers built on nifti1_io (FSL, AFNI, ITK) read with a voxel size of 1 where it is
+    not positive keeps meaning to them what its outputs mean."""
+    from nibabel.openers import ImageOpener
+
+    try:
+        with ImageOpener(os.fspath(path)) as f:
+            raw = type(header).from_fileobj(f, check=False)
+    except Exception:  # noqa: BLE001 - read once already: nothing to restore
+        return None
+    stored = np.asarray(raw["pixdim"][:4], dtype=np.float64)
+    loaded = np.asarray(header["pixdim"][:4], dtype=np.float64)
+    if np.array_equal(stored, loaded, equal_nan=True):
+        return None
+    return tuple(float(v) for v in stored)
 
 
 def _printable_label(raw: bytes) -> str:
@@ -945,6 +969,8 @@ def _write_nifti(path: Path, data: np.ndarray, geometry: VolumeGeometry, intent:
         # codes, pixdim, quaternion) exactly as the source has them, inactive ones included.
         img = image_class(data, None, header)
     hdr = img.header
+    if src is not None and geometry.stored_pixdim is not None:
+        hdr["pixdim"][:4] = geometry.stored_pixdim  # as the source stores them
     hdr["scl_slope"] = np.nan
     hdr["scl_inter"] = np.nan
     if intent == "labels":
@@ -971,11 +997,11 @@ def _write_mrc(path: Path, data: np.ndarray, geometry: VolumeGeometry, intent: s
     start = header.get("start", (0, 0, 0))
     if data.dtype == np.float64:
         data = data.astype(np.float32)
-    # the source's text labels, then ours; no "Created by mrcfile.py <time>" label, so that
-    # the same inputs give the same bytes
-    labels = [str(text) for text in header.get("labels", ())]
-    mine = "hypseg labels" if intent == "labels" else "hypseg"
-    labels = [*labels[: MRC_MAX_LABELS - 1], mine]
+    # the source's text labels, then ours where there is room (the source's all stay); no
+    # "Created by mrcfile.py <time>" label, so that the same inputs give the same bytes
+    labels = [str(text) for text in header.get("labels", ())][:MRC_MAX_LABELS]
+    if len(labels) < MRC_MAX_LABELS:
+        labels.append("hypseg labels" if intent == "labels" else "hypseg")
     with mrcfile.new(os.fspath(path), overwrite=True) as mrc:
         mrc.set_data(np.ascontiguousarray(np.transpose(data, (2, 1, 0))))
         mrc.voxel_size = tuple(float(s) for s in spacing)
@@ -1013,6 +1039,8 @@ def geometry_sha256(geometry: VolumeGeometry) -> str:
     header = geometry.header
     if geometry.format == "nifti" and header is not None:
         digest.update(bytes(header.binaryblock))
+        if geometry.stored_pixdim is not None:
+            digest.update(json.dumps(geometry.stored_pixdim).encode())
         for extension in getattr(header, "extensions", ()):  # copied into the outputs too
             raw = _stdio.BytesIO()
             extension.write_to(raw, byteswap=False)

@@ -204,6 +204,18 @@ def test_mrc_outputs_keep_labels_and_unknown_voxel_size_and_are_reproducible(tmp
         assert tuple(float(v) for v in mrc.voxel_size.tolist()) == (0.0, 0.0, 0.0)
         labels = [bytes(x).decode().strip() for x in mrc.header.label[: int(mrc.header.nlabl)]]
     assert labels == ["tilt series 7, aligned", "binned 4x", "hypseg labels"]
+    # a source with all 10 labels keeps them all (hypseg's own dropped the source's last)
+    full = tmp_path / "full.mrc"
+    with mrcfile.new(str(full)) as mrc:
+        mrc.set_data(np.ascontiguousarray(np.transpose(data, (2, 1, 0))))
+        mrc.header.label[:] = b""
+        mrc.header.nlabl = 0
+        for i in range(10):
+            mrc.add_label(f"label {i}")
+    io.write_labels(tmp_path / "f.mrc", (data > 30).astype(np.int64), io.read_volume(full).geometry)
+    with mrcfile.open(str(tmp_path / "f.mrc")) as mrc:
+        labels = [bytes(x).decode().strip() for x in mrc.header.label[: int(mrc.header.nlabl)]]
+    assert labels == [f"label {i}" for i in range(10)]
     # a generated volume (no source header) gets only hypseg's label
     plain = io.VolumeGeometry.default((3, 4, 5), format="mrc")
     io.write_volume(tmp_path / "c.mrc", data, plain)
@@ -525,6 +537,41 @@ def test_a_nifti_pixdim_that_is_not_a_positive_number_is_replaced(tmp_path, capl
     np.testing.assert_array_equal(vol.geometry.affine, affine)
     io.write_labels(tmp_path / "o.nii", (data > 0).astype(np.uint8), vol.geometry)
     assert nib.load(tmp_path / "o.nii").header["pixdim"][1] == pytest.approx(pixdim, nan_ok=True)
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_a_nifti_pixdim_nibabel_fixes_on_loading_is_written_as_stored(tmp_path, suffix):
+    """nibabel makes a negative pixdim positive and a qfac (pixdim[0]) of 0 one when it
+    loads a header; the outputs copied that fixed header (review: pixdim (0, -2, 1.5, 3)
+    became (1, 2, 1.5, 3), so that readers built on nifti1_io, which take a step that is not
+    positive as 1, put the output's voxels elsewhere than the source's). The stored values
+    are written back; reading uses nibabel's (with its warning), and the geometry hash sees
+    the difference."""
+    data = np.random.default_rng(0).normal(size=(6, 5, 4)).astype(np.float32)
+    img = nib.Nifti1Image(data, None)
+    img.set_qform(np.diag([2.0, 1.5, 3.0, 1.0]), code=1)
+    img.set_sform(None, code=0)
+    nib.save(img, tmp_path / "plain.nii")
+    plain = (tmp_path / "plain.nii").read_bytes()
+    stored = np.array([0.0, -2.0, 1.5, 3.0], "<f4")
+    patched = plain[:76] + stored.tobytes() + plain[92:]  # pixdim[0:4], as edited by hand
+    hashes = {}
+    for name, raw, expected in (
+        ("stored", patched, stored),
+        ("plain", plain, np.array([1.0, 2.0, 1.5, 3.0], "<f4")),
+    ):
+        src = tmp_path / f"{name}{suffix}"
+        src.write_bytes(gzip.compress(raw, mtime=0) if suffix == ".nii.gz" else raw)
+        vol = io.read_volume(src)
+        hashes[name] = io.geometry_sha256(vol.geometry)
+        assert vol.geometry.spacing == (2.0, 1.5, 3.0)
+        out = tmp_path / f"o_{name}{suffix}"
+        io.write_labels(out, (data > 0).astype(np.uint8), vol.geometry)
+        with nib.openers.ImageOpener(str(out)) as f:
+            written = nib.Nifti1Header.from_fileobj(f, check=False)["pixdim"][:4]
+        np.testing.assert_array_equal(written, expected)
+        np.testing.assert_array_equal(nib.load(out).affine, nib.load(src).affine)
+    assert hashes["stored"] != hashes["plain"]
 
 
 @pytest.mark.parametrize("flags, unsigned", [(0, True), (1, False), (None, False)])
