@@ -2214,13 +2214,14 @@ class _Masks:
         if not spec.exists():
             raise BadInputError(f"--mask {spec}: no such file or folder")
         if spec.is_dir():
-            found: dict[str, Path] = {}
+            found: dict[str, list[Path]] = {}
+            inputs_at = {entry_path(p) for p in all_inputs}
             try:
                 masks = collect_inputs([spec], recursive=recursive)
             except BadInputError as exc:
                 raise BadInputError(f"--mask {spec}: {exc}") from None
             for path in masks:
-                found.setdefault(case_name(path), path)
+                found.setdefault(case_name(path), []).append(path)
             self.paths: dict[Path, Path] = {}
             missing = []
             for path in inputs:
@@ -2228,7 +2229,17 @@ class _Masks:
                 # BIDS first: an fMRIPrep anat folder holds the image itself beside its mask
                 match = self._bids_mask(spec, path, masks)
                 if match is None:
-                    match = found.get(name) or found.get(f"{name}_mask")
+                    candidates = [*found.get(name, []), *found.get(f"{name}_mask", [])]
+                    if len(candidates) > 1:  # the input itself, in a folder of both, is none
+                        masks_only = [m for m in candidates if entry_path(m) not in inputs_at]
+                        if len(masks_only) > 1:  # which one was meant: say so, not guess
+                            raise BadInputError(
+                                f"--mask {spec}: {len(masks_only)} masks of {path.name}: "
+                                f"{_few([os.path.relpath(m, spec) for m in masks_only])} (keep "
+                                "one <case> or <case>_mask per input, or give the file of one)"
+                            )
+                        candidates = masks_only or candidates
+                    match = candidates[0] if candidates else None
                 if match is None:
                     missing.append(name)
                 else:

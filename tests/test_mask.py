@@ -375,6 +375,39 @@ def test_cluster_mask_problems_are_named_before_any_work(tiny_trained, masked, c
     nib.save(nib.Nifti1Image(np.ones((20, 20, 20), np.uint8), np.eye(4)), lonely / "case_000.nii")
     refused(lonely, "no mask for 2 input(s): case_001, case_002")
     refused(tiny_trained / "data" / "images" / "case_002.nii.gz", "is both an input and a mask")
+    # two files that could be one input's mask: named, not one of them taken silently
+    both = masked / "both"
+    both.mkdir()
+    for name in ("case_000.nii", "case_001.nii", "case_002.nii", "case_002_mask.nii.gz"):
+        nib.save(nib.Nifti1Image(np.ones((20, 20, 20), np.uint8), np.eye(4)), both / name)
+    refused(
+        both,
+        "--mask " + str(both) + ": 2 masks of case_002.nii.gz: case_002.nii, "
+        "case_002_mask.nii.gz (keep one <case> or <case>_mask per input",
+    )
+    (both / "case_002.nii").unlink()
+    (both / "sub").mkdir()
+    (both / "case_001.nii").rename(both / "sub" / "case_001.nii.gz")
+    (both / "case_001.nii").write_bytes((both / "sub" / "case_001.nii.gz").read_bytes())
+    summary, _ = _cluster(tiny_trained, masked / "both_flat", "--mask", both, capsys=capsys)
+    assert summary["done"] == 3  # (sub-folders are not searched without --recursive)
+    _, err = _cluster(
+        tiny_trained, masked / "both_rec", "--mask", both, "--recursive", capsys=capsys, code=2
+    )
+    assert "2 masks of case_001.nii.gz: case_001.nii, sub/case_001.nii.gz" in err
+    # a folder holding an input and its mask: the input is not its own mask
+    mixed = masked / "mixed"
+    mixed.mkdir()
+    image = mixed / "case_000.nii.gz"
+    image.write_bytes((tiny_trained / "data" / "images" / "case_000.nii.gz").read_bytes())
+    box = np.zeros((20, 20, 20), np.uint8)
+    box[4:12, 4:12, 4:12] = 1
+    nib.save(nib.Nifti1Image(box, np.eye(4)), mixed / "case_000_mask.nii.gz")
+    command = ["-q", "cluster", image, "--features", "intensity", "--k", "2", "--mask", mixed]
+    code, _, err = run([*command, "-o", masked / "mixed_out"], capsys)
+    assert code == 0, err
+    labels = io.read_volume(masked / "mixed_out" / "case_000_k2.nii.gz").data
+    assert (labels[box == 0] == 0).all() and (labels[box == 1] > 0).all()
     (masked / "notes.txt").write_text("x")
     refused(masked / "notes.txt", "not a volume file")
     # per volume (after the others are done): a mask of another shape, an empty mask
