@@ -852,7 +852,7 @@ def embed(
             help=(
                 "--skip-existing: skip volumes whose output exists (with -o the <case>.npy file "
                 "and its <case>.json, made by this model with these options from the input as it "
-                "is now; else the cache entry). --overwrite: recompute every "
+                "is now; else the cache entry, verified as it is read). --overwrite: recompute every "
                 "embedding, replacing cache entries and .npy files. Default: neither; cached "
                 "embeddings are reused and .npy files (re)written."
             ),

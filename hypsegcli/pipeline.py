@@ -1430,7 +1430,8 @@ def embed(
                     if (
                         skip_existing
                         and target is None
-                        and _cache_key(sha, model, patch_size, stride) in cache
+                        # read as cluster will (verified: a corrupt entry is removed, a miss)
+                        and cache.get(_cache_key(sha, model, patch_size, stride)) is not None
                     ):
                         row.update(status="skipped", shape=None, cached=True)
                     else:

@@ -597,6 +597,29 @@ def test_embed_parts_skip_existing_and_overwrite(trained, tmp_path, capsys, monk
     assert json.loads(out)["computed"] == 3 and len(calls) == 3
 
 
+def test_embed_skip_existing_without_output_verifies_the_cache_entry(trained, tmp_path, capsys):
+    """Without -o, --skip-existing skips a volume whose cache entry is there: read as
+    cluster will read it, so an entry with bytes altered in place (same size) is removed and
+    recomputed, not counted as done for every later run to find."""
+    cache = tmp_path / "cache"
+    image = trained / "data" / "images" / "case_000.nii.gz"
+    base = ["embed", image, "-m", trained / "model.pt", "--cache-dir", cache, "--json"]
+    base += ["--patch-size", "9", "--threads", "2"]
+    code, out, err = run(base, capsys)
+    assert code == 0, err
+    (entry,) = (cache / "embeddings-v1").glob("*.npy")
+    code, out, err = run([*base, "--skip-existing"], capsys)
+    assert code == 0 and json.loads(out)["skipped"] == 1, err
+    raw = bytearray(entry.read_bytes())
+    raw[-5] ^= 1  # one bit of the last voxel's embedding
+    entry.write_bytes(bytes(raw))
+    code, out, err = run([*base, "--skip-existing"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["computed"] == 1 and "SHA-256" in err
+    code, out, err = run([*base, "--skip-existing"], capsys)
+    assert code == 0 and json.loads(out)["skipped"] == 1 and "SHA-256" not in err, err
+
+
 def test_evaluate_parts_failures_and_manifest(trained, tmp_path, capsys):
     seg = tmp_path / "seg"
     code, _, err = run(cluster_argv(trained, seg), capsys)
