@@ -604,8 +604,8 @@ def _read_mrc(path: Path, *, native: bool = False) -> tuple[np.ndarray, VolumeGe
         raise BadInputError(f"{path}: cannot read MRC ({problems})")
     if raw.ndim == 4 and raw.shape[0] == 1:  # a volume stack (ispg 401) holding one volume
         raw = raw[0]
-        if space_group == 401:
-            space_group = 1  # what it is now: one volume
+        if 401 <= space_group <= 630:  # (MRC2014: a volume stack of space group ispg - 400)
+            space_group -= 400  # what it is now: one volume of that group
     if raw.ndim != 3:
         raise BadInputError(
             f"{path}: {raw.ndim}D data of shape {raw.shape}; hypseg needs a 3D volume"

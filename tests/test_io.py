@@ -671,6 +671,16 @@ def test_mrc_volume_stack_of_one_volume_is_read_and_other_files_named(tmp_path):
     assert mrcfile.validate(str(tmp_path / "out.mrc"), print_file=io_module.StringIO())
     with mrcfile.open(str(tmp_path / "out.mrc")) as mrc:
         assert int(mrc.header.ispg) == 1 and mrc.data.shape == (8, 10, 12)
+    # a volume stack of space group 19 (ispg 419) holding one volume: a volume of group 19
+    with mrcfile.open(str(tmp_path / "stack.mrc"), "r+") as mrc:
+        mrc.header.ispg = 419
+    io.write_labels(
+        tmp_path / "p.mrc",
+        (xyz > 0.5).astype(np.uint8),
+        io.read_volume(tmp_path / "stack.mrc").geometry,
+    )
+    with mrcfile.open(str(tmp_path / "p.mrc")) as mrc:
+        assert int(mrc.header.ispg) == 19 and mrc.data.shape == (8, 10, 12)
     with mrcfile.new(str(tmp_path / "two.mrc")) as mrc:
         mrc.set_data(np.zeros((2, 8, 10, 12), np.float32))
     with pytest.raises(BadInputError, match=r"two\.mrc: 4D data of shape \(2, 8, 10, 12\)"):
