@@ -552,8 +552,15 @@ def train(
         ),
     ] = None,
     batch_size: Annotated[
-        int, typer.Option("--batch-size", min=1, max=1 << 16, help="Triplets per step.")
-    ] = 64,
+        int | None,
+        typer.Option(
+            "--batch-size",
+            min=1,
+            max=1 << 16,
+            help="Triplets per step (per process under torchrun); default 64, or with --resume "
+            "the checkpoint's (a value given here applies from the checkpoint on).",
+        ),
+    ] = None,
     lr: Annotated[
         float | None,
         typer.Option(
@@ -760,7 +767,7 @@ def train(
         train_config = TrainConfig(
             steps=steps if steps is not None or max_minutes is not None else 3000,
             max_minutes=max_minutes,
-            batch_size=batch_size,
+            batch_size=batch_size if batch_size is not None else 64,
             lr=lr if lr is not None else 1e-3,
             seed=seed,
             checkpoint_every=checkpoint_every,
@@ -779,6 +786,7 @@ def train(
             recursive=recursive,
             mask=mask,
             lr_given=lr is not None,
+            batch_size_given=batch_size is not None,
             progress=progress,
         )
     log.info(

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import io as _stdio
 import json
+import math
 import os
 import re
 from collections.abc import Iterable
@@ -160,10 +161,36 @@ def malformed_checkpoint(state: dict[str, Any]) -> str | None:
         optimizer.get("param_groups"), list
     ):
         return "'optimizer_state' lacks its state and parameter groups"
+    if not all(
+        isinstance(group, dict) and _is_number(group.get("lr"), positive=True)
+        for group in optimizer["param_groups"]
+    ):
+        return "'optimizer_state' has a parameter group without a learning rate"
+    train = state["train_config"]
+    for key, ok in (
+        ("seed", lambda v: _is_whole(v) and v >= 0),
+        ("batch_size", lambda v: _is_whole(v) and v >= 1),
+        ("lr", lambda v: _is_number(v, positive=True)),
+    ):
+        if key in train and not ok(train[key]):
+            return f"'train_config' {key} {train[key]!r} is not one"
+    if "elapsed_seconds" in state and not _is_number(state["elapsed_seconds"]):
+        return f"'elapsed_seconds' {state['elapsed_seconds']!r} is not a duration"
     volumes = state.get("training_volumes", [])
     if not all(isinstance(v, dict) and isinstance(v.get("sha256"), str) for v in volumes):
         return "'training_volumes' entries lack their sha256"
     return None
+
+
+def _is_whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any, *, positive: bool = False) -> bool:
+    """A finite int or float (not a bool), at least 0 (above 0 with ``positive``)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    return math.isfinite(value) and (value > 0 if positive else value >= 0)
 
 
 def first_non_finite(named: Iterable[tuple[str, Any]]) -> str | None:

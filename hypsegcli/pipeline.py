@@ -984,6 +984,7 @@ def train(
     recursive: bool = False,
     mask: Path | None = None,
     lr_given: bool = True,
+    batch_size_given: bool = True,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Train on the volumes in ``inputs``; write ``output`` and its checkpoint and history.
@@ -991,7 +992,8 @@ def train(
     An earlier run's model or checkpoint at ``output`` is continued (``resume``) or
     replaced (``overwrite``); with neither, the run is refused before any work.
     ``mask`` (``--mask``, as for :func:`cluster`): anchors centre inside the masks.
-    ``lr_given`` False (no ``--lr``): a resumed run keeps the checkpoint's learning rate."""
+    ``lr_given`` False (no ``--lr``): a resumed run keeps the checkpoint's learning rate;
+    ``batch_size_given`` False (no ``--batch-size``): its batch size likewise."""
     from . import distributed, training
     from .config import SamplingConfig
 
@@ -1022,9 +1024,18 @@ def train(
         if resume:  # the checkpoint's normalisation, whatever this command line says
             checkpoint = training.load_checkpoint(Path(output))
             norm_config = SamplingConfig.from_dict(checkpoint["sampling_config"])
-            kept_lr = checkpoint.get("train_config", {}).get("lr")
+            kept = checkpoint.get("train_config", {})
+            kept = kept if isinstance(kept, dict) else {}
+            kept_lr, kept_batch = kept.get("lr"), kept.get("batch_size")
             if not lr_given and isinstance(kept_lr, (int, float)):
                 config = dataclasses.replace(config, lr=float(kept_lr))
+            if (
+                not batch_size_given
+                and isinstance(kept_batch, int)
+                and not isinstance(kept_batch, bool)
+                and 1 <= kept_batch <= 1 << 16
+            ):
+                config = dataclasses.replace(config, batch_size=kept_batch)
         volumes = load_training_volumes(
             paths,
             method=norm_config.norm,
@@ -1045,11 +1056,15 @@ def train(
         job.start_together(None, _training_identity(volumes, checkpoint))
         if job.is_main:  # a killed save's model or checkpoint (see io.STALE_TEMPORARY_S)
             remove_stale_temporaries(Path(output).parent)
-        if overwrite and job.is_main:
-            # the earlier run goes now, not file by file as this one writes its own: a run
-            # that fails or is stopped must not leave the old model beside its checkpoint
+
+        def remove_earlier_run() -> None:
+            # the earlier run goes before the first step (once the inputs, the sampler and
+            # the model are checked: a refused run keeps it), not file by file as this one
+            # writes its own: a run that fails or is stopped must not leave the old model
+            # beside its checkpoint
             for earlier in (Path(output), *training.companion_paths(Path(output))):
                 _remove_if_present(earlier)
+
         log.info(
             "training on %d volume(s)%s, device %s",
             len(volumes),
@@ -1067,6 +1082,7 @@ def train(
             checkpoint=checkpoint,
             progress=progress,
             job=job,
+            starting=remove_earlier_run if overwrite and job.is_main else None,
         )
     return {"volumes": len(volumes), **result.to_dict()}
 

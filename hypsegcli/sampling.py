@@ -115,10 +115,20 @@ def normalize_volume(
             f"(both {p_low:g}, range {vmin:g}..{vmax:g}): too few voxels differ for this "
             "intensity scaling (train --norm-range sets the percentiles of a model)"
         )
-    out = arr.astype(np.float32, copy=True)
-    out -= np.float32(p_low)
-    out *= np.float32(1.0 / (p_high - p_low))
+    out = _scaled(arr, p_low, 1.0 / (p_high - p_low))
     np.clip(out, np.float32(-NORM_CLIP), np.float32(1.0 + NORM_CLIP), out=out)
+    return out
+
+
+def _scaled(arr: np.ndarray, shift: float, scale: float) -> np.ndarray:
+    """``(arr - shift) * scale`` as a new float32 array: in float32, or in float64 where
+    ``scale`` is beyond float32's range (intensities spanning less than about 3e-39, which
+    float32 holds as subnormal numbers: the scale would be infinite, the voxels NaN)."""
+    if scale > float(np.finfo(np.float32).max):
+        return ((arr.astype(np.float64) - shift) * scale).astype(np.float32)
+    out = arr.astype(np.float32, copy=True)
+    out -= np.float32(shift)
+    out *= np.float32(scale)
     return out
 
 
@@ -165,10 +175,7 @@ def normalize(
             np.clip(arr, lo, hi, out=arr)
     mean = float(arr.mean(dtype=np.float64))
     std = float(arr.std(dtype=np.float64))
-    out = arr.astype(np.float32, copy=True)
-    out -= np.float32(mean)
-    out *= np.float32(1.0 / std)
-    return out
+    return _scaled(arr, mean, 1.0 / std)
 
 
 # --------------------------------------------------------------------------

@@ -107,6 +107,20 @@ def companion_paths(model_path: Path) -> tuple[Path, Path]:
     return model_path.with_name(f"{stem}.ckpt.pt"), model_path.with_name(f"{stem}.history.csv")
 
 
+def _check_optimizer_shapes(optimizer: Any) -> None:
+    """ValueError where a loaded optimizer's moment estimates are not shaped as their
+    parameters (torch's ``load_state_dict`` does not compare them; the first step would
+    fail on them)."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            for name, value in optimizer.state.get(param, {}).items():
+                if hasattr(value, "shape") and value.dim() > 0 and value.shape != param.shape:
+                    raise ValueError(
+                        f"its {name} of shape {tuple(value.shape)} is for a parameter of "
+                        f"shape {tuple(param.shape)}"
+                    )
+
+
 def load_checkpoint(model_path: Path) -> dict[str, Any]:
     """The training checkpoint beside ``model_path`` (``--resume``); BadInputError where
     there is none or the file is not a checkpoint."""
@@ -197,6 +211,7 @@ def train(
     checkpoint: dict[str, Any] | None = None,
     progress: Callable[..., None] | None = None,
     job: distributed.Distributed | None = None,
+    starting: Callable[[], None] | None = None,
 ) -> TrainResult:
     """Train the VAE on ``volumes`` and write the model, checkpoint and history.
 
@@ -209,6 +224,8 @@ def train(
     Under torchrun every rank calls this with the same arguments; see the module
     docstring for what differs between ranks. ``job``: the torchrun job the caller has
     joined already (:func:`distributed.session`); without it this joins one.
+    ``starting``: called once everything is checked and set up, before the first step
+    (``train --overwrite`` removes the earlier run there, not before a refusal).
     """
     dev = resolve_device(device)
     joined = contextlib.nullcontext(job) if job is not None else distributed.session(dev)
@@ -223,6 +240,7 @@ def train(
             dist=dist,
             checkpoint=(checkpoint or load_checkpoint(Path(model_path))) if resume else None,
             progress=progress if dist.is_main else None,
+            starting=starting,
         )
 
 
@@ -237,6 +255,7 @@ def _train(
     dist: distributed.Distributed,
     checkpoint: dict[str, Any] | None,
     progress: Callable[..., None] | None,
+    starting: Callable[[], None] | None = None,
 ) -> TrainResult:
     import torch
 
@@ -299,7 +318,14 @@ def _train(
     init_gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=init_gen)))
-        model = HypVAE(model_config)
+        try:
+            model = HypVAE(model_config)
+        except (TypeError, ValueError) as exc:  # a checkpoint's settings edited by hand
+            if state is None:
+                raise
+            raise BadInputError(
+                f"{ckpt_path}: malformed training checkpoint (its model settings: {exc})"
+            ) from None
     model.to(dev)
     sample_gen = torch.Generator(device=dev).manual_seed(seed + 1 + 2 * dist.rank)
     noise_gen = torch.Generator(device=dev).manual_seed(seed + 2 + 2 * dist.rank)
@@ -329,6 +355,7 @@ def _train(
         try:
             model.load_state_dict(state["state_dict"])
             optimizer.load_state_dict(state["optimizer_state"])
+            _check_optimizer_shapes(optimizer)
         except (RuntimeError, ValueError, KeyError, TypeError) as exc:
             first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else repr(exc)
             raise BadInputError(
@@ -366,6 +393,8 @@ def _train(
         _warm_up_torchscript(model, train_config, dev)
         elapsed_before = float(state.get("elapsed_seconds", 0.0))
         log.info("resuming from step %d of %s", step, ckpt_path)
+    if starting is not None:
+        starting()
     loss_fn = dist.wrap(model)
 
     target = train_config.steps
@@ -771,13 +800,17 @@ def _read_history(path: Path) -> list[dict[str, float]]:
     if not path.is_file():
         return []
     rows = []
-    with open(path, newline="") as handle:
+    # rows that are not ours (a damaged or edited file: bytes that are not UTF-8, a step that
+    # is not a whole number) are left out, as they would be by a reader of the CSV
+    with open(path, newline="", encoding="utf-8", errors="replace") as handle:
         for raw in csv.DictReader(handle):
             if raw.get("texture") is None:  # written before the column existed: not recorded
                 raw["texture"] = "nan"
             try:
                 row: dict[str, float] = {k: float(raw[k]) for k in HISTORY_FIELDS}
             except (KeyError, TypeError, ValueError):
+                continue
+            if not (math.isfinite(row["step"]) and row["step"] == int(row["step"]) >= 1):
                 continue
             row["step"] = int(row["step"])
             rows.append(row)

@@ -984,6 +984,16 @@ def test_overwrite_removes_the_earlier_run_before_training(tmp_path, capsys):
         capsys,
     )
     assert code == 2 and model.exists() and ckpt.exists()
+    # refused once read, by the sampler (a volume too small for triplets): nothing removed
+    small = tmp_path / "small"
+    small.mkdir()
+    _blob(small / "s.nii.gz", shape=(8, 8, 8))
+    before = {p: p.read_bytes() for p in (model, ckpt, history)}
+    code, _, err = run(
+        ["train", small, "-o", model, "--overwrite", "--steps", "2", *TINY_TRAIN], capsys
+    )
+    assert code == 2 and "too small" in err, err
+    assert {p: p.read_bytes() for p in before} == before
     # a model without its checkpoint: --resume says how to start over
     ckpt.unlink()
     code, _, err = run(["train", images, "-o", model, "--resume", *TINY_TRAIN], capsys)
@@ -1026,6 +1036,39 @@ def test_malformed_fields_of_a_model_file_or_checkpoint_are_named(tmp_path, caps
         (
             {"rng_state": {"sample": "x", "noise": "y"}},
             "malformed training checkpoint ('rng_state'",
+        ),
+        # fields edited by hand that failed with exit 1 (ValueError, TypeError, RuntimeError)
+        ({"train_config": {**state["train_config"], "seed": "abc"}}, "'train_config' seed"),
+        ({"elapsed_seconds": "x"}, "'elapsed_seconds' 'x' is not a duration"),
+        (
+            {
+                "optimizer_state": {
+                    **state["optimizer_state"],
+                    "param_groups": [
+                        {**g, "lr": "abc"} for g in state["optimizer_state"]["param_groups"]
+                    ],
+                }
+            },
+            "'optimizer_state' has a parameter group without a learning rate",
+        ),
+        (
+            {"model_config": {**state["model_config"], "hidden": "x"}},
+            "malformed training checkpoint (its model settings",
+        ),
+        (  # moment estimates of another model's shapes (torch does not compare them)
+            {
+                "optimizer_state": {
+                    **state["optimizer_state"],
+                    "state": {
+                        i: {
+                            k: v[..., :1] if torch.is_tensor(v) and v.dim() > 0 else v
+                            for k, v in entry.items()
+                        }
+                        for i, entry in state["optimizer_state"]["state"].items()
+                    },
+                }
+            },
+            "its weights or optimizer state do not fit its model (its exp_avg of shape",
         ),
     ):
         torch.save({**state, **change}, ckpt)

@@ -69,6 +69,25 @@ def test_normalize_integer_input_and_custom_levels():
     assert arr.dtype == np.int16  # input untouched
 
 
+@pytest.mark.parametrize("method", ["percentile", "zscore"])
+def test_normalize_intensities_float32_holds_as_subnormal_numbers(method):
+    """Voxels of about 1e-42 (finite; float32 holds them as subnormal numbers): the scale
+    1/range overflowed float32 to inf and 0 * inf made NaN, reported as "non-finite
+    voxels". Scaled in float64 now, equal to the float64 formula."""
+    rng = np.random.default_rng(0)
+    arr = (rng.random((12, 10, 8)) * 1e-42).astype(np.float32)
+    assert np.isfinite(arr).all() and 0 < arr.max() < np.finfo(np.float32).tiny
+    out = normalize(arr, method)
+    x = arr.astype(np.float64)
+    if method == "percentile":
+        lo, hi = np.percentile(x, [1.0, 99.0])
+        ref = np.clip((x - lo) / (hi - lo), -NORM_CLIP, 1 + NORM_CLIP)
+    else:
+        ref = (x - x.mean()) / x.std()
+    assert out.dtype == np.float32 and np.isfinite(out).all()
+    np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6)
+
+
 def test_normalize_constant_volume_names_file():
     with pytest.raises(BadInputError, match=r"^a\.nii: constant"):
         normalize_volume(np.full((4, 4, 4), 3.0), name="a.nii")

@@ -768,3 +768,30 @@ def test_cli_resume_without_lr_keeps_the_checkpoints(tmp_path, capsys):
     assert {g["lr"] for g in doc["optimizer_state"]["param_groups"]} == {3e-4}
     assert run([*argv, "--steps", "4", "--resume", "--lr", "1e-4"], capsys)[0] == 0
     assert {g["lr"] for g in load_model_file(ckpt)["optimizer_state"]["param_groups"]} == {1e-4}
+
+
+def test_cli_resume_without_batch_size_keeps_the_checkpoints(tmp_path, capsys):
+    """As --lr: a resumed run without --batch-size trained on at 64 triplets a step, the
+    default, where the checkpoint had 3 (only an info line said so, hidden by -q)."""
+    data = tmp_path / "data"
+    assert run(["--quiet", "synth", data, "--n", "2", "--size", "20"], capsys)[0] == 0
+    out = tmp_path / "m.pt"
+    small = ["--patch-size", "9", "--r-min", "6", "--r-max", "10", "--threads", "2"]
+    argv = ["--quiet", "train", data / "images", "-o", out, *small]
+    assert run([*argv, "--steps", "2", "--batch-size", "3"], capsys)[0] == 0
+    assert run([*argv, "--steps", "3", "--resume"], capsys)[0] == 0
+    ckpt, history = companion_paths(out)
+    assert load_model_file(ckpt)["train_config"]["batch_size"] == 3
+    assert load_model_file(out)["train_config"]["batch_size"] == 3
+    assert run([*argv, "--steps", "4", "--resume", "--batch-size", "5"], capsys)[0] == 0
+    assert load_model_file(ckpt)["train_config"]["batch_size"] == 5
+    # a damaged history (bytes that are not UTF-8, a step that is not a number) loses its
+    # bad rows, not the run (UnicodeDecodeError, ValueError: exit 1)
+    rows = history.read_bytes().splitlines(keepends=True)
+    assert len(rows) == 5  # the header and steps 1-4
+    nan_row = rows[4].replace(b"4,", b"nan,", 1)
+    history.write_bytes(b"".join([*rows[:3], b"\xff\xfe\x00garbage\n", nan_row]))
+    code, _, err = run([*argv, "--steps", "5", "--resume"], capsys)
+    assert code == 0, err
+    steps = [line.split(",")[0] for line in history.read_text().splitlines()[1:]]
+    assert steps == ["1", "2", "5"]
