@@ -3110,7 +3110,11 @@ def cluster(
                                         not_nested,
                                     )
                                 if off_mask is not None:  # outside: a region of its own, not filled
-                                    coarse = np.where(off_mask, int(coarse.max()) + 1, coarse)
+                                    # (in int64: k = 256 labels 0..255, and 255 + 1 wrapped
+                                    # to 0 in uint8, putting the outside into region 0)
+                                    coarse = np.where(
+                                        off_mask, int(coarse.max()) + 1, coarse.astype(np.int64)
+                                    )
                                 outside = np.flatnonzero(~band.reshape(-1))
                                 if inside_rows is not None:
                                     outside = np.intersect1d(
@@ -3121,6 +3125,7 @@ def cluster(
                             if nested and fixed is None and len(outside) < k:
                                 nested = False  # (nearly) all band: a plain fit, no nesting
                                 not_nested = f"fewer than {k} voxels lie off the band"
+                                log.info("%s: k=%d is not nested (--nest): %s", path, k, not_nested)
                             if fixed is not None:
                                 centers = fixed[k]
                             else:
@@ -3187,15 +3192,28 @@ def cluster(
                                 )
                             row.setdefault("labels_found", {})[str(k)] = found
                             if found < k:
+                                steps_on = [  # the steps that ran on this k's labels
+                                    f"--{name} 0"
+                                    for name, on in (
+                                        ("smooth", smooth > 0),
+                                        ("snap", snap > 0),
+                                        ("mrf", mrf > 0),
+                                        ("nest", nested),
+                                        ("min-size", min_size > 1),
+                                    )
+                                    if on
+                                ]
                                 log.warning(
-                                    "%s: k=%d: the output has %d distinct label(s), not %d (the fit "
-                                    "found fewer distinct clusters, or the spatial steps absorbed "
-                                    "small ones; --smooth 0 --snap 0 --mrf 0 --nest 0 shows the "
-                                    "plain k-means labels)",
+                                    "%s: k=%d: the output has %d distinct label(s), not %d (%s)",
                                     path,
                                     k,
                                     found,
                                     k,
+                                    "the fit found fewer distinct clusters, or the spatial steps "
+                                    f"absorbed small ones; {' '.join(steps_on)} shows the plain "
+                                    "k-means labels"
+                                    if steps_on
+                                    else "the fit found fewer distinct clusters",
                                 )
                             watch.lap("cluster")
                             target = out / f"{volume.name}_k{k}{volume.geometry.suffix}"

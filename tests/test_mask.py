@@ -362,6 +362,39 @@ def test_cluster_mask_file_pooled_fit_and_intensity(tiny_trained, masked, capsys
             assert (labels[box == 0] == 0).all() and (labels[box == 1] > 0).all()
 
 
+def test_nesting_inside_a_mask_with_256_coarse_labels(tmp_path, capsys):
+    """--mask with --nest whose smallest k is 256: the outside became region 255 + 1, which
+    wrapped to 0 in the coarse labels' uint8, so band voxels of region 0 took the outside's
+    fine label (a fine label spanning two coarse regions). Review's volume: 256 intensity
+    blocks, a one-voxel tongue of background running to the mask's border."""
+    rng = np.random.default_rng(0)
+    vol = np.zeros((36, 28, 28), np.float32)
+    slot = 0
+    for bx in range(12, 36, 3):
+        for by in range(0, 28, 4):
+            for bz in range(0, 28, 4):
+                slot += bx < 33
+                vol[bx : bx + 3, by : by + 4, bz : bz + 4] = min(slot, 255) if bx < 33 else 128
+    vol[12:32, 12, 12] = 0
+    vol += rng.normal(size=vol.shape).astype(np.float32) * 1e-3
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), tmp_path / "v.nii.gz")
+    mask = np.ones(vol.shape, np.uint8)
+    mask[32:] = 0
+    nib.save(nib.Nifti1Image(mask, np.eye(4)), tmp_path / "m.nii.gz")
+    code, _, err = run(
+        ["-q", "cluster", tmp_path / "v.nii.gz", "--features", "intensity", "--k", "256"]
+        + ["--k", "300", "--mask", tmp_path / "m.nii.gz", "--smooth", "0", "--snap", "0"]
+        + ["--mrf", "0", "--nest", "1.5", "--n-init", "1", "-o", tmp_path / "s"],
+        capsys,
+    )
+    assert code == 0, err
+    coarse = io.read_volume(tmp_path / "s" / "v_k256.nii.gz").data.astype(int)
+    fine = io.read_volume(tmp_path / "s" / "v_k300.nii.gz").data.astype(int)
+    assert (fine[mask == 0] == 0).all() and (fine[mask == 1] > 0).all()
+    spanning = [f for f in np.unique(fine[fine > 0]) if np.unique(coarse[fine == f]).size > 1]
+    assert spanning == []
+
+
 def test_cluster_mask_problems_are_named_before_any_work(tiny_trained, masked, capsys):
     def refused(mask, needle, out="bad"):
         _, err = _cluster(tiny_trained, masked / out, "--mask", mask, capsys=capsys, code=2)

@@ -193,3 +193,25 @@ def test_a_coarse_label_wholly_in_the_band_leaves_the_volume_unnested(tmp_path, 
     # narrower, the band leaves the sheet's middle: nested as usual
     _, record, _ = cluster("narrow", "--nest", "1")
     assert all("not_nested" not in s for s in record["sets"])
+    assert "the larger k are not nested (--nest): label(s) 1 of k=2" in err
+
+
+def test_a_band_leaving_fewer_voxels_than_k_is_logged(tmp_path, capsys):
+    """The other reason a larger k is not nested (fewer than k voxels off the band) was in
+    the record only; the README says the log names it too, as it names the first."""
+    rng = np.random.default_rng(0)
+    img = np.zeros((7, 3, 3), np.float32)
+    img[4:] = 10.0
+    img += rng.normal(0, 0.1, img.shape).astype(np.float32)
+    nib.save(nib.Nifti1Image(img, np.eye(4)), tmp_path / "small.nii.gz")
+    code, _, err = run(
+        ["cluster", tmp_path / "small.nii.gz", "--features", "intensity", "--k", "2"]
+        + ["--k", "30", "--nest", "2", "--smooth", "0", "--snap", "0", "--mrf", "0"]
+        + ["-o", tmp_path / "s"],
+        capsys,
+    )
+    assert code == 0, err
+    record = json.loads((tmp_path / "s" / "small.centroids.json").read_text())
+    reason = {s["k"]: s for s in record["sets"]}[30]["not_nested"]
+    assert reason == "fewer than 30 voxels lie off the band"
+    assert f"small.nii.gz: k=30 is not nested (--nest): {reason}" in err

@@ -559,6 +559,24 @@ def test_fewer_labels_than_k_are_named_in_a_warning(tmp_path, capsys):
     assert found == {"2": 2, "3": 2}
     assert "x.nii.gz: k=3: the output has 2 distinct label(s), not 3" in err
     assert "k=2:" not in err
+    # the advice names the steps that ran, --min-size among them (it named the four spatial
+    # steps, given already, and not --min-size, which had absorbed the label)
+    _blob(tmp_path / "b.nii.gz", shape=(12, 12, 12))
+    plain = ["--smooth", "0", "--snap", "0", "--mrf", "0", "--nest", "0"]
+    code, _, err = run(
+        ["cluster", tmp_path / "b.nii.gz", "--features", "intensity", "--k", "8", *plain]
+        + ["--min-size", "200", "-o", tmp_path / "ms"],
+        capsys,
+    )
+    assert code == 0 and "distinct label(s), not 8" in err, err
+    assert "absorbed small ones; --min-size 0 shows the plain k-means labels" in err
+    code, _, err = run(
+        ["cluster", tmp_path / "x.nii.gz", "--features", "intensity", "--k", "3", *plain]
+        + ["-o", tmp_path / "plain"],
+        capsys,
+    )
+    assert code == 0
+    assert "not 3 (the fit found fewer distinct clusters)" in err and "shows the plain" not in err
 
 
 def test_outliers_are_clipped_and_take_no_cluster(tmp_path, capsys):
