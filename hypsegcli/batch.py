@@ -60,7 +60,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from . import __version__
-from .errors import BadInputError, HypsegError, interrupt_status, signals_held
+from .errors import (
+    BadInputError,
+    HypsegError,
+    Terminated,
+    interrupt_status,
+    signals_held,
+    termination_pending,
+)
 from .io import write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -334,7 +341,8 @@ class RunRecorder:
     Use as a context manager: on an exception the record is written with the
     exception's exit code (``HypsegError.exit_code``, 130 for an interrupt,
     else 1) and re-raised; otherwise with :attr:`exit_status` (set it from
-    :attr:`Failures.exit_code`). ``folder=None`` records nothing.
+    :attr:`Failures.exit_code`). ``failures``: the run's :class:`Failures`, listed as
+    they are when the record is written. ``folder=None`` records nothing.
     """
 
     folder: Path | None
@@ -347,7 +355,9 @@ class RunRecorder:
     exit_status: int = 0
     fields: dict[str, Any] = field(default_factory=dict)
     inputs: list[dict[str, Any]] = field(default_factory=list)
-    failures: list[dict[str, Any]] = field(default_factory=list)
+    #: the run's per-volume failures, recorded as they are when the record is written (an
+    #: interrupted run's too: those before the signal)
+    failures: Failures = field(default_factory=lambda: Failures(0))
     _t0: float = field(default_factory=time.perf_counter)
 
     @property
@@ -390,7 +400,7 @@ class RunRecorder:
             **self.fields,
             "config": self.config,
             "inputs": self.inputs,
-            "failures": self.failures,
+            "failures": self.failures.to_json(),
         }
 
     def close(self, *, error: str | None = None) -> Path | None:
@@ -410,7 +420,11 @@ class RunRecorder:
 
     def _close_on_exit(self, exc: BaseException | None) -> None:
         if exc is None:
-            self.close()
+            if termination_pending():  # a SIGTERM that could not stop the run: main exits 143
+                self.exit_status = Terminated.exit_code
+                self.close(error="terminated")
+            else:
+                self.close()
             return
         error = None
         if isinstance(exc, KeyboardInterrupt):

@@ -26,7 +26,15 @@ import typer
 from rich.console import Console
 
 from . import __version__
-from .errors import BadInputError, HypsegError, Terminated, interrupt_status
+from .errors import (
+    BadInputError,
+    HypsegError,
+    Terminated,
+    interrupt_status,
+    note_termination,
+    reset_terminations,
+    termination_pending,
+)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -39,6 +47,9 @@ class _State:
     quiet = False
     #: the command line as given to main() (recorded in run manifests)
     argv: list[str] | None = None
+    #: a command's body is running (handle_errors): SIGTERM raises Terminated there only,
+    #: not while typer parses the command line (which turns any KeyboardInterrupt into 130)
+    in_command = False
 
 
 state = _State()
@@ -178,6 +189,9 @@ def handle_errors(func: F) -> F:
         shown = warnings.showwarning
         warnings.showwarning = _show_warning  # libraries' warnings: one line on stderr too
         try:
+            state.in_command = True
+            if termination_pending():  # SIGTERM while the command line was parsed
+                raise Terminated()
             return func(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
@@ -195,6 +209,7 @@ def handle_errors(func: F) -> F:
                 raise
             raise _fail(runtime_message(exc), 1) from None
         finally:
+            state.in_command = False
             warnings.showwarning = shown
 
     return wrapper  # type: ignore[return-value]
@@ -1385,6 +1400,7 @@ def main(argv: list[str] | None = None) -> None:
             soft_wrap=True,
         )
         sys.exit(2)
+    reset_terminations()
     restore = _on_sigterm_raise()
     try:
         code = app(args=argv, prog_name="hypseg", standalone_mode=False)
@@ -1394,10 +1410,16 @@ def main(argv: list[str] | None = None) -> None:
         stderr.print("hypseg: error: aborted", markup=False)
         code = 1
     except (HypsegError, KeyboardInterrupt) as exc:  # --debug: the traceback, the same code
-        import traceback
+        if isinstance(exc, HypsegError):
+            code, message = exc.exit_code, str(exc)
+        else:  # (also Ctrl-C before a command runs, without --debug)
+            code, message = interrupt_status(exc)
+        if state.debug:
+            import traceback
 
-        traceback.print_exc()
-        code = exc.exit_code if isinstance(exc, HypsegError) else interrupt_status(exc)[0]
+            traceback.print_exc()
+        else:
+            stderr.print(f"hypseg: error: {message}", markup=False, highlight=False)
     except Exception as exc:
         message = getattr(exc, "format_message", None)
         if message is None or not hasattr(exc, "exit_code"):  # --debug: an unexpected error
@@ -1416,6 +1438,11 @@ def main(argv: list[str] | None = None) -> None:
             code = exc.exit_code
     finally:
         restore()
+    if not code and termination_pending():
+        # a SIGTERM whose exception could not stop the run (raised in a finaliser, which
+        # Python reports as "Exception ignored" and drops), or one after the command ended
+        stderr.print("hypseg: error: terminated", markup=False, highlight=False)
+        code = Terminated.exit_code
     if code:
         # What the failed command's frames held in reference cycles (a distributed job's
         # process group, through its DDP wrapper) goes now, not while the interpreter shuts
@@ -1425,7 +1452,9 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _raise_terminated(signum: int, frame: Any) -> None:
-    raise Terminated()
+    note_termination()
+    if state.in_command:
+        raise Terminated()
 
 
 def _on_sigterm_raise() -> Callable[[], None]:

@@ -32,6 +32,29 @@ class Terminated(KeyboardInterrupt):
     exit_code = 143
 
 
+#: SIGTERMs received during this command (see :func:`note_termination`)
+_terminations: list[int] = []
+
+
+def note_termination() -> None:
+    """Remember that SIGTERM came (hypseg's handler calls this before it raises
+    :class:`Terminated`): where that exception cannot stop the run (raised while the
+    command line is parsed, or inside a finaliser, where Python prints "Exception ignored"
+    and drops it), the run still ends with 143 (:func:`termination_pending`)."""
+    _terminations.append(1)
+
+
+def termination_pending() -> bool:
+    """SIGTERM came during this command (whether or not its exception stopped it)."""
+    return bool(_terminations)
+
+
+def reset_terminations() -> None:
+    """Start a command with no SIGTERM noted (main() runs one command per process, or per
+    call in tests)."""
+    _terminations.clear()
+
+
 def interrupt_status(exc: BaseException) -> tuple[int, str]:
     """Exit code and one-word message of an interrupt (Ctrl-C: 130, SIGTERM: 143)."""
     if isinstance(exc, Terminated):

@@ -666,7 +666,7 @@ def evaluate(
     failures = Failures(len(selected))
     cases = []
     singular_warned: set[str] = set()
-    with RunRecorder(folder, "evaluate", config, part, argv, environ) as run:
+    with RunRecorder(folder, "evaluate", config, part, argv, environ, failures=failures) as run:
         run.set(device=None, seed=None)
         for i, pair in enumerate(selected):
             watch = Stopwatch()
@@ -758,7 +758,6 @@ def evaluate(
         }
         if csv_path is not None:
             write_evaluation_csv(report, Path(csv_path))
-        run.failures = failures.to_json()
         run.exit_status = failures.exit_code
     return report
 
@@ -1417,7 +1416,7 @@ def embed(
     cache = EmbeddingCache(cache_root)
     failures = Failures(len(selected))
     rows: list[dict[str, Any]] = []
-    with RunRecorder(out, "embed", config, part, argv, environ) as run:
+    with RunRecorder(out, "embed", config, part, argv, environ, failures=failures) as run:
         run.set(
             device=str(model.device), seed=None, model=str(model_path), model_sha256=model.sha256
         )
@@ -1497,7 +1496,6 @@ def embed(
             )
             if row["status"] != "failed" or failures.total > 1:
                 progress("volumes", i + 1, len(selected))
-        run.failures = failures.to_json()
         run.exit_status = failures.exit_code
     return {
         "model": str(model_path),
@@ -2997,7 +2995,7 @@ def cluster(
     failed: dict[Path, str] = {}
     rows: list[dict[str, Any]] = []
     computed = 0
-    with RunRecorder(out, "cluster", config, part, argv, environ) as run:
+    with RunRecorder(out, "cluster", config, part, argv, environ, failures=failures) as run:
         run.set(
             device=str(model.device) if model else "cpu",
             seed=seed,
@@ -3276,7 +3274,6 @@ def cluster(
             raise
         with signals_held():  # a signal meanwhile waits for the file, then stops the run
             merged = _merge_centroids(out, header)
-        run.failures = failures.to_json()
         run.exit_status = failures.exit_code
     return {
         "out": str(out),

@@ -868,6 +868,80 @@ def test_a_signal_while_a_finished_run_is_recorded_changes_nothing(
         assert record["exit_status"] == expected, target
 
 
+def test_a_stopped_runs_record_lists_the_failures_before_the_signal(
+    trained, tmp_path, capsys, monkeypatch
+):
+    """A volume that failed, then SIGTERM: the record said 143 with "failures": [] (the
+    list was filled only at a normal end), although its inputs showed the failed one."""
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "a_bad.nii.gz").write_bytes(b"not a volume")
+    for name in ("case_000", "case_001"):
+        src = trained / "data" / "images" / f"{name}.nii.gz"
+        (images / src.name).write_bytes(src.read_bytes())
+    real = pipeline.read_volume
+
+    def read(path, *args, **kwargs):
+        if Path(path).name == "case_001.nii.gz":
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "read_volume", read)
+    out = tmp_path / "seg"
+    code, _, err = run(
+        ["-q", "cluster", images, "--features", "intensity", "--k", "2", "-o", out], capsys
+    )
+    assert code == 143, err
+    (record,) = [json.loads(x) for x in (out / "hypseg-runs.jsonl").read_text().splitlines()]
+    assert record["exit_status"] == 143
+    assert [Path(f["volume"]).name for f in record["failures"]] == ["a_bad.nii.gz"]
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_sigterm_outside_a_commands_body_still_ends_it_with_143(
+    trained, tmp_path, capsys, monkeypatch
+):
+    """SIGTERM while typer parsed the command line became its KeyboardInterrupt: exit 130
+    (or a traceback); one whose exception was raised in a finaliser was dropped by Python
+    ("Exception ignored") and the run ended 0. Both end 143 with one line now, and the
+    second's record says so."""
+    real_install = cli._on_sigterm_raise
+
+    def install_then_signal():
+        restore = real_install()
+        os.kill(os.getpid(), signal.SIGTERM)  # lands before typer has parsed anything
+        return restore
+
+    image = trained / "data" / "images" / "case_000.nii.gz"
+    argv = ["-q", "cluster", image, "--features", "intensity", "--k", "2"]
+    with monkeypatch.context() as patch:
+        patch.setattr(cli, "_on_sigterm_raise", install_then_signal)
+        code, out, err = run([*argv, "-o", tmp_path / "early"], capsys)
+    assert (code, out, err) == (143, "", "hypseg: error: terminated\n")
+    assert not (tmp_path / "early").exists()
+
+    class SignalsWhenFreed:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGTERM)
+            sum(range(1000))  # (bytecode, where Python runs the handler, inside __del__)
+
+    real = pipeline.read_volume
+
+    def read(path, *args, **kwargs):
+        SignalsWhenFreed()  # freed at once: its handler's exception is dropped
+        return real(path, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline, "read_volume", read)
+        code, out, err = run([*argv, "-o", tmp_path / "late"], capsys)
+    assert code == 143 and err.strip().splitlines()[-1] == "hypseg: error: terminated", err
+    assert (tmp_path / "late" / "case_000_k2.nii.gz").exists()  # (the run went on)
+    (record,) = [
+        json.loads(x) for x in (tmp_path / "late" / "hypseg-runs.jsonl").read_text().splitlines()
+    ]
+    assert record["exit_status"] == 143 and record["error"] == "terminated"
+
+
 def test_temporaries_of_killed_runs_are_removed_once_stale(trained, tmp_path, capsys):
     """A SIGKILLed write leaves its hidden temporary (a label volume, an embedding array:
     up to gigabytes) in the output folder: cluster, embed and train (the model's folder)
