@@ -359,6 +359,17 @@ def test_a_rank_failing_on_its_inputs_stops_the_others_at_once(images, tmp_path)
     assert not (tmp_path / "m.pt").exists()
 
 
+def _torchrun_script(path, text, *args):
+    """Run the Python script ``text`` (written to ``path``) with ``args`` as 2 torchrun
+    ranks on the CPU; the finished process (stdout and stderr captured)."""
+    path.write_text(text)
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV}
+    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    cmd += ["--master-addr", "127.0.0.1", "--master-port", str(_free_port()), str(path), *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=100)
+
+
 LEAVE_SCRIPT = """
 import json, os, sys, torch
 from hypsegcli import distributed
@@ -389,13 +400,7 @@ def test_leaving_the_job_ends_its_gloo_threads(tmp_path):
     collective while the interpreter shut down aborted the rank after a successful run
     (1 run in 40 on a loaded machine). The default group was kept alive by
     torch.distributed.nn's default arguments and the DDP wrapper's reference cycle."""
-    script = tmp_path / "leave.py"
-    script.write_text(LEAVE_SCRIPT)
-    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV}
-    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
-    cmd += ["--master-addr", "127.0.0.1", "--master-port", str(_free_port()), str(script)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=100)
+    proc = _torchrun_script(tmp_path / "leave.py", LEAVE_SCRIPT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     counts = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert len(counts) == 2
@@ -437,14 +442,8 @@ def test_a_debug_traceback_does_not_keep_the_job_into_shutdown(tmp_path, images)
     process group, until the interpreter shut down, where its gloo threads could abort the
     rank (the race of test_leaving_the_job_ends_its_gloo_threads): they end before it now,
     and the traceback and exit code 1 stay."""
-    script = tmp_path / "fail.py"
-    script.write_text(DEBUG_FAILURE_SCRIPT)
-    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV}
-    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
-    cmd += ["--master-addr", "127.0.0.1", "--master-port", str(_free_port()), str(script)]
-    cmd += ["--debug", "train", str(images), "-o", str(tmp_path / "m.pt"), "--steps", "10"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=100)
+    train = ["train", str(images), "-o", str(tmp_path / "m.pt"), "--steps", "10"]
+    proc = _torchrun_script(tmp_path / "fail.py", DEBUG_FAILURE_SCRIPT, "--debug", *train)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert proc.stderr.count('raise RuntimeError("boom")') == 2, proc.stderr[-3000:]
     counts = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
