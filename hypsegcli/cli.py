@@ -1419,7 +1419,7 @@ def main(argv: list[str] | None = None) -> None:
 
             traceback.print_exc()
         else:
-            stderr.print(f"hypseg: error: {message}", markup=False, highlight=False)
+            stderr.print(f"hypseg: error: {message}", markup=False, highlight=False, soft_wrap=True)
     except Exception as exc:
         message = getattr(exc, "format_message", None)
         if message is None or not hasattr(exc, "exit_code"):  # --debug: an unexpected error

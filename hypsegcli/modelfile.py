@@ -173,7 +173,7 @@ def malformed_checkpoint(state: dict[str, Any]) -> str | None:
         ("lr", lambda v: _is_number(v, positive=True)),
     ):
         if key in train and not ok(train[key]):
-            return f"'train_config' {key} {train[key]!r} is not one"
+            return f"'train_config' {key} {train[key]!r} is not a valid {key.replace('_', ' ')}"
     if "elapsed_seconds" in state and not _is_number(state["elapsed_seconds"]):
         return f"'elapsed_seconds' {state['elapsed_seconds']!r} is not a duration"
     volumes = state.get("training_volumes", [])
