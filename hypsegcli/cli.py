@@ -1438,9 +1438,11 @@ def main(argv: list[str] | None = None) -> None:
             code = exc.exit_code
     finally:
         restore()
-    if not code and termination_pending():
+    if (not code or code == 130) and termination_pending():
         # a SIGTERM whose exception could not stop the run (raised in a finaliser, which
-        # Python reports as "Exception ignored" and drops), or one after the command ended
+        # Python reports as "Exception ignored" and drops), or one after the command ended;
+        # or (130) one that typer turned into its KeyboardInterrupt code (with --debug,
+        # where handle_errors lets it through)
         stderr.print("hypseg: error: terminated", markup=False, highlight=False)
         code = Terminated.exit_code
     if code:
