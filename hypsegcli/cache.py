@@ -69,6 +69,7 @@ from typing import Any, BinaryIO, Literal
 import numpy as np
 import platformdirs
 
+from .checks import is_whole
 from .errors import BadInputError, HypsegError
 from .io import (
     atomic_path,
@@ -219,10 +220,6 @@ class _Record:
     meta: dict[str, Any]
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _parse_sidecar(raw: bytes, key: str) -> _Record:
     """Validate a sidecar's JSON (raises :class:`_Corrupt` with the reason)."""
     try:
@@ -234,7 +231,7 @@ def _parse_sidecar(raw: bytes, key: str) -> _Record:
     if doc.get("key") != key:
         raise _Corrupt(f"sidecar is for key {doc.get('key')!r}")
     shape = doc.get("shape")
-    if not isinstance(shape, list) or not all(_is_int(s) and s >= 0 for s in shape):
+    if not isinstance(shape, list) or not all(is_whole(s, 0) for s in shape):
         raise _Corrupt(f"sidecar shape {shape!r} is not a list of sizes")
     try:
         if not isinstance(doc.get("dtype"), str):
@@ -245,7 +242,7 @@ def _parse_sidecar(raw: bytes, key: str) -> _Record:
     if dtype.hasobject:
         raise _Corrupt(f"sidecar dtype {dtype} is not numeric")
     file_size, sha, created = doc.get("file_size"), doc.get("sha256"), doc.get("created")
-    if not _is_int(file_size) or file_size < 0:
+    if not is_whole(file_size, 0):
         raise _Corrupt(f"sidecar file_size {file_size!r} is not a size")
     if not isinstance(sha, str) or not _SHA_RE.fullmatch(sha):
         raise _Corrupt(f"sidecar sha256 {sha!r} is not a SHA-256")

@@ -36,6 +36,8 @@ import warnings
 import numpy as np
 from scipy import ndimage as ndi
 
+from .checks import is_whole
+
 #: Relabelled voxels checked at a time by :func:`_all_anchored` (about 25 MB of work arrays).
 _CHECK_CHUNK = 1 << 18
 
@@ -164,7 +166,7 @@ def small_component_mask(
     Voxels in ``outside`` (bool) belong to no component and are never small.
     """
     labels = np.asarray(labels)
-    if isinstance(min_size, bool) or not isinstance(min_size, (int, np.integer)) or min_size < 0:
+    if not is_whole(min_size, 0):
         raise ValueError(f"min_size={min_size!r} should be an integer >= 0")
     small = np.zeros(labels.shape, dtype=bool)
     if min_size <= 1 or labels.size == 0:

@@ -94,6 +94,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from . import geometry
+from .checks import is_whole
 from .errors import BadInputError
 from .sampling import sample_patches
 
@@ -174,7 +175,7 @@ def _check_patch_size(patch_size: float) -> float:
 
 
 def _check_positive_int(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    if not is_whole(value, 1):
         raise BadInputError(f"{name}={value!r} should be an integer >= 1")
     return int(value)
 

@@ -95,6 +95,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from hypsegcli.checks import is_whole
 from hypsegcli.errors import BadInputError, HypsegError
 
 __all__ = [
@@ -572,7 +573,7 @@ def frechet_mean(
             )
         if not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or not float(w.sum()) > 0:
             raise BadInputError("weights should be finite, non-negative and have a positive sum")
-    if isinstance(max_iter, bool) or not isinstance(max_iter, (int, np.integer)) or max_iter < 1:
+    if not is_whole(max_iter, 1):
         raise BadInputError(f"max_iter={max_iter!r} should be an integer >= 1")
     if init is None:
         y0 = (w[:, None] * x64).sum(0) / w.sum()
@@ -719,7 +720,7 @@ class PoincareKMeans:
 
     def _check_params(self) -> None:
         def _int_at_least(name: str, value: Any, low: int) -> None:
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            if not is_whole(value, low):
                 raise BadInputError(f"{name}={value!r} should be an integer >= {low}")
 
         _int_at_least("n_clusters", self.n_clusters, 1)

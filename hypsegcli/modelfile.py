@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .checks import is_whole
 from .errors import BadInputError
 from .io import atomic_output
 
@@ -116,10 +117,6 @@ def load_model_file(path: str | os.PathLike[str], *, map_location: Any = "cpu") 
     return document
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _malformed(document: dict[str, Any]) -> str | None:
     """What is wrong with the fields every model file has (their types), or None."""
     import torch
@@ -154,7 +151,7 @@ def malformed_checkpoint(state: dict[str, Any]) -> str | None:
         if not isinstance(state.get(key), kind):
             return f"'{key}' is missing or not a mapping"
     step = state.get("step")
-    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+    if not is_whole(step, 0):
         return f"'step' {step!r} is not a step count"
     optimizer = state["optimizer_state"]
     if not isinstance(optimizer.get("state"), dict) or not isinstance(
@@ -168,8 +165,8 @@ def malformed_checkpoint(state: dict[str, Any]) -> str | None:
         return "'optimizer_state' has a parameter group without a learning rate"
     train = state["train_config"]
     for key, ok in (
-        ("seed", lambda v: _is_whole(v) and v >= 0),
-        ("batch_size", lambda v: _is_whole(v) and v >= 1),
+        ("seed", lambda v: is_whole(v, 0)),
+        ("batch_size", lambda v: is_whole(v, 1)),
         ("lr", lambda v: _is_number(v, positive=True)),
     ):
         if key in train and not ok(train[key]):
@@ -180,10 +177,6 @@ def malformed_checkpoint(state: dict[str, Any]) -> str | None:
     if not all(isinstance(v, dict) and isinstance(v.get("sha256"), str) for v in volumes):
         return "'training_volumes' entries lack their sha256"
     return None
-
-
-def _is_whole(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_number(value: Any, *, positive: bool = False) -> bool:

@@ -28,6 +28,7 @@ import numpy as np
 
 from . import __version__
 from .batch import MANIFEST_NAME, Failures, Part, RunRecorder, Stopwatch, resolve_part, select_part
+from .checks import is_whole
 from .errors import BadInputError, HypsegError, signals_held
 from .io import (
     SUPPORTED_SUFFIXES,
@@ -300,10 +301,7 @@ def _synth_class(cls: Any) -> bool:
     """An entry of the class list of a ``hypseg synth`` dataset.json."""
     return (
         isinstance(cls, dict)
-        and all(
-            isinstance(cls.get(key), int) and not isinstance(cls.get(key), bool)
-            for key in ("level", "id")
-        )
+        and all(is_whole(cls.get(key)) for key in ("level", "id"))
         and isinstance(cls.get("name"), str)
     )
 
@@ -1028,12 +1026,7 @@ def train(
             kept_lr, kept_batch = kept.get("lr"), kept.get("batch_size")
             if not lr_given and isinstance(kept_lr, (int, float)):
                 config = dataclasses.replace(config, lr=float(kept_lr))
-            if (
-                not batch_size_given
-                and isinstance(kept_batch, int)
-                and not isinstance(kept_batch, bool)
-                and 1 <= kept_batch <= 1 << 16
-            ):
+            if not batch_size_given and is_whole(kept_batch, 1) and kept_batch <= 1 << 16:
                 config = dataclasses.replace(config, batch_size=kept_batch)
         volumes = load_training_volumes(
             paths,
@@ -2047,7 +2040,7 @@ def _checked_centers(
     """Set ``i`` of a centroids file as (k, centers): k >= 1 rows of ``dim`` finite numbers,
     inside the ball of curvature -``curvature`` when given."""
     k = entry.get("k")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    if not is_whole(k, 1):
         raise BadInputError(f"{path}: set {i} has k={k!r}; expected a whole number >= 1")
     try:
         centers = np.asarray(entry.get("centers"), dtype=np.float64)
@@ -2110,10 +2103,6 @@ def _case_centroids_path(out: Path, name: str) -> Path:
     return out / f"{name}{CASE_CENTROIDS_SUFFIX}"
 
 
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
 def _is_case_record(doc: Any) -> bool:
     """``doc`` has the shape of the per-case centroid record ``cluster`` writes. One edited
     or damaged by hand (a list where a number belongs, say) counts as no record: the case is
@@ -2132,8 +2121,8 @@ def _is_case_record(doc: Any) -> bool:
     for entry in doc["sets"]:
         if not (
             isinstance(entry, dict)
-            and _is_count(entry.get("k"))
-            and all(entry.get(key) is None or _is_count(entry[key]) for key in _SET_COUNTS)
+            and is_whole(entry.get("k"), 0)
+            and all(entry.get(key) is None or is_whole(entry[key], 0) for key in _SET_COUNTS)
             and isinstance(entry.get("centers"), list)
         ):
             return False
@@ -2747,7 +2736,7 @@ def cluster(
         raise BadInputError(f"--mrf {mrf}: should be a number from 0 to {MAX_POTTS:g}")
     if not (isinstance(nest, (int, float)) and nest >= 0 and np.isfinite(nest)):
         raise BadInputError(f"--nest {nest}: should be a finite number >= 0")
-    if isinstance(min_size, bool) or not isinstance(min_size, (int, np.integer)) or min_size < 0:
+    if not is_whole(min_size, 0):
         raise BadInputError(f"--min-size {min_size}: should be a whole number >= 0")
     if features not in ("embedding", "intensity"):
         raise BadInputError(f"--features {features!r}: expected embedding or intensity")

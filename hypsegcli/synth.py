@@ -103,6 +103,7 @@ from types import MappingProxyType
 import numpy as np
 from scipy import ndimage as ndi
 
+from hypsegcli.checks import is_whole
 from hypsegcli.errors import BadInputError
 
 __all__ = [
@@ -238,13 +239,9 @@ class SynthCase:
 
 
 def _check_size(size: int | tuple[int, int, int]) -> tuple[int, int, int]:
-    if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
+    if is_whole(size):
         shape = (int(size),) * 3
-    elif (
-        isinstance(size, (tuple, list))
-        and len(size) == 3
-        and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in size)
-    ):
+    elif isinstance(size, (tuple, list)) and len(size) == 3 and all(is_whole(v) for v in size):
         shape = tuple(int(v) for v in size)
     else:
         raise BadInputError(f"size={size!r} should be an int or a tuple of 3 ints")
