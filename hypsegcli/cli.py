@@ -1204,7 +1204,7 @@ def evaluate(
         Path | None,
         typer.Option(
             "--csv",
-            help="Write one row per case and class to this CSV file; {part} in the name becomes the part id, which a run that is one part of several (--num-parts, Slurm arrays) needs.",
+            help="Write one row per case and class (case, files, k, level, class, matched label, Dice, HD, HD95, unit, voxel counts, the case's mean Dice) to this CSV file; {part} in the name becomes the part id, which a run that is one part of several (--num-parts, Slurm arrays) needs.",
             parser=_file_name,
             metavar="PATH",
         ),

@@ -27,9 +27,10 @@ Definitions
   over is scored against an *empty* prediction: Dice 0 (a class the
   segmentation missed is a failure, and it counts in the mean). A class empty
   in ``gt`` (possible only when ``classes`` names it) takes a label left over
-  by the other classes where there is one, as a false positive of that class:
-  Dice 0 and HD the diagonal; where none is left, the both-empty convention
-  below gives it Dice 1. ``mean_dice`` is the plain mean
+  by the other classes where there is one (the smallest, empty classes taken in
+  increasing id, so the order of ``classes`` changes nothing), as a false
+  positive of that class: Dice 0 and HD the diagonal; where none is left, the
+  both-empty convention below gives it Dice 1. ``mean_dice`` is the plain mean
   of the per-class Dice over all scored classes, background included.
 * **Surfaces.** The surface of a mask ``M`` is ``M & ~binary_erosion(M, S)``
   with ``S`` the 6-connected (face-neighbour) structuring element
@@ -474,11 +475,23 @@ def score_case(
 
     counts, pred_labels, gt_labels = _confusion(pred, gt, None, wanted)
     dice, pred_sizes, gt_sizes = _dice_from_counts(counts)
-    # a class that shares no voxel with its matched label is as good as unmatched: which of
-    # several disjoint labels the assignment picked for it is arbitrary (its Dice is 0 anyway)
+    # the assignment is among the classes present in gt; a class that shares no voxel with its
+    # matched label is as good as unmatched: which of several disjoint labels the assignment
+    # picked for it is arbitrary (its Dice is 0 anyway)
+    present = np.flatnonzero(gt_sizes > 0)
     row_of = {
-        col: row for row, col in match_labels(dice) if dice[row, col] > 0 or gt_sizes[col] == 0
+        int(present[c]): row
+        for row, c in match_labels(dice[:, present])
+        if dice[row, present[c]] > 0
     }
+    # a class empty in gt (named by ``classes``) takes the smallest label no class took, in
+    # increasing class id, so that the scores do not depend on the order of ``classes``
+    taken = set(row_of.values())
+    spare = iter(row for row in range(pred_labels.size) if row not in taken)
+    for col in sorted(np.flatnonzero(gt_sizes == 0).tolist(), key=lambda c: gt_labels[c]):
+        row = next(spare, None)
+        if row is not None:
+            row_of[col] = row
 
     scores = []
     for col, class_id in enumerate(gt_labels.tolist()):

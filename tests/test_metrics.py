@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -179,6 +180,26 @@ def test_requested_classes_absent_from_gt():
     c5 = s.classes[2]
     assert (c5.label, c5.dice, c5.hd, c5.hd95, c5.pred_voxels) == (None, 1.0, 0.0, 0.0, 0)
     assert s.mean_dice == 1.0
+
+
+def test_absent_class_score_does_not_depend_on_the_order_of_classes():
+    # label 8 is left over by every class; the empty class 2 takes it (Dice 0) whatever its
+    # place in the list (the Hungarian assignment once left this to tie-breaking: Dice 1 or 0)
+    gt = np.zeros((6, 6, 6), dtype=np.int64)
+    gt[4], gt[5] = 1, 3
+    pred = np.zeros_like(gt)
+    pred[0, 0, 0] = 8
+    means = set()
+    for classes in itertools.permutations([0, 1, 2, 3]):
+        s = score_case(pred, gt, classes=classes, surface_distances=False)
+        by_id = {c.class_id: c for c in s.classes}
+        assert (by_id[2].label, by_id[2].dice) == (8, 0.0)
+        assert (by_id[1].label, by_id[3].label) == (None, None)
+        means.add(round(s.mean_dice, 12))
+    assert means == {round(2 * 143 / (215 + 144) / 4, 12)}  # class 0: 143 of 144 voxels
+    # two empty classes, one label left over: the smaller id takes it
+    s = score_case(pred, gt, classes=[7, 0, 2], surface_distances=False)
+    assert [(c.class_id, c.label, c.dice) for c in s.classes[::2]] == [(7, None, 1.0), (2, 8, 0.0)]
 
 
 def test_skip_surface_distances_and_json():
