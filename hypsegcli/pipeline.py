@@ -157,6 +157,33 @@ def _check_no_stale_cases(
         )
 
 
+def _check_same_dataset(folder: Path, settings: dict[str, Any]) -> None:
+    """Refuse to synthesise into ``folder`` where its ``dataset.json`` records another seed,
+    size, variant or format: the same case names would silently become another dataset."""
+    path = folder / "dataset.json"
+    if not path.is_file():
+        return
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        meta = None
+    if not isinstance(meta, dict) or not all(key in meta for key in settings):
+        raise BadInputError(
+            f"{path}: not a dataset.json of hypseg synth; synthesise into a new or empty folder"
+        )
+    differ = [
+        f"{key} {meta[key]!r} (this run: {value!r})"
+        for key, value in settings.items()
+        if meta[key] != value
+    ]
+    if differ:
+        raise BadInputError(
+            f"{path}: records another dataset ({', '.join(differ)}); its volumes would be "
+            "replaced by different ones under the same names; synthesise into a new or empty "
+            "folder"
+        )
+
+
 def synth(
     out: Path,
     *,
@@ -202,6 +229,9 @@ def synth(
     geometry = VolumeGeometry.default((size, size, size), format=fmt)  # type: ignore[arg-type]
     suffix = geometry.suffix
     _check_no_stale_cases(out, folders, suffix, sorted({c.level for c in generator.CLASSES}))
+    settings = {"seed": seed, "size": [size, size, size], "irregular": irregular, "format": fmt}
+    for folder in dict.fromkeys([out, *(folder for folder, _ in folders)]):
+        _check_same_dataset(folder, settings)
     for folder, _ in folders:  # made and probed for writing before the first volume
         check_output_folder(folder, what="synth")
     description = generator.dataset_description()
@@ -229,10 +259,7 @@ def synth(
             ],
             # the program, and the generator's parameters (intensities, PSF, noise, ...)
             "generator": {"program": f"hypseg {__version__} synth", **description["generator"]},
-            "seed": seed,
-            "size": [size, size, size],
-            "irregular": irregular,
-            "format": fmt,
+            **settings,
             "cases": [f"case_{i:03d}" for i in indices],
         }
         write_text_atomic(folder / "dataset.json", json.dumps(meta, indent=2) + "\n")

@@ -1183,3 +1183,22 @@ def test_train_errors_name_options_not_fields(tmp_path, capsys):
     assert code == 2
     assert "every side should be >= 5 (the smallest anchor, --r-min) and the longest >= 8" in err
     assert "l_min" not in err
+
+
+def test_synth_refuses_a_folder_of_another_seed_size_or_variant(tmp_path, capsys):
+    """Review: a second synth with another --seed into the same folder silently replaced
+    the dataset (the stale-case check compared names only)."""
+    argv = ["--quiet", "synth", tmp_path / "d", "--size", "16", "--n", "2"]
+    assert run([*argv, "--seed", "1"], capsys)[0] == 0
+    first = _md5(tmp_path / "d" / "images" / "case_000.nii.gz")
+    for other in (["--seed", "2"], ["--seed", "1", "--irregular"]):
+        code, out, err = run([*argv, *other], capsys)
+        line = _one_error(code, out, err, str(tmp_path / "d" / "dataset.json"))
+        assert "records another dataset" in line
+    code, out, err = run([*argv, "--seed", "1", "--size", "18"], capsys)
+    _one_error(code, out, err, "size [16, 16, 16] (this run: [18, 18, 18])")
+    assert _md5(tmp_path / "d" / "images" / "case_000.nii.gz") == first
+    assert run([*argv, "--seed", "1"], capsys)[0] == 0  # the same command again is fine
+    (tmp_path / "d" / "dataset.json").write_text("{}")
+    code, out, err = run([*argv, "--seed", "1"], capsys)
+    _one_error(code, out, err, "not a dataset.json of hypseg synth")
