@@ -463,9 +463,9 @@ def synth(
     """Generate hierarchical synthetic volumes with 3-level ground truth.
 
     Writes OUT/images/<case>, OUT/labels/<case>_L1, _L2, _L3 and OUT/dataset.json
-    (with --split: OUT/train/..., OUT/val/..., OUT/test/...). A folder holding another
-    dataset (other cases, seed, size, variant or format) is refused; the same command
-    again rewrites the same files.
+    (with --split: OUT/train/..., OUT/val/..., OUT/test/...). A folder
+    holding another dataset (other cases, seed, size, variant or format) is
+    refused; the same command again rewrites the same files.
     """
     from . import pipeline
 
