@@ -103,6 +103,8 @@ def test_dataset_description_is_json_and_matches_classes():
     }
     assert got == {(c.level, c.id): (c.name, c.parent) for c in CLASSES}
     assert back["description"]
+    shapes = back["generator"]["shapes"]  # README: dataset.json holds the generator's parameters
+    assert shapes["organelle_a"]["count"] and shapes["vesicles"]["radius"]
     assert synth.__doc__ and "irregular" in synth.__doc__
 
 
