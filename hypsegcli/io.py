@@ -501,6 +501,23 @@ def _read_nifti(path: Path, *, native: bool = False) -> tuple[np.ndarray, Volume
             "the affine's" if usable else "1 per voxel",
         )
         zooms = fixed
+    else:
+        # the sform (which places the voxels when its code is set) may give other voxel
+        # sizes than pixdim; distances (evaluate) follow the affine, so the spacing does too
+        columns = np.linalg.norm(affine[:3, :3], axis=0) if np.isfinite(affine).all() else None
+        if (
+            columns is not None
+            and all(math.isfinite(c) and c > 0 for c in columns)
+            and not np.allclose(columns, zooms, rtol=1e-3, atol=0.0)
+        ):
+            log.warning(
+                "%s: voxel size (pixdim) %s differs from the sform's %s; using the sform's, "
+                "which places the voxels",
+                path,
+                "x".join(f"{z:g}" for z in zooms),
+                "x".join(f"{c:.6g}" for c in columns),
+            )
+            zooms = tuple(float(c) for c in columns)
     unit = img.header.get_xyzt_units()[0] or "unknown"
     unit = {"mm": "mm", "micron": "µm", "meter": "m"}.get(unit, unit)
     geometry = VolumeGeometry(

@@ -947,6 +947,8 @@ def _warn_mixed_spacing(volumes: list[Any]) -> None:
     covers a different physical size in each."""
     units = sorted({v.unit for v in volumes if v.unit not in (None, "unknown")})
     spacings = np.array([v.spacing for v in volumes if v.spacing is not None], dtype=np.float64)
+    # the unit of the range: "mm", or "mm/unknown" where some volumes have none
+    named = sorted({v.unit or "unknown" for v in volumes if v.spacing is not None})
     if len(units) > 1:
         log.warning(
             "the training volumes have voxel sizes in different units (%s): patches are in "
@@ -958,7 +960,7 @@ def _warn_mixed_spacing(volumes: list[Any]) -> None:
             "the training volumes' voxel sizes range over %s: patches are in voxels, so a "
             "patch covers another physical size in each (resample them to one voxel size "
             "to learn one scale)",
-            _spacing_text(spacings, units[0] if units else ""),
+            _spacing_text(spacings, "/".join(named) if units else ""),
         )
 
 
@@ -978,8 +980,9 @@ def _warn_other_scale(model: LoadedModel, volume: Any) -> None:
     arr = np.array([v["spacing"] for v in trained], dtype=np.float64)
     sp = np.asarray(volume.geometry.spacing, dtype=np.float64)
     unit = volume.geometry.unit
+    known = units - {"unknown"}  # (a NIfTI without units is no evidence either way)
     if (
-        (unit in units or "unknown" in units | {unit})  # (a NIfTI without units: no evidence)
+        (unit == "unknown" or not known or unit in known)
         and (sp >= arr.min(0) / SCALE_TOLERANCE).all()
         and (sp <= arr.max(0) * SCALE_TOLERANCE).all()
     ):

@@ -927,6 +927,35 @@ def test_voxel_sizes_far_from_the_training_ones_are_warned_about(tmp_path, capsy
     assert code == 0 and "voxel size" not in err, err
 
 
+def test_a_unit_less_training_volume_does_not_hide_another_unit(tmp_path, capsys):
+    """Review: one training NIfTI without units made every unit pass (a 1 Å tomogram with a
+    model of 1 mm MRI, no warning), and train's range called unit-less sizes mm."""
+    import mrcfile
+    from clitools import TINY_TRAIN
+
+    rng = np.random.default_rng(0)
+    train_dir, tomo = tmp_path / "train", tmp_path / "tomo"
+    train_dir.mkdir()
+    tomo.mkdir()
+    for i, (z, unit) in enumerate([(1.0, "mm"), (3.0, "unknown")]):
+        image = nib.Nifti1Image(rng.random((20, 20, 20)).astype(np.float32), np.diag([1, 1, z, 1]))
+        image.header.set_xyzt_units(unit)
+        nib.save(image, train_dir / f"s{i}.nii.gz")
+    with mrcfile.new(str(tomo / "t.mrc")) as mrc:
+        mrc.set_data(rng.random((20, 20, 20)).astype(np.float32))
+        mrc.voxel_size = 1.0
+    model = tmp_path / "m.pt"
+    code, _, err = run(["-q", "train", train_dir, "-o", model, "--steps", "1", *TINY_TRAIN], capsys)
+    assert code == 0, err
+    assert "voxel sizes range over 1x1x1 to 1x1x3 mm/unknown: patches" in err
+    base = ["-q", "cluster", "-m", model, "--k", "2", "--features", "embedding"]
+    code, _, err = run([*base, tomo, "-o", tmp_path / "seg"], capsys)
+    assert code == 0, err
+    assert f"t.mrc: voxel size 1x1x1 Å, but {model} was trained on 1x1x1 to 1x1x3 mm/unknown" in err
+    code, _, err = run([*base, train_dir, "-o", tmp_path / "seg2"], capsys)
+    assert code == 0 and "voxel size" not in err, err
+
+
 def test_embed_dry_run_notes_describe_embedding_only(trained, tmp_path, capsys):
     from hypsegcli.batch import EMBED_PLAN_NOTES, PLAN_NOTES
 

@@ -709,3 +709,36 @@ def test_collect_inputs_recursive_skips_hidden_folders(tmp_path):
     warnings = []
     found = io.collect_inputs([tmp_path / "ds"], recursive=True, warn=warnings.append)
     assert [p.name for p in found] == ["sub-01_T1w.nii.gz"] and warnings == []
+
+
+def test_a_nifti_whose_sform_disagrees_with_pixdim_takes_the_sforms_voxel_size(tmp_path, caplog):
+    """Review: an sform-only file whose pixdim is (1, 1, 1) but whose sform scales by
+    (1.1, 0.9, 1.3) was read with spacing (1, 1, 1) (scale warnings, previews, embed's JSON)
+    while evaluate measured with the sform. The sform places the voxels: its column norms
+    are the spacing, with a warning; the header is written back as stored."""
+    data = np.random.default_rng(0).normal(size=(6, 5, 4)).astype(np.float32)
+    angle = 0.3
+    rotation = np.array(
+        [[np.cos(angle), -np.sin(angle), 0.0], [np.sin(angle), np.cos(angle), 0.0], [0, 0, 1]]
+    )
+    sform = np.eye(4)
+    sform[:3, :3] = rotation @ np.diag([1.1, 0.9, 1.3])
+    img = nib.Nifti1Image(data, None)
+    img.set_sform(sform, code=2)
+    img.set_qform(None, code=0)
+    img.header["pixdim"][1:4] = [1.0, 1.0, 1.0]
+    src = tmp_path / "s.nii.gz"
+    nib.save(img, src)
+    with caplog.at_level("WARNING"):
+        vol = io.read_volume(src)
+    assert "s.nii.gz: voxel size (pixdim) 1x1x1 differs from the sform's" in caplog.text
+    np.testing.assert_allclose(vol.geometry.spacing, [1.1, 0.9, 1.3], rtol=1e-6)
+    io.write_labels(tmp_path / "o.nii.gz", (data > 0).astype(np.uint8), vol.geometry)
+    out = nib.load(tmp_path / "o.nii.gz")
+    np.testing.assert_array_equal(out.header["pixdim"], nib.load(src).header["pixdim"])
+    np.testing.assert_array_equal(out.affine, nib.load(src).affine)
+    nib.save(nib.Nifti1Image(data, np.diag([1.1, 0.9, 1.3, 1.0])), tmp_path / "c.nii.gz")
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # a consistent file: no warning
+        spacing = io.read_volume(tmp_path / "c.nii.gz").geometry.spacing
+    assert spacing == pytest.approx((1.1, 0.9, 1.3)) and "differs" not in caplog.text
