@@ -234,6 +234,21 @@ def _tree(root: Path) -> list[Path]:
     return entries
 
 
+def _missing(path: Path, what: str) -> str:
+    """The error line for a ``path`` that does not exist: a dangling link is named as one
+    (a DataLad or git-annex file not fetched yet is a link to a missing object)."""
+    if path.is_symlink():
+        try:
+            target = os.readlink(path)
+        except OSError:  # pragma: no cover - removed meanwhile
+            target = "?"
+        return (
+            f"{path}: a link to a missing file ({target}); an annexed file not fetched yet? "
+            "(datalad get / git annex get)"
+        )
+    return f"{path}: {what}"
+
+
 def collect_inputs(
     inputs: Iterable[str | os.PathLike[str]],
     *,
@@ -289,7 +304,7 @@ def collect_inputs(
                 )
             found.extend(volumes)
         else:
-            raise BadInputError(f"{text}: no such file or folder")
+            raise BadInputError(_missing(path, "no such file or folder"))
     seen: set[Path] = set()
     unique = []
     for path in found:
@@ -343,7 +358,7 @@ def read_volume(
     """
     path = Path(path)
     if not path.exists():
-        raise BadInputError(f"{path}: no such file")
+        raise BadInputError(_missing(path, "no such file"))
     fmt = _format_of(path)
     reader = _read_nifti if fmt == "nifti" else _read_mrc
     data, geometry = reader(path, native=native)

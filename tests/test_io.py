@@ -742,3 +742,15 @@ def test_a_nifti_whose_sform_disagrees_with_pixdim_takes_the_sforms_voxel_size(t
     with caplog.at_level("WARNING"):  # a consistent file: no warning
         spacing = io.read_volume(tmp_path / "c.nii.gz").geometry.spacing
     assert spacing == pytest.approx((1.1, 0.9, 1.3)) and "differs" not in caplog.text
+
+
+def test_a_dangling_link_is_named_as_one(tmp_path):
+    """A DataLad/git-annex file not fetched yet is a link to a missing object: 'no such
+    file' on a name the user can see in `ls` was puzzling (review)."""
+    link = tmp_path / "sub-01_T1w.nii.gz"
+    link.symlink_to(".git/annex/objects/XX/yy/MD5E-s1--0.nii.gz")
+    for call in (lambda: io.collect_inputs([link]), lambda: io.read_volume(link)):
+        with pytest.raises(BadInputError, match="a link to a missing file") as info:
+            call()
+        assert str(link) in str(info.value) and "datalad get" in str(info.value)
+    assert io.collect_inputs([tmp_path]) == [link]  # listed: its read fails, naming it
