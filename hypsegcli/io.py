@@ -623,6 +623,11 @@ def _read_mrc(path: Path, *, native: bool = False) -> tuple[np.ndarray, VolumeGe
                     for raw_label in header.label[: max(0, min(int(header.nlabl), 10))]
                     if (text := _printable_label(bytes(raw_label)))
                 )
+                # the extended header (FEI, SerialEM, IMOD... metadata) and its type, copied
+                # into the outputs as bytes
+                extended = mrc.extended_header
+                extended_bytes = extended.tobytes() if extended is not None else b""
+                exttyp = bytes(header.exttyp)
                 expected = int(header.nx) * int(header.ny) * int(header.nz)
                 if raw.size < expected:
                     raise BadInputError(f"{path}: truncated MRC ({raw.size} of {expected} voxels)")
@@ -684,6 +689,8 @@ def _read_mrc(path: Path, *, native: bool = False) -> tuple[np.ndarray, VolumeGe
         )
     if 1 < space_group <= 230:
         crystal["space_group"] = space_group
+    if extended_bytes:  # (absent when empty, so that plain volumes' records stay the same)
+        crystal["extended_header"] = (exttyp, extended_bytes)
     known = [s > 0 for s in spacing]
     if any(known) and not all(known):
         # Å along some axes and voxels along others would mix in every distance
@@ -1044,6 +1051,10 @@ def _write_mrc(path: Path, data: np.ndarray, geometry: VolumeGeometry, intent: s
             cellb.alpha, cellb.beta, cellb.gamma = (float(a) for a in header["cell_angles"])
         if "space_group" in header:
             mrc.header.ispg = int(header["space_group"])
+        if "extended_header" in header:
+            exttyp, extended_bytes = header["extended_header"]
+            mrc.set_extended_header(np.frombuffer(extended_bytes, dtype="V1"))
+            mrc.header.exttyp = exttyp
         mrc.header.label[:] = b""
         mrc.header.nlabl = 0
         for text in labels:
@@ -1079,6 +1090,9 @@ def geometry_sha256(geometry: VolumeGeometry) -> str:
             digest.update(raw.getvalue())
     elif isinstance(header, dict):
         digest.update(json.dumps([str(t) for t in header.get("labels", ())]).encode())
+        if "extended_header" in header:  # (none: the digest of earlier versions)
+            exttyp, extended_bytes = header["extended_header"]
+            digest.update(b"extended header" + bytes(exttyp) + bytes(extended_bytes))
     return digest.hexdigest()
 
 

@@ -754,3 +754,28 @@ def test_a_dangling_link_is_named_as_one(tmp_path):
             call()
         assert str(link) in str(info.value) and "datalad get" in str(info.value)
     assert io.collect_inputs([tmp_path]) == [link]  # listed: its read fails, naming it
+
+
+def test_an_mrc_extended_header_is_copied_into_the_outputs(tmp_path):
+    """Review: the extended header (FEI, SerialEM, IMOD metadata) and its type were dropped
+    from the outputs (1 024 bytes -> 0). A volume without one hashes as before."""
+    src = tmp_path / "t.mrc"
+    data = np.random.default_rng(1).random((6, 5, 4)).astype(np.float32)
+    with mrcfile.new(str(src)) as mrc:
+        mrc.set_data(data)
+        mrc.voxel_size = 2.0
+    plain = io.geometry_sha256(io.read_volume(src).geometry)
+    extended = bytes(range(256)) * 4
+    with mrcfile.open(str(src), mode="r+") as mrc:
+        mrc.set_extended_header(np.frombuffer(extended, dtype="V1"))
+        mrc.header.exttyp = b"SERI"
+    vol = io.read_volume(src)
+    assert io.geometry_sha256(vol.geometry) != plain
+    io.write_labels(tmp_path / "o.mrc", (vol.data > 0.5).astype(np.int64), vol.geometry)
+    with mrcfile.open(str(tmp_path / "o.mrc")) as out:
+        assert bytes(out.header.exttyp) == b"SERI" and int(out.header.nsymbt) == 1024
+        assert out.extended_header.tobytes() == extended
+    assert mrcfile.validate(str(tmp_path / "o.mrc"), print_file=io_module.StringIO())
+    with mrcfile.open(str(src), mode="r+") as mrc:  # removed again: the old digest
+        mrc.set_extended_header(np.zeros(0, dtype="V1"))
+    assert io.geometry_sha256(io.read_volume(src).geometry) == plain
