@@ -130,6 +130,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.brain and args.big_shape is None:
         args.big_shape = BRAIN_SHAPE
+    if args.skip_compare and args.big_shape is None:
+        ap.error("--skip-compare leaves nothing to measure without --brain or --big-shape")
     if args.child:
         child(args)
         return

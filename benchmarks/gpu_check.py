@@ -5,7 +5,7 @@ Run from the repository root on a CUDA machine::
     python benchmarks/gpu_check.py [--workdir DIR]
 
 It prints one line per check (numbers, and FAIL where a check does not hold) and
-exits 1 if any check failed:
+exits 1 if any check failed (2, checking nothing, where no CUDA device is visible):
 
 1. ``hypseg synth`` a few volumes, ``hypseg train --device cuda`` and
    ``--device auto`` (must pick the GPU), ``hypseg embed`` / ``cluster`` /
@@ -65,7 +65,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     args = ap.parse_args()
     if not torch.cuda.is_available():
-        sys.exit("gpu_check: no CUDA device is visible")
+        print("gpu_check: no CUDA device is visible", file=sys.stderr)
+        sys.exit(2)
     print(
         f"torch {torch.__version__}, {torch.cuda.get_device_name(0)}, {os.cpu_count()} CPU cores",
         flush=True,

@@ -36,6 +36,7 @@ import sys
 import torch
 
 from hypsegcli import geometry
+from hypsegcli.errors import BadInputError
 from hypsegcli.modelfile import build_model, load_model_file
 
 
@@ -65,7 +66,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--radius {args.radius} should be in (0, 1)")
     torch.set_num_threads(1)
     for path in args.models:
-        model = build_model(load_model_file(path), path=path)
+        try:
+            model = build_model(load_model_file(path), path=path)
+        except BadInputError as exc:  # a missing or malformed model file: one line, exit 2
+            parser.error(str(exc))
         cfg = model.cfg
         if not cfg.uses_gyroconv:
             print(f"{path}: no gyroplane layer (geometry {cfg.geometry}, gyroconv {cfg.gyroconv})")

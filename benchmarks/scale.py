@@ -3,7 +3,7 @@
 Usage (from the repository root, in the venv)::
 
     python benchmarks/scale.py                        # 64^3, 128^3, 256^3, mri, tomo at stride 1 and 2
-    python benchmarks/scale.py --quick                # 64^3 and 128^3 only (a minute or two)
+    python benchmarks/scale.py --quick                # 64^3 and 128^3 only (3-4 minutes on 2 cores)
     python benchmarks/scale.py --sizes 64,128,mri --strides 2
     python benchmarks/scale.py --sizes 96x80x40 --model model.pt --keep work/
 
@@ -25,9 +25,11 @@ Wall time is the child's; peak memory is its maximum resident set
 the pages of a memory-mapped cache entry it touched. voxels/s counts every
 voxel of the volume (also those interpolated at stride 2).
 
-Writes ``benchmarks/results/scale.md`` (or ``--out``; raw numbers in the
-``.json`` beside it) after every command, so a long run leaves a partial
-table, and prints it at the end: the table, the load
+Writes ``benchmarks/results/scale.md`` (the default cases) or, with
+``--quick`` or ``--sizes``, ``hypseg-scale.md`` in the system's temporary folder,
+so that a partial run does not replace the committed results (or ``--out``; raw
+numbers in the ``.json`` beside it) after every command, so a long run leaves a
+partial table, and prints it at the end: the table, the load
 average before and after each command (the machine may be shared: times are
 noisy) and, per command and stride, the slope of log time against log
 voxels over the cases run (1 = linear).
@@ -232,11 +234,17 @@ def render(results: list[Result], header: dict[str, str]) -> str:
                     f"{'' if s_inner is None else f'{s_inner:.2f}'} | "
                     f"{max(p[1] for p in pts) / max(p[0] for p in pts) * 1e6:.1f} |"
                 )
+    # wall time outside the command's own stages: process start, imports, model loading
+    outside = sorted(
+        r.seconds - sum(r.stages.values()) for r in results if r.returncode == 0 and r.stages
+    )
+    overhead = outside[len(outside) // 2] if outside else float("nan")
     if fits:
         lines += [
             "",
             "Growth: slope of log(time) against log(voxels) (1 = linear), of the wall time "
-            "(process start, ~10 s, pulls it below 1 for small volumes) and of the command's "
+            f"(what is not the command's stages, process start and model loading, median "
+            f"{overhead:.1f} s here, pulls it below 1 for small volumes) and of the command's "
             "own stage (`embed` / `cluster` in the stages column).",
             "",
             "| command | stride | sizes | slope (wall) | slope (stage) | s per Mvoxel (largest) |",
@@ -260,10 +268,23 @@ def main() -> None:
     ap.add_argument(
         "--keep", type=Path, default=None, help="work folder to keep (default: a temp one)"
     )
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "scale.md")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="report (default: benchmarks/results/scale.md for the default cases, else "
+        "hypseg-scale.md in the temporary folder)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
+    if args.out is None:  # the committed results are those of the default cases only
+        partial = args.quick or args.sizes is not None
+        args.out = (
+            Path(tempfile.gettempdir()) / "hypseg-scale.md"
+            if partial
+            else ROOT / "benchmarks" / "results" / "scale.md"
+        )
     cases = parse_sizes(args.sizes or (QUICK_SIZES if args.quick else DEFAULT_SIZES))
     cases.sort(key=lambda c: c.voxels)
     strides = list(dict.fromkeys(int(s) for s in args.strides.split(",") if s.strip()))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -51,8 +52,8 @@ def main() -> None:
     )
     args = parser.parse_args()
     strides = [int(s) for s in args.strides.split(",")]
-    if 1 not in strides:
-        strides.insert(0, 1)
+    # stride 1, the reference, first (whatever the order given), each stride once
+    strides = [1, *dict.fromkeys(s for s in strides if s != 1)]
 
     with tempfile.TemporaryDirectory() as tmp:
         work = args.workdir or Path(tmp)
@@ -81,6 +82,9 @@ def main() -> None:
         rows = []
         for s in strides:
             cache = work / f"cache_s{s}"
+            shutil.rmtree(cache, ignore_errors=True)  # a fresh cache: every voxel embedded
+            seg = work / f"seg_s{s}"
+            shutil.rmtree(seg, ignore_errors=True)
             report = pipeline.embed(
                 [test / "images"],
                 model,
@@ -90,7 +94,6 @@ def main() -> None:
                 device="cpu",
             )
             seconds = sum(v["seconds"] for v in report["volumes"])
-            seg = work / f"seg_s{s}"
             pipeline.cluster(
                 [test / "images"],
                 seg,
@@ -104,8 +107,9 @@ def main() -> None:
             rows.append((s, seconds, dice_by_level(seg, test / "labels")))
 
     voxels = args.n_test * args.size**3
-    ref_seconds, ref_dice = rows[0][1], rows[0][2]
-    print(f"{args.n_test} test volumes of {args.size}^3, model {model}")
+    ref_seconds, ref_dice = rows[0][1], rows[0][2]  # stride 1
+    trained = f"trained here for {args.train_minutes:g} min" if args.model is None else model
+    print(f"{args.n_test} test volumes of {args.size}^3, model {trained}")
     print(
         f"{'stride':>6} {'embed s':>8} {'voxels/s':>10} {'speedup':>8}   "
         + "   ".join(f"Dice L{lvl} (vs s=1)" for lvl in sorted(ref_dice))

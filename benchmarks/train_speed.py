@@ -10,8 +10,9 @@ One training step is what ``hypseg train`` (the paper's full model, its
 default and most expensive configuration) does: draw a batch of triplets
 (anchor, positive, negative patches resampled to m^3), encode all three,
 decode K posterior samples of the anchor, backward, Riemannian Adam step.
-(``--no-triplet`` encodes positive and negative without gradients, so its
-steps are cheaper than the count below.)
+(``hypseg train --no-triplet`` encodes positive and negative without
+gradients, so its steps are cheaper than the count below; this script times
+the full model only.)
 The script times whole steps (triplets/s) and, in separate steps, each phase
 (sampling, forward, backward, optimizer).
 
