@@ -40,7 +40,8 @@ them, so after a change to hypseg itself start with ``--fresh``. Stages:
    with its standard deviation across volumes and, for the full model, across
    training seeds.
 6. ``benchmarks/results/paper_tables.md`` (a run with ``--quick``, ``--split
-   val`` or other sizes than the defaults: ``paper_tables.md`` in the work folder,
+   val``, ``--no-atropos``, ``--no-raw-ablation`` or other sizes, seeds or
+   variants than the defaults: ``paper_tables.md`` in the work folder,
    so that it does not replace the committed report; or ``--output``): the tables
    beside the paper's numbers, the issue's targets met or not, wall time per
    stage, and the exact commands.
@@ -560,7 +561,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="n=40, 1 minute per model, 1 seed")
     parser.add_argument("--fresh", action="store_true", help="delete the work folder first")
     args = parser.parse_args()
-    full_run = not args.quick and args.split == "test"
+    full_run = not args.quick and args.split == "test" and not args.no_atropos and args.raw_ablation
     if args.quick:
         args.n, args.minutes, args.seeds = 40, 1.0, 1
     if args.output is None:  # only the full run replaces the committed report

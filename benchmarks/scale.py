@@ -25,8 +25,9 @@ Wall time is the child's; peak memory is its maximum resident set
 the pages of a memory-mapped cache entry it touched. voxels/s counts every
 voxel of the volume (also those interpolated at stride 2).
 
-Writes ``benchmarks/results/scale.md`` (the default cases) or, with
-``--quick`` or ``--sizes``, ``hypseg-scale.md`` in the system's temporary folder,
+Writes ``benchmarks/results/scale.md`` (the default run) or, with ``--quick``,
+``--sizes``, ``--strides``, ``--model`` or ``--no-preview``, ``hypseg-scale.md``
+in the system's temporary folder,
 so that a partial run does not replace the committed results (or ``--out``; raw
 numbers in the ``.json`` beside it) after every command, so a long run leaves a
 partial table, and prints it at the end: the table, the load
@@ -272,14 +273,20 @@ def main() -> None:
         "--out",
         type=Path,
         default=None,
-        help="report (default: benchmarks/results/scale.md for the default cases, else "
+        help="report (default: benchmarks/results/scale.md for the default run, else "
         "hypseg-scale.md in the temporary folder)",
     )
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
     if args.out is None:  # the committed results are those of the default cases only
-        partial = args.quick or args.sizes is not None
+        partial = (
+            args.quick
+            or args.sizes is not None
+            or args.strides != "1,2"
+            or args.model is not None
+            or args.no_preview
+        )
         args.out = (
             Path(tempfile.gettempdir()) / "hypseg-scale.md"
             if partial

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hypsegcli import pipeline  # noqa: E402
 from hypsegcli.config import ModelConfig, SamplingConfig, TrainConfig  # noqa: E402
+from hypsegcli.errors import BadInputError  # noqa: E402
 
 KS = [2, 4, 8]
 
@@ -55,6 +56,15 @@ def main() -> None:
     # stride 1, the reference, first (whatever the order given), each stride once
     strides = [1, *dict.fromkeys(s for s in strides if s != 1)]
 
+    try:
+        rows, base, model = measure(args, strides)
+    except BadInputError as exc:  # e.g. a reused --workdir synthesised with another --size
+        parser.error(str(exc))
+    report(args, rows, base, model)
+
+
+def measure(args: argparse.Namespace, strides: list[int]) -> tuple[list, dict, Path]:
+    """Train (or take --model), embed at every stride into a fresh cache, cluster, score."""
     with tempfile.TemporaryDirectory() as tmp:
         work = args.workdir or Path(tmp)
         test = work / "test"
@@ -71,6 +81,7 @@ def main() -> None:
                 train_config=TrainConfig(steps=None, max_minutes=args.train_minutes),
                 device="cpu",
                 threads=args.threads,
+                overwrite=True,  # (a reused --workdir: trained again, as the run asks)
             )
             print(f"trained {summary['step']} steps in {summary['elapsed_seconds']:.0f} s")
 
@@ -105,7 +116,10 @@ def main() -> None:
                 device="cpu",
             )
             rows.append((s, seconds, dice_by_level(seg, test / "labels")))
+    return rows, base, model
 
+
+def report(args: argparse.Namespace, rows: list, base: dict, model: Path) -> None:
     voxels = args.n_test * args.size**3
     ref_seconds, ref_dice = rows[0][1], rows[0][2]  # stride 1
     trained = f"trained here for {args.train_minutes:g} min" if args.model is None else model

@@ -22,6 +22,7 @@ run never leaves a half-written file.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import glob
 import hashlib
@@ -33,6 +34,7 @@ import os
 import re
 import secrets
 import stat
+import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -56,8 +58,9 @@ Format = Literal["nifti", "mrc"]
 class VolumeGeometry:
     """Where a volume's voxels lie in space, enough to write outputs alike.
 
-    ``spacing`` is the voxel size along the array axes (x, y, z): mm for NIfTI
-    (from the header's pixdim), Å for MRC. ``affine`` maps voxel indices
+    ``spacing`` is the voxel size along the array axes (x, y, z) in ``unit``: for NIfTI
+    the header's pixdim, or the affine's column lengths where they differ (an sform
+    that scales otherwise) or pixdim is not a positive number; for MRC the voxel size. ``affine`` maps voxel indices
     ``(x, y, z, 1)`` to physical coordinates. ``header`` is the source's
     nibabel header (NIfTI) or a dict of MRC header fields.
     """
@@ -239,6 +242,11 @@ def _missing(path: Path, what: str) -> str:
     (a DataLad or git-annex file not fetched yet is a link to a missing object)."""
     if path.is_symlink():
         try:
+            os.stat(path)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return f"{path}: a link that leads back to itself (a loop of links)"
+        try:
             target = os.readlink(path)
         except OSError:  # pragma: no cover - removed meanwhile
             target = "?"
@@ -297,7 +305,13 @@ def collect_inputs(
             found.append(path)
         elif glob.has_magic(text):
             matches = sorted(Path(p) for p in glob.glob(text, recursive=recursive))
-            volumes = [p for p in matches if p.is_file() and volume_suffix(p)]
+            # (a dangling link, an annexed file not fetched yet, is listed as a folder lists
+            # it: its reading fails, naming it)
+            volumes = [
+                p
+                for p in matches
+                if (p.is_file() or (p.is_symlink() and not p.exists())) and volume_suffix(p)
+            ]
             if not volumes:
                 raise BadInputError(
                     f"{text}: pattern matches no volume ({', '.join(SUPPORTED_SUFFIXES)})"
@@ -628,6 +642,9 @@ def _read_mrc(path: Path, *, native: bool = False) -> tuple[np.ndarray, VolumeGe
                 extended = mrc.extended_header
                 extended_bytes = extended.tobytes() if extended is not None else b""
                 exttyp = bytes(header.exttyp)
+                big_endian = header.mode.dtype.byteorder == ">" or (
+                    header.mode.dtype.byteorder == "=" and sys.byteorder == "big"
+                )
                 expected = int(header.nx) * int(header.ny) * int(header.nz)
                 if raw.size < expected:
                     raise BadInputError(f"{path}: truncated MRC ({raw.size} of {expected} voxels)")
@@ -689,7 +706,17 @@ def _read_mrc(path: Path, *, native: bool = False) -> tuple[np.ndarray, VolumeGe
         )
     if 1 < space_group <= 230:
         crystal["space_group"] = space_group
-    if extended_bytes:  # (absent when empty, so that plain volumes' records stay the same)
+    if extended_bytes and big_endian:
+        # its records hold numbers in the source's byte order, and the outputs are written
+        # little-endian: copied as bytes they would be misread
+        log.warning(
+            "%s: its MRC extended header (%s, %d bytes) is not copied into the outputs: the "
+            "file is big-endian and the outputs are little-endian",
+            path,
+            exttyp.decode("ascii", "replace").strip("\x00 ") or "no type",
+            len(extended_bytes),
+        )
+    elif extended_bytes:  # (absent when empty, so that plain volumes' records stay the same)
         crystal["extended_header"] = (exttyp, extended_bytes)
     known = [s > 0 for s in spacing]
     if any(known) and not all(known):

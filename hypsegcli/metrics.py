@@ -22,13 +22,18 @@ Definitions
   always the full mask sizes).
 * **Matching** (as the paper's evaluation): a one-to-one assignment of labels to
   classes maximising the total Dice, ``scipy.optimize.linear_sum_assignment``
-  on ``-Dice``. With more labels than classes, the labels left over are
+  on ``-Dice``; where several matchings reach the best sum (within
+  ``TIE_TOLERANCE``), the one with the most pairs that share voxels, so that
+  the scores depend neither on the order of ``classes`` nor on the labels'
+  values (tied matchings with as many such pairs give the same mean; which
+  class takes which label among them follows the classes' ids and the labels'
+  values). With more labels than classes, the labels left over are
   reported as ``unmatched_labels``. With more classes than labels, a class left
   over is scored against an *empty* prediction: Dice 0 (a class the
   segmentation missed is a failure, and it counts in the mean). A class empty
   in ``gt`` (possible only when ``classes`` names it) takes a label left over
   by the other classes where there is one (the smallest, empty classes taken in
-  increasing id, so the order of ``classes`` changes nothing), as a false
+  increasing id), as a false
   positive of that class: Dice 0 and HD the diagonal; where none is left, the
   both-empty convention below gives it Dice 1. ``mean_dice`` is the plain mean
   of the per-class Dice over all scored classes, background included.
@@ -333,6 +338,10 @@ def dice_matrix(
     return dice, pl, gl
 
 
+#: Matchings whose summed Dice differ by less than this count as tied (score_case).
+TIE_TOLERANCE = 1e-9
+
+
 def match_labels(dice: np.ndarray) -> list[tuple[int, int]]:
     """One-to-one (row, column) pairs maximising the summed Dice (Hungarian).
 
@@ -478,10 +487,16 @@ def score_case(
     # the assignment is among the classes present in gt; a class that shares no voxel with its
     # matched label is as good as unmatched: which of several disjoint labels the assignment
     # picked for it is arbitrary (its Dice is 0 anyway)
+    # Columns in class-id order (rows are labels, sorted), and among matchings whose summed
+    # Dice ties (within TIE_TOLERANCE) the one with the most overlapping pairs: which best
+    # matching the solver returns then depends neither on the order of ``classes`` nor on
+    # the labels' values, and neither does the number of labels left over (below).
     present = np.flatnonzero(gt_sizes > 0)
+    present = present[np.argsort(gt_labels[present], kind="stable")]
+    sub = dice[:, present]
     row_of = {
         int(present[c]): row
-        for row, c in match_labels(dice[:, present])
+        for row, c in match_labels(sub + TIE_TOLERANCE * (sub > 0))
         if dice[row, present[c]] > 0
     }
     # a class empty in gt (named by ``classes``) takes the smallest label no class took, in

@@ -230,7 +230,7 @@ def synth(
     suffix = geometry.suffix
     _check_no_stale_cases(out, folders, suffix, sorted({c.level for c in generator.CLASSES}))
     settings = {"seed": seed, "size": [size, size, size], "irregular": irregular, "format": fmt}
-    for folder in dict.fromkeys([out, *(folder for folder, _ in folders)]):
+    for folder, _ in folders:  # (with --split, OUT's own dataset.json is not synth's to judge)
         _check_same_dataset(folder, settings)
     for folder, _ in folders:  # made and probed for writing before the first volume
         check_output_folder(folder, what="synth")
@@ -942,13 +942,17 @@ def _spacing_text(spacings: Any, unit: str) -> str:
     return f"{text} (units unknown)" if unit in ("", "unknown") else f"{text} {unit}"
 
 
+def _units_text(units: set[str]) -> str:
+    """ "mm", or "mm/unknown" where some volumes have no unit (known units first)."""
+    return "/".join([*sorted(units - {"unknown"}), *(["unknown"] if "unknown" in units else [])])
+
+
 def _warn_mixed_spacing(volumes: list[Any]) -> None:
     """Warn when training volumes differ in voxel size: patches are in voxels, so one patch
     covers a different physical size in each."""
     units = sorted({v.unit for v in volumes if v.unit not in (None, "unknown")})
     spacings = np.array([v.spacing for v in volumes if v.spacing is not None], dtype=np.float64)
-    # the unit of the range: "mm", or "mm/unknown" where some volumes have none
-    named = sorted({v.unit or "unknown" for v in volumes if v.spacing is not None})
+    named = _units_text({v.unit or "unknown" for v in volumes if v.spacing is not None})
     if len(units) > 1:
         log.warning(
             "the training volumes have voxel sizes in different units (%s): patches are in "
@@ -960,7 +964,7 @@ def _warn_mixed_spacing(volumes: list[Any]) -> None:
             "the training volumes' voxel sizes range over %s: patches are in voxels, so a "
             "patch covers another physical size in each (resample them to one voxel size "
             "to learn one scale)",
-            _spacing_text(spacings, "/".join(named) if units else ""),
+            _spacing_text(spacings, named if units else ""),
         )
 
 
@@ -993,7 +997,7 @@ def _warn_other_scale(model: LoadedModel, volume: Any) -> None:
         volume.path,
         _spacing_text(sp, unit),
         model.path,
-        _spacing_text(arr, "/".join(sorted(units))),
+        _spacing_text(arr, _units_text(units)),
     )
 
 

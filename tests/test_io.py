@@ -754,6 +754,11 @@ def test_a_dangling_link_is_named_as_one(tmp_path):
             call()
         assert str(link) in str(info.value) and "datalad get" in str(info.value)
     assert io.collect_inputs([tmp_path]) == [link]  # listed: its read fails, naming it
+    assert io.collect_inputs([str(tmp_path / "*.nii.gz")]) == [link]  # (a glob dropped it)
+    loop = tmp_path / "loop.nii.gz"
+    loop.symlink_to(loop.name)
+    with pytest.raises(BadInputError, match="loop.nii.gz: a link that leads back to itself"):
+        io.read_volume(loop)
 
 
 def test_an_mrc_extended_header_is_copied_into_the_outputs(tmp_path):
@@ -779,3 +784,19 @@ def test_an_mrc_extended_header_is_copied_into_the_outputs(tmp_path):
     with mrcfile.open(str(src), mode="r+") as mrc:  # removed again: the old digest
         mrc.set_extended_header(np.zeros(0, dtype="V1"))
     assert io.geometry_sha256(io.read_volume(src).geometry) == plain
+
+
+def test_a_big_endian_mrc_extended_header_is_not_copied_byte_for_byte(tmp_path, caplog):
+    """Review: the records of a big-endian file's extended header were copied as bytes into
+    little-endian outputs, where they are misread; they are left out, with a warning."""
+    src = tmp_path / "b.mrc"
+    with mrcfile.new(str(src)) as mrc:
+        mrc.set_data(np.random.default_rng(1).random((6, 5, 4)).astype(">f4"))
+        mrc.set_extended_header(np.frombuffer(bytes(range(256)), dtype="V1"))
+        mrc.header.exttyp = b"SERI"
+    with caplog.at_level("WARNING"):
+        vol = io.read_volume(src)
+    assert "b.mrc: its MRC extended header (SERI, 256 bytes) is not copied" in caplog.text
+    io.write_labels(tmp_path / "o.mrc", (vol.data > 0.5).astype(np.int64), vol.geometry)
+    with mrcfile.open(str(tmp_path / "o.mrc")) as out:
+        assert int(out.header.nsymbt) == 0

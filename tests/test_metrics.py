@@ -202,6 +202,41 @@ def test_absent_class_score_does_not_depend_on_the_order_of_classes():
     assert [(c.class_id, c.label, c.dice) for c in s.classes[::2]] == [(7, None, 1.0), (2, 8, 0.0)]
 
 
+def test_tied_matchings_score_the_same_whatever_the_order_or_the_label_values():
+    """Review: where two matchings reach the same summed Dice, the solver's choice followed
+    the column order (the order of ``classes``) and the labels' values, and the two left a
+    different number of labels over, so an absent class scored 1 or 0."""
+    gt = np.array([2, 3, 0, 3, 0, 2, 1, 1, 0, 1, 1, 1]).reshape(1, 1, -1)
+    pred = np.array([0, 1, 0, 0, 3, 0, 1, 3, 3, 1, 1, 2]).reshape(1, 1, -1)
+    means = {
+        round(score_case(pred, gt, classes=c, surface_distances=False).mean_dice, 12)
+        for c in itertools.permutations([0, 1, 2, 3, 9])
+    }
+    assert len(means) == 1
+    # {10: class 1, 20: class 2} and {10: class 2, 20: class 1} both sum to 0.75; the second
+    # matches two overlapping pairs, so no label is left for the absent class 3 (Dice 1)
+    gt = np.array([1] * 9 + [2]).reshape(1, 1, -1)
+    pred = np.array([10] * 6 + [20] * 3 + [10]).reshape(1, 1, -1)
+    swapped = np.where(pred == 10, 20, 10)
+    for labels in (pred, swapped):
+        s = score_case(labels, gt, classes=[1, 2, 3], surface_distances=False)
+        assert s.mean_dice == pytest.approx((0.5 + 0.25 + 1.0) / 3)
+    # the tie-break never gives up summed Dice: random cases against brute force
+    rng = np.random.default_rng(5)
+    for _ in range(300):
+        gt = rng.integers(0, 3, size=(1, 1, 9))
+        pred = rng.integers(0, 4, size=(1, 1, 9))
+        s = score_case(pred, gt, surface_distances=False)
+        dice = dice_matrix(pred, gt)[0]
+        if dice.shape[0] < dice.shape[1]:
+            dice = dice.T  # (a matching pairs min(labels, classes) of them)
+        best = max(
+            sum(dice[r, c] for c, r in enumerate(perm))
+            for perm in itertools.permutations(range(dice.shape[0]), dice.shape[1])
+        )
+        assert sum(c.dice for c in s.classes) == pytest.approx(best, abs=1e-12)
+
+
 def test_skip_surface_distances_and_json():
     gt = _blobs(np.random.default_rng(2), (8, 8, 8), 3)
     s = score_case(gt, gt, surface_distances=False)

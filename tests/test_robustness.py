@@ -1202,3 +1202,10 @@ def test_synth_refuses_a_folder_of_another_seed_size_or_variant(tmp_path, capsys
     (tmp_path / "d" / "dataset.json").write_text("{}")
     code, out, err = run([*argv, "--seed", "1"], capsys)
     _one_error(code, out, err, "not a dataset.json of hypseg synth")
+    # another tool's dataset.json above the split folders is not synth's to judge (nnU-Net)
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "dataset.json").write_text('{"name": "Task01"}')
+    split = ["--quiet", "synth", tmp_path / "e", "--size", "16", "--n", "2", "--split", "1/1"]
+    assert run(split, capsys)[0] == 0
+    code, out, err = run([*split, "--seed", "3"], capsys)
+    _one_error(code, out, err, str(tmp_path / "e" / "train" / "dataset.json"))
