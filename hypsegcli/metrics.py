@@ -484,13 +484,12 @@ def score_case(
 
     counts, pred_labels, gt_labels = _confusion(pred, gt, None, wanted)
     dice, pred_sizes, gt_sizes = _dice_from_counts(counts)
-    # the assignment is among the classes present in gt; a class that shares no voxel with its
-    # matched label is as good as unmatched: which of several disjoint labels the assignment
-    # picked for it is arbitrary (its Dice is 0 anyway)
-    # Columns in class-id order (rows are labels, sorted), and among matchings whose summed
-    # Dice ties (within TIE_TOLERANCE) the one with the most overlapping pairs: which best
-    # matching the solver returns then depends neither on the order of ``classes`` nor on
-    # the labels' values, and neither does the number of labels left over (below).
+    # The assignment is among the classes present in gt, in class-id order (rows are the
+    # labels, sorted), and among matchings whose summed Dice ties (within TIE_TOLERANCE) it
+    # takes the one with the most overlapping pairs, so that neither the order of
+    # ``classes`` nor the labels' values decide how many labels are left over (below). A
+    # class that shares no voxel with its matched label is as good as unmatched: which of
+    # several disjoint labels the assignment picked for it is arbitrary (its Dice is 0).
     present = np.flatnonzero(gt_sizes > 0)
     present = present[np.argsort(gt_labels[present], kind="stable")]
     sub = dice[:, present]
