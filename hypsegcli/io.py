@@ -517,10 +517,11 @@ def _read_nifti(path: Path, *, native: bool = False) -> tuple[np.ndarray, Volume
     data = np.ascontiguousarray(data.reshape(shape3))
     affine = np.asarray(img.affine, dtype=np.float64)
     zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
+    # the voxel sizes of the affine that places the voxels (the sform where its code is set)
+    columns = np.linalg.norm(affine[:3, :3], axis=0) if np.isfinite(affine).all() else None
+    usable = columns is not None and all(math.isfinite(c) and c > 0 for c in columns)
     if not all(math.isfinite(z) and z > 0 for z in zooms):
         # a NaN, infinite or zero pixdim: the voxel size from the affine where it has one
-        columns = np.linalg.norm(affine[:3, :3], axis=0) if np.isfinite(affine).all() else None
-        usable = columns is not None and all(math.isfinite(c) and c > 0 for c in columns)
         fixed = tuple(float(c) for c in columns) if usable else (1.0, 1.0, 1.0)  # type: ignore[union-attr]
         log.warning(
             "%s: voxel size (pixdim) %s is not a positive number; using %s (%s)",
@@ -530,23 +531,17 @@ def _read_nifti(path: Path, *, native: bool = False) -> tuple[np.ndarray, Volume
             "the affine's" if usable else "1 per voxel",
         )
         zooms = fixed
-    else:
-        # the sform (which places the voxels when its code is set) may give other voxel
-        # sizes than pixdim; distances (evaluate) follow the affine, so the spacing does too
-        columns = np.linalg.norm(affine[:3, :3], axis=0) if np.isfinite(affine).all() else None
-        if (
-            columns is not None
-            and all(math.isfinite(c) and c > 0 for c in columns)
-            and not np.allclose(columns, zooms, rtol=1e-3, atol=0.0)
-        ):
-            log.warning(
-                "%s: voxel size (pixdim) %s differs from the sform's %s; using the sform's, "
-                "which places the voxels",
-                path,
-                "x".join(f"{z:g}" for z in zooms),
-                "x".join(f"{c:.6g}" for c in columns),
-            )
-            zooms = tuple(float(c) for c in columns)
+    elif usable and not np.allclose(columns, zooms, rtol=1e-3, atol=0.0):  # type: ignore[arg-type]
+        # an sform that scales otherwise than pixdim: distances (evaluate) follow the
+        # affine, so the spacing does too
+        log.warning(
+            "%s: voxel size (pixdim) %s differs from the sform's %s; using the sform's, "
+            "which places the voxels",
+            path,
+            "x".join(f"{z:g}" for z in zooms),
+            "x".join(f"{c:.6g}" for c in columns),  # type: ignore[union-attr]
+        )
+        zooms = tuple(float(c) for c in columns)  # type: ignore[union-attr]
     unit = img.header.get_xyzt_units()[0] or "unknown"
     unit = {"mm": "mm", "micron": "µm", "meter": "m"}.get(unit, unit)
     geometry = VolumeGeometry(
