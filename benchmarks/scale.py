@@ -280,12 +280,9 @@ def main() -> None:
     args = ap.parse_args()
 
     if args.out is None:  # the committed results are those of the default cases only
-        partial = (
-            args.quick
-            or args.sizes is not None
-            or args.strides != "1,2"
-            or args.model is not None
-            or args.no_preview
+        partial = any(
+            getattr(args, key) != ap.get_default(key)
+            for key in ("quick", "sizes", "strides", "model", "no_preview")
         )
         args.out = (
             Path(tempfile.gettempdir()) / "hypseg-scale.md"

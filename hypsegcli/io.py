@@ -61,8 +61,8 @@ class VolumeGeometry:
     ``spacing`` is the voxel size along the array axes (x, y, z) in ``unit``: for
     NIfTI the header's pixdim, or the affine's column lengths where they differ (an
     sform that scales otherwise) or pixdim is not a positive number; for MRC the voxel
-    size. ``affine`` maps voxel indices ``(x, y, z, 1)`` to physical coordinates. ``header`` is the source's
-    nibabel header (NIfTI) or a dict of MRC header fields.
+    size. ``affine`` maps voxel indices ``(x, y, z, 1)`` to physical coordinates.
+    ``header`` is the source's nibabel header (NIfTI) or a dict of MRC header fields.
     """
 
     format: Format

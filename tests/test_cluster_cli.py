@@ -892,27 +892,38 @@ def test_a_preview_of_replaced_labels_is_not_taken_as_current(trained, tmp_path,
     assert png.read_bytes() == (fresh / "case_000_k2.png").read_bytes() != first
 
 
-def test_voxel_sizes_far_from_the_training_ones_are_warned_about(tmp_path, capsys):
-    """Patches are in voxels: training on mixed voxel sizes, or segmenting a 13.7 Å tomogram
-    with a model of 1 mm MRI, learns or applies another physical scale (review)."""
+def _train_on_voxel_sizes(tmp_path, capsys, training, tomo_voxel):
+    """Train a tiny model on 20^3 NIfTI volumes of voxel size 1x1xz in ``unit`` (one per
+    ``(z, unit)`` of ``training``) and write a 20^3 MRC tomogram of voxel size
+    ``tomo_voxel`` Å; returns (training folder, tomogram folder, model, train's stderr)."""
     import mrcfile
-    import torch
     from clitools import TINY_TRAIN
 
     rng = np.random.default_rng(0)
     train_dir, tomo = tmp_path / "train", tmp_path / "tomo"
     train_dir.mkdir()
     tomo.mkdir()
-    for i, z in enumerate([1.0, 1.0, 3.0]):
+    for i, (z, unit) in enumerate(training):
         image = nib.Nifti1Image(rng.random((20, 20, 20)).astype(np.float32), np.diag([1, 1, z, 1]))
-        image.header.set_xyzt_units("mm")
+        image.header.set_xyzt_units(unit)
         nib.save(image, train_dir / f"s{i}.nii.gz")
     with mrcfile.new(str(tomo / "t.mrc")) as mrc:
         mrc.set_data(rng.random((20, 20, 20)).astype(np.float32))
-        mrc.voxel_size = 13.7
+        mrc.voxel_size = tomo_voxel
     model = tmp_path / "m.pt"
     code, _, err = run(["-q", "train", train_dir, "-o", model, "--steps", "1", *TINY_TRAIN], capsys)
     assert code == 0, err
+    return train_dir, tomo, model, err
+
+
+def test_voxel_sizes_far_from_the_training_ones_are_warned_about(tmp_path, capsys):
+    """Patches are in voxels: training on mixed voxel sizes, or segmenting a 13.7 Å tomogram
+    with a model of 1 mm MRI, learns or applies another physical scale (review)."""
+    import torch
+
+    train_dir, tomo, model, err = _train_on_voxel_sizes(
+        tmp_path, capsys, [(1.0, "mm"), (1.0, "mm"), (3.0, "mm")], 13.7
+    )
     assert "voxel sizes range over 1x1x1 to 1x1x3 mm: patches are in voxels" in err
     volumes = torch.load(model, weights_only=False)["training_volumes"]
     assert [v["spacing"] for v in volumes] == [[1.0, 1.0, 1.0]] * 2 + [[1.0, 1.0, 3.0]]
@@ -930,23 +941,9 @@ def test_voxel_sizes_far_from_the_training_ones_are_warned_about(tmp_path, capsy
 def test_a_unit_less_training_volume_does_not_hide_another_unit(tmp_path, capsys):
     """Review: one training NIfTI without units made every unit pass (a 1 Å tomogram with a
     model of 1 mm MRI, no warning), and train's range called unit-less sizes mm."""
-    import mrcfile
-    from clitools import TINY_TRAIN
-
-    rng = np.random.default_rng(0)
-    train_dir, tomo = tmp_path / "train", tmp_path / "tomo"
-    train_dir.mkdir()
-    tomo.mkdir()
-    for i, (z, unit) in enumerate([(1.0, "mm"), (3.0, "unknown")]):
-        image = nib.Nifti1Image(rng.random((20, 20, 20)).astype(np.float32), np.diag([1, 1, z, 1]))
-        image.header.set_xyzt_units(unit)
-        nib.save(image, train_dir / f"s{i}.nii.gz")
-    with mrcfile.new(str(tomo / "t.mrc")) as mrc:
-        mrc.set_data(rng.random((20, 20, 20)).astype(np.float32))
-        mrc.voxel_size = 1.0
-    model = tmp_path / "m.pt"
-    code, _, err = run(["-q", "train", train_dir, "-o", model, "--steps", "1", *TINY_TRAIN], capsys)
-    assert code == 0, err
+    train_dir, tomo, model, err = _train_on_voxel_sizes(
+        tmp_path, capsys, [(1.0, "mm"), (3.0, "unknown")], 1.0
+    )
     assert "voxel sizes range over 1x1x1 to 1x1x3 mm/unknown: patches" in err
     base = ["-q", "cluster", "-m", model, "--k", "2", "--features", "embedding"]
     code, _, err = run([*base, tomo, "-o", tmp_path / "seg"], capsys)
