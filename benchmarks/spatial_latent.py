@@ -1,0 +1,359 @@
+"""A spatial latent, measured: several ball points per patch, convolved by the gyroplane layer.
+
+Usage (from the repository root, in the venv)::
+
+    python benchmarks/spatial_latent.py --data ./data       # a synth folder with a val split
+    python benchmarks/spatial_latent.py --quick              # tiny data, a few minutes
+
+The tool's model (:class:`hypsegcli.model.HypVAE`) encodes a patch to ONE ball
+point, so its gyroplane layer (Eq. 7) sees a 1x1x1 grid: every output
+position sees the point through another kernel offset, and near the origin,
+where the points lie, that is close to a linear layer on log_0(z), the
+hyperbolic base's first decoder layer (``benchmarks/gyroplane_linearity.py``:
+median R^2 0.994). METHOD.md points at the other reading: a latent that is a
+grid of ball points, which the gyroplane layer convolves spatially. This script
+measures that reading as a prototype, outside the tool: it is not a
+``hypseg train`` option.
+
+Prototype (:class:`SpatialVAE`): the encoder head keeps a G^3 grid of latents
+per m^3 patch (G = 2 for the default trunk, whose output side is 2: the head's
+kernel is S - G + 1 = 1, so each grid point sees a 9^3 sub-window); the
+posterior, KL and prior are per grid point (KL summed over the grid, or
+averaged with ``--kl mean``, so that a patch pays what one point pays); the
+decoder's first layer maps the grid to the trunk side S with a 3x3x3 kernel,
+padding 1: :class:`~hypsegcli.layers.GyroplaneConv3d` (``--gyroconv``) or a
+``Conv3d`` on log_0(z) (hyperbolic base) or on z (Euclidean). A patch's
+embedding, used by the triplet loss, the texture head (``train``'s default
+``--texture-weight``) and ``hypseg embed`` / ``cluster``, is the mean of its
+G^3 points in the tangent space at the origin (their plain mean for
+Euclidean; the texture head gets the tangent mean of the sampled grid). The
+prototype runs the unchanged CLI with the model class swapped (``--cli``);
+the embedding falls back to one patch per voxel, so every row here, the
+tool's own models included, is clustered with ``--stride 2`` for the same
+protocol.
+
+Rows: Table 2's rows with the spatial latent, and the tool's hyperbolic base
+and full model as references, each trained for ``--minutes`` per seed,
+clustered at k = 2, 4, 8 on the validation split with all spatial steps and
+without them (``--smooth 0 --snap 0 --mrf 0 --nest 0``), scored with
+``hypseg evaluate`` (mean Hungarian-matched Dice). Nothing is written into
+the repository; results go to ``--workdir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the CLI does
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
+from torch.nn import functional as F  # noqa: E402
+
+from hypsegcli import geometry  # noqa: E402
+from hypsegcli import model as model_module  # noqa: E402
+from hypsegcli.layers import GyroplaneConv3d  # noqa: E402
+
+#: Grid side of the latent per patch, and the decoder's first kernel.
+GRID = 2
+KERNEL = 3
+KS = (2, 4, 8)
+RAW = ("--smooth", "0", "--snap", "0", "--mrf", "0", "--nest", "0")
+
+#: (name, spatial latent?, ``hypseg train`` switches)
+ROWS = {
+    "spatial euclidean base": (True, ("--geometry", "euclidean", "--no-triplet")),
+    "spatial hyperbolic base": (True, ("--no-gyroconv", "--no-triplet")),
+    "spatial + gyroconv": (True, ("--gyroconv", "--no-triplet")),
+    "spatial + triplet": (True, ("--no-gyroconv", "--triplet")),
+    "spatial + gyroconv & triplet": (True, ("--gyroconv", "--triplet")),
+    "tool: hyperbolic base": (False, ("--no-gyroconv", "--no-triplet")),
+    "tool: full model": (False, ("--gyroconv", "--triplet")),
+}
+
+_Base = model_module.HypVAE
+#: How the grid's KL terms combine (``--kl``; passed to the ``--cli`` subprocesses).
+KL_ENV = "SPATIAL_LATENT_KL"
+
+
+class SpatialVAE(_Base):
+    """:class:`~hypsegcli.model.HypVAE` with a GRID^3 grid of latents per patch (see above)."""
+
+    def __init__(self, cfg) -> None:
+        super().__init__(cfg)
+        S = self.trunk_size
+        if S < GRID or (S - GRID + KERNEL - 1) % 2:
+            raise ValueError(f"trunk side {S} does not fit a {GRID}^3 latent grid")
+        c_last, d = cfg.channels[-1], cfg.latent_dim
+        self.enc_fc = nn.Conv3d(c_last, cfg.hidden, S - GRID + 1)
+        self.enc_mu = nn.Conv3d(cfg.hidden, d, 1)
+        self.enc_scale = nn.Conv3d(cfg.hidden, d, 1)
+        pad = (S - GRID + KERNEL - 1) // 2
+        if cfg.uses_gyroconv:
+            self.dec_first = GyroplaneConv3d(
+                1,
+                c_last,
+                kernel_size=KERNEL,
+                dim=d,
+                padding=pad,
+                c=cfg.curvature,
+                p_init_std=cfg.gyroplane_init,
+            )
+        else:
+            self.dec_first = nn.Conv3d(d, c_last, KERNEL, padding=pad)
+
+    def _grid(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Latent means and scales of every grid point, maps of side X - m + GRID."""
+        return _Base.encode_dense(self, x)
+
+    def _pool(self, mu_g: Tensor, scale_g: Tensor) -> tuple[Tensor, Tensor]:
+        """Per m^3 window: the tangent mean at the origin of its GRID^3 points."""
+        if self.cfg.hyperbolic:
+            c = self.cfg.curvature
+            v = geometry.logmap0(mu_g.movedim(1, -1), c=c).movedim(-1, 1)
+            v = F.avg_pool3d(v, GRID, stride=1).movedim(1, -1)
+            mu = geometry.project(geometry.expmap0(v, c=c), c=c).movedim(-1, 1)
+        else:
+            mu = F.avg_pool3d(mu_g, GRID, stride=1)
+        return mu, F.avg_pool3d(scale_g, GRID, stride=1)
+
+    def encode_dense(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self._pool(*self._grid(x))
+
+    def _decode_grid(self, z: Tensor) -> Tensor:
+        """Voxel means of latent grids z (B, G, G, G, d): (B, 1, m, m, m)."""
+        cfg = self.cfg
+        if cfg.uses_gyroconv:
+            h = self.dec_first(z.unsqueeze(1))
+        else:
+            if cfg.hyperbolic:
+                z = geometry.logmap0(z, c=cfg.curvature)
+            h = self.dec_first(z.movedim(-1, 1))
+        return self.decoder(h)
+
+    def loss(self, anchor, positive, negative, *, generator=None) -> dict[str, Tensor]:
+        cfg = self.cfg
+        if cfg.likelihood != "unit":
+            raise ValueError("the prototype has the unit likelihood only")
+        n, d, k = anchor.shape[0], cfg.latent_dim, cfg.mc_samples
+        if cfg.triplet:
+            mu_g, scale_g = self._grid(torch.cat([anchor, positive, negative]))
+            mu_a, mu_p, mu_n = self._pool(mu_g, scale_g)[0].flatten(1).split(n)
+            mu_ga, scale_ga = mu_g[:n], scale_g[:n]
+        else:
+            mu_ga, scale_ga = self._grid(anchor)
+            mu_a = self._pool(mu_ga, scale_ga)[0].flatten(1)
+            with torch.no_grad():
+                mu_p, mu_n = (
+                    self.encode_dense(torch.cat([positive, negative]))[0].flatten(1).split(n)
+                )
+        mu_flat = mu_ga.movedim(1, -1).reshape(-1, d)
+        scale_flat = scale_ga.movedim(1, -1).reshape(-1, d)
+        z, log_q, log_p = self._sample_posterior(mu_flat, scale_flat, k, generator)
+        kl = (log_q - log_p).reshape(k, n, -1)
+        kl = kl.mean(-1) if os.environ.get(KL_ENV) == "mean" else kl.sum(-1)
+        kl = kl.mean().to(anchor.dtype)
+        z = z.to(anchor.dtype).reshape(k * n, GRID, GRID, GRID, d)
+        x_hat = self._decode_grid(z).reshape(k, n, *anchor.shape[1:])
+        sq = (x_hat - anchor.unsqueeze(0)).square().flatten(2).sum(-1)
+        recon = 0.5 * sq.mean() + 0.5 * anchor[0].numel() * model_module._LOG_2PI
+        if cfg.triplet:
+            triplet = self.triplet_loss(mu_a, mu_p, mu_n)
+            total = recon + kl + cfg.beta * triplet
+        else:
+            triplet = self.triplet_loss(mu_a.detach(), mu_p, mu_n)
+            total = recon + kl
+        texture = torch.zeros((), dtype=anchor.dtype, device=anchor.device)
+        if cfg.texture_weight > 0:  # the head sees the grid's tangent mean, as embeddings do
+            zg = z.reshape(k, n, GRID**3, d)
+            v = geometry.logmap0(zg, c=cfg.curvature) if cfg.hyperbolic else zg
+            pred = self.dec_texture(v.mean(-2)).squeeze(-1)
+            texture = 0.5 * (pred - model_module.patch_texture(anchor)).square().mean()
+            total = total + cfg.texture_weight * texture
+        return {"total": total, "recon": recon, "kl": kl, "triplet": triplet, "texture": texture}
+
+
+def run_cli(argv: list[str]) -> None:
+    """The unchanged ``hypseg`` command line with :class:`SpatialVAE` as the model class."""
+    from hypsegcli.cli import main as cli_main
+
+    model_module.HypVAE = SpatialVAE
+    sys.argv = ["hypseg", *argv]
+    cli_main()
+
+
+def hypseg(spatial: bool, *args: str, log: Path) -> str:
+    """Run one hypseg command (prototype or tool); its stdout, stderr to ``log``."""
+    if spatial:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--cli", *args]
+    else:
+        cmd = [sys.executable, "-m", "hypsegcli", *args]
+    with log.open("a") as err:
+        done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True, check=False)
+    if done.returncode != 0:
+        what = " ".join(args[:2])
+        sys.exit(f"spatial_latent: {what} failed (exit {done.returncode}); see {log}")
+    return done.stdout
+
+
+def measure(args: argparse.Namespace, data: Path, work: Path) -> dict:
+    """Train, cluster and score every row x seed; results cached in ``work``."""
+    results: dict = {}
+    for name in args.rows:
+        spatial, switches = ROWS[name]
+        for seed in args.seeds:
+            tag = name.replace(" ", "_").replace(":", "").replace("&", "and")
+            tag = f"{tag}_kl{args.kl}_s{seed}" if spatial else f"{tag}_s{seed}"
+            done = work / f"{tag}.json"
+            if done.exists():
+                results[(name, seed)] = json.loads(done.read_text())
+                print(f"{name}, seed {seed}: measured before ({done})", file=sys.stderr)
+                continue
+            log = work / f"{tag}.log"
+            model = work / f"{tag}.pt"
+            t0 = time.perf_counter()
+            train = json.loads(
+                hypseg(
+                    spatial,
+                    "train",
+                    str(data / "train" / "images"),
+                    "-o",
+                    str(model),
+                    "--max-minutes",
+                    str(args.minutes),
+                    "--seed",
+                    str(seed),
+                    "--overwrite",
+                    "--json",
+                    *switches,
+                    log=log,
+                )
+            )
+            row: dict = {"steps": train["step"], "train_s": time.perf_counter() - t0}
+            for mode, extra in (("all", ()), ("raw", RAW)):
+                seg = work / f"{tag}_{mode}"
+                ks = [a for k in KS for a in ("--k", str(k))]
+                hypseg(
+                    spatial,
+                    "cluster",
+                    str(data / args.split / "images"),
+                    "-m",
+                    str(model),
+                    *ks,
+                    "-o",
+                    str(seg),
+                    "--stride",
+                    "2",
+                    "--cache-dir",
+                    str(work / f"{tag}_cache"),
+                    "--overwrite",
+                    *extra,
+                    log=log,
+                )
+                report = json.loads(
+                    hypseg(
+                        False,
+                        "evaluate",
+                        str(seg),
+                        str(data / args.split / "labels"),
+                        "--no-hausdorff",
+                        "--json",
+                        log=log,
+                    )
+                )
+                row[mode] = [float(s["mean_dice"]) for s in report["summary"]]
+            done.write_text(json.dumps(row))
+            results[(name, seed)] = row
+            print(
+                f"{name}, seed {seed}: {row['steps']} steps, all {fmt(row['all'])}, "
+                f"raw {fmt(row['raw'])}",
+                file=sys.stderr,
+            )
+    return results
+
+
+def fmt(values: list[float]) -> str:
+    return " / ".join(f"{v:.3f}" for v in values)
+
+
+def report(args: argparse.Namespace, results: dict) -> None:
+    print(
+        f"Spatial latent ({GRID}^3 points per patch, KL {args.kl} over the grid, decoder "
+        f"kernel {KERNEL}) against the tool's one-point latent: {args.split} split, "
+        f"{args.minutes:g} min of training per model, seeds "
+        f"{', '.join(map(str, args.seeds))}, --stride 2 for every row. "
+        "Mean Dice L1 / L2 / L3 (mean over seeds; ± std over seeds where there are several)."
+    )
+    print()
+    print("| row | steps | all spatial steps | no spatial step |")
+    print("| --- | --- | --- | --- |")
+    for name in args.rows:
+        rows = [results[(name, s)] for s in args.seeds]
+        cells = []
+        for mode in ("all", "raw"):
+            per_level = list(zip(*(r[mode] for r in rows), strict=True))
+            text = " / ".join(
+                f"{statistics.fmean(v):.3f}"
+                + (f" ± {statistics.stdev(v):.3f}" if len(v) > 1 else "")
+                for v in per_level
+            )
+            cells.append(text)
+        steps = statistics.fmean(r["steps"] for r in rows)
+        print(f"| {name} | {steps:.0f} | {cells[0]} | {cells[1]} |")
+
+
+def main() -> None:
+    if sys.argv[1:2] == ["--cli"]:
+        run_cli(sys.argv[2:])
+        return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, help="a hypseg synth folder with train/ and val/")
+    parser.add_argument("--split", default="val", help="the split clustered and scored")
+    parser.add_argument("--minutes", type=float, default=5.0, help="training per model")
+    parser.add_argument("--seeds", default="0", help="training seeds, e.g. 0,1,2")
+    parser.add_argument(
+        "--rows", default=",".join(ROWS), help=f"comma-separated, of: {', '.join(ROWS)}"
+    )
+    parser.add_argument(
+        "--kl", choices=("sum", "mean"), default="sum", help="the grid's KL terms: sum or mean"
+    )
+    parser.add_argument("--workdir", type=Path, help="results and models (default: temporary)")
+    parser.add_argument(
+        "--quick", action="store_true", help="synthesise 12 volumes of 24^3, 0.2 min training"
+    )
+    args = parser.parse_args()
+    args.seeds = [int(s) for s in args.seeds.split(",")]
+    args.rows = [r.strip() for r in args.rows.split(",")]
+    unknown = [r for r in args.rows if r not in ROWS]
+    if unknown:
+        parser.error(f"unknown row(s): {', '.join(unknown)}")
+    os.environ[KL_ENV] = args.kl
+    if args.quick:
+        args.minutes = min(args.minutes, 0.2)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.workdir or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        data = args.data
+        if data is None:
+            data = work / "data"
+            n, size, split = (12, 24, "8/2/2") if args.quick else (120, 50, "80/20/20")
+            cmd = ["synth", str(data), "--n", str(n), "--size", str(size)]
+            hypseg(False, *cmd, "--seed", "0", "--split", split, log=work / "synth.log")
+        elif not (data / "train" / "images").is_dir() or not (data / args.split).is_dir():
+            parser.error(
+                f"{data}: should hold train/images and {args.split}/ (hypseg synth --split)"
+            )
+        report(args, measure(args, data, work))
+
+
+if __name__ == "__main__":
+    main()
