@@ -37,7 +37,8 @@ and full model as references, each trained for ``--minutes`` per seed,
 clustered at k = 2, 4, 8 on the validation split with all spatial steps and
 without them (``--smooth 0 --snap 0 --mrf 0 --nest 0``), scored with
 ``hypseg evaluate`` (mean Hungarian-matched Dice). Nothing is written into
-the repository; results go to ``--workdir``.
+the repository; results go to ``--workdir``, where a rerun reuses the rows
+finished with the same row, seed, ``--kl``, ``--minutes`` and ``--split``.
 """
 
 from __future__ import annotations
@@ -212,7 +213,8 @@ def measure(args: argparse.Namespace, data: Path, work: Path) -> dict:
         spatial, switches = ROWS[name]
         for seed in args.seeds:
             tag = name.replace(" ", "_").replace(":", "").replace("&", "and")
-            tag = f"{tag}_kl{args.kl}_s{seed}" if spatial else f"{tag}_s{seed}"
+            tag = f"{tag}_kl{args.kl}" if spatial else tag
+            tag = f"{tag}_{args.minutes:g}min_{args.split}_s{seed}"
             done = work / f"{tag}.json"
             if done.exists():
                 results[(name, seed)] = json.loads(done.read_text())
