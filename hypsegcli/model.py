@@ -428,6 +428,24 @@ class HypVAE(nn.Module):
         kl = (log_q - log_p).mean().to(anchor.dtype)
         z = z.to(anchor.dtype)
         x_hat, sigma = self.decode_params(z)  # (K, N, 1, m, m, m)
+        texture_pred = self.decode_texture(z) if cfg.texture_weight > 0 else None
+        return self._objective(anchor, x_hat, sigma, kl, (mu_a, mu_p, mu_n), texture_pred)
+
+    def _objective(
+        self,
+        anchor: Tensor,
+        x_hat: Tensor,
+        sigma: Tensor | None,
+        kl: Tensor,
+        means: tuple[Tensor, Tensor, Tensor],
+        texture_pred: Tensor | None,
+    ) -> dict[str, Tensor]:
+        """:meth:`loss`'s terms from the decoded means ``x_hat`` (K, N, 1, m, m, m) and
+        scales (None: unit variance), the KL, the encoder means of anchor, positive and
+        negative (the anchor's with gradients only when ``cfg.triplet``), and the texture
+        head's prediction (K, N) (None when ``cfg.texture_weight`` is 0)."""
+        cfg = self.cfg
+        mu_a, mu_p, mu_n = means
         n_vox = anchor[0].numel()
         if sigma is None:
             sq = (x_hat - anchor.unsqueeze(0)).square().flatten(2).sum(-1)  # (K, N)
@@ -444,8 +462,8 @@ class HypVAE(nn.Module):
             triplet = self.triplet_loss(mu_a.detach(), mu_p, mu_n)
             total = recon + kl
         texture = torch.zeros((), dtype=anchor.dtype, device=anchor.device)
-        if cfg.texture_weight > 0:
-            texture = 0.5 * (self.decode_texture(z) - patch_texture(anchor)).square().mean()
+        if texture_pred is not None:
+            texture = 0.5 * (texture_pred - patch_texture(anchor)).square().mean()
             total = total + cfg.texture_weight * texture
         return {"total": total, "recon": recon, "kl": kl, "triplet": triplet, "texture": texture}
 
