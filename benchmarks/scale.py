@@ -25,12 +25,12 @@ Wall time is the child's; peak memory is its maximum resident set
 the pages of a memory-mapped cache entry it touched. voxels/s counts every
 voxel of the volume (also those interpolated at stride 2).
 
-Writes ``benchmarks/results/scale.md`` (the default run) or, with ``--quick``,
-``--sizes``, ``--strides``, ``--model`` or ``--no-preview``, ``hypseg-scale.md``
-in the system's temporary folder,
-so that a partial run does not replace the committed results (or ``--out``; raw
-numbers in the ``.json`` beside it) after every command, so a long run leaves a
-partial table, and prints it at the end: the table, the load
+Writes its report after every command, so that a long run leaves a partial
+table, and prints it at the end: to ``benchmarks/results/scale.md`` for the
+default run; with ``--quick``, ``--sizes``, ``--strides``, ``--model`` or
+``--no-preview`` to ``hypseg-scale.md`` in the system's temporary folder, so
+that such a run does not replace the committed results; or to ``--out``. Raw
+numbers go to the ``.json`` beside it. The report holds the table, the load
 average before and after each command (the machine may be shared: times are
 noisy) and, per command and stride, the slope of log time against log
 voxels over the cases run (1 = linear).
