@@ -38,16 +38,13 @@ clustered at k = 2, 4, 8 on the validation split with all spatial steps and
 without them (``--smooth 0 --snap 0 --mrf 0 --nest 0``), scored with
 ``hypseg evaluate`` (mean Hungarian-matched Dice). Nothing is written into
 the repository; results go to ``--workdir``, where a rerun reuses the rows
-finished with the same row, seed, ``--kl``, ``--minutes`` and ``--split``.
+finished with the same commands (row, seed, ``--kl``, ``--minutes``, ``--split``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -55,6 +52,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the CLI does
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import ablation  # noqa: E402  (benchmarks/ablation.py: training, clustering and scoring rows)
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
@@ -66,8 +64,6 @@ from hypsegcli.layers import GyroplaneConv3d  # noqa: E402
 #: Grid side of the latent per patch, and the decoder's first kernel.
 GRID = 2
 KERNEL = 3
-KS = (2, 4, 8)
-RAW = ("--smooth", "0", "--snap", "0", "--mrf", "0", "--nest", "0")
 
 #: (name, spatial latent?, ``hypseg train`` switches)
 ROWS = {
@@ -81,8 +77,9 @@ ROWS = {
 }
 
 _Base = model_module.HypVAE
-#: How the grid's KL terms combine (``--kl``; passed to the ``--cli`` subprocesses).
-KL_ENV = "SPATIAL_LATENT_KL"
+#: How the grid's KL terms combine: "sum" or "mean" (``--kl``; ``--cli`` subprocesses
+#: take it from their command line).
+KL_MODE = "sum"
 
 
 class SpatialVAE(_Base):
@@ -160,7 +157,7 @@ class SpatialVAE(_Base):
         scale_flat = scale_ga.movedim(1, -1).reshape(-1, d)
         z, log_q, log_p = self._sample_posterior(mu_flat, scale_flat, k, generator)
         kl = (log_q - log_p).reshape(k, n, -1)
-        kl = kl.mean(-1) if os.environ.get(KL_ENV) == "mean" else kl.sum(-1)
+        kl = kl.mean(-1) if KL_MODE == "mean" else kl.sum(-1)
         kl = kl.mean().to(anchor.dtype)
         z = z.to(anchor.dtype).reshape(k * n, GRID, GRID, GRID, d)
         x_hat = self._decode_grid(z).reshape(k, n, *anchor.shape[1:])
@@ -173,132 +170,15 @@ class SpatialVAE(_Base):
 
 
 def run_cli(argv: list[str]) -> None:
-    """The unchanged ``hypseg`` command line with :class:`SpatialVAE` as the model class."""
+    """``--cli --kl sum|mean ARGS``: the unchanged ``hypseg`` command line ``ARGS`` with
+    :class:`SpatialVAE` as the model class."""
+    global KL_MODE
     from hypsegcli.cli import main as cli_main
 
+    KL_MODE = argv[1]
     model_module.HypVAE = SpatialVAE
-    sys.argv = ["hypseg", *argv]
+    sys.argv = ["hypseg", *argv[2:]]
     cli_main()
-
-
-def hypseg(spatial: bool, *args: str, log: Path) -> str:
-    """Run one hypseg command (prototype or tool); its stdout, stderr to ``log``."""
-    if spatial:
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--cli", *args]
-    else:
-        cmd = [sys.executable, "-m", "hypsegcli", *args]
-    with log.open("a") as err:
-        done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True, check=False)
-    if done.returncode != 0:
-        what = " ".join(args[:2])
-        sys.exit(f"spatial_latent: {what} failed (exit {done.returncode}); see {log}")
-    return done.stdout
-
-
-def measure(args: argparse.Namespace, data: Path, work: Path) -> dict:
-    """Train, cluster and score every row x seed; results cached in ``work``."""
-    results: dict = {}
-    for name in args.rows:
-        spatial, switches = ROWS[name]
-        for seed in args.seeds:
-            tag = name.replace(" ", "_").replace(":", "").replace("&", "and")
-            tag = f"{tag}_kl{args.kl}" if spatial else tag
-            tag = f"{tag}_{args.minutes:g}min_{args.split}_s{seed}"
-            done = work / f"{tag}.json"
-            if done.exists():
-                results[(name, seed)] = json.loads(done.read_text())
-                print(f"{name}, seed {seed}: measured before ({done})", file=sys.stderr)
-                continue
-            log = work / f"{tag}.log"
-            model = work / f"{tag}.pt"
-            train = json.loads(
-                hypseg(
-                    spatial,
-                    "train",
-                    str(data / "train" / "images"),
-                    "-o",
-                    str(model),
-                    "--max-minutes",
-                    str(args.minutes),
-                    "--seed",
-                    str(seed),
-                    "--overwrite",
-                    "--json",
-                    *switches,
-                    log=log,
-                )
-            )
-            row: dict = {"steps": train["step"]}
-            for mode, extra in (("all", ()), ("raw", RAW)):
-                seg = work / f"{tag}_{mode}"
-                ks = [a for k in KS for a in ("--k", str(k))]
-                hypseg(
-                    spatial,
-                    "cluster",
-                    str(data / args.split / "images"),
-                    "-m",
-                    str(model),
-                    *ks,
-                    "-o",
-                    str(seg),
-                    "--stride",
-                    "2",
-                    "--cache-dir",
-                    str(work / f"{tag}_cache"),
-                    "--overwrite",
-                    *extra,
-                    log=log,
-                )
-                report = json.loads(
-                    hypseg(
-                        False,
-                        "evaluate",
-                        str(seg),
-                        str(data / args.split / "labels"),
-                        "--no-hausdorff",
-                        "--json",
-                        log=log,
-                    )
-                )
-                row[mode] = [float(s["mean_dice"]) for s in report["summary"]]
-            done.write_text(json.dumps(row))
-            results[(name, seed)] = row
-            print(
-                f"{name}, seed {seed}: {row['steps']} steps, all {fmt(row['all'])}, "
-                f"raw {fmt(row['raw'])}",
-                file=sys.stderr,
-            )
-    return results
-
-
-def fmt(values: list[float]) -> str:
-    return " / ".join(f"{v:.3f}" for v in values)
-
-
-def report(args: argparse.Namespace, results: dict) -> None:
-    print(
-        f"Spatial latent ({GRID}^3 points per patch, KL {args.kl} over the grid, decoder "
-        f"kernel {KERNEL}) against the tool's one-point latent: {args.split} split, "
-        f"{args.minutes:g} min of training per model, seeds "
-        f"{', '.join(map(str, args.seeds))}, --stride 2 for every row. "
-        "Mean Dice L1 / L2 / L3 (mean over seeds; ± std over seeds where there are several)."
-    )
-    print()
-    print("| row | steps | all spatial steps | no spatial step |")
-    print("| --- | --- | --- | --- |")
-    for name in args.rows:
-        rows = [results[(name, s)] for s in args.seeds]
-        cells = []
-        for mode in ("all", "raw"):
-            per_level = list(zip(*(r[mode] for r in rows), strict=True))
-            text = " / ".join(
-                f"{statistics.fmean(v):.3f}"
-                + (f" ± {statistics.stdev(v):.3f}" if len(v) > 1 else "")
-                for v in per_level
-            )
-            cells.append(text)
-        steps = statistics.fmean(r["steps"] for r in rows)
-        print(f"| {name} | {steps:.0f} | {cells[0]} | {cells[1]} |")
 
 
 def main() -> None:
@@ -321,14 +201,17 @@ def main() -> None:
         "--quick", action="store_true", help="synthesise 12 volumes of 24^3, 0.2 min training"
     )
     args = parser.parse_args()
-    args.seeds = [int(s) for s in args.seeds.split(",")]
-    args.rows = [r.strip() for r in args.rows.split(",")]
-    unknown = [r for r in args.rows if r not in ROWS]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    names = [r.strip() for r in args.rows.split(",")]
+    unknown = [r for r in names if r not in ROWS]
     if unknown:
         parser.error(f"unknown row(s): {', '.join(unknown)}")
-    os.environ[KL_ENV] = args.kl
     if args.quick:
         args.minutes = min(args.minutes, 0.2)
+    prototype = (sys.executable, str(Path(__file__).resolve()), "--cli", "--kl", args.kl)
+    plan = {
+        name: (prototype if ROWS[name][0] else ablation.HYPSEG, ROWS[name][1]) for name in names
+    }
     with tempfile.TemporaryDirectory() as tmp:
         work = args.workdir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -337,12 +220,32 @@ def main() -> None:
             data = work / "data"
             n, size, split = (12, 24, "8/2/2") if args.quick else (120, 50, "80/20/20")
             cmd = ["synth", str(data), "--n", str(n), "--size", str(size)]
-            hypseg(False, *cmd, "--seed", "0", "--split", split, log=work / "synth.log")
+            cmd += ["--seed", "0", "--split", split]
+            ablation.hypseg(ablation.HYPSEG, *cmd, log=work / "synth.log")
         elif not (data / "train" / "images").is_dir() or not (data / args.split).is_dir():
             parser.error(
                 f"{data}: should hold train/images and {args.split}/ (hypseg synth --split)"
             )
-        report(args, measure(args, data, work))
+        # the prototype embeds one patch per voxel (no fast path): every row every 2nd voxel
+        results = ablation.measure(
+            plan,
+            seeds,
+            data=data,
+            work=work,
+            split=args.split,
+            budget=("--max-minutes", str(args.minutes)),
+            cluster_args=("--stride", "2"),
+            parts=1,
+        )
+    print(
+        f"Spatial latent ({GRID}^3 points per patch, KL {args.kl} over the grid, decoder "
+        f"kernel {KERNEL}) against the tool's one-point latent: {args.split} split, "
+        f"{args.minutes:g} min of training per model, seeds "
+        f"{', '.join(map(str, seeds))}, --stride 2 for every row. "
+        "Mean Dice L1 / L2 / L3 (mean over seeds; ± std over seeds where there are several)."
+    )
+    print()
+    print("\n".join(ablation.table(names, seeds, results)))
 
 
 if __name__ == "__main__":
