@@ -205,7 +205,7 @@ def differences(seeds: list[int], results: dict) -> list[str]:
                 va = [results[(a, s)][mode][lvl] for s in seeds]
                 vb = [results[(b, s)][mode][lvl] for s in seeds]
                 diff = statistics.fmean(va) - statistics.fmean(vb)
-                text = f"{diff:+.3f}"
+                text = f"{diff:+.3f}" if abs(diff) >= 0.001 else f"{diff:+.4f}"
                 if n > 1:
                     sa, sb = statistics.stdev(va), statistics.stdev(vb)
                     need = max(sa, sb, 2 * math.sqrt(sa**2 / n + sb**2 / n))
