@@ -216,6 +216,32 @@ def differences(seeds: list[int], results: dict) -> list[str]:
     return lines
 
 
+def seeds_and_rows(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, known: dict
+) -> tuple[list[int], list[str]]:
+    """``--seeds`` and ``--rows`` as lists; an unknown row is a usage error."""
+    seeds = [int(s) for s in args.seeds.split(",")]
+    names = [r.strip() for r in args.rows.split(",")]
+    unknown = [r for r in names if r not in known]
+    if unknown:
+        parser.error(f"unknown row(s): {', '.join(unknown)}")
+    return seeds, names
+
+
+def data_folder(parser: argparse.ArgumentParser, args: argparse.Namespace, work: Path) -> Path:
+    """``--data``, checked; without it, ``hypseg synth`` data in ``work``: 12 volumes of
+    24^3 with ``--quick``, else the benchmark's 120 of 50^3 (split 80/20/20, seed 0)."""
+    data = args.data
+    if data is None:
+        data = work / "data"
+        n, size, split = (12, 24, "8/2/2") if args.quick else (120, 50, "80/20/20")
+        cmd = ["synth", str(data), "--n", str(n), "--size", str(size)]
+        hypseg(HYPSEG, *cmd, "--seed", "0", "--split", split, log=work / "synth.log")
+    elif not (data / "train" / "images").is_dir() or not (data / args.split).is_dir():
+        parser.error(f"{data}: should hold train/images and {args.split}/ (hypseg synth --split)")
+    return data
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, help="a hypseg synth folder with train/ and --split")
@@ -244,11 +270,7 @@ def main() -> None:
         "--quick", action="store_true", help="synthesise 12 volumes of 24^3, 20 steps per model"
     )
     args = parser.parse_args()
-    seeds = [int(s) for s in args.seeds.split(",")]
-    names = [r.strip() for r in args.rows.split(",")]
-    unknown = [r for r in names if r not in ROWS]
-    if unknown:
-        parser.error(f"unknown row(s): {', '.join(unknown)}")
+    seeds, names = seeds_and_rows(parser, args, ROWS)
     if args.quick:
         args.steps, args.minutes = 20, None
     train_args = tuple(shlex.split(args.train_args))
@@ -259,16 +281,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = args.workdir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        data = args.data
-        if data is None:
-            data = work / "data"
-            n, size, split = (12, 24, "8/2/2") if args.quick else (120, 50, "80/20/20")
-            cmd = ["synth", str(data), "--n", str(n), "--size", str(size)]
-            hypseg(HYPSEG, *cmd, "--seed", "0", "--split", split, log=work / "synth.log")
-        elif not (data / "train" / "images").is_dir() or not (data / args.split).is_dir():
-            parser.error(
-                f"{data}: should hold train/images and {args.split}/ (hypseg synth --split)"
-            )
+        data = data_folder(parser, args, work)
         results = measure(
             plan,
             seeds,

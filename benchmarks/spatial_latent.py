@@ -201,11 +201,7 @@ def main() -> None:
         "--quick", action="store_true", help="synthesise 12 volumes of 24^3, 0.2 min training"
     )
     args = parser.parse_args()
-    seeds = [int(s) for s in args.seeds.split(",")]
-    names = [r.strip() for r in args.rows.split(",")]
-    unknown = [r for r in names if r not in ROWS]
-    if unknown:
-        parser.error(f"unknown row(s): {', '.join(unknown)}")
+    seeds, names = ablation.seeds_and_rows(parser, args, ROWS)
     if args.quick:
         args.minutes = min(args.minutes, 0.2)
     prototype = (sys.executable, str(Path(__file__).resolve()), "--cli", "--kl", args.kl)
@@ -215,17 +211,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = args.workdir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        data = args.data
-        if data is None:
-            data = work / "data"
-            n, size, split = (12, 24, "8/2/2") if args.quick else (120, 50, "80/20/20")
-            cmd = ["synth", str(data), "--n", str(n), "--size", str(size)]
-            cmd += ["--seed", "0", "--split", split]
-            ablation.hypseg(ablation.HYPSEG, *cmd, log=work / "synth.log")
-        elif not (data / "train" / "images").is_dir() or not (data / args.split).is_dir():
-            parser.error(
-                f"{data}: should hold train/images and {args.split}/ (hypseg synth --split)"
-            )
+        data = ablation.data_folder(parser, args, work)
         # the prototype embeds one patch per voxel (no fast path): every row every 2nd voxel
         results = ablation.measure(
             plan,
