@@ -43,20 +43,20 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-KS = (2, 4, 8)
-RAW = ("--smooth", "0", "--snap", "0", "--mrf", "0", "--nest", "0")
-HYPSEG = (sys.executable, "-m", "hypsegcli")
+import paper_tables
 
-#: Table 2's rows: ``hypseg train`` switches
-ROWS = {
-    "Euclidean base": ("--geometry", "euclidean", "--no-triplet"),
-    "Euclidean + triplet": ("--geometry", "euclidean", "--triplet"),
-    "hyperbolic base": ("--no-gyroconv", "--no-triplet"),
-    "+ gyroconv": ("--gyroconv", "--no-triplet"),
-    "+ triplet": ("--no-gyroconv", "--triplet"),
-    "+ gyroconv & triplet": ("--gyroconv", "--triplet"),
+HYPSEG = tuple(paper_tables.HYPSEG)
+#: paper_tables.py's Table 2 rows by the names used here
+NAMES = {
+    "euclid_base": "Euclidean base",
+    "euclid_triplet": "Euclidean + triplet",
+    "hyp_base": "hyperbolic base",
+    "hyp_gyro": "+ gyroconv",
+    "hyp_triplet": "+ triplet",
+    "hyp_full": "+ gyroconv & triplet",
 }
+#: Table 2's rows: their ``hypseg train`` switches, as the benchmark trains them
+ROWS = {NAMES[key]: tuple(flags) for key, _, _, flags in paper_tables.ROWS}
 #: (name, row, its reference): the ablation's comparisons, row minus reference
 COMPARISONS = (
     ("hyperbolic base - Euclidean base", "hyperbolic base", "Euclidean base"),
@@ -121,11 +121,11 @@ def measure(
                 )
             )
             row: dict = {"steps": train["step"], "seconds": train["elapsed_seconds"]}
-            for mode, extra in (("all", ()), ("raw", RAW)):
+            for mode, extra in (("all", ()), ("raw", paper_tables.NO_SPATIAL)):
                 seg = work / f"{tag}_{mode}"
                 argv = [
                     *("cluster", str(data / split / "images"), "-m", str(model)),
-                    *(a for k in KS for a in ("--k", str(k))),
+                    *paper_tables.KS,
                     *("-o", str(seg), "--cache-dir", str(work / f"{tag}_cache"), "--overwrite"),
                     *cluster_args,
                     *extra,
