@@ -540,6 +540,7 @@ N_INIT_DEFAULT = 2
 @app.command()
 @handle_errors
 def train(
+    ctx: typer.Context,
     inputs: Annotated[
         list[Path], typer.Argument(help="Training volumes: files, folders or glob patterns.")
     ],
@@ -804,6 +805,7 @@ def train(
             mask=mask,
             lr_given=lr is not None,
             batch_size_given=batch_size is not None,
+            asked=_settings_given(ctx),
             progress=progress,
         )
     log.info(
@@ -817,6 +819,35 @@ def train(
 
     if as_json and is_main_process():  # under torchrun, one summary: rank 0's
         emit_json(summary)
+
+
+#: train's options that set a model, sampling or train setting: the settings
+#: (configuration keys) each sets, of which a resumed run names those its checkpoint's
+#: differ from
+_SETTING_OPTIONS: dict[str, tuple[str, ...]] = {
+    "arch": ("kernels", "paddings"),
+    "geometry": ("geometry", "gyroconv"),
+    "norm_range": ("norm_low", "norm_high"),
+    **{
+        name: (name,)
+        for name in (
+            "patch_size latent_dim curvature gyroplane_init gyroconv triplet beta margin "
+            "mc_samples likelihood texture_weight scale_sampling r_min r_max negative_gap norm "
+            "seed"
+        ).split()
+    },
+}
+
+
+def _settings_given(ctx: typer.Context) -> frozenset[str]:
+    """The settings the running command's command line (or environment) gave, not its
+    defaults: ``train --resume`` warns only where those differ from the checkpoint's."""
+    given: set[str] = set()
+    for option, keys in _SETTING_OPTIONS.items():
+        source = ctx.get_parameter_source(option)
+        if source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP"):
+            given.update(keys)
+    return frozenset(given)
 
 
 # ----------------------------------------------------------------------------- embed / cluster

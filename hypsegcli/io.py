@@ -1030,8 +1030,12 @@ def _write_nifti(path: Path, data: np.ndarray, geometry: VolumeGeometry, intent:
         # codes, pixdim, quaternion) exactly as the source has them, inactive ones included.
         img = image_class(data, None, header)
     hdr = img.header
-    if src is not None and geometry.stored_pixdim is not None:
-        hdr["pixdim"][:4] = geometry.stored_pixdim  # as the source stores them
+    if src is not None:
+        # a 4D source holding one volume keeps its pixdim[4:] (TR, ...) as stored: nibabel
+        # resets the spacings past the data's dimensions to 1
+        hdr["pixdim"][4:] = src["pixdim"][4:]
+        if geometry.stored_pixdim is not None:
+            hdr["pixdim"][:4] = geometry.stored_pixdim  # as the source stores them
     hdr["scl_slope"] = np.nan
     hdr["scl_inter"] = np.nan
     if intent == "labels":

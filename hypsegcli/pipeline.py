@@ -1016,6 +1016,7 @@ def train(
     mask: Path | None = None,
     lr_given: bool = True,
     batch_size_given: bool = True,
+    asked: frozenset[str] | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Train on the volumes in ``inputs``; write ``output`` and its checkpoint and history.
@@ -1024,7 +1025,9 @@ def train(
     replaced (``overwrite``); with neither, the run is refused before any work.
     ``mask`` (``--mask``, as for :func:`cluster`): anchors centre inside the masks.
     ``lr_given`` False (no ``--lr``): a resumed run keeps the checkpoint's learning rate;
-    ``batch_size_given`` False (no ``--batch-size``): its batch size likewise."""
+    ``batch_size_given`` False (no ``--batch-size``): its batch size likewise.
+    ``asked``: the settings (configuration keys) the command line gave, of which a resumed
+    run names those the checkpoint's differ from (None: every setting)."""
     from . import distributed, training
     from .config import SamplingConfig
 
@@ -1109,6 +1112,7 @@ def train(
             progress=progress,
             job=job,
             starting=remove_earlier_run if overwrite and job.is_main else None,
+            asked=asked,
         )
     return {"volumes": len(volumes), **result.to_dict()}
 

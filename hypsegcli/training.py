@@ -180,16 +180,21 @@ def _resolve_device(name: str):
     return torch.device(name)
 
 
-def _warn_settings_kept(ckpt_path: Path, *pairs: tuple[Any, Any]) -> None:
+def _warn_settings_kept(
+    ckpt_path: Path, *pairs: tuple[Any, Any], asked: frozenset[str] | None = None
+) -> None:
     """A resumed run keeps the checkpoint's model and sampling settings: name those this
-    command line asked otherwise (defaults included, as the command line cannot tell)."""
+    command line asked otherwise. ``asked``: the settings (configuration keys) the command
+    line gave; None: every one (a caller that cannot tell given values from defaults)."""
     differ = []
     for kept, given in pairs:
         old, new = kept.to_dict(), given.to_dict()
         if old.get("geometry") == new.get("geometry") == "euclidean":
             old.pop("gyroconv"), new.pop("gyroconv")  # (read only in hyperbolic space)
         differ += [
-            f"{key} {old[key]!r} (not {new[key]!r})" for key in old if new.get(key) != old[key]
+            f"{key} {old[key]!r} (not {new[key]!r})"
+            for key in old
+            if new.get(key) != old[key] and (asked is None or key in asked)
         ]
     if differ:
         log.warning(
@@ -197,6 +202,28 @@ def _warn_settings_kept(ckpt_path: Path, *pairs: tuple[Any, Any]) -> None:
             ckpt_path,
             ", ".join(differ),
         )
+
+
+def _warn_volumes_differ(kept: Sequence[dict[str, Any]], volumes: Sequence[Any]) -> None:
+    """A resumed run on other volumes or masks than its checkpoint's says which changed:
+    above all a --mask left out of a resubmitted command line, after which anchors
+    centre anywhere."""
+    if [v["sha256"] for v in kept] != [v.sha256 for v in volumes]:
+        log.warning("resuming on training volumes that differ from the checkpoint's")
+    old = [v.get("mask_sha256") for v in kept]
+    new = [v.mask_sha256 for v in volumes]
+    if any(old) and not any(new):
+        log.warning(
+            "the checkpoint was trained with --mask masks and this run has none: from here "
+            "on anchors centre anywhere in the volumes (give the same --mask to keep them)"
+        )
+    elif any(new) and not any(old):
+        log.warning(
+            "the checkpoint was trained without --mask: from here on anchors centre inside "
+            "the masks"
+        )
+    elif old != new:
+        log.warning("resuming with --mask masks that differ from the checkpoint's")
 
 
 def train(
@@ -212,6 +239,7 @@ def train(
     progress: Callable[..., None] | None = None,
     job: distributed.Distributed | None = None,
     starting: Callable[[], None] | None = None,
+    asked: frozenset[str] | None = None,
 ) -> TrainResult:
     """Train the VAE on ``volumes`` and write the model, checkpoint and history.
 
@@ -226,6 +254,8 @@ def train(
     joined already (:func:`distributed.session`); without it this joins one.
     ``starting``: called once everything is checked and set up, before the first step
     (``train --overwrite`` removes the earlier run there, not before a refusal).
+    ``asked``: the model, sampling and train settings (configuration keys) the command
+    line gave, of which a resumed run warns where the checkpoint's differ; None: all.
     """
     dev = resolve_device(device)
     joined = contextlib.nullcontext(job) if job is not None else distributed.session(dev)
@@ -241,6 +271,7 @@ def train(
             checkpoint=(checkpoint or load_checkpoint(Path(model_path))) if resume else None,
             progress=progress if dist.is_main else None,
             starting=starting,
+            asked=asked,
         )
 
 
@@ -256,6 +287,7 @@ def _train(
     checkpoint: dict[str, Any] | None,
     progress: Callable[..., None] | None,
     starting: Callable[[], None] | None = None,
+    asked: frozenset[str] | None = None,
 ) -> TrainResult:
     import torch
 
@@ -272,7 +304,10 @@ def _train(
         kept_sampling = SamplingConfig.from_dict(state["sampling_config"])
         if dist.is_main:
             _warn_settings_kept(
-                ckpt_path, (kept_model, model_config), (kept_sampling, sampling_config)
+                ckpt_path,
+                (kept_model, model_config),
+                (kept_sampling, sampling_config),
+                asked=asked,
             )
             if train_config.steps is not None and train_config.steps <= int(state["step"]):
                 log.warning(
@@ -297,7 +332,7 @@ def _train(
         model_config, sampling_config = kept_model, kept_sampling
         kept_seed = int(state.get("train_config", {}).get("seed", train_config.seed))
         if kept_seed != train_config.seed:
-            if dist.is_main:
+            if dist.is_main and (asked is None or "seed" in asked):
                 log.warning(
                     "%s: --resume continues the checkpoint's random streams (seed %d, not %d)",
                     ckpt_path,
@@ -305,13 +340,8 @@ def _train(
                     train_config.seed,
                 )
             train_config = dataclasses.replace(train_config, seed=kept_seed)
-        old_hashes = [
-            (v["sha256"], v.get("mask_sha256")) for v in state.get("training_volumes", [])
-        ]
-        if dist.is_main and old_hashes != [(v.sha256, v.mask_sha256) for v in volumes]:
-            log.warning(
-                "resuming on training volumes (or --mask masks) that differ from the checkpoint's"
-            )
+        if dist.is_main:
+            _warn_volumes_differ(state.get("training_volumes", []), volumes)
         history = [row for row in _read_history(history_path) if row["step"] <= state["step"]]
 
     seed = train_config.seed

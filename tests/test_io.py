@@ -103,6 +103,20 @@ def test_nifti_scaling_applied_and_squeezed_4d(tmp_path):
     np.testing.assert_allclose(vol.data, data[..., 0] * 0.5 + 10.0)
 
 
+def test_a_4d_nifti_of_one_volume_keeps_its_pixdim_past_the_third(tmp_path):
+    """Review: a 4D file of one volume with TR 2 s (pixdim[4]) was written back with
+    pixdim[4] 1, as nibabel resets the spacings past the data's dimensions."""
+    img = nib.Nifti1Image(np.zeros((4, 5, 6, 1), np.float32), np.diag([0.8, 0.8, 3, 1]))
+    img.header.set_xyzt_units("mm", "sec")
+    img.header["pixdim"][4:] = [2.0, 0.5, 0.25, 0.125]
+    nib.save(img, str(tmp_path / "fmri.nii.gz"))
+    vol = io.read_volume(tmp_path / "fmri.nii.gz")
+    io.write_labels(tmp_path / "l.nii.gz", np.ones((4, 5, 6), np.int64), vol.geometry)
+    out = nib.load(tmp_path / "l.nii.gz").header
+    assert out["dim"][0] == 3 and out.get_xyzt_units() == ("mm", "sec")
+    np.testing.assert_array_equal(out["pixdim"][1:], np.float32([0.8, 0.8, 3, 2, 0.5, 0.25, 0.125]))
+
+
 def test_mrc_axis_convention_and_round_trip(tmp_path):
     rng = np.random.default_rng(1)
     data = rng.random((4, 5, 6)).astype(np.float32)  # [x, y, z]

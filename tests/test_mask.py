@@ -626,10 +626,22 @@ def test_train_mask_is_recorded_and_a_changed_mask_is_named_on_resume(
     assert code == 0 and "(anchors inside their masks)" in err, err
     meta = load_model_file(tmp_path / "m.pt")["training_volumes"]
     assert all(len(v["mask_sha256"]) == 64 for v in meta)
-    code, _, err = run(
-        [*argv[: -len(TINY_TRAIN) - 2], *TINY_TRAIN, "--steps", "4", "--resume"], capsys
-    )
-    assert code == 0 and "(or --mask masks) that differ from the checkpoint's" in err
+    # review: a resubmitted command line without --mask said only that "volumes (or
+    # masks)" differ; it names the masks left out now, and other masks as such
+    other = tmp_path / "other"
+    other.mkdir()
+    for mask in (masked / "masks").iterdir():
+        img = nib.load(mask)
+        flipped = np.asarray(img.dataobj)[::-1].copy()
+        nib.save(nib.Nifti1Image(flipped, img.affine), other / mask.name)
+    resume = [*TINY_TRAIN, "--resume"]
+    code, _, err = run([*argv[:4], "--mask", other, *resume, "--steps", "4"], capsys)
+    assert code == 0 and "resuming with --mask masks that differ from the checkpoint's" in err
+    assert "training volumes that differ" not in err
+    code, _, err = run([*argv[:4], *resume, "--steps", "5"], capsys)
+    assert code == 0 and "the checkpoint was trained with --mask masks and this run has none" in err
+    code, _, err = run([*argv[:4], "--mask", other, *resume, "--steps", "6"], capsys)
+    assert code == 0 and "the checkpoint was trained without --mask" in err
 
 
 def test_train_mask_no_anchor_fits_names_the_file(tiny_trained, tmp_path, capsys):

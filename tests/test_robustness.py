@@ -661,6 +661,22 @@ def test_resume_names_the_settings_it_keeps(trained, tmp_path, capsys):
     )
     assert code == 0 and "at step 3 already, --steps 3: nothing to train" in err
     assert "keeps the checkpoint's settings" not in err
+    # review: options left at their defaults are not named, as if asked otherwise
+    other = tmp_path / "o.pt"
+    argv = ["--quiet", "train", images, "-o", other, *TINY_TRAIN]
+    code, _, err = run(
+        [*argv, "--steps", "1", "--seed", "3", "--beta", "8", "--norm", "zscore"], capsys
+    )
+    assert code == 0, err
+    code, _, err = run([*argv, "--steps", "2", "--resume"], capsys)
+    assert code == 0 and "keeps the checkpoint's" not in err and "random streams" not in err, err
+    code, _, err = run([*argv, "--steps", "3", "--resume", "--seed", "0", "--beta", "8"], capsys)
+    assert code == 0 and "keeps the checkpoint's" not in err
+    assert "--resume continues the checkpoint's random streams (seed 3, not 0)" in err
+    code, _, err = run([*argv, "--steps", "4", "--resume", "--norm-range", "1", "99"], capsys)
+    assert "keeps the checkpoint's settings: norm_low" not in err  # the same values
+    code, _, err = run([*argv, "--steps", "5", "--resume", "--norm", "percentile"], capsys)
+    assert "keeps the checkpoint's settings: norm 'zscore' (not 'percentile')" in err
     # a resume that trains nothing keeps the checkpoint's batch size and rate on record
     code, _, err = run(
         ["train", images, "-o", model, "--resume", "--steps", "3", *TINY_TRAIN]
