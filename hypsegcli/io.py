@@ -284,9 +284,13 @@ def collect_inputs(
             for child in sorted(_tree(path) if recursive else path.iterdir()):
                 if child.name.startswith(".") or child.is_dir():
                     continue
-                if volume_suffix(child):
+                if volume_suffix(child) and (child.is_file() or not child.exists()):
+                    # (a dangling link, an annexed file not fetched yet, is listed: its
+                    # reading fails, naming it)
                     found.append(child)
                     volumes.add(child.parent / case_name(child))
+                elif volume_suffix(child):  # a pipe or socket: reading would wait forever
+                    warn(f"{child}: skipped: not a file (a pipe, socket or device)")
                 else:
                     others.append(child)
             # a volume's JSON sidecar (BIDS: sub-01_T1w.json beside sub-01_T1w.nii.gz) is
@@ -317,6 +321,8 @@ def collect_inputs(
                     f"{text}: pattern matches no volume ({', '.join(SUPPORTED_SUFFIXES)})"
                 )
             found.extend(volumes)
+        elif path.exists():
+            raise BadInputError(f"{path}: not a file or folder (a pipe, socket or device)")
         else:
             raise BadInputError(_missing(path, "no such file or folder"))
     seen: set[Path] = set()
@@ -627,11 +633,14 @@ def _read_mrc(path: Path, *, native: bool = False) -> tuple[np.ndarray, VolumeGe
                 space_group = int(header.ispg)
                 # column, row and section starts (mrcfile names them nx/ny/nzstart)
                 file_start = (int(header.nxstart), int(header.nystart), int(header.nzstart))
+                # in their places: an empty label between two others stays (trailing ones
+                # are dropped)
                 labels = tuple(
-                    text
+                    _printable_label(bytes(raw_label))
                     for raw_label in header.label[: max(0, min(int(header.nlabl), 10))]
-                    if (text := _printable_label(bytes(raw_label)))
                 )
+                while labels and not labels[-1]:
+                    labels = labels[:-1]
                 # the extended header (FEI, SerialEM, IMOD... metadata) and its type, copied
                 # into the outputs as bytes
                 extended = mrc.extended_header
@@ -662,7 +671,21 @@ def _read_mrc(path: Path, *, native: bool = False) -> tuple[np.ndarray, VolumeGe
     if raw.dtype.kind == "c":
         raise BadInputError(f"{path}: {raw.dtype} data; hypseg needs real scalar voxels")
     if sorted(axes) != [1, 2, 3]:
+        log.warning(
+            "%s: MRC axis map (mapc, mapr, maps) %s is not an order of 1, 2, 3: read as "
+            "1, 2, 3 (columns x, rows y, sections z)",
+            path,
+            ", ".join(map(str, axes)),
+        )
         axes = (1, 2, 3)
+    larger = [p for p in problems.split("; ") if "larger than expected" in p] if problems else []
+    if larger:  # the header's dimensions may be wrong: the voxels past them are not read
+        log.warning(
+            "%s: %s: read as its header's %s voxels (check the header's dimensions)",
+            path,
+            larger[0],
+            "x".join(str(n) for n in raw.shape[::-1]),
+        )
     # the starts are per file axis (columns, rows, sections); x, y, z are axes mapc/mapr/maps
     start_xyz = [0, 0, 0]
     for file_axis, spatial in enumerate(axes):
@@ -723,7 +746,9 @@ def _read_mrc(path: Path, *, native: bool = False) -> tuple[np.ndarray, VolumeGe
         )
     spacing = tuple(s if all(known) else 1.0 for s in spacing)
     affine = np.diag([*spacing, 1.0])
-    affine[:3, 3] = [o + st * s for o, st, s in zip(origin, start, spacing, strict=True)]
+    # the origin is in Å: of no use to a grid in voxels (a size unknown on any axis)
+    placed = origin if all(known) else (0.0, 0.0, 0.0)
+    affine[:3, 3] = [o + st * s for o, st, s in zip(placed, start, spacing, strict=True)]
     geometry = VolumeGeometry(
         "mrc",
         tuple(int(s) for s in data.shape),  # type: ignore[arg-type]
@@ -756,9 +781,17 @@ def _check_nifti_size(path: Path, img: Any) -> None:
         )
 
 
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:200]
+def _short(exc: BaseException, limit: int = 200) -> str:
+    """A library's error message in one line of at most about ``limit`` characters: its
+    first line, cut after the last whole sentence that fits (else at a word, with "...")."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0].strip() if lines else type(exc).__name__
+    if len(text) <= limit:
+        return text
+    end = text.rfind(". ", 0, limit)
+    if end > 0:
+        return text[: end + 1]
+    return text[: text.rfind(" ", 0, limit) if " " in text[:limit] else limit] + " ..."
 
 
 # ----------------------------------------------------------------------------- writing

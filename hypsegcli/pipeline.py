@@ -781,7 +781,10 @@ def evaluate(
             "failures": failures.to_json(),
             "manifest": str(run.path) if run.path else None,
         }
-        if csv_path is not None:
+        if csv_path is not None and not cases and failures:
+            # (an earlier run's table there is kept rather than replaced by an empty one)
+            log.warning("%s: not written: no pair was scored", csv_path)
+        elif csv_path is not None:
             write_evaluation_csv(report, Path(csv_path))
         run.exit_status = failures.exit_code
     return report
@@ -816,7 +819,7 @@ def _as_labels(data: np.ndarray, path: Path) -> np.ndarray:
         labels = np.rint(data)
         if not np.array_equal(labels, data):
             raise BadInputError(f"{path}: not a label volume (non-integer values)")
-        if np.abs(labels).max(initial=0) > 2**53:
+        if float(np.abs(labels).max(initial=0)) > 2**53:  # (2^53 overflows a float16)
             raise BadInputError(f"{path}: not a label volume (values beyond 2^53)")
         labels = labels.astype(np.int64)
     if labels.min(initial=0) < 0:
@@ -972,12 +975,17 @@ def _warn_other_scale(model: LoadedModel, volume: Any) -> None:
     """Warn when ``volume``'s voxel size is far from (or in another unit than) those the
     model was trained on: its structures then span other numbers of voxels than the
     patches learned (models written before the voxel sizes were recorded: no check)."""
+    # (an MRC of unknown voxel size, in "voxel" units, is no evidence: its 1x1x1 stands in
+    # for a size nobody recorded)
     trained = [
         v
         for v in model.document.get("training_volumes", [])
-        if isinstance(v, dict) and isinstance(v.get("spacing"), list) and len(v["spacing"]) == 3
+        if isinstance(v, dict)
+        and isinstance(v.get("spacing"), list)
+        and len(v["spacing"]) == 3
+        and v.get("unit") != "voxel"
     ]
-    if not trained or volume.path in model.scale_warned:
+    if not trained or volume.geometry.unit == "voxel" or volume.path in model.scale_warned:
         return
     model.scale_warned.add(volume.path)  # (once a volume: a pooled fit embeds it twice)
     units = {str(v.get("unit")) for v in trained}
@@ -2404,6 +2412,21 @@ def _source_record(stamp: dict[str, Any] | None, sha: str, volume: Any) -> dict[
     return {**(stamp or {}), "sha256": sha, "geometry_sha256": geometry_sha256(volume.geometry)}
 
 
+@contextlib.contextmanager
+def _reading_warnings_muted() -> Any:
+    """hypseg's own warnings held back (errors still shown), e.g. while an input is read
+    only to compare it with a record: its warnings come when it is read for its work."""
+    package = logging.getLogger(__name__.rpartition(".")[0])
+    level = package.level
+    package.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        package.setLevel(level)
+
+
 def _same_source(recorded: Any, path: Path, *, geometry: bool = True) -> bool:
     """``path`` holds the input a per-case record was made from: the same file untouched
     (:func:`_source_stamp`: size, modification and change times, inode, device and
@@ -2427,7 +2450,8 @@ def _same_source(recorded: Any, path: Path, *, geometry: bool = True) -> bool:
     if not all(isinstance(recorded.get(key), str) for key in keys):
         return False  # a record of an older version without the geometry: redo the case
     try:
-        volume = read_volume(path)
+        with _reading_warnings_muted():  # (a case redone reads it again and says them once)
+            volume = read_volume(path)
     except Exception:  # noqa: BLE001 - unreadable now: not done; the run reports why
         return False
     if array_sha256(volume.data) != recorded["sha256"]:

@@ -951,6 +951,13 @@ def test_a_unit_less_training_volume_does_not_hide_another_unit(tmp_path, capsys
     assert f"t.mrc: voxel size 1x1x1 Å, but {model} was trained on 1x1x1 to 1x1x3 mm/unknown" in err
     code, _, err = run([*base, train_dir, "-o", tmp_path / "seg2"], capsys)
     assert code == 0 and "voxel size" not in err, err
+    # review: an MRC of unknown voxel size (0) was said to be 1x1x1 "voxel", far from mm
+    import mrcfile
+
+    with mrcfile.open(str(tomo / "t.mrc"), "r+") as mrc:
+        mrc.voxel_size = 0
+    code, _, err = run([*base, tomo, "-o", tmp_path / "seg3"], capsys)
+    assert code == 0 and "trained on" not in err, err
 
 
 def test_embed_dry_run_notes_describe_embedding_only(trained, tmp_path, capsys):
@@ -1021,3 +1028,23 @@ def test_a_folder_named_like_a_final_output_is_refused_before_any_work(tmp_path,
     )
     assert code == 2 and "is a folder, where evaluate --csv writes" in err, err
     assert not (tmp_path / "ev" / "s.csv").exists()
+
+
+def test_a_case_redone_after_a_header_change_warns_once(tmp_path, capsys):
+    """Review: the check of whether a case is done read the changed input once, the work
+    read it again, and every reading warning came twice."""
+    import mrcfile
+
+    data = np.random.default_rng(0).normal(size=(9, 8, 10)).astype(np.float32)
+    with mrcfile.new(str(tmp_path / "v.mrc")) as mrc:
+        mrc.set_data(data)
+        mrc.voxel_size = (2.0, 0.0, 4.5)
+    argv = ["cluster", tmp_path / "v.mrc", "--features", "intensity", "--k", "2"]
+    argv += ["-o", tmp_path / "seg"]
+    code, _, err = run(argv, capsys)
+    assert code == 0 and err.count("is unknown (0) along some axes") == 1, err
+    with mrcfile.open(str(tmp_path / "v.mrc"), "r+") as mrc:
+        mrc.header.origin.x = 5.0
+    code, _, err = run(argv, capsys)
+    assert code == 0 and "1 volume(s) done" in err, err
+    assert err.count("is unknown (0) along some axes") == 1, err

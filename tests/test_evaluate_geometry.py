@@ -224,3 +224,42 @@ def test_an_mrc_of_unknown_voxel_size_is_not_compared_with_a_grid_in_angstrom(tm
         ["evaluate", tmp_path / "t_k2.mrc", tmp_path / "t.mrc", "--no-hausdorff"], capsys
     )
     assert code == 0 and "different grids (a voxel up to 137 Å apart)" in err, err
+
+
+def test_a_run_scoring_no_pair_keeps_an_earlier_csv(tmp_path, capsys):
+    """Review: `evaluate --csv` where every pair failed replaced an earlier good table with
+    its header line."""
+    p, g = _boxes()
+    nib.save(nib.Nifti1Image(p, np.eye(4)), tmp_path / "c_k2.nii.gz")
+    nib.save(nib.Nifti1Image(g, np.eye(4)), tmp_path / "c_L1.nii.gz")
+    table = tmp_path / "scores.csv"
+    code, _, err = run(
+        ["-q", "evaluate", tmp_path / "c_k2.nii.gz", tmp_path / "c_L1.nii.gz"] + ["--csv", table],
+        capsys,
+    )
+    assert code == 0, err
+    before = table.read_bytes()
+    assert len(before.splitlines()) == 3  # header, background, class 1
+    nib.save(nib.Nifti1Image(g[:, :, :-1], np.eye(4)), tmp_path / "bad_L1.nii.gz")
+    code, _, err = run(
+        ["-q", "evaluate", tmp_path / "c_k2.nii.gz", tmp_path / "bad_L1.nii.gz"] + ["--csv", table],
+        capsys,
+    )
+    assert code == 2 and "scores.csv: not written: no pair was scored" in err, err
+    assert table.read_bytes() == before
+
+
+def test_float16_mrc_labels_are_read_without_overflow_warnings(tmp_path, capsys):
+    """Review: mode-12 labels were checked against 2^53 in float16, which overflowed and
+    printed a RuntimeWarning (the scores were right)."""
+    import mrcfile
+
+    p, g = _boxes()
+    for name, data in (("c_k2", p), ("c_L1", g)):
+        with mrcfile.new(str(tmp_path / f"{name}.mrc")) as mrc:
+            mrc.set_data(data.astype(np.float16))
+    report, err = _evaluate(capsys, tmp_path / "c_k2.mrc", tmp_path / "c_L1.mrc")
+    assert "overflow" not in err and "Warning" not in err, err
+    assert report["cases"][0]["classes"][1]["dice"] == pytest.approx(
+        2 * (p & g).sum() / (p.sum() + g.sum())
+    )

@@ -814,3 +814,86 @@ def test_a_big_endian_mrc_extended_header_is_not_copied_byte_for_byte(tmp_path, 
     io.write_labels(tmp_path / "o.mrc", (vol.data > 0.5).astype(np.int64), vol.geometry)
     with mrcfile.open(str(tmp_path / "o.mrc")) as out:
         assert int(out.header.nsymbt) == 0
+
+
+def test_mrc_header_problems_are_named(tmp_path, caplog):
+    """Review: a header whose nz (17 -> 10) leaves voxels unread, and an axis map that is
+    not an order of 1, 2, 3, were read without a word (mrcfile's warning was dropped)."""
+    data = np.random.default_rng(0).random((8, 6, 5)).astype(np.float32)
+    _mrc(tmp_path / "a.mrc", data)
+    raw = bytearray((tmp_path / "a.mrc").read_bytes())
+    raw[8:12] = np.int32(3).tobytes()  # nz 5 -> 3: 8 x 6 x 2 float32 voxels unread
+    (tmp_path / "short.mrc").write_bytes(bytes(raw))
+    with caplog.at_level("WARNING", logger="hypsegcli"):
+        vol = io.read_volume(tmp_path / "short.mrc")
+    assert vol.data.shape == (8, 6, 3)
+    assert "short.mrc: MRC file is 384 bytes larger than expected: read as its header's 8x6x3" in (
+        caplog.text
+    )
+    caplog.clear()
+    with mrcfile.open(str(tmp_path / "a.mrc"), "r+") as mrc:
+        mrc.header.mapc, mrc.header.mapr, mrc.header.maps = 2, 2, 3
+    with caplog.at_level("WARNING", logger="hypsegcli"):
+        vol = io.read_volume(tmp_path / "a.mrc")
+    np.testing.assert_array_equal(vol.data, data)
+    assert "a.mrc: MRC axis map (mapc, mapr, maps) 2, 2, 3 is not an order of 1, 2, 3" in (
+        caplog.text
+    )
+    assert "larger than expected" not in caplog.text
+
+
+def test_mrc_of_unknown_voxel_size_is_placed_by_its_starts_only(tmp_path):
+    """Review: with voxel size 0 (distances in voxels) the origin, in Å, was added to the
+    voxel grid as if in voxels; it is kept on the outputs but places nothing."""
+    data = np.zeros((4, 5, 6), np.float32)
+    _mrc(tmp_path / "u.mrc", data, voxel=(0.0, 0.0, 0.0), origin=(30.0, 0.0, 0.0), start=(3, 0, 1))
+    vol = io.read_volume(tmp_path / "u.mrc")
+    assert vol.geometry.unit == "voxel"
+    np.testing.assert_array_equal(
+        vol.geometry.affine,
+        np.array([[1, 0, 0, 3], [0, 1, 0, 0], [0, 0, 1, 1], [0, 0, 0, 1]], float),
+    )
+    io.write_labels(tmp_path / "l.mrc", np.zeros((4, 5, 6), np.int64), vol.geometry)
+    with mrcfile.open(str(tmp_path / "l.mrc")) as mrc:
+        assert float(mrc.header.origin.x) == 30.0 and float(mrc.voxel_size.x) == 0.0
+
+
+def test_mrc_empty_label_between_others_keeps_its_place(tmp_path):
+    data = np.zeros((4, 5, 6), np.float32)
+    _mrc(tmp_path / "t.mrc", data)
+    with mrcfile.open(str(tmp_path / "t.mrc"), "r+") as mrc:
+        mrc.header.label[:3] = [b"first", b"", b"third"]
+        mrc.header.nlabl = 4  # a trailing empty label is dropped
+    vol = io.read_volume(tmp_path / "t.mrc")
+    io.write_labels(tmp_path / "l.mrc", np.zeros((4, 5, 6), np.int64), vol.geometry)
+    with mrcfile.open(str(tmp_path / "l.mrc")) as mrc:
+        labels = [bytes(t).rstrip(b"\x00 ").decode() for t in mrc.header.label[: mrc.header.nlabl]]
+    assert labels == ["first", "", "third", "hypseg labels"]
+
+
+def test_a_pipe_named_like_a_volume_is_not_read(tmp_path, caplog):
+    """Review: a FIFO named b.mrc in an input folder blocked the run forever, and named
+    directly was "no such file or folder"."""
+    import os
+
+    _mrc(tmp_path / "a.mrc", np.zeros((4, 5, 6), np.float32))
+    os.mkfifo(tmp_path / "b.mrc")
+    with caplog.at_level("WARNING", logger="hypsegcli"):
+        assert io.collect_inputs([tmp_path]) == [tmp_path / "a.mrc"]
+    assert "b.mrc: skipped: not a file (a pipe, socket or device)" in caplog.text
+    with pytest.raises(BadInputError, match=r"b\.mrc: not a file or folder \(a pipe"):
+        io.collect_inputs([tmp_path / "b.mrc"])
+
+
+def test_long_library_errors_are_cut_at_a_sentence():
+    """Review: torch's message for a truncated model file was cut mid-sentence at 200
+    characters ("... there is a high)")."""
+    text = (
+        "PytorchStreamReader failed reading zip archive: failed finding central directory. "
+        "This is an internal miniz error. If you are seeing this error, there is a high "
+        "likelihood that your checkpoint file is corrupted. This can happen if ..."
+    )
+    assert io._short(RuntimeError(text)) == text[: text.index("error.") + 6]
+    assert io._short(RuntimeError("word " * 60)) == ("word " * 40)[:199] + " ..."
+    assert io._short(RuntimeError("x" * 300)) == "x" * 200 + " ..."
+    assert io._short(RuntimeError("short\nsecond line")) == "short"
