@@ -1380,11 +1380,11 @@ def cache_ls(
         )
     in_entries = sum(e.size + e.sidecar_size for e in entries)
     other = cache.total_bytes() - in_entries
-    stderr.print(
+    log.info(  # (informational: hidden by --quiet)
+        "%s",
         f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, {_size_text(in_entries)}"
         + (f" (and {_size_text(other)} in other files)" if other > 0 else "")
         + f" in {cache.root}",
-        markup=False,
     )
 
 

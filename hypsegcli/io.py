@@ -506,10 +506,10 @@ def _read_nifti(path: Path, *, native: bool = False) -> tuple[np.ndarray, Volume
     except RuntimeWarning as exc:
         raise BadInputError(
             f"{path}: voxel values beyond the float32 range hypseg computes in "
-            f"(about ±3.4e38) after the header's scaling ({_short(exc)})"
+            f"(about ±3.4e38) after the header's scaling ({short_message(exc)})"
         ) from None
     except Exception as exc:  # nibabel raises many types for bad files
-        short = _short(exc)
+        short = short_message(exc)
         if short.startswith("Expected ") and " bytes, got " in short:  # gzip ends early
             raise BadInputError(
                 f"{path}: truncated NIfTI ({short.split(' from ')[0].lower()})"
@@ -655,7 +655,7 @@ def _read_mrc(path: Path, *, native: bool = False) -> tuple[np.ndarray, VolumeGe
     except BadInputError:
         raise
     except Exception as exc:
-        raise BadInputError(f"{path}: cannot read MRC ({_short(exc)})") from exc
+        raise BadInputError(f"{path}: cannot read MRC ({short_message(exc)})") from exc
     if problems and (raw.size == 0 or raw.ndim not in (3, 4)):
         # not an MRC file at all (a NIfTI or TIFF named .mrc): mrcfile's permissive reading
         # makes an empty or odd array of its bytes; say why instead of describing that
@@ -781,7 +781,7 @@ def _check_nifti_size(path: Path, img: Any) -> None:
         )
 
 
-def _short(exc: BaseException, limit: int = 200) -> str:
+def short_message(exc: BaseException, limit: int = 200) -> str:
     """A library's error message in one line of at most about ``limit`` characters: its
     first line, cut after the last whole sentence that fits (else at a word, with "...")."""
     lines = str(exc).strip().splitlines()
@@ -814,12 +814,12 @@ def _probe_folder(folder: Path, what: str) -> None:
         parent = next((p for p in folder.parents if p.exists() and not p.is_dir()), folder)
         raise BadInputError(f"{parent}: exists and is not a folder ({what})") from None
     except OSError as exc:
-        raise BadInputError(f"{folder}: cannot create the folder ({_short(exc)})") from None
+        raise BadInputError(f"{folder}: cannot create the folder ({short_message(exc)})") from None
     probe = folder / temporary_name("probe")
     try:
         probe.write_bytes(b"")
     except OSError as exc:
-        raise BadInputError(f"{folder}: cannot write here ({_short(exc)})") from None
+        raise BadInputError(f"{folder}: cannot write here ({short_message(exc)})") from None
     finally:
         with contextlib.suppress(OSError):
             probe.unlink()

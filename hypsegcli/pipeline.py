@@ -2619,6 +2619,7 @@ def _merge_centroids(out: Path, header: dict[str, Any]) -> Path:
     target = out / "centroids.json"
     left_out: list[str] = []
     damaged: list[str] = []  # not JSON, or not shaped as cluster writes it
+    shared_by: dict[tuple[int, str], list[str]] = {}  # the cases of each pooled set
 
     def parts() -> list[Path]:
         try:
@@ -2633,6 +2634,7 @@ def _merge_centroids(out: Path, header: dict[str, Any]) -> Path:
     def build(files: list[Path]) -> str:
         left_out.clear()
         damaged.clear()
+        shared_by.clear()
         pooled: dict[tuple[int, str], dict[str, Any]] = {}
         per_case: list[dict[str, Any]] = []
         for f in files:
@@ -2656,9 +2658,9 @@ def _merge_centroids(out: Path, header: dict[str, Any]) -> Path:
                         }
                     )
                 else:
-                    pooled.setdefault(
-                        (k, json.dumps(centers)), {"case": None, "k": k, "centers": centers}
-                    )
+                    key = (k, json.dumps(centers))
+                    pooled.setdefault(key, {"case": None, "k": k, "centers": centers})
+                    shared_by.setdefault(key, []).append(str(doc.get("case")))
         sets = sorted(pooled.values(), key=lambda s: s["k"]) + sorted(
             per_case, key=lambda s: (str(s["case"]), s["k"])
         )
@@ -2668,6 +2670,21 @@ def _merge_centroids(out: Path, header: dict[str, Any]) -> Path:
         rebuild_merged(target, parts, build)
     except OSError as exc:
         raise HypsegError(f"{target}: cannot write ({exc.strerror or exc})") from None
+    mixed: dict[int, list[list[str]]] = {}  # k: the cases of each of its pooled sets
+    for k in sorted({k for k, _ in shared_by}):
+        groups = sorted(sorted(cases) for (kk, _), cases in shared_by.items() if kk == k)
+        if len(groups) > 1:  # e.g. a pooled fit of some cases into an earlier one's folder
+            mixed[k] = groups
+    if mixed:
+        first = next(iter(mixed.values()))
+        log.warning(
+            "%s: the cases here were labelled by different pooled (or applied) centroid sets "
+            "for k=%s (%s), whose label numbers need not agree: fit them all in one run (or "
+            "write a new fit to a new folder)",
+            target,
+            ", ".join(map(str, mixed)),
+            " | ".join(_few(cases, 3) for cases in first),
+        )
     if left_out:
         log.warning(
             "%s: left out %d centroid record(s) made with another model or options (%s%s)",

@@ -518,6 +518,9 @@ def test_cache_ls_counts_entries_apart_from_other_files(tmp_path, capsys):
 
     assert f"2 entries, {_size_text(1056 + side)} (and" in err
     assert "(and 3 kB in other files)" in err
+    # review: --quiet hid every informational line but this summary
+    code, out2, err = run(["-q", "cache", "ls", "--cache-dir", tmp_path], capsys)
+    assert code == 0 and out2 == out and err == ""
 
 
 # ----------------------------------------------------------------------------- concurrency

@@ -1048,3 +1048,27 @@ def test_a_case_redone_after_a_header_change_warns_once(tmp_path, capsys):
     code, _, err = run(argv, capsys)
     assert code == 0 and "1 volume(s) done" in err, err
     assert err.count("is unknown (0) along some axes") == 1, err
+
+
+def test_a_second_pooled_fit_into_one_folder_is_named(tmp_path, capsys):
+    """Review: a pooled fit of some volumes into a folder holding an earlier pooled fit's
+    labels of others left two sets per k in centroids.json, silently."""
+    (tmp_path / "in").mkdir()
+    for i in range(3):
+        data = np.random.default_rng(i).normal(size=(10, 9, 8)).astype(np.float32)
+        data[:5] += 3.0
+        nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "in" / f"v{i}.nii.gz")
+    base = ["cluster", "--features", "intensity", "--k", "2", "--k", "3", "--fit-on", "pooled"]
+    base += ["-o", tmp_path / "seg"]
+    code, _, err = run([*base, tmp_path / "in"], capsys)
+    assert code == 0 and "different pooled" not in err, err
+    code, _, err = run([*base, tmp_path / "in"], capsys)  # all skipped: one set still
+    assert code == 0 and "different pooled" not in err, err
+    code, _, err = run([*base, tmp_path / "in" / "v0.nii.gz", "--seed", "5"], capsys)
+    assert code == 0, err
+    assert (
+        "centroids.json: the cases here were labelled by different pooled (or applied) "
+        "centroid sets for k=2, 3 (v0 | v1, v2)" in err
+    )
+    sets = json.loads((tmp_path / "seg" / "centroids.json").read_text())["sets"]
+    assert sorted(s["k"] for s in sets) == [2, 2, 3, 3]

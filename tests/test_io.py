@@ -893,7 +893,7 @@ def test_long_library_errors_are_cut_at_a_sentence():
         "This is an internal miniz error. If you are seeing this error, there is a high "
         "likelihood that your checkpoint file is corrupted. This can happen if ..."
     )
-    assert io._short(RuntimeError(text)) == text[: text.index("error.") + 6]
-    assert io._short(RuntimeError("word " * 60)) == ("word " * 40)[:199] + " ..."
-    assert io._short(RuntimeError("x" * 300)) == "x" * 200 + " ..."
-    assert io._short(RuntimeError("short\nsecond line")) == "short"
+    assert io.short_message(RuntimeError(text)) == text[: text.index("error.") + 6]
+    assert io.short_message(RuntimeError("word " * 60)) == ("word " * 40)[:199] + " ..."
+    assert io.short_message(RuntimeError("x" * 300)) == "x" * 200 + " ..."
+    assert io.short_message(RuntimeError("short\nsecond line")) == "short"

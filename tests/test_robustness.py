@@ -139,6 +139,17 @@ def test_files_that_are_not_models_are_refused_in_one_line(trained, tmp_path, ca
             ["cluster", images, "-m", other, "--k", "2", "-o", tmp_path / "seg"], capsys
         )
         _one_error(code, out, err, f"{other.name}: not a hypseg model file (not a PyTorch file)")
+    # weights of another shape than the configuration's: torch's first line said nothing,
+    # the mismatch is named now (review)
+    doc = torch.load(trained / "model.pt", weights_only=True)
+    doc["model_config"] = dict(doc["model_config"], latent_dim=3)
+    torch.save(doc, tmp_path / "wrong.pt")
+    code, out, err = run(
+        ["cluster", images, "-m", tmp_path / "wrong.pt", "--k", "2", "-o", tmp_path / "seg"],
+        capsys,
+    )
+    _one_error(code, out, err, "wrong.pt: model weights do not match its configuration")
+    assert "size mismatch for" in err and "torch.Size([3, 300, 1, 1, 1])" in err
     # a foreign file where --resume expects the checkpoint
     (tmp_path / "m.ckpt.pt").write_text("hello\n")
     code, out, err = run(
