@@ -971,6 +971,73 @@ def remove_stale_temporaries(
     return removed, size
 
 
+def lock_path(path: str | os.PathLike[str]) -> Path:
+    """The hidden lock file of :func:`exclusive_writer` for ``path``."""
+    path = Path(path)
+    return path.parent / f".{path.name}.lock"
+
+
+@contextlib.contextmanager
+def exclusive_writer(path: str | os.PathLike[str], what: str) -> Iterator[None]:
+    """Hold an exclusive lock on writing ``path`` (and its companions) for one process: a
+    second process asking for it meanwhile (the same job submitted twice) is refused at
+    once instead of silently replacing the first one's files. The lock is ``flock`` on the
+    hidden file :func:`lock_path` (released by the system when the process dies, so one
+    left by a killed run locks nothing; removed at the end). Where the filesystem has no
+    locks, or the system no ``flock``, the run goes on unlocked."""
+    fd = _lock(Path(path), what)
+    try:
+        yield
+    finally:
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(lock_path(path))
+            os.close(fd)
+
+
+def _lock(path: Path, what: str) -> int | None:
+    """:func:`exclusive_writer`'s lock taken: its file descriptor, or None where locks are
+    not to be had."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        return None
+    target = lock_path(path)
+    while True:
+        try:
+            fd = os.open(target, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:
+            return None  # (a folder that takes no lock file: checked writable before)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                holder = os.read(fd, 200).decode("ascii", "replace").strip()
+            finally:
+                os.close(fd)
+            raise BadInputError(
+                f"{path}: another {what} is writing it now"
+                + (f" ({holder})" if holder else "")
+                + "; wait for it to end, or write to another file"
+            ) from None
+        except OSError:  # a filesystem without locks
+            os.close(fd)
+            return None
+        try:  # the file locked is still the one named (not removed by a run just ending)
+            same = os.path.samestat(os.fstat(fd), os.stat(target))
+        except OSError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    import socket
+
+    with contextlib.suppress(OSError):
+        os.ftruncate(fd, 0)
+        os.write(fd, f"process {os.getpid()} on {socket.gethostname()}".encode())
+    return fd
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
     """:func:`atomic_path` for an output: an OSError (a full disk, a read-only folder)

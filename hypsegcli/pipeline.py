@@ -42,6 +42,7 @@ from .io import (
     check_unique_cases,
     collect_inputs,
     entry_path,
+    exclusive_writer,
     geometry_record,
     geometry_sha256,
     read_volume,
@@ -1050,6 +1051,8 @@ def train(
         masks = _Masks(mask, paths, paths, recursive=recursive) if mask is not None else None
         for target in (Path(output), *training.companion_paths(Path(output))):
             check_output_file(target, [*paths, *(masks.files() if masks else [])], what="train -o")
+        if job.is_main:  # held to the end: the same run started twice is refused here
+            held.enter_context(exclusive_writer(Path(output), "hypseg train"))
         if resume and overwrite:
             raise BadInputError(
                 "--resume continues the earlier run and --overwrite replaces it: give one"
@@ -1084,7 +1087,8 @@ def train(
 
     # under torchrun every rank joins before it reads anything, so that one failing on its
     # inputs stops the others at once instead of leaving them waiting for it to join
-    with distributed.session(resolved) as job:
+    held = contextlib.ExitStack()  # (the lock on writing -o)
+    with held, distributed.session(resolved) as job:
         try:
             volumes, checkpoint, train_config, masked = prepare()
         except Exception as exc:

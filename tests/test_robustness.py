@@ -1236,3 +1236,25 @@ def test_synth_refuses_a_folder_of_another_seed_size_or_variant(tmp_path, capsys
     assert run(split, capsys)[0] == 0
     code, out, err = run([*split, "--seed", "3"], capsys)
     _one_error(code, out, err, str(tmp_path / "e" / "train" / "dataset.json"))
+
+
+def test_a_second_train_on_the_same_output_is_refused_while_the_first_runs(
+    trained, tmp_path, capsys
+):
+    """Review: two `train -o m.pt` started at once (a job submitted twice) both passed the
+    start-up checks and the last to end replaced the other's files silently."""
+    from hypsegcli.io import exclusive_writer, lock_path
+
+    images = trained / "data" / "images"
+    model = tmp_path / "m.pt"
+    argv = ["train", images, "-o", model, "--steps", "1", *TINY_TRAIN]
+    with exclusive_writer(model, "hypseg train"):  # the first run, still going
+        assert lock_path(model).exists()
+        code, out, err = run(argv, capsys)
+        _one_error(code, out, err, "m.pt: another hypseg train is writing it now (process ")
+        assert not model.exists()
+    assert not lock_path(model).exists()
+    # a lock file a killed run left behind locks nothing
+    lock_path(model).write_text("process 1 on elsewhere")
+    code, _, err = run(argv, capsys)
+    assert code == 0 and model.exists() and not lock_path(model).exists(), err
