@@ -2270,8 +2270,14 @@ class _Masks:
         if spec.is_dir():
             found: dict[str, list[Path]] = {}
             inputs_at = {entry_path(p) for p in all_inputs}
+            # (a folder the inputs were listed from, masks beside images, said its stray
+            # files then)
+            listed = {entry_path(p).parent for p in all_inputs}
+            quiet = entry_path(spec / "x").parent in listed
             try:
-                masks = collect_inputs([spec], recursive=recursive)
+                masks = collect_inputs(
+                    [spec], recursive=recursive, warn=(lambda _m: None) if quiet else None
+                )
             except BadInputError as exc:
                 raise BadInputError(f"--mask {spec}: {exc}") from None
             for path in masks:
