@@ -730,3 +730,18 @@ def test_mask_acceptance_matches_the_sampler(shape, cfg, region):
     error = np.sqrt(max(share, 1 / n) * (1 - share) / n)
     assert abs(share - seen) < 4 * error + 0.03 * share, (share, seen)
     assert share > 0 or seen == 0  # never 0 where the sampler hits
+
+
+def test_a_mask_folder_that_is_an_input_folder_names_its_stray_files_once(tmp_path, capsys):
+    """Review: listed once for the inputs and once for the masks, its stray files were
+    named twice."""
+    for name in ("v.nii.gz", "v_mask.nii.gz"):
+        nib.save(nib.Nifti1Image(np.ones((8, 8, 8), np.float32), np.eye(4)), tmp_path / name)
+    (tmp_path / "notes.txt").write_text("x")
+    code, _, err = run(
+        ["cluster", tmp_path, "--features", "intensity", "--k", "2", "--mask", tmp_path]
+        + ["-o", tmp_path.parent / f"{tmp_path.name}_seg"],
+        capsys,
+    )
+    assert code == 2 and "is both an input and a mask" in err, err
+    assert err.count("skipped 1 file(s) that are not volumes (notes.txt)") == 1, err
