@@ -162,6 +162,7 @@ _FIELDS_OF_OPTIONS = (
     "batch_size",
     "lr",
     "checkpoint_every",
+    "grad_clip",
 )
 
 
@@ -587,6 +588,17 @@ def train(
             "checkpoint's (a value given here applies from the checkpoint on).",
         ),
     ] = None,
+    grad_clip: Annotated[
+        float | None,
+        typer.Option(
+            "--grad-clip",
+            min=0,
+            help="Clip the gradients' total norm to this before each update; default 10 (on "
+            "the default loss the norms are in the hundreds to thousands, so every update is "
+            "Adam's on gradients rescaled to this norm), or with --resume the checkpoint's; "
+            "0 turns clipping off.",
+        ),
+    ] = None,
     seed: Annotated[
         int,
         typer.Option(
@@ -789,6 +801,7 @@ def train(
             lr=lr if lr is not None else 1e-3,
             seed=seed,
             checkpoint_every=checkpoint_every,
+            grad_clip=grad_clip if grad_clip is not None else 10.0,
         )
     with RichProgress() as progress:
         summary = pipeline.train(
@@ -805,6 +818,7 @@ def train(
             mask=mask,
             lr_given=lr is not None,
             batch_size_given=batch_size is not None,
+            grad_clip_given=grad_clip is not None,
             asked=_settings_given(ctx),
             progress=progress,
         )

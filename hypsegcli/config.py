@@ -204,6 +204,7 @@ class TrainConfig:
     lr: float = 1e-3
     seed: int = 0
     checkpoint_every: int = 100
+    #: The gradients' total norm is clipped to this before each update (None or 0: not).
     grad_clip: float | None = 10.0
 
     def __post_init__(self) -> None:
@@ -221,6 +222,10 @@ class TrainConfig:
             raise BadInputError(f"lr={self.lr} should be a finite number > 0")
         if self.checkpoint_every < 1:
             raise BadInputError(f"checkpoint_every={self.checkpoint_every} should be >= 1")
+        if self.grad_clip is not None and not (
+            self.grad_clip >= 0 and math.isfinite(self.grad_clip)
+        ):
+            raise BadInputError(f"grad_clip={self.grad_clip} should be a finite number >= 0")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

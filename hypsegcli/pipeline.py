@@ -1025,6 +1025,7 @@ def train(
     mask: Path | None = None,
     lr_given: bool = True,
     batch_size_given: bool = True,
+    grad_clip_given: bool = True,
     asked: frozenset[str] | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
@@ -1034,7 +1035,8 @@ def train(
     replaced (``overwrite``); with neither, the run is refused before any work.
     ``mask`` (``--mask``, as for :func:`cluster`): anchors centre inside the masks.
     ``lr_given`` False (no ``--lr``): a resumed run keeps the checkpoint's learning rate;
-    ``batch_size_given`` False (no ``--batch-size``): its batch size likewise.
+    ``batch_size_given`` False (no ``--batch-size``): its batch size likewise;
+    ``grad_clip_given`` False (no ``--grad-clip``): its gradient clipping likewise.
     ``asked``: the settings (configuration keys) the command line gave, of which a resumed
     run names those the checkpoint's differ from (None: every setting)."""
     from . import distributed, training
@@ -1076,6 +1078,12 @@ def train(
                 config = dataclasses.replace(config, lr=float(kept_lr))
             if not batch_size_given and is_whole(kept_batch, 1) and kept_batch <= 1 << 16:
                 config = dataclasses.replace(config, batch_size=kept_batch)
+            kept_clip = kept.get("grad_clip", config.grad_clip)
+            if not grad_clip_given and (
+                kept_clip is None
+                or (isinstance(kept_clip, (int, float)) and 0 <= kept_clip < math.inf)
+            ):
+                config = dataclasses.replace(config, grad_clip=kept_clip)
         volumes = load_training_volumes(
             paths,
             method=norm_config.norm,

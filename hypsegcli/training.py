@@ -406,6 +406,17 @@ def _train(
                 )
             for group in optimizer.param_groups:
                 group["lr"] = train_config.lr
+        kept_clip = state.get("train_config", {}).get("grad_clip", train_config.grad_clip)
+        if (
+            dist.is_main
+            and (kept_clip is None or isinstance(kept_clip, (int, float)))
+            and (kept_clip or None) != (train_config.grad_clip or None)
+        ):
+            log.info(
+                "resuming with --grad-clip %g (the checkpoint trained with %g)",
+                train_config.grad_clip or 0,
+                kept_clip or 0,
+            )
         kept_batch = state.get("train_config", {}).get("batch_size")
         if dist.is_main and kept_batch is not None and kept_batch != train_config.batch_size:
             log.info(

@@ -770,6 +770,38 @@ def test_cli_resume_without_lr_keeps_the_checkpoints(tmp_path, capsys):
     assert {g["lr"] for g in load_model_file(ckpt)["optimizer_state"]["param_groups"]} == {1e-4}
 
 
+def test_cli_grad_clip_is_applied_recorded_and_kept_on_resume(tmp_path, capsys):
+    """Review: the gradients were clipped to a total norm of 10 at every step (norms of
+    hundreds to thousands on the default loss), with no option and no word in the docs."""
+    data = tmp_path / "data"
+    assert run(["--quiet", "synth", data, "--n", "2", "--size", "20"], capsys)[0] == 0
+    argv = ["--quiet", "train", data / "images", *TINY_TRAIN, "--steps", "2"]
+    for name, clip in (
+        ("ten", []),
+        ("off", ["--grad-clip", "0"]),
+        ("tiny", ["--grad-clip", "1e-6"]),
+    ):
+        assert run([*argv, "-o", tmp_path / f"{name}.pt", *clip], capsys)[0] == 0
+    configs = {n: load_model_file(tmp_path / f"{n}.pt")["train_config"] for n in ("ten", "off")}
+    assert configs["ten"]["grad_clip"] == 10.0 and configs["off"]["grad_clip"] == 0.0
+    # the clip is in force: the same seed and steps, other weights; an update clipped to a
+    # norm of 1e-6 still moves Adam's weights by about lr (Adam divides the scale out) but
+    # not as the unclipped one does
+    assert not _same_weights(tmp_path / "ten.pt", tmp_path / "off.pt")
+    assert not _same_weights(tmp_path / "tiny.pt", tmp_path / "off.pt")
+    # --resume keeps the checkpoint's unless --grad-clip is given, and says so then
+    out = tmp_path / "off.pt"
+    resume = ["train", data / "images", "-o", out, *TINY_TRAIN, "--resume"]
+    code, _, err = run([*resume, "--steps", "3"], capsys)
+    assert code == 0 and "--grad-clip" not in err, err
+    assert load_model_file(companion_paths(out)[0])["train_config"]["grad_clip"] == 0.0
+    code, _, err = run([*resume, "--steps", "4", "--grad-clip", "5"], capsys)
+    assert code == 0 and "resuming with --grad-clip 5 (the checkpoint trained with 0)" in err
+    assert load_model_file(out)["train_config"]["grad_clip"] == 5.0
+    code, _, err = run([*argv, "-o", tmp_path / "bad.pt", "--grad-clip", "inf"], capsys)
+    assert code == 2 and "--grad-clip inf should be a finite number >= 0" in err, err
+
+
 def test_cli_resume_without_batch_size_keeps_the_checkpoints(tmp_path, capsys):
     """As --lr: a resumed run without --batch-size trained on at 64 triplets a step, the
     default, where the checkpoint had 3 (only an info line said so, hidden by -q)."""
