@@ -9,8 +9,9 @@ triplets an uninterrupted run would have drawn.
 Under ``torchrun`` (``WORLD_SIZE > 1``) the same loop runs on every rank with
 DistributedDataParallel (see :mod:`hypsegcli.distributed`): ``batch_size`` is
 per rank (each step sees ``batch_size * world_size`` triplets), rank r seeds its
-triplet and noise generators with ``seed + 1 + 2r`` and ``seed + 2 + 2r`` (rank
-0, like a single process, with ``seed + 1`` and ``seed + 2``), the reported
+triplet and noise generators with :func:`stream_seed` (rank 0, like a single
+process, with ``seed + 1`` and ``seed + 2``; other ranks with seeds drawn from
+``seed`` and ``r``, which no rank of another seed shares), the reported
 losses are means over the ranks, and rank 0 alone writes the files.
 """
 
@@ -204,6 +205,18 @@ def _warn_settings_kept(
         )
 
 
+def stream_seed(seed: int, rank: int, stream: int) -> int:
+    """The seed of a rank's generator ``stream`` (1: triplets, 2: reparameterisation
+    noise): ``seed + stream`` on rank 0, as in a single process; on other ranks one drawn
+    from ``SeedSequence([seed, rank, stream])``, so that no rank of one ``--seed`` draws
+    what a rank of another draws (``seed + 1 + 2r`` gave rank 1 of seed 0 the triplets of
+    seed 2)."""
+    if rank == 0:
+        return seed + stream
+    state = np.random.SeedSequence([seed, rank, stream]).generate_state(1, np.uint64)
+    return int(state[0]) >> 1  # (63 bits: torch's manual_seed takes any of them)
+
+
 def _warn_volumes_differ(kept: Sequence[dict[str, Any]], volumes: Sequence[Any]) -> None:
     """A resumed run on other volumes or masks than its checkpoint's says which changed:
     above all a --mask left out of a resubmitted command line, after which anchors
@@ -357,8 +370,8 @@ def _train(
                 f"{ckpt_path}: malformed training checkpoint (its model settings: {exc})"
             ) from None
     model.to(dev)
-    sample_gen = torch.Generator(device=dev).manual_seed(seed + 1 + 2 * dist.rank)
-    noise_gen = torch.Generator(device=dev).manual_seed(seed + 2 + 2 * dist.rank)
+    sample_gen = torch.Generator(device=dev).manual_seed(stream_seed(seed, dist.rank, 1))
+    noise_gen = torch.Generator(device=dev).manual_seed(stream_seed(seed, dist.rank, 2))
     tensors = [torch.from_numpy(np.ascontiguousarray(v.data)).to(dev) for v in volumes]
     try:
         sampler = TripletSampler(

@@ -532,3 +532,18 @@ def test_first_line_of_collective_errors():
     assert distributed._is_collective_error(exc)
     assert distributed._first_line(exc) == "Connection closed by peer [127.0.0.1]:55434"
     assert not distributed._is_collective_error(RuntimeError("CUDA out of memory"))
+
+
+def test_ranks_of_different_seeds_share_no_stream():
+    """Review: rank r seeded with seed + 1 + 2r, so rank 1 of --seed 0 drew the triplets
+    (and noise) of --seed 2's rank 0, and seed replicates under torchrun were not
+    independent. Rank 0 keeps a single process's seeds."""
+    from hypsegcli.training import stream_seed
+
+    assert [stream_seed(s, 0, k) for s in (0, 7) for k in (1, 2)] == [1, 2, 8, 9]
+    # (rank 0's are seed + 1 and seed + 2, a single process's, as before)
+    others = [stream_seed(s, r, k) for s in range(50) for r in range(1, 8) for k in (1, 2)]
+    firsts = {stream_seed(s, 0, k) for s in range(50) for k in (1, 2)}
+    assert len(set(others)) == len(others) and not firsts & set(others)
+    assert all(0 <= v < 2**63 for v in others)
+    assert stream_seed(2**63 - 1, 5, 2) == stream_seed(2**63 - 1, 5, 2)  # deterministic
