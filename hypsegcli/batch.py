@@ -34,9 +34,12 @@ single ``write`` call while holding an exclusive ``fcntl.lockf`` lock on it
 (waited for at most :data:`LOCK_WAIT_S`; file systems without locks are
 written to without one). Appends of concurrent array tasks therefore never
 overwrite each other on a local disk or on file systems with working POSIX
-locks (NFS with lockd/NFSv4, Lustre mounted with ``flock``, GPFS). Readers
-(:func:`read_manifest`) skip a line that is not valid JSON (a record cut by a
-full disk).
+locks (NFS with lockd/NFSv4, Lustre mounted with ``flock``, GPFS). A record
+cut by a full disk is taken back (the file truncated to its size before the
+write, under the lock); one that stays (no lock to be had, or the run killed
+mid-write) leaves a line without its newline, which the next append ends
+first, so that only that line is lost: readers (:func:`read_manifest`) skip a
+line that is not valid JSON.
 """
 
 from __future__ import annotations
@@ -224,12 +227,17 @@ class Failure:
 
 
 def one_line(exc: BaseException, limit: int = 400) -> str:
-    """A one-line description of ``exc`` (its message; the type too for unexpected errors)."""
+    """A one-line description of ``exc`` (its message; the type too for unexpected errors),
+    at most ``limit`` characters: a longer one keeps its start and its end (where the
+    reason is, after a long path) around " ... "."""
     text = str(exc).strip()
     first = text.splitlines()[0].strip() if text else ""
     if not isinstance(exc, HypsegError):
         first = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
-    return first if len(first) <= limit else first[: limit - 3] + "..."
+    if len(first) <= limit:
+        return first
+    head = (limit - 5) // 3
+    return first[:head] + " ... " + first[len(first) - (limit - 5 - head) :]
 
 
 class Failures:
@@ -465,16 +473,25 @@ def append_manifest(folder: str | os.PathLike[str], record: Mapping[str, Any]) -
     data = (json.dumps(record, separators=(",", ":"), default=str) + "\n").encode("utf-8")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     except OSError as exc:
         raise HypsegError(f"{path}: cannot open the run manifest ({exc.strerror or exc})") from None
     try:
         locked = _lock(fd)
         try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":  # a record cut earlier: ended
+                data = b"\n" + data  # (so that only that line is lost, not this one too)
             view = memoryview(data)
-            while view:  # one write in practice; a short write continues where it stopped
-                written = os.write(fd, view)
-                view = view[written:]
+            try:
+                while view:  # one write in practice; a short write continues where it stopped
+                    written = os.write(fd, view)
+                    view = view[written:]
+            except OSError:
+                if locked:  # a cut record taken back (no other writer appended meanwhile)
+                    with contextlib.suppress(OSError):
+                        os.ftruncate(fd, size)
+                raise
         finally:
             if locked:
                 import fcntl
@@ -665,9 +682,9 @@ def peek_shape(path: str | os.PathLike[str]) -> tuple[int, int, int]:
                 if sorted(dims) != [1, 2, 3]:
                     return (int(h.nx), int(h.ny), int(h.nz))
                 return (dims[1], dims[2], dims[3])
-        import nibabel as nib
+        from .io import load_nifti
 
-        shape = tuple(int(s) for s in nib.load(os.fspath(path)).shape)
+        shape = tuple(int(s) for s in load_nifti(path).shape)
     except Exception as exc:  # noqa: BLE001 - reported in the plan
         raise BadInputError(f"{path}: cannot read the header ({one_line(exc)})") from None
     while len(shape) > 3 and shape[-1] == 1:

@@ -476,13 +476,33 @@ def _unreadable_nifti(path: Path) -> str | None:
     return None
 
 
-def _read_nifti(path: Path, *, native: bool = False) -> tuple[np.ndarray, VolumeGeometry]:
+def load_nifti(path: str | os.PathLike[str]) -> Any:
+    """``nibabel.load``, also for a suffix of mixed case (``a.Nii.gz``), whose file nibabel
+    looks for under the lower-case name: read through a file holder of the name as it is
+    (the header's size, 348 or 540 bytes, picks NIfTI-1 or -2)."""
     import nibabel as nib
+
+    name = os.fspath(path)
+    suffix = volume_suffix(name) or ""
+    written = name[len(name) - len(suffix) :]
+    if written in (suffix, suffix.upper()):
+        return nib.load(name)
+    holder = nib.FileHolder(filename=name)
+    with holder.get_prepare_fileobj(mode="rb") as handle:
+        raw = handle.read(4)
+    size = int.from_bytes(raw, "little") if len(raw) == 4 else 0
+    if size not in (348, 540):
+        size = int.from_bytes(raw, "big")
+    klass = nib.Nifti2Image if size == 540 else nib.Nifti1Image
+    return klass.from_file_map({"header": holder, "image": holder})
+
+
+def _read_nifti(path: Path, *, native: bool = False) -> tuple[np.ndarray, VolumeGeometry]:
 
     shape3: tuple[int, ...] = ()
     try:
         with _nibabel_reports(path):
-            img = nib.load(os.fspath(path))
+            img = load_nifti(path)
             shape3 = _check_3d(path, img.shape)
             if np.dtype(img.get_data_dtype()).kind == "c" or (
                 img.get_data_dtype().names is not None  # RGB and other compound types

@@ -125,6 +125,34 @@ def _spawn(code: str, n: int) -> None:
         assert proc.returncode == 0, err.decode()
 
 
+def test_a_manifest_record_cut_by_a_full_disk_costs_no_other(tmp_path, monkeypatch):
+    """Review: a short write (ENOSPC) left ~1 900 bytes of a record without its newline,
+    the next run's record was glued to them, and both were lost (and `jq -s` failed)."""
+    import errno as errno_module
+
+    batch.append_manifest(tmp_path, {"run": 1})
+    path = tmp_path / MANIFEST_NAME
+    before = path.read_bytes()
+    real_write = os.write
+
+    def full_disk(fd, data):
+        if len(data) > 10:  # half of it lands, then the disk is full
+            real_write(fd, bytes(data[: len(data) // 2]))
+        raise OSError(errno_module.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(batch.os, "write", full_disk)
+    with pytest.raises(HypsegError, match="cannot append to the run manifest"):
+        batch.append_manifest(tmp_path, {"run": 2, "pad": "x" * 1000})
+    monkeypatch.setattr(batch.os, "write", real_write)
+    assert path.read_bytes() == before  # taken back
+    # a cut record that stayed (a run killed mid-write): the next one starts a line of its own
+    with open(path, "ab") as handle:
+        handle.write(b'{"run": 3, "pad": "xxx')
+    batch.append_manifest(tmp_path, {"run": 4})
+    assert [r["run"] for r in read_manifest(path)] == [1, 4]
+    assert path.read_bytes().endswith(b'"xxx\n{"run":4}\n')
+
+
 def test_concurrent_manifest_appends_lose_nothing(tmp_path):
     code = f"""
         import sys
@@ -795,3 +823,13 @@ def test_example_walkthrough(tmp_path):
     assert "mean Dice" in result.stderr and "est. peak memory" in result.stderr
     (record,) = read_manifest(work / "seg" / MANIFEST_NAME)
     assert record["exit_status"] == 0
+
+
+def test_long_error_lines_keep_their_reason():
+    """Review: per-volume error lines were cut at 400 characters from the start, so after a
+    long output path the reason ("No space left on device") was lost."""
+    long = "/deep/" + "b" * 600 + "/case_000.centroids.json"
+    line = batch.one_line(HypsegError(f"{long}: cannot write (No space left on device)"))
+    assert len(line) == 400 and line.startswith("/deep/bbb") and " ... " in line
+    assert line.endswith("/case_000.centroids.json: cannot write (No space left on device)")
+    assert batch.one_line(OSError("short")) == "OSError: short"

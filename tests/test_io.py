@@ -897,3 +897,19 @@ def test_long_library_errors_are_cut_at_a_sentence():
     assert io.short_message(RuntimeError("word " * 60)) == ("word " * 40)[:199] + " ..."
     assert io.short_message(RuntimeError("x" * 300)) == "x" * 200 + " ..."
     assert io.short_message(RuntimeError("short\nsecond line")) == "short"
+
+
+@pytest.mark.parametrize("cls", [nib.Nifti1Image, nib.Nifti2Image])
+@pytest.mark.parametrize("suffix", [".Nii.gz", ".nii.Gz", ".Nii"])
+def test_a_nifti_suffix_of_mixed_case_is_read(tmp_path, cls, suffix):
+    """Review: listed as volumes (suffixes match in any case), `a.Nii.gz` then failed with
+    "No such file ... a.nii.gz": nibabel looked for the lower-case name."""
+    data = np.random.default_rng(0).random((5, 6, 7)).astype(np.float32)
+    plain = tmp_path / f"a{suffix.lower()}"
+    nib.save(cls(data, np.diag([2.0, 3.0, 4.0, 1.0])), plain)
+    mixed = tmp_path / f"b{suffix}"
+    plain.rename(mixed)
+    vol = io.read_volume(mixed)
+    np.testing.assert_array_equal(vol.data, data)
+    assert vol.geometry.spacing == (2.0, 3.0, 4.0)
+    assert io.collect_inputs([tmp_path]) == [mixed]
