@@ -48,7 +48,9 @@ replaced or removed (POSIX keeps the old file alive while it is mapped).
 
 Only an unusable cache folder (a file where the folder should be, no write
 permission, a failed write) raises :class:`~hypsegcli.errors.HypsegError`,
-with a one-line message naming the path.
+with a one-line message naming the path; an ``optional`` cache (``cluster``'s)
+raises only for a file in the way, and otherwise warns once and stores nothing
+more, its entries still read.
 """
 
 from __future__ import annotations
@@ -314,15 +316,34 @@ class EmbeddingCache:
         verify: Verify = "full",
         mmap_threshold: int = DEFAULT_MMAP_THRESHOLD,
         create: bool = True,
+        optional: bool = False,
     ) -> None:
         self.root = Path(root).expanduser()
         self.directory = self.root / LAYOUT
         self.verify: str = _check_verify(verify)
         self.mmap_threshold = int(mmap_threshold)
+        #: ``optional``: a cache the work can do without (``cluster``'s: the arrays it
+        #: stores are in memory anyway): a folder that cannot be written, or a write that
+        #: fails (a full disk), is warned about once, and the entries there are still
+        #: read but no new one is stored. Otherwise (``embed``, whose output it is) such a
+        #: folder or write raises.
+        self.optional = bool(optional)
+        self.writable = True
         if create:
             self._ensure_usable()
         else:
             self._check_not_blocked()
+
+    def _stop_storing(self, why: str) -> None:
+        """An optional cache that cannot store entries: said once; it is read from still."""
+        if self.writable:
+            log.warning(
+                "%s: its entries are read, new ones are not stored this run (another cache: "
+                "--cache-dir or %s)",
+                why,
+                ENV_VAR,
+            )
+        self.writable = False
 
     def __repr__(self) -> str:
         return f"EmbeddingCache({str(self.root)!r})"
@@ -356,6 +377,9 @@ class EmbeddingCache:
                 folder, "a file is in the way, not a folder", BadInputError
             ) from None
         except OSError as exc:
+            if self.optional:
+                self._stop_storing(f"{folder}: cannot create the cache folder ({exc.strerror})")
+                return
             raise self._unusable(folder, exc.strerror or str(exc)) from None
         probe = folder / temporary_name("probe")
         try:
@@ -364,6 +388,9 @@ class EmbeddingCache:
             with contextlib.suppress(FileNotFoundError):  # a concurrent `cache clear` took it
                 os.unlink(probe)
         except OSError as exc:
+            if self.optional:
+                self._stop_storing(f"{folder}: cannot write in the cache folder ({exc.strerror})")
+                return
             raise self._unusable(folder, f"cannot write: {exc.strerror or exc}") from None
         remove_stale_temporaries(folder)  # a killed put's array (see io.STALE_TEMPORARY_S)
 
@@ -376,8 +403,9 @@ class EmbeddingCache:
 
     # -- writing
 
-    def put(self, key: str, array: np.ndarray, meta: dict[str, Any] | None = None) -> Path:
-        """Store ``array`` under ``key`` (replacing any entry) and return the .npy path.
+    def put(self, key: str, array: np.ndarray, meta: dict[str, Any] | None = None) -> Path | None:
+        """Store ``array`` under ``key`` (replacing any entry) and return the .npy path
+        (None where an optional cache stores nothing, see ``optional``).
 
         ``meta`` is free-form, JSON-able information shown by ``hypseg cache ls``
         (e.g. ``volume`` name, ``model`` path); ``created`` is added. Numeric
@@ -390,6 +418,8 @@ class EmbeddingCache:
         """
         data_path = self.data_path(key)
         side_path = self._sidecar_path(key)
+        if not self.writable:
+            return None
         array = np.asarray(array)
         if array.dtype.kind not in "biufc" or array.dtype.fields is not None:
             raise TypeError(f"cache entries hold numeric arrays, got dtype {array.dtype}")
@@ -436,9 +466,11 @@ class EmbeddingCache:
                     exc.filename,
                 )
             elif isinstance(exc, OSError):
-                raise HypsegError(
-                    f"{failing}: cannot write cache entry ({os_error_text(exc)})"
-                ) from None
+                message = f"{failing}: cannot write cache entry ({os_error_text(exc)})"
+                if not self.optional:
+                    raise HypsegError(message) from None
+                self._stop_storing(message)
+                return None
             else:
                 raise
         return data_path

@@ -1350,15 +1350,22 @@ def _nest_spec(
     }
 
 
-def _existing_cache(root: Path) -> Any:
-    """The cache at ``root`` if its folder exists (a dry run creates nothing), else None."""
+def _existing_cache(root: Path, *, optional: bool = False) -> Any:
+    """The cache at ``root`` if its folder exists (a dry run creates nothing), else None.
+    ``optional``: the run can do without storing entries (``cluster``)."""
     from .cache import LAYOUT, EmbeddingCache
 
     folder = Path(root) / LAYOUT
     if not folder.is_dir():
         return None
     if not os.access(folder, os.W_OK | os.X_OK):
-        log.warning("%s: the cache folder is not writable; the run will fail there", folder)
+        log.warning(
+            "%s: the cache folder is not writable; %s",
+            folder,
+            "its entries are read, new ones will not be stored"
+            if optional
+            else "the run will fail there",
+        )
     try:
         return EmbeddingCache(root, create=False)  # no write probe: a dry run writes nothing
     except Exception:  # noqa: BLE001 - an unusable cache holds nothing usable
@@ -3005,7 +3012,7 @@ def cluster(
             part,
             model=model,
             done=done,
-            cache=_existing_cache(cache_root) if cache_root else None,
+            cache=_existing_cache(cache_root, optional=True) if cache_root else None,
             reuse_cache=True,
             patch_size=patch_size,
             stride=stride,
@@ -3025,7 +3032,8 @@ def cluster(
             masks=masks,
             euclidean=clusterer.kind != "ball",
         )
-    cache = EmbeddingCache(cache_root) if cache_root is not None else None
+    # (optional: a cache that cannot be written, or fills up, costs only the caching)
+    cache = EmbeddingCache(cache_root, optional=True) if cache_root is not None else None
 
     def features_of(volume: Any, sha: str) -> tuple[np.ndarray, bool]:
         if model is None:

@@ -255,6 +255,51 @@ def test_failed_write_is_an_error_naming_the_file(cache, monkeypatch):
     assert list(cache.directory.iterdir()) == []  # no temporary file left behind
 
 
+def test_an_optional_cache_that_fills_up_or_is_read_only_stores_nothing_more(
+    tmp_path, monkeypatch, caplog
+):
+    """Review: `cluster` failed every volume on a full cache disk (for a 2x2 centroid array it
+    could not store, the embeddings in memory), and refused a read-only cache that held
+    every entry it needed. An optional cache (cluster's) warns once and goes on."""
+    full = EmbeddingCache(tmp_path, optional=True)
+    full.put("old", np.arange(3.0))
+    real_save = cache_mod.np.save
+
+    def no_space(*_args, **_kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cache_mod.np, "save", no_space)
+    with caplog.at_level("WARNING", logger="hypsegcli"):
+        assert full.put("k", np.zeros(3)) is None and full.put("j", np.ones(3)) is None
+    assert caplog.text.count("cannot write cache entry (No space left on device)") == 1
+    assert "its entries are read, new ones are not stored this run" in caplog.text
+    assert not full.writable and full.get("k") is None
+    np.testing.assert_array_equal(full.get("old"), np.arange(3.0))
+    monkeypatch.setattr(cache_mod.np, "save", real_save)
+    assert full.put("k", np.zeros(3)) is None  # (for the rest of the run)
+    # a folder that cannot be written: read, not written, and no error
+    real_open = cache_mod.os.open
+
+    def read_only(path, flags, *args, **kwargs):
+        if flags & os.O_CREAT:
+            raise OSError(30, "Read-only file system")
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(cache_mod.os, "open", read_only)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="hypsegcli"):
+        shared = EmbeddingCache(tmp_path, optional=True)
+    assert "cannot write in the cache folder (Read-only file system)" in caplog.text
+    np.testing.assert_array_equal(shared.get("old"), np.arange(3.0))
+    assert shared.put("new", np.zeros(2)) is None
+    with pytest.raises(HypsegError, match="unusable cache folder .cannot write: Read-only"):
+        EmbeddingCache(tmp_path)  # (embed's, which the cache is the output of)
+    # a file in the way is a mistake to name, optional or not
+    (tmp_path / "blocker").write_text("x")
+    with pytest.raises(BadInputError, match="a file is in the way"):
+        EmbeddingCache(tmp_path / "blocker", optional=True)
+
+
 @pytest.mark.parametrize(
     "exc", [OSError(28, "No space left on device"), KeyboardInterrupt(), FileNotFoundError()]
 )
