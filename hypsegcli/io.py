@@ -876,7 +876,8 @@ def check_output_folder(
     name, and the next run would read the outputs as inputs (or, for ``embed -o``'s arrays
     and records, skip them with a warning every time). A glob pattern among ``inputs``
     searches the folder its fixed part names. ``create``: make the folder and check that it
-    is writable (off for dry runs, which write nothing).
+    is writable with a probe file; off (dry runs, which write nothing), the folder, or the
+    nearest existing folder above it, is checked writable by its permissions only.
     """
     folder = Path(folder)
     for item in inputs:
@@ -900,6 +901,13 @@ def check_output_folder(
         _probe_folder(folder, what)
     elif folder.exists() and not folder.is_dir():
         raise BadInputError(f"{folder}: exists and is not a folder ({what})")
+    else:  # (a dry run creates nothing: the folder, or the nearest one to create it in)
+        nearest = next((p for p in (folder, *folder.parents) if p.exists()), None)
+        if nearest is not None and nearest.is_dir() and not os.access(nearest, os.W_OK | os.X_OK):
+            raise BadInputError(
+                f"{folder}: cannot write here ({nearest} is read-only, or not writable by "
+                "this user)"
+            )
 
 
 def os_error_text(exc: OSError) -> str:

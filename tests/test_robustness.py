@@ -1258,3 +1258,27 @@ def test_a_second_train_on_the_same_output_is_refused_while_the_first_runs(
     lock_path(model).write_text("process 1 on elsewhere")
     code, _, err = run(argv, capsys)
     assert code == 0 and model.exists() and not lock_path(model).exists(), err
+
+
+def test_a_dry_run_names_an_output_folder_it_could_not_write(tmp_path, capsys, monkeypatch):
+    """Review: `cluster --dry-run -o` on a read-only filesystem passed (exit 0), and the run
+    it vouched for was then refused."""
+    from hypsegcli import io as io_module
+
+    _blob(tmp_path / "v.nii.gz")
+    real_access = os.access
+    locked = tmp_path / "ro"
+    locked.mkdir()
+    monkeypatch.setattr(  # (os itself: a read-only folder as root, who may write anywhere)
+        io_module.os,
+        "access",
+        lambda p, mode: real_access(p, mode) and not (mode & os.W_OK and Path(p) == locked),
+    )
+    for target in (locked, locked / "new" / "seg"):
+        code, out, err = run(
+            ["cluster", tmp_path / "v.nii.gz", "--features", "intensity", "--k", "2"]
+            + ["-o", target, "--dry-run"],
+            capsys,
+        )
+        _one_error(code, out, err, f"{target}: cannot write here ({locked} is read-only")
+    assert list(locked.iterdir()) == []
