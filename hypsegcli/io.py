@@ -845,6 +845,17 @@ def _probe_folder(folder: Path, what: str) -> None:
             probe.unlink()
 
 
+def check_name_length(path: str | os.PathLike[str], why: str) -> None:
+    """Before any work: the file name of ``path`` fits file systems' limit of
+    :data:`_NAME_MAX` bytes (else the write fails, after the work). ``why`` says where the
+    name comes from, for the message."""
+    size = len(os.fsencode(Path(path).name))
+    if size > _NAME_MAX:
+        raise BadInputError(
+            f"{path}: a file name of {size} bytes, more than file systems take ({_NAME_MAX}); {why}"
+        )
+
+
 def check_output_file(
     path: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[str]] = (), *, what: str
 ) -> None:
@@ -853,6 +864,7 @@ def check_output_file(
     ``what`` names the option in the messages (e.g. "train -o").
     """
     path = Path(path)
+    check_name_length(path, f"give {what} a shorter name")
     if path.is_dir():
         raise BadInputError(f"{path}: is a folder, {what} needs a file name")
     for item in inputs:

@@ -37,6 +37,7 @@ from .io import (
     bids_key,
     bids_match,
     case_name,
+    check_name_length,
     check_output_file,
     check_output_folder,
     check_unique_cases,
@@ -45,6 +46,7 @@ from .io import (
     exclusive_writer,
     geometry_record,
     geometry_sha256,
+    lock_path,
     read_volume,
     remove_stale_temporaries,
     volume_suffix,
@@ -1053,6 +1055,7 @@ def train(
         masks = _Masks(mask, paths, paths, recursive=recursive) if mask is not None else None
         for target in (Path(output), *training.companion_paths(Path(output))):
             check_output_file(target, [*paths, *(masks.files() if masks else [])], what="train -o")
+        check_name_length(lock_path(output), "give train -o a shorter name")
         if job.is_main:  # held to the end: the same run started twice is refused here
             held.enter_context(exclusive_writer(Path(output), "hypseg train"))
         if resume and overwrite:
@@ -1419,6 +1422,11 @@ def embed(
         check_unique_cases(paths, why=f"their embeddings in {output} would overwrite each other")
         check_output_folder(output, inputs, recursive=recursive, what="embed -o", create=False)
         _check_no_folder_at(Path(output), [MANIFEST_NAME], what="embed -o")
+        for path in paths:
+            for name in (f"{case_name(path)}.npy", f"{case_name(path)}.json"):
+                check_name_length(
+                    Path(output) / name, f"the output named after {path} (rename it shorter)"
+                )
     part = resolve_part(num_parts, part_id, environ)
     selected = _select_part(paths, part)
     model = LoadedModel(model_path, device)
@@ -2254,11 +2262,13 @@ def _case_k_outputs(out: Path, path: Path, k: int) -> tuple[Path, Path]:
 def _check_outputs_are_not_inputs(
     out: Path, paths: list[Path], ks: list[int], preview: bool, masks: Sequence[Path] = ()
 ) -> None:
-    """No file ``cluster`` would write into ``out`` is one of the inputs or masks."""
+    """No file ``cluster`` would write into ``out`` is one of the inputs or masks, and each
+    one's name fits file systems' limit (a case name of 245 bytes does not)."""
     inputs = {entry_path(p) for p in [*paths, *masks]}
     folder = entry_path(out / "centroids.json").parent  # every output lies directly in it
     for path in paths:
         for target in [*_case_outputs(out, path, ks, preview), out / "centroids.json"]:
+            check_name_length(target, f"the output named after {path} (rename it shorter)")
             if folder / target.name in inputs:
                 raise BadInputError(
                     f"{target}: is one of the inputs; cluster -o {out} would overwrite it "

@@ -1282,3 +1282,25 @@ def test_a_dry_run_names_an_output_folder_it_could_not_write(tmp_path, capsys, m
         )
         _one_error(code, out, err, f"{target}: cannot write here ({locked} is read-only")
     assert list(locked.iterdir()) == []
+
+
+def test_output_names_beyond_the_file_name_limit_are_refused_before_any_work(tmp_path, capsys):
+    """Review: a legal 252-byte input name gave a 260-byte `<case>.centroids.json`: the
+    run embedded and fitted, then failed with "OSError: File name too long", exit 1, and
+    the dry run had passed."""
+    long = "a" * 245
+    (tmp_path / "in").mkdir()
+    _blob(tmp_path / "in" / f"{long}.nii.gz")
+    _blob(tmp_path / "in" / "short.nii.gz")
+    base = ["cluster", tmp_path / "in", "--features", "intensity", "--k", "2"]
+    for extra in (["--dry-run"], []):
+        code, out, err = run([*base, "-o", tmp_path / "seg", *extra], capsys)
+        _one_error(code, out, err, f"{long}.centroids.json: a file name of 260 bytes, more than")
+        assert "(rename it shorter)" in err
+    assert not (tmp_path / "seg").exists()
+    code, out, err = run(
+        ["train", tmp_path / "in" / "short.nii.gz", "-o", tmp_path / f"{'m' * 248}.pt"]
+        + ["--steps", "1"],
+        capsys,
+    )
+    _one_error(code, out, err, "a file name of 256 bytes", "give train -o a shorter name")
