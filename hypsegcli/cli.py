@@ -231,6 +231,8 @@ def _finish_batch(summary: dict[str, Any], as_json: bool, *, total: int, what: s
 
     if as_json:
         emit_json(summary)
+    if summary.get("error"):  # the run failed at its end (e.g. writing its merged record)
+        raise _fail(str(summary["error"]), int(summary.get("error_exit_code", 1)))
     failures = summary.get("failures") or []
     if failures:
         raise _fail(failure_summary(failures, total, what), exit_code_of(failures))

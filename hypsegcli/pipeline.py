@@ -3376,10 +3376,17 @@ def cluster(
                 _merge_centroids(out, header)  # (a signal meanwhile waits for it, dropped)
                 caught.clear()
             raise
+        error: HypsegError | None = None
         with signals_held():  # a signal meanwhile waits for the file, then stops the run
-            merged = _merge_centroids(out, header)
-        run.exit_status = failures.exit_code
+            try:
+                merged: Path | None = _merge_centroids(out, header)
+            except HypsegError as exc:  # (a full disk): the summary still goes out, then this
+                merged, error = None, exc
+        run.exit_status = failures.exit_code if error is None else error.exit_code
+        if error is not None:
+            run.set(error=str(error))
     return {
+        **({"error": str(error), "error_exit_code": error.exit_code} if error else {}),
         "out": str(out),
         "ks": ks,
         "features": features,
@@ -3389,7 +3396,7 @@ def cluster(
         "skipped": sum(r["status"] == "skipped" for r in rows),
         "failed": len(failures),
         "part": part.to_dict(),
-        "centroids": str(merged),
+        "centroids": str(merged) if merged else None,
         "volumes": rows,
         "failures": failures.to_json(),
         "manifest": str(run.path),

@@ -17,7 +17,7 @@ import torch
 from clitools import TINY_TRAIN, run, tiny_pipeline
 
 from hypsegcli import cli, config, io, pipeline
-from hypsegcli.errors import BadInputError
+from hypsegcli.errors import BadInputError, HypsegError
 from hypsegcli.training import companion_paths
 
 
@@ -1304,3 +1304,31 @@ def test_output_names_beyond_the_file_name_limit_are_refused_before_any_work(tmp
         capsys,
     )
     _one_error(code, out, err, "a file name of 256 bytes", "give train -o a shorter name")
+
+
+def test_a_run_failing_at_its_end_still_prints_its_json_summary(tmp_path, capsys, monkeypatch):
+    """Review: when the merged centroids.json could not be written (a full disk), `--json`
+    printed nothing, though the volumes' results and failures were known."""
+    from hypsegcli import pipeline
+    from hypsegcli.batch import read_manifest
+
+    _blob(tmp_path / "v.nii.gz")
+
+    def full(out, header):
+        raise HypsegError(f"{out / 'centroids.json'}: cannot write (No space left on device)")
+
+    monkeypatch.setattr(pipeline, "_merge_centroids", full)
+    code, out, err = run(
+        ["cluster", tmp_path / "v.nii.gz", "--features", "intensity", "--k", "2", "--json"]
+        + ["-o", tmp_path / "seg"],
+        capsys,
+    )
+    errors = [line for line in err.splitlines() if line.startswith("hypseg: error:")]
+    assert len(errors) == 1 and errors[0].endswith(
+        "centroids.json: cannot write (No space left on device)"
+    )
+    summary = json.loads(out)
+    assert code == 1 and summary["error"].endswith("(No space left on device)")
+    assert summary["centroids"] is None and summary["done"] == 1 and summary["failures"] == []
+    record = read_manifest(tmp_path / "seg" / "hypseg-runs.jsonl")[-1]
+    assert record["exit_status"] == 1 and "No space left" in record["error"]
