@@ -380,6 +380,13 @@ def read_volume(
     if not path.exists():
         raise BadInputError(_missing(path, "no such file"))
     fmt = _format_of(path)
+    try:  # (nibabel says only "Could not read file" where it may not)
+        with open(path, "rb"):
+            pass
+    except PermissionError as exc:
+        raise BadInputError(f"{path}: cannot read ({exc.strerror})") from None
+    except OSError:
+        pass  # (a folder named .nii.gz and the like: the reader says what it is)
     reader = _read_nifti if fmt == "nifti" else _read_mrc
     data, geometry = reader(path, native=native)
     if not allow_nonfinite:

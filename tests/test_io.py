@@ -913,3 +913,21 @@ def test_a_nifti_suffix_of_mixed_case_is_read(tmp_path, cls, suffix):
     np.testing.assert_array_equal(vol.data, data)
     assert vol.geometry.spacing == (2.0, 3.0, 4.0)
     assert io.collect_inputs([tmp_path]) == [mixed]
+
+
+def test_a_file_without_read_permission_is_named_as_such(tmp_path, monkeypatch):
+    """Review: a file of mode 000 (for a user bound by it) was reported as nibabel's
+    "Could not read file", which hides the reason."""
+    import builtins
+
+    nib.save(nib.Nifti1Image(np.zeros((3, 4, 5), np.float32), np.eye(4)), tmp_path / "p.nii")
+    real_open = builtins.open
+
+    def denied(file, *args, **kwargs):
+        if Path(file) == tmp_path / "p.nii":
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", denied)
+    with pytest.raises(BadInputError, match=r"p\.nii: cannot read \(Permission denied\)$"):
+        io.read_volume(tmp_path / "p.nii")
