@@ -232,7 +232,14 @@ def one_line(exc: BaseException, limit: int = 400) -> str:
     reason is, after a long path) around " ... "."""
     text = str(exc).strip()
     first = text.splitlines()[0].strip() if text else ""
-    if not isinstance(exc, HypsegError):
+    lowered = first.lower()
+    if isinstance(exc, MemoryError) or (
+        not isinstance(exc, HypsegError)
+        and ("out of memory" in lowered or "can't allocate memory" in lowered)
+    ):  # (a volume's; a smaller tile bounds the embedding's memory)
+        first = f"out of memory ({first[:160] or type(exc).__name__}); try a smaller --tile"
+        first += " or fewer --threads"
+    elif not isinstance(exc, HypsegError):
         first = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
     if len(first) <= limit:
         return first

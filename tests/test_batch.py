@@ -209,10 +209,10 @@ def test_failures_summary_and_exit_codes():
     assert failures.exit_code == 0
     failures.record("a/x.nii.gz", BadInputError("a/x.nii.gz: cannot read NIfTI (junk)"))
     assert failures.exit_code == 2
-    failures.record("a/y.nii.gz", RuntimeError("out of memory\nsecond line"))
+    failures.record("a/y.nii.gz", RuntimeError("a device error\nsecond line"))
     assert failures.exit_code == 1
     rows = failures.to_json()
-    assert rows[1]["error"] == "a/y.nii.gz: RuntimeError: out of memory"
+    assert rows[1]["error"] == "a/y.nii.gz: RuntimeError: a device error"
     line = batch.failure_summary(rows, 3)
     assert line.startswith("2 of 3 volume(s) failed (1 bad input, 1 runtime): x.nii.gz, y.nii.gz")
     assert batch.failure_summary(rows[:1], 1) == rows[0]["error"]
@@ -833,3 +833,10 @@ def test_long_error_lines_keep_their_reason():
     assert len(line) == 400 and line.startswith("/deep/bbb") and " ... " in line
     assert line.endswith("/case_000.centroids.json: cannot write (No space left on device)")
     assert batch.one_line(OSError("short")) == "OSError: short"
+    # review: an absurd --tile gave torch's allocator text with no hint
+    torch_text = "[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory"
+    line = batch.one_line(RuntimeError(torch_text))
+    assert line.startswith("out of memory ([enforce fail") and line.endswith(
+        "); try a smaller --tile or fewer --threads"
+    )
+    assert batch.one_line(MemoryError()).startswith("out of memory (MemoryError); try")
