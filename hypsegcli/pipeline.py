@@ -1779,6 +1779,14 @@ def plan(
         state: sum(r.get("state") == state for r in rows)
         for state in ("done", "cached", "compute", "cluster", "error")
     }
+    memory = _physical_memory()
+    if peaks and memory and max(peaks) > memory:  # (e.g. an absurd --tile)
+        log.warning(
+            "the estimated peak memory, %.1f GB, is more than this machine has (%.1f GB): "
+            "the run would fail or swap; try a smaller --tile or fewer --threads",
+            max(peaks) / 1e9,
+            memory / 1e9,
+        )
     return {
         "dry_run": True,
         "command": command,
@@ -1798,6 +1806,14 @@ def plan(
         "config": config,
         "notes": PLAN_NOTES if command == "cluster" else EMBED_PLAN_NOTES,
     }
+
+
+def _physical_memory() -> int | None:
+    """This machine's memory in bytes, where the system says (else None)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, OSError, ValueError):
+        return None
 
 
 def _check_embedding_options(patch_size: int, stride: int) -> None:

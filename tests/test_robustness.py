@@ -1332,3 +1332,18 @@ def test_a_run_failing_at_its_end_still_prints_its_json_summary(tmp_path, capsys
     assert summary["centroids"] is None and summary["done"] == 1 and summary["failures"] == []
     record = read_manifest(tmp_path / "seg" / "hypseg-runs.jsonl")[-1]
     assert record["exit_status"] == 1 and "No space left" in record["error"]
+
+
+def test_a_dry_run_warns_of_more_memory_than_the_machine_has(tmp_path, capsys, monkeypatch):
+    """Review: an absurd --tile was estimated at 7 GB for a 96^3 volume without a word."""
+    from hypsegcli import pipeline
+
+    _blob(tmp_path / "v.nii.gz")
+    argv = ["cluster", tmp_path / "v.nii.gz", "--features", "intensity", "--k", "2"]
+    argv += ["-o", tmp_path / "seg", "--dry-run"]
+    code, _, err = run(argv, capsys)
+    assert code == 0 and "more than this machine has" not in err, err
+    monkeypatch.setattr(pipeline, "_physical_memory", lambda: 1000)
+    code, _, err = run(argv, capsys)
+    assert code == 0 and "is more than this machine has (0.0 GB)" in err, err
+    assert "try a smaller --tile or fewer --threads" in err
