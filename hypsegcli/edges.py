@@ -18,7 +18,10 @@ boundaries) alone:
    + ``band`` (so that a voxel at the band's edge reaches the core on the
    other side; no value where the window holds none);
 4. v moves from its label a to the label b whose local mean is nearest
-   ``g(v)``, but only if both a and b have a local mean at v (a structure
+   ``g(v)``, among the labels in v's (2 ``band`` + 1)^3 neighbourhood (the
+   labels of the boundary v lies at: a third label further off, whose core
+   the window reaches, would paint a false sheet along that boundary), but
+   only if both a and b have a local mean at v (a structure
    thinner than the band has no core and is left alone, not dissolved) and
    the two labels' mean intensities over the whole volume differ by more
    than ``min_contrast`` times the voxel noise (the median absolute
@@ -158,6 +161,9 @@ def snap_labels(
         if outside is not None:
             mask &= ~outside
         overall[i] = float(x[mask].mean())
+        # a neighbouring label only: one within the band around v (a label whose core is in
+        # the window but which v's boundary does not touch would write a false sheet)
+        near = ndi.maximum_filter(mask, size=size, mode="constant").ravel()[flat]
         mask &= core
         count = ndi.uniform_filter(mask.astype(np.float32), window, mode="constant").ravel()[flat]
         total = ndi.uniform_filter(np.where(mask, g, np.float32(0)), window, mode="constant")
@@ -167,6 +173,7 @@ def snap_labels(
         has = count > 0.5 / window**3  # at least one (float sums carry rounding)
         dist = np.full(len(flat), np.inf, dtype=np.float32)
         dist[has] = np.abs(total[has] / count[has] - gv[has])
+        dist[~near] = np.inf
         closer = dist < best_dist  # strict: ties go to the lower label, as argmin does
         best[closer] = i
         best_dist[closer] = dist[closer]
