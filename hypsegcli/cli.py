@@ -1334,7 +1334,8 @@ def _render_evaluation(report: dict[str, Any]) -> None:
     stderr.print(table)
     for group in report["summary"]:
         stderr.print(
-            f"level {group['level'] or '-'} (k={group['k'] or '-'}): mean Dice {group['mean_dice']:.4f} "
+            f"level {'-' if group['level'] is None else group['level']} "
+            f"(k={'-' if group['k'] is None else group['k']}): mean Dice {group['mean_dice']:.4f} "
             f"± {group['std_dice']:.4f} over {group['n']} case(s)",
             markup=False,
         )

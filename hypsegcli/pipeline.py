@@ -336,14 +336,19 @@ def _synth_class(cls: Any) -> bool:
     )
 
 
-def _levels_by_k(dataset: dict[str, Any] | None) -> dict[int, int]:
-    """Number of classes -> level, from dataset.json's class list."""
+def _levels_by_k(dataset: dict[str, Any] | None) -> tuple[dict[int, int], dict[int, list[int]]]:
+    """Number of classes -> level, from dataset.json's class list; and the numbers of
+    classes that several levels share (-> those levels), which name no level."""
     if not dataset:
-        return {}
+        return {}, {}
     counts: dict[int, int] = {}
     for cls in dataset.get("classes", []):
         counts[int(cls["level"])] = counts.get(int(cls["level"]), 0) + 1
-    return {k: lvl for lvl, k in counts.items()}
+    levels: dict[int, list[int]] = {}
+    for lvl, k in sorted(counts.items()):
+        levels.setdefault(k, []).append(lvl)
+    unique = {k: lvls[0] for k, lvls in levels.items() if len(lvls) == 1}
+    return unique, {k: lvls for k, lvls in levels.items() if len(lvls) > 1}
 
 
 def _few(names: list[str], n: int = 5) -> str:
@@ -389,9 +394,22 @@ def pair_files(
     by_name = {case_name(t): t for t in truths}
     if dataset is False:
         dataset = _find_dataset_json(truth, level=level)
-    k_to_level = _levels_by_k(dataset or None)
+    k_to_level, shared_k = _levels_by_k(dataset or None)
+    if level is None and shared_k:
+        used_k = {int(m.group("k")) for p in preds if (m := _K_SUFFIX.match(case_name(p)))}
+        for k in sorted(used_k & set(shared_k)):
+            log.warning(
+                "dataset.json: levels %s all have %d classes, so a _k%d prediction names no "
+                "level: such predictions pair only with a truth of their own name (give "
+                "--level to choose)",
+                ", ".join(map(str, shared_k[k])),
+                k,
+                k,
+            )
     pairs = []
     unpaired = []
+    guessed: list[str] = []  # paired with <case> for a missing <case>_L<level>
+    levelled = {m.group("case") for n in by_name if (m := _L_SUFFIX.match(n))}
     ambiguous: list[str] = []
     contested: set[str] = set()  # ground truth named in ``ambiguous``
     unpaired_at: dict[int, set[str]] = {}
@@ -418,6 +436,9 @@ def pair_files(
                     unpaired_at.setdefault(k, set()).add(base)
                 continue
             target = case_name(bids[0]) if bids else base if base in by_name else None
+            if target == base and lvl is not None and base != name and base in levelled:
+                # (the case has truths of other levels: which level <case> is, is a guess)
+                guessed.append(f"{p.name} with {by_name[base].name} as level {lvl}")
         if target is None:
             unpaired.append(p.name)
             if k is not None:  # its ground truth is what is missing, not the prediction
@@ -435,6 +456,12 @@ def pair_files(
         )
     if unpaired:
         log.warning("no ground truth for %d prediction(s): %s", len(unpaired), _few(unpaired))
+    if guessed:
+        log.warning(
+            "%d prediction(s) paired with a truth named <case>, having no <case>_L<level>: %s",
+            len(guessed),
+            _few(guessed, 3),
+        )
     if ambiguous:
         log.warning(
             "%d prediction(s) not scored, several BIDS dseg files fit each: %s (give the "
@@ -806,7 +833,11 @@ def _dice_summary(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "std_dice": float(statistics.pstdev(values)) if len(values) > 1 else 0.0,
         }
         for (lvl, k), values in sorted(
-            groups.items(), key=lambda kv: (kv[0][0] or 0, kv[0][1] or 0)
+            groups.items(),
+            key=lambda kv: (  # (no level or k first; level 0 is a level)
+                -1 if kv[0][0] is None else kv[0][0],
+                -1 if kv[0][1] is None else kv[0][1],
+            ),
         )
     ]
 

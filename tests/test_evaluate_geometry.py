@@ -263,3 +263,54 @@ def test_float16_mrc_labels_are_read_without_overflow_warnings(tmp_path, capsys)
     assert report["cases"][0]["classes"][1]["dice"] == pytest.approx(
         2 * (p & g).sum() / (p.sum() + g.sum())
     )
+
+
+def _label_file(path, value=1):
+    data = np.zeros((6, 6, 6), np.uint8)
+    data[:3] = value
+    nib.save(nib.Nifti1Image(data, np.eye(4)), path)
+
+
+def test_pairing_by_k_names_its_guesses(tmp_path, caplog):
+    """Review: with two dataset.json levels of 2 classes a _k2 prediction took whichever
+    level was listed last, and a _k2 prediction whose <case>_L1 was missing took <case>
+    as level 1, both silently."""
+    from hypsegcli import pipeline
+
+    pred, truth = tmp_path / "pred", tmp_path / "truth"
+    pred.mkdir()
+    truth.mkdir()
+    for name in ("case_k2", "case_k4"):
+        _label_file(pred / f"{name}.nii.gz")
+    for name in ("case", "case_L1", "case_L2"):
+        _label_file(truth / f"{name}.nii.gz")
+    classes = [{"level": lvl, "id": i, "name": f"c{lvl}{i}"} for lvl in (1, 2) for i in (0, 1)]
+    with caplog.at_level("WARNING", logger="hypsegcli"):
+        pairs = pipeline.pair_files(pred, truth, dataset={"classes": classes})
+    assert "levels 1, 2 all have 2 classes, so a _k2 prediction names no level" in caplog.text
+    assert [(p["pred"].name, p["truth"].name, p["level"]) for p in pairs] == [
+        ("case_k2.nii.gz", "case.nii.gz", None),
+        ("case_k4.nii.gz", "case.nii.gz", None),  # (no level has 4 classes)
+    ]
+    caplog.clear()
+    (truth / "case_L1.nii.gz").unlink()
+    classes = [{"level": 1, "id": i, "name": f"a{i}"} for i in (0, 1)] + [
+        {"level": 2, "id": i, "name": f"b{i}"} for i in range(4)
+    ]
+    with caplog.at_level("WARNING", logger="hypsegcli"):
+        pairs = pipeline.pair_files(pred, truth, dataset={"classes": classes})
+    assert [(p["pred"].name, p["truth"].name, p["level"]) for p in pairs] == [
+        ("case_k2.nii.gz", "case.nii.gz", 1),
+        ("case_k4.nii.gz", "case_L2.nii.gz", 2),
+    ]
+    assert (
+        "paired with a truth named <case>, having no <case>_L<level>: case_k2.nii.gz "
+        "with case.nii.gz as level 1" in caplog.text
+    )
+
+
+def test_level_0_is_a_level_in_the_summary_line(tmp_path, capsys):
+    _label_file(tmp_path / "c_k2.nii.gz")
+    _label_file(tmp_path / "c_L0.nii.gz")
+    code, _, err = run(["evaluate", tmp_path / "c_k2.nii.gz", tmp_path / "c_L0.nii.gz"], capsys)
+    assert code == 0 and "level 0 (k=2): mean Dice 1.0000" in err, err
