@@ -505,7 +505,6 @@ def load_nifti(path: str | os.PathLike[str]) -> Any:
 
 
 def _read_nifti(path: Path, *, native: bool = False) -> tuple[np.ndarray, VolumeGeometry]:
-
     shape3: tuple[int, ...] = ()
     try:
         with _nibabel_reports(path):
