@@ -400,8 +400,8 @@ def pair_files(
         for k in sorted(used_k & set(shared_k)):
             log.warning(
                 "dataset.json: levels %s all have %d classes, so a _k%d prediction names no "
-                "level: such predictions pair only with a truth of their own name (give "
-                "--level to choose)",
+                "level: such predictions are paired by case name only (give --level to "
+                "choose)",
                 ", ".join(map(str, shared_k[k])),
                 k,
                 k,
