@@ -166,6 +166,8 @@ def main() -> None:
     from hypsegcli.modelfile import build_model, load_model_file
     from hypsegcli.sampling import normalize_volume
 
+    # (TF32 off for this comparison only: the timings below run as `hypseg embed` does)
+    tf32 = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
     model = build_model(load_model_file(work / "m.pt")).eval()
@@ -173,6 +175,7 @@ def main() -> None:
     x = normalize_volume(io.read_volume(img).data, 1, 99)
     e_cpu = embed_volume(model, x, patch_size=5)
     e_gpu = embed_volume(model.to("cuda"), x, patch_size=5)
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
     rel = float(np.abs(e_gpu - e_cpu).max() / np.abs(e_cpu).max())
     check(rel < 1e-4, f"dense embedding GPU vs CPU: max |diff| / max |mu| = {rel:.2e}")
 

@@ -289,6 +289,10 @@ def main() -> None:
             if partial
             else ROOT / "benchmarks" / "results" / "scale.md"
         )
+    # sections appended by hand to the committed results ("## Added run: ..."), which the
+    # README cites, are kept below a rewritten table
+    previous = args.out.read_text() if args.out.is_file() else ""
+    added = previous[previous.find("\n## Added run") :] if "\n## Added run" in previous else ""
     cases = parse_sizes(args.sizes or (QUICK_SIZES if args.quick else DEFAULT_SIZES))
     cases.sort(key=lambda c: c.voxels)
     strides = list(dict.fromkeys(int(s) for s in args.strides.split(",") if s.strip()))
@@ -360,7 +364,7 @@ def main() -> None:
                         f"{v:.1f}" for v in os.getloadavg()
                     )
                     args.out.parent.mkdir(parents=True, exist_ok=True)
-                    args.out.write_text(render(results, header))
+                    args.out.write_text(render(results, header) + added)
                     args.out.with_suffix(".json").write_text(
                         json.dumps(
                             {"header": header, "results": [vars(r) for r in results]}, indent=1

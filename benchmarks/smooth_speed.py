@@ -36,15 +36,19 @@ Run: python benchmarks/smooth_speed.py [--side 128] [--beta 0.8] [--snap 2] [--m
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
-import numpy as np
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the CLI does (before torch loads)
 
-from hypsegcli.components import remove_small_components
-from hypsegcli.edges import refine_labels, snap_labels
-from hypsegcli.pipeline import _Clusterer
-from hypsegcli.smoothing import SLAB_ELEMENTS, SMOOTH_ITERS
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from hypsegcli.cli import N_INIT_DEFAULT  # noqa: E402
+from hypsegcli.components import remove_small_components  # noqa: E402
+from hypsegcli.edges import refine_labels, snap_labels  # noqa: E402
+from hypsegcli.pipeline import _Clusterer  # noqa: E402
+from hypsegcli.smoothing import SLAB_ELEMENTS, SMOOTH_ITERS  # noqa: E402
 
 
 def make_features(side: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -84,7 +88,10 @@ def main() -> None:
         f"{SMOOTH_ITERS} updates, slabs of {SLAB_ELEMENTS:,} voxels x clusters, "
         f"{torch.get_num_threads()} threads"
     )
-    cl = _Clusterer("ball", curvature=1.0, n_init=4, fit_samples=200_000, seed=0, device="cpu")
+    # the fit `hypseg cluster` makes by default (its --n-init and --fit-samples)
+    cl = _Clusterer(
+        "ball", curvature=1.0, n_init=N_INIT_DEFAULT, fit_samples=200_000, seed=0, device="cpu"
+    )
     for k in (2, 4, 8):
         t0 = time.perf_counter()
         centers = cl.fit(flat, k)

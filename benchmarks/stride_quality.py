@@ -7,10 +7,14 @@ Usage (from the repository root, in the venv)::
     python benchmarks/stride_quality.py --size 96 --n-test 2   # larger test volumes
 
 Synthesises training and test volumes (``hypseg synth``, different seeds),
-trains a model with the default configuration for ``--train-minutes`` unless
-``--model`` is given, then for every stride embeds the test volumes into a
-fresh cache (timed), clusters them at k = 2, 4, 8 and scores them against the
-ground truth (mean Hungarian-matched Dice per level). Stride 1 is the
+trains a model with the library's configuration defaults (``ModelConfig``,
+``SamplingConfig``: the paper's loss, ``--beta 8 --texture-weight 0 --r-max
+34``, not the CLI's defaults) for ``--train-minutes`` unless ``--model`` is
+given, then for every stride embeds the test volumes into a fresh cache
+(timed), clusters them at k = 2, 4, 8 without spatial steps (the k-means labels
+as they are: ``pipeline.cluster``'s defaults, ``--smooth 0 --snap 0 --mrf 0
+--nest 0`` on the command line) and scores them against the ground truth (mean
+Hungarian-matched Dice per level). Stride 1 is the
 reference measured in the same run; the intensity k-means baseline is printed
 for scale.
 """

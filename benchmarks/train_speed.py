@@ -6,8 +6,11 @@ Usage (from the repository root, in the venv)::
     python benchmarks/train_speed.py --arch paper       # the authors' padded k5 encoder
     python benchmarks/train_speed.py --profile          # + the top operators by self time
 
-One training step is what ``hypseg train`` (the paper's full model, its
-default and most expensive configuration) does: draw a batch of triplets
+One training step is what ``hypseg train`` does for the paper's full model with
+the paper's loss (the library's ``ModelConfig`` defaults: ``--beta 8
+--texture-weight 0 --r-max 34``; the CLI's defaults add a texture head of d ->
+32 -> 1, a small fraction of the encoder's cost, and draw smaller anchors,
+resampled to the same m^3): draw a batch of triplets
 (anchor, positive, negative patches resampled to m^3), encode all three,
 decode K posterior samples of the anchor, backward, Riemannian Adam step.
 (``hypseg train --no-triplet`` encodes positive and negative without
@@ -131,7 +134,7 @@ def main() -> None:
         return steps * n / (time.perf_counter() - t0)
 
     step, model, cfg = make_step(args.arch)
-    rate_before = matmul_rate()
+    rate_before = matmul_rate(device=dev)  # (the rate of the device trained on)
     tps = throughput(step, args.steps)
     phases = dict.fromkeys(("sample", "forward", "backward", "optimizer"), 0.0)
     for _ in range(max(args.steps // 2, 5)):
@@ -140,7 +143,7 @@ def main() -> None:
     ref_tps = (
         throughput(make_step(other)[0], args.reference_steps) if args.reference_steps else None
     )
-    rate_after = matmul_rate()
+    rate_after = matmul_rate(device=dev)
 
     enc = model.flops_per_patch("encoder")
     dec = model.flops_per_patch("decoder")
