@@ -68,6 +68,7 @@ from .errors import (
     HypsegError,
     Terminated,
     interrupt_status,
+    is_out_of_memory,
     signals_held,
     termination_pending,
 )
@@ -232,11 +233,8 @@ def one_line(exc: BaseException, limit: int = 400) -> str:
     reason is, after a long path) around " ... "."""
     text = str(exc).strip()
     first = text.splitlines()[0].strip() if text else ""
-    lowered = first.lower()
-    if isinstance(exc, MemoryError) or (
-        not isinstance(exc, HypsegError)
-        and ("out of memory" in lowered or "can't allocate memory" in lowered)
-    ):  # (a volume's; a smaller tile bounds the embedding's memory)
+    if not isinstance(exc, HypsegError) and is_out_of_memory(exc):
+        # (a volume's; a smaller tile bounds the embedding's memory)
         first = f"out of memory ({first[:160] or type(exc).__name__}); try a smaller --tile"
         first += " or fewer --threads"
     elif not isinstance(exc, HypsegError):

@@ -31,6 +31,7 @@ from .errors import (
     HypsegError,
     Terminated,
     interrupt_status,
+    is_out_of_memory,
     note_termination,
     reset_terminations,
     termination_pending,
@@ -125,12 +126,7 @@ def runtime_message(exc: BaseException) -> str:
     """One line for an unexpected exception: out-of-memory and file-system errors in words,
     anything else as its type and the first line of its message."""
     text = " ".join(str(exc).split())
-    lowered = text.lower()
-    if (
-        isinstance(exc, MemoryError)
-        or "out of memory" in lowered
-        or "can't allocate memory" in lowered
-    ):
+    if is_out_of_memory(exc):
         detail = f" ({text[:160]})" if text else ""
         return (
             f"out of memory{detail}; try a smaller --batch-size, --patch-size or --tile, "

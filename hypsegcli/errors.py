@@ -32,6 +32,15 @@ class Terminated(KeyboardInterrupt):
     exit_code = 143
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` says the process ran out of memory (a MemoryError, or torch's
+    allocator errors on the CPU or a GPU), which a smaller tile or batch can avoid."""
+    if isinstance(exc, MemoryError):
+        return True
+    text = " ".join(str(exc).split()).lower()
+    return "out of memory" in text or "can't allocate memory" in text
+
+
 #: SIGTERMs received during this command (see :func:`note_termination`)
 _terminations: list[int] = []
 

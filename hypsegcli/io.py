@@ -807,9 +807,10 @@ def _check_nifti_size(path: Path, img: Any) -> None:
         )
 
 
-def short_message(exc: BaseException, limit: int = 200) -> str:
-    """A library's error message in one line of at most about ``limit`` characters: its
-    first line, cut after the last whole sentence that fits (else at a word, with "...")."""
+def short_message(exc: BaseException | str, limit: int = 200) -> str:
+    """A library's error message (an exception, or its text) in one line of at most about
+    ``limit`` characters: its first line, cut after the last whole sentence that fits
+    (else at a word, with "...")."""
     lines = str(exc).strip().splitlines()
     text = lines[0].strip() if lines else type(exc).__name__
     if len(text) <= limit:

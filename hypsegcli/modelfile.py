@@ -89,7 +89,7 @@ def load_model_file(path: str | os.PathLike[str], *, map_location: Any = "cpu") 
             reason = "it holds Python objects, not only tensors and plain data"
         else:
             text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
-            reason = short_message(RuntimeError(text)) if text else type(exc).__name__
+            reason = short_message(text) if text else type(exc).__name__
         raise BadInputError(f"{path}: not a hypseg model file ({reason})") from None
     if not isinstance(document, dict) or document.get("format") != FORMAT:
         raise BadInputError(f"{path}: not a hypseg model file")
@@ -213,7 +213,7 @@ def build_model(document: dict[str, Any], *, path: str | os.PathLike[str] = "mod
         # torch's first line only says "Error(s) in loading state_dict for HypVAE:"; the
         # next names the first mismatch
         lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-        first = short_message(RuntimeError(" ".join(lines[:2])) if lines else exc, limit=300)
+        first = short_message(" ".join(lines[:2]) if lines else exc, limit=300)
         raise BadInputError(
             f"{path}: model weights do not match its configuration ({first})"
         ) from None
