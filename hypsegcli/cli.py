@@ -591,10 +591,10 @@ def train(
         typer.Option(
             "--grad-clip",
             min=0,
-            help="Clip the gradients' total norm to this before each update; default 10 (on "
-            "the default loss the norms are in the hundreds to thousands, so every update is "
-            "Adam's on gradients rescaled to this norm), or with --resume the checkpoint's; "
-            "0 turns clipping off.",
+            help="Clip the gradients' total norm to this before each update; default 0 (off), "
+            "or with --resume the checkpoint's (10 for checkpoints written before this "
+            "option). On the default loss the norms are in the hundreds to thousands, so a "
+            "clip such as 10 rescales every update.",
         ),
     ] = None,
     seed: Annotated[
@@ -799,7 +799,7 @@ def train(
             lr=lr if lr is not None else 1e-3,
             seed=seed,
             checkpoint_every=checkpoint_every,
-            grad_clip=grad_clip if grad_clip is not None else 10.0,
+            grad_clip=grad_clip if grad_clip is not None else 0.0,
         )
     with RichProgress() as progress:
         summary = pipeline.train(

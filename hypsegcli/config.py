@@ -129,6 +129,9 @@ class ModelConfig:
 # Per-volume intensity normalisations (``hypseg train --norm``; sampling.normalize)
 NORMALIZATIONS = ("percentile", "zscore", "none")
 
+#: Checkpoints written before ``--grad-clip`` existed clipped the gradients' norm to 10.
+LEGACY_GRAD_CLIP = 10.0
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
@@ -205,7 +208,7 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 100
     #: The gradients' total norm is clipped to this before each update (None or 0: not).
-    grad_clip: float | None = 10.0
+    grad_clip: float | None = 0.0
 
     def __post_init__(self) -> None:
         if self.steps is None and self.max_minutes is None:
