@@ -803,6 +803,25 @@ def test_cli_grad_clip_is_applied_recorded_and_kept_on_resume(tmp_path, capsys):
     assert code == 2 and "--grad-clip inf should be a finite number >= 0" in err, err
 
 
+def test_cli_resume_of_a_checkpoint_from_before_grad_clip_keeps_its_clip_of_10(tmp_path, capsys):
+    """Checkpoints written before --grad-clip existed have no such key and were trained
+    with a clip of 10; when the default became 0, resuming one must not switch it off
+    silently."""
+    data = tmp_path / "data"
+    assert run(["--quiet", "synth", data, "--n", "2", "--size", "20"], capsys)[0] == 0
+    out = tmp_path / "old.pt"
+    argv = ["train", data / "images", "-o", out, *TINY_TRAIN]
+    assert run(["--quiet", *argv, "--steps", "2"], capsys)[0] == 0
+    ckpt = companion_paths(out)[0]
+    state = load_model_file(ckpt)
+    assert state["train_config"].pop("grad_clip") == 0.0  # the new default
+    torch.save(state, ckpt)
+    code, _, err = run([*argv, "--steps", "3", "--resume"], capsys)
+    assert code == 0 and "--grad-clip" not in err, err
+    assert load_model_file(ckpt)["train_config"]["grad_clip"] == 10.0
+    assert load_model_file(out)["train_config"]["grad_clip"] == 10.0
+
+
 def test_cli_resume_without_batch_size_keeps_the_checkpoints(tmp_path, capsys):
     """As --lr: a resumed run without --batch-size trained on at 64 triplets a step, the
     default, where the checkpoint had 3 (only an info line said so, hidden by -q)."""
