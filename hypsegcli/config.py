@@ -133,6 +133,12 @@ NORMALIZATIONS = ("percentile", "zscore", "none")
 LEGACY_GRAD_CLIP = 10.0
 
 
+def recorded_grad_clip(recorded: dict[str, Any]) -> Any:
+    """The gradient clip a recorded ``train_config`` trained with: its ``grad_clip``, or
+    :data:`LEGACY_GRAD_CLIP` where the record predates the option (not today's default)."""
+    return recorded.get("grad_clip", LEGACY_GRAD_CLIP)
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
     """Multi-scale triplet sampling (paper Sec. 4; METHOD.md "Triplet sampling").
@@ -235,4 +241,4 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        return _from_dict(cls, data)
+        return _from_dict(cls, {**data, "grad_clip": recorded_grad_clip(data)})

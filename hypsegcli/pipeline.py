@@ -1073,7 +1073,7 @@ def train(
     ``asked``: the settings (configuration keys) the command line gave, of which a resumed
     run names those the checkpoint's differ from (None: every setting)."""
     from . import distributed, training
-    from .config import LEGACY_GRAD_CLIP, SamplingConfig
+    from .config import SamplingConfig, recorded_grad_clip
 
     distributed.quiet_other_ranks()  # under torchrun, ranks > 0 log warnings only
     set_threads(threads)
@@ -1112,7 +1112,7 @@ def train(
                 config = dataclasses.replace(config, lr=float(kept_lr))
             if not batch_size_given and is_whole(kept_batch, 1) and kept_batch <= 1 << 16:
                 config = dataclasses.replace(config, batch_size=kept_batch)
-            kept_clip = kept.get("grad_clip", LEGACY_GRAD_CLIP)
+            kept_clip = recorded_grad_clip(kept)
             if not grad_clip_given and (
                 kept_clip is None
                 or (isinstance(kept_clip, (int, float)) and 0 <= kept_clip < math.inf)

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from . import distributed
-from .config import LEGACY_GRAD_CLIP, ModelConfig, SamplingConfig, TrainConfig
+from .config import ModelConfig, SamplingConfig, TrainConfig, recorded_grad_clip
 from .errors import BadInputError, HypsegError, Terminated, signals_held
 from .io import write_text_atomic
 from .modelfile import (
@@ -419,7 +419,7 @@ def _train(
                 )
             for group in optimizer.param_groups:
                 group["lr"] = train_config.lr
-        kept_clip = state.get("train_config", {}).get("grad_clip", LEGACY_GRAD_CLIP)
+        kept_clip = recorded_grad_clip(state.get("train_config", {}))
         if (
             dist.is_main
             and (kept_clip is None or isinstance(kept_clip, (int, float)))

@@ -815,6 +815,7 @@ def test_cli_resume_of_a_checkpoint_from_before_grad_clip_keeps_its_clip_of_10(t
     ckpt = companion_paths(out)[0]
     state = load_model_file(ckpt)
     assert state["train_config"].pop("grad_clip") == 0.0  # the new default
+    assert TrainConfig.from_dict(state["train_config"]).grad_clip == 10.0
     torch.save(state, ckpt)
     code, _, err = run([*argv, "--steps", "3", "--resume"], capsys)
     assert code == 0 and "--grad-clip" not in err, err
