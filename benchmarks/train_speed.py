@@ -11,10 +11,8 @@ the paper's loss (the library's ``ModelConfig`` defaults: ``--beta 8
 --texture-weight 0 --r-max 34``; the CLI's defaults add a texture head of d ->
 32 -> 1, a small fraction of the encoder's cost, and draw smaller anchors,
 resampled to the same m^3): draw a batch of triplets
-(anchor, positive, negative patches resampled to m^3), encode all three
-(positives and negatives without gradients, then again with gradients those of
-the triplets whose hinge is open: ``benchmarks/triplet_speed.py``), decode K
-posterior samples of the anchor, backward, Riemannian Adam step.
+(anchor, positive, negative patches resampled to m^3), encode all three,
+decode K posterior samples of the anchor, backward, Riemannian Adam step.
 (``hypseg train --no-triplet`` encodes positive and negative without
 gradients, so its steps are cheaper than the count below; this script times
 the full model only.)
@@ -24,11 +22,7 @@ The script times whole steps (triplets/s) and, in separate steps, each phase
 FLOPs per triplet are counted analytically (``HypVAE.flops_per_patch``): the
 forward pass encodes 3 patches and decodes K; the backward pass costs about
 twice the forward pass of the layers that need gradients (here all of them),
-so a step that encoded all three with gradients would cost about
-3 x (3 encoder + K decoder) FLOPs per triplet. That count is used for the rate
-below, though a step does less once hinges close (an untrained model's are all
-open, so its steps do that much plus a forward pass of positives and negatives
-without gradients): read the rate as FLOPs of the plain computation per second. The
+so a step costs about 3 x (3 encoder + K decoder) FLOPs per triplet. The
 achieved rate is compared with this machine's float32 matrix-product rate (a
 2048 x 2048 ``torch.matmul``, best of several), measured in the same run
 before and after the timing, since shared machines are noisy. The other

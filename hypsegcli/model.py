@@ -71,9 +71,6 @@ SIGMA_INIT = 0.1
 TEXTURE_HIDDEN = 32
 #: Added to a patch's standard deviation before the log (texture statistic).
 TEXTURE_EPS = 1e-3
-#: A triplet is encoded again with gradients when its hinge, computed without them,
-#: is above -HINGE_SLACK (the two computations may round differently).
-HINGE_SLACK = 1e-3
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
@@ -228,21 +225,15 @@ class HypVAE(nn.Module):
         ``proj(expmap0(raw))`` computed channel-last, returned channel-first.
         """
         self._check_volume(x, "x", exact=False)
-        h = self._features(x)
-        scale = F.softplus(self.enc_scale(h)) + SCALE_FLOOR
-        return self._mean(h), scale
-
-    def _features(self, x: Tensor) -> Tensor:
-        """The encoder's hidden features (N, hidden, ...) of ``x``: trunk, then the hidden layer."""
-        return F.relu(self.enc_fc(self.encoder(x)))
-
-    def _mean(self, h: Tensor) -> Tensor:
-        """Posterior means (N, d, ...) from :meth:`_features`' output (on the ball if hyperbolic)."""
+        h = F.relu(self.enc_fc(self.encoder(x)))
         raw_mu = self.enc_mu(h)
-        if not self.cfg.hyperbolic:
-            return raw_mu
-        c = self.cfg.curvature
-        return geometry.project(geometry.expmap0(raw_mu.movedim(1, -1), c=c), c=c).movedim(-1, 1)
+        scale = F.softplus(self.enc_scale(h)) + SCALE_FLOOR
+        if self.cfg.hyperbolic:
+            c = self.cfg.curvature
+            mu = geometry.project(geometry.expmap0(raw_mu.movedim(1, -1), c=c), c=c).movedim(-1, 1)
+        else:
+            mu = raw_mu
+        return mu, scale
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Encode patches ``x`` (N, 1, m, m, m) to ``mu`` (N, d) and ``scale`` (N, d).
@@ -373,15 +364,11 @@ class HypVAE(nn.Module):
         Euclidean distance; ``cfg.triplet_distance == "squared"`` uses d² instead
         (as the authors' code did; the paper's Eq. 8 uses the plain d).
         """
-        return self._triplet_hinge(mu_a, mu_p, mu_n).clamp_min(0.0).mean()
-
-    def _triplet_hinge(self, mu_a: Tensor, mu_p: Tensor, mu_n: Tensor) -> Tensor:
-        """d(mu_a, mu_p) - d(mu_a, mu_n) + margin per triplet (N,), before the max with 0."""
         d_ap = self.latent_distance(mu_a, mu_p)
         d_an = self.latent_distance(mu_a, mu_n)
         if self.cfg.triplet_distance == "squared":
             d_ap, d_an = d_ap.square(), d_an.square()
-        return d_ap - d_an + self.cfg.margin
+        return (d_ap - d_an + self.cfg.margin).clamp_min(0.0).mean()
 
     def loss(
         self,
@@ -410,11 +397,9 @@ class HypVAE(nn.Module):
           plus ``texture_weight * texture``.
 
         The ELBO terms use only the anchor (the authors' choice): positives and
-        negatives serve the triplet term only. Positives and negatives are encoded
-        without gradients first; with ``cfg.triplet``, those of the triplets whose
-        hinge is open are encoded again with gradients (:meth:`_triplet_means`), which
-        gives the gradients of encoding all of them with gradients at a fraction of
-        the cost. Unlike the authors' code, which summed the ELBO
+        negatives serve the triplet term only. The three inputs are encoded in one
+        batched pass (when ``cfg.triplet`` is False, positive and negative are
+        encoded without gradients). Unlike the authors' code, which summed the ELBO
         over the batch and averaged the triplet, both are averaged here, so
         ``beta`` weighs the triplet against the per-patch ELBO.
 
@@ -429,13 +414,15 @@ class HypVAE(nn.Module):
                 f"{n}, {positive.shape[0]} and {negative.shape[0]}"
             )
         cfg = self.cfg
-        mu_a, scale_a = self.encode(anchor)
-        others = torch.cat([positive, negative])
-        with torch.no_grad():
-            h_pn = self._features(others)
-            mu_p, mu_n = self._mean(h_pn).flatten(1).split(n)
         if cfg.triplet:
-            mu_p, mu_n = self._triplet_means(mu_a, (mu_p, mu_n), others, h_pn)
+            mu, scale = self.encode(torch.cat([anchor, positive, negative]))
+            mu_a, mu_p, mu_n = mu.split(n)
+            scale_a = scale[:n]
+        else:
+            mu_a, scale_a = self.encode(anchor)
+            with torch.no_grad():
+                mu_pn, _ = self.encode(torch.cat([positive, negative]))
+            mu_p, mu_n = mu_pn.split(n)
 
         z, log_q, log_p = self._sample_posterior(mu_a, scale_a, cfg.mc_samples, generator)
         kl = (log_q - log_p).mean().to(anchor.dtype)
@@ -443,33 +430,6 @@ class HypVAE(nn.Module):
         x_hat, sigma = self.decode_params(z)  # (K, N, 1, m, m, m)
         texture_pred = self.decode_texture(z) if cfg.texture_weight > 0 else None
         return self._objective(anchor, x_hat, sigma, kl, (mu_a, mu_p, mu_n), texture_pred)
-
-    def _triplet_means(
-        self, mu_a: Tensor, means: tuple[Tensor, Tensor], others: Tensor, h_pn: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        """Positive and negative means (N, d each) with gradients where the triplet's
-        hinge is open.
-
-        ``means``: the means of ``others`` (positives then negatives, 2N patches)
-        computed without gradients, ``h_pn`` their hidden features. A triplet whose
-        hinge max(0, d(a, p) - d(a, n) + margin) is closed contributes neither loss nor
-        gradient, so only the open ones (with ``HINGE_SLACK`` to spare for rounding)
-        go through the encoder again, with gradients: the same loss and gradients as
-        encoding all 2N with gradients, at the cost of the open share of them (about a
-        third of the triplets, once training has started). Their features replace the
-        no-gradient ones and the means head runs on all 2N rows, so that its shapes
-        (and geoopt's TorchScript paths) do not change from step to step.
-        """
-        mu_p, mu_n = means
-        n = mu_a.shape[0]
-        hinge = self._triplet_hinge(mu_a.detach(), mu_p, mu_n)
-        rows = torch.nonzero(hinge > -HINGE_SLACK).flatten()
-        if len(rows) == 0:
-            return mu_p, mu_n
-        rows = torch.cat([rows, rows + n])
-        h = h_pn.index_put((rows,), self._features(others[rows]))
-        mu_p, mu_n = self._mean(h).flatten(1).split(n)
-        return mu_p, mu_n
 
     def _objective(
         self,
