@@ -59,7 +59,7 @@ app = typer.Typer(
     name="hypseg",
     help=(
         "Unsupervised segmentation of 3D biomedical volumes (NIfTI MRI, MRC cryo-ET) with "
-        "hyperbolic VAEs. Results go to stdout only with --json; progress and logs go to stderr."
+        "hyperbolic VAEs. Results go to stdout only with --json (and for --version, cache path and cache ls); progress and logs go to stderr."
     ),
     add_completion=False,
     no_args_is_help=True,
@@ -735,7 +735,7 @@ def train(
         Path | None,
         typer.Option(
             "--mask",
-            help="Centre every anchor inside a mask (non-zero voxels): one mask file for every input, or a folder with <case> or <case>_mask per input, as cluster --mask. Positives lie in their anchors; negatives anywhere.",
+            help="Centre every anchor inside a mask (non-zero voxels): one mask file for every input, or a folder with <case> or <case>_mask per input, as cluster --mask. Positives lie in their anchors; negatives may lie outside the mask (anywhere, or within --negative-gap of the anchor).",
         ),
     ] = None,
     as_json: Annotated[
