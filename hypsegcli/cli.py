@@ -724,7 +724,8 @@ def train(
         typer.Option(
             "--overwrite",
             help="Start over where an earlier run left a model or checkpoint at --output "
-            "(its model, checkpoint and history are removed once the inputs are read; "
+            "(its model, checkpoint and history are removed before the first step, once the "
+            "inputs, their sampling and the model are checked; "
             "without this, or --resume, such a run is refused).",
         ),
     ] = False,
