@@ -59,7 +59,8 @@ app = typer.Typer(
     name="hypseg",
     help=(
         "Unsupervised segmentation of 3D biomedical volumes (NIfTI MRI, MRC cryo-ET) with "
-        "hyperbolic VAEs. Results go to stdout only with --json (and for --version, cache path and cache ls); progress and logs go to stderr."
+        "hyperbolic VAEs. Results go to stdout only with --json (and for --version, cache path "
+        "and cache ls); progress and logs go to stderr."
     ),
     add_completion=False,
     no_args_is_help=True,
