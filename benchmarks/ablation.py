@@ -19,10 +19,13 @@ of the cores (default 2 on 2 cores, as the benchmark does: k-means uses one core
 and two poorly; the labels are the same either way); and scores them with ``hypseg
 evaluate`` (mean Hungarian-matched Dice). It drives the command line only. It prints
 a table of each row's mean and standard deviation over the seeds, and the ablation's
-differences of row means, each marked "beyond" when larger in magnitude than the
-larger seed standard deviation of the two rows and twice the standard error of the
-difference of the means (sqrt(sd_a^2/n + sd_b^2/n)), as
-``benchmarks/results/ablation_seeds.md`` does.
+differences of row means (those whose two rows were measured), each marked "beyond"
+when larger in magnitude than the larger seed standard deviation of the two rows and
+twice the standard error of the difference of the means (sqrt(sd_a^2/n + sd_b^2/n)), as
+``benchmarks/results/ablation_seeds.md`` does; then the same comparisons seed by seed
+(a seed fixes the initialisation and the sampling stream of every row): the mean ±
+standard deviation of the per-seed differences and how many seeds of the row came
+out ahead.
 
 Nothing is written into the repository; results go to ``--workdir``, where a rerun
 reuses each row and seed finished with the same commands (the tag of its files
@@ -188,16 +191,18 @@ def table(names: list[str], seeds: list[int], results: dict) -> list[str]:
     return lines
 
 
-def differences(seeds: list[int], results: dict) -> list[str]:
-    """The ablation's comparisons: differences of row means, "beyond" where larger in
-    magnitude than both the larger seed std of the two rows and twice the standard error
-    of the difference of the means (needs at least 2 seeds)."""
+def differences(seeds: list[int], results: dict, names: list[str]) -> list[str]:
+    """The ablation's comparisons between rows of ``names``: differences of row means,
+    "beyond" where larger in magnitude than both the larger seed std of the two rows and
+    twice the standard error of the difference of the means (needs at least 2 seeds)."""
     n = len(seeds)
     lines = [
         "| comparison | all spatial steps L1 / L2 / L3 | no spatial step L1 / L2 / L3 |",
         "| --- | --- | --- |",
     ]
     for label, a, b in COMPARISONS:
+        if a not in names or b not in names:
+            continue
         cells = []
         for mode in ("all", "raw"):
             parts = []
@@ -211,6 +216,30 @@ def differences(seeds: list[int], results: dict) -> list[str]:
                     need = max(sa, sb, 2 * math.sqrt(sa**2 / n + sb**2 / n))
                     text += " (beyond)" if abs(diff) > need else ""
                 parts.append(text)
+            cells.append(" / ".join(parts))
+        lines.append(f"| {label} | {cells[0]} | {cells[1]} |")
+    return lines
+
+
+def paired(seeds: list[int], results: dict, names: list[str]) -> list[str]:
+    """The comparisons of :func:`differences` seed by seed: mean ± std of the per-seed
+    differences and the number of seeds where the row is ahead, per level."""
+    lines = [
+        "| comparison, seed by seed | all spatial steps L1 / L2 / L3 | no spatial step L1 / L2 / L3 |",
+        "| --- | --- | --- |",
+    ]
+    for label, a, b in COMPARISONS:
+        if a not in names or b not in names:
+            continue
+        cells = []
+        for mode in ("all", "raw"):
+            parts = []
+            for lvl in range(3):
+                d = [results[(a, s)][mode][lvl] - results[(b, s)][mode][lvl] for s in seeds]
+                ahead = sum(x > 0 for x in d)
+                parts.append(
+                    f"{statistics.fmean(d):+.3f} ± {statistics.stdev(d):.3f} ({ahead}/{len(d)})"
+                )
             cells.append(" / ".join(parts))
         lines.append(f"| {label} | {cells[0]} | {cells[1]} |")
     return lines
@@ -300,9 +329,12 @@ def main() -> None:
     )
     print()
     print("\n".join(table(names, seeds, results)))
-    if all(a in names and b in names for _, a, b in COMPARISONS):
+    if any(a in names and b in names for _, a, b in COMPARISONS):
         print()
-        print("\n".join(differences(seeds, results)))
+        print("\n".join(differences(seeds, results, names)))
+        if len(seeds) > 1:
+            print()
+            print("\n".join(paired(seeds, results, names)))
 
 
 if __name__ == "__main__":
