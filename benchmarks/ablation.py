@@ -60,6 +60,8 @@ NAMES = {
 }
 #: Table 2's rows: their ``hypseg train`` switches, as the benchmark trains them
 ROWS = {NAMES[key]: tuple(flags) for key, _, _, flags in paper_tables.ROWS}
+#: the two clusterings scored: all of ``hypseg cluster``'s spatial steps, and none
+MODES = ("all", "raw")
 #: (name, row, its reference): the ablation's comparisons, row minus reference
 COMPARISONS = (
     ("hyperbolic base - Euclidean base", "hyperbolic base", "Euclidean base"),
@@ -191,58 +193,50 @@ def table(names: list[str], seeds: list[int], results: dict) -> list[str]:
     return lines
 
 
+def _comparisons(names: list[str], title: str, cell) -> list[str]:
+    """A Markdown table of the comparisons between rows of ``names``: ``cell(a, b, mode,
+    level)`` gives each level's text, with and without the spatial steps."""
+    lines = [
+        f"| {title} | all spatial steps L1 / L2 / L3 | no spatial step L1 / L2 / L3 |",
+        "| --- | --- | --- |",
+    ]
+    for label, a, b in COMPARISONS:
+        if a in names and b in names:
+            cells = [" / ".join(cell(a, b, mode, lvl) for lvl in range(3)) for mode in MODES]
+            lines.append(f"| {label} | {cells[0]} | {cells[1]} |")
+    return lines
+
+
 def differences(seeds: list[int], results: dict, names: list[str]) -> list[str]:
     """The ablation's comparisons between rows of ``names``: differences of row means,
     "beyond" where larger in magnitude than both the larger seed std of the two rows and
     twice the standard error of the difference of the means (needs at least 2 seeds)."""
     n = len(seeds)
-    lines = [
-        "| comparison | all spatial steps L1 / L2 / L3 | no spatial step L1 / L2 / L3 |",
-        "| --- | --- | --- |",
-    ]
-    for label, a, b in COMPARISONS:
-        if a not in names or b not in names:
-            continue
-        cells = []
-        for mode in ("all", "raw"):
-            parts = []
-            for lvl in range(3):
-                va = [results[(a, s)][mode][lvl] for s in seeds]
-                vb = [results[(b, s)][mode][lvl] for s in seeds]
-                diff = statistics.fmean(va) - statistics.fmean(vb)
-                text = f"{diff:+.3f}" if abs(diff) >= 0.001 else f"{diff:+.4f}"
-                if n > 1:
-                    sa, sb = statistics.stdev(va), statistics.stdev(vb)
-                    need = max(sa, sb, 2 * math.sqrt(sa**2 / n + sb**2 / n))
-                    text += " (beyond)" if abs(diff) > need else ""
-                parts.append(text)
-            cells.append(" / ".join(parts))
-        lines.append(f"| {label} | {cells[0]} | {cells[1]} |")
-    return lines
+
+    def cell(a: str, b: str, mode: str, lvl: int) -> str:
+        va = [results[(a, s)][mode][lvl] for s in seeds]
+        vb = [results[(b, s)][mode][lvl] for s in seeds]
+        diff = statistics.fmean(va) - statistics.fmean(vb)
+        text = f"{diff:+.3f}" if abs(diff) >= 0.001 else f"{diff:+.4f}"
+        if n > 1:
+            sa, sb = statistics.stdev(va), statistics.stdev(vb)
+            need = max(sa, sb, 2 * math.sqrt(sa**2 / n + sb**2 / n))
+            text += " (beyond)" if abs(diff) > need else ""
+        return text
+
+    return _comparisons(names, "comparison", cell)
 
 
 def paired(seeds: list[int], results: dict, names: list[str]) -> list[str]:
     """The comparisons of :func:`differences` seed by seed: mean ± std of the per-seed
     differences and the number of seeds where the row is ahead, per level."""
-    lines = [
-        "| comparison, seed by seed | all spatial steps L1 / L2 / L3 | no spatial step L1 / L2 / L3 |",
-        "| --- | --- | --- |",
-    ]
-    for label, a, b in COMPARISONS:
-        if a not in names or b not in names:
-            continue
-        cells = []
-        for mode in ("all", "raw"):
-            parts = []
-            for lvl in range(3):
-                d = [results[(a, s)][mode][lvl] - results[(b, s)][mode][lvl] for s in seeds]
-                ahead = sum(x > 0 for x in d)
-                parts.append(
-                    f"{statistics.fmean(d):+.3f} ± {statistics.stdev(d):.3f} ({ahead}/{len(d)})"
-                )
-            cells.append(" / ".join(parts))
-        lines.append(f"| {label} | {cells[0]} | {cells[1]} |")
-    return lines
+
+    def cell(a: str, b: str, mode: str, lvl: int) -> str:
+        d = [results[(a, s)][mode][lvl] - results[(b, s)][mode][lvl] for s in seeds]
+        ahead = sum(x > 0 for x in d)
+        return f"{statistics.fmean(d):+.3f} ± {statistics.stdev(d):.3f} ({ahead}/{len(d)})"
+
+    return _comparisons(names, "comparison, seed by seed", cell)
 
 
 def seeds_and_rows(
