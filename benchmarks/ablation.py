@@ -179,7 +179,7 @@ def table(names: list[str], seeds: list[int], results: dict) -> list[str]:
     for name in names:
         rows = [results[(name, s)] for s in seeds]
         cells = []
-        for mode in ("all", "raw"):
+        for mode in MODES:
             per_level = list(zip(*(r[mode] for r in rows), strict=True))
             cells.append(
                 " / ".join(
