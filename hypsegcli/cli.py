@@ -533,8 +533,9 @@ NEST_DEFAULT = 4.0
 #: +0.0005 / +0.0023 / +0.0005 (3 seeds); not the default until the benchmark has been
 #: rerun with it (CHANGELOG).
 MIN_SIZE_DEFAULT = 0
-#: Default ``cluster --n-init`` (k-means restarts), chosen on the validation split (CHANGELOG).
-N_INIT_DEFAULT = 2
+#: Default ``cluster --n-init`` (k-means restarts), chosen on the validation split with
+#: ``--select silhouette`` (CHANGELOG).
+N_INIT_DEFAULT = 8
 
 
 @app.command()
@@ -984,6 +985,16 @@ class FitOn(str, Enum):
     pooled = "pooled"
 
 
+class Select(str, Enum):
+    inertia = "inertia"
+    silhouette = "silhouette"
+
+
+#: Default ``cluster --select`` (which k-means restart is kept), chosen on the validation
+#: split (CHANGELOG).
+SELECT_DEFAULT = Select.silhouette
+
+
 @app.command()
 @handle_errors
 def cluster(
@@ -1051,11 +1062,21 @@ def cluster(
             "--n-init",
             min=1,
             max=1000,
-            help="k-means restarts (best inertia wins). Poincaré k-means runs each on at most "
-            "50 000 of the fit voxels and refines the best on all of them; Euclidean k-means "
-            "(--metric euclidean, intensities) runs each on all of them.",
+            help="k-means restarts (--select chooses the one kept). Poincaré k-means runs each "
+            "on at most 50 000 of the fit voxels and refines the kept one on all of them; "
+            "Euclidean k-means (--metric euclidean, intensities) runs each on all of them.",
         ),
     ] = N_INIT_DEFAULT,
+    select: Annotated[
+        Select,
+        typer.Option(
+            "--select",
+            help="Which of the --n-init restarts is kept: silhouette (the largest mean "
+            "silhouette on 2 000 of the voxels its restarts ran on: clusters that lie apart) "
+            "or inertia (the least: k-means' own objective, which would rather split a large, "
+            "spread-out region, such as a noisy background, than separate small structures).",
+        ),
+    ] = SELECT_DEFAULT,
     fit_samples: Annotated[
         int,
         typer.Option(
@@ -1155,8 +1176,9 @@ def cluster(
 
     Embeddings come from the cache when present (see `hypseg embed`), and so
     does each volume's k-means fit made with the same embeddings, k, --seed,
-    --n-init and --fit-samples (so changing only --smooth, --snap, --mrf or --min-size
-    refits nothing but the fits nested by --nest). Each voxel goes to its
+    --n-init, --select and --fit-samples (so changing only --smooth, --snap, --mrf
+    or --min-size refits nothing but the fits nested by --nest). Of the --n-init
+    restarts the one whose clusters lie most apart is kept (--select). Each voxel goes to its
     nearest centroid, then a Potts prior (--smooth) lets neighbouring voxels
     agree, --nest makes the larger k follow the smallest k's regions near
     their boundaries, --snap moves boundaries onto the image's intensity edges
@@ -1185,6 +1207,7 @@ def cluster(
             stride=stride,
             tile=tile,
             n_init=n_init,
+            select=select.value,
             fit_samples=fit_samples,
             metric=metric,
             smooth=smooth,

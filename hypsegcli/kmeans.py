@@ -104,6 +104,7 @@ __all__ = [
     "NotFittedError",
     "ConvergenceWarning",
     "frechet_mean",
+    "mean_silhouette",
     "poincare_dist",
     "poincare_pdist2",
 ]
@@ -123,6 +124,11 @@ _CHECK_BLOCK = 1 << 20
 # The n_init restarts (k-means++ and Lloyd) run on a seeded subset of at most this
 # many points of the fit sample; the best run is then refined on the whole fit sample.
 _RESTART_SAMPLES = 50_000
+# ``select="silhouette"``: each restart is scored by the mean silhouette of its labels on
+# a seeded subset of at most this many points of the restart sample (exact distances).
+_SILHOUETTE_SAMPLES = 2_000
+#: How :class:`PoincareKMeans` keeps one of its restarts (``select``).
+SELECT_CHOICES = ("inertia", "silhouette")
 # Lou iterations of the final polish (and the default of frechet_mean); the
 # iteration converges linearly, usually to 1e-12 in 10-30 steps from a warm start.
 _FRECHET_MAX_ITER = 200
@@ -521,6 +527,43 @@ def poincare_dist(x: ArrayLike, y: ArrayLike, *, c: float = 1.0) -> ArrayLike:
     return np.sqrt(d2) if isinstance(d2, np.ndarray) else d2.sqrt()
 
 
+def mean_silhouette(dist: ArrayLike, labels: ArrayLike) -> float:
+    r"""Mean silhouette of ``labels`` (n,) given pairwise distances ``dist`` (n, n).
+
+    For point ``i`` of cluster ``A``: ``a`` is its mean distance to the other
+    points of ``A``, ``b`` the least mean distance to the points of another
+    cluster, and :math:`s_i = (b - a) / \max(a, b)` (0 for a point alone in its
+    cluster, and where ``a = b = 0``), as scikit-learn's ``silhouette_score``
+    with ``metric="precomputed"``. It lies in [-1, 1]; fewer than two clusters
+    score -1 (nothing is separated). Float64, numpy in and out; ``dist`` should
+    be symmetric with a zero diagonal.
+    """
+    d = np.asarray(dist.cpu() if isinstance(dist, torch.Tensor) else dist, dtype=np.float64)
+    lab = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels).reshape(-1)
+    n = len(lab)
+    if d.shape != (n, n):
+        raise BadInputError(f"dist should be ({n}, {n}) for {n} labels, got {tuple(d.shape)}")
+    _, inv = np.unique(lab, return_inverse=True)
+    k = int(inv.max()) + 1 if n else 0
+    if k < 2:
+        return -1.0
+    member = np.zeros((n, k))
+    member[np.arange(n), inv] = 1.0
+    sums = d @ member  # (n, k): summed distance of each point to each cluster
+    counts = member.sum(axis=0)
+    own = counts[inv]
+    rows = np.arange(n)
+    a = sums[rows, inv] / np.maximum(own - 1.0, 1.0)
+    mean_to = sums / counts
+    mean_to[rows, inv] = np.inf
+    b = mean_to.min(axis=1)
+    top = np.maximum(a, b)
+    s = np.zeros(n)
+    ok = (own > 1) & (top > 0)
+    s[ok] = (b[ok] - a[ok]) / top[ok]
+    return float(s.mean())
+
+
 def frechet_mean(
     x: ArrayLike,
     weights: ArrayLike | None = None,
@@ -642,7 +685,14 @@ class PoincareKMeans:
     Schedule (seeded by ``random_state``): draw the fit sample (at most
     ``fit_samples`` points) and, from it, the restart sample (at most
     ``_RESTART_SAMPLES`` = 50 000 points); run ``n_init`` restarts (1-4) on
-    the restart sample and keep the one of least inertia there; refine it by
+    the restart sample and keep one (``select``): the one of least inertia
+    there, or (``"silhouette"``) the one whose labels have the largest mean
+    silhouette (:func:`mean_silhouette`, Poincaré distances) on a seeded subset
+    of at most ``_SILHOUETTE_SAMPLES`` = 2 000 points of the restart sample,
+    drawn after the restarts (so both choose among the same restarts; ties go
+    to the lower inertia). Inertia always prefers splitting the largest, most
+    spread cluster; the silhouette prefers clusters that lie apart. Refine the
+    kept restart by
     Lloyd iterations (1-4) on the fit sample, where each time the labels are
     stable the centroids are polished (Lou iteration to moves below
     ``min(tol, 1e-12)``, at most 200 steps) and the points reassigned, until a
@@ -665,6 +715,8 @@ class PoincareKMeans:
             cost time on typical data).
         device: torch device for the computation (default: that of a tensor
             input, else CPU).
+        select: how the kept restart is chosen: ``"inertia"`` (least) or
+            ``"silhouette"`` (largest mean silhouette; see above).
 
     Attributes:
         cluster_centers_: (k, d) float64 numpy array, the Fréchet means.
@@ -698,6 +750,7 @@ class PoincareKMeans:
         fit_samples: int | None = 200_000,
         frechet_iters: int = 1,
         device: torch.device | str | None = None,
+        select: str = "inertia",
     ) -> None:
         self.n_clusters = n_clusters
         self.n_init = n_init
@@ -708,12 +761,14 @@ class PoincareKMeans:
         self.fit_samples = fit_samples
         self.frechet_iters = frechet_iters
         self.device = device
+        self.select = select
 
     def __repr__(self) -> str:
         return (
             f"PoincareKMeans(n_clusters={self.n_clusters}, n_init={self.n_init}, max_iter={self.max_iter}, "
             f"tol={self.tol}, random_state={self.random_state!r}, c={self.c}, "
-            f"fit_samples={self.fit_samples}, frechet_iters={self.frechet_iters}, device={self.device!r})"
+            f"fit_samples={self.fit_samples}, frechet_iters={self.frechet_iters}, device={self.device!r}, "
+            f"select={self.select!r})"
         )
 
     # ------------------------------------------------------------------ validation
@@ -736,6 +791,10 @@ class PoincareKMeans:
         if not tol_ok:
             raise BadInputError(f"tol={self.tol!r} should be a float >= 0")
         _c_value(self.c)
+        if self.select not in SELECT_CHOICES:
+            raise BadInputError(
+                f"select={self.select!r} should be one of {', '.join(SELECT_CHOICES)}"
+            )
 
     def _device_for(self, X: ArrayLike) -> torch.device:
         if self.device is not None:
@@ -940,6 +999,29 @@ class PoincareKMeans:
 
     # ------------------------------------------------------------------ public API
 
+    def _by_silhouette(
+        self,
+        xrT: torch.Tensor,
+        xrx: torch.Tensor,
+        runs: list[tuple[torch.Tensor, float, int]],
+        rng: np.random.Generator,
+    ) -> tuple[torch.Tensor, int]:
+        """Centres and Lloyd iterations of the restart whose labels have the largest mean
+        silhouette on a seeded subset of the restart sample (ties: lower inertia, then
+        the earlier restart)."""
+        n = xrT.shape[1]
+        size = min(n, _SILHOUETTE_SAMPLES)
+        pick = torch.from_numpy(np.sort(rng.choice(n, size=size, replace=False))).to(xrT.device)
+        subT, subx = xrT.index_select(1, pick), xrx.index_select(0, pick)
+        dist = poincare_dist(subT.T, subT.T, c=float(self.c))
+        dist.fill_diagonal_(0.0)
+        scored = []
+        for i, (centers, inertia, n_iter) in enumerate(runs):
+            labels, _ = self._assign_cols(subT, subx, centers)
+            scored.append((-mean_silhouette(dist, labels), inertia, i, centers, n_iter))
+        _, _, _, centers, n_iter = min(scored, key=lambda r: r[:3])
+        return centers, n_iter
+
     def fit(
         self, X: ArrayLike, y: Any = None, *, callback: Callable[[int, float], None] | None = None
     ) -> PoincareKMeans:
@@ -976,22 +1058,29 @@ class PoincareKMeans:
             xrT, xrx = xsT, xx
         max_iter = int(self.max_iter)
         best: _Run | None = None
+        # every restart's centres and inertia (small), for select="silhouette"
+        runs: list[tuple[torch.Tensor, float, int]] = []
         for run in range(int(self.n_init)):
             res = self._lloyd(
                 xrT, xrx, self._kmeans_pp(xrT, xrx, rng), polish=False, max_iter=max_iter
             )
             if best is None or res.inertia < best.inertia:
                 best = res
+            if self.select == "silhouette":
+                runs.append((res.centers, res.inertia, res.n_iter))
             if callback is not None:
                 callback(run + 1, res.inertia)
         if best is None:  # pragma: no cover - n_init >= 1 is checked above
             raise HypsegError("PoincareKMeans ran no k-means restart")
-        final = self._lloyd(xsT, xx, best.centers.clone(), polish=True, max_iter=max_iter)
+        best_centers, best_iter = best.centers, best.n_iter
+        if len(runs) > 1:
+            best_centers, best_iter = self._by_silhouette(xrT, xrx, runs, rng)
+        final = self._lloyd(xsT, xx, best_centers.clone(), polish=True, max_iter=max_iter)
         labels, inertia = self._assign_rows(xt, final.centers, with_inertia=True)
         self.cluster_centers_ = final.centers.cpu().numpy()
         self.labels_ = labels.cpu().numpy()
         self.inertia_ = inertia
-        self.n_iter_ = best.n_iter + final.n_iter
+        self.n_iter_ = best_iter + final.n_iter
         self.n_features_in_ = d
         n_distinct = int(np.unique(self.labels_).size)
         if n_distinct < k:

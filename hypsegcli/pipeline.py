@@ -1350,6 +1350,8 @@ def _centroids_key(
             "version": KMEANS_CACHE_VERSION,
         }
     }
+    if clusterer.select != "inertia":  # absent for the default: fits cached before stay valid
+        params["centroids"]["select"] = clusterer.select
     if nest is not None:
         params["centroids"]["nest"] = nest
     if mask_sha256 is not None:
@@ -1951,11 +1953,37 @@ MAX_POTTS = 1e6
 MAX_SNAP = 1000.0
 
 
+def _by_silhouette_line(features: np.ndarray, fits: list[Any], rng: np.random.Generator) -> int:
+    """Index of the Euclidean k-means fit (of ``fits``, on ``features``) whose labels have the
+    largest mean silhouette on a seeded subset of the features (ties: lower inertia, then
+    the earlier fit), as :class:`hypsegcli.kmeans.PoincareKMeans` with ``select="silhouette"``."""
+    from scipy.spatial.distance import cdist
+
+    from .kmeans import _SILHOUETTE_SAMPLES, mean_silhouette
+
+    size = min(len(features), _SILHOUETTE_SAMPLES)
+    sub = features[np.sort(rng.choice(len(features), size=size, replace=False))]
+    dist = cdist(sub, sub)
+    scores = [
+        (-mean_silhouette(dist, km.predict(sub)), float(km.inertia_), i)
+        for i, km in enumerate(fits)
+    ]
+    return min(scores)[2]
+
+
 class _Clusterer:
     """Fits k centroids on features and assigns labels, the same way for every feature kind."""
 
     def __init__(
-        self, kind: str, *, curvature: float, n_init: int, fit_samples: int, seed: int, device: Any
+        self,
+        kind: str,
+        *,
+        curvature: float,
+        n_init: int,
+        fit_samples: int,
+        seed: int,
+        device: Any,
+        select: str = "inertia",
     ) -> None:
         self.kind = kind
         self.curvature = curvature
@@ -1963,6 +1991,7 @@ class _Clusterer:
         self.fit_samples = fit_samples
         self.seed = seed
         self.device = device
+        self.select = select
 
     def fit(self, features: np.ndarray, k: int, rows: np.ndarray | None = None) -> np.ndarray:
         """Canonically ordered centroids (k, d) fitted on at most fit_samples points.
@@ -1987,14 +2016,22 @@ class _Clusterer:
                 random_state=int(rng.integers(2**31)),
                 c=self.curvature,
                 fit_samples=self.fit_samples,
+                select=self.select,
             ).fit(features)
             centers = np.asarray(km.cluster_centers_, dtype=np.float64)
             return centers[_canonical_order_ball(centers, self.curvature)]
         from sklearn.cluster import KMeans
 
-        km = KMeans(n_clusters=k, n_init=self.n_init, random_state=int(rng.integers(2**31))).fit(
-            features
-        )
+        if self.select == "inertia" or self.n_init < 2:
+            km = KMeans(
+                n_clusters=k, n_init=self.n_init, random_state=int(rng.integers(2**31))
+            ).fit(features)
+        else:  # each restart on its own, kept by the silhouette as PoincareKMeans does
+            fits = [
+                KMeans(n_clusters=k, n_init=1, random_state=int(rng.integers(2**31))).fit(features)
+                for _ in range(self.n_init)
+            ]
+            km = fits[_by_silhouette_line(features, fits, rng)]
         centers = np.asarray(km.cluster_centers_, dtype=np.float64)
         return centers[_canonical_order_line(centers)]
 
@@ -2799,6 +2836,7 @@ def cluster(
     stride: int = 1,
     tile: int | None = None,
     n_init: int = 2,
+    select: str = "inertia",
     fit_samples: int = 200_000,
     metric: str = "auto",
     smooth: float = 0.0,
@@ -2967,6 +3005,7 @@ def cluster(
         n_init=n_init,
         fit_samples=fit_samples,
         seed=seed,
+        select=select,
         # with intensities, --device is checked as a model's would be and used as given
         device=model.device if model is not None else resolve_device(device),
     )
@@ -2992,6 +3031,8 @@ def cluster(
         header["mask"] = "0 outside, clusters 1..k inside"
     fit = "centroids" if centroids is not None else fit_on
     params: dict[str, Any] = {"seed": seed, "n_init": n_init, "fit_samples": fit_samples}
+    if select != "inertia":  # absent for the default, so that outputs made before stay reusable
+        params["select"] = select
     if fit == "pooled":
         # the fit depends on the set of volumes it drew from (and how many per volume): a
         # run on other inputs redoes every volume
@@ -3024,6 +3065,7 @@ def cluster(
         "stride": stride,
         "tile": tile if tile is not None else DEFAULT_TILE,
         "n_init": n_init,
+        "select": select,
         "fit_samples": fit_samples,
         "metric": metric,
         "smooth": smooth,
@@ -3138,6 +3180,7 @@ def cluster(
                 "seed": seed,
                 "n_init": n_init,
                 "fit_samples": fit_samples,
+                **({"select": select} if select != "inertia" else {}),
             },
         )
         return centers

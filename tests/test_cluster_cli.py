@@ -359,7 +359,7 @@ def test_kmeans_fits_are_cached_and_reused_only_when_they_apply(
 ):
     """Clustering again with other spatial steps reuses each volume's cached k-means fit (same
     centroids as a fresh fit), except a fit nested by --nest in the smallest k's labels, which
-    those steps shape; another seed, --n-init or --fit-samples fits again."""
+    those steps shape; another seed, --n-init, --fit-samples or --select fits again."""
     from hypsegcli import batch, pipeline
 
     images = trained / "data" / "images"
@@ -436,14 +436,19 @@ def test_kmeans_fits_are_cached_and_reused_only_when_they_apply(
     cluster("c3", "--nest", "0", "--smooth", "0", "--snap", "0", "--mrf", "0")
     assert fits == [] and centers("c3") == centers("c2")
     # what the fit depends on: fitted again
-    for option, value in (("--seed", "1"), ("--n-init", "3"), ("--fit-samples", "5000")):
+    for option, value in (
+        ("--seed", "1"),
+        ("--n-init", "3"),
+        ("--fit-samples", "5000"),
+        ("--select", "inertia"),
+    ):
         fits.clear()
         cluster(f"d{option}", option, value)
         assert sorted(fits) == [2, 2, 2, 3, 3, 3], option
     # cache ls names them; a corrupt cached fit is refitted, with the same result
     code, out, _ = run(["cache", "ls", "--cache-dir", cache, "--json"], capsys)
     kinds = [e["meta"].get("kind") for e in json.loads(out)]
-    assert kinds.count("centroids") == 5 * 6 and kinds.count(None) == 3
+    assert kinds.count("centroids") == 6 * 6 and kinds.count(None) == 3
     entry = next(e for e in json.loads(out) if e["meta"].get("kind") == "centroids")
     with open(entry["path"], "r+b") as fh:
         fh.seek(-8, 2)
@@ -461,6 +466,75 @@ def test_kmeans_fits_are_cached_and_reused_only_when_they_apply(
         plan = cluster("plan", "--dry-run", "--overwrite", *extra)
         assert [v["fits"] for v in plan["volumes"]] == [[]] * 3, extra
     assert plan["estimated_seconds"] < fitted["estimated_seconds"]
+
+
+def test_select_silhouette_is_recorded_and_redoes_outputs_made_otherwise(trained, tmp_path, capsys):
+    images = trained / "data" / "images"
+
+    def cluster(*extra):
+        argv = ["--quiet", "cluster", images, "-m", trained / "model.pt", "--k", "2"]
+        code, out, err = run([*argv, "-o", tmp_path / "seg", "--json", *extra], capsys)
+        assert code == 0, err
+        return json.loads(out)
+
+    def params():
+        return json.loads((tmp_path / "seg" / "case_000.centroids.json").read_text())["params"]
+
+    assert cluster("--select", "inertia", "--n-init", "2")["done"] == 3
+    assert "select" not in params()  # inertia: records made before the option still match
+    assert cluster("--select", "inertia", "--n-init", "2")["skipped"] == 3
+    assert cluster("--n-init", "2")["done"] == 3  # the default is silhouette: redone
+    assert params()["select"] == "silhouette"
+    assert cluster("--select", "silhouette", "--n-init", "2")["skipped"] == 3
+    code, _, err = run(
+        ["cluster", images, "--k", "2", "-o", tmp_path / "x", "--select", "best"], capsys
+    )
+    assert code == 2 and "--select" in err
+
+
+def test_euclidean_fit_keeps_the_restart_of_largest_silhouette(monkeypatch):
+    """--select silhouette with Euclidean k-means (intensities, --metric euclidean): each
+    restart is a k-means of its own, and the kept one has the largest silhouette."""
+    from sklearn.metrics import silhouette_score
+
+    from hypsegcli import kmeans, pipeline
+
+    rng = np.random.default_rng(0)
+    features = np.vstack(
+        [
+            rng.normal([0.0, 0.0], 0.15, size=(3000, 2)),
+            rng.normal([0.6, 0.0], 0.01, size=(60, 2)),
+            rng.normal([0.6, 0.1], 0.01, size=(60, 2)),
+        ]
+    )
+    monkeypatch.setattr(kmeans, "_SILHOUETTE_SAMPLES", 10_000)  # every point: no subset drawn
+    seen = {}
+    real = pipeline._by_silhouette_line
+
+    def spy(feats, fits, rng):
+        seen["fits"], seen["kept"] = fits, real(feats, fits, rng)
+        return seen["kept"]
+
+    monkeypatch.setattr(pipeline, "_by_silhouette_line", spy)
+
+    def fit(select):
+        clusterer = pipeline._Clusterer(
+            "line", curvature=1.0, n_init=8, fit_samples=10**6, seed=0, device="cpu", select=select
+        )
+        return clusterer.fit(features, 3)
+
+    centers = fit("silhouette")
+    scores = [silhouette_score(features, km.predict(features)) for km in seen["fits"]]
+    kept = seen["fits"][int(np.argmax(scores))]
+    assert seen["kept"] == int(np.argmax(scores))
+    np.testing.assert_allclose(
+        np.sort(centers, axis=0), np.sort(kept.cluster_centers_, axis=0), rtol=0, atol=0
+    )
+    least = min(seen["fits"], key=lambda km: km.inertia_)
+    assert kept.inertia_ > least.inertia_  # here not the restart inertia would keep
+    seen.clear()
+    fit("inertia")
+    assert seen == {}  # the default: one KMeans with its own restarts, as before
 
 
 def _ball_features(shape, seed=0):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from scipy.optimize import linear_sum_assignment, minimize
-from sklearn.metrics import adjusted_rand_score
+from sklearn.metrics import adjusted_rand_score, silhouette_score
 
 import hypsegcli.kmeans as km_mod
 from hypsegcli.errors import BadInputError, HypsegError
@@ -20,6 +20,7 @@ from hypsegcli.kmeans import (
     NotFittedError,
     PoincareKMeans,
     frechet_mean,
+    mean_silhouette,
     poincare_dist,
     poincare_pdist2,
 )
@@ -357,6 +358,84 @@ def test_best_of_n_init_keeps_min_inertia(monkeypatch):
     assert model.inertia_ <= best.inertia * (1 + 1e-12)  # refining never loses (all points fitted)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_mean_silhouette_matches_sklearn_on_poincare_distances(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(5, 60))
+    x = _ball_points(rng, n, 3, 1.0, 0.95)
+    dist = _ref_dist(x[:, None, :], x[None, :, :], 1.0)
+    np.fill_diagonal(dist, 0.0)
+    labels = rng.integers(0, int(rng.integers(2, min(n - 1, 7) + 1)), size=n)
+    labels[0] = 99  # a cluster of one point scores 0, as in scikit-learn
+    if len(np.unique(labels)) < 2:
+        labels[1] = 98
+    ref = silhouette_score(dist, labels, metric="precomputed")
+    assert mean_silhouette(dist, labels) == pytest.approx(ref, rel=1e-12, abs=1e-15)
+    assert mean_silhouette(torch.from_numpy(dist), torch.from_numpy(labels)) == pytest.approx(ref)
+
+
+def test_mean_silhouette_edge_cases():
+    dist = np.array([[0.0, 1.0, 4.0], [1.0, 0.0, 3.0], [4.0, 3.0, 0.0]])
+    assert mean_silhouette(dist, [5, 5, 5]) == -1.0  # one cluster: nothing is separated
+    assert mean_silhouette(dist, [0, 1, 2]) == 0.0  # every point alone
+    # by hand: a = (1, 1), b = (4, 3) for the pair; the single point scores 0
+    assert mean_silhouette(dist, [0, 0, 1]) == pytest.approx(((4 - 1) / 4 + (3 - 1) / 3) / 3)
+    assert mean_silhouette(np.zeros((2, 2)), [0, 1]) == 0.0  # a = b = 0
+    with pytest.raises(BadInputError, match=r"dist should be \(3, 3\)"):
+        mean_silhouette(np.zeros((2, 2)), [0, 1, 1])
+
+
+def test_select_silhouette_keeps_the_restart_of_largest_silhouette(monkeypatch):
+    # a broad blob and two small tight clusters beside it: the restarts that split the
+    # blob have the least inertia, one that leaves it whole the larger silhouette
+    rng = np.random.default_rng(0)
+    x = np.vstack(
+        [
+            rng.normal([0.0, 0.0], 0.15, size=(3000, 2)),
+            rng.normal([0.6, 0.0], 0.01, size=(60, 2)),
+            rng.normal([0.6, 0.1], 0.01, size=(60, 2)),
+        ]
+    )
+    monkeypatch.setattr(km_mod, "_SILHOUETTE_SAMPLES", 10_000)  # every point: no subset drawn
+    calls = []
+    original = PoincareKMeans._lloyd
+
+    def spy(self, xT, xx, centers, *, polish, max_iter):
+        start = centers.clone()
+        run = original(self, xT, xx, centers, polish=polish, max_iter=max_iter)
+        calls.append((polish, start, run))
+        return run
+
+    monkeypatch.setattr(PoincareKMeans, "_lloyd", spy)
+    PoincareKMeans(3, n_init=6, random_state=0, select="silhouette").fit(x)
+    restarts = [run for polish, _, run in calls if not polish]
+    (start,) = [start for polish, start, _ in calls if polish]
+    dist = _ref_dist(x[:, None, :], x[None, :, :], 1.0)
+    np.fill_diagonal(dist, 0.0)
+    scores = []
+    for run in restarts:
+        centers = run.centers.numpy()
+        labels = _ref_dist(x[:, None, :], centers[None, :, :], 1.0).argmin(axis=1)
+        scores.append(silhouette_score(dist, labels, metric="precomputed"))
+    kept = int(np.argmax(scores))
+    assert torch.equal(start, restarts[kept].centers)  # the refinement starts from it
+    least = min(range(len(restarts)), key=lambda i: restarts[i].inertia)
+    assert restarts[kept].inertia > restarts[least].inertia * 1.01  # not inertia's pick here
+
+
+def test_select_silhouette_with_one_restart_or_equal_restarts_is_inertia():
+    rng = np.random.default_rng(3)
+    x = _ball_points(rng, 500, 2, 1.0, 0.9)
+    for n_init in (1, 3):
+        a = PoincareKMeans(4, n_init=n_init, random_state=7).fit(x)
+        b = PoincareKMeans(4, n_init=n_init, random_state=7, select="silhouette").fit(x)
+        if n_init == 1:  # nothing to choose from: the same fit
+            np.testing.assert_array_equal(a.cluster_centers_, b.cluster_centers_)
+        again = PoincareKMeans(4, n_init=n_init, random_state=7, select="silhouette").fit(x)
+        np.testing.assert_array_equal(b.cluster_centers_, again.cluster_centers_)  # seeded
+    assert "select='silhouette'" in repr(b)
+
+
 def test_fit_samples_subsample_assigns_all_points():
     rng = np.random.default_rng(13)
     x, truth = _blobs(rng, 4, 300, radius=2.0)
@@ -429,6 +508,7 @@ def test_duplicates_warn_and_n_samples_equal_k():
         (lambda: PoincareKMeans(2, tol=-1.0).fit(np.zeros((3, 2))), "tol=-1.0"),
         (lambda: PoincareKMeans(3, fit_samples=2).fit(np.zeros((5, 2))), "fit_samples=2"),
         (lambda: PoincareKMeans(2, random_state="x").fit(np.zeros((3, 2))), "random_state"),
+        (lambda: PoincareKMeans(2, select="best").fit(np.zeros((3, 2))), "select='best'"),
     ],
 )
 def test_bad_inputs_one_line_errors(make, match):
@@ -458,6 +538,7 @@ def test_init_stores_hyperparameters_only():
         "fit_samples": 10,
         "frechet_iters": 2,
         "device": None,
+        "select": "inertia",
     }
     assert not hasattr(model, "labels_")
 
