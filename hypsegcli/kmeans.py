@@ -690,8 +690,8 @@ class PoincareKMeans:
     silhouette (:func:`mean_silhouette`, Poincaré distances) on a seeded subset
     of at most ``_SILHOUETTE_SAMPLES`` = 2 000 points of the restart sample,
     drawn after the restarts (so both choose among the same restarts; ties go
-    to the lower inertia). Inertia always prefers splitting the largest, most
-    spread cluster; the silhouette prefers clusters that lie apart. Refine the
+    to the lower inertia). Inertia favours splitting a large, spread-out
+    cluster; the silhouette favours clusters that lie apart. Refine the
     kept restart by
     Lloyd iterations (1-4) on the fit sample, where each time the labels are
     stable the centroids are polished (Lou iteration to moves below
@@ -997,8 +997,6 @@ class PoincareKMeans:
         inertia = float(_t_to_d2(_col_t(xT, yT, c), c).sum())
         return _Run(centers, labels, inertia, n_iter)
 
-    # ------------------------------------------------------------------ public API
-
     def _by_silhouette(
         self,
         xrT: torch.Tensor,
@@ -1021,6 +1019,8 @@ class PoincareKMeans:
             scored.append((-mean_silhouette(dist, labels), inertia, i, centers, n_iter))
         _, _, _, centers, n_iter = min(scored, key=lambda r: r[:3])
         return centers, n_iter
+
+    # ------------------------------------------------------------------ public API
 
     def fit(
         self, X: ArrayLike, y: Any = None, *, callback: Callable[[int, float], None] | None = None
