@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from hypsegcli.cli import main
@@ -12,6 +13,20 @@ from hypsegcli.cli import main
 TINY_MODEL = ["--patch-size", "9", "--r-min", "6", "--r-max", "10", "--batch-size", "4"]
 #: the same on 2 threads: a model that trains in a second
 TINY_TRAIN = [*TINY_MODEL, "--threads", "2"]
+
+
+def blob_and_two_specks() -> np.ndarray:
+    """(3 120, 2) points of the unit ball: a broad blob of 3 000 at the origin and two tight
+    clusters of 60 beside it. The k = 3 restarts that split the blob have the least
+    inertia; one that leaves it whole has the larger silhouette (``cluster --select``)."""
+    rng = np.random.default_rng(0)
+    return np.vstack(
+        [
+            rng.normal([0.0, 0.0], 0.15, size=(3000, 2)),
+            rng.normal([0.6, 0.0], 0.01, size=(60, 2)),
+            rng.normal([0.6, 0.1], 0.01, size=(60, 2)),
+        ]
+    )
 
 
 def run(argv, capsys):

@@ -11,7 +11,7 @@ import mrcfile
 import nibabel as nib
 import numpy as np
 import pytest
-from clitools import run, tiny_pipeline
+from clitools import blob_and_two_specks, run, tiny_pipeline
 
 from hypsegcli import embedding, io
 
@@ -499,14 +499,7 @@ def test_euclidean_fit_keeps_the_restart_of_largest_silhouette(monkeypatch):
 
     from hypsegcli import kmeans, pipeline
 
-    rng = np.random.default_rng(0)
-    features = np.vstack(
-        [
-            rng.normal([0.0, 0.0], 0.15, size=(3000, 2)),
-            rng.normal([0.6, 0.0], 0.01, size=(60, 2)),
-            rng.normal([0.6, 0.1], 0.01, size=(60, 2)),
-        ]
-    )
+    features = blob_and_two_specks()
     monkeypatch.setattr(kmeans, "_SILHOUETTE_SAMPLES", 10_000)  # every point: no subset drawn
     seen = {}
     real = pipeline._by_silhouette_line

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from clitools import blob_and_two_specks
 from scipy.optimize import linear_sum_assignment, minimize
 from sklearn.metrics import adjusted_rand_score, silhouette_score
 
@@ -332,9 +333,8 @@ def test_inertia_is_sum_of_squared_distances(dtype):
     assert np.all(chosen <= dist.min(1) * (1 + 1e-5) + 1e-6)
 
 
-def test_best_of_n_init_keeps_min_inertia(monkeypatch):
-    rng = np.random.default_rng(12)
-    x = _ball_points(rng, 400, 2, 1.0, 0.97)
+def _spy_lloyd(monkeypatch) -> list:
+    """Record every ``PoincareKMeans._lloyd`` call as (polish, starting centres, run)."""
     calls = []
     original = PoincareKMeans._lloyd
 
@@ -345,6 +345,13 @@ def test_best_of_n_init_keeps_min_inertia(monkeypatch):
         return run
 
     monkeypatch.setattr(PoincareKMeans, "_lloyd", spy)
+    return calls
+
+
+def test_best_of_n_init_keeps_min_inertia(monkeypatch):
+    rng = np.random.default_rng(12)
+    x = _ball_points(rng, 400, 2, 1.0, 0.97)
+    calls = _spy_lloyd(monkeypatch)
     seen = []
     model = PoincareKMeans(6, random_state=4, n_init=5).fit(
         x, callback=lambda i, inertia: seen.append(inertia)
@@ -386,27 +393,9 @@ def test_mean_silhouette_edge_cases():
 
 
 def test_select_silhouette_keeps_the_restart_of_largest_silhouette(monkeypatch):
-    # a broad blob and two small tight clusters beside it: the restarts that split the
-    # blob have the least inertia, one that leaves it whole the larger silhouette
-    rng = np.random.default_rng(0)
-    x = np.vstack(
-        [
-            rng.normal([0.0, 0.0], 0.15, size=(3000, 2)),
-            rng.normal([0.6, 0.0], 0.01, size=(60, 2)),
-            rng.normal([0.6, 0.1], 0.01, size=(60, 2)),
-        ]
-    )
+    x = blob_and_two_specks()
     monkeypatch.setattr(km_mod, "_SILHOUETTE_SAMPLES", 10_000)  # every point: no subset drawn
-    calls = []
-    original = PoincareKMeans._lloyd
-
-    def spy(self, xT, xx, centers, *, polish, max_iter):
-        start = centers.clone()
-        run = original(self, xT, xx, centers, polish=polish, max_iter=max_iter)
-        calls.append((polish, start, run))
-        return run
-
-    monkeypatch.setattr(PoincareKMeans, "_lloyd", spy)
+    calls = _spy_lloyd(monkeypatch)
     PoincareKMeans(3, n_init=6, random_state=0, select="silhouette").fit(x)
     restarts = [run for polish, _, run in calls if not polish]
     (start,) = [start for polish, start, _ in calls if polish]
