@@ -527,7 +527,7 @@ def test_euclidean_fit_keeps_the_restart_of_largest_silhouette(monkeypatch):
     assert kept.inertia_ > least.inertia_  # here not the restart inertia would keep
     seen.clear()
     fit("inertia")
-    assert seen == {}  # the default: one KMeans with its own restarts, as before
+    assert seen == {}  # inertia: one KMeans with its own restarts, as before
 
 
 def _ball_features(shape, seed=0):

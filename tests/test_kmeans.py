@@ -412,7 +412,7 @@ def test_select_silhouette_keeps_the_restart_of_largest_silhouette(monkeypatch):
     assert restarts[kept].inertia > restarts[least].inertia * 1.01  # not inertia's pick here
 
 
-def test_select_silhouette_with_one_restart_or_equal_restarts_is_inertia():
+def test_select_silhouette_with_one_restart_is_inertia_and_is_seeded():
     rng = np.random.default_rng(3)
     x = _ball_points(rng, 500, 2, 1.0, 0.9)
     for n_init in (1, 3):
