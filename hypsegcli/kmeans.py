@@ -564,6 +564,16 @@ def mean_silhouette(dist: ArrayLike, labels: ArrayLike) -> float:
     return float(s.mean())
 
 
+def _best_by_silhouette(dist: ArrayLike, labelings: list[Any], inertias: list[float]) -> int:
+    """Index of the labelling (each (n,), of the points of ``dist``) with the largest mean
+    silhouette; ties go to the lower inertia, then the earlier one (``select="silhouette"``,
+    here and in ``hypseg cluster``'s Euclidean k-means)."""
+    return min(
+        range(len(labelings)),
+        key=lambda i: (-mean_silhouette(dist, labelings[i]), inertias[i], i),
+    )
+
+
 def frechet_mean(
     x: ArrayLike,
     weights: ArrayLike | None = None,
@@ -1013,12 +1023,9 @@ class PoincareKMeans:
         subT, subx = xrT.index_select(1, pick), xrx.index_select(0, pick)
         dist = poincare_dist(subT.T, subT.T, c=float(self.c))
         dist.fill_diagonal_(0.0)
-        scored = []
-        for i, (centers, inertia, n_iter) in enumerate(runs):
-            labels, _ = self._assign_cols(subT, subx, centers)
-            scored.append((-mean_silhouette(dist, labels), inertia, i, centers, n_iter))
-        _, _, _, centers, n_iter = min(scored, key=lambda r: r[:3])
-        return centers, n_iter
+        labelings = [self._assign_cols(subT, subx, centers)[0] for centers, _, _ in runs]
+        kept = _best_by_silhouette(dist, labelings, [inertia for _, inertia, _ in runs])
+        return runs[kept][0], runs[kept][2]
 
     # ------------------------------------------------------------------ public API
 
@@ -1057,24 +1064,19 @@ class PoincareKMeans:
         else:
             xrT, xrx = xsT, xx
         max_iter = int(self.max_iter)
-        best: _Run | None = None
-        # every restart's centres and inertia (small), for select="silhouette"
+        # every restart's centres, inertia and iterations (small; n_init >= 1 is checked)
         runs: list[tuple[torch.Tensor, float, int]] = []
         for run in range(int(self.n_init)):
             res = self._lloyd(
                 xrT, xrx, self._kmeans_pp(xrT, xrx, rng), polish=False, max_iter=max_iter
             )
-            if best is None or res.inertia < best.inertia:
-                best = res
-            if self.select == "silhouette":
-                runs.append((res.centers, res.inertia, res.n_iter))
+            runs.append((res.centers, res.inertia, res.n_iter))
             if callback is not None:
                 callback(run + 1, res.inertia)
-        if best is None:  # pragma: no cover - n_init >= 1 is checked above
-            raise HypsegError("PoincareKMeans ran no k-means restart")
-        best_centers, best_iter = best.centers, best.n_iter
-        if len(runs) > 1:
+        if self.select == "silhouette" and len(runs) > 1:
             best_centers, best_iter = self._by_silhouette(xrT, xrx, runs, rng)
+        else:  # least inertia, the first of equals
+            best_centers, _, best_iter = min(runs, key=lambda r: r[1])
         final = self._lloyd(xsT, xx, best_centers.clone(), polish=True, max_iter=max_iter)
         labels, inertia = self._assign_rows(xt, final.centers, with_inertia=True)
         self.cluster_centers_ = final.centers.cpu().numpy()

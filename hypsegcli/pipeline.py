@@ -1959,16 +1959,12 @@ def _by_silhouette_line(features: np.ndarray, fits: list[Any], rng: np.random.Ge
     the earlier fit), as :class:`hypsegcli.kmeans.PoincareKMeans` with ``select="silhouette"``."""
     from scipy.spatial.distance import cdist
 
-    from .kmeans import _SILHOUETTE_SAMPLES, mean_silhouette
+    from .kmeans import _SILHOUETTE_SAMPLES, _best_by_silhouette
 
     size = min(len(features), _SILHOUETTE_SAMPLES)
     sub = features[np.sort(rng.choice(len(features), size=size, replace=False))]
-    dist = cdist(sub, sub)
-    scores = [
-        (-mean_silhouette(dist, km.predict(sub)), float(km.inertia_), i)
-        for i, km in enumerate(fits)
-    ]
-    return min(scores)[2]
+    labelings = [km.predict(sub) for km in fits]
+    return _best_by_silhouette(cdist(sub, sub), labelings, [float(km.inertia_) for km in fits])
 
 
 class _Clusterer:
@@ -3180,7 +3176,7 @@ def cluster(
                 "seed": seed,
                 "n_init": n_init,
                 "fit_samples": fit_samples,
-                **({"select": select} if select != "inertia" else {}),
+                "select": select,
             },
         )
         return centers
