@@ -580,10 +580,20 @@ TILE_OVERHEAD_S = 0.009
 #: at most ``_RESTART_SAMPLES`` points, then one refinement on the fit sample; their
 #: Lloyd iterations folded in), and per cluster and voxel assigned. From
 #: benchmarks/dryrun_accuracy.py (embeddings of a trained and of an untrained default
-#: model, 32^3-128^3, k = 2, 4, 8): the fits took 0.8-1.6x what this gives, as their
-#: iterations vary with the data (10-139 per fit seen).
-KMEANS_FIT_S = 3.6e-7
+#: model, 32^3-128^3, k = 2, 4, 8): the fits took 0.8-1.6x what this gave, as their
+#: iterations vary with the data (10-139 per fit seen); with 8 restarts that stop once
+#: settled (``_RESTART_SETTLED``) a trained model's fits implied 5.0e-7 - 6.2e-7 (the
+#: silhouette taken out).
+KMEANS_FIT_S = 5.3e-7
 KMEANS_ASSIGN_S = 6.0e-9
+#: The restart kept by its silhouette (``cluster --select silhouette``): seconds per pair
+#: of points of its subset (at most ``_SILHOUETTE_SAMPLES``) at REFERENCE_RATE, for the
+#: subset's distance matrix (once per fit: Poincaré, or scipy's Euclidean ``cdist``) and
+#: for each restart's labels and silhouette on it. Measured on 2 000 points of trained
+#: embeddings (2 cores, 286 GFLOP/s): 0.156 s, 0.009 s and 3.2 ms per restart.
+SILHOUETTE_DIST_S = 3.4e-8
+SILHOUETTE_DIST_LINE_S = 2.0e-9
+SILHOUETTE_S = 7.0e-10
 #: Euclidean k-means (scikit-learn's ``KMeans``: ``--metric euclidean``, intensity
 #: features), seconds per (restart x fitted point x cluster) at REFERENCE_RATE
 #: (benchmarks/dryrun_accuracy.py: 0.4e-7 - 1.8e-7 on 64^3-128^3), and the import of
@@ -873,6 +883,7 @@ def estimate_kmeans_seconds(
     flop_rate: float,
     euclidean: bool = False,
     fit_points: int | None = None,
+    select: str = "inertia",
 ) -> float:
     """Seconds of fitting k-means (``n_init`` > 0; none with 0) and assigning ``voxels``, every k.
 
@@ -881,19 +892,27 @@ def estimate_kmeans_seconds(
     ``euclidean`` (scikit-learn): SKLEARN_FIT_S per restart, fitted point and
     cluster; its import is not included. The fit sample is drawn from
     ``fit_points`` voxels (default ``voxels``; ``cluster --mask``: those
-    inside). The assignment: KMEANS_ASSIGN_S per voxel and cluster.
+    inside). With ``select="silhouette"`` and more than one restart, per fit
+    SILHOUETTE_DIST_S (``euclidean``: SILHOUETTE_DIST_LINE_S) + ``n_init``
+    SILHOUETTE_S per pair of points of the silhouette's subset. The assignment: KMEANS_ASSIGN_S per voxel and cluster.
     """
-    from .kmeans import _RESTART_SAMPLES
+    from .kmeans import _RESTART_SAMPLES, _SILHOUETTE_SAMPLES
 
     fitted = min(voxels if fit_points is None else fit_points, fit_samples)
+    restarted = fitted if euclidean else min(fitted, _RESTART_SAMPLES)
+    sil = 0.0
     if n_init <= 0:
         fit = 0.0
-    elif euclidean:
-        fit = SKLEARN_FIT_S * n_init * fitted
     else:
-        fit = KMEANS_FIT_S * (n_init * min(fitted, _RESTART_SAMPLES) + fitted)
+        if euclidean:
+            fit = SKLEARN_FIT_S * n_init * fitted
+        else:
+            fit = KMEANS_FIT_S * (n_init * restarted + fitted)
+        if select == "silhouette" and n_init > 1:
+            dist = SILHOUETTE_DIST_LINE_S if euclidean else SILHOUETTE_DIST_S
+            sil = (dist + n_init * SILHOUETTE_S) * min(restarted, _SILHOUETTE_SAMPLES) ** 2
     per_k = fit + KMEANS_ASSIGN_S * voxels
-    return sum(per_k * k for k in ks) * REFERENCE_RATE / flop_rate
+    return sum(per_k * k + sil for k in ks) * REFERENCE_RATE / flop_rate
 
 
 def current_rss_bytes() -> float:
@@ -918,7 +937,9 @@ _EMBED_NOTES = (
 )
 _CLUSTER_NOTES = (
     ", plus k-means per point and cluster of each pass of a fit and of the assignment "
-    "(iterations depend on the data), plus scikit-learn's import where its k-means is used"
+    "(iterations depend on the data), plus with --select silhouette the distances between "
+    "the silhouette's points and each restart's silhouette, plus scikit-learn's import where "
+    "its k-means is used"
 )
 _MEMORY_NOTES = (
     "; reading and writing files is not counted. Peak memory: this process now (libraries "

@@ -1063,7 +1063,7 @@ def cluster(
             min=1,
             max=1000,
             help="k-means restarts (--select chooses the one kept). Poincaré k-means runs each "
-            "on at most 50 000 of the fit voxels and refines the kept one on all of them; "
+            "on at most 16 384 of the fit voxels and refines the kept one on all of them; "
             "Euclidean k-means (--metric euclidean, intensities) runs each on all of them.",
         ),
     ] = N_INIT_DEFAULT,

@@ -68,7 +68,8 @@ whose centroid step runs ``frechet_iters`` Lou steps for all clusters at once
 (``bincount`` segment sums, warm-started at the previous centroids), and a
 polish that runs the Lou iteration to convergence, so the returned centres are
 the Fréchet means of their clusters. Work is bounded for large inputs: the
-``n_init`` restarts run on at most ``_RESTART_SAMPLES`` points, the kept run is
+``n_init`` restarts run on at most ``_RESTART_SAMPLES`` points (and stop once
+an iteration moves at most ``_RESTART_SETTLED`` of them), the kept run is
 refined and polished on at most ``fit_samples`` points, and only the final
 assignment (``labels_``) and ``predict`` touch every point, in chunks.
 
@@ -123,7 +124,11 @@ _MIN_ASSIGN_ROWS = 1024
 _CHECK_BLOCK = 1 << 20
 # The n_init restarts (k-means++ and Lloyd) run on a seeded subset of at most this
 # many points of the fit sample; the best run is then refined on the whole fit sample.
-_RESTART_SAMPLES = 50_000
+_RESTART_SAMPLES = 16_384
+# A restart stops once an iteration moves at most this fraction of its points to
+# another cluster: which restart is kept is settled by then, and the kept one is
+# refined to convergence on the fit sample.
+_RESTART_SETTLED = 1e-3
 # ``select="silhouette"``: each restart is scored by the mean silhouette of its labels on
 # a seeded subset of at most this many points of the restart sample (exact distances).
 _SILHOUETTE_SAMPLES = 2_000
@@ -690,11 +695,12 @@ class PoincareKMeans:
     3. update every centroid at once by ``frechet_iters`` Lou et al. steps
        warm-started at the previous centroid;
     4. stop when the labels no longer change or no centroid moves by ``tol``
-       (Poincaré distance).
+       (Poincaré distance); a restart stops already when an iteration moves at
+       most ``_RESTART_SETTLED`` = 0.1% of its points to another cluster.
 
     Schedule (seeded by ``random_state``): draw the fit sample (at most
     ``fit_samples`` points) and, from it, the restart sample (at most
-    ``_RESTART_SAMPLES`` = 50 000 points); run ``n_init`` restarts (1-4) on
+    ``_RESTART_SAMPLES`` = 16 384 points); run ``n_init`` restarts (1-4) on
     the restart sample and keep one (``select``): the one of least inertia
     there, or (``"silhouette"``) the one whose labels have the largest mean
     silhouette (:func:`mean_silhouette`, Poincaré distances) on a seeded subset
@@ -958,10 +964,12 @@ class PoincareKMeans:
         *,
         polish: bool,
         max_iter: int,
+        settled: int = 0,
     ) -> _Run:
         """Lloyd iterations from ``centers`` on the columns of ``xT`` (float64).
 
-        Stops when the labels no longer change or no centroid moves by ``tol``.
+        Stops when at most ``settled`` labels change (none, by default) or no
+        centroid moves by ``tol``.
         With ``polish``, the centroids are then iterated to convergence and the
         points reassigned, going on while labels change; the returned centres
         are the converged Fréchet means of the returned labels.
@@ -984,9 +992,9 @@ class PoincareKMeans:
             shift = _max_shift(old, centers, c)
             new_labels, t = self._assign_cols(xT, xx, centers)
             self._relocate_empty(xT, new_labels, t, centers)
-            same = bool(torch.equal(new_labels, labels))
+            changed = int(torch.count_nonzero(new_labels != labels))
             labels = new_labels
-            if same or shift < tol:
+            if changed <= settled or shift < tol:
                 if not polish:
                     break
                 centers, _, _ = _frechet_iterate(
@@ -1066,9 +1074,15 @@ class PoincareKMeans:
         max_iter = int(self.max_iter)
         # every restart's centres, inertia and iterations (small; n_init >= 1 is checked)
         runs: list[tuple[torch.Tensor, float, int]] = []
+        settled = int(_RESTART_SETTLED * restart_n)
         for run in range(int(self.n_init)):
             res = self._lloyd(
-                xrT, xrx, self._kmeans_pp(xrT, xrx, rng), polish=False, max_iter=max_iter
+                xrT,
+                xrx,
+                self._kmeans_pp(xrT, xrx, rng),
+                polish=False,
+                max_iter=max_iter,
+                settled=settled,
             )
             runs.append((res.centers, res.inertia, res.n_iter))
             if callback is not None:

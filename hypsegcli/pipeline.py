@@ -1313,7 +1313,7 @@ def _cache_key(volume_sha256: str, model: LoadedModel, patch_size: int, stride: 
 #: Part of every cached k-means fit's key: bump it whenever the per-volume fit
 #: (``_Clusterer.fit``, :class:`hypsegcli.kmeans.PoincareKMeans`, scikit-learn's
 #: use) would give other centroids for the same embeddings, so old fits are redone.
-KMEANS_CACHE_VERSION = 1
+KMEANS_CACHE_VERSION = 2
 
 
 def _centroids_key(
@@ -1633,6 +1633,7 @@ def plan(
     config: dict[str, Any],
     ks: list[int] | None = None,
     n_init: int = 2,
+    select: str = "inertia",
     fit_samples: int = 200_000,
     pooled_fit: bool = False,
     smooth: float = 0.0,
@@ -1658,7 +1659,8 @@ def plan(
     Only the assignment is estimated for the k not in ``fits``. With ``masks``
     (``cluster --mask``) each volume's mask is read too, to look up its fits.
     ``euclidean``: the fits are scikit-learn's (``--metric euclidean``,
-    intensity features), whose import is counted once.
+    intensity features), whose import is counted once. ``select``: how a fit keeps
+    one of its ``n_init`` restarts (``cluster --select``; the silhouette costs time).
     Estimates are described in :data:`hypsegcli.batch.PLAN_NOTES`.
     """
     import torch
@@ -1763,6 +1765,7 @@ def plan(
                     flop_rate=rate,
                     euclidean=euclidean,
                     fit_points=fit_points,
+                    select=select,
                 )
                 sklearn_import = sklearn_import or bool(sklearn_pending and fits)
                 # pooled, given or cached centroids: the assignment only
@@ -1806,6 +1809,7 @@ def plan(
             fit_samples=fit_samples,
             flop_rate=rate,
             euclidean=euclidean,
+            select=select,
         )
     peaks = [r["peak_bytes"] for r in rows if r.get("peak_bytes")]
     counts = {
@@ -3114,6 +3118,7 @@ def cluster(
             tile=tile,
             ks=ks,
             n_init=n_init,
+            select=clusterer.select,
             fit_samples=fit_samples,
             pooled_fit=fit == "pooled" and not all(done.values()),
             smooth=smooth,

@@ -489,12 +489,41 @@ def test_kmeans_estimate_counts_each_pass_of_a_fit():
     want = KMEANS_FIT_S * (3 * _RESTART_SAMPLES + 200_000) + KMEANS_ASSIGN_S * n
     assert est(n, [2, 8], 3) == pytest.approx(10 * want)
     # a small volume: every pass sees all its voxels
-    want = KMEANS_FIT_S * 3 * 30_000 + KMEANS_ASSIGN_S * 30_000
-    assert est(30_000, [4], 2) == pytest.approx(4 * want)
+    assert _RESTART_SAMPLES > 10_000
+    want = KMEANS_FIT_S * 3 * 10_000 + KMEANS_ASSIGN_S * 10_000
+    assert est(10_000, [4], 2) == pytest.approx(4 * want)
     assert est(n, [4], 0) == pytest.approx(4 * KMEANS_ASSIGN_S * n)  # assignment only
     want = SKLEARN_FIT_S * 2 * 200_000 + KMEANS_ASSIGN_S * n
     assert est(n, [4], 2, euclidean=True) == pytest.approx(4 * want)
     assert est(n, [4], 2, flop_rate=2 * REFERENCE_RATE) == pytest.approx(est(n, [4], 2) / 2)
+
+
+def test_kmeans_estimate_counts_the_silhouette_once_per_fit_and_restart():
+    from hypsegcli.batch import (
+        REFERENCE_RATE,
+        SILHOUETTE_DIST_LINE_S,
+        SILHOUETTE_DIST_S,
+        SILHOUETTE_S,
+        estimate_kmeans_seconds,
+    )
+    from hypsegcli.kmeans import _SILHOUETTE_SAMPLES
+
+    assert SILHOUETTE_DIST_S > 0 and SILHOUETTE_DIST_LINE_S > 0 and SILHOUETTE_S > 0
+
+    def est(voxels, ks, n_init, **kw):
+        kw.setdefault("flop_rate", REFERENCE_RATE)
+        return estimate_kmeans_seconds(voxels, ks, n_init=n_init, fit_samples=200_000, **kw)
+
+    n = 1_000_000
+    for euclidean, dist in ((False, SILHOUETTE_DIST_S), (True, SILHOUETTE_DIST_LINE_S)):
+        extra = est(n, [2, 8], 8, select="silhouette", euclidean=euclidean)
+        extra -= est(n, [2, 8], 8, euclidean=euclidean)
+        assert extra == pytest.approx(2 * (dist + 8 * SILHOUETTE_S) * _SILHOUETTE_SAMPLES**2)
+    # fewer points than the subset: all of them; one restart or none: nothing to choose
+    extra = est(500, [4], 3, select="silhouette") - est(500, [4], 3)
+    assert extra == pytest.approx((SILHOUETTE_DIST_S + 3 * SILHOUETTE_S) * 500**2)
+    assert est(n, [4], 1, select="silhouette") == est(n, [4], 1)
+    assert est(n, [4], 0, select="silhouette") == est(n, [4], 0)
 
 
 def test_embedding_estimate_scales_with_the_encoders_efficiency(trained):
@@ -589,6 +618,25 @@ def test_dry_run_counts_scikit_learns_import_once(trained, tmp_path, capsys, mon
     assert doc["estimated_peak_bytes"] < doc["baseline_bytes"] + SKLEARN_IMPORT_BYTES
     extra, doc = plan("--metric", "euclidean")
     assert doc["counts"]["done"] == 3 and extra == pytest.approx(0, abs=0.01)
+
+
+def test_dry_run_counts_the_silhouette_of_the_restarts(trained, tmp_path, capsys, monkeypatch):
+    from hypsegcli.batch import REFERENCE_RATE, SILHOUETTE_DIST_S, SILHOUETTE_S
+    from hypsegcli.kmeans import _SILHOUETTE_SAMPLES
+
+    monkeypatch.setattr(batch, "measure_flop_rate", lambda device: REFERENCE_RATE)
+
+    def plan(select):
+        argv = cluster_argv(trained, tmp_path / "seg", "--cache-dir", tmp_path / "c")
+        code, out, err = run([*argv, "--dry-run", "--n-init", "4", "--select", select], capsys)
+        assert code == 0, err
+        return json.loads(out)["volumes"]
+
+    for sil, ine in zip(plan("silhouette"), plan("inertia"), strict=True):
+        assert sil["fits"] == [2, 3], sil
+        points = min(sil["voxels"], _SILHOUETTE_SAMPLES)
+        per_fit = (SILHOUETTE_DIST_S + 4 * SILHOUETTE_S) * points**2
+        assert sil["seconds"] - ine["seconds"] == pytest.approx(2 * per_fit, abs=2e-3)
 
 
 def test_embed_parts_skip_existing_and_overwrite(trained, tmp_path, capsys, monkeypatch):

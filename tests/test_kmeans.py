@@ -338,9 +338,9 @@ def _spy_lloyd(monkeypatch) -> list:
     calls = []
     original = PoincareKMeans._lloyd
 
-    def spy(self, xT, xx, centers, *, polish, max_iter):
+    def spy(self, xT, xx, centers, *, polish, max_iter, **kw):
         start = centers.clone()
-        run = original(self, xT, xx, centers, polish=polish, max_iter=max_iter)
+        run = original(self, xT, xx, centers, polish=polish, max_iter=max_iter, **kw)
         calls.append((polish, start, run))
         return run
 
@@ -363,6 +363,40 @@ def test_best_of_n_init_keeps_min_inertia(monkeypatch):
     (refine,) = [(start, run) for polish, start, run in calls if polish]
     assert torch.equal(refine[0], best.centers)  # the refinement starts from the best restart
     assert model.inertia_ <= best.inertia * (1 + 1e-12)  # refining never loses (all points fitted)
+
+
+def test_restarts_stop_once_few_points_change_cluster(monkeypatch):
+    """A restart stops at the first iteration that moves at most ``settled`` points to
+    another cluster, where Lloyd run to the end goes on; ``fit`` gives its restarts
+    ``_RESTART_SETTLED`` of the restart sample and its refinement nothing."""
+    x = _ball_points(np.random.default_rng(3), 6000, 2, 1.0, 0.9)
+    km = PoincareKMeans(5, random_state=0, tol=0.0)  # tol 0: only the labels stop a run
+    xT = torch.from_numpy(x.T.copy())
+    xx = km_mod._sqnorm_cols(xT)
+    init = km._kmeans_pp(xT, xx, np.random.default_rng(1))
+    history = [km._assign_cols(xT, xx, init.clone())[0]]
+    for j in range(1, 200):  # the labels after each iteration, from runs cut short
+        run = km._lloyd(xT, xx, init.clone(), polish=False, max_iter=j)
+        if run.n_iter < j:
+            break
+        history.append(run.labels)
+    changes = [int((a != b).sum()) for a, b in zip(history, history[1:], strict=False)]
+    settled = 6
+    stop = next(j for j, moved in enumerate(changes, 1) if moved <= settled)
+    assert 1 < stop < len(changes) and sum(changes[stop:]) > 0  # a full run goes on moving
+    run = km._lloyd(xT, xx, init.clone(), polish=False, max_iter=200, settled=settled)
+    assert run.n_iter == stop and torch.equal(run.labels, history[stop])
+
+    seen = []
+    original = PoincareKMeans._lloyd
+
+    def spy(self, *args, polish, **kw):
+        seen.append((polish, kw.get("settled", 0)))
+        return original(self, *args, polish=polish, **kw)
+
+    monkeypatch.setattr(PoincareKMeans, "_lloyd", spy)
+    PoincareKMeans(3, n_init=2, random_state=0).fit(x)
+    assert seen == [(False, int(km_mod._RESTART_SETTLED * 6000))] * 2 + [(True, 0)]
 
 
 @pytest.mark.parametrize("seed", range(4))
