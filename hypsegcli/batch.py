@@ -894,7 +894,8 @@ def estimate_kmeans_seconds(
     ``fit_points`` voxels (default ``voxels``; ``cluster --mask``: those
     inside). With ``select="silhouette"`` and more than one restart, per fit
     SILHOUETTE_DIST_S (``euclidean``: SILHOUETTE_DIST_LINE_S) + ``n_init``
-    SILHOUETTE_S per pair of points of the silhouette's subset. The assignment: KMEANS_ASSIGN_S per voxel and cluster.
+    SILHOUETTE_S per pair of points of the silhouette's subset. The
+    assignment: KMEANS_ASSIGN_S per voxel and cluster.
     """
     from .kmeans import _RESTART_SAMPLES, _SILHOUETTE_SAMPLES
 
