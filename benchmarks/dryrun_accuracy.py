@@ -34,14 +34,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from hypsegcli.batch import (
-    ENCODER_EFFICIENCY,
-    REFERENCE_RATE,
-    SILHOUETTE_DIST_LINE_S,
-    SILHOUETTE_DIST_S,
-    SILHOUETTE_S,
-)
-from hypsegcli.kmeans import _RESTART_SAMPLES, _SILHOUETTE_SAMPLES
+from hypsegcli.batch import ENCODER_EFFICIENCY, REFERENCE_RATE, estimate_kmeans_seconds
+from hypsegcli.kmeans import _RESTART_SAMPLES
 
 NO_STEPS = ["--smooth", "0", "--snap", "0", "--mrf", "0", "--nest", "0"]
 #: (label, options) in the order they run: the second and later reuse the first's fits
@@ -151,7 +145,7 @@ def main() -> None:
             actual = done["volumes"][0]["stages"]["cluster"]
             seen[label] = actual
             n_init = int(plan["config"]["n_init"])
-            silhouette = plan["config"]["select"] == "silhouette" and n_init > 1
+            select = plan["config"]["select"]
             rates.append(plan["flop_rate"])
             rows.append((side, label, plan["estimated_seconds"], actual, est["peak_bytes"], rss))
         assign = seen["assignment only (fits cached)"]
@@ -162,19 +156,21 @@ def main() -> None:
         )
         fitted = min(voxels, 200_000)
         passes = n_init * min(fitted, _RESTART_SAMPLES) + fitted
-        # the silhouette's estimate (3 fits, in seconds at this rate) is taken out first
-        ball_sil = line_sil = 0.0
-        if silhouette:
-            pairs = 3 * min(fitted, _RESTART_SAMPLES, _SILHOUETTE_SAMPLES) ** 2
-            ball_sil = (SILHOUETTE_DIST_S + n_init * SILHOUETTE_S) * pairs / scale
-            pairs = 3 * min(fitted, _SILHOUETTE_SAMPLES) ** 2
-            line_sil = (SILHOUETTE_DIST_LINE_S + n_init * SILHOUETTE_S) * pairs / scale
+        # the silhouette's estimate (seconds at this rate) is taken out first: the
+        # estimate with the run's --select less the same without it
+        sil = {}
+        for line in (False, True):
+            kw = dict(n_init=n_init, fit_samples=200_000, flop_rate=scale * REFERENCE_RATE)
+            with_it = estimate_kmeans_seconds(
+                voxels, [2, 4, 8], select=select, euclidean=line, **kw
+            )
+            sil[line] = with_it - estimate_kmeans_seconds(voxels, [2, 4, 8], euclidean=line, **kw)
         implied.setdefault("KMEANS_FIT_S (s per point of each pass x k)", []).append(
-            (seen["k-means, no spatial step"] - assign - ball_sil) / (passes * ksum) * scale
+            (seen["k-means, no spatial step"] - assign - sil[False]) / (passes * ksum) * scale
         )
         euclidean = seen["Euclidean k-means (--metric euclidean), no spatial step"]
         implied.setdefault("SKLEARN_FIT_S (s per restart x fitted point x k)", []).append(
-            (euclidean - sklearn_import - assign - line_sil) / (n_init * fitted * ksum) * scale
+            (euclidean - sklearn_import - assign - sil[True]) / (n_init * fitted * ksum) * scale
         )
         implied.setdefault("SMOOTH_S (s per voxel x k)", []).append(
             (seen["Potts prior (--smooth 0.8)"] - assign) / (voxels * ksum) * scale

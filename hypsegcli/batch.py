@@ -901,17 +901,16 @@ def estimate_kmeans_seconds(
 
     fitted = min(voxels if fit_points is None else fit_points, fit_samples)
     restarted = fitted if euclidean else min(fitted, _RESTART_SAMPLES)
-    sil = 0.0
     if n_init <= 0:
         fit = 0.0
+    elif euclidean:
+        fit = SKLEARN_FIT_S * n_init * fitted
     else:
-        if euclidean:
-            fit = SKLEARN_FIT_S * n_init * fitted
-        else:
-            fit = KMEANS_FIT_S * (n_init * restarted + fitted)
-        if select == "silhouette" and n_init > 1:
-            dist = SILHOUETTE_DIST_LINE_S if euclidean else SILHOUETTE_DIST_S
-            sil = (dist + n_init * SILHOUETTE_S) * min(restarted, _SILHOUETTE_SAMPLES) ** 2
+        fit = KMEANS_FIT_S * (n_init * restarted + fitted)
+    sil = 0.0
+    if select == "silhouette" and n_init > 1:
+        dist = SILHOUETTE_DIST_LINE_S if euclidean else SILHOUETTE_DIST_S
+        sil = (dist + n_init * SILHOUETTE_S) * min(restarted, _SILHOUETTE_SAMPLES) ** 2
     per_k = fit + KMEANS_ASSIGN_S * voxels
     return sum(per_k * k + sil for k in ks) * REFERENCE_RATE / flop_rate
 
