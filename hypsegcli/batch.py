@@ -590,8 +590,10 @@ KMEANS_ASSIGN_S = 6.0e-9
 #: of points of its subset (at most ``_SILHOUETTE_SAMPLES``) at REFERENCE_RATE, for the
 #: subset's distance matrix (once per fit: Poincaré, or scipy's Euclidean ``cdist``) and
 #: for each restart's labels and silhouette on it. Measured on 2 000 points of trained
-#: embeddings (2 cores, 286 GFLOP/s): 0.156 s, 0.009 s and 3.2 ms per restart.
-SILHOUETTE_DIST_S = 3.4e-8
+#: embeddings (2 cores, 286 GFLOP/s): 0.156 s, 0.009 s and 3.2 ms per restart; the
+#: Poincaré matrix has since been halved (each pair once, mirrored: 105 -> 53 ms in one
+#: run of benchmarks/pdist_speed.py), and its constant with it.
+SILHOUETTE_DIST_S = 1.7e-8
 SILHOUETTE_DIST_LINE_S = 2.0e-9
 SILHOUETTE_S = 7.0e-10
 #: Euclidean k-means (scikit-learn's ``KMeans``: ``--metric euclidean``, intensity

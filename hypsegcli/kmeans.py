@@ -493,39 +493,71 @@ def _frechet_iterate(
 # --------------------------------------------------------------------------- public helpers
 
 
-def poincare_pdist2(x: ArrayLike, y: ArrayLike, *, c: float = 1.0) -> ArrayLike:
+def _pair_t(
+    xc: torch.Tensor, yt: torch.Tensor, gx: torch.Tensor, gy: torch.Tensor, c: float
+) -> torch.Tensor:
+    """Distance argument ``t`` (r, m) between every row of ``xc`` (r, d) and of ``yt`` (m, d).
+
+    ``gx``, ``gy`` are their gaps ``1 − c‖·‖²``. ``‖x − y‖²`` is summed from the
+    differences one coordinate at a time (one (r, m) temporary, no (r, m, d) one),
+    in the order and with the fused multiply-adds of :func:`_col_t`, so the bits
+    are those of ``_col_t`` on the matching columns.
+    """
+    diff = xc[:, 0, None] - yt[None, :, 0]
+    diff2 = diff.square()
+    for j in range(1, xc.shape[1]):
+        torch.sub(xc[:, j, None], yt[None, :, j], out=diff)
+        diff2.addcmul_(diff, diff)
+    return diff2.mul_(c).div_(gx[:, None] * gy[None, :])
+
+
+def poincare_pdist2(x: ArrayLike, y: ArrayLike | None = None, *, c: float = 1.0) -> ArrayLike:
     r"""Squared Poincaré distances between all rows of ``x`` (n, d) and ``y`` (m, d): (n, m).
 
     :math:`d^2 = \frac{4}{c}\operatorname{asinh}^2\sqrt t`,
     :math:`t = c\|x - y\|^2 / ((1 - c\|x\|^2)(1 - c\|y\|^2))`, with ``‖x − y‖²``
     from the differences (accurate near 0), in row chunks of bounded memory.
+    Without ``y``, the (n, n) distances among the rows of ``x``: each pair is
+    computed once and mirrored, so the result is exactly symmetric with a zero
+    diagonal (the same values as ``poincare_pdist2(x, x)``, in about half the time).
     Numpy in, numpy out; torch in, torch out (dtype of ``x``).
     """
     cf = _c_value(c)
     xt = _to_tensor(x, "x")
-    yt = _to_tensor(y, "y", device=xt.device).to(xt.dtype)
+    yt = xt if y is None else _to_tensor(y, "y", device=xt.device).to(xt.dtype)
     if xt.ndim != 2 or yt.ndim != 2 or xt.shape[1] != yt.shape[1]:
         raise BadInputError(
             f"x and y should be (n, d) and (m, d) arrays, got {tuple(xt.shape)} and {tuple(yt.shape)}"
         )
-    m = yt.shape[0]
-    rows = max(1, _ASSIGN_BLOCK // max(1, m))
-    out = torch.empty(xt.shape[0], m, dtype=xt.dtype, device=xt.device)
-    yT = yt.T
-    for i in range(0, xt.shape[0], rows):
-        xc = xt[i : i + rows]
-        r = xc.shape[0]
-        xT = xc.T.repeat_interleave(m, 1)  # (d, r*m): x_0 m times, x_1 m times, ...
-        t = _col_t(xT, yT.repeat(1, r), cf)  # against y_0 .. y_{m-1}, r times
-        out[i : i + r] = _t_to_d2(t, cf).view(r, m)
+    n, m = xt.shape[0], yt.shape[0]
+    out = torch.empty(n, m, dtype=xt.dtype, device=xt.device)
+    if n == 0 or m == 0:
+        return _like_input(out, x)
+    if xt.shape[1] == 0:
+        return _like_input(out.zero_(), x)
+    gx = _gap(_sqnorm_cols(xt.T), cf)
+    gy = gx if y is None else _gap(_sqnorm_cols(yt.T), cf)
+    rows = max(1, _ASSIGN_BLOCK // m)
+    if y is None:  # about eight blocks of the upper triangle, each mirrored
+        rows = min(rows, -(-n // 8))
+        for i in range(0, n, rows):
+            blk = _t_to_d2(_pair_t(xt[i : i + rows], xt[i:], gx[i : i + rows], gx[i:], cf), cf)
+            out[i : i + rows, i:] = blk
+            out[i:, i : i + rows] = blk.T
+        return _like_input(out, x)
+    for i in range(0, n, rows):
+        t = _pair_t(xt[i : i + rows], yt, gx[i : i + rows], gy, cf)
+        out[i : i + rows] = _t_to_d2(t, cf)
     return _like_input(out, x)
 
 
-def poincare_dist(x: ArrayLike, y: ArrayLike, *, c: float = 1.0) -> ArrayLike:
+def poincare_dist(x: ArrayLike, y: ArrayLike | None = None, *, c: float = 1.0) -> ArrayLike:
     r"""Poincaré distances between all rows of ``x`` (n, d) and ``y`` (m, d): (n, m).
 
     :math:`d(x, y) = \frac{2}{\sqrt c}\operatorname{asinh}\sqrt t`
     :math:`= \frac{1}{\sqrt c}\operatorname{arccosh}\big(1 + \frac{2c\|x - y\|^2}{(1 - c\|x\|^2)(1 - c\|y\|^2)}\big)`.
+    Without ``y``, the (n, n) distances among the rows of ``x``, exactly symmetric
+    with a zero diagonal (see :func:`poincare_pdist2`).
     Numpy in, numpy out; torch in, torch out.
     """
     d2 = poincare_pdist2(x, y, c=c)
@@ -1029,8 +1061,7 @@ class PoincareKMeans:
         size = min(n, _SILHOUETTE_SAMPLES)
         pick = torch.from_numpy(np.sort(rng.choice(n, size=size, replace=False))).to(xrT.device)
         subT, subx = xrT.index_select(1, pick), xrx.index_select(0, pick)
-        dist = poincare_dist(subT.T, subT.T, c=float(self.c))
-        dist.fill_diagonal_(0.0)
+        dist = poincare_dist(subT.T, c=float(self.c))
         labelings = [self._assign_cols(subT, subx, centers)[0] for centers, _, _ in runs]
         kept = _best_by_silhouette(dist, labelings, [inertia for _, inertia, _ in runs])
         return runs[kept][0], runs[kept][2]

@@ -150,6 +150,34 @@ def test_pdist_matches_mobius_form(dtype, c):
     assert poincare_dist(x0, x0, c=c)[0, 0] == 0.0
 
 
+@pytest.mark.parametrize("block", [None, 50])
+@pytest.mark.parametrize("d", [1, 2, 5])
+def test_pdist_chunks_and_self_distances(monkeypatch, block, d):
+    """Row chunks of any size give the bits of the matching-column form (``_col_t``),
+    and ``y=None`` gives an exactly symmetric matrix equal to ``poincare_pdist2(x, x)``."""
+    if block is not None:  # chunks of 7 rows against 7 centres, uneven self blocks
+        monkeypatch.setattr(km_mod, "_ASSIGN_BLOCK", block)
+    rng = np.random.default_rng(2)
+    c = 0.7
+    x = torch.tensor(_ball_points(rng, 61, d, c, 0.99))
+    y = torch.tensor(_ball_points(rng, 7, d, c, 0.99))
+    got = poincare_pdist2(x, y, c=c)
+    cols = km_mod._t_to_d2(
+        km_mod._col_t(x.T.repeat_interleave(7, 1), y.T.repeat(1, 61), c), c
+    ).view(61, 7)
+    assert torch.equal(got, cols)
+    np.testing.assert_allclose(
+        got.numpy(), _ref_dist(x.numpy()[:, None], y.numpy()[None], c) ** 2, rtol=1e-11
+    )
+    own = poincare_pdist2(x, c=c)
+    assert torch.equal(own, poincare_pdist2(x, x, c=c).fill_diagonal_(0.0))
+    assert torch.equal(own, own.T) and not own.diagonal().any()
+    dist = poincare_dist(x.numpy(), c=c)
+    assert isinstance(dist, np.ndarray) and np.array_equal(dist, np.sqrt(own.numpy()))
+    assert poincare_pdist2(x[:0], c=c).shape == (0, 0)
+    assert poincare_pdist2(x, y[:0], c=c).shape == (61, 0)
+
+
 # ----------------------------------------------------------------------------- Fréchet mean
 
 
