@@ -13,6 +13,11 @@ a reference scikit-learn's Euclidean ``KMeans`` (k-means++, its default
 ``n_init``) on the same points: its time, its ARI, and the time ratio.
 
 Run: python benchmarks/kmeans_speed.py [--n 1000000] [--k 8] [--seed 0] [--quick]
+[--n-init N] [--select inertia|silhouette]
+
+``--n-init`` and ``--select`` set PoincareKMeans's restarts and how one is kept
+(default: the class's own, 4 and least inertia; ``hypseg cluster``'s defaults are
+``--n-init 8 --select silhouette``). The reference full fit takes the same settings.
 
 On a 2-core machine shared with other busy processes, OpenMP's default
 spin-waiting makes every parallel torch op cost a scheduler slice (~10 ms), so
@@ -34,7 +39,7 @@ import torch  # noqa: E402
 from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
 
-from hypsegcli.kmeans import PoincareKMeans
+from hypsegcli.kmeans import SELECT_CHOICES, PoincareKMeans
 
 
 def _expmap0(u: np.ndarray) -> np.ndarray:
@@ -70,6 +75,8 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="skip the full-data reference fit")
+    ap.add_argument("--n-init", type=int, default=None, help="PoincareKMeans restarts")
+    ap.add_argument("--select", choices=SELECT_CHOICES, default=None, help="restart kept")
     args = ap.parse_args()
 
     x, truth = make_blobs(args.n, args.k, args.seed)
@@ -80,9 +87,14 @@ def main() -> None:
     )
     print(f"load average (1 min) before: {os.getloadavg()[0]:.2f}")
 
-    km = PoincareKMeans(args.k, random_state=args.seed)
+    chosen = {
+        name: value
+        for name, value in (("n_init", args.n_init), ("select", args.select))
+        if value is not None
+    }
+    km = PoincareKMeans(args.k, random_state=args.seed, **chosen)
     print(
-        f"PoincareKMeans defaults: n_init={km.n_init}, fit_samples={km.fit_samples}, frechet_iters={km.frechet_iters}"
+        f"PoincareKMeans settings: n_init={km.n_init}, select={km.select}, fit_samples={km.fit_samples}, frechet_iters={km.frechet_iters}"
     )
     t0 = time.perf_counter()
     km.fit(x)
@@ -99,7 +111,7 @@ def main() -> None:
     print(f"predict == labels_: {bool(np.array_equal(pred, km.labels_))}")
 
     if not args.quick:
-        full = PoincareKMeans(args.k, random_state=args.seed, fit_samples=None)
+        full = PoincareKMeans(args.k, random_state=args.seed, fit_samples=None, **chosen)
         t3 = time.perf_counter()
         full.fit(x)
         t4 = time.perf_counter()
