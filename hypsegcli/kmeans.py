@@ -499,7 +499,7 @@ def _pair_t(
     """Distance argument ``t`` (r, m) between every row of ``xc`` (r, d) and of ``yt`` (m, d).
 
     ``gx``, ``gy`` are their gaps ``1 − c‖·‖²``. ``‖x − y‖²`` is summed from the
-    differences one coordinate at a time (one (r, m) temporary, no (r, m, d) one),
+    differences one coordinate at a time (two (r, m) temporaries, no (r, m, d) one),
     in the order and with the fused multiply-adds of :func:`_col_t`, so the bits
     are those of ``_col_t`` on the matching columns.
     """
