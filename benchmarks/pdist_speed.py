@@ -1,12 +1,11 @@
 """Speed of the Poincaré distance matrices (hypsegcli.kmeans.poincare_pdist2 / poincare_dist).
 
-Three uses in ``hypseg cluster``, each timed at its own shape on float64 points of
-the unit ball (c = 1):
+Its two uses in ``hypseg cluster``, timed on float64 points of the unit ball (c = 1):
 
 - ``--select silhouette``: the distances among 2 000 points of a restart sample
   (``poincare_dist(x)``, one call per k-means fit), latent dimension 2 and 8;
-- the spatial steps: every voxel of a 50^3 volume against k = 8 centres;
-- a million voxels against k = 8 centres.
+- the spatial steps: every voxel against k = 8 centres, for a 50^3 volume and for
+  a million voxels.
 
 References measured in the same run: geoopt's ``PoincareBall.dist`` on broadcast
 (n, 1, d) and (1, m, d) tensors in row chunks (an independent implementation; the
