@@ -176,6 +176,8 @@ def test_pdist_chunks_and_self_distances(monkeypatch, block, d):
     assert isinstance(dist, np.ndarray) and np.array_equal(dist, np.sqrt(own.numpy()))
     assert poincare_pdist2(x[:0], c=c).shape == (0, 0)
     assert poincare_pdist2(x, y[:0], c=c).shape == (61, 0)
+    no_dims = poincare_pdist2(np.zeros((3, 0)), np.zeros((2, 0)), c=c)  # R^0: one point
+    assert no_dims.shape == (3, 2) and not no_dims.any()
 
 
 # ----------------------------------------------------------------------------- Fréchet mean
