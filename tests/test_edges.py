@@ -14,6 +14,33 @@ from scipy import ndimage as ndi
 from hypsegcli import edges
 
 
+@pytest.mark.parametrize("dtype", [bool, np.uint8, np.int64, np.float32])
+def test_box_max_is_scipys_maximum_and_minimum_filter(dtype):
+    """On random arrays of 1 to 3 axes, sides down to 1 and sizes beyond them, the shifted
+    slices give scipy's filters exactly (mode 'nearest'; and 'constant' for the maximum of
+    bool and unsigned arrays), in the input's dtype, and leave the input as it was."""
+    rng = np.random.default_rng(np.dtype(dtype).itemsize)
+    for shape in [(1, 1, 1), (2, 3, 1), (5, 1, 7), (9, 8, 7), (3, 20, 2), (13,), (4, 6)]:
+        if dtype is bool:
+            a = rng.random(shape) > 0.7
+        else:
+            a = rng.integers(-4 if dtype is np.int64 else 0, 9, shape).astype(dtype)
+        before = a.copy()
+        for size in (1, 3, 5, 7, 9):
+            for smallest, scipy_filter in ((False, ndi.maximum_filter), (True, ndi.minimum_filter)):
+                got = edges.box_max(a, size, smallest=smallest)
+                assert got.dtype == a.dtype
+                np.testing.assert_array_equal(got, scipy_filter(a, size=size, mode="nearest"))
+            if dtype in (bool, np.uint8):
+                np.testing.assert_array_equal(
+                    edges.box_max(a, size), ndi.maximum_filter(a, size=size, mode="constant")
+                )
+        np.testing.assert_array_equal(a, before)
+    for size in (0, 2, -1):
+        with pytest.raises(ValueError, match="odd"):
+            edges.box_max(np.zeros((3, 3)), size)
+
+
 def _snap_loops(labels: np.ndarray, image: np.ndarray, sigma: float, band: int, z: float):
     """The rule of hypsegcli.edges written voxel by voxel over explicit windows, float64."""
     x = image.astype(np.float64)

@@ -45,6 +45,62 @@ def test_meanfield_matches_voxel_loops(beta, iters):
     np.testing.assert_allclose(got, _meanfield_loops(unary, beta, iters), rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize(
+    "shape", [(2, 1, 1, 1), (3, 1, 5, 2), (2, 6, 1, 4), (4, 2, 3, 1), (3, 5, 4, 6)]
+)
+def test_neighbour_sum_matches_explicit_neighbours(shape):
+    """The 26-neighbour sum computed in its two work tensors, on volumes with sides of 1 and
+    2 too, equals explicit neighbours summed in float64; q is left as it was, and the
+    result is one of the work tensors (meanfield allocates nothing per update)."""
+    rng = np.random.default_rng(sum(shape))
+    q = torch.from_numpy(rng.random(shape))
+    before = q.clone()
+    work = (torch.empty_like(q), torch.empty_like(q))
+    got = smoothing.neighbour_sum(q, work)
+    k, X, Y, Z = shape
+    want = np.zeros(shape)
+    for x, y, z in itertools.product(range(X), range(Y), range(Z)):
+        for dx, dy, dz in itertools.product((-1, 0, 1), repeat=3):
+            u, v, w = x + dx, y + dy, z + dz
+            if (dx, dy, dz) != (0, 0, 0) and 0 <= u < X and 0 <= v < Y and 0 <= w < Z:
+                want[:, x, y, z] += before.numpy()[:, u, v, w]
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-13, atol=1e-13)
+    assert torch.equal(q, before)
+    assert any(got.data_ptr() == t.data_ptr() for t in work)
+    assert torch.equal(smoothing.neighbour_sum(q), got)  # without work tensors: the same
+
+
+def test_meanfield_float32_and_a_mask_match_voxel_loops():
+    """In float32 (as cluster runs it), with sides of 1 and 2, the marginals agree with the
+    float64 loops within float32 rounding; with a mask, zero outside it."""
+    rng = np.random.default_rng(7)
+    unary = rng.exponential(1.0, size=(4, 2, 7, 1))
+    got = smoothing.meanfield(torch.from_numpy(unary).float(), 1.3, 5).numpy()
+    np.testing.assert_allclose(got, _meanfield_loops(unary, 1.3, 5), rtol=0, atol=2e-6)
+    keep = torch.from_numpy(rng.random((2, 7, 1)) > 0.4).float()
+    masked = smoothing.meanfield(torch.from_numpy(unary).float(), 1.3, 5, keep).numpy()
+    assert (masked[:, keep.numpy() == 0] == 0).all()
+    np.testing.assert_allclose(masked.sum(0)[keep.numpy() == 1], 1.0, atol=1e-6)
+
+
+def test_first_argmax_is_argmax_with_ties_and_nan():
+    """The first class of the largest value, as torch's argmax over the first axis: on
+    random marginals, on ties (exact copies of a class, and all classes equal) and where a
+    value is NaN."""
+    rng = np.random.default_rng(3)
+    for k in (1, 2, 3, 8):
+        q = torch.from_numpy(rng.random((k, 6, 5, 4)).astype(np.float32))
+        assert torch.equal(smoothing.first_argmax(q), q.argmax(0))
+        if k > 1:
+            q[k - 1, :3] = q[0, :3]  # a tie of the first and last class on some voxels
+            q[:, 4] = 0.5  # all classes equal on others
+            assert torch.equal(smoothing.first_argmax(q), q.argmax(0))
+            q[1, 2, 2, 2] = float("nan")
+            assert torch.equal(smoothing.first_argmax(q), q.argmax(0))
+    view = torch.rand(3, 10, 4, 4)[:, 2:7]  # a slab's core, as smooth_labels passes it
+    assert torch.equal(smoothing.first_argmax(view), view.argmax(0))
+
+
 def _ball_points(rng, shape, d=2):
     x = rng.normal(size=(*shape, d))
     r = np.linalg.norm(x, axis=-1, keepdims=True)
