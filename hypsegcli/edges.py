@@ -61,8 +61,9 @@ NOISE_SAMPLES = 1 << 20
 def box_max(a: np.ndarray, size: int, *, smallest: bool = False) -> np.ndarray:
     """Largest (``smallest``: least) value of ``a`` over the ``size``-wide box around each
     element, clipped at the array's border: ``scipy.ndimage.maximum_filter(a, size,
-    mode="nearest")`` (``minimum_filter``) exactly, for an odd ``size``; for bool and other
-    non-negative ``a`` also ``mode="constant"`` with 0.
+    mode="nearest")`` (``minimum_filter``) exactly, for an odd ``size``; the largest value
+    of a bool or other non-negative ``a`` is also the maximum filter's with
+    ``mode="constant"`` (0 beyond the border).
 
     Shifted slices compared in place, one axis at a time: 12-27x faster than scipy's
     filter on a 128^3 bool or uint8 volume at sizes 3-7 (2.1-5.0 ms against 54-82 ms),

@@ -77,32 +77,65 @@ def bare_labels(
     return [int(v) for v in np.setdiff1d(present, cored)]
 
 
-def fill_band(labels: np.ndarray, coarse: np.ndarray, band: np.ndarray) -> np.ndarray:
+def band_sources(coarse: np.ndarray, band: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Which voxel each ``band`` voxel takes its label from in :func:`fill_band`: flat
+    indices ``(targets, sources)``, each source the nearest non-band voxel of its target's
+    coarse region.
+
+    The nearest voxel depends on ``coarse`` and ``band`` only, not on the labels filled,
+    so ``cluster`` computes it once per volume for every nested k (the Euclidean feature
+    transform is most of the nesting's cost). Band voxels of a region with no voxel off
+    the band are in neither array. Indices are uint32 below 2^32 voxels, else int64.
+    """
+    coarse = np.asarray(coarse)
+    band = np.asarray(band, dtype=bool)
+    if coarse.shape != band.shape:
+        raise ValueError(f"shapes differ: {coarse.shape}, {band.shape}")
+    index_type = np.uint32 if coarse.size < 2**32 else np.int64
+    targets, sources = [], []
+    if band.any():
+        for value in np.unique(coarse[band]):
+            region = coarse == value
+            source = region & ~band
+            if not source.any():
+                continue
+            # crop to the region's bounding box: the nearest source voxel of a
+            # region lies inside the box of that region
+            box = ndi.find_objects(region.astype(np.uint8))[0]
+            idx = ndi.distance_transform_edt(
+                ~source[box], return_distances=False, return_indices=True
+            )
+            inner = np.nonzero(region[box] & band[box])  # the targets, in box coordinates
+            start = [s.start for s in box]
+            to = [c + o for c, o in zip(inner, start, strict=True)]
+            src = [i[inner] + o for i, o in zip(idx, start, strict=True)]
+            targets.append(np.ravel_multi_index(to, coarse.shape).astype(index_type))
+            sources.append(np.ravel_multi_index(src, coarse.shape).astype(index_type))
+    if not targets:
+        return np.empty(0, index_type), np.empty(0, index_type)
+    return np.concatenate(targets), np.concatenate(sources)
+
+
+def fill_band(
+    labels: np.ndarray,
+    coarse: np.ndarray,
+    band: np.ndarray,
+    sources: tuple[np.ndarray, np.ndarray] | None = None,
+) -> np.ndarray:
     """``labels`` with each ``band`` voxel's label taken from the nearest non-band voxel of its coarse region.
 
     Nearest by Euclidean distance in voxels (ties broken as
     ``scipy.ndimage.distance_transform_edt`` does). A coarse region with no
-    voxel outside the band keeps its labels. Returns a new array.
+    voxel outside the band keeps its labels. ``sources``: :func:`band_sources`
+    of these ``coarse`` and ``band``, computed here when not given. Returns a
+    new array.
     """
     labels = np.asarray(labels)
     coarse = np.asarray(coarse)
     band = np.asarray(band, dtype=bool)
     if not (labels.shape == coarse.shape == band.shape):
         raise ValueError(f"shapes differ: {labels.shape}, {coarse.shape}, {band.shape}")
+    targets, picked = band_sources(coarse, band) if sources is None else sources
     out = labels.copy()
-    if not band.any():
-        return out
-    for value in np.unique(coarse[band]):
-        region = coarse == value
-        source = region & ~band
-        if not source.any():
-            continue
-        target = region & band
-        # crop to the region's bounding box: the nearest source voxel of a
-        # region lies inside the box of that region
-        box = ndi.find_objects(region.astype(np.uint8))[0]
-        idx = ndi.distance_transform_edt(~source[box], return_distances=False, return_indices=True)
-        sub = labels[box]
-        picked = sub[tuple(idx)]
-        out[box][target[box]] = picked[target[box]]
+    out.reshape(-1)[targets] = labels.reshape(-1)[picked]
     return out

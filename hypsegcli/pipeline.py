@@ -2910,7 +2910,7 @@ def cluster(
     from .components import remove_small_components
     from .edges import refine_labels, snap_labels
     from .embedding import DEFAULT_TILE
-    from .nesting import band_mask, bare_labels, fill_band
+    from .nesting import band_mask, band_sources, bare_labels, fill_band
     from .preview import window_levels, write_preview
     from .training import resolve_device
 
@@ -3283,6 +3283,7 @@ def cluster(
                         coarse: np.ndarray | None = None
                         band: np.ndarray | None = None
                         outside: np.ndarray | None = None  # flat indices of the voxels off the band
+                        sources: Any = None  # where fill_band takes each band voxel's label from
                         not_nested: str | None = None  # why this volume's larger k are not nested
                         levels: tuple[float, float] | None = None  # the previews' grey levels
                         for k in ks:
@@ -3353,7 +3354,9 @@ def cluster(
                             )
                             if nested:
                                 assert coarse is not None and band is not None
-                                labels = fill_band(labels, coarse, band)
+                                if sources is None:  # the same for every nested k
+                                    sources = band_sources(coarse, band)
+                                labels = fill_band(labels, coarse, band, sources)
                             if (snap > 0 or mrf > 0) and scaled is None:
                                 scaled = _edge_image(volume.data, path)
                             if snap > 0:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from clitools import run
 
-from hypsegcli.nesting import band_mask, bare_labels, fill_band
+from hypsegcli.nesting import band_mask, band_sources, bare_labels, fill_band
 
 
 def _random_regions(rng, shape, n_labels):
@@ -57,6 +57,21 @@ def test_band_and_fill_match_brute_force(n_labels, seed):
             # the label of one of the nearest source voxels of the same region (ties allowed)
             nearest = labels.reshape(-1)[source][np.isclose(d, d.min())]
             assert out[tuple(v)] in nearest, (width, v)
+        # the sources, computed once and reused for other labels (as cluster does for every
+        # nested k): each band voxel of a region with voxels off the band has one, off the
+        # band in its own region, at the least distance
+        targets, sources = band_sources(coarse, band)
+        flat, off = coarse.reshape(-1), ~band.reshape(-1)
+        has_source = [off[flat == flat[i]].any() for i in np.flatnonzero(band)]
+        assert sorted(targets.tolist()) == np.flatnonzero(band)[has_source].tolist()
+        for t, s in zip(targets, sources, strict=True):
+            assert off[s] and flat[s] == flat[t]
+            d = np.sqrt(((pts[off & (flat == flat[t])] - pts[t]) ** 2).sum(1))
+            assert np.isclose(np.sqrt(((pts[s] - pts[t]) ** 2).sum()), d.min())
+        other = rng.integers(0, 5, shape).astype(np.int64)
+        np.testing.assert_array_equal(
+            fill_band(other, coarse, band, (targets, sources)), fill_band(other, coarse, band)
+        )
 
 
 def test_band_edge_cases():
