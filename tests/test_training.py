@@ -704,8 +704,8 @@ def test_sigterm_mid_step_saves_a_state_that_resumes_bit_for_bit(tmp_path, capsy
 
     def cmd(out, *extra, quiet=True):
         argv = [sys.executable, "-m", "hypsegcli", *(["--quiet"] if quiet else []), "train"]
-        argv += [str(data / "images"), "-o", str(out), "--steps", "150"]
-        return [*argv, "--checkpoint-every", "100", *TINY_TRAIN, *extra]
+        argv += [str(data / "images"), "-o", str(out), "--steps", "60"]
+        return [*argv, "--checkpoint-every", "50", *TINY_TRAIN, *extra]
 
     done = subprocess.run(cmd(tmp_path / "a.pt"), capture_output=True, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -722,7 +722,7 @@ def test_sigterm_mid_step_saves_a_state_that_resumes_bit_for_bit(tmp_path, capsy
         proc.kill()
     ckpt, _ = companion_paths(out)
     step = load_model_file(ckpt)["step"]
-    assert 1 <= step < 150 and f"the state after step {step} is in" in rest
+    assert 1 <= step < 50 and f"the state after step {step} is in" in rest
     done = subprocess.run(cmd(out, "--resume"), capture_output=True, timeout=300)
     assert done.returncode == 0, done.stderr
     a, b = load_model_file(tmp_path / "a.pt"), load_model_file(out)
