@@ -105,12 +105,16 @@ def band_sources(coarse: np.ndarray, band: np.ndarray) -> tuple[np.ndarray, np.n
             idx = ndi.distance_transform_edt(
                 ~source[box], return_distances=False, return_indices=True
             )
-            inner = np.nonzero(region[box] & band[box])  # the targets, in box coordinates
-            start = [s.start for s in box]
-            to = [c + o for c, o in zip(inner, start, strict=True)]
-            src = [i[inner] + o for i, o in zip(idx, start, strict=True)]
-            targets.append(np.ravel_multi_index(to, coarse.shape).astype(index_type))
-            sources.append(np.ravel_multi_index(src, coarse.shape).astype(index_type))
+            inner = region[box] & band[box]  # the targets
+            # (one axis at a time, so that at most one int64 copy per target is made)
+            src = np.zeros(int(np.count_nonzero(inner)), dtype=np.int64)
+            for axis, (near, part) in enumerate(zip(idx, box, strict=True)):
+                src *= coarse.shape[axis]
+                src += near[inner]
+                src += part.start
+            del idx
+            targets.append(np.flatnonzero(region & band).astype(index_type))
+            sources.append(src.astype(index_type))
     if not targets:
         return np.empty(0, index_type), np.empty(0, index_type)
     return np.concatenate(targets), np.concatenate(sources)

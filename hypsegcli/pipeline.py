@@ -3357,6 +3357,8 @@ def cluster(
                                 if sources is None:  # the same for every nested k
                                     sources = band_sources(coarse, band)
                                 labels = fill_band(labels, coarse, band, sources)
+                                if k == ks[-1]:  # no later k takes labels from it
+                                    sources = None
                             if (snap > 0 or mrf > 0) and scaled is None:
                                 scaled = _edge_image(volume.data, path)
                             if snap > 0:
