@@ -609,17 +609,23 @@ REFERENCE_RATE = 330e9
 #: of each slab, halos included (benchmarks/dryrun_accuracy.py: 3.7e-8 - 1.05e-7 for k =
 #: 2, 4, 8 on 32^3-128^3 volumes), and bytes per (voxel x cluster) of a slab at its peak,
 #: the slab's float64 distances included (21 measured for k = 8 in the slabs of a
-#: 512x512x300 volume; 30-36 where one slab holds a 96^3 or 128^3 volume).
-SMOOTH_S = 5.5e-8
+#: 512x512x300 volume; 30-36 where one slab holds a 96^3 or 128^3 volume). Since its
+#: updates stopped allocating (2026-12-07) the constant is the earlier 5.5e-8 scaled by
+#: what benchmarks/dryrun_accuracy.py implied at 128^3 after and before on the same day
+#: (4.2e-8 / 9.5e-8; at 64^3, where no array reached the size that page-faults, 4.6e-8 /
+#: 5.3e-8).
+SMOOTH_S = 2.4e-8
 SMOOTH_BYTES = 32.0
 #: Edge snapping (``cluster --snap``, scipy on the CPU whatever the device): seconds per voxel,
 #: plus per voxel and label; peak bytes likewise. Measured at sigma 2 on a 256^3 field of k
 #: bands (43 / 78 / 92 % of the voxels near a boundary at k = 2 / 4 / 8: 294 / 450 / 631 ns
 #: per voxel) and, for memory, a 128^3 one (31 / 53 bytes per voxel at k = 2 / 8), on this
 #: project's 2-core machine; times scaled by 0.65 to what benchmarks/dryrun_accuracy.py
-#: measured on synthetic volumes (0.66-0.90 us per voxel for k = 2, 4 and 8 together).
-SNAP_S = 1.2e-7
-SNAP_S_PER_LABEL = 3.6e-8
+#: measured on synthetic volumes (0.66-0.90 us per voxel for k = 2, 4 and 8 together); both
+#: scaled by 0.70 when its box maxima became shifted slices (same-day runs of that script
+#: at 128^3: 1.24e-6 / 1.78e-6 s per voxel for k = 2, 4 and 8 together after / before).
+SNAP_S = 8.4e-8
+SNAP_S_PER_LABEL = 2.5e-8
 SNAP_BYTES = 25.0
 SNAP_BYTES_PER_LABEL = 3.5
 #: Intensity MRF (``cluster --mrf``): its masks, filters and label statistics (scipy, CPU)
@@ -629,18 +635,20 @@ SNAP_BYTES_PER_LABEL = 3.5
 #: this project's 2-core machine: 0.89 / 1.61 us per voxel at k = 4 / 8 in all (the part
 #: before the mean-field updates 0.4-0.5 us at 128^3), peak 60 / 62 bytes per voxel.
 #: MRF_S from benchmarks/dryrun_accuracy.py (1.5-2.2 us per voxel for k = 2, 4 and 8
-#: together, mean-field updates included).
-MRF_S = 1.5e-7
+#: together, mean-field updates included), scaled by 0.32 when the box maxima became
+#: shifted slices and the updates stopped allocating (same-day runs at 128^3: 1.49e-6 /
+#: 4.71e-6 s per voxel for k = 2, 4 and 8 together after / before).
+MRF_S = 4.8e-8
 MRF_BYTES = 14.0
 MRF_BYTES_PER_LABEL = 2.0
 
-#: ``cluster --nest``: seconds per voxel for the band (once per volume) and for the fill (once
-#: per larger k); peak bytes per voxel (scipy's Euclidean distance transform with its feature
-#: transform). Measured at width 4 on 128^3 coarse maps of 2 / 4 labels (0.56 / 0.75 us per
-#: voxel for the band, 0.35 / 0.17 for a fill; 51 bytes per voxel), on this project's 2-core
-#: machine.
+#: ``cluster --nest``: seconds per voxel for the band and for the fill's sources (each once
+#: per volume: :func:`hypsegcli.nesting.band_sources` serves every larger k); peak bytes per
+#: voxel (scipy's Euclidean distance transform with its feature transform). Measured at
+#: width 4 on 128^3 coarse maps of 2 / 4 labels (0.56 / 0.75 us per voxel for the band,
+#: 0.35 / 0.17 for a fill; 51 bytes per voxel), on this project's 2-core machine.
 NEST_S = 6.0e-7
-NEST_S_PER_K = 3.5e-7
+NEST_FILL_S = 3.5e-7
 NEST_BYTES = 51.0
 #: ``cluster --min-size``: seconds per voxel and k (a component labelling per label and one
 #: distance transform; 0.23-0.29 µs on a 128^3 field at k = 2-8 on 2 cores, 0.15-0.23 µs
@@ -867,7 +875,7 @@ def estimate_nest(shape: Sequence[int], ks: Sequence[int]) -> tuple[float, float
     voxels = math.prod(int(n) for n in shape)
     if len(ks) < 2:
         return 0.0, 0.0
-    return (NEST_S + NEST_S_PER_K * (len(ks) - 1)) * voxels, NEST_BYTES * voxels
+    return (NEST_S + NEST_FILL_S) * voxels, NEST_BYTES * voxels
 
 
 def estimate_min_size(shape: Sequence[int], ks: Sequence[int]) -> tuple[float, float]:
