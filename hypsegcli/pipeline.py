@@ -3283,7 +3283,8 @@ def cluster(
                         coarse: np.ndarray | None = None
                         band: np.ndarray | None = None
                         outside: np.ndarray | None = None  # flat indices of the voxels off the band
-                        sources: Any = None  # where fill_band takes each band voxel's label from
+                        # where fill_band takes each band voxel's label from (nesting.band_sources)
+                        sources: tuple[np.ndarray, np.ndarray] | None = None
                         not_nested: str | None = None  # why this volume's larger k are not nested
                         levels: tuple[float, float] | None = None  # the previews' grey levels
                         for k in ks:

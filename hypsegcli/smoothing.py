@@ -51,9 +51,9 @@ def neighbour_sum(
     the CPU (128^3, k = 2-8, ``benchmarks/smooth_speed.py``). ``work``: two
     tensors of ``q``'s shape and dtype to compute in (the result is one of
     them); without them two are allocated. With them :func:`meanfield`
-    allocates nothing per update: fresh arrays of over 32 MiB cost page faults
-    each time (glibc maps them anew), and reusing them made it 1.9-2.6x faster
-    at 128^3, k = 2-8, with the same bits.
+    allocates nothing per update: on the CPU a fresh array of over 32 MiB is
+    mapped anew by glibc and page-faulted in each time, and reusing two made the
+    updates 2.0-2.7x faster at 128^3, k = 2-8, with the same bits.
     """
     a, b = work if work is not None else (torch.empty_like(q), torch.empty_like(q))
     src, dst = q, a
