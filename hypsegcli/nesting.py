@@ -105,7 +105,8 @@ def band_sources(coarse: np.ndarray, band: np.ndarray) -> tuple[np.ndarray, np.n
             idx = ndi.distance_transform_edt(
                 ~source[box], return_distances=False, return_indices=True
             )
-            inner = region[box] & band[box]  # the targets
+            target = region & band
+            inner = target[box]  # (every target lies in the box)
             # (one axis at a time, so that at most one int64 copy per target is made)
             src = np.zeros(int(np.count_nonzero(inner)), dtype=np.int64)
             for axis, (near, part) in enumerate(zip(idx, box, strict=True)):
@@ -113,7 +114,7 @@ def band_sources(coarse: np.ndarray, band: np.ndarray) -> tuple[np.ndarray, np.n
                 src += near[inner]
                 src += part.start
             del idx
-            targets.append(np.flatnonzero(region & band).astype(index_type))
+            targets.append(np.flatnonzero(target).astype(index_type))
             sources.append(src.astype(index_type))
     if not targets:
         return np.empty(0, index_type), np.empty(0, index_type)
