@@ -644,12 +644,14 @@ MRF_BYTES_PER_LABEL = 2.0
 
 #: ``cluster --nest``: seconds per voxel for the band and for the fill's sources (each once
 #: per volume: :func:`hypsegcli.nesting.band_sources` serves every larger k); peak bytes per
-#: voxel (scipy's Euclidean distance transform with its feature transform). Measured at
-#: width 4 on 128^3 coarse maps of 2 / 4 labels (0.56 / 0.75 us per voxel for the band,
-#: 0.35 / 0.17 for a fill; 51 bytes per voxel), on this project's 2-core machine.
-NEST_S = 6.0e-7
+#: voxel (the sources' Euclidean feature transform; the band by shifts takes 3). Measured at
+#: width 4 on 128^3 and 256^3 coarse maps of 2 / 4 labels: the band 0.018-0.028 us per
+#: voxel (by distance transforms, before: 0.68-1.34 us the same day, 0.56 / 0.75 on a
+#: faster one), the sources 0.60-1.11 us and 32-35 bytes per voxel that day (0.35 / 0.17
+#: us for a fill on the faster one), on this project's 2-core machine.
+NEST_S = 2.5e-8
 NEST_FILL_S = 3.5e-7
-NEST_BYTES = 51.0
+NEST_BYTES = 35.0
 #: ``cluster --min-size``: seconds per voxel and k (a component labelling per label and one
 #: distance transform; 0.23-0.29 µs on a 128^3 field at k = 2-8 on 2 cores, 0.15-0.23 µs
 #: on benchmarks/dryrun_accuracy.py's volumes) and peak bytes per voxel (the output copy,

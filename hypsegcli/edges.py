@@ -84,6 +84,55 @@ def box_max(a: np.ndarray, size: int, *, smallest: bool = False) -> np.ndarray:
     return out if out is not a else out.copy()
 
 
+def _overlap(shift: int, n: int) -> tuple[slice, slice] | None:
+    """Slices (target, source) of an axis of length ``n`` pairing element i with i + shift;
+    None where the shift leaves no pair."""
+    if abs(shift) >= n:
+        return None
+    return slice(max(0, -shift), n - max(0, shift)), slice(max(0, shift), n - max(0, -shift))
+
+
+def ball_max(a: np.ndarray, radius: float, *, smallest: bool = False) -> np.ndarray:
+    """Largest (``smallest``: least) value of a 3-D ``a`` over the elements whose centres lie
+    within ``radius`` of each element's centre (Euclidean, in voxels: an offset d counts
+    where ``math.sqrt(dx² + dy² + dz²) <= radius``, the test that
+    ``scipy.ndimage.distance_transform_edt(...) <= radius`` makes); elements beyond the
+    border take no part. Returns a new array of ``a``'s dtype.
+
+    For every (dx, dy) of the disc, one run along the last axis, as long as the ball
+    allows there: the run's maximum is built up from the shortest run to the longest,
+    and each (dx, dy) takes it shifted, in place (49 shifts for radius 4).
+    """
+    a = np.asarray(a)
+    if a.ndim != 3:
+        raise ValueError(f"ball_max takes a 3-D array, not {a.ndim}-D")
+    if not (radius >= 0 and math.isfinite(radius)):
+        raise ValueError(f"radius={radius} should be a finite number >= 0")
+    op = np.minimum if smallest else np.maximum
+    reach = int(math.floor(radius))
+    runs: dict[int, list[tuple[int, int]]] = {}  # half-length along z -> the (dx, dy) of it
+    for dx in range(-reach, reach + 1):
+        for dy in range(-reach, reach + 1):
+            half = -1
+            while half < reach and math.sqrt(dx * dx + dy * dy + (half + 1) ** 2) <= radius:
+                half += 1
+            if half >= 0:
+                runs.setdefault(half, []).append((dx, dy))
+    X, Y, Z = a.shape
+    out, line = a.copy(), a.copy()
+    for half in range(reach + 1):
+        if 0 < half < Z:  # line: the extreme of a over z - half .. z + half
+            op(line[:, :, half:], a[:, :, :-half], out=line[:, :, half:])
+            op(line[:, :, :-half], a[:, :, half:], out=line[:, :, :-half])
+        for dx, dy in runs.get(half, ()):
+            along_x, along_y = _overlap(dx, X), _overlap(dy, Y)
+            if along_x is None or along_y is None:
+                continue
+            (tx, sx), (ty, sy) = along_x, along_y
+            op(out[tx, ty], line[sx, sy], out=out[tx, ty])
+    return out
+
+
 def _masked_filter(
     x: np.ndarray, inside: np.ndarray | None, smooth: Callable[[np.ndarray], np.ndarray]
 ) -> np.ndarray:
@@ -136,6 +185,7 @@ def snap_labels(
     band: int = SNAP_BAND,
     min_contrast: float = SNAP_MIN_CONTRAST,
     outside: np.ndarray | None = None,
+    noise: float | None = None,
 ) -> np.ndarray:
     """Labels (same shape and dtype as ``labels``) with boundaries moved to intensity edges.
 
@@ -143,7 +193,8 @@ def snap_labels(
     scaled intensities (X, Y, Z). ``sigma`` > 0 (voxels). See the module
     docstring for the rule. ``outside`` (bool, same shape; ``cluster --mask``):
     voxels that keep their label and belong to no label (no boundary, no core,
-    no statistics, no noise estimate). The input arrays are not modified.
+    no statistics, no noise estimate). ``noise``: :func:`noise_std` of ``image`` (over the
+    voxels not ``outside``) where already computed. The input arrays are not modified.
     """
     if labels.shape != image.shape:
         raise BadInputError(
@@ -205,7 +256,8 @@ def snap_labels(
     # both sides need core voxels nearby (best only ever takes a label that has one): a
     # structure thinner than the band has none and is left as it is, not dissolved
     contrast = np.abs(overall[current] - overall[best])
-    noise = noise_std(x, None if outside is None else ~outside)
+    if noise is None:
+        noise = noise_std(x, None if outside is None else ~outside)
     move = current_supported & (best != current) & (contrast > min_contrast * noise)
     out.ravel()[flat] = np.where(move, present[best], present[current]).astype(lab.dtype)
     return out
@@ -274,6 +326,7 @@ def refine_labels(
     device: torch.device | str = "cpu",
     slab_elements: int | None = None,
     outside: np.ndarray | None = None,
+    noise: float | None = None,
 ) -> np.ndarray:
     """Labels re-decided near their boundaries by an intensity MRF (``cluster --mrf``).
 
@@ -303,7 +356,8 @@ def refine_labels(
     Processed in slabs with halos of ``iters`` planes (same labels as one
     slab). ``outside`` (bool, same shape; ``cluster --mask``): voxels that keep
     their label and belong to no label (no boundary, no core, no statistics,
-    no neighbour of anyone). The input arrays are not modified.
+    no neighbour of anyone). ``noise``: :func:`noise_std` of ``image`` (over the voxels not
+    ``outside``) where already computed. The input arrays are not modified.
     """
     import torch
 
@@ -337,7 +391,8 @@ def refine_labels(
     in_band = _mixed(idx, size, outside)
     if not in_band.any():
         return out
-    noise = noise_std(x, inside)
+    if noise is None:
+        noise = noise_std(x, inside)
     mu, var = _label_stats(x, idx, ~in_band, k, noise, inside)
     gap = np.abs(mu[:, None] - mu[None, :])
     allowed = (gap > min_contrast * noise) & (

@@ -36,6 +36,14 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
+from .edges import ball_max
+
+#: Widths up to this take the band by shifts (:func:`hypsegcli.edges.ball_max`), larger
+#: ones by one distance transform per label (the same band). The shifts grow with the
+#: width squared: on two labels at 128^3, 45x faster than the transforms at width 4, 5.7x
+#: at 16, 1.5x at 32.
+BALL_MAX_WIDTH = 16.0
+
 
 def band_mask(coarse: np.ndarray, width: float, inside: np.ndarray | None = None) -> np.ndarray:
     """Voxels within ``width`` voxels of a voxel whose ``coarse`` label differs (bool, same shape).
@@ -49,10 +57,28 @@ def band_mask(coarse: np.ndarray, width: float, inside: np.ndarray | None = None
     coarse = np.asarray(coarse)
     if not (np.isfinite(width) and width >= 0):
         raise ValueError(f"width={width} should be a finite number >= 0")
-    band = np.zeros(coarse.shape, dtype=bool)
     values = np.unique(coarse if inside is None else coarse[inside])
     if len(values) < 2 or width < 1:
-        return band
+        return np.zeros(coarse.shape, dtype=bool)
+    if width > BALL_MAX_WIDTH:
+        return _band_mask_edt(coarse, width, values, inside)
+    # another label within width <=> the largest and least label within width differ
+    # (the voxel's own label is one of them); outside voxels count as the least label for
+    # the largest and as the largest for the least, so they make no difference
+    if inside is None:
+        return ball_max(coarse, width) != ball_max(coarse, width, smallest=True)
+    low, high = values[0], values[-1]
+    band = ball_max(np.where(inside, coarse, low), width)
+    band = band != ball_max(np.where(inside, coarse, high), width, smallest=True)
+    band &= inside
+    return band
+
+
+def _band_mask_edt(
+    coarse: np.ndarray, width: float, values: np.ndarray, inside: np.ndarray | None
+) -> np.ndarray:
+    """:func:`band_mask` by one Euclidean distance transform per label."""
+    band = np.zeros(coarse.shape, dtype=bool)
     for value in values:
         member = coarse == value
         if inside is None:

@@ -2908,7 +2908,7 @@ def cluster(
     """
     from .cache import EmbeddingCache, resolve_cache_dir
     from .components import remove_small_components
-    from .edges import refine_labels, snap_labels
+    from .edges import noise_std, refine_labels, snap_labels
     from .embedding import DEFAULT_TILE
     from .nesting import band_mask, band_sources, bare_labels, fill_band
     from .preview import window_levels, write_preview
@@ -3270,6 +3270,7 @@ def cluster(
                         flat = np.asarray(feats).reshape(-1, feats.shape[-1])
                         # the scaled image for --snap and --mrf: intensity features are exactly that
                         scaled = None if model is not None else np.asarray(feats)[..., 0]
+                        noise: float | None = None  # its noise, once per volume
                         usable = len(flat) if inside_rows is None else len(inside_rows)
                         if fixed is None and usable < max(ks):  # before any output is replaced
                             where = "" if inside_rows is None else " inside the mask"
@@ -3362,8 +3363,12 @@ def cluster(
                                     sources = None
                             if (snap > 0 or mrf > 0) and scaled is None:
                                 scaled = _edge_image(volume.data, path)
+                            if (snap > 0 or mrf > 0) and noise is None:
+                                noise = noise_std(scaled, None if off_mask is None else ~off_mask)
                             if snap > 0:
-                                labels = snap_labels(labels, scaled, sigma=snap, outside=off_mask)
+                                labels = snap_labels(
+                                    labels, scaled, sigma=snap, outside=off_mask, noise=noise
+                                )
                             if mrf > 0:
                                 labels = refine_labels(
                                     labels,
@@ -3371,6 +3376,7 @@ def cluster(
                                     beta=mrf,
                                     device=clusterer.device,
                                     outside=off_mask,
+                                    noise=noise,
                                 )
                             if coarse is None and nest > 0 and len(ks) > 1:
                                 coarse = labels

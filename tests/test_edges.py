@@ -41,6 +41,53 @@ def test_box_max_is_scipys_maximum_and_minimum_filter(dtype):
             edges.box_max(np.zeros((3, 3)), size)
 
 
+def _ball_footprint(radius: float) -> np.ndarray:
+    """Offsets within ``radius`` (math.sqrt of the squared length, as the module tests them)."""
+    r = int(math.floor(radius))
+    d = np.arange(-r, r + 1)
+    d2 = d[:, None, None] ** 2 + d[None, :, None] ** 2 + d[None, None, :] ** 2
+    return np.vectorize(lambda v: math.sqrt(v) <= radius)(d2)
+
+
+@pytest.mark.parametrize("dtype", [bool, np.uint8, np.int16, np.float32])
+def test_ball_max_is_scipys_filter_with_a_ball_footprint(dtype):
+    """On random arrays with sides down to 1 and radii beyond them, the shifted runs give
+    scipy's maximum and minimum filters over a ball footprint, with nothing beyond the border
+    (the dtype's least value for the maximum, its largest for the minimum), in the input's
+    dtype, and leave the input as it was."""
+    rng = np.random.default_rng(np.dtype(dtype).itemsize)
+    if dtype is bool:
+        low, high = False, True
+    elif dtype is np.float32:
+        low, high = -np.inf, np.inf
+    else:
+        low, high = np.iinfo(dtype).min, np.iinfo(dtype).max
+    for shape in [(1, 1, 1), (2, 3, 1), (5, 1, 7), (9, 8, 7), (3, 12, 2), (6, 6, 6)]:
+        if dtype is bool:
+            a = rng.random(shape) > 0.8
+        elif dtype is np.float32:
+            a = rng.normal(size=shape).astype(dtype)
+        else:
+            a = rng.integers(-4 if dtype is np.int16 else 0, 9, shape).astype(dtype)
+        before = a.copy()
+        for radius in (0.0, 0.5, 1.0, 1.5, math.sqrt(2), math.sqrt(3), 2.0, 2.9, 4.0, 5.5):
+            foot = _ball_footprint(radius)
+            for smallest, scipy_filter, cval in (
+                (False, ndi.maximum_filter, low),
+                (True, ndi.minimum_filter, high),
+            ):
+                got = edges.ball_max(a, radius, smallest=smallest)
+                assert got.dtype == a.dtype and got is not a
+                want = scipy_filter(a, footprint=foot, mode="constant", cval=cval)
+                np.testing.assert_array_equal(got, want, err_msg=f"{shape} r={radius}")
+        np.testing.assert_array_equal(a, before)
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="radius"):
+            edges.ball_max(np.zeros((3, 3, 3)), bad)
+    with pytest.raises(ValueError, match="3-D"):
+        edges.ball_max(np.zeros((3, 3)), 1.0)
+
+
 def _snap_loops(labels: np.ndarray, image: np.ndarray, sigma: float, band: int, z: float):
     """The rule of hypsegcli.edges written voxel by voxel over explicit windows, float64."""
     x = image.astype(np.float64)
@@ -101,6 +148,13 @@ def test_snap_matches_voxel_loops(sigma, band, z):
     # the slow path ties on the smallest label in sorted order, as argmin does
     assert np.array_equal(fast, slow)
     assert (fast != labels).any()
+    # the noise of the image, computed once by cluster for every k, is the one it computes
+    noise = edges.noise_std(image)
+    given = edges.snap_labels(labels, image, sigma=sigma, band=band, min_contrast=z, noise=noise)
+    assert np.array_equal(given, fast)
+    if z > 0:  # and is the noise it uses: a far larger one stops every move
+        huge = edges.snap_labels(labels, image, sigma=sigma, band=band, min_contrast=z, noise=1e9)
+        assert np.array_equal(huge, labels)
 
 
 def _blurred_ball(shift: int, side: int = 40, radius: float = 11.0):

@@ -127,6 +127,11 @@ def test_mrf_matches_voxel_loops(seed, beta, iters, band, separation, support, m
     assert fast.dtype == labels.dtype
     assert np.array_equal(fast, slow)
     assert (fast != labels).any()
+    # the noise of the image, computed once by cluster for every k, is the one it computes
+    noise = edges.noise_std(image)
+    assert np.array_equal(edges.refine_labels(labels, image, beta=beta, noise=noise, **kw), fast)
+    huge = edges.refine_labels(labels, image, beta=beta, noise=1e9, **kw)
+    assert np.array_equal(huge, labels)  # and is the one it uses: no pair separated by 1e9
     # label values that are not 0..k-1, signed
     odd = labels.astype(np.int16) * 3 - 5
     assert np.array_equal(

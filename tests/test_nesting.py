@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import nibabel as nib
 import numpy as np
@@ -72,6 +73,29 @@ def test_band_and_fill_match_brute_force(n_labels, seed):
         np.testing.assert_array_equal(
             fill_band(other, coarse, band, (targets, sources)), fill_band(other, coarse, band)
         )
+
+
+def test_band_by_shifts_is_the_band_by_distance_transforms():
+    """cluster's band (the largest and least label within the width, by shifted runs) is the
+    one of a Euclidean distance transform per label, on random regions of 2 to 5 labels
+    with and without a mask, sides down to 1, widths up to the shifts' limit and beyond."""
+    from hypsegcli.nesting import BALL_MAX_WIDTH, _band_mask_edt
+
+    rng = np.random.default_rng(7)
+    widths = (1.0, math.sqrt(2), 1.5, math.sqrt(3), 2.0, 3.7, 4.0, 6.0, BALL_MAX_WIDTH, 17.5)
+    for shape in [(1, 9, 9), (2, 3, 11), (10, 12, 9), (16, 5, 14)]:
+        for n_labels in (2, 3, 5):
+            coarse = _random_regions(rng, shape, n_labels).astype(rng.choice([np.uint8, np.int16]))
+            for inside in (None, rng.random(shape) > 0.3):
+                values = np.unique(coarse if inside is None else coarse[inside])
+                if len(values) < 2:
+                    continue
+                for width in widths:
+                    np.testing.assert_array_equal(
+                        band_mask(coarse, width, inside),
+                        _band_mask_edt(coarse, width, values, inside),
+                        err_msg=f"{shape} {n_labels} labels, width {width}",
+                    )
 
 
 def test_band_edge_cases():
