@@ -963,8 +963,8 @@ _STEP_NOTES = (
     "; with --smooth, the Potts prior's time per voxel and "
     "cluster and its largest slab; with --snap, the edge snap's time and memory per voxel and "
     "label; with --mrf, the intensity MRF's (masks per voxel and label plus a Potts prior's "
-    "slab); with --nest, the band's distance transforms; with --min-size, the component "
-    "labelling and its distance transform"
+    "slab); with --nest, the band and the fill's feature transform; with --min-size, the "
+    "component labelling and its distance transform"
 )
 _END_NOTES = (
     "; constants measured on a 2-core CPU (benchmarks/dryrun_accuracy.py). Expect the truth "
