@@ -28,8 +28,10 @@ standard deviation of the per-seed differences and how many seeds of the row cam
 out ahead.
 
 Nothing is written into the repository; results go to ``--workdir``, where a rerun
-reuses each row and seed finished with the same commands (the tag of its files
-hashes them), so an interrupted run is resumed by running it again.
+reuses each row and seed finished with the same commands and the same hypseg code
+(the tag of its files hashes both: the commands, and the sources of the ``hypsegcli``
+package that ``python -m hypsegcli`` runs), so an interrupted run is resumed by
+running it again, and results of other code are measured again.
 """
 
 from __future__ import annotations
@@ -83,6 +85,23 @@ def hypseg(command: tuple[str, ...], *args: str, log: Path) -> str:
     return done.stdout
 
 
+def code_digest() -> str:
+    """Short sha256 of the sources of the ``hypsegcli`` package that ``python -m hypsegcli``
+    runs from here (found as that command finds it: the working directory first)."""
+    found = subprocess.run(
+        [sys.executable, "-c", "import hypsegcli, os; print(os.path.dirname(hypsegcli.__file__))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    folder = Path(found.stdout.strip())
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*.py")):
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes() + b"\0")
+    return digest.hexdigest()[:12]
+
+
 def _slug(name: str) -> str:
     return "".join(ch if ch.isalnum() else "_" for ch in name).strip("_").lower()
 
@@ -97,15 +116,17 @@ def measure(
     budget: tuple[str, ...],
     cluster_args: tuple[str, ...] = (),
     parts: int = 1,
+    code: str = "",
 ) -> dict[tuple[str, int], dict]:
     """Train, cluster and score every row x seed; ``rows`` maps a name to (the command
     that runs ``hypseg``, its ``train`` switches). A row and seed finished before with
-    the same commands (hashed into the tag of its files in ``work``) is read back."""
+    the same commands and ``code`` (:func:`code_digest`; both hashed into the tag of its
+    files in ``work``) is read back."""
     results: dict[tuple[str, int], dict] = {}
     threads = str(max(1, (os.cpu_count() or 1) // parts))
     for name, (command, switches) in rows.items():
         for seed in seeds:
-            what = [command, switches, seed, budget, split, cluster_args, str(data)]
+            what = [command, switches, seed, budget, split, cluster_args, str(data), code]
             digest = hashlib.sha256(json.dumps(what).encode()).hexdigest()[:10]
             tag = f"{_slug(name)}_s{seed}_{digest}"
             done = work / f"{tag}.json"
@@ -314,6 +335,7 @@ def main() -> None:
             budget=train_budget,
             cluster_args=tuple(shlex.split(args.cluster_args)),
             parts=args.parts,
+            code=code_digest(),
         )
     print(
         f"Table 2 rows on the {args.split} split, {' '.join(train_budget)} per model"
