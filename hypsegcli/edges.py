@@ -160,21 +160,35 @@ def noise_std(x: np.ndarray, inside: np.ndarray | None = None) -> float:
     return float(1.4826 * np.median(np.abs(resid[::step])))
 
 
-def _mixed(lab: np.ndarray, size: int, outside: np.ndarray | None) -> np.ndarray:
-    """Voxels whose size^3 neighbourhood holds more than one label (bool).
+def mixed_labels(
+    lab: np.ndarray,
+    extreme: Callable[[np.ndarray, bool], np.ndarray],
+    outside: np.ndarray | None,
+) -> np.ndarray:
+    """Voxels whose neighbourhood holds more than one label (bool): where the largest and
+    the least label over it differ (the voxel's own label is one of them).
+    ``extreme(a, smallest)`` gives the largest (least) value of ``a`` over every voxel's
+    neighbourhood (:func:`box_max`, :func:`ball_max`).
 
     Voxels in ``outside`` (bool) count as no label at all and are never mixed
-    themselves, so the border of a mask is no boundary between labels.
+    themselves, so the border of a mask is no boundary between labels: they take the
+    least label for the largest and the largest for the least, so they change neither.
     """
     if outside is None:
-        return box_max(lab, size) != box_max(lab, size, smallest=True)
+        return extreme(lab, False) != extreme(lab, True)
     inside_values = lab[~outside]
     if inside_values.size == 0:
         return np.zeros(lab.shape, dtype=bool)
     low, high = inside_values.min(), inside_values.max()
-    top = box_max(np.where(outside, low, lab), size)
-    bottom = box_max(np.where(outside, high, lab), size, smallest=True)
+    top = extreme(np.where(outside, low, lab), False)
+    bottom = extreme(np.where(outside, high, lab), True)
     return (top != bottom) & ~outside
+
+
+def _mixed(lab: np.ndarray, size: int, outside: np.ndarray | None) -> np.ndarray:
+    """Voxels whose size^3 neighbourhood holds more than one label (bool); see
+    :func:`mixed_labels`."""
+    return mixed_labels(lab, lambda a, smallest: box_max(a, size, smallest=smallest), outside)
 
 
 def snap_labels(

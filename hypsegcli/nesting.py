@@ -36,7 +36,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
-from .edges import ball_max
+from .edges import ball_max, mixed_labels
 
 #: Widths up to this take the band by shifts (:func:`hypsegcli.edges.ball_max`), larger
 #: ones by one distance transform per label (the same band). The shifts grow with the
@@ -62,16 +62,12 @@ def band_mask(coarse: np.ndarray, width: float, inside: np.ndarray | None = None
         return np.zeros(coarse.shape, dtype=bool)
     if width > BALL_MAX_WIDTH:
         return _band_mask_edt(coarse, width, values, inside)
-    # another label within width <=> the largest and least label within width differ
-    # (the voxel's own label is one of them); outside voxels count as the least label for
-    # the largest and as the largest for the least, so they make no difference
-    if inside is None:
-        return ball_max(coarse, width) != ball_max(coarse, width, smallest=True)
-    low, high = values[0], values[-1]
-    band = ball_max(np.where(inside, coarse, low), width)
-    band = band != ball_max(np.where(inside, coarse, high), width, smallest=True)
-    band &= inside
-    return band
+    # another label within width: the largest and least label within width differ
+    return mixed_labels(
+        coarse,
+        lambda a, smallest: ball_max(a, width, smallest=smallest),
+        None if inside is None else ~np.asarray(inside, dtype=bool),
+    )
 
 
 def _band_mask_edt(
