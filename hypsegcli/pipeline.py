@@ -3361,9 +3361,9 @@ def cluster(
                                 labels = fill_band(labels, coarse, band, sources)
                                 if k == ks[-1]:  # no later k takes labels from it
                                     sources = None
-                            if (snap > 0 or mrf > 0) and scaled is None:
-                                scaled = _edge_image(volume.data, path)
-                            if (snap > 0 or mrf > 0) and noise is None:
+                            if (snap > 0 or mrf > 0) and noise is None:  # once per volume
+                                if scaled is None:
+                                    scaled = _edge_image(volume.data, path)
                                 noise = noise_std(scaled, None if off_mask is None else ~off_mask)
                             if snap > 0:
                                 labels = snap_labels(
