@@ -1350,7 +1350,11 @@ def _render_evaluation(report: dict[str, Any]) -> None:
             "-" if case["level"] is None else str(case["level"]),
             f"{case['mean_dice']:.4f}",
             dices,
-            f"{max(hd95):.2f} {case['unit']}" if hd95 else "-",
+            (  # (no unit word where the header gives none: "2.00 unknown" read oddly)
+                f"{max(hd95):.2f}" + ("" if case["unit"] in ("", "unknown") else f" {case['unit']}")
+                if hd95
+                else "-"
+            ),
         )
     stderr.print(table)
     for group in report["summary"]:

@@ -96,31 +96,46 @@ class VolumeGeometry:
         return cls("mrc", tuple(int(s) for s in shape), spacing, affine, header, ".mrc", "Å")  # type: ignore[arg-type]
 
 
-def geometry_record(geometry: VolumeGeometry) -> dict[str, Any]:
+def _json_number(value: Any) -> float | None:
+    """A float for JSON: None (null) for NaN and infinities, which JSON has no numbers for."""
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
+def _matrix(matrix: Any, number: Callable[[Any], Any]) -> list[list[Any]]:
+    return [[number(v) for v in row] for row in np.asarray(matrix, dtype=np.float64)]
+
+
+def geometry_record(geometry: VolumeGeometry, *, json_safe: bool = True) -> dict[str, Any]:
     """``geometry`` as plain JSON values, for outputs that cannot carry a header (``.npy``).
+
+    A NaN or infinite number of a broken header is written as null (QA: ``embed -o``'s
+    record held a bare ``NaN``, which strict JSON readers refuse); ``json_safe=False``
+    keeps them as floats (:func:`geometry_sha256`, whose digests stay as they were).
 
     Always ``format``, ``shape``, ``spacing``, ``unit`` and ``affine`` (voxel index
     ``[x, y, z, 1]`` to physical coordinates, 4x4); NIfTI adds the qform and sform
     with their codes, MRC its voxel size, origin and start indices as stored (and its cell
     angles and space group where they are not the plain 90 degrees and P1).
     """
+    number = _json_number if json_safe else float
     record: dict[str, Any] = {
         "format": geometry.format,
         "shape": [int(s) for s in geometry.shape],
-        "spacing": [float(s) for s in geometry.spacing],
+        "spacing": [number(s) for s in geometry.spacing],
         "unit": geometry.unit,
-        "affine": np.asarray(geometry.affine, dtype=np.float64).tolist(),
+        "affine": _matrix(geometry.affine, number),
     }
     header = geometry.header
     if geometry.format == "nifti" and header is not None:
         for form in ("qform", "sform"):
             matrix, code = getattr(header, f"get_{form}")(coded=True)
-            record[form] = None if matrix is None else np.asarray(matrix, np.float64).tolist()
+            record[form] = None if matrix is None else _matrix(matrix, number)
             record[f"{form}_code"] = int(code)
     elif geometry.format == "mrc" and isinstance(header, dict):
         for key in ("voxel_size", "origin", "start", "cell_angles"):
             if key in header:
-                record[key] = [float(v) if key != "start" else int(v) for v in header[key]]
+                record[key] = [number(v) if key != "start" else int(v) for v in header[key]]
         if "space_group" in header:
             record["space_group"] = int(header["space_group"])
     return record
@@ -366,7 +381,11 @@ def check_unique_cases(paths: Iterable[str | os.PathLike[str]], *, why: str) -> 
 
 
 def read_volume(
-    path: str | os.PathLike[str], *, allow_nonfinite: bool = False, native: bool = False
+    path: str | os.PathLike[str],
+    *,
+    allow_nonfinite: bool = False,
+    native: bool = False,
+    quiet: bool = False,
 ) -> Volume:
     """Read a 3D volume as float32 ``[x, y, z]`` with its geometry.
 
@@ -375,6 +394,9 @@ def read_volume(
     ``allow_nonfinite``) NaN or infinite voxels. ``native``: keep the stored
     data type instead (NIfTI with scaling: nibabel's float64), so that label
     values of any size and non-integral values survive the reading exactly.
+    What the header makes hypseg assume (a voxel size fixed, an axis map ignored...) is
+    warned about once per file and process (:func:`_header_note`); ``quiet`` logs it at
+    debug level only (``evaluate``'s predictions, whose headers are their sources').
     """
     path = Path(path)
     if not path.exists():
@@ -388,7 +410,7 @@ def read_volume(
     except OSError:
         pass  # (a folder named .nii.gz and the like: the reader says what it is)
     reader = _read_nifti if fmt == "nifti" else _read_mrc
-    data, geometry = reader(path, native=native)
+    data, geometry = reader(path, native=native, quiet=quiet)
     if not allow_nonfinite:
         bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
         if bad:
@@ -420,11 +442,31 @@ class _Collect(logging.Handler):
 _NIBABEL_LOCK = threading.Lock()
 
 
+#: (file, warning) pairs already said by this process: see :func:`_header_note`
+_HEADER_NOTES: set[tuple[str, str]] = set()
+_HEADER_NOTES_LOCK = threading.Lock()
+
+
+def _header_note(quiet: bool, message: str, path: Path, *args: Any) -> None:
+    """A warning about what ``path``'s header makes hypseg assume (``message % (path,
+    *args)``), said once per file and process: ``evaluate`` reads a ground truth once per
+    k, and a study's hundred scans at three k gave six hundred lines. Repeats, and all of
+    them where ``quiet``, go to the debug log."""
+    text = message % (path, *args)
+    key = (os.fspath(path), text)
+    with _HEADER_NOTES_LOCK:
+        repeat = key in _HEADER_NOTES
+        _HEADER_NOTES.add(key)
+    log.log(logging.DEBUG if quiet or repeat else logging.WARNING, "%s", text)
+
+
 @contextlib.contextmanager
-def _nibabel_reports(path: Path) -> Iterator[None]:
+def _nibabel_reports(path: Path, quiet: bool = False) -> Iterator[None]:
     """Re-issue what nibabel logs while reading ``path`` (e.g. a fixed pixdim) as hypseg
     warnings naming the file, instead of nibabel's bare lines on stderr (one reader at a
     time, as nibabel's logger is shared)."""
+    import nibabel.imageglobals  # noqa: F401  (its handler is added at import: not into ours)
+
     logger = logging.getLogger("nibabel.global")
     collect = _Collect()
     with _NIBABEL_LOCK:
@@ -435,7 +477,7 @@ def _nibabel_reports(path: Path) -> Iterator[None]:
         finally:
             logger.handlers, logger.propagate = saved, propagate
     for message in dict.fromkeys(collect.messages):
-        log.warning("%s: %s", path, message)
+        _header_note(quiet, "%s: %s", path, message)
 
 
 def _unreadable_nifti(path: Path) -> str | None:
@@ -504,10 +546,12 @@ def load_nifti(path: str | os.PathLike[str]) -> Any:
     return klass.from_file_map({"header": holder, "image": holder})
 
 
-def _read_nifti(path: Path, *, native: bool = False) -> tuple[np.ndarray, VolumeGeometry]:
+def _read_nifti(
+    path: Path, *, native: bool = False, quiet: bool = False
+) -> tuple[np.ndarray, VolumeGeometry]:
     shape3: tuple[int, ...] = ()
     try:
-        with _nibabel_reports(path):
+        with _nibabel_reports(path, quiet):
             img = load_nifti(path)
             shape3 = _check_3d(path, img.shape)
             if np.dtype(img.get_data_dtype()).kind == "c" or (
@@ -552,10 +596,19 @@ def _read_nifti(path: Path, *, native: bool = False) -> tuple[np.ndarray, Volume
     # the voxel sizes of the affine that places the voxels (the sform where its code is set)
     columns = np.linalg.norm(affine[:3, :3], axis=0) if np.isfinite(affine).all() else None
     usable = columns is not None and all(math.isfinite(c) and c > 0 for c in columns)
+    if columns is None:
+        _header_note(
+            quiet,
+            "%s: its affine (the sform or qform in use) has NaN or infinite entries: the voxels "
+            "have no position, and distances use the voxel size (pixdim); the outputs keep "
+            "the header as it is",
+            path,
+        )
     if not all(math.isfinite(z) and z > 0 for z in zooms):
         # a NaN, infinite or zero pixdim: the voxel size from the affine where it has one
         fixed = tuple(float(c) for c in columns) if usable else (1.0, 1.0, 1.0)  # type: ignore[union-attr]
-        log.warning(
+        _header_note(
+            quiet,
             "%s: voxel size (pixdim) %s is not a positive number; using %s (%s)",
             path,
             "x".join(f"{z:g}" for z in zooms),
@@ -566,7 +619,8 @@ def _read_nifti(path: Path, *, native: bool = False) -> tuple[np.ndarray, Volume
     elif usable and not np.allclose(columns, zooms, rtol=1e-3, atol=0.0):  # type: ignore[arg-type]
         # an sform that scales otherwise than pixdim: distances (evaluate) follow the
         # affine, so the spacing does too
-        log.warning(
+        _header_note(
+            quiet,
             "%s: voxel size (pixdim) %s differs from the sform's %s; using the sform's, "
             "which places the voxels",
             path,
@@ -627,7 +681,9 @@ def _imod_unsigned_bytes(header: Any) -> bool:
     return int(stamp) == IMOD_STAMP and not int(flags) & 1
 
 
-def _read_mrc(path: Path, *, native: bool = False) -> tuple[np.ndarray, VolumeGeometry]:
+def _read_mrc(
+    path: Path, *, native: bool = False, quiet: bool = False
+) -> tuple[np.ndarray, VolumeGeometry]:
     import mrcfile
 
     try:
@@ -697,7 +753,8 @@ def _read_mrc(path: Path, *, native: bool = False) -> tuple[np.ndarray, VolumeGe
     if raw.dtype.kind == "c":
         raise BadInputError(f"{path}: {raw.dtype} data; hypseg needs real scalar voxels")
     if sorted(axes) != [1, 2, 3]:
-        log.warning(
+        _header_note(
+            quiet,
             "%s: MRC axis map (mapc, mapr, maps) %s is not an order of 1, 2, 3: read as "
             "1, 2, 3 (columns x, rows y, sections z)",
             path,
@@ -706,7 +763,8 @@ def _read_mrc(path: Path, *, native: bool = False) -> tuple[np.ndarray, VolumeGe
         axes = (1, 2, 3)
     larger = [p for p in problems.split("; ") if "larger than expected" in p] if problems else []
     if larger:  # the header's dimensions may be wrong: the voxels past them are not read
-        log.warning(
+        _header_note(
+            quiet,
             "%s: %s: read as its header's %s voxels (check the header's dimensions)",
             path,
             larger[0],
@@ -727,7 +785,8 @@ def _read_mrc(path: Path, *, native: bool = False) -> tuple[np.ndarray, VolumeGe
         raise BadInputError(f"{path}: empty MRC data of shape {raw.shape}")
     if not all(math.isfinite(s) for s in spacing):
         # mrcfile divides the cell by the sampling mx/my/mz: 0 there gives inf or nan
-        log.warning(
+        _header_note(
+            quiet,
             "%s: MRC voxel size %s is not finite (cell %s over sampling %s); treated as "
             "unknown (0 in the outputs, 1 for computing)",
             path,
@@ -742,7 +801,8 @@ def _read_mrc(path: Path, *, native: bool = False) -> tuple[np.ndarray, VolumeGe
     crystal: dict[str, Any] = {}
     if any(a != 90.0 for a in angles) and any(a != 0.0 for a in angles):  # (0: never set)
         crystal["cell_angles"] = angles
-        log.warning(
+        _header_note(
+            quiet,
             "%s: MRC cell angles %s are not 90 degrees: hypseg treats the voxel grid as "
             "orthogonal (distances, previews); the outputs keep the angles",
             path,
@@ -753,7 +813,8 @@ def _read_mrc(path: Path, *, native: bool = False) -> tuple[np.ndarray, VolumeGe
     if extended_bytes and big_endian:
         # its records hold numbers in the source's byte order, and the outputs are written
         # little-endian: copied as bytes they would be misread
-        log.warning(
+        _header_note(
+            quiet,
             "%s: its MRC extended header (%s, %d bytes) is not copied into the outputs: the "
             "file is big-endian and the outputs are little-endian",
             path,
@@ -765,7 +826,8 @@ def _read_mrc(path: Path, *, native: bool = False) -> tuple[np.ndarray, VolumeGe
     known = [s > 0 for s in spacing]
     if any(known) and not all(known):
         # Å along some axes and voxels along others would mix in every distance
-        log.warning(
+        _header_note(
+            quiet,
             "%s: MRC voxel size %s is unknown (0) along some axes; distances are in voxels",
             path,
             "x".join(f"{s:g}" for s in spacing),
@@ -791,19 +853,29 @@ def _gigabytes(shape: Sequence[int], dtype: Any) -> str:
     return f"{int(np.prod(shape, dtype=np.float64)) * np.dtype(dtype).itemsize / 1e9:.1f} GB"
 
 
+#: deflate's largest compression ratio (a match of 258 bytes in at least 2 bits: 1032),
+#: with a margin; gzip data of n bytes never holds more than GZIP_MAX_RATIO * n + 4096
+GZIP_MAX_RATIO = 1040
+
+
 def _check_nifti_size(path: Path, img: Any) -> None:
     """An uncompressed NIfTI shorter than its header's voxel data is truncated (checked
-    before reading, so a header that claims terabytes is refused, not read)."""
-    if "".join(path.suffixes[-1:]).lower() != ".nii":
-        return  # compressed: the length is known only after decompressing
+    before reading, so a header that claims terabytes is refused, not read). A compressed
+    one's length is known only after decompressing, but gzip cannot hold more than
+    :data:`GZIP_MAX_RATIO` times its size: a header that claims more is corrupt (or the
+    file cut), and is refused as bad input rather than read into an out-of-memory error."""
+    suffix = "".join(path.suffixes[-1:]).lower()
     offset = int(getattr(img.dataobj, "offset", 0))
     dtype = np.dtype(img.get_data_dtype())
     needed = offset + int(np.prod(img.shape, dtype=np.float64)) * dtype.itemsize
     have = path.stat().st_size
-    if have < needed:
+    voxels = f"the header's {'x'.join(map(str, img.shape))} {dtype} voxels need {needed} bytes"
+    if suffix == ".nii" and have < needed:
+        raise BadInputError(f"{path}: truncated NIfTI ({voxels}, the file has {have})")
+    if suffix == ".gz" and needed > GZIP_MAX_RATIO * have + 4096:
         raise BadInputError(
-            f"{path}: truncated NIfTI (the header's {'x'.join(map(str, img.shape))} {dtype} "
-            f"voxels need {needed} bytes, the file has {have})"
+            f"{path}: corrupt or truncated NIfTI ({voxels}, more than {have} bytes of gzip "
+            f"data can hold)"
         )
 
 
@@ -902,8 +974,9 @@ def check_output_folder(
     for item in inputs:
         given = Path(item)
         below = recursive
-        if not given.is_dir() and glob.has_magic(os.fspath(item)):
-            # a pattern searches the folder its fixed part names ('scans/*.nii.gz': scans),
+        if not given.is_dir() and not given.is_file() and glob.has_magic(os.fspath(item)):
+            # (an existing file is itself, whatever its name holds: 'run[1]/a.nii', as
+            # discovery reads it) a pattern searches the folder its fixed part names ('scans/*.nii.gz': scans),
             # and folders below it where a folder part is a pattern ('scans/*/*.nii.gz')
             parts = given.parts
             first = next(i for i, part in enumerate(parts) if glob.has_magic(part))
@@ -1251,7 +1324,7 @@ def geometry_sha256(geometry: VolumeGeometry) -> str:
     :func:`geometry_record` and, for NIfTI, the whole header as stored (descrip, units,
     intent...) with its extensions, for MRC its text labels."""
     digest = hashlib.sha256()
-    digest.update(json.dumps(geometry_record(geometry), sort_keys=True).encode())
+    digest.update(json.dumps(geometry_record(geometry, json_safe=False), sort_keys=True).encode())
     header = geometry.header
     if geometry.format == "nifti" and header is not None:
         digest.update(bytes(header.binaryblock))

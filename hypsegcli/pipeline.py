@@ -640,12 +640,11 @@ def _warn_if_other_grid(
     offset = grid_offset(p_geo, t_geo)
     if grid_offset(p_geo, t_geo, voxels=True) > 0.5:
         log.warning(
-            "%s and %s have the same shape but different grids (a voxel up to %.3g %s apart); "
+            "%s and %s have the same shape but different grids (a voxel up to %s apart); "
             "%s, check that they belong together",
             pred,
             truth,
-            offset,
-            t_geo.unit,
+            with_unit(f"{offset:.3g}", t_geo.unit),
             use,
         )
 
@@ -727,7 +726,7 @@ def evaluate(
             watch = Stopwatch()
             hashes: dict[str, str] = {}
             try:
-                p_vol = read_volume(pair["pred"], native=True)
+                p_vol = read_volume(pair["pred"], native=True, quiet=True)
                 t_vol = read_volume(pair["truth"], native=True)
                 hashes = {
                     "pred_sha256": array_sha256(p_vol.data),
@@ -742,6 +741,7 @@ def evaluate(
                 linear = np.asarray(t_vol.geometry.affine, dtype=np.float64)[:3, :3]
                 if (
                     hausdorff
+                    and np.isfinite(linear).all()  # (not finite: said as it was read)
                     and not metrics.linear_is_usable(linear)
                     and str(pair["truth"]) not in singular_warned
                 ):
@@ -969,6 +969,11 @@ def load_training_volumes(
 SCALE_TOLERANCE = 1.5
 
 
+def with_unit(number: str, unit: str) -> str:
+    """ "2.5 mm", or "2.5 (units unknown)" where the header gives none."""
+    return f"{number} (units unknown)" if unit in ("", "unknown") else f"{number} {unit}"
+
+
 def _spacing_text(spacings: Any, unit: str) -> str:
     """ "1x1x1 to 1x1x3 mm": the range of voxel sizes ``spacings`` (n, 3)."""
     arr = np.asarray(spacings, dtype=np.float64).reshape(-1, 3)
@@ -976,7 +981,7 @@ def _spacing_text(spacings: Any, unit: str) -> str:
     text = "x".join(f"{v:.3g}" for v in lo)
     if not np.array_equal(lo, hi):
         text += " to " + "x".join(f"{v:.3g}" for v in hi)
-    return f"{text} (units unknown)" if unit in ("", "unknown") else f"{text} {unit}"
+    return with_unit(text, unit)
 
 
 def _units_text(units: set[str]) -> str:
@@ -2673,6 +2678,40 @@ def _take_case_record(out: Path, name: str, ks: Sequence[int]) -> Any:
     return old
 
 
+def _remove_replaced_format(target: Path, old: Any, k: int) -> None:
+    """Once ``target`` (``OUT/<case>_k<k><suffix>``) is written: the label volume of the
+    same case and k in another format that the replaced record ``old`` lists (an earlier
+    run of a same-named input: ``a.nii`` there, ``a.mrc`` now) is removed. Beside the new
+    one it would be scored too (``evaluate`` refuses two files of one case name), and the
+    record that vouched for it is gone. Only a file of the size that record gives is taken;
+    any other is left, with a warning."""
+    if not isinstance(old, dict) or not isinstance(old.get("volume"), str):
+        return
+    suffix = volume_suffix(old["volume"])
+    if suffix is None or target.name.endswith(suffix):
+        return
+    stale = target.with_name(f"{case_name(old['volume'])}_k{k}{suffix}")
+    if stale.name == target.name or not stale.is_file():
+        return
+    sets = old.get("sets") if isinstance(old.get("sets"), list) else []
+    sizes = [s.get("bytes") for s in sets if isinstance(s, dict) and s.get("k") == k]
+    if sizes and sizes[0] == _file_size(stale):
+        _remove_if_present(stale)
+        log.warning(
+            "%s: removed, the labels of %s that an earlier run wrote (this run's %s replaces them)",
+            stale,
+            old["volume"],
+            target.name,
+        )
+    else:
+        log.warning(
+            "%s: left as it is (not the size the earlier record gave); it has the case name of "
+            "%s, and evaluate would score both",
+            stale,
+            target.name,
+        )
+
+
 def _remove_if_present(path: Path) -> None:
     """Remove ``path`` (none there is fine): a record that says its outputs are complete,
     before they are rewritten; an earlier run's model that ``train --overwrite`` replaces."""
@@ -3426,6 +3465,7 @@ def cluster(
                                 old_record, taken = _take_case_record(out, volume.name, ks), True
                             write_labels(target, labels, volume.geometry)
                             row["outputs"].append(str(target))
+                            _remove_replaced_format(target, old_record, k)
                             # sizes of what was written: _case_done finds a cut or lost file
                             sets[-1]["bytes"] = _file_size(target)
                             if preview:

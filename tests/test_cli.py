@@ -469,6 +469,37 @@ def test_evaluate_warns_about_predictions_left_by_another_run(tmp_path, capsys):
     assert "3 prediction(s) not written" in err and "case_001_k2.nii.gz" in err
 
 
+def test_a_same_named_input_of_another_format_replaces_the_labels_it_recorded(tmp_path, capsys):
+    """QA: a.nii then a.mrc clustered into one folder left a_k2.nii (its record replaced)
+    beside a_k2.mrc, and evaluate refused the folder (one case name twice). The labels the
+    replaced record lists are removed; a file of another size is left, with a warning."""
+    import mrcfile
+
+    data, seg = tmp_path / "d", tmp_path / "seg"
+    assert run(["-q", "synth", data, "--n", "1", "--size", "16"], capsys)[0] == 0
+    volume = io.read_volume(data / "images" / "case_000.nii.gz").data
+    nifti, mrc = tmp_path / "a" / "x.nii.gz", tmp_path / "b" / "x.mrc"
+    nifti.parent.mkdir()
+    (tmp_path / "b").mkdir()
+    nifti.write_bytes((data / "images" / "case_000.nii.gz").read_bytes())
+    with mrcfile.new(str(mrc)) as handle:
+        handle.set_data(np.ascontiguousarray(volume.T))
+        handle.voxel_size = 1.0
+    intensity = ["--features", "intensity", "-o", seg, "--k", "2", "--k", "3"]
+    assert run(["-q", "cluster", nifti, *intensity], capsys)[0] == 0
+    code, _, err = run(["cluster", mrc, "--features", "intensity", "-o", seg, "--k", "2"], capsys)
+    assert code == 0, err
+    removed = f"{seg / 'x_k2.nii.gz'}: removed, the labels of {nifti} that an earlier run wrote"
+    assert removed in err and "x_k3.nii.gz" not in err, err
+    assert sorted(p.name for p in seg.glob("x_k*")) == ["x_k2.mrc", "x_k3.nii.gz"]
+    # back to the NIfTI, with a file of x_k2.mrc's name but not its size: left, and said
+    (seg / "x_k2.mrc").write_bytes(b"not the labels")
+    code, _, err = run(["cluster", nifti, "--features", "intensity", "-o", seg, "--k", "2"], capsys)
+    assert code == 0, err
+    assert f"{seg / 'x_k2.mrc'}: left as it is (not the size the earlier record gave)" in err
+    assert (seg / "x_k2.mrc").read_bytes() == b"not the labels"
+
+
 def test_bids_masks_and_ground_truth_pair_by_entities(tmp_path, capsys):
     """fMRIPrep-style names: sub-01_desc-preproc_T1w with sub-01_desc-brain_mask (cluster
     --mask) and sub-01_desc-aseg_dseg (evaluate), sidecars beside them without warnings."""

@@ -314,3 +314,31 @@ def test_level_0_is_a_level_in_the_summary_line(tmp_path, capsys):
     _label_file(tmp_path / "c_L0.nii.gz")
     code, _, err = run(["evaluate", tmp_path / "c_k2.nii.gz", tmp_path / "c_L0.nii.gz"], capsys)
     assert code == 0 and "level 0 (k=2): mean Dice 1.0000" in err, err
+
+
+def test_a_header_warning_is_said_once_for_the_truth_and_not_for_predictions(tmp_path, capsys):
+    """QA: a ground truth whose sform scales otherwise than its pixdim was warned about
+    once per k it was read for, and each prediction (its header copied from the source)
+    once more: 4 lines for one case at 2 k, 600 for a study of 100 scans at 3 k."""
+    p, g = _boxes()
+    seg, truth = tmp_path / "seg", tmp_path / "gt"
+    seg.mkdir()
+    truth.mkdir()
+
+    def save(data, path):
+        img = nib.Nifti1Image(data, np.diag([2.0, 2.0, 2.0, 1.0]))
+        img.header["pixdim"][1:4] = 1.0  # the sform says 2 mm
+        nib.save(img, path)
+
+    save(g, truth / "a.nii.gz")
+    for k in (2, 3):
+        save(p, seg / f"a_k{k}.nii.gz")
+    code, _, err = run(["evaluate", seg, truth], capsys)
+    assert code == 0, err
+    # (QA: "0.00 unknown" in the table of distances: no unit word where there is none)
+    assert " unknown" not in err and "max HD95" in err, err
+    lines = [line for line in err.splitlines() if "differs from the sform" in line]
+    assert lines == [
+        f"warning: {truth / 'a.nii.gz'}: voxel size (pixdim) 1x1x1 differs from the sform's "
+        "2x2x2; using the sform's, which places the voxels"
+    ], err

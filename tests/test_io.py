@@ -343,10 +343,15 @@ def test_nifti_header_claiming_more_than_the_file_or_memory(tmp_path, monkeypatc
         io.read_volume(tmp_path / "huge.nii")
     with gzip.open(tmp_path / "huge.nii.gz", "wb") as fh:
         fh.write(blob)
+    # compressed, a header that claims more than gzip data of the file's size can hold
+    # (QA: "out of memory", exit 1, for a 3 kB file) is corrupt: bad input
+    with pytest.raises(BadInputError, match=r"huge\.nii\.gz: corrupt or truncated NIfTI .*10000x"):
+        io.read_volume(tmp_path / "huge.nii.gz")
 
     def no_memory(*_args, **_kwargs):
         raise MemoryError
 
+    monkeypatch.setattr(io, "GZIP_MAX_RATIO", 10**12)  # as if it could: then it is read
     monkeypatch.setattr(io.np, "asarray", no_memory)
     with pytest.raises(HypsegError) as info:
         io.read_volume(tmp_path / "huge.nii.gz")
@@ -355,6 +360,24 @@ def test_nifti_header_claiming_more_than_the_file_or_memory(tmp_path, monkeypatc
         f"{tmp_path / 'huge.nii.gz'}: out of memory reading 10000x10000x10000 voxels "
         "(4000.0 GB as float32)"
     )
+
+
+def test_gzip_bound_admits_the_most_compressible_volumes(tmp_path):
+    """The bound of the header check above: zeros, the most compressible data, at gzip's
+    strongest level (about 1028 to 1) are read; a header asking one voxel more per 1040
+    bytes than that file holds is refused."""
+    header = nib.Nifti1Image(np.zeros((128, 128, 64), np.float32), np.eye(4)).header.copy()
+    header.set_data_offset(352)
+    raw = header.binaryblock + b"\0" * 4 + np.zeros(128 * 128 * 64, np.float32).tobytes()
+    path = tmp_path / "zeros.nii.gz"
+    path.write_bytes(gzip.compress(raw, compresslevel=9))
+    assert len(raw) > 1000 * path.stat().st_size  # as compressible as gzip makes anything
+    assert io.read_volume(path).data.shape == (128, 128, 64)
+    side = int((io.GZIP_MAX_RATIO * path.stat().st_size + 4096) // (128 * 128 * 4)) + 1
+    header.set_data_shape((128, 128, side))
+    path.write_bytes(gzip.compress(header.binaryblock + raw[352:], compresslevel=9))
+    with pytest.raises(BadInputError, match=r"corrupt or truncated NIfTI"):
+        io.read_volume(path)
 
 
 def test_non_finite_refused(tmp_path):
@@ -931,3 +954,66 @@ def test_a_file_without_read_permission_is_named_as_such(tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "open", denied)
     with pytest.raises(BadInputError, match=r"p\.nii: cannot read \(Permission denied\)$"):
         io.read_volume(tmp_path / "p.nii")
+
+
+def test_an_input_file_whose_name_looks_like_a_pattern_is_a_file(tmp_path):
+    """QA: 'run[1]/s[2].nii', an existing file, was taken for a glob pattern by the output
+    check: its folder part made every folder below the working one an "input folder"."""
+    scans = tmp_path / "run[1]"
+    scans.mkdir()
+    nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4)), scans / "s[2].nii")
+    io.check_output_folder(tmp_path / "seg", [scans / "s[2].nii"], what="output")
+    assert (tmp_path / "seg").is_dir()
+    # a pattern stays a pattern, brackets and all
+    with pytest.raises(BadInputError, match="is also an input folder"):
+        io.check_output_folder(tmp_path / "seg", [tmp_path / "*" / "s*.nii"], what="output")
+
+
+def test_the_first_nifti_read_of_a_process_prints_no_bare_nibabel_line(tmp_path):
+    """QA: nibabel, first imported while its logger's handlers were swapped, added its own
+    handler to the swapped list: a bare "pixdim[1,2,3] should be positive" line was printed
+    before hypseg's warning naming the file."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "negative.nii"
+    nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4)), path)
+    raw = bytearray(path.read_bytes())
+    raw[84:88] = np.float32(-1.0).tobytes()  # pixdim[2] < 0, which nibabel would not store
+    path.write_bytes(bytes(raw))
+    code = f"from hypsegcli import io; io.read_volume({str(path)!r})"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.splitlines()
+    assert f"{path}: pixdim[1,2,3] should be positive; setting to abs of pixdim values" in lines
+    assert not [line for line in lines if line.startswith("pixdim")], lines
+
+
+def test_a_nifti_affine_with_nan_is_warned_about_and_recorded_as_json_null(tmp_path, caplog):
+    """QA: an sform holding NaN was read without a word, and embed -o's record of its
+    geometry held a bare NaN, which strict JSON readers refuse."""
+    import json
+
+    path = tmp_path / "nan_sform.nii"
+    img = nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.diag([2.0, 2.0, 2.0, 1.0]))
+    img.header.set_sform(np.diag([2.0, 2.0, 2.0, 1.0]), code=2)
+    nib.save(img, path)
+    raw = bytearray(path.read_bytes())
+    raw[280:284] = np.float32(np.nan).tobytes()  # srow_x[0]
+    path.write_bytes(bytes(raw))
+    with caplog.at_level("WARNING", logger="hypsegcli.io"):
+        volume = io.read_volume(path)
+        io.read_volume(path)  # said once per file and process
+    notes = [r.getMessage() for r in caplog.records if "NaN or infinite entries" in r.getMessage()]
+    assert notes == [
+        f"{path}: its affine (the sform or qform in use) has NaN or infinite entries: the voxels "
+        "have no position, and distances use the voxel size (pixdim); the outputs keep the "
+        "header as it is"
+    ]
+    assert volume.geometry.spacing == (2.0, 2.0, 2.0)
+    record = io.geometry_record(volume.geometry)
+    text = json.dumps(record, allow_nan=False)  # raises on a NaN
+    assert json.loads(text)["affine"][0][0] is None and record["sform"][0][0] is None
+    assert record["affine"][1][1] == 2.0 and record["sform_code"] == 2
+    raw_record = io.geometry_record(volume.geometry, json_safe=False)
+    assert np.isnan(raw_record["affine"][0][0])  # what the geometry digest hashes, as before
