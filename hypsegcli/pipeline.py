@@ -1294,9 +1294,9 @@ def embed_one(
     cache.put(
         key,
         emb,
-        {
-            "volume": str(volume.path),
-            "model": str(model.path),
+        {  # (absolute: `cache ls` runs from any folder, and the cache is shared)
+            "volume": os.path.abspath(volume.path),
+            "model": os.path.abspath(model.path),
             "patch_size": patch_size,
             "stride": stride,
         },
@@ -3215,8 +3215,8 @@ def cluster(
             {
                 "kind": "centroids",
                 "k": k,
-                "volume": str(volume.path),
-                "model": str(model.path),
+                "volume": os.path.abspath(volume.path),
+                "model": os.path.abspath(model.path),
                 "seed": seed,
                 "n_init": n_init,
                 "fit_samples": fit_samples,

@@ -293,6 +293,24 @@ def test_embed_writes_arrays_and_cache_commands(trained, tmp_path, capsys):
     assert json.loads(out) == []
 
 
+def test_cache_entries_name_their_sources_by_absolute_paths(trained, tmp_path, capsys, monkeypatch):
+    """QA: `cache ls` showed the paths as typed where the entry was made ("images/a.nii"),
+    wrong from any other folder; the cache is shared by every working folder."""
+    monkeypatch.chdir(trained)
+    cache = tmp_path / "cache"
+    code, _, err = run(
+        ["-q", "embed", "data/images/case_000.nii.gz", "-m", "model.pt"]
+        + ["--cache-dir", cache, "--stride", "2"],
+        capsys,
+    )
+    assert code == 0, err
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = run(["cache", "ls", "--cache-dir", cache, "--json"], capsys)
+    (entry,) = json.loads(out)
+    assert entry["meta"]["volume"] == str(trained / "data" / "images" / "case_000.nii.gz")
+    assert entry["meta"]["model"] == str(trained / "model.pt")
+
+
 def test_bad_model_file_and_options(trained, tmp_path, capsys):
     (tmp_path / "fake.pt").write_bytes(b"nope")
     code, out, err = run(
