@@ -178,6 +178,19 @@ def _config_errors_name_options(arch: str) -> Iterator[None]:
         raise BadInputError(message) from None
 
 
+#: Exit status of a command whose stdout reader left (a shell's for a SIGPIPE death)
+SIGPIPE_STATUS = 128 + 13
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's last flush of what is left for
+    a reader that left does not print "Exception ignored ... BrokenPipeError"."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
 def handle_errors(func: F) -> F:
     """Turn domain errors into one-line messages and exit codes (tracebacks only with --debug)."""
 
@@ -193,6 +206,13 @@ def handle_errors(func: F) -> F:
             return func(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
+        except BrokenPipeError:
+            # the reader of stdout left (`hypseg cache ls | head -1`): stop without a word,
+            # with the status of a process that SIGPIPE stops (128 + 13), as `ls` would
+            if state.debug:
+                raise
+            _quiet_stdout()
+            raise typer.Exit(SIGPIPE_STATUS) from None
         except HypsegError as exc:
             if state.debug:
                 raise
@@ -1455,6 +1475,10 @@ def cache_clear(
 # ----------------------------------------------------------------------------- entry point
 
 
+#: The options of ``hypseg`` itself, which go before the command
+GLOBAL_OPTIONS = ("--quiet", "-q", "--debug", "--version")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: usage errors become one line and exit code 2."""
     import os
@@ -1506,6 +1530,15 @@ def main(argv: list[str] | None = None) -> None:
             ctx = getattr(exc, "ctx", None)
             hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
             text = message()
+            name = getattr(exc, "option_name", None)
+            if name in GLOBAL_OPTIONS and ctx is not None and ctx.parent is not None:
+                # (QA: `hypseg cluster ... --quiet` was offered "Possible options: --nest")
+                command = ctx.command_path.split(" ", 1)[-1]  # ("cache ls": both words)
+                text = (
+                    f"No such option: {name}: it is an option of hypseg itself and goes "
+                    f"before the command: hypseg {name} {command} ..."
+                )
+                hint = ""
             if text.strip():  # empty after a bare `hypseg` or `hypseg cache`: help says it all
                 stderr.print(
                     f"hypseg: error: {text}{hint}", markup=False, highlight=False, soft_wrap=True

@@ -935,6 +935,42 @@ def check_name_length(path: str | os.PathLike[str], why: str) -> None:
         )
 
 
+def check_replaceable(path: str | os.PathLike[str], what: str | None = None) -> None:
+    """BadInputError if ``path`` exists as something other than a file, or is a link to
+    such a thing: a device (``--csv /dev/stdout``), a named pipe, a socket. Outputs are
+    written to a temporary file and renamed into place, which would put a plain file where
+    the device or the link was (QA: as root, ``/dev/stdout`` became a file). A link to a
+    file, or a dangling one, is replaced by the new file, as git-annex and DataLad expect
+    of an unlocked output; the file it pointed to is left as it was."""
+    path = Path(path)
+    try:
+        info = os.stat(path)  # (follows links)
+    except OSError:
+        return  # absent, or a dangling link
+    if stat.S_ISREG(info.st_mode) or stat.S_ISDIR(info.st_mode):
+        return  # (a folder: the callers say what is wrong with it)
+    kind = next(
+        (
+            name
+            for test, name in (
+                (stat.S_ISCHR, "a character device"),
+                (stat.S_ISBLK, "a block device"),
+                (stat.S_ISFIFO, "a named pipe"),
+                (stat.S_ISSOCK, "a socket"),
+            )
+            if test(info.st_mode)
+        ),
+        "not a file",
+    )
+    if path.is_symlink():
+        kind = f"a link to {os.path.realpath(path)}, {kind}"
+    raise BadInputError(
+        f"{path}: is {kind}; {what or 'hypseg'} writes a file (a temporary one, then "
+        "renamed into place) and would replace it: give a file name (results reach "
+        "stdout with --json)"
+    )
+
+
 def check_output_file(
     path: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[str]] = (), *, what: str
 ) -> None:
@@ -946,6 +982,7 @@ def check_output_file(
     check_name_length(path, f"give {what} a shorter name")
     if path.is_dir():
         raise BadInputError(f"{path}: is a folder, {what} needs a file name")
+    check_replaceable(path, what)
     for item in inputs:
         if _same_file(path, Path(item)):
             raise BadInputError(f"{path}: is one of the inputs; {what} would overwrite it")
@@ -1020,6 +1057,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     On an exception the temporary file is removed and ``path`` is untouched.
     """
     path = Path(path)
+    check_replaceable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / temporary_name(path.name)
     try:

@@ -108,7 +108,7 @@ def parse_split(text: str) -> tuple[float, ...]:
     if (
         not 1 <= len(parts) <= 3
         or not all(np.isfinite(p) and p >= 0 for p in parts)
-        or sum(parts) <= 0
+        or not 0 < sum(parts) < math.inf  # (QA: 1e308/1e308/1 summed to inf: a NaN split)
     ):
         raise BadInputError(
             f"--split {text!r}: expected 1 to 3 finite non-negative parts with a positive "
@@ -121,6 +121,8 @@ def split_counts(n: int, parts: tuple[float, ...]) -> list[int]:
     """Largest-remainder rounding of ``n`` items into the given proportions."""
     total = sum(parts)
     exact = [n * p / total for p in parts]
+    if not all(math.isfinite(e) for e in exact):  # parts near the float range: scaled first
+        exact = [n * (p / total) for p in parts]
     counts = [int(np.floor(e)) for e in exact]
     order = sorted(range(len(parts)), key=lambda i: (-(exact[i] - counts[i]), i))
     for i in order[: n - sum(counts)]:
@@ -237,6 +239,7 @@ def synth(
         _check_same_dataset(folder, settings)
     for folder, _ in folders:  # made and probed for writing before the first volume
         check_output_folder(folder, what="synth")
+        remove_stale_temporaries(folder, recursive=True)  # (a killed synth's, in images/...)
     description = generator.dataset_description()
     done = 0
     cases = []
@@ -696,6 +699,10 @@ def evaluate(
             f" and {len(itself) - 1} other file(s)" if len(itself) > 1 else "",
         )
     part = resolve_part(num_parts, part_id, environ)
+    if csv_path is not None and os.fspath(csv_path) == "-":  # (QA: a file named "-" was made)
+        raise BadInputError(
+            "--csv -: evaluate writes its table to a file; the scores reach stdout with --json"
+        )
     if csv_path is not None:
         csv_path = part_csv_path(Path(csv_path), part)
         check_output_file(

@@ -45,6 +45,11 @@ def test_usage_errors_are_one_line_with_code_2(capsys, tmp_path):
     assert err.startswith("hypseg: error: ") and err.count("\n") == 1
     code, _, err = run(["synth", tmp_path, "--split", "a/b"], capsys)
     assert code == 2 and "--split 'a/b'" in err and err.count("\n") == 1
+    # parts whose sum passes the float range (QA: "cannot convert float NaN", exit 1)
+    code, _, err = run(["synth", tmp_path, "--split", "1e308/1e308/1"], capsys)
+    assert code == 2 and "--split '1e308/1e308/1': expected" in err and err.count("\n") == 1
+    assert pipeline.split_counts(5, (1e308, 1.0, 1.0)) == [5, 0, 0]  # n * part passes it
+    assert pipeline.split_counts(120, (80.0, 20.0, 20.0)) == [80, 20, 20]
     # a negative seed is refused up front (numpy's generators fail on it mid-run, exit 1)
     for command in (["synth", tmp_path], ["train", tmp_path, "-o", tmp_path / "m.pt"]):
         code, _, err = run([*command, "--seed", "-1"], capsys)
@@ -659,3 +664,37 @@ def test_a_mask_on_another_grid_is_named_once_per_input_with_a_pooled_fit(tmp_pa
     )
     assert code == 0, err
     assert err.count("the mask is applied voxel by voxel") == 2, err  # once per input
+
+
+def test_a_reader_of_stdout_that_leaves_stops_the_command_quietly(tmp_path, capsys, monkeypatch):
+    """QA: `hypseg cache ls | head -1` said "hypseg: error: Broken pipe" and exited 1 (a
+    `pipefail` script failed on it). It stops without a word, with SIGPIPE's status."""
+    from hypsegcli import cli
+
+    def gone(_payload):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(cli, "emit_json", gone)
+    code, out, err = run(["cache", "ls", "--cache-dir", tmp_path, "--json"], capsys)
+    assert (code, out, err) == (141, "", "")
+    code, _, err = run(["--debug", "cache", "ls", "--cache-dir", tmp_path, "--json"], capsys)
+    assert code != 141  # --debug: the traceback
+
+
+def test_an_option_of_hypseg_itself_after_the_command_is_pointed_before_it(capsys):
+    """QA: `hypseg cluster ... --quiet` was told "No such option: --quiet (Possible options:
+    --nest)"; --quiet, -q, --debug and --version go before the command."""
+    for argv, name, command in (
+        (["cluster", "x", "--quiet"], "--quiet", "cluster"),
+        (["cluster", "-q", "x"], "-q", "cluster"),
+        (["cache", "ls", "--debug"], "--debug", "cache ls"),
+        (["evaluate", "--version"], "--version", "evaluate"),
+    ):
+        code, out, err = run(argv, capsys)
+        assert code == 2 and out == "" and err.count("\n") == 1, err
+        assert err == (
+            f"hypseg: error: No such option: {name}: it is an option of hypseg itself and goes "
+            f"before the command: hypseg {name} {command} ...\n"
+        )
+    code, _, err = run(["cluster", "x", "--nope"], capsys)
+    assert code == 2 and "No such option: --nope" in err and "(see 'hypseg cluster --help')" in err

@@ -1019,6 +1019,13 @@ def test_temporaries_of_killed_runs_are_removed_once_stale(trained, tmp_path, ca
     assert io.remove_stale_temporaries(tmp_path / "cluster", recursive=True) == (1, 1000)
     assert not (tmp_path / "cluster" / names["sub"]).exists()
     assert (tmp_path / "cluster" / names["hidden"]).exists()  # hidden folders are not searched
+    # synth: a volume's write killed in images/ (QA: left there for good)
+    stale = tmp_path / "synth" / "images" / ".tmp-4248-0123abcd-case_000.nii.gz"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"x" * 1000)
+    os.utime(stale, (hour_ago, hour_ago))
+    code, _, err = run(["synth", tmp_path / "synth", "--n", "1", "--size", "16"], capsys)
+    assert code == 0 and not stale.exists(), err
 
 
 def test_refused_runs_leave_no_output_folder(trained, tmp_path, capsys):
@@ -1347,3 +1354,49 @@ def test_a_dry_run_warns_of_more_memory_than_the_machine_has(tmp_path, capsys, m
     code, _, err = run(argv, capsys)
     assert code == 0 and "is more than this machine has (0.0 GB)" in err, err
     assert "try a smaller --tile or fewer --threads" in err
+
+
+def test_outputs_never_replace_devices_pipes_or_what_links_point_to(tmp_path, capsys):
+    """QA: outputs are renamed into place, so `evaluate --csv /dev/stdout` (as root) put a
+    file where the /dev/stdout link was, and a named pipe or `train -o` onto a device became
+    a file. Such paths are refused before any work; a link to a file is replaced by the
+    output, the file it pointed to left alone (as git-annex / DataLad expect)."""
+    box = np.zeros((8, 8, 8), np.uint8)
+    box[2:6, 2:6, 2:6] = 1
+    for name in ("p", "g"):
+        nib.save(nib.Nifti1Image(box, np.eye(4)), tmp_path / f"{name}.nii.gz")
+    pair = [tmp_path / "p.nii.gz", tmp_path / "g.nii.gz"]
+    fifo = tmp_path / "fifo.csv"
+    os.mkfifo(fifo)
+    to_device = tmp_path / "null.csv"
+    to_device.symlink_to(os.devnull)
+    for target, kind in (
+        (fifo, "a named pipe"),
+        (to_device, f"a link to {os.devnull}, a character device"),
+        (Path(os.devnull), "a character device"),
+    ):
+        code, out, err = run(["evaluate", *pair, "--csv", target], capsys)
+        line = _one_error(code, out, err, f"{target}: is {kind}; evaluate --csv writes a file")
+        assert "--json" in line
+    assert (tmp_path / "fifo.csv").is_fifo() and to_device.is_symlink()
+    assert not (tmp_path / pipeline.MANIFEST_NAME).exists()
+    code, out, err = run(["evaluate", *pair, "--csv", "-"], capsys)
+    _one_error(code, out, err, "--csv -: evaluate writes its table to a file")
+    code, out, err = run(
+        ["train", tmp_path / "g.nii.gz", "-o", fifo, "--steps", "1", "--overwrite", *TINY_TRAIN],
+        capsys,
+    )
+    _one_error(code, out, err, f"{fifo}: is a named pipe; train -o writes a file")
+    # the last line of defence, for every output
+    with pytest.raises(BadInputError, match="is a named pipe; hypseg writes a file"):
+        with io.atomic_path(fifo) as tmp:
+            tmp.write_text("x")
+    assert fifo.is_fifo() and not list(tmp_path.glob(".tmp-*"))
+    # a link to a file: replaced by the table, the file it points to as it was
+    (tmp_path / "old.csv").write_text("kept\n")
+    (tmp_path / "link.csv").symlink_to(tmp_path / "old.csv")
+    code, _, err = run(["-q", "evaluate", *pair, "--csv", tmp_path / "link.csv"], capsys)
+    assert code == 0, err
+    assert not (tmp_path / "link.csv").is_symlink()
+    assert (tmp_path / "link.csv").read_text().startswith("case,pred,truth")
+    assert (tmp_path / "old.csv").read_text() == "kept\n"
