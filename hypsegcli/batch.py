@@ -696,11 +696,14 @@ def measure_flop_rate(
 
 def peek_shape(path: str | os.PathLike[str]) -> tuple[int, int, int]:
     """The ``(x, y, z)`` shape of a volume from its header only (data not read)."""
-    from .io import MRC_SUFFIXES, volume_suffix
+    from .io import MRC_SUFFIXES, _missing, _unreadable_nifti, short_message, volume_suffix
 
     path = Path(path)
+    if not path.exists():  # (a dangling link named as one, as the reading names it)
+        raise BadInputError(_missing(path, "no such file"))
+    mrc_file = volume_suffix(path) in MRC_SUFFIXES
     try:
-        if volume_suffix(path) in MRC_SUFFIXES:
+        if mrc_file:
             import mrcfile
 
             with mrcfile.open(os.fspath(path), mode="r", permissive=True, header_only=True) as mrc:
@@ -713,7 +716,12 @@ def peek_shape(path: str | os.PathLike[str]) -> tuple[int, int, int]:
 
         shape = tuple(int(s) for s in load_nifti(path).shape)
     except Exception as exc:  # noqa: BLE001 - reported in the plan
-        raise BadInputError(f"{path}: cannot read the header ({one_line(exc)})") from None
+        # the reading's words: its specific reason where the first bytes tell one
+        why = None if mrc_file else _unreadable_nifti(path)
+        what = "MRC" if mrc_file else "NIfTI"
+        raise BadInputError(
+            f"{path}: {why or f'cannot read {what} ({short_message(exc)})'}"
+        ) from None
     while len(shape) > 3 and shape[-1] == 1:
         shape = shape[:-1]
     if len(shape) != 3:

@@ -1696,6 +1696,7 @@ def plan(
         peek_shape,
     )
     from .embedding import DEFAULT_TILE, flops_per_voxel
+    from .sampling import _checked_volume
 
     tile = tile if tile is not None else DEFAULT_TILE
     dev = model.device if model is not None else torch.device("cpu")
@@ -1725,6 +1726,8 @@ def plan(
             mask_record = None
             if model is not None or (masks is not None and own_fits):
                 volume = read_volume(path)
+                # what the run would refuse in it (QA: a constant volume planned "compute")
+                _checked_volume(volume.data, str(path))
                 if masks is not None and own_fits:
                     mask_record = masks.read(path, volume)[1]
                     fit_points = int(mask_record["inside"])

@@ -1400,3 +1400,34 @@ def test_outputs_never_replace_devices_pipes_or_what_links_point_to(tmp_path, ca
     assert not (tmp_path / "link.csv").is_symlink()
     assert (tmp_path / "link.csv").read_text().startswith("case,pred,truth")
     assert (tmp_path / "old.csv").read_text() == "kept\n"
+
+
+def test_a_dry_run_names_unreadable_volumes_as_the_run_does(trained, tmp_path, capsys):
+    """QA: the dry run said "cannot read the header (FileNotFoundError: ...)" for a link to
+    a missing file, where the run names it as one (an annexed file not fetched yet?), and
+    worded a broken file otherwise than the run; with a model it planned a constant volume,
+    which the run refuses. The plans now carry the run's words."""
+    data, scans = tmp_path / "d", tmp_path / "scans"
+    assert run(["-q", "synth", data, "--n", "1", "--size", "16"], capsys)[0] == 0
+    scans.mkdir()
+    (scans / "a.nii.gz").write_bytes((data / "images" / "case_000.nii.gz").read_bytes())
+    (scans / "gone.nii.gz").symlink_to(tmp_path / "annex" / "object")
+    (scans / "junk.nii.gz").write_bytes(bytes(range(256)) * 8)
+    (scans / "bad.mrc").write_bytes(b"not an MRC file")
+    argv = ["-q", "cluster", scans, "--features", "intensity", "--k", "2", "--json"]
+    code, out, _ = run([*argv, "-o", tmp_path / "plan", "--dry-run"], capsys)
+    planned = {Path(v["volume"]).name: v.get("error") for v in json.loads(out)["volumes"]}
+    code, out, _ = run([*argv, "-o", tmp_path / "seg"], capsys)
+    failed = {Path(f["volume"]).name: f["error"] for f in json.loads(out)["failures"]}
+    assert code == 2 and sorted(failed) == ["bad.mrc", "gone.nii.gz", "junk.nii.gz"]
+    assert {name: planned[name] for name in failed} == failed
+    assert "a link to a missing file" in failed["gone.nii.gz"] and planned["a.nii.gz"] is None
+    # with a model, whose dry run reads the volumes: a constant one
+    nib.save(nib.Nifti1Image(np.zeros((16, 16, 16), np.float32), np.eye(4)), scans / "c.nii")
+    argv = ["-q", "cluster", scans, "-m", trained / "model.pt", "--k", "2", "--json"]
+    code, out, _ = run([*argv, "-o", tmp_path / "plan2", "--dry-run"], capsys)
+    planned = {Path(v["volume"]).name: v.get("error") for v in json.loads(out)["volumes"]}
+    code, out, _ = run([*argv, "-o", tmp_path / "seg2", "--threads", "2"], capsys)
+    failed = {Path(f["volume"]).name: f["error"] for f in json.loads(out)["failures"]}
+    assert failed["c.nii"] == f"{scans / 'c.nii'}: constant (every voxel = 0); nothing to segment"
+    assert {name: planned[name] for name in failed} == failed and planned["a.nii.gz"] is None
