@@ -1360,7 +1360,8 @@ def _render_evaluation(report: dict[str, Any]) -> None:
 
     table = Table(title="hypseg evaluate", title_justify="left")
     for column in ("case", "pred", "level", "mean Dice", "per-class Dice", "max HD95"):
-        table.add_column(column)
+        # names fold onto more lines rather than end in "..." (a batch log is 80 columns)
+        table.add_column(column, overflow="fold" if column in ("case", "pred") else "ellipsis")
     for case in report["cases"]:
         dices = " ".join(f"{c['dice']:.3f}" for c in case["classes"])
         hd95 = [c["hd95"] for c in case["classes"] if c["hd95"] is not None]

@@ -698,3 +698,21 @@ def test_an_option_of_hypseg_itself_after_the_command_is_pointed_before_it(capsy
         )
     code, _, err = run(["cluster", "x", "--nope"], capsys)
     assert code == 2 and "No such option: --nope" in err and "(see 'hypseg cluster --help')" in err
+
+
+def test_evaluate_table_folds_long_names_instead_of_cutting_them(tmp_path, capsys):
+    """QA: in a batch log (stderr not a terminal: 80 columns) the table cut a BIDS name to
+    "sub-0123456789_ses…"; names fold onto more lines, whole."""
+    name = "sub-0123456789_ses-baseline_acq-mprage_run-01_T1w"
+    seg, truth = tmp_path / "seg", tmp_path / "gt"
+    seg.mkdir()
+    truth.mkdir()
+    labels = np.zeros((8, 8, 8), np.uint8)
+    labels[2:6, 2:6, 2:6] = 1
+    nib.save(nib.Nifti1Image(labels, np.eye(4)), truth / f"{name}.nii.gz")
+    nib.save(nib.Nifti1Image(labels, np.eye(4)), seg / f"{name}_k2.nii.gz")
+    code, _, err = run(["evaluate", seg, truth, "--no-hausdorff"], capsys)
+    assert code == 0 and "…" not in err, err
+    rows = [line.split("│") for line in err.splitlines() if line.startswith("│")]
+    assert "".join(row[1].strip() for row in rows) == name  # the case column, line by line
+    assert "".join(row[2].strip() for row in rows) == f"{name}_k2.nii.gz"
