@@ -110,14 +110,16 @@ _ATTEMPTS = 3  # reads retried when a concurrent writer replaced the files meanw
 def resolve_cache_dir(override: str | os.PathLike[str] | None = None) -> Path:
     """The cache root: ``override`` (``--cache-dir``), else ``$HYPSEG_CACHE_DIR``, else the user cache dir.
 
-    Empty values count as unset; ``~`` is expanded. Nothing is created here.
+    Empty values count as unset; ``~`` is expanded, and a relative path is made absolute
+    (``cache path`` printed "rel" for ``HYPSEG_CACHE_DIR=rel``, which means another folder
+    to a script that changes folder). Nothing is created here.
     """
     if override is not None and os.fspath(override):
-        return Path(override).expanduser()
+        return Path(override).expanduser().absolute()
     env = os.environ.get(ENV_VAR, "")
     if env:
-        return Path(env).expanduser()
-    return Path(platformdirs.user_cache_dir("hypseg"))
+        return Path(env).expanduser().absolute()
+    return Path(platformdirs.user_cache_dir("hypseg")).absolute()
 
 
 def _key_json_default(obj: Any) -> Any:

@@ -177,6 +177,19 @@ def test_cache_dir_expands_home(tmp_path, monkeypatch):
     assert resolve_cache_dir() == tmp_path / "envc"
 
 
+def test_a_relative_cache_dir_is_made_absolute(tmp_path, monkeypatch, capsys):
+    """QA: `cache path` printed "rel" for HYPSEG_CACHE_DIR=rel, another folder to a
+    script that changes folder."""
+    from clitools import run
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HYPSEG_CACHE_DIR", "rel")
+    assert resolve_cache_dir() == tmp_path / "rel"
+    assert resolve_cache_dir("sub/c") == tmp_path / "sub" / "c"
+    code, out, _ = run(["cache", "path"], capsys)
+    assert code == 0 and out == f"{tmp_path / 'rel'}\n"
+
+
 def test_default_cache_lives_under_the_env_dir_in_a_versioned_folder():
     cache = EmbeddingCache(resolve_cache_dir())
     assert cache.root == Path(os.environ["HYPSEG_CACHE_DIR"])
