@@ -196,7 +196,10 @@ def handle_errors(func: F) -> F:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from .io import forget_header_notes
+
         _setup_logging()
+        forget_header_notes()  # (each command is a run of its own, in-process too)
         shown = warnings.showwarning
         warnings.showwarning = _show_warning  # libraries' warnings: one line on stderr too
         try:

@@ -395,7 +395,7 @@ def read_volume(
     data type instead (NIfTI with scaling: nibabel's float64), so that label
     values of any size and non-integral values survive the reading exactly.
     What the header makes hypseg assume (a voxel size fixed, an axis map ignored...) is
-    warned about once per file and process (:func:`_header_note`); ``quiet`` logs it at
+    warned about once per file and run (:func:`_header_note`); ``quiet`` logs it at
     debug level only (``evaluate``'s predictions, whose headers are their sources').
     """
     path = Path(path)
@@ -442,21 +442,30 @@ class _Collect(logging.Handler):
 _NIBABEL_LOCK = threading.Lock()
 
 
-#: (file, warning) pairs already said by this process: see :func:`_header_note`
+#: (file, warning) pairs already said in this run (:func:`forget_header_notes` starts
+#: one; see :func:`_header_note`)
 _HEADER_NOTES: set[tuple[str, str]] = set()
 _HEADER_NOTES_LOCK = threading.Lock()
 
 
+def forget_header_notes() -> None:
+    """Start a run: the header warnings said so far may be said again (a command run
+    in-process after another, over a file since changed, warns as a new process would)."""
+    with _HEADER_NOTES_LOCK:
+        _HEADER_NOTES.clear()
+
+
 def _header_note(quiet: bool, message: str, path: Path, *args: Any) -> None:
     """A warning about what ``path``'s header makes hypseg assume (``message % (path,
-    *args)``), said once per file and process: ``evaluate`` reads a ground truth once per
+    *args)``), said once per file and run: ``evaluate`` reads a ground truth once per
     k, and a study's hundred scans at three k gave six hundred lines. Repeats, and all of
     them where ``quiet``, go to the debug log."""
     text = message % (path, *args)
     key = (os.fspath(path), text)
     with _HEADER_NOTES_LOCK:
         repeat = key in _HEADER_NOTES
-        _HEADER_NOTES.add(key)
+        if not quiet:  # (a quiet reading has said nothing: the next one says it)
+            _HEADER_NOTES.add(key)
     log.log(logging.DEBUG if quiet or repeat else logging.WARNING, "%s", text)
 
 

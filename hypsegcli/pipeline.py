@@ -2585,7 +2585,7 @@ def _same_source(recorded: Any, path: Path, *, geometry: bool = True) -> bool:
         return False  # a record of an older version without the geometry: redo the case
     try:
         with _reading_warnings_muted():  # (a case redone reads it again and says them once)
-            volume = read_volume(path)
+            volume = read_volume(path, quiet=True)
     except Exception:  # noqa: BLE001 - unreadable now: not done; the run reports why
         return False
     if array_sha256(volume.data) != recorded["sha256"]:
