@@ -1151,6 +1151,8 @@ def train(
         job.start_together(None, _training_identity(volumes, checkpoint))
         if job.is_main:  # a killed save's model or checkpoint (see io.STALE_TEMPORARY_S)
             remove_stale_temporaries(Path(output).parent)
+            if asked is None or "r_max" in asked:
+                _warn_if_r_max_unreachable(volumes, sampling_config)
 
         def remove_earlier_run() -> None:
             # the earlier run goes before the first step (once the inputs, the sampler and
@@ -1181,6 +1183,22 @@ def train(
             asked=asked,
         )
     return {"volumes": len(volumes), **result.to_dict()}
+
+
+def _warn_if_r_max_unreachable(volumes: Sequence[Any], sampling_config: Any) -> None:
+    """A warning where ``--r-max`` is larger than any of ``volumes`` allows (QA: `--r-max
+    100` on 24^3 volumes trained without a word): an anchor fits a volume's shortest side
+    and leaves room for a negative of side ``l_min`` along its longest, so the sampler
+    draws each volume's anchors up to that limit, not up to --r-max."""
+    limits = [min(min(v.data.shape), max(v.data.shape) - sampling_config.l_min) for v in volumes]
+    if limits and sampling_config.r_max > max(limits):
+        log.warning(
+            "--r-max %g: no volume allows anchors beyond %g voxels (an anchor fits a volume's "
+            "shortest side, with room for a negative beside it along its longest); anchors "
+            "are drawn up to each volume's own limit",
+            sampling_config.r_max,
+            max(limits),
+        )
 
 
 def _check_no_folder_at(folder: Path, names: Sequence[str], *, what: str) -> None:

@@ -848,3 +848,24 @@ def test_cli_resume_without_batch_size_keeps_the_checkpoints(tmp_path, capsys):
     assert code == 0, err
     steps = [line.split(",")[0] for line in history.read_text().splitlines()[1:]]
     assert steps == ["1", "2", "5"]
+
+
+def test_an_r_max_no_volume_allows_is_warned_about(tmp_path, capsys):
+    """QA: `train --r-max 100` on 24^3 volumes trained without a word, its anchors drawn up
+    to each volume's limit. Given on the command line, it is warned about; the default is
+    not (it is larger than 16^3 volumes allow, and nobody asked for it)."""
+    data = tmp_path / "data"
+    assert run(["-q", "synth", data, "--n", "2", "--size", "16"], capsys)[0] == 0
+    argv = ["-q", "train", data / "images", "-o", tmp_path / "m.pt", "--steps", "1"]
+    tiny = list(TINY_TRAIN)
+    tiny[tiny.index("--r-max") + 1] = "100"
+    code, _, err = run([*argv, *tiny], capsys)
+    assert code == 0, err
+    assert err == (
+        "warning: --r-max 100: no volume allows anchors beyond 13 voxels (an anchor fits a "
+        "volume's shortest side, with room for a negative beside it along its longest); "
+        "anchors are drawn up to each volume's own limit\n"
+    )
+    del tiny[tiny.index("--r-max") : tiny.index("--r-max") + 2]
+    code, _, err = run([*argv, "--overwrite", *tiny], capsys)
+    assert code == 0 and err == "", err
