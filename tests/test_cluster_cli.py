@@ -250,15 +250,16 @@ def test_intensity_baseline_needs_no_model(trained, tmp_path, capsys):
     assert code == 2 and "--model is required" in err
 
 
-def test_embed_writes_arrays_and_cache_commands(trained, tmp_path, capsys):
+def test_embed_writes_arrays_and_cache_commands(trained, tmp_path, capsys, monkeypatch):
     cache = tmp_path / "cache"
+    monkeypatch.chdir(trained)  # (the volume and model named relative to it)
     code, out, err = run(
         [
             "--quiet",
             "embed",
-            trained / "data" / "images" / "case_000.nii.gz",
+            "data/images/case_000.nii.gz",
             "-m",
-            trained / "model.pt",
+            "model.pt",
             "-o",
             tmp_path / "emb",
             "--cache-dir",
@@ -285,30 +286,17 @@ def test_embed_writes_arrays_and_cache_commands(trained, tmp_path, capsys):
     assert record["geometry"]["unit"] == "mm"
     code, out, _ = run(["cache", "ls", "--cache-dir", cache, "--json"], capsys)
     assert code == 0 and len(json.loads(out)) == 1
+    # named by absolute paths (QA: `cache ls` showed them as typed where the entry was
+    # made, wrong from any other folder; the cache is shared by every working folder)
+    (entry,) = json.loads(out)
+    assert entry["meta"]["volume"] == str(trained / "data" / "images" / "case_000.nii.gz")
+    assert entry["meta"]["model"] == str(trained / "model.pt")
     code, out, _ = run(["cache", "path", "--cache-dir", cache], capsys)
     assert code == 0 and out.strip().startswith(str(cache))
     code, _, _ = run(["--quiet", "cache", "clear", "--cache-dir", cache], capsys)
     assert code == 0
     code, out, _ = run(["cache", "ls", "--cache-dir", cache, "--json"], capsys)
     assert json.loads(out) == []
-
-
-def test_cache_entries_name_their_sources_by_absolute_paths(trained, tmp_path, capsys, monkeypatch):
-    """QA: `cache ls` showed the paths as typed where the entry was made ("images/a.nii"),
-    wrong from any other folder; the cache is shared by every working folder."""
-    monkeypatch.chdir(trained)
-    cache = tmp_path / "cache"
-    code, _, err = run(
-        ["-q", "embed", "data/images/case_000.nii.gz", "-m", "model.pt"]
-        + ["--cache-dir", cache, "--stride", "2"],
-        capsys,
-    )
-    assert code == 0, err
-    monkeypatch.chdir(tmp_path)
-    code, out, _ = run(["cache", "ls", "--cache-dir", cache, "--json"], capsys)
-    (entry,) = json.loads(out)
-    assert entry["meta"]["volume"] == str(trained / "data" / "images" / "case_000.nii.gz")
-    assert entry["meta"]["model"] == str(trained / "model.pt")
 
 
 def test_bad_model_file_and_options(trained, tmp_path, capsys):

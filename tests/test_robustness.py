@@ -1423,11 +1423,13 @@ def test_a_dry_run_names_unreadable_volumes_as_the_run_does(trained, tmp_path, c
     assert {name: planned[name] for name in failed} == failed
     assert "a link to a missing file" in failed["gone.nii.gz"] and planned["a.nii.gz"] is None
     # with a model, whose dry run reads the volumes: a constant one
-    nib.save(nib.Nifti1Image(np.zeros((16, 16, 16), np.float32), np.eye(4)), scans / "c.nii")
-    argv = ["-q", "cluster", scans, "-m", trained / "model.pt", "--k", "2", "--json"]
+    flat = tmp_path / "flat" / "c.nii"
+    flat.parent.mkdir()
+    nib.save(nib.Nifti1Image(np.zeros((16, 16, 16), np.float32), np.eye(4)), flat)
+    argv = ["-q", "cluster", flat, "-m", trained / "model.pt", "--k", "2", "--json"]
     code, out, _ = run([*argv, "-o", tmp_path / "plan2", "--dry-run"], capsys)
-    planned = {Path(v["volume"]).name: v.get("error") for v in json.loads(out)["volumes"]}
+    ((volume,),) = [json.loads(out)["volumes"]]
     code, out, _ = run([*argv, "-o", tmp_path / "seg2", "--threads", "2"], capsys)
-    failed = {Path(f["volume"]).name: f["error"] for f in json.loads(out)["failures"]}
-    assert failed["c.nii"] == f"{scans / 'c.nii'}: constant (every voxel = 0); nothing to segment"
-    assert {name: planned[name] for name in failed} == failed and planned["a.nii.gz"] is None
+    (failure,) = json.loads(out)["failures"]
+    assert failure["error"] == f"{flat}: constant (every voxel = 0); nothing to segment"
+    assert volume["state"] == "error" and volume["error"] == failure["error"]
