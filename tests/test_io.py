@@ -1003,7 +1003,7 @@ def test_a_nifti_affine_with_nan_is_warned_about_and_recorded_as_json_null(tmp_p
     path.write_bytes(bytes(raw))
     with caplog.at_level("WARNING", logger="hypsegcli.io"):
         volume = io.read_volume(path)
-        io.read_volume(path)  # said once per file and process
+        io.read_volume(path)  # said once per file and run
     notes = [r.getMessage() for r in caplog.records if "NaN or infinite entries" in r.getMessage()]
     assert notes == [
         f"{path}: its affine (the sform or qform in use) has NaN or infinite entries: the voxels "

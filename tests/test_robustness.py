@@ -1428,7 +1428,7 @@ def test_a_dry_run_names_unreadable_volumes_as_the_run_does(trained, tmp_path, c
     nib.save(nib.Nifti1Image(np.zeros((16, 16, 16), np.float32), np.eye(4)), flat)
     argv = ["-q", "cluster", flat, "-m", trained / "model.pt", "--k", "2", "--json"]
     code, out, _ = run([*argv, "-o", tmp_path / "plan2", "--dry-run"], capsys)
-    ((volume,),) = [json.loads(out)["volumes"]]
+    (volume,) = json.loads(out)["volumes"]
     code, out, _ = run([*argv, "-o", tmp_path / "seg2", "--threads", "2"], capsys)
     (failure,) = json.loads(out)["failures"]
     assert failure["error"] == f"{flat}: constant (every voxel = 0); nothing to segment"
