@@ -1479,8 +1479,10 @@ def cache_clear(
 # ----------------------------------------------------------------------------- entry point
 
 
-#: The options of ``hypseg`` itself, which go before the command
-GLOBAL_OPTIONS = ("--quiet", "-q", "--debug", "--version")
+def _own_options(ctx: Any) -> set[str]:
+    """The option names of ``hypseg`` itself (``--quiet``, ``-q``...), which go before the
+    command: those of the root command of ``ctx``."""
+    return {name for p in ctx.find_root().command.params for name in p.opts + p.secondary_opts}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -1535,7 +1537,7 @@ def main(argv: list[str] | None = None) -> None:
             hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
             text = message()
             name = getattr(exc, "option_name", None)
-            if name in GLOBAL_OPTIONS and ctx is not None and ctx.parent is not None:
+            if ctx is not None and ctx.parent is not None and name in _own_options(ctx):
                 # (QA: `hypseg cluster ... --quiet` was offered "Possible options: --nest")
                 command = ctx.command_path.split(" ", 1)[-1]  # ("cache ls": both words)
                 text = (

@@ -2716,10 +2716,10 @@ def _remove_replaced_format(target: Path, old: Any, k: int) -> None:
     if not isinstance(old, dict) or not isinstance(old.get("volume"), str):
         return
     suffix = volume_suffix(old["volume"])
-    if suffix is None or target.name.endswith(suffix):
+    if suffix is None or suffix == volume_suffix(target):
         return
-    stale = target.with_name(f"{case_name(old['volume'])}_k{k}{suffix}")
-    if stale.name == target.name or not stale.is_file():
+    stale = _case_k_outputs(target.parent, Path(old["volume"]), k)[0]
+    if not stale.is_file():
         return
     sets = old.get("sets") if isinstance(old.get("sets"), list) else []
     sizes = [s.get("bytes") for s in sets if isinstance(s, dict) and s.get("k") == k]
